@@ -1,0 +1,3 @@
+//! One behavioural test suite, written once, run against every discovery adapter.
+//!
+//! (Being built; see the crate README / issue tracker.)

@@ -1,0 +1,2 @@
+//! The `trellis` CLI.
+fn main() {}

@@ -1,0 +1,2 @@
+//! trellis-proxy binary.
+fn main() {}
