@@ -1,0 +1,167 @@
+//! The calling side of the echo app: send N requests to a URL over ONE keep-alive connection (as
+//! real clients do, which is why a mesh must split per request, not per connection), directly or
+//! through a mesh proxy, and report what answered.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http::{Request, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+
+use crate::echo::{CALLER_HEADER, EchoReply};
+
+/// The header trellis-proxy names its reason in when it answers an error itself.
+pub const MESH_ERROR_HEADER: &str = "x-trellis-error";
+
+/// What to call, how often and through what.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CallPlan {
+    /// Absolute URL, e.g. `http://web.demo/echo`. The host names the destination.
+    pub url: String,
+    /// Number of requests, sent one after another on one keep-alive connection.
+    pub count: u32,
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Sent as `x-echo-caller` so the callee can count per caller.
+    #[serde(default)]
+    pub caller: Option<String>,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Send through this HTTP proxy (absolute-form request target), else connect to the URL's
+    /// host directly.
+    #[serde(default)]
+    pub proxy: Option<SocketAddr>,
+    /// Per-request timeout in milliseconds (default 5000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+fn default_method() -> String {
+    "GET".to_owned()
+}
+
+/// What answered the calls.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CallReport {
+    /// Responses per HTTP status code.
+    pub statuses: BTreeMap<u16, u32>,
+    /// Echo replies per `service/version` that produced them.
+    pub by_responder: BTreeMap<String, u32>,
+    /// Responses the mesh answered itself, per `x-trellis-error` reason.
+    pub mesh_errors: BTreeMap<String, u32>,
+    /// Requests that got no response at all (connection errors, timeouts).
+    pub failed: u32,
+    /// New connections opened after the first (a server or proxy closed the connection).
+    pub reconnects: u32,
+}
+
+/// Runs `plan` and reports what answered. Errors only for an unusable plan; call failures are
+/// counted in the report.
+pub async fn run(plan: &CallPlan) -> anyhow::Result<CallReport> {
+    let uri: Uri = plan
+        .url
+        .parse()
+        .with_context(|| format!("url {:?}", plan.url))?;
+    let Some(host) = uri.host() else {
+        bail!("url {:?} has no host", plan.url);
+    };
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_else(|| host.to_owned());
+    let connect_to = match plan.proxy {
+        Some(proxy) => proxy.to_string(),
+        None => format!("{host}:{}", uri.port_u16().unwrap_or(80)),
+    };
+    let method: http::Method = plan.method.parse().context("method")?;
+    let timeout = Duration::from_millis(plan.timeout_ms.unwrap_or(5000));
+
+    let mut report = CallReport::default();
+    let mut sender: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> = None;
+    let mut connections = 0u32;
+    for _ in 0..plan.count {
+        if sender.as_ref().is_none_or(|s| s.is_closed()) {
+            match connect(&connect_to).await {
+                Ok(s) => {
+                    connections += 1;
+                    sender = Some(s);
+                }
+                Err(_) => {
+                    report.failed += 1;
+                    continue;
+                }
+            }
+        }
+        let s = sender.as_mut().expect("connected above");
+        // Through a proxy: absolute-form target, as an HTTP proxy client sends it.
+        let target = if plan.proxy.is_some() {
+            uri.to_string()
+        } else {
+            uri.path_and_query()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_else(|| "/".to_owned())
+        };
+        let mut builder = Request::builder()
+            .method(method.clone())
+            .uri(target)
+            .header(http::header::HOST, &authority);
+        if let Some(caller) = &plan.caller {
+            builder = builder.header(CALLER_HEADER, caller);
+        }
+        for (k, v) in &plan.headers {
+            builder = builder.header(k, v);
+        }
+        let request = builder.body(Empty::new()).context("building request")?;
+        let outcome = tokio::time::timeout(timeout, async {
+            let _ = s.ready().await;
+            let response = s.send_request(request).await?;
+            let status = response.status().as_u16();
+            let mesh_error = response
+                .headers()
+                .get(MESH_ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = response.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, mesh_error, body))
+        })
+        .await;
+        match outcome {
+            Ok(Ok((status, mesh_error, body))) => {
+                *report.statuses.entry(status).or_default() += 1;
+                if let Some(reason) = mesh_error {
+                    *report.mesh_errors.entry(reason).or_default() += 1;
+                } else if let Ok(reply) = serde_json::from_slice::<EchoReply>(&body) {
+                    let key = format!("{}/{}", reply.service, reply.version);
+                    *report.by_responder.entry(key).or_default() += 1;
+                }
+            }
+            Ok(Err(_)) | Err(_) => {
+                report.failed += 1;
+                sender = None;
+            }
+        }
+    }
+    report.reconnects = connections.saturating_sub(1);
+    Ok(report)
+}
+
+async fn connect(
+    addr: &str,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
