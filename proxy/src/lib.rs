@@ -1,3 +1,174 @@
 //! trellis-proxy: the one data-plane binary for HTTP/1.1, HTTP/2, gRPC and TCP.
 //!
-//! (Being built; see the crate README / issue tracker.)
+//! See `proxy/README.md` for the config file, CLI, admin endpoints, metrics, error headers,
+//! protocol detection and limits. Module map:
+//!
+//! * [`config`]: the YAML model (also what controller answers become) with file:line errors.
+//! * [`table`]: one compiled, immutable generation of the config (routes, splits, endpoints),
+//!   swapped atomically with `arc-swap`; requests route against the generation current when they
+//!   arrive, so a change applies to already-open client connections at their next request.
+//! * [`balance`]: P2C over peak-EWMA latency, round robin, least-request.
+//! * [`detect`]: HTTP/1 vs h2 preface vs opaque, with a timeout.
+//! * [`http`]: the request path (outbound route/split/balance/forward, inbound authorize/forward).
+//! * [`tcp`]: opaque TCP forwarding.
+//! * [`authz`]: the inbound authorization hook ([`authz::Authorizer`]) and the policy evaluator.
+//! * [`server`]: listeners, hyper connections with limits, draining.
+//! * [`admin`], [`metrics`]: the admin port and Prometheus metrics (registry passed in).
+//! * [`reload`]: config file reload (SIGHUP + change polling).
+//! * [`controller`]: live config from the controller over `trellis-proxy-api`.
+
+pub mod admin;
+pub mod authz;
+pub mod balance;
+pub mod config;
+pub mod controller;
+pub mod detect;
+pub mod http;
+pub mod metrics;
+pub mod reload;
+pub mod server;
+pub mod state;
+pub mod table;
+pub mod tcp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::authz::{Authorizer, PolicyAuthorizer};
+use crate::config::Config;
+use crate::server::{Connections, ListenerKind};
+use crate::state::{Resolve, Shared};
+use crate::table::{RoutingTable, StatsRegistry};
+
+/// How to start a proxy.
+#[derive(Debug)]
+pub struct ProxyOptions {
+    /// Initial configuration (listeners are bound from it once).
+    pub config: Config,
+    /// Registry the proxy's metrics are registered in (served on `/metrics`).
+    pub registry: Registry,
+    /// Inbound authorization (defaults to the policy evaluator).
+    pub authorizer: Arc<dyn Authorizer>,
+    /// On-demand destination resolver (controller mode).
+    pub resolver: Option<Arc<dyn Resolve>>,
+}
+
+impl ProxyOptions {
+    /// Options for a static configuration.
+    pub fn new(config: Config) -> Self {
+        ProxyOptions { config, registry: Registry::default(), authorizer: Arc::new(PolicyAuthorizer), resolver: None }
+    }
+}
+
+/// A started proxy: its bound addresses and the handle to stop it.
+#[derive(Debug)]
+pub struct RunningProxy {
+    /// Shared state (swap configs with [`Shared::apply`]).
+    pub shared: Arc<Shared>,
+    /// Admin listener address.
+    pub admin: Option<SocketAddr>,
+    /// Outbound HTTP listener address.
+    pub http: Option<SocketAddr>,
+    /// Per-upstream port addresses, in config order.
+    pub ports: Vec<SocketAddr>,
+    /// Inbound listener address.
+    pub inbound: Option<SocketAddr>,
+    connections: Arc<Connections>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Bind every listener of `options.config` and start serving.
+pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
+    use anyhow::Context as _;
+    let ProxyOptions { config, mut registry, authorizer, resolver } = options;
+    let metrics = metrics::Metrics::register(&mut registry, config.workload.as_ref());
+    let limits = config.limits.clone();
+    let stats = StatsRegistry::default();
+    let table = RoutingTable::compile(Arc::new(config.clone()), &stats).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let shared = Arc::new(Shared {
+        table: ArcSwap::from_pointee(table),
+        stats,
+        clients: http::Clients::new(&limits),
+        metrics,
+        authorizer,
+        resolver,
+        limits,
+        draining: AtomicBool::new(false),
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let connections = Arc::new(Connections::default());
+    let mut tasks = Vec::new();
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr}"))
+    };
+    let mut spawn_listener = |listener: TcpListener, kind: ListenerKind| {
+        tasks.push(tokio::spawn(server::accept_loop(
+            listener,
+            kind,
+            Arc::clone(&shared),
+            Arc::clone(&connections),
+            shutdown_rx.clone(),
+        )));
+    };
+    let mut running_http = None;
+    if let Some(addr) = config.outbound.http {
+        let l = bind(addr, "outbound HTTP").await?;
+        running_http = Some(l.local_addr()?);
+        spawn_listener(l, ListenerKind::OutboundHttp);
+    }
+    let mut ports = Vec::new();
+    for port in &config.outbound.ports {
+        let l = bind(port.listen, "per-upstream").await?;
+        ports.push(l.local_addr()?);
+        spawn_listener(
+            l,
+            ListenerKind::OutboundPort { destination: Arc::from(port.destination.as_str()), protocol: port.protocol },
+        );
+    }
+    let mut inbound = None;
+    if let Some(i) = &config.inbound {
+        let l = bind(i.listen, "inbound").await?;
+        inbound = Some(l.local_addr()?);
+        spawn_listener(l, ListenerKind::Inbound);
+    }
+    let mut admin = None;
+    if let Some(addr) = config.admin {
+        let l = bind(addr, "admin").await?;
+        admin = Some(l.local_addr()?);
+        tasks.push(tokio::spawn(admin::serve(l, Arc::clone(&shared), Arc::new(registry), shutdown_rx.clone())));
+    }
+    Ok(RunningProxy { shared, admin, http: running_http, ports, inbound, connections, shutdown, tasks })
+}
+
+impl RunningProxy {
+    /// A receiver that turns true when the proxy starts draining (for helper tasks).
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Open client connections now.
+    pub fn open_connections(&self) -> usize {
+        self.connections.count()
+    }
+
+    /// Stop accepting, let in-flight requests finish (at most `bound`), then stop.
+    /// Returns the number of connections still open when the bound passed.
+    pub async fn drain(self, bound: Duration) -> usize {
+        self.shared.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        let left = self.connections.wait_idle(bound).await;
+        for t in &self.tasks {
+            t.abort();
+        }
+        left
+    }
+}

@@ -1,0 +1,151 @@
+//! Inbound authorization: the hook where the security work plugs in.
+//!
+//! [`Authorizer`] decides per connection (opaque TCP) and per request (HTTP). The default,
+//! [`PolicyAuthorizer`], evaluates the inbound policy from the config file or the controller
+//! (`InboundPolicy`): allow rules are ORed; a rule allows when the caller's identity, the port and
+//! (for HTTP) one of its routes match; otherwise the default action applies, and the default
+//! action defaults to deny.
+//!
+//! Caller identity: today connections are plaintext, so [`Caller::identity`] is `None` and only
+//! rules with `unauthenticated: true` (or a permissive default) let traffic in. When mTLS lands,
+//! the inbound listener terminates TLS, fills in the peer's SPIFFE id from its certificate, and
+//! the same policy applies unchanged: `*` then matches any authenticated caller.
+
+use std::net::SocketAddr;
+
+use http::{HeaderMap, Method};
+
+use crate::config::DefaultAction;
+use crate::table::{AuthorizationTable, InboundTable};
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The peer's socket address.
+    pub peer: SocketAddr,
+    /// The peer's verified SPIFFE id (None until mTLS).
+    pub identity: Option<String>,
+    /// The local port the connection arrived on.
+    pub port: u16,
+}
+
+/// An HTTP request as far as authorization is concerned.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    /// Method.
+    pub method: &'a Method,
+    /// Path without query.
+    pub path: &'a str,
+    /// Headers.
+    pub headers: &'a HeaderMap,
+}
+
+/// The decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let it through.
+    Allow,
+    /// Refuse (HTTP: 403 with `x-trellis-error: forbidden`; TCP: the connection is closed).
+    Deny,
+}
+
+/// Decides who may reach the local application.
+pub trait Authorizer: Send + Sync + std::fmt::Debug + 'static {
+    /// For opaque TCP connections (no request to look at).
+    fn authorize_connection(&self, policy: &InboundTable, caller: &Caller) -> Verdict;
+    /// For each HTTP request.
+    fn authorize_request(&self, policy: &InboundTable, caller: &Caller, request: RequestInfo<'_>) -> Verdict;
+}
+
+/// Evaluates the configured / controller-provided inbound policy.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PolicyAuthorizer;
+
+fn identity_matches(rule: &AuthorizationTable, caller: &Caller) -> bool {
+    match &caller.identity {
+        None => rule.unauthenticated,
+        Some(id) => rule.identities.iter().any(|allowed| allowed == "*" || allowed == id),
+    }
+}
+
+fn port_matches(rule: &AuthorizationTable, caller: &Caller) -> bool {
+    rule.ports.is_empty() || rule.ports.contains(&caller.port)
+}
+
+fn default_verdict(policy: &InboundTable) -> Verdict {
+    match policy.default_action {
+        DefaultAction::Allow => Verdict::Allow,
+        DefaultAction::Deny => Verdict::Deny,
+    }
+}
+
+impl Authorizer for PolicyAuthorizer {
+    fn authorize_connection(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
+        let allowed = policy
+            .authorizations
+            .iter()
+            .any(|rule| rule.routes.is_empty() && identity_matches(rule, caller) && port_matches(rule, caller));
+        if allowed { Verdict::Allow } else { default_verdict(policy) }
+    }
+
+    fn authorize_request(&self, policy: &InboundTable, caller: &Caller, req: RequestInfo<'_>) -> Verdict {
+        let allowed = policy.authorizations.iter().any(|rule| {
+            identity_matches(rule, caller)
+                && port_matches(rule, caller)
+                && (rule.routes.is_empty() || rule.routes.iter().any(|m| m.matches(req.method, req.path, req.headers)))
+        });
+        if allowed { Verdict::Allow } else { default_verdict(policy) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Authorization, HttpMatch, Inbound, InboundPolicy};
+
+    fn policy(default_action: DefaultAction, authorizations: Vec<Authorization>) -> InboundTable {
+        InboundTable::compile(&Inbound {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            app: "127.0.0.1:1".parse().unwrap(),
+            protocol: Default::default(),
+            policy: InboundPolicy { default_action, authorizations },
+        })
+        .unwrap()
+    }
+
+    fn caller(identity: Option<&str>, port: u16) -> Caller {
+        Caller { peer: "127.0.0.1:9".parse().unwrap(), identity: identity.map(str::to_string), port }
+    }
+
+    #[test]
+    fn deny_by_default_and_rules_allow_narrowly() {
+        let p = policy(
+            DefaultAction::Deny,
+            vec![Authorization {
+                identities: vec!["spiffe://td/ns/a/sa/web".into()],
+                ports: vec![8080],
+                routes: vec![HttpMatch { path_regex: Some("/metrics".into()), methods: vec!["GET".into()], ..Default::default() }],
+                unauthenticated: false,
+            }],
+        );
+        let h = HeaderMap::new();
+        let get = |path| RequestInfo { method: &Method::GET, path, headers: &h };
+        let a = PolicyAuthorizer;
+        assert_eq!(a.authorize_request(&p, &caller(Some("spiffe://td/ns/a/sa/web"), 8080), get("/metrics")), Verdict::Allow);
+        assert_eq!(a.authorize_request(&p, &caller(Some("spiffe://td/ns/a/sa/web"), 8080), get("/admin")), Verdict::Deny);
+        assert_eq!(a.authorize_request(&p, &caller(Some("spiffe://td/ns/a/sa/web"), 9090), get("/metrics")), Verdict::Deny);
+        assert_eq!(a.authorize_request(&p, &caller(Some("spiffe://td/ns/b/sa/x"), 8080), get("/metrics")), Verdict::Deny);
+        assert_eq!(a.authorize_request(&p, &caller(None, 8080), get("/metrics")), Verdict::Deny);
+        assert_eq!(a.authorize_connection(&p, &caller(Some("spiffe://td/ns/a/sa/web"), 8080)), Verdict::Deny, "route rules do not allow opaque TCP");
+    }
+
+    #[test]
+    fn unauthenticated_and_permissive() {
+        let p = policy(DefaultAction::Deny, vec![Authorization { unauthenticated: true, ..Default::default() }]);
+        assert_eq!(PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)), Verdict::Allow);
+        let p = policy(DefaultAction::Allow, vec![]);
+        assert_eq!(PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)), Verdict::Allow);
+        let p = policy(DefaultAction::Deny, vec![]);
+        assert_eq!(PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)), Verdict::Deny);
+    }
+}

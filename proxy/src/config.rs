@@ -1,0 +1,514 @@
+//! The proxy's configuration model: the static YAML file, and what the controller's answers are
+//! turned into (so `/config` shows one shape whatever the source).
+//!
+//! Loading checks everything a request would trip over later (authorities, regexes, backend
+//! references, addresses) and reports the first problem with the file, line and field.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Admin listener (`/metrics`, `/ready`, `/live`, `/config`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
+    /// The workload this proxy runs beside (source labels on metrics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
+    /// Outbound listeners.
+    #[serde(default)]
+    pub outbound: Outbound,
+    /// Inbound listener in front of the local application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<Inbound>,
+    /// Destinations this proxy can reach.
+    #[serde(default)]
+    pub destinations: Vec<Destination>,
+    /// Limits and timeouts.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// A workload reference (metric labels).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// Workload kind, e.g. `deployment`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Workload name.
+    pub name: String,
+    /// Namespace.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+}
+
+fn default_kind() -> String {
+    "deployment".into()
+}
+fn default_namespace() -> String {
+    "default".into()
+}
+
+/// Outbound listeners.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    /// HTTP listener routing by Host / `:authority` / absolute URI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
+    /// Per-upstream local ports.
+    #[serde(default)]
+    pub ports: Vec<PortForward>,
+}
+
+/// One per-upstream local port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The destination authority every connection on this port goes to.
+    pub destination: String,
+    /// Override the destination's protocol on this port (e.g. `tcp` for a server-first protocol).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+}
+
+/// The inbound listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inbound {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The local application.
+    pub app: SocketAddr,
+    /// How the application speaks (`detect` by default).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Who may call the application. Absent = deny everything (fail safe).
+    #[serde(default)]
+    pub policy: InboundPolicy,
+}
+
+/// Inbound authorization policy (TrafficTargets, or a permissive switch).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundPolicy {
+    /// What happens when no authorization allows a request.
+    #[serde(default)]
+    pub default_action: DefaultAction,
+    /// Allow rules, ORed.
+    #[serde(default)]
+    pub authorizations: Vec<Authorization>,
+}
+
+/// Default action of an inbound policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultAction {
+    /// Deny (the default: the mesh fails safe).
+    #[default]
+    Deny,
+    /// Allow everything not otherwise allowed (permissive switch).
+    Allow,
+}
+
+/// One allow rule: identity AND port AND (HTTP) route.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authorization {
+    /// Caller SPIFFE ids; `*` = any authenticated caller.
+    #[serde(default)]
+    pub identities: Vec<String>,
+    /// Ports (the inbound listener's port); empty = all.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// HTTP matches (ORed); empty = every request and opaque TCP.
+    #[serde(default)]
+    pub routes: Vec<HttpMatch>,
+    /// Also allow callers without a verified identity (plaintext: ingress, health checkers,
+    /// everything until mTLS lands).
+    #[serde(default)]
+    pub unauthenticated: bool,
+}
+
+/// How traffic to a destination is carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP per request, upstream in the version the client speaks.
+    Http,
+    /// h2c upstream whatever the client speaks.
+    Http2,
+    /// Opaque TCP.
+    Tcp,
+    /// Detect on each connection (HTTP/1, h2 preface, else opaque).
+    #[default]
+    Detect,
+}
+
+/// Endpoint selection within a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// Power of two choices over a latency EWMA.
+    #[default]
+    Ewma,
+    /// Round robin.
+    RoundRobin,
+    /// Fewest in-flight requests.
+    LeastRequest,
+}
+
+/// One destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    /// Authority, matched after normalization.
+    pub authority: String,
+    /// How traffic is carried (`http` by default for destinations in the file).
+    #[serde(default = "default_http")]
+    pub protocol: Protocol,
+    /// Endpoint balancer.
+    #[serde(default)]
+    pub balancer: BalancerKind,
+    /// HTTP routes, first match wins; unmatched requests use `backends`.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// The default split.
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+    /// Destination workload for metric labels (else per backend, else the backend name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
+    /// Per-request timeout in milliseconds (0 or absent = none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout_ms: Option<u64>,
+}
+
+fn default_http() -> Protocol {
+    Protocol::Http
+}
+
+/// An HTTP route.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Route name.
+    #[serde(default)]
+    pub name: String,
+    /// Shorthand for a single match: path regex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_regex: Option<String>,
+    /// Shorthand for a single match: methods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Shorthand for a single match: header name -> value regex.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// More matches, ORed with the shorthand one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HttpMatch>,
+    /// Backends for matching requests; empty = the destination's split.
+    #[serde(default)]
+    pub backends: Vec<WeightedRef>,
+}
+
+/// One HTTPRouteGroup-style match (fields AND).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpMatch {
+    /// Regex over the path (no query), anchored at both ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_regex: Option<String>,
+    /// Methods; empty or `*` = all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Header name -> regex over the whole value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A backend reference with a weight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedRef {
+    /// Backend name (one of the destination's `backends`).
+    pub name: String,
+    /// Relative weight; 0 = nothing.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A backend service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// Name, unique within the destination.
+    pub name: String,
+    /// Relative weight in the default split; 0 = nothing.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// Workload for metric labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
+}
+
+/// One endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// `ip:port` or `host:port`.
+    pub address: String,
+    /// SPIFFE id (verified once mTLS is in place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Relative weight within the backend (currently used by no balancer but kept for `/config`).
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Protocol override for this endpoint (`http2` = speak h2c to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+}
+
+/// Limits and timeouts (all optional; defaults documented in the README).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request head (request line + headers), bytes.
+    pub max_header_bytes: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Time to read a request head, also the HTTP/1 keep-alive idle limit, ms.
+    pub header_read_timeout_ms: u64,
+    /// Time to recognise the protocol on a connection, ms.
+    pub detect_timeout_ms: u64,
+    /// HTTP/2 connections and opaque TCP are closed after this long without any bytes, ms.
+    pub idle_timeout_ms: u64,
+    /// Upstream connect timeout, ms.
+    pub connect_timeout_ms: u64,
+    /// How long SIGTERM waits for in-flight requests, ms.
+    pub drain_timeout_ms: u64,
+    /// Concurrent HTTP/2 streams per client connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            header_read_timeout_ms: 10_000,
+            detect_timeout_ms: 5_000,
+            idle_timeout_ms: 300_000,
+            connect_timeout_ms: 2_000,
+            drain_timeout_ms: 10_000,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+impl Limits {
+    /// `header_read_timeout_ms` as a Duration.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+    /// `detect_timeout_ms` as a Duration.
+    pub fn detect_timeout(&self) -> Duration {
+        Duration::from_millis(self.detect_timeout_ms)
+    }
+    /// `idle_timeout_ms` as a Duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+    /// `connect_timeout_ms` as a Duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    /// `drain_timeout_ms` as a Duration.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid YAML or not the config shape.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line (0 when unknown).
+        line: usize,
+        /// 1-based column (0 when unknown).
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// Parsed, but a value is unusable.
+    #[error("{path}:{line}: {field}: {message}")]
+    Invalid {
+        /// The file (or `<controller>` for controller data).
+        path: PathBuf,
+        /// 1-based line of the offending value (0 when unknown).
+        line: usize,
+        /// Field path, e.g. `destinations[0].routes[1].path_regex`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A semantic problem found by [`crate::table::RoutingTable::compile`], before a file/line is known.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    /// Field path.
+    pub field: String,
+    /// The offending value as written (used to find its line).
+    pub value: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Config {
+    /// Read, parse and validate a YAML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parse and validate YAML text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+            ConfigError::Parse { path: path.to_path_buf(), line, column, message: e.to_string() }
+        })?;
+        crate::table::RoutingTable::validate(&config).map_err(|invalid| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_of(text, &invalid.value),
+            field: invalid.field,
+            message: invalid.message,
+        })?;
+        Ok(config)
+    }
+}
+
+/// 1-based line of the first occurrence of `value` in `text` (0 when not found).
+fn line_of(text: &str, value: &str) -> usize {
+    if value.is_empty() {
+        return 0;
+    }
+    text.lines().position(|l| l.contains(value)).map_or(0, |i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BENCH_SHAPE: &str = r#"
+admin: 127.0.0.1:9901
+outbound:
+  http: 127.0.0.1:4140
+  ports:
+    - listen: 127.0.0.1:4141
+      destination: echo.default
+inbound:
+  listen: 127.0.0.1:4143
+  app: 127.0.0.1:8080
+destinations:
+  - authority: echo.default
+    protocol: http
+    balancer: ewma
+    routes:
+      - name: api
+        path_regex: "/api/.*"
+        methods: [GET]
+        headers: {x-user: "beta.*"}
+        backends: [{name: echo-v2, weight: 1}]
+    backends:
+      - name: echo-v1
+        weight: 75
+        endpoints: [{address: "127.0.0.1:8081"}]
+      - name: echo-v2
+        weight: 25
+        endpoints: [{address: "127.0.0.1:8082", identity: "spiffe://cluster.local/ns/default/sa/echo"}]
+"#;
+
+    #[test]
+    fn the_documented_shape_loads() {
+        let c = Config::parse(BENCH_SHAPE, Path::new("c.yaml")).unwrap();
+        assert_eq!(c.admin, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(c.outbound.ports[0].destination, "echo.default");
+        let d = &c.destinations[0];
+        assert_eq!(d.protocol, Protocol::Http);
+        assert_eq!(d.routes[0].headers["x-user"], "beta.*");
+        assert_eq!(d.backends[1].endpoints[0].identity.as_deref(), Some("spiffe://cluster.local/ns/default/sa/echo"));
+        assert_eq!(c.inbound.unwrap().policy.default_action, DefaultAction::Deny);
+    }
+
+    #[test]
+    fn syntax_errors_name_file_and_line() {
+        let bad = BENCH_SHAPE.replace("weight: 75", "weight: seventy");
+        let err = Config::parse(&bad, Path::new("c.yaml")).unwrap_err().to_string();
+        assert!(err.starts_with("c.yaml:23:"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_line() {
+        let bad = BENCH_SHAPE.replace("balancer: ewma", "balancr: ewma");
+        let err = Config::parse(&bad, Path::new("c.yaml")).unwrap_err().to_string();
+        assert!(err.starts_with("c.yaml:14:"), "{err}");
+        assert!(err.contains("balancr"), "{err}");
+    }
+
+    #[test]
+    fn bad_regexes_name_field_and_line() {
+        let bad = BENCH_SHAPE.replace("\"/api/.*\"", "\"/api/(\"");
+        let err = Config::parse(&bad, Path::new("c.yaml")).unwrap_err().to_string();
+        assert!(err.starts_with("c.yaml:17: destinations[0].routes[0].path_regex:"), "{err}");
+    }
+
+    #[test]
+    fn unknown_backend_references_are_rejected() {
+        let bad = BENCH_SHAPE.replace("[{name: echo-v2, weight: 1}]", "[{name: echo-v9, weight: 1}]");
+        let err = Config::parse(&bad, Path::new("c.yaml")).unwrap_err().to_string();
+        assert!(err.contains("destinations[0].routes[0].backends[0]"), "{err}");
+        assert!(err.contains("echo-v9"), "{err}");
+        assert!(err.starts_with("c.yaml:19:"), "{err}");
+    }
+
+    #[test]
+    fn port_forwards_must_name_a_destination() {
+        let bad = BENCH_SHAPE.replace("destination: echo.default", "destination: nope.default");
+        let err = Config::parse(&bad, Path::new("c.yaml")).unwrap_err().to_string();
+        assert!(err.contains("outbound.ports[0].destination"), "{err}");
+    }
+}

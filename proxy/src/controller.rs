@@ -1,0 +1,1 @@
+//! Live configuration from the controller (being built).

@@ -1,0 +1,536 @@
+//! HTTP proxying, outbound (route, split, balance, forward) and inbound (authorize, forward to
+//! the local application), for HTTP/1.1 (keep-alive, chunked, upgrades) and HTTP/2 (gRPC,
+//! trailers, streaming both ways: bodies are streamed frame by frame, never buffered).
+//!
+//! Errors are mapped to responses once, here, each with an `x-trellis-error` header naming the
+//! mesh's reason (see [`Reason`]). There are no retries: a request is sent at most once.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::authz::{Caller, RequestInfo, Verdict};
+use crate::balance::InFlight;
+use crate::config::{Limits, Protocol};
+use crate::metrics::{Label, RequestLabels};
+use crate::state::Shared;
+use crate::table::{DestinationTable, Lookup};
+
+/// Header naming why the proxy answered a request itself.
+pub const ERROR_HEADER: &str = "x-trellis-error";
+
+/// An upstream client: pooled connections, bodies streamed from the downstream request.
+pub type UpstreamClient = Client<HttpConnector, Incoming>;
+
+/// The two upstream clients: HTTP/1.1 and h2c (prior knowledge).
+#[derive(Debug, Clone)]
+pub struct Clients {
+    http1: UpstreamClient,
+    http2: UpstreamClient,
+}
+
+impl Clients {
+    /// Build pooled clients with the given connect timeout.
+    pub fn new(limits: &Limits) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(limits.connect_timeout()));
+        connector.enforce_http(true);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(Duration::from_secs(90));
+        let http1 = builder.clone().build(connector.clone());
+        let http2 = builder.http2_only(true).build(connector);
+        Clients { http1, http2 }
+    }
+}
+
+/// Why the proxy answered a request itself (the `x-trellis-error` value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// No authority in the request (no Host, no absolute URI). 400.
+    NoAuthority,
+    /// The authority is malformed. 400.
+    InvalidAuthority,
+    /// No such destination. 502.
+    UnknownDestination,
+    /// The destination has no backend with weight > 0. 503.
+    NoBackends,
+    /// The chosen backend has no endpoints. 503.
+    NoEndpoints,
+    /// Connecting to the endpoint failed. 502.
+    ConnectFailed,
+    /// The endpoint failed mid-request. 502.
+    UpstreamFailed,
+    /// The destination's request timeout passed. 504.
+    Timeout,
+    /// Inbound policy denied the request. 403.
+    Forbidden,
+    /// No inbound listener is configured. 503.
+    NoInbound,
+}
+
+impl Reason {
+    /// Header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoAuthority => "no-authority",
+            Reason::InvalidAuthority => "invalid-authority",
+            Reason::UnknownDestination => "unknown-destination",
+            Reason::NoBackends => "no-backends",
+            Reason::NoEndpoints => "no-endpoints",
+            Reason::ConnectFailed => "connect-failed",
+            Reason::UpstreamFailed => "upstream-failed",
+            Reason::Timeout => "timeout",
+            Reason::Forbidden => "forbidden",
+            Reason::NoInbound => "no-inbound",
+        }
+    }
+
+    /// Status code.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Reason::NoAuthority | Reason::InvalidAuthority => StatusCode::BAD_REQUEST,
+            Reason::UnknownDestination | Reason::ConnectFailed | Reason::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            Reason::NoBackends | Reason::NoEndpoints | Reason::NoInbound => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::Forbidden => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+/// Response body: the upstream's (streamed, holding the endpoint's in-flight mark until it
+/// ends) or a short local one.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// From the upstream.
+    Upstream {
+        /// The body.
+        body: Incoming,
+        /// Released when the body is done or dropped.
+        in_flight: Option<InFlight>,
+    },
+    /// Produced by the proxy.
+    Local(Option<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream { body, in_flight } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+                    in_flight.take();
+                }
+                polled
+            }
+            ProxyBody::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Local(data) => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Local(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+/// Which side a connection is on.
+#[derive(Debug, Clone)]
+pub enum Side {
+    /// Outbound: route by authority, or to a fixed destination (per-upstream port).
+    Outbound {
+        /// The destination of a per-upstream port.
+        fixed: Option<Arc<str>>,
+    },
+    /// Inbound: authorize, then forward to the local application.
+    Inbound {
+        /// The caller.
+        caller: Caller,
+    },
+}
+
+/// Handle one request.
+pub async fn handle(shared: Arc<Shared>, side: Arc<Side>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    Ok(match &*side {
+        Side::Outbound { fixed } => outbound(&shared, fixed.as_deref(), req, started).await,
+        Side::Inbound { caller } => inbound(&shared, caller, req, started).await,
+    })
+}
+
+fn local(reason: Reason, detail: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::Local(Some(Bytes::from(format!("trellis-proxy: {detail}\n")))));
+    *resp.status_mut() = reason.status();
+    resp.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static(reason.as_str()));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}
+
+enum Miss {
+    NoAuthority,
+    Invalid(String),
+    Unknown(String),
+}
+
+fn find(shared: &Shared, fixed: Option<&str>, req: &Request<Incoming>) -> Result<Arc<DestinationTable>, Miss> {
+    let target = match fixed {
+        Some(f) => f,
+        None => match req.uri().authority() {
+            Some(a) => a.as_str(),
+            None => match req.headers().get(HOST).and_then(|h| h.to_str().ok()) {
+                Some(h) => h,
+                None => return Err(Miss::NoAuthority),
+            },
+        },
+    };
+    let table = shared.table.load();
+    match table.lookup(target) {
+        Lookup::Found(d) => Ok(Arc::clone(d)),
+        Lookup::Unknown(key) => Err(Miss::Unknown(key)),
+        Lookup::Invalid(e) => Err(Miss::Invalid(e.to_string())),
+    }
+}
+
+async fn outbound(shared: &Shared, fixed: Option<&str>, mut req: Request<Incoming>, started: Instant) -> Response<ProxyBody> {
+    let dest = match find(shared, fixed, &req) {
+        Ok(d) => d,
+        Err(Miss::Unknown(key)) if shared.resolver.is_some() => {
+            if let Some(resolver) = &shared.resolver {
+                resolver.resolve(&key).await;
+            }
+            match find(shared, fixed, &req) {
+                Ok(d) => d,
+                Err(_) => return outbound_error(shared, Reason::UnknownDestination, &key, started),
+            }
+        }
+        Err(Miss::Unknown(key)) => return outbound_error(shared, Reason::UnknownDestination, &key, started),
+        Err(Miss::Invalid(e)) => return outbound_error(shared, Reason::InvalidAuthority, &e, started),
+        Err(Miss::NoAuthority) => return outbound_error(shared, Reason::NoAuthority, "no Host header", started),
+    };
+    let decision = dest.route(req.method(), req.uri().path(), req.headers());
+    let route = decision.route.clone();
+    let Some(backend) = decision.backend else {
+        return dest_error(shared, &dest, None, route, Reason::NoBackends, started);
+    };
+    let Some(endpoint) = backend.pick() else {
+        return dest_error(shared, &dest, Some(backend), route, Reason::NoEndpoints, started);
+    };
+    let http2 = endpoint.http2 || (req.version() == Version::HTTP_2 && dest.protocol != Protocol::Tcp);
+    let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
+    let req = match rewrite(req, endpoint.authority.clone(), http2, upgrade.is_some()) {
+        Ok(r) => r,
+        Err(e) => return dest_error(shared, &dest, Some(backend), route, Reason::UpstreamFailed, started).tap_log(&e),
+    };
+    let in_flight = endpoint.stats.start();
+    let client = if http2 { &shared.clients.http2 } else { &shared.clients.http1 };
+    let sent = client.request(req);
+    let result = match dest.request_timeout {
+        Some(t) => match tokio::time::timeout(t, sent).await {
+            Ok(r) => r,
+            Err(_) => return dest_error(shared, &dest, Some(backend), route, Reason::Timeout, started),
+        },
+        None => sent.await,
+    };
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            let reason = if e.is_connect() { Reason::ConnectFailed } else { Reason::UpstreamFailed };
+            tracing::debug!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "upstream request failed");
+            return dest_error(shared, &dest, Some(backend), route, reason, started);
+        }
+    };
+    in_flight.record_latency();
+    finish_response(&mut resp, upgrade);
+    shared.metrics.request(
+        &RequestLabels {
+            direction: label_outbound(),
+            source_namespace: shared.metrics.source.namespace.clone(),
+            source_kind: shared.metrics.source.kind.clone(),
+            source_workload: shared.metrics.source.workload.clone(),
+            destination: dest.label.clone(),
+            destination_namespace: backend.workload.namespace.clone(),
+            destination_kind: backend.workload.kind.clone(),
+            destination_workload: backend.workload.name.clone(),
+            backend: backend.name.clone(),
+            route,
+            response_code: resp.status().as_u16(),
+            error: label_empty(),
+        },
+        started.elapsed().as_secs_f64() * 1000.0,
+    );
+    resp.map(|body| ProxyBody::Upstream { body, in_flight: Some(in_flight) })
+}
+
+trait TapLog {
+    fn tap_log(self, e: &http::Error) -> Self;
+}
+impl TapLog for Response<ProxyBody> {
+    fn tap_log(self, e: &http::Error) -> Self {
+        tracing::warn!(error = %e, "could not build the upstream request");
+        self
+    }
+}
+
+fn label_outbound() -> Label {
+    static L: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label::from("outbound"));
+    L.clone()
+}
+fn label_inbound() -> Label {
+    static L: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label::from("inbound"));
+    L.clone()
+}
+fn label_empty() -> Label {
+    static L: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label::from(""));
+    L.clone()
+}
+
+fn outbound_error(shared: &Shared, reason: Reason, detail: &str, started: Instant) -> Response<ProxyBody> {
+    let unknown = Label::from("unknown");
+    shared.metrics.request(
+        &RequestLabels {
+            direction: label_outbound(),
+            source_namespace: shared.metrics.source.namespace.clone(),
+            source_kind: shared.metrics.source.kind.clone(),
+            source_workload: shared.metrics.source.workload.clone(),
+            destination: unknown.clone(),
+            destination_namespace: unknown.clone(),
+            destination_kind: unknown.clone(),
+            destination_workload: unknown.clone(),
+            backend: unknown,
+            route: label_empty(),
+            response_code: reason.status().as_u16(),
+            error: Label::from(reason.as_str()),
+        },
+        started.elapsed().as_secs_f64() * 1000.0,
+    );
+    let detail = match reason {
+        Reason::UnknownDestination => format!("unknown destination {detail}"),
+        _ => detail.to_string(),
+    };
+    local(reason, &detail)
+}
+
+fn dest_error(
+    shared: &Shared,
+    dest: &DestinationTable,
+    backend: Option<&crate::table::BackendTable>,
+    route: Label,
+    reason: Reason,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let (ns, kind, name, bname) = match backend {
+        Some(b) => (b.workload.namespace.clone(), b.workload.kind.clone(), b.workload.name.clone(), b.name.clone()),
+        None => (label_empty(), label_empty(), label_empty(), label_empty()),
+    };
+    shared.metrics.request(
+        &RequestLabels {
+            direction: label_outbound(),
+            source_namespace: shared.metrics.source.namespace.clone(),
+            source_kind: shared.metrics.source.kind.clone(),
+            source_workload: shared.metrics.source.workload.clone(),
+            destination: dest.label.clone(),
+            destination_namespace: ns,
+            destination_kind: kind,
+            destination_workload: name,
+            backend: bname.clone(),
+            route,
+            response_code: reason.status().as_u16(),
+            error: Label::from(reason.as_str()),
+        },
+        started.elapsed().as_secs_f64() * 1000.0,
+    );
+    let detail = match reason {
+        Reason::NoBackends => format!("destination {} has no backend with weight > 0", dest.key),
+        Reason::NoEndpoints => format!("backend {} of {} has no endpoints", bname.as_str(), dest.key),
+        Reason::ConnectFailed => format!("could not connect to backend {} of {}", bname.as_str(), dest.key),
+        Reason::Timeout => format!("{} did not answer in time", dest.key),
+        _ => format!("backend {} of {} failed", bname.as_str(), dest.key),
+    };
+    local(reason, &detail)
+}
+
+async fn inbound(shared: &Shared, caller: &Caller, mut req: Request<Incoming>, started: Instant) -> Response<ProxyBody> {
+    let Some(policy) = shared.table.load().inbound.clone() else {
+        return local(Reason::NoInbound, "no inbound listener is configured");
+    };
+    let labels = |code: u16, error: Label| RequestLabels {
+        direction: label_inbound(),
+        source_namespace: label_empty(),
+        source_kind: label_empty(),
+        source_workload: label_empty(),
+        destination: label_empty(),
+        destination_namespace: shared.metrics.source.namespace.clone(),
+        destination_kind: shared.metrics.source.kind.clone(),
+        destination_workload: shared.metrics.source.workload.clone(),
+        backend: label_empty(),
+        route: label_empty(),
+        response_code: code,
+        error,
+    };
+    let info = RequestInfo { method: req.method(), path: req.uri().path(), headers: req.headers() };
+    if shared.authorizer.authorize_request(&policy, caller, info) == Verdict::Deny {
+        shared.metrics.request(&labels(403, Label::from(Reason::Forbidden.as_str())), elapsed_ms(started));
+        return local(Reason::Forbidden, "the inbound policy does not allow this request");
+    }
+    let http2 = policy.protocol == Protocol::Http2 || req.version() == Version::HTTP_2;
+    let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
+    let req = match rewrite(req, policy.app_authority.clone(), http2, upgrade.is_some()) {
+        Ok(r) => r,
+        Err(e) => return local(Reason::UpstreamFailed, "bad request").tap_log(&e),
+    };
+    let client = if http2 { &shared.clients.http2 } else { &shared.clients.http1 };
+    match client.request(req).await {
+        Ok(mut resp) => {
+            finish_response(&mut resp, upgrade);
+            shared.metrics.request(&labels(resp.status().as_u16(), label_empty()), elapsed_ms(started));
+            resp.map(|body| ProxyBody::Upstream { body, in_flight: None })
+        }
+        Err(e) => {
+            let reason = if e.is_connect() { Reason::ConnectFailed } else { Reason::UpstreamFailed };
+            shared.metrics.request(&labels(reason.status().as_u16(), Label::from(reason.as_str())), elapsed_ms(started));
+            local(reason, "the local application failed")
+        }
+    }
+}
+
+fn elapsed_ms(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && req
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+/// Point the request at `authority`, in the HTTP version the upstream speaks.
+fn rewrite(
+    req: Request<Incoming>,
+    authority: http::uri::Authority,
+    http2: bool,
+    upgrading: bool,
+) -> Result<Request<Incoming>, http::Error> {
+    let (mut parts, body) = req.into_parts();
+    if !parts.headers.contains_key(HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        // h2 clients name the authority in `:authority` only; keep it visible to HTTP/1 apps.
+        parts.headers.insert(HOST, v);
+    }
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    parts.uri = Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(path).build()?;
+    parts.version = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    strip_hop_by_hop(&mut parts.headers, upgrading);
+    Ok(Request::from_parts(parts, body))
+}
+
+fn finish_response(resp: &mut Response<Incoming>, upgrade: Option<hyper::upgrade::OnUpgrade>) {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_side) = upgrade {
+            let upstream_side = hyper::upgrade::on(&mut *resp);
+            tokio::spawn(tunnel(client_side, upstream_side));
+        }
+        return;
+    }
+    strip_hop_by_hop(resp.headers_mut(), false);
+}
+
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}
+
+/// Remove hop-by-hop headers (RFC 9110 7.6.1); `upgrading` keeps `Connection: upgrade` and
+/// `Upgrade`. `TE: trailers` stays (gRPC needs it).
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    if let Some(listed) = headers.get(CONNECTION).and_then(|v| v.to_str().ok()).map(str::to_owned) {
+        for name in listed.split(',').map(str::trim) {
+            if upgrading && name.eq_ignore_ascii_case("upgrade") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+                && name != TE
+            {
+                headers.remove(name);
+            }
+        }
+    }
+    if !upgrading {
+        headers.remove(CONNECTION);
+        headers.remove(UPGRADE);
+    }
+    headers.remove(TRANSFER_ENCODING);
+    headers.remove(HeaderName::from_static("keep-alive"));
+    headers.remove(HeaderName::from_static("proxy-connection"));
+    if headers.get(TE).is_some_and(|te| te != "trailers") {
+        headers.remove(TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_end_to_end_ones_stay() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, "keep-alive, x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(TE, "trailers".parse().unwrap());
+        h.insert("x-user", "beta".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["te", "x-user"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, "Upgrade".parse().unwrap());
+        h.insert(UPGRADE, "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn reasons_have_statuses() {
+        assert_eq!(Reason::UnknownDestination.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(Reason::NoEndpoints.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(Reason::Forbidden.as_str(), "forbidden");
+    }
+}

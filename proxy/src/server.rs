@@ -1,0 +1,256 @@
+//! Listeners and connections: accept, detect the protocol, serve HTTP/1 or HTTP/2 with hyper
+//! (limits and timeouts applied) or forward opaque TCP; drain on shutdown.
+//!
+//! Draining: accept loops stop, every HTTP connection is asked to shut down gracefully (HTTP/1
+//! finishes the request in flight then closes, HTTP/2 sends GOAWAY and finishes open streams),
+//! and [`Connections::wait_idle`] waits until all connections are gone or the bound passes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+
+use crate::authz::{Caller, Verdict};
+use crate::config::{Limits, Protocol};
+use crate::detect::{Detected, PrefixedIo, read_prefix};
+use crate::http::{Side, handle};
+use crate::state::Shared;
+
+/// Counts open connections so a drain can wait for them.
+#[derive(Debug, Default)]
+pub struct Connections {
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+/// One open connection; dropping it ends it.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<Connections>);
+
+impl Connections {
+    /// Register a new connection.
+    pub fn open(self: &Arc<Self>) -> ConnectionGuard {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        ConnectionGuard(Arc::clone(self))
+    }
+
+    /// Open connections now.
+    pub fn count(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Wait until no connection is open, at most `bound`; returns how many were still open.
+    pub async fn wait_idle(&self, bound: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let notified = self.idle.notified();
+            if self.count() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.count();
+            }
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// What a listener does with its connections.
+#[derive(Debug, Clone)]
+pub enum ListenerKind {
+    /// The outbound HTTP listener (route by authority).
+    OutboundHttp,
+    /// A per-upstream port towards one destination.
+    OutboundPort {
+        /// Destination authority.
+        destination: Arc<str>,
+        /// Protocol override.
+        protocol: Option<Protocol>,
+    },
+    /// The inbound listener.
+    Inbound,
+}
+
+/// Accept connections until `shutdown` turns true.
+pub async fn accept_loop(
+    listener: TcpListener,
+    kind: ListenerKind,
+    shared: Arc<Shared>,
+    connections: Arc<Connections>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let guard = connections.open();
+        let shared = Arc::clone(&shared);
+        let kind = kind.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, kind, shared, shutdown).await;
+            drop(guard);
+        });
+    }
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    kind: ListenerKind,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+    let limits = shared.limits.clone();
+    let (protocol, side) = match &kind {
+        ListenerKind::OutboundHttp => (Protocol::Http, Side::Outbound { fixed: None }),
+        ListenerKind::OutboundPort { destination, protocol } => {
+            let protocol = protocol.unwrap_or_else(|| {
+                let table = shared.table.load();
+                match table.lookup(destination) {
+                    crate::table::Lookup::Found(d) => d.protocol,
+                    _ => Protocol::Detect,
+                }
+            });
+            (protocol, Side::Outbound { fixed: Some(Arc::clone(destination)) })
+        }
+        ListenerKind::Inbound => {
+            let Some(policy) = shared.table.load().inbound.clone() else { return };
+            let caller = Caller { peer, identity: None, port: local_port };
+            if policy.protocol == Protocol::Tcp
+                && shared.authorizer.authorize_connection(&policy, &caller) == Verdict::Deny
+            {
+                tracing::debug!(%peer, "inbound TCP connection denied");
+                return;
+            }
+            (policy.protocol, Side::Inbound { caller })
+        }
+    };
+    if protocol == Protocol::Tcp {
+        return forward_tcp(stream, &kind, &side, shared).await;
+    }
+    let timeout = if protocol == Protocol::Detect { limits.detect_timeout() } else { limits.header_read_timeout() };
+    let (detected, prefix) = match read_prefix(&mut stream, timeout).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "connection closed during protocol detection");
+            return;
+        }
+    };
+    let io = PrefixedIo::new(prefix, stream);
+    match detected {
+        Detected::Http2 => serve_http2(io, side, shared, &limits, shutdown).await,
+        Detected::Opaque if protocol == Protocol::Detect => {
+            if let Side::Inbound { caller } = &side {
+                let Some(policy) = shared.table.load().inbound.clone() else { return };
+                if shared.authorizer.authorize_connection(&policy, caller) == Verdict::Deny {
+                    tracing::debug!(%peer, "inbound opaque connection denied");
+                    return;
+                }
+            }
+            forward_tcp(io, &kind, &side, shared).await
+        }
+        // HTTP/1 or garbage on an HTTP port: hyper answers garbage with 400.
+        _ => serve_http1(io, side, shared, &limits, shutdown).await,
+    }
+}
+
+async fn forward_tcp<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, kind: &ListenerKind, side: &Side, shared: Arc<Shared>) {
+    match (kind, side) {
+        (ListenerKind::OutboundPort { destination, .. }, _) => {
+            crate::tcp::forward_outbound(shared, destination, io).await
+        }
+        (ListenerKind::Inbound, _) => {
+            let Some(policy) = shared.table.load().inbound.clone() else { return };
+            crate::tcp::forward_inbound(shared, policy.app, io).await
+        }
+        (ListenerKind::OutboundHttp, _) => {}
+    }
+}
+
+/// Serve HTTP/1.1 on `io` with the proxy's limits (exposed for the fuzz target).
+pub async fn serve_http1<IO>(io: IO, side: Side, shared: Arc<Shared>, limits: &Limits, mut shutdown: watch::Receiver<bool>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let side = Arc::new(side);
+    let service = service_fn(move |req| handle(Arc::clone(&shared), Arc::clone(&side), req));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout())
+        .max_headers(limits.max_headers)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_header_size(limits.max_header_bytes)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => log_conn_end(result),
+        _ = stopped(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            log_conn_end(conn.await);
+        }
+    }
+}
+
+/// Serve HTTP/2 (prior knowledge) on `io` with the proxy's limits.
+pub async fn serve_http2<IO>(io: IO, side: Side, shared: Arc<Shared>, limits: &Limits, mut shutdown: watch::Receiver<bool>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let side = Arc::new(side);
+    let service = service_fn(move |req| handle(Arc::clone(&shared), Arc::clone(&side), req));
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => log_conn_end(result),
+        _ = stopped(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            log_conn_end(conn.await);
+        }
+    }
+}
+
+fn log_conn_end(result: Result<(), hyper::Error>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Resolves when `shutdown` turns true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

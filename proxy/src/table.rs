@@ -1,0 +1,574 @@
+//! The compiled routing table: one immutable generation of the configuration, built once per
+//! change and swapped in atomically (`arc-swap`), so the request path only reads.
+//!
+//! Compiling does everything once: authorities normalized, regexes compiled (linear-time `regex`
+//! engine with size limits), weights turned into an interleaved schedule, endpoint addresses
+//! parsed. The request path then does: look up the destination, match a route, take the next
+//! backend from the schedule, let the balancer pick an endpoint.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, Method};
+use regex::{Regex, RegexBuilder};
+use trellis_proxy_api::authority;
+
+use crate::balance::{Balancer, EndpointStats};
+use crate::config::{self, Config, DefaultAction, HttpMatch, Invalid, Protocol};
+use crate::metrics::Label;
+
+/// Most compiled program size of one user regex (bytes).
+const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+/// Longest weight schedule; larger weight sums are scaled down to this resolution.
+const MAX_SCHEDULE: u64 = 10_000;
+
+/// Endpoint statistics kept across table generations, keyed by address.
+#[derive(Debug, Default)]
+pub struct StatsRegistry {
+    by_address: Mutex<HashMap<String, Weak<EndpointStats>>>,
+}
+
+impl StatsRegistry {
+    fn get(&self, address: &str) -> Arc<EndpointStats> {
+        // Only called while compiling a table, never on the request path.
+        let mut map = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(stats) = map.get(address).and_then(Weak::upgrade) {
+            return stats;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let stats = Arc::new(EndpointStats::default());
+        map.insert(address.to_string(), Arc::downgrade(&stats));
+        stats
+    }
+}
+
+/// One generation of the routing configuration.
+#[derive(Debug)]
+pub struct RoutingTable {
+    /// The configuration this was compiled from (served on `/config`).
+    pub config: Arc<Config>,
+    destinations: HashMap<String, Arc<DestinationTable>>,
+    /// Compiled inbound policy, when there is an inbound listener.
+    pub inbound: Option<Arc<InboundTable>>,
+}
+
+/// Result of looking a destination up.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    /// Known.
+    Found(&'a Arc<DestinationTable>),
+    /// Well-formed but unknown.
+    Unknown(String),
+    /// Not a valid authority.
+    Invalid(authority::AuthorityError),
+}
+
+impl RoutingTable {
+    /// An empty table (nothing routable yet).
+    pub fn empty() -> Self {
+        RoutingTable { config: Arc::new(Config::default()), destinations: HashMap::new(), inbound: None }
+    }
+
+    /// Compile `config`; statistics of endpoints already known are kept.
+    pub fn compile(config: Arc<Config>, stats: &StatsRegistry) -> Result<Self, Invalid> {
+        let mut destinations = HashMap::with_capacity(config.destinations.len());
+        for (i, d) in config.destinations.iter().enumerate() {
+            let field = format!("destinations[{i}]");
+            let table = DestinationTable::compile(d, &field, stats, config.workload.as_ref())?;
+            let key = table.key.clone();
+            if destinations.insert(key.clone(), Arc::new(table)).is_some() {
+                return Err(invalid(
+                    format!("{field}.authority"),
+                    &d.authority,
+                    format!("{key} is configured twice"),
+                ));
+            }
+        }
+        let inbound = match &config.inbound {
+            Some(inbound) => Some(Arc::new(InboundTable::compile(inbound)?)),
+            None => None,
+        };
+        Ok(RoutingTable { config, destinations, inbound })
+    }
+
+    /// Check a file configuration without keeping the result.
+    pub fn validate(config: &Config) -> Result<(), Invalid> {
+        let table = RoutingTable::compile(Arc::new(config.clone()), &StatsRegistry::default())?;
+        for (i, port) in config.outbound.ports.iter().enumerate() {
+            if let Lookup::Unknown(_) | Lookup::Invalid(_) = table.lookup(&port.destination) {
+                return Err(invalid(
+                    format!("outbound.ports[{i}].destination"),
+                    &port.destination,
+                    format!("{:?} is not one of the configured destinations", port.destination),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Find the destination for an authority as written by a client.
+    pub fn lookup(&self, written: &str) -> Lookup<'_> {
+        // Fast path: clients usually write exactly the configured key (no allocation).
+        if let Some(d) = self.destinations.get(written) {
+            return Lookup::Found(d);
+        }
+        if let Some((host, port)) = written.rsplit_once(':')
+            && !host.contains(':')
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && let Some(d) = self.destinations.get(host)
+        {
+            return Lookup::Found(d);
+        }
+        match authority::normalize(written) {
+            Ok(a) => {
+                let key = a.key();
+                match self.destinations.get(&key) {
+                    Some(d) => Lookup::Found(d),
+                    None => Lookup::Unknown(key),
+                }
+            }
+            Err(e) => Lookup::Invalid(e),
+        }
+    }
+
+    /// Destination keys, sorted (for logs and tests).
+    pub fn destination_keys(&self) -> Vec<String> {
+        let mut keys: Vec<_> = self.destinations.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+}
+
+fn invalid(field: String, value: &str, message: String) -> Invalid {
+    Invalid { field, value: value.to_string(), message }
+}
+
+/// A compiled destination.
+#[derive(Debug)]
+pub struct DestinationTable {
+    /// Normalized key.
+    pub key: String,
+    /// Protocol towards the destination.
+    pub protocol: Protocol,
+    /// Per-request timeout.
+    pub request_timeout: Option<Duration>,
+    /// Backends, referenced by index from splits.
+    pub backends: Vec<BackendTable>,
+    /// Label value naming the destination on metrics.
+    pub label: Label,
+    routes: Vec<RouteTable>,
+    split: Split,
+}
+
+/// What routing a request decided.
+#[derive(Debug)]
+pub struct Decision<'a> {
+    /// The route's name (empty for the default split).
+    pub route: &'a Label,
+    /// The chosen backend, None when every weight is 0 or there are no backends.
+    pub backend: Option<&'a BackendTable>,
+}
+
+impl DestinationTable {
+    fn compile(
+        d: &config::Destination,
+        field: &str,
+        stats: &StatsRegistry,
+        _source: Option<&config::Workload>,
+    ) -> Result<Self, Invalid> {
+        let key = authority::normalize(&d.authority)
+            .map_err(|e| invalid(format!("{field}.authority"), &d.authority, e.to_string()))?
+            .key();
+        let namespace = key.split_once('.').map_or("default", |(_, ns)| ns).to_string();
+        let mut backends = Vec::with_capacity(d.backends.len());
+        let mut index = HashMap::new();
+        for (i, b) in d.backends.iter().enumerate() {
+            let bfield = format!("{field}.backends[{i}]");
+            if index.insert(b.name.as_str(), i).is_some() {
+                return Err(invalid(format!("{bfield}.name"), &b.name, format!("backend {:?} is listed twice", b.name)));
+            }
+            let workload = b.workload.clone().or_else(|| d.workload.clone()).unwrap_or_else(|| config::Workload {
+                kind: "service".into(),
+                name: b.name.clone(),
+                namespace: namespace.clone(),
+            });
+            backends.push(BackendTable::compile(b, &bfield, d, &workload, stats)?);
+        }
+        let split = Split::new(d.backends.iter().enumerate().map(|(i, b)| (i, b.weight)));
+        let mut routes = Vec::with_capacity(d.routes.len());
+        for (i, r) in d.routes.iter().enumerate() {
+            routes.push(RouteTable::compile(r, &format!("{field}.routes[{i}]"), &index)?);
+        }
+        Ok(DestinationTable {
+            label: Label::from(key.as_str()),
+            key,
+            protocol: d.protocol,
+            request_timeout: d.request_timeout_ms.filter(|ms| *ms > 0).map(Duration::from_millis),
+            backends,
+            routes,
+            split,
+        })
+    }
+
+    /// Route one request: the first matching route's split, else the default split.
+    pub fn route(&self, method: &Method, path: &str, headers: &HeaderMap) -> Decision<'_> {
+        static DEFAULT_ROUTE: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label::from(""));
+        for route in &self.routes {
+            if route.matches.is_empty() || route.matches.iter().any(|m| m.matches(method, path, headers)) {
+                let split = route.split.as_ref().unwrap_or(&self.split);
+                return Decision { route: &route.name, backend: split.next().map(|i| &self.backends[i]) };
+            }
+        }
+        Decision { route: &DEFAULT_ROUTE, backend: self.split.next().map(|i| &self.backends[i]) }
+    }
+
+    /// Pick a backend for a new TCP connection (routes do not apply).
+    pub fn route_connection(&self) -> Option<&BackendTable> {
+        self.split.next().map(|i| &self.backends[i])
+    }
+}
+
+/// Weighted choice as a precomputed, evenly interleaved schedule walked by one atomic counter:
+/// exact proportions over every full cycle, no locks, no randomness to flake, weight 0 never
+/// scheduled.
+#[derive(Debug)]
+struct Split {
+    schedule: Box<[u16]>,
+    next: AtomicUsize,
+}
+
+impl Split {
+    fn new(weights: impl Iterator<Item = (usize, u32)>) -> Self {
+        let mut weights: Vec<(usize, u64)> = weights.filter(|(_, w)| *w > 0).map(|(i, w)| (i, u64::from(w))).collect();
+        let g = weights.iter().fold(0, |g, (_, w)| gcd(g, *w)).max(1);
+        weights.iter_mut().for_each(|(_, w)| *w /= g);
+        let total: u64 = weights.iter().map(|(_, w)| w).sum();
+        if total > MAX_SCHEDULE {
+            // Keep proportions at 1/MAX_SCHEDULE resolution; every positive weight keeps a slot.
+            weights.iter_mut().for_each(|(_, w)| *w = (*w * MAX_SCHEDULE / total).max(1));
+        }
+        // Smooth weighted round robin (nginx): spreads each backend evenly over the cycle.
+        let total: i64 = weights.iter().map(|(_, w)| *w as i64).sum();
+        let mut current = vec![0i64; weights.len()];
+        let mut schedule = Vec::with_capacity(total as usize);
+        for _ in 0..total {
+            let mut best = 0;
+            for (k, (_, w)) in weights.iter().enumerate() {
+                current[k] += *w as i64;
+                if current[k] > current[best] {
+                    best = k;
+                }
+            }
+            current[best] -= total;
+            schedule.push(weights[best].0 as u16);
+        }
+        Split { schedule: schedule.into_boxed_slice(), next: AtomicUsize::new(fastrand::usize(..1 << 16)) }
+    }
+
+    fn next(&self) -> Option<usize> {
+        match self.schedule.len() {
+            0 => None,
+            1 => Some(self.schedule[0] as usize),
+            n => Some(self.schedule[self.next.fetch_add(1, Ordering::Relaxed) % n] as usize),
+        }
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+#[derive(Debug)]
+struct RouteTable {
+    name: Label,
+    matches: Vec<Matcher>,
+    split: Option<Split>,
+}
+
+impl RouteTable {
+    fn compile(r: &config::Route, field: &str, backends: &HashMap<&str, usize>) -> Result<Self, Invalid> {
+        let mut matches = Vec::new();
+        if r.path_regex.is_some() || !r.methods.is_empty() || !r.headers.is_empty() {
+            let shorthand =
+                HttpMatch { path_regex: r.path_regex.clone(), methods: r.methods.clone(), headers: r.headers.clone() };
+            matches.push(Matcher::compile(&shorthand, field)?);
+        }
+        for (i, m) in r.matches.iter().enumerate() {
+            matches.push(Matcher::compile(m, &format!("{field}.matches[{i}]"))?);
+        }
+        let split = if r.backends.is_empty() {
+            None
+        } else {
+            let mut weights = Vec::with_capacity(r.backends.len());
+            for (i, b) in r.backends.iter().enumerate() {
+                let Some(&index) = backends.get(b.name.as_str()) else {
+                    return Err(invalid(
+                        format!("{field}.backends[{i}]"),
+                        &b.name,
+                        format!("backend {:?} is not one of the destination's backends", b.name),
+                    ));
+                };
+                weights.push((index, b.weight));
+            }
+            Some(Split::new(weights.into_iter()))
+        };
+        Ok(RouteTable { name: Label::from(r.name.as_str()), matches, split })
+    }
+}
+
+/// A compiled HTTPRouteGroup match (all present parts must match).
+#[derive(Debug)]
+pub struct Matcher {
+    path: Option<Regex>,
+    methods: Option<Vec<Method>>,
+    headers: Vec<(HeaderName, Regex)>,
+}
+
+impl Matcher {
+    /// Compile one match; `field` names it in errors.
+    pub fn compile(m: &HttpMatch, field: &str) -> Result<Self, Invalid> {
+        let path = match &m.path_regex {
+            Some(re) => Some(compile_regex(re, &format!("{field}.path_regex"))?),
+            None => None,
+        };
+        let methods = if m.methods.is_empty() || m.methods.iter().any(|m| m == "*") {
+            None
+        } else {
+            let mut methods = Vec::with_capacity(m.methods.len());
+            for (i, name) in m.methods.iter().enumerate() {
+                let method = Method::from_bytes(name.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                    invalid(format!("{field}.methods[{i}]"), name, format!("{name:?} is not an HTTP method"))
+                })?;
+                methods.push(method);
+            }
+            Some(methods)
+        };
+        let mut headers = Vec::with_capacity(m.headers.len());
+        for (name, re) in &m.headers {
+            let hfield = format!("{field}.headers.{name}");
+            let header = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+                .map_err(|_| invalid(hfield.clone(), name, format!("{name:?} is not a header name")))?;
+            headers.push((header, compile_regex(re, &hfield)?));
+        }
+        Ok(Matcher { path, methods, headers })
+    }
+
+    /// Whether a request matches.
+    pub fn matches(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+        if let Some(methods) = &self.methods
+            && !methods.contains(method)
+        {
+            return false;
+        }
+        if let Some(re) = &self.path
+            && !re.is_match(path)
+        {
+            return false;
+        }
+        self.headers.iter().all(|(name, re)| {
+            headers.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| re.is_match(v)))
+        })
+    }
+}
+
+fn compile_regex(re: &str, field: &str) -> Result<Regex, Invalid> {
+    RegexBuilder::new(&format!("^(?:{re})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| invalid(field.to_string(), re, format!("invalid regex {re:?}: {e}")))
+}
+
+/// A compiled backend.
+#[derive(Debug)]
+pub struct BackendTable {
+    /// Backend name as a metric label.
+    pub name: Label,
+    /// Endpoints.
+    pub endpoints: Vec<EndpointTable>,
+    /// Destination workload labels.
+    pub workload: WorkloadLabels,
+    balancer: Balancer,
+}
+
+/// Metric labels of a destination workload.
+#[derive(Debug, Clone)]
+pub struct WorkloadLabels {
+    /// Kind.
+    pub kind: Label,
+    /// Name.
+    pub name: Label,
+    /// Namespace.
+    pub namespace: Label,
+}
+
+impl From<&config::Workload> for WorkloadLabels {
+    fn from(w: &config::Workload) -> Self {
+        WorkloadLabels {
+            kind: Label::from(w.kind.as_str()),
+            name: Label::from(w.name.as_str()),
+            namespace: Label::from(w.namespace.as_str()),
+        }
+    }
+}
+
+impl BackendTable {
+    fn compile(
+        b: &config::Backend,
+        field: &str,
+        d: &config::Destination,
+        workload: &config::Workload,
+        stats: &StatsRegistry,
+    ) -> Result<Self, Invalid> {
+        let mut endpoints = Vec::with_capacity(b.endpoints.len());
+        for (i, e) in b.endpoints.iter().enumerate() {
+            let efield = format!("{field}.endpoints[{i}].address");
+            let authority: http::uri::Authority = e
+                .address
+                .parse()
+                .map_err(|err| invalid(efield.clone(), &e.address, format!("{:?} is not host:port: {err}", e.address)))?;
+            if authority.port_u16().is_none() {
+                return Err(invalid(efield, &e.address, format!("{:?} has no port", e.address)));
+            }
+            let http2 = matches!(e.protocol.unwrap_or(d.protocol), Protocol::Http2);
+            endpoints.push(EndpointTable {
+                authority,
+                http2,
+                identity: e.identity.clone(),
+                stats: stats.get(&e.address),
+            });
+        }
+        Ok(BackendTable {
+            name: Label::from(b.name.as_str()),
+            endpoints,
+            workload: WorkloadLabels::from(workload),
+            balancer: Balancer::new(d.balancer),
+        })
+    }
+
+    /// Pick an endpoint (None when the backend has none).
+    pub fn pick(&self) -> Option<&EndpointTable> {
+        self.balancer.pick(self.endpoints.iter().map(|e| &*e.stats)).map(|i| &self.endpoints[i])
+    }
+}
+
+/// A compiled endpoint.
+#[derive(Debug)]
+pub struct EndpointTable {
+    /// Address as a URI authority (cheap to clone into request URIs).
+    pub authority: http::uri::Authority,
+    /// Speak h2c to this endpoint.
+    pub http2: bool,
+    /// Expected SPIFFE identity (checked once mTLS lands).
+    pub identity: Option<String>,
+    /// Shared statistics.
+    pub stats: Arc<EndpointStats>,
+}
+
+/// The compiled inbound side.
+#[derive(Debug)]
+pub struct InboundTable {
+    /// The local application.
+    pub app: std::net::SocketAddr,
+    /// The application's address as a URI authority.
+    pub app_authority: http::uri::Authority,
+    /// How the application speaks.
+    pub protocol: Protocol,
+    /// Default action.
+    pub default_action: DefaultAction,
+    /// Allow rules.
+    pub authorizations: Vec<AuthorizationTable>,
+}
+
+/// A compiled allow rule.
+#[derive(Debug)]
+pub struct AuthorizationTable {
+    /// Allowed identities (`*` = anyone).
+    pub identities: Vec<String>,
+    /// Ports (empty = all).
+    pub ports: Vec<u16>,
+    /// Routes (empty = every request and opaque TCP).
+    pub routes: Vec<Matcher>,
+    /// Callers without identity match too.
+    pub unauthenticated: bool,
+}
+
+impl InboundTable {
+    /// Compile the inbound config.
+    pub fn compile(inbound: &config::Inbound) -> Result<Self, Invalid> {
+        let mut authorizations = Vec::with_capacity(inbound.policy.authorizations.len());
+        for (i, a) in inbound.policy.authorizations.iter().enumerate() {
+            let field = format!("inbound.policy.authorizations[{i}]");
+            let mut routes = Vec::with_capacity(a.routes.len());
+            for (j, m) in a.routes.iter().enumerate() {
+                routes.push(Matcher::compile(m, &format!("{field}.routes[{j}]"))?);
+            }
+            authorizations.push(AuthorizationTable {
+                identities: a.identities.clone(),
+                ports: a.ports.clone(),
+                routes,
+                unauthenticated: a.unauthenticated,
+            });
+        }
+        let app_authority = inbound
+            .app
+            .to_string()
+            .parse()
+            .map_err(|e| invalid("inbound.app".into(), &inbound.app.to_string(), format!("{e}")))?;
+        Ok(InboundTable {
+            app: inbound.app,
+            app_authority,
+            protocol: inbound.protocol,
+            default_action: inbound.policy.default_action,
+            authorizations,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_schedules_are_exact_and_interleaved() {
+        let s = Split::new([(0, 75), (1, 25)].into_iter());
+        assert_eq!(s.schedule.len(), 4);
+        let ones = s.schedule.iter().filter(|i| **i == 1).count();
+        assert_eq!(ones, 1);
+        let s = Split::new([(0, 1), (1, 0)].into_iter());
+        assert!((0..100).all(|_| s.next() == Some(0)));
+        let s = Split::new([(0, 0), (1, 0)].into_iter());
+        assert_eq!(s.next(), None);
+        let s = Split::new([(0, 1), (1, 1_000_000), (2, 0)].into_iter());
+        assert!(s.schedule.contains(&0) && !s.schedule.contains(&2));
+        assert!(s.schedule.len() as u64 <= MAX_SCHEDULE + 2);
+    }
+
+    #[test]
+    fn matchers_anchor_paths_and_ignore_header_case() {
+        let m = Matcher::compile(
+            &HttpMatch {
+                path_regex: Some("/api/.*".into()),
+                methods: vec!["get".into()],
+                headers: [("X-User".to_string(), "beta.*".to_string())].into(),
+            },
+            "m",
+        )
+        .unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-user", "beta-7".parse().unwrap());
+        assert!(m.matches(&Method::GET, "/api/x", &h));
+        assert!(!m.matches(&Method::POST, "/api/x", &h));
+        assert!(!m.matches(&Method::GET, "/v1/api/x", &h), "anchored at the start");
+        h.insert("x-user", "alpha".parse().unwrap());
+        assert!(!m.matches(&Method::GET, "/api/x", &h), "whole value must match");
+    }
+
+    #[test]
+    fn huge_regexes_are_refused() {
+        let err = compile_regex("(a{1000}){1000}", "f").unwrap_err();
+        assert!(err.message.contains("invalid regex"), "{err}");
+    }
+}
