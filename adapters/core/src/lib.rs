@@ -18,14 +18,19 @@
 //! - Identities follow DESIGN.md: Kubernetes ServiceAccount; elsewhere the service name unless an
 //!   instance carries an explicit service-account tag/attribute.
 
+mod backoff;
 mod error;
 mod model;
+mod subsets;
+
+pub use backoff::{BACKOFF_CAP, BACKOFF_INITIAL, Backoff, backoff};
 
 pub use error::{DiscoveryError, ErrorKind};
 pub use model::{
     Endpoint, EndpointPort, EndpointSet, OwnerRef, ProtocolHint, Provenance, Readiness,
     ServiceCatalog, ServiceKey, ServicePort, Snapshot, SourceId, WorkloadIdentity,
 };
+pub use subsets::{VersionSubsets, resolve_subset, split_version, version_subset};
 
 use std::time::Duration;
 

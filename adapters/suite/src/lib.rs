@@ -10,9 +10,32 @@
 //! ```
 //!
 //! Scenarios are gated by the adapter's [`trellis_discovery::Capabilities`] and the harness's
-//! [`HarnessFeatures`]; a scenario that cannot apply prints why and passes as skipped.
+//! [`HarnessFeatures`]; a scenario that cannot apply prints `skipped: <reason>` and passes.
+//!
+//! # What the scenarios check
+//! Every snapshot is compared exactly with what the harness registered: one endpoint per instance
+//! (by address), its port, readiness (`NotReady` for a failing instance when the adapter has
+//! health), identity (namespace = the watched key's namespace; service account = the explicit one,
+//! else the service name, or `default` for adapters with [`trellis_discovery::IdentitySource::Platform`]),
+//! the instance's labels (extra platform labels are fine), weight and zone (when the adapter has
+//! them), `provenance.source == discovery.source_id()`, and `EndpointSet::service` = the watched key.
+//! Changes are awaited for [`HarnessFeatures::change_timeout`]; the outage scenario holds the
+//! registry away for 10 s and then allows `change_timeout + trellis_discovery::BACKOFF_CAP`.
+//! Service names are prefixed by the scenario (`appear-web`, `vsub-web`, ...), so one registry can
+//! serve every scenario.
+//!
+//! # Benchmarks
+//! [`churn`] and [`memory`] are the generic runners behind every adapter's `benches/churn.rs`; each
+//! report has a `print` that shows its figures next to a baseline the caller measured.
 
+mod bench;
+mod expect;
 mod scenarios;
+
+pub use bench::{
+    ChurnReport, LatencyStats, MemoryReport, churn, memory, rss_bytes, snapshot_heap_bytes,
+    time_baseline,
+};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

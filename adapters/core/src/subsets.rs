@@ -1,0 +1,159 @@
+//! Version subsets for platforms without per-version Kubernetes Services (file, Consul, Cloud Map).
+//!
+//! A TrafficSplit backend named `web-v2` resolves, in this order:
+//! 1. the service `web-v2` itself, if it exists (the "service per version" convention);
+//! 2. else, if the service `web` exists: the endpoints of `web` whose [`VERSION_LABEL`] label is
+//!    `v2` (the "tag/attribute" convention), with the service ports of `web`;
+//! 3. else `NotFound`.
+//!
+//! The split point is the **last** `-`: `my-web-v2` is version `v2` of `my-web`. A name without a
+//! `-` (or ending or starting with one) is only ever looked up as itself.
+//!
+//! When `web` exists but has no `v2` instance, the answer is an **empty set, not `NotFound`**: the
+//! backend names a subset of a service that exists, and an empty subset is a real state (a canary
+//! scaled to zero, a rollout that has not started, all v2 instances replaced). `NotFound` would tell
+//! the controller the backend is misconfigured and make it flap between "unknown" and "known" as
+//! the last instance of a version comes and goes; an empty set keeps the backend known and sends it
+//! no traffic. The flip side: a watch of `payments-api` when only `payments` exists is an empty set
+//! too, not `NotFound` (this is the convention's one ambiguity, and why per-version services win).
+//!
+//! Endpoints keep the identity of the service they are registered under (`web`), and the set is
+//! named by the key that was watched (`web-v2`). Only `watch` is affected: the catalog lists the
+//! services the registry has, not every possible subset.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+
+use crate::{
+    Capabilities, Discovery, DiscoveryError, EndpointSet, ServiceCatalog, ServiceKey, Snapshot,
+    SourceId, VERSION_LABEL,
+};
+
+/// Splits `web-v2` into (`web`, `v2`) at the last `-`; `None` when the name has no such split.
+pub fn split_version(name: &str) -> Option<(&str, &str)> {
+    let (base, version) = name.rsplit_once('-')?;
+    (!base.is_empty() && !version.is_empty()).then_some((base, version))
+}
+
+/// The subset of `base` whose [`VERSION_LABEL`] is `version`, named `key`.
+pub fn version_subset(base: &EndpointSet, key: &ServiceKey, version: &str) -> EndpointSet {
+    EndpointSet {
+        service: key.clone(),
+        ports: base.ports.clone(),
+        endpoints: base
+            .endpoints
+            .iter()
+            .filter(|e| e.labels.get(VERSION_LABEL).map(String::as_str) == Some(version))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// The convention's answer from what is known so far about the service itself (`own`) and its
+/// base (`base`); `None` while the answer still depends on a side that has not answered.
+pub fn resolve_subset(
+    own: Option<&Snapshot>,
+    base: Option<&Snapshot>,
+    key: &ServiceKey,
+    version: &str,
+) -> Option<Snapshot> {
+    match (own?, base) {
+        (own @ Snapshot::Endpoints(_), _) => Some(own.clone()),
+        (Snapshot::NotFound, Some(Snapshot::Endpoints(set))) => {
+            Some(Snapshot::Endpoints(version_subset(set, key, version)))
+        }
+        (Snapshot::NotFound, Some(Snapshot::NotFound)) => Some(Snapshot::NotFound),
+        (Snapshot::NotFound, None) => None,
+    }
+}
+
+/// Wraps an adapter so its watches follow the version-subset convention (see the module docs).
+/// Adapters for platforms without per-version services return `VersionSubsets::new(adapter)`.
+#[derive(Debug)]
+pub struct VersionSubsets<D> {
+    inner: Arc<D>,
+}
+
+impl<D: Discovery> VersionSubsets<D> {
+    pub fn new(inner: D) -> Self {
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The wrapped adapter.
+    pub fn inner(&self) -> &D {
+        &self.inner
+    }
+}
+
+enum Side {
+    Own(Result<Snapshot, DiscoveryError>),
+    Base(Result<Snapshot, DiscoveryError>),
+}
+
+#[derive(Default)]
+struct SubsetState {
+    own: Option<Snapshot>,
+    base: Option<Snapshot>,
+    sent: Option<Snapshot>,
+}
+
+impl<D: Discovery> Discovery for VersionSubsets<D> {
+    fn source_id(&self) -> SourceId {
+        self.inner.source_id()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            version_subsets: true,
+            ..self.inner.capabilities()
+        }
+    }
+
+    fn services(&self) -> BoxStream<'static, Result<ServiceCatalog, DiscoveryError>> {
+        self.inner.services()
+    }
+
+    fn watch(&self, key: ServiceKey) -> BoxStream<'static, Result<Snapshot, DiscoveryError>> {
+        let Some((base, version)) = split_version(&key.name) else {
+            return self.inner.watch(key);
+        };
+        let base_key = ServiceKey::new(key.namespace.clone(), base);
+        let version = version.to_string();
+        // Two watches, one answer: the service itself wins whenever it exists.
+        let own = self.inner.watch(key.clone()).map(Side::Own);
+        let base = self.inner.watch(base_key).map(Side::Base);
+        stream::select(own, base)
+            .scan(SubsetState::default(), move |state, side| {
+                let out = match side {
+                    Side::Own(Err(e)) | Side::Base(Err(e)) => Some(Err(e)),
+                    Side::Own(Ok(s)) => {
+                        state.own = Some(s);
+                        state.next(&key, &version).map(Ok)
+                    }
+                    Side::Base(Ok(s)) => {
+                        state.base = Some(s);
+                        state.next(&key, &version).map(Ok)
+                    }
+                };
+                futures::future::ready(Some(out))
+            })
+            .filter_map(futures::future::ready)
+            .boxed()
+    }
+}
+
+impl SubsetState {
+    /// The snapshot to send now, if the answer is known and differs from the last one sent.
+    fn next(&mut self, key: &ServiceKey, version: &str) -> Option<Snapshot> {
+        let answer = resolve_subset(self.own.as_ref(), self.base.as_ref(), key, version)?;
+        if self.sent.as_ref() == Some(&answer) {
+            return None;
+        }
+        self.sent = Some(answer.clone());
+        Some(answer)
+    }
+}
