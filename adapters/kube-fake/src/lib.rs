@@ -1,3 +1,209 @@
-//! An in-process fake Kubernetes API server speaking real list/watch over HTTP (test support).
+//! An in-process fake Kubernetes API server that speaks the real list/watch protocol over HTTP
+//! (test support).
 //!
-//! (Being built; see the crate README / issue tracker.)
+//! Tests and benchmarks point a real `kube::Client` at [`FakeApiServer::url`]: LIST with
+//! `resourceVersion`, `limit`/`continue` paging and label/field selectors; WATCH with
+//! `resourceVersion`, `allowWatchBookmarks` (BOOKMARK events), `timeoutSeconds`,
+//! `sendInitialEvents` and 410 Gone after compaction; GET, POST, PUT, merge PATCH and DELETE; and
+//! the discovery documents `/api`, `/apis`, `/api/v1`, `/apis/<group>/<version>`.
+//!
+//! It is generic over resources: objects are JSON stored per (group, version, plural, namespace,
+//! name) with one global resourceVersion counter like etcd; [`ResourceType`]s beyond the
+//! built-ins (Services, Pods, EndpointSlices, ReplicaSets, Deployments, ...) are added with
+//! [`FakeApiServer::register`] (SMI CRDs, for instance).
+//!
+//! Faults on demand: [`FakeApiServer::compact`] (watches from older versions get 410 and clients
+//! must relist), [`FakeApiServer::close_watches`], [`FakeApiServer::send_bookmarks`], and
+//! [`FakeApiServer::begin_outage`] / [`FakeApiServer::end_outage`] (stop listening, then listen
+//! again at the same port with the same content).
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! let server = trellis_kube_fake::FakeApiServer::start().await?;
+//! let config = kube::Config::new(server.url().parse().unwrap());
+//! # Ok(()) }
+//! ```
+//!
+//! Simplifications (see README.md): paged lists are not a consistent snapshot across pages (later
+//! pages show the current state; the following watch replays every change after the first page's
+//! version, so clients converge anyway), `resourceVersionMatch=Exact` only for the current
+//! version, no admission, defaulting, validation beyond names and namespaces, garbage collection
+//! or authentication.
+
+mod error;
+mod resources;
+mod selector;
+mod server;
+mod store;
+
+pub use error::ApiError;
+pub use resources::{ResourceType, builtin};
+pub use store::{Stats, Store, WatchStart};
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// A running fake API server on `127.0.0.1:<port>`. Dropping it stops it.
+#[derive(Debug)]
+pub struct FakeApiServer {
+    store: Arc<Store>,
+    addr: SocketAddr,
+    listener: Mutex<Option<JoinHandle<()>>>,
+    bookmarks: Option<JoinHandle<()>>,
+}
+
+/// How the server behaves beyond the protocol defaults.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Send BOOKMARK events to watches that allow them at this interval (a real server sends
+    /// them about once a minute). `None`: only when [`FakeApiServer::send_bookmarks`] is called.
+    pub bookmark_interval: Option<Duration>,
+}
+
+impl FakeApiServer {
+    /// Starts a server on an ephemeral port of 127.0.0.1.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = server::local_addr(&listener)?;
+        let store = Arc::new(Store::new());
+        let serve = tokio::spawn(server::serve(listener, Arc::clone(&store)));
+        let bookmarks = options.bookmark_interval.map(|every| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    store.send_bookmarks();
+                }
+            })
+        });
+        Ok(Self {
+            store,
+            addr,
+            listener: Mutex::new(Some(serve)),
+            bookmarks,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`, for `kube::Config::new`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The state behind the server, for direct reads and writes.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Makes a resource type known (e.g. an SMI CRD).
+    pub fn register(&self, resource: ResourceType) {
+        self.store.register(resource);
+    }
+
+    /// Creates or replaces a typed object (its type must be registered).
+    pub fn put<K: k8s_openapi::Resource + Serialize>(&self, object: &K) -> Result<Value, ApiError> {
+        let resource = self.resource_of::<K>()?;
+        let json = serde_json::to_value(object)
+            .map_err(|e| ApiError::bad_request(format!("serializing {}: {e}", K::KIND)))?;
+        self.store.apply(&resource, json)
+    }
+
+    /// Deletes a typed object by namespace and name.
+    pub fn delete<K: k8s_openapi::Resource>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let resource = self.resource_of::<K>()?;
+        self.store.delete(&resource, namespace, name)
+    }
+
+    fn resource_of<K: k8s_openapi::Resource>(&self) -> Result<ResourceType, ApiError> {
+        self.store
+            .resource(K::GROUP, K::VERSION, K::URL_PATH_SEGMENT)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "resource type {} ({}) is not registered",
+                    K::KIND,
+                    K::API_VERSION
+                ))
+            })
+    }
+
+    /// Forgets history up to now (etcd compaction). Returns the compacted version.
+    pub fn compact(&self) -> u64 {
+        self.store.compact()
+    }
+
+    /// Sends a BOOKMARK at the current version to every watch that allows bookmarks.
+    pub fn send_bookmarks(&self) {
+        self.store.send_bookmarks();
+    }
+
+    /// Ends every open watch cleanly; clients resume from their last version.
+    pub fn close_watches(&self) {
+        self.store.close_watches();
+    }
+
+    /// Stops listening and drops every open connection (clients see refused connections).
+    pub fn begin_outage(&self) {
+        if let Some(task) = self.lock_listener().take() {
+            task.abort();
+        }
+        self.store.close_watches();
+    }
+
+    /// Listens again at the same port with the same content.
+    pub async fn end_outage(&self) -> std::io::Result<()> {
+        if self.lock_listener().is_some() {
+            return Ok(());
+        }
+        // The old listener may take a moment to be released after its task is aborted.
+        let mut attempt = 0;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if attempt < 50 => {
+                    attempt += 1;
+                    tracing::debug!("rebinding {}: {e}; retrying", self.addr);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        *self.lock_listener() = Some(tokio::spawn(server::serve(
+            listener,
+            Arc::clone(&self.store),
+        )));
+        Ok(())
+    }
+
+    fn lock_listener(&self) -> std::sync::MutexGuard<'_, Option<JoinHandle<()>>> {
+        self.listener.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.lock_listener().take() {
+            task.abort();
+        }
+        if let Some(task) = &self.bookmarks {
+            task.abort();
+        }
+    }
+}
