@@ -17,15 +17,30 @@
 //!   may name services that do not exist yet).
 //! - Identities follow DESIGN.md: Kubernetes ServiceAccount; elsewhere the service name unless an
 //!   instance carries an explicit service-account tag/attribute.
+//!
+//! # Shared helpers for adapters
+//! - [`backoff()`] / [`Backoff`]: the one retry policy (100 ms initial, x2, jitter, forever; no
+//!   single sleep above [`BACKOFF_CAP`] = 2 s, which is what "recovers within one backoff period"
+//!   means).
+//! - [`VersionSubsets`]: the version-subset convention for platforms without per-version services:
+//!   a watch of `web-v2` is the service `web-v2` if it exists, else the `web` endpoints labelled
+//!   `version=v2` (an empty set when `web` has none), else `NotFound`. Split at the last `-`.
+//! - [`Merged`]: several adapters as one view per [`ServiceKey`]: union of endpoints, the source
+//!   listed first wins an address+port conflict, `NotFound` only when every source says so, errors
+//!   passed on without erasing anything, per-source freshness for `trellis check`.
 
 mod backoff;
 mod error;
+#[cfg(test)]
+mod fake;
+mod merge;
 mod model;
 mod subsets;
 
 pub use backoff::{BACKOFF_CAP, BACKOFF_INITIAL, Backoff, backoff};
 
 pub use error::{DiscoveryError, ErrorKind};
+pub use merge::{DEFAULT_SETTLE, Merged, SourceFreshness, merge_snapshots};
 pub use model::{
     Endpoint, EndpointPort, EndpointSet, OwnerRef, ProtocolHint, Provenance, Readiness,
     ServiceCatalog, ServiceKey, ServicePort, Snapshot, SourceId, WorkloadIdentity,

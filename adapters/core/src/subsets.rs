@@ -157,3 +157,150 @@ impl SubsetState {
         Some(answer)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use tokio::time::timeout;
+
+    use super::*;
+    use crate::fake::{Scripted, endpoint, set};
+
+    async fn next(stream: &mut BoxStream<'static, Result<Snapshot, DiscoveryError>>) -> Snapshot {
+        timeout(Duration::from_secs(60), stream.next())
+            .await
+            .expect("an item")
+            .expect("streams never end")
+            .expect("a snapshot")
+    }
+
+    fn web(key: &ServiceKey) -> Snapshot {
+        set(
+            key,
+            8080,
+            vec![
+                endpoint("s", "10.0.0.1", 8080, &[("version", "v1")]),
+                endpoint("s", "10.0.0.2", 8080, &[("version", "v2")]),
+                endpoint("s", "10.0.0.3", 8080, &[("version", "v2"), ("zone", "a")]),
+                endpoint("s", "10.0.0.4", 8080, &[]),
+            ],
+        )
+    }
+
+    fn addresses(snapshot: &Snapshot) -> Vec<String> {
+        match snapshot {
+            Snapshot::NotFound => panic!("want Endpoints"),
+            Snapshot::Endpoints(set) => set
+                .endpoints
+                .iter()
+                .map(|e| e.address.to_string())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_split_point_is_the_last_dash() {
+        assert_eq!(split_version("web-v2"), Some(("web", "v2")));
+        assert_eq!(split_version("my-web-v2"), Some(("my-web", "v2")));
+        assert_eq!(split_version("web"), None);
+        assert_eq!(split_version("web-"), None);
+        assert_eq!(split_version("-v2"), None);
+    }
+
+    #[test]
+    fn resolution_follows_the_convention() {
+        let key = ServiceKey::new("ns", "web-v2");
+        let base = ServiceKey::new("ns", "web");
+        let own = set(&key, 9090, vec![endpoint("s", "10.0.0.9", 9090, &[])]);
+        // The service itself wins, whatever the base says (or before it answers).
+        assert_eq!(
+            resolve_subset(Some(&own), None, &key, "v2"),
+            Some(own.clone())
+        );
+        assert_eq!(
+            resolve_subset(Some(&own), Some(&web(&base)), &key, "v2"),
+            Some(own)
+        );
+        // Else the labelled subset of the base, named by the watched key, with the base's ports.
+        let subset = resolve_subset(Some(&Snapshot::NotFound), Some(&web(&base)), &key, "v2")
+            .expect("known");
+        assert_eq!(addresses(&subset), vec!["10.0.0.2", "10.0.0.3"]);
+        let Snapshot::Endpoints(subset) = subset else {
+            unreachable!()
+        };
+        assert_eq!(subset.service, key);
+        assert_eq!(subset.ports[0].port, 8080);
+        // The base exists without such instances: an empty set, not NotFound.
+        let v3 = resolve_subset(Some(&Snapshot::NotFound), Some(&web(&base)), &key, "v3");
+        assert_eq!(v3, Some(set(&key, 8080, vec![])));
+        // Neither exists: NotFound.
+        assert_eq!(
+            resolve_subset(
+                Some(&Snapshot::NotFound),
+                Some(&Snapshot::NotFound),
+                &key,
+                "v2"
+            ),
+            Some(Snapshot::NotFound)
+        );
+        // Unknown until both have answered when the service itself is missing.
+        assert_eq!(
+            resolve_subset(Some(&Snapshot::NotFound), None, &key, "v2"),
+            None
+        );
+        assert_eq!(resolve_subset(None, Some(&web(&base)), &key, "v2"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_follows_the_service_and_its_base() {
+        let source = Scripted::new("s");
+        let subsets = VersionSubsets::new(source.clone());
+        assert!(subsets.capabilities().version_subsets);
+        let key = ServiceKey::new("ns", "web-v2");
+        let base = ServiceKey::new("ns", "web");
+        let mut watch = subsets.watch(key.clone());
+
+        source.send(&key, Snapshot::NotFound);
+        source.send(&base, web(&base));
+        assert_eq!(
+            addresses(&next(&mut watch).await),
+            vec!["10.0.0.2", "10.0.0.3"]
+        );
+
+        // A service of its own appears: it wins.
+        let own = set(&key, 9090, vec![endpoint("s", "10.0.0.9", 9090, &[])]);
+        source.send(&key, own.clone());
+        assert_eq!(next(&mut watch).await, own);
+        // Base changes do not matter meanwhile; errors are passed on.
+        source.send(&base, Snapshot::NotFound);
+        source.fail(&base);
+        let error = timeout(Duration::from_secs(1), watch.next())
+            .await
+            .expect("an item")
+            .expect("never ends")
+            .expect_err("the error is passed on");
+        assert_eq!(&*error.source_id, "s");
+
+        // It goes away; the base is gone too: NotFound.
+        source.send(&key, Snapshot::NotFound);
+        assert_eq!(next(&mut watch).await, Snapshot::NotFound);
+        // The base comes back: the subset again.
+        source.send(&base, web(&base));
+        assert_eq!(
+            addresses(&next(&mut watch).await),
+            vec!["10.0.0.2", "10.0.0.3"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_name_without_a_version_is_watched_as_itself() {
+        let source = Scripted::new("s");
+        let subsets = VersionSubsets::new(source.clone());
+        let key = ServiceKey::new("ns", "web");
+        let mut watch = subsets.watch(key.clone());
+        source.send(&key, web(&key));
+        assert_eq!(next(&mut watch).await, web(&key));
+    }
+}
