@@ -502,7 +502,7 @@ destinations:
         let err = Config::parse(&bad, Path::new("c.yaml")).unwrap_err().to_string();
         assert!(err.contains("destinations[0].routes[0].backends[0]"), "{err}");
         assert!(err.contains("echo-v9"), "{err}");
-        assert!(err.starts_with("c.yaml:19:"), "{err}");
+        assert!(err.starts_with("c.yaml:20:"), "{err}");
     }
 
     #[test]

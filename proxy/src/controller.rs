@@ -1,1 +1,367 @@
-//! Live configuration from the controller (being built).
+//! Live configuration from the controller over `trellis-proxy-api`.
+//!
+//! The proxy asks for what it needs when it needs it: a destination is watched
+//! (`Destinations.Watch`) the first time a request or connection names it (and at start for the
+//! per-upstream ports); the inbound policy of the inbound port is watched from the start. Each
+//! answer is turned into the same [`Config`] shape the file uses, compiled and swapped in.
+//!
+//! While the controller is away, every watch retries with exponential backoff (`backon`) and the
+//! proxy keeps serving the last configuration it had; the first message of a resumed stream
+//! replaces what it held. Until the inbound policy arrives, the inbound side denies everything
+//! (fail safe). A request for a destination not yet known waits for the controller's first
+//! answer at most [`ControllerOptions::first_answer_wait`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+use trellis_proxy_api::v1;
+use trellis_proxy_api::v1::destinations_client::DestinationsClient;
+use trellis_proxy_api::v1::inbound_client::InboundClient;
+
+use crate::config::{self, Config};
+use crate::state::{Resolve, Shared};
+
+/// How to reach the controller.
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    /// gRPC URL, e.g. `http://127.0.0.1:8090`.
+    pub url: String,
+    /// This proxy's workload as `namespace/name`.
+    pub workload: String,
+    /// How long a request for an unknown destination waits for the controller's first answer.
+    pub first_answer_wait: Duration,
+    /// Smallest retry delay.
+    pub min_backoff: Duration,
+    /// Largest retry delay.
+    pub max_backoff: Duration,
+}
+
+impl ControllerOptions {
+    /// Defaults: 2 s first-answer wait, backoff 100 ms .. 5 s.
+    pub fn new(url: impl Into<String>, workload: impl Into<String>) -> Self {
+        ControllerOptions {
+            url: url.into(),
+            workload: workload.into(),
+            first_answer_wait: Duration::from_secs(2),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A controller URL that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid controller URL {url:?}: {source}")]
+pub struct InvalidUrl {
+    url: String,
+    source: tonic::transport::Error,
+}
+
+#[derive(Debug, Default)]
+struct Dynamic {
+    destinations: BTreeMap<String, config::Destination>,
+    policy: Option<config::InboundPolicy>,
+    inbound_protocol: Option<config::Protocol>,
+}
+
+/// The controller client: watches destinations on demand and the inbound policy.
+#[derive(Debug)]
+pub struct Controller {
+    me: Weak<Controller>,
+    options: ControllerOptions,
+    channel: tonic::transport::Channel,
+    base: Config,
+    shared: OnceLock<Weak<Shared>>,
+    state: Mutex<Dynamic>,
+    watches: Mutex<HashMap<String, watch::Receiver<bool>>>,
+}
+
+impl Controller {
+    /// A client for `options.url`; `base` holds listeners, workload and limits (its
+    /// destinations are ignored: they come from the controller). Nothing connects until used.
+    pub fn new(options: ControllerOptions, base: Config) -> Result<Arc<Self>, InvalidUrl> {
+        let endpoint = tonic::transport::Endpoint::from_shared(options.url.clone())
+            .map_err(|source| InvalidUrl { url: options.url.clone(), source })?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        Ok(Arc::new_cyclic(|me| Controller {
+            me: me.clone(),
+            options,
+            channel,
+            base: Config { destinations: Vec::new(), ..base },
+            shared: OnceLock::new(),
+            state: Mutex::new(Dynamic::default()),
+            watches: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The configuration to start the proxy with (no destinations, inbound denies until told).
+    pub fn initial_config(&self) -> Config {
+        self.base.clone()
+    }
+
+    /// Connect to the running proxy's state and start the standing watches (inbound policy on
+    /// `inbound_port`, destinations of the per-upstream ports).
+    pub fn attach(&self, shared: &Arc<Shared>, inbound_port: Option<u16>) {
+        let _ = self.shared.set(Arc::downgrade(shared));
+        if let (Some(port), Some(me)) = (inbound_port, self.me.upgrade()) {
+            tokio::spawn(me.watch_inbound(port));
+        }
+        for port in &self.base.outbound.ports {
+            if let Ok(a) = trellis_proxy_api::authority::normalize(&port.destination) {
+                drop(self.resolve(&a.key()));
+            }
+        }
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.options.min_backoff)
+            .with_max_delay(self.options.max_backoff)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    fn shared(&self) -> Option<Arc<Shared>> {
+        self.shared.get().and_then(Weak::upgrade)
+    }
+
+    /// Rebuild the config from the base plus what the controller said, and swap it in.
+    fn publish(&self, shared: &Shared, what: &str) {
+        let config = {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut config = self.base.clone();
+            config.destinations = state.destinations.values().cloned().collect();
+            if let Some(inbound) = &mut config.inbound {
+                inbound.policy = state.policy.clone().unwrap_or_default();
+                if let Some(p) = state.inbound_protocol {
+                    inbound.protocol = p;
+                }
+            }
+            config
+        };
+        match shared.apply(config) {
+            Ok(()) => shared.metrics.update("controller", true),
+            Err(e) => {
+                // Keep the last good table; the controller sent something we cannot use.
+                tracing::error!(%what, error = %e, "controller update rejected; keeping the running configuration");
+                shared.metrics.update("controller", false);
+            }
+        }
+    }
+
+    async fn watch_destination(self: Arc<Self>, key: String, answered: watch::Sender<bool>) {
+        let mut backoff = self.backoff();
+        loop {
+            let Some(shared) = self.shared() else { return };
+            drop(shared);
+            let request = v1::DestinationRequest { target: key.clone(), source_workload: self.options.workload.clone() };
+            match DestinationsClient::new(self.channel.clone()).watch(request).await {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(update)) => {
+                                let Some(shared) = self.shared() else { return };
+                                self.apply_destination(&key, update);
+                                self.publish(&shared, &key);
+                                answered.send_replace(true);
+                                backoff = self.backoff();
+                            }
+                            Ok(None) => {
+                                tracing::info!(destination = %key, "controller ended the watch; resuming");
+                                break;
+                            }
+                            Err(status) => {
+                                tracing::warn!(destination = %key, %status, "destination watch failed; keeping the last answer");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(status) => tracing::warn!(destination = %key, %status, "controller unreachable; keeping the last answer"),
+            }
+            tokio::time::sleep(backoff.next().unwrap_or(self.options.max_backoff)).await;
+        }
+    }
+
+    fn apply_destination(&self, key: &str, update: v1::DestinationUpdate) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match update.kind {
+            Some(v1::destination_update::Kind::Profile(profile)) => {
+                tracing::debug!(destination = %key, version = %update.version, "destination profile");
+                state.destinations.insert(key.to_string(), destination_from_proto(key, profile));
+            }
+            Some(v1::destination_update::Kind::NotFound(nf)) => {
+                tracing::info!(destination = %key, reason = %nf.reason, "controller: destination does not exist");
+                state.destinations.remove(key);
+            }
+            Some(v1::destination_update::Kind::Delta(delta)) => {
+                let Some(dest) = state.destinations.get_mut(key) else {
+                    tracing::warn!(destination = %key, "endpoint delta before a profile; ignored");
+                    return;
+                };
+                for change in delta.backends {
+                    let Some(backend) = dest.backends.iter_mut().find(|b| b.name == change.backend) else { continue };
+                    backend.endpoints.retain(|e| !change.removed.contains(&e.address));
+                    for added in change.added {
+                        let endpoint = endpoint_from_proto(added);
+                        backend.endpoints.retain(|e| e.address != endpoint.address);
+                        backend.endpoints.push(endpoint);
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    async fn watch_inbound(self: Arc<Self>, port: u16) {
+        let mut backoff = self.backoff();
+        loop {
+            let request = v1::InboundRequest { workload: self.options.workload.clone(), port: u32::from(port) };
+            match InboundClient::new(self.channel.clone()).watch(request).await {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    while let Ok(Some(policy)) = stream.message().await {
+                        let Some(shared) = self.shared() else { return };
+                        {
+                            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                            state.inbound_protocol = protocol_from_proto(policy.protocol);
+                            state.policy = Some(policy_from_proto(policy));
+                        }
+                        self.publish(&shared, "inbound policy");
+                        backoff = self.backoff();
+                    }
+                    tracing::warn!("inbound policy watch ended; keeping the last policy");
+                }
+                Err(status) => tracing::warn!(%status, "controller unreachable; keeping the last inbound policy"),
+            }
+            if self.shared().is_none() {
+                return;
+            }
+            tokio::time::sleep(backoff.next().unwrap_or(self.options.max_backoff)).await;
+        }
+    }
+}
+
+impl Resolve for Controller {
+    fn resolve(&self, key: &str) -> BoxFuture<'static, ()> {
+        let mut rx = {
+            let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+            match watches.get(key) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(false);
+                    watches.insert(key.to_string(), rx.clone());
+                    if let Some(me) = self.me.upgrade() {
+                        tokio::spawn(me.watch_destination(key.to_string(), tx));
+                    }
+                    rx
+                }
+            }
+        };
+        let wait = self.options.first_answer_wait;
+        Box::pin(async move {
+            let _ = tokio::time::timeout(wait, async { rx.wait_for(|answered| *answered).await.is_ok() }).await;
+        })
+    }
+}
+
+fn protocol_from_proto(p: i32) -> Option<config::Protocol> {
+    match v1::Protocol::try_from(p).unwrap_or(v1::Protocol::Unspecified) {
+        v1::Protocol::Http => Some(config::Protocol::Http),
+        v1::Protocol::Http2 => Some(config::Protocol::Http2),
+        v1::Protocol::Tcp => Some(config::Protocol::Tcp),
+        v1::Protocol::Detect => Some(config::Protocol::Detect),
+        v1::Protocol::Unspecified => None,
+    }
+}
+
+fn workload_from_proto(w: Option<v1::WorkloadRef>) -> Option<config::Workload> {
+    w.filter(|w| !w.name.is_empty()).map(|w| config::Workload {
+        kind: if w.kind.is_empty() { "deployment".into() } else { w.kind },
+        name: w.name,
+        namespace: if w.namespace.is_empty() { "default".into() } else { w.namespace },
+    })
+}
+
+fn match_from_proto(m: v1::HttpMatch) -> config::HttpMatch {
+    config::HttpMatch {
+        path_regex: Some(m.path_regex).filter(|p| !p.is_empty()),
+        methods: m.methods,
+        headers: m.headers.into_iter().collect(),
+    }
+}
+
+fn endpoint_from_proto(e: v1::Endpoint) -> config::Endpoint {
+    config::Endpoint {
+        address: e.address,
+        identity: Some(e.identity).filter(|i| !i.is_empty()),
+        labels: e.labels.into_iter().collect(),
+        weight: if e.weight == 0 { 1 } else { e.weight },
+        protocol: protocol_from_proto(e.protocol),
+    }
+}
+
+/// Turn a profile into the config model (what `/config` shows).
+pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::Destination {
+    config::Destination {
+        authority: key.to_string(),
+        // Unspecified = detect; the outbound HTTP listener treats detect as HTTP.
+        protocol: protocol_from_proto(p.protocol).unwrap_or(config::Protocol::Detect),
+        balancer: match v1::Balancer::try_from(p.balancer).unwrap_or(v1::Balancer::Unspecified) {
+            v1::Balancer::RoundRobin => config::BalancerKind::RoundRobin,
+            v1::Balancer::LeastRequest => config::BalancerKind::LeastRequest,
+            v1::Balancer::Ewma | v1::Balancer::Unspecified => config::BalancerKind::Ewma,
+        },
+        routes: p
+            .routes
+            .into_iter()
+            .map(|r| config::Route {
+                name: r.name,
+                matches: r.matches.into_iter().map(match_from_proto).collect(),
+                backends: r.backends.into_iter().map(|b| config::WeightedRef { name: b.name, weight: b.weight }).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        backends: p
+            .backends
+            .into_iter()
+            .map(|b| config::Backend {
+                name: b.name,
+                weight: b.weight,
+                endpoints: b.endpoints.into_iter().map(endpoint_from_proto).collect(),
+                workload: workload_from_proto(b.workload),
+            })
+            .collect(),
+        workload: workload_from_proto(p.workload),
+        request_timeout_ms: Some(p.request_timeout_ms).filter(|t| *t > 0),
+    }
+}
+
+/// Turn an inbound policy into the config model.
+pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
+    config::InboundPolicy {
+        default_action: match v1::DefaultAction::try_from(p.default_action).unwrap_or(v1::DefaultAction::Unspecified) {
+            v1::DefaultAction::Allow => config::DefaultAction::Allow,
+            v1::DefaultAction::Deny | v1::DefaultAction::Unspecified => config::DefaultAction::Deny,
+        },
+        authorizations: p
+            .authorizations
+            .into_iter()
+            .map(|a| config::Authorization {
+                identities: a.identities,
+                // An out-of-range port becomes 0, which matches no listener: never widen a rule.
+                ports: a.ports.into_iter().map(|p| u16::try_from(p).unwrap_or(0)).collect(),
+                routes: a.routes.into_iter().map(match_from_proto).collect(),
+                unauthenticated: a.unauthenticated,
+            })
+            .collect(),
+    }
+}

@@ -155,7 +155,8 @@ mod tests {
         assert_eq!(detect(b"GET\t/"), Some(Detected::Opaque));
         assert_eq!(detect(b"GET  /"), Some(Detected::Opaque));
         assert_eq!(detect(&[b'A'; 40]), Some(Detected::Opaque));
-        assert_eq!(detect(b"PRX"), Some(Detected::Opaque));
+        assert_eq!(detect(b"PRX"), None, "could still be a method");
+        assert_eq!(detect(b"PRX\x00"), Some(Detected::Opaque));
         assert_eq!(detect(b"PRI / HTTP/1.1"), Some(Detected::Http1));
     }
 
