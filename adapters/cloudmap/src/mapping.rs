@@ -1,0 +1,223 @@
+//! Cloud Map instances to the endpoint model: attributes to address, port, identity, labels,
+//! weight, zone and protocol; health status to readiness. Pure functions, unit-tested.
+//!
+//! | Cloud Map attribute | endpoint field |
+//! |---|---|
+//! | `AWS_INSTANCE_IPV4`, else `AWS_INSTANCE_IPV6` | `address` (an instance with neither is left out, with a warning) |
+//! | `AWS_INSTANCE_PORT` | the one unnamed port (none when absent) |
+//! | `SERVICE_ACCOUNT`, `service-account`, `service_account`, `serviceAccount` | identity service account (else the service name) |
+//! | `version`, `VERSION` | label `version` (version subsets) |
+//! | `weight`, `WEIGHT` | `weight` (a non-number is ignored, with a warning) |
+//! | `protocol`, `PROTOCOL` | `protocol` ([`ProtocolHint::parse`]) |
+//! | `AVAILABILITY_ZONE`, `AWS_INSTANCE_AVAILABILITY_ZONE`, `zone` | `zone` |
+//! | `ECS_SERVICE_NAME` | owner `EcsService/<name>` (else `Service/<service>`) |
+//! | every attribute | `labels`, verbatim |
+//!
+//! Health: `HEALTHY` -> `Ready`, `UNHEALTHY` -> `NotReady`, `UNKNOWN` or absent -> `Ready`. Cloud
+//! Map reports `UNKNOWN` while a first health check is pending and for services without health
+//! checks; treating it as not ready would send no traffic to every service that has no checks.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use trellis_discovery::{
+    Endpoint, EndpointPort, EndpointSet, OwnerRef, ProtocolHint, Provenance, Readiness, ServiceKey,
+    ServicePort, Snapshot, SourceId, VERSION_LABEL, WorkloadIdentity,
+};
+
+pub const ATTR_IPV4: &str = "AWS_INSTANCE_IPV4";
+pub const ATTR_IPV6: &str = "AWS_INSTANCE_IPV6";
+pub const ATTR_PORT: &str = "AWS_INSTANCE_PORT";
+/// Accepted spellings of the explicit service-account attribute, first match wins.
+pub const ATTR_SERVICE_ACCOUNT: &[&str] = &[
+    "SERVICE_ACCOUNT",
+    "service-account",
+    "service_account",
+    "serviceAccount",
+];
+pub const ATTR_VERSION: &[&str] = &["version", "VERSION"];
+pub const ATTR_WEIGHT: &[&str] = &["weight", "WEIGHT"];
+pub const ATTR_PROTOCOL: &[&str] = &["protocol", "PROTOCOL"];
+pub const ATTR_ZONE: &[&str] = &[
+    "AVAILABILITY_ZONE",
+    "AWS_INSTANCE_AVAILABILITY_ZONE",
+    "zone",
+];
+pub const ATTR_ECS_SERVICE: &str = "ECS_SERVICE_NAME";
+
+/// Cloud Map's health status of one instance, as DiscoverInstances reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+    /// `UNKNOWN`, absent, or a value this SDK version does not know.
+    Unknown,
+}
+
+impl Health {
+    pub fn readiness(self) -> Readiness {
+        match self {
+            Health::Healthy | Health::Unknown => Readiness::Ready,
+            Health::Unhealthy => Readiness::NotReady,
+        }
+    }
+}
+
+/// One instance as DiscoverInstances returned it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RawInstance {
+    pub id: String,
+    pub health: Health,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Makes instance ids unique, keeping the **last** entry of an id. Real Cloud Map replaces an
+/// instance re-registered with the same id; moto appends a second copy instead, and the later one
+/// is the newer registration. Sorted by id, so that equal memberships compare equal.
+pub fn dedupe(instances: Vec<RawInstance>) -> Vec<RawInstance> {
+    let mut by_id: BTreeMap<String, RawInstance> = BTreeMap::new();
+    for instance in instances {
+        by_id.insert(instance.id.clone(), instance);
+    }
+    by_id.into_values().collect()
+}
+
+fn first<'a>(attributes: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| attributes.get(*k))
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+/// The endpoint for `instance` of `key`, or why it cannot be one.
+pub fn endpoint(
+    key: &ServiceKey,
+    instance: &RawInstance,
+    provenance: &Provenance,
+) -> Result<Endpoint, String> {
+    let attrs = &instance.attributes;
+    let address: IpAddr = match (attrs.get(ATTR_IPV4), attrs.get(ATTR_IPV6)) {
+        (Some(v4), _) => v4
+            .trim()
+            .parse()
+            .map_err(|_| format!("{ATTR_IPV4} {v4:?} is not an IP address"))?,
+        (None, Some(v6)) => v6
+            .trim()
+            .parse()
+            .map_err(|_| format!("{ATTR_IPV6} {v6:?} is not an IP address"))?,
+        (None, None) => return Err(format!("no {ATTR_IPV4} or {ATTR_IPV6} attribute")),
+    };
+    let ports = match attrs.get(ATTR_PORT) {
+        Some(p) => vec![EndpointPort {
+            name: None,
+            port: p
+                .trim()
+                .parse()
+                .map_err(|_| format!("{ATTR_PORT} {p:?} is not a port number"))?,
+        }],
+        None => Vec::new(),
+    };
+    let service_account = first(attrs, ATTR_SERVICE_ACCOUNT).unwrap_or(&key.name);
+    let weight = first(attrs, ATTR_WEIGHT).and_then(|w| match w.parse::<u32>() {
+        Ok(w) => Some(w),
+        Err(_) => {
+            tracing::warn!(service = %key, instance = %instance.id, weight = w, "ignoring a weight attribute that is not a whole number");
+            None
+        }
+    });
+    let mut labels = attrs.clone();
+    if let Some(version) = first(attrs, ATTR_VERSION) {
+        labels.insert(VERSION_LABEL.to_string(), version.to_string());
+    }
+    let owner = match attrs.get(ATTR_ECS_SERVICE) {
+        Some(ecs) => OwnerRef {
+            kind: "EcsService".to_string(),
+            name: ecs.clone(),
+        },
+        None => OwnerRef {
+            kind: "Service".to_string(),
+            name: key.name.clone(),
+        },
+    };
+    Ok(Endpoint {
+        address,
+        ports,
+        readiness: instance.health.readiness(),
+        identity: WorkloadIdentity::new(key.namespace.clone(), service_account),
+        owner: Some(owner),
+        labels,
+        weight,
+        zone: first(attrs, ATTR_ZONE).map(str::to_string),
+        protocol: first(attrs, ATTR_PROTOCOL).and_then(ProtocolHint::parse),
+        provenance: provenance.clone(),
+    })
+}
+
+/// The whole endpoint set of `key` from its (deduplicated) instances. Instances that cannot be
+/// endpoints are left out with a warning. Service ports: each distinct instance port, with the
+/// protocol when every instance on that port agrees on one.
+pub fn endpoint_set(
+    key: &ServiceKey,
+    instances: &[RawInstance],
+    source: &SourceId,
+    confirmed_at: SystemTime,
+) -> EndpointSet {
+    let provenance = Provenance {
+        source: source.clone(),
+        confirmed_at,
+    };
+    let endpoints: Vec<Endpoint> = instances
+        .iter()
+        .filter_map(|i| match endpoint(key, i, &provenance) {
+            Ok(e) => Some(e),
+            Err(why) => {
+                tracing::warn!(service = %key, instance = %i.id, "leaving out a Cloud Map instance: {why}");
+                None
+            }
+        })
+        .collect();
+    let mut protocols: BTreeMap<u16, Vec<Option<ProtocolHint>>> = BTreeMap::new();
+    for e in &endpoints {
+        for p in &e.ports {
+            let hints = protocols.entry(p.port).or_default();
+            if !hints.contains(&e.protocol) {
+                hints.push(e.protocol);
+            }
+        }
+    }
+    let ports = protocols
+        .into_iter()
+        .map(|(port, hints)| ServicePort {
+            name: None,
+            port,
+            protocol: match hints.len() {
+                1 => hints.into_iter().next().flatten(),
+                _ => None,
+            },
+        })
+        .collect();
+    EndpointSet {
+        service: key.clone(),
+        ports,
+        endpoints,
+    }
+}
+
+/// What a watch last saw: the service missing, or its instances.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    NotFound,
+    Instances(Vec<RawInstance>),
+}
+
+impl Seen {
+    pub fn snapshot(&self, key: &ServiceKey, source: &SourceId, at: SystemTime) -> Snapshot {
+        match self {
+            Seen::NotFound => Snapshot::NotFound,
+            Seen::Instances(instances) => {
+                Snapshot::Endpoints(endpoint_set(key, instances, source, at))
+            }
+        }
+    }
+}
