@@ -19,7 +19,12 @@ use crate::server::stopped;
 use crate::state::Shared;
 
 /// Serve the admin endpoints until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, registry: Arc<Registry>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    registry: Arc<Registry>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -50,13 +55,17 @@ fn answer(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Resp
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".into()),
-        "/ready" if shared.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
+        "/ready" if shared.is_draining() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+        }
         "/ready" => text(StatusCode::OK, "ready\n".into()),
         "/metrics" => {
             let mut resp = text(StatusCode::OK, crate::metrics::render(registry));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             resp
         }
@@ -65,19 +74,28 @@ fn answer(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Resp
             match serde_json::to_string_pretty(&*table.config) {
                 Ok(json) => {
                     let mut resp = text(StatusCode::OK, json + "\n");
-                    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/json"),
+                    );
                     resp
                 }
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "admin endpoints: /metrics /ready /live /config\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "admin endpoints: /metrics /ready /live /config\n".into(),
+        ),
     }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }

@@ -54,7 +54,12 @@ pub trait Authorizer: Send + Sync + std::fmt::Debug + 'static {
     /// For opaque TCP connections (no request to look at).
     fn authorize_connection(&self, policy: &InboundTable, caller: &Caller) -> Verdict;
     /// For each HTTP request.
-    fn authorize_request(&self, policy: &InboundTable, caller: &Caller, request: RequestInfo<'_>) -> Verdict;
+    fn authorize_request(
+        &self,
+        policy: &InboundTable,
+        caller: &Caller,
+        request: RequestInfo<'_>,
+    ) -> Verdict;
 }
 
 /// Evaluates the configured / controller-provided inbound policy.
@@ -64,7 +69,10 @@ pub struct PolicyAuthorizer;
 fn identity_matches(rule: &AuthorizationTable, caller: &Caller) -> bool {
     match &caller.identity {
         None => rule.unauthenticated,
-        Some(id) => rule.identities.iter().any(|allowed| allowed == "*" || allowed == id),
+        Some(id) => rule
+            .identities
+            .iter()
+            .any(|allowed| allowed == "*" || allowed == id),
     }
 }
 
@@ -81,20 +89,36 @@ fn default_verdict(policy: &InboundTable) -> Verdict {
 
 impl Authorizer for PolicyAuthorizer {
     fn authorize_connection(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
-        let allowed = policy
-            .authorizations
-            .iter()
-            .any(|rule| rule.routes.is_empty() && identity_matches(rule, caller) && port_matches(rule, caller));
-        if allowed { Verdict::Allow } else { default_verdict(policy) }
+        let allowed = policy.authorizations.iter().any(|rule| {
+            rule.routes.is_empty() && identity_matches(rule, caller) && port_matches(rule, caller)
+        });
+        if allowed {
+            Verdict::Allow
+        } else {
+            default_verdict(policy)
+        }
     }
 
-    fn authorize_request(&self, policy: &InboundTable, caller: &Caller, req: RequestInfo<'_>) -> Verdict {
+    fn authorize_request(
+        &self,
+        policy: &InboundTable,
+        caller: &Caller,
+        req: RequestInfo<'_>,
+    ) -> Verdict {
         let allowed = policy.authorizations.iter().any(|rule| {
             identity_matches(rule, caller)
                 && port_matches(rule, caller)
-                && (rule.routes.is_empty() || rule.routes.iter().any(|m| m.matches(req.method, req.path, req.headers)))
+                && (rule.routes.is_empty()
+                    || rule
+                        .routes
+                        .iter()
+                        .any(|m| m.matches(req.method, req.path, req.headers)))
         });
-        if allowed { Verdict::Allow } else { default_verdict(policy) }
+        if allowed {
+            Verdict::Allow
+        } else {
+            default_verdict(policy)
+        }
     }
 }
 
@@ -108,13 +132,20 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             app: "127.0.0.1:1".parse().unwrap(),
             protocol: Default::default(),
-            policy: InboundPolicy { default_action, authorizations },
+            policy: InboundPolicy {
+                default_action,
+                authorizations,
+            },
         })
         .unwrap()
     }
 
     fn caller(identity: Option<&str>, port: u16) -> Caller {
-        Caller { peer: "127.0.0.1:9".parse().unwrap(), identity: identity.map(str::to_string), port }
+        Caller {
+            peer: "127.0.0.1:9".parse().unwrap(),
+            identity: identity.map(str::to_string),
+            port,
+        }
     }
 
     #[test]
@@ -124,28 +155,86 @@ mod tests {
             vec![Authorization {
                 identities: vec!["spiffe://td/ns/a/sa/web".into()],
                 ports: vec![8080],
-                routes: vec![HttpMatch { path_regex: Some("/metrics".into()), methods: vec!["GET".into()], ..Default::default() }],
+                routes: vec![HttpMatch {
+                    path_regex: Some("/metrics".into()),
+                    methods: vec!["GET".into()],
+                    ..Default::default()
+                }],
                 unauthenticated: false,
             }],
         );
         let h = HeaderMap::new();
-        let get = |path| RequestInfo { method: &Method::GET, path, headers: &h };
+        let get = |path| RequestInfo {
+            method: &Method::GET,
+            path,
+            headers: &h,
+        };
         let a = PolicyAuthorizer;
-        assert_eq!(a.authorize_request(&p, &caller(Some("spiffe://td/ns/a/sa/web"), 8080), get("/metrics")), Verdict::Allow);
-        assert_eq!(a.authorize_request(&p, &caller(Some("spiffe://td/ns/a/sa/web"), 8080), get("/admin")), Verdict::Deny);
-        assert_eq!(a.authorize_request(&p, &caller(Some("spiffe://td/ns/a/sa/web"), 9090), get("/metrics")), Verdict::Deny);
-        assert_eq!(a.authorize_request(&p, &caller(Some("spiffe://td/ns/b/sa/x"), 8080), get("/metrics")), Verdict::Deny);
-        assert_eq!(a.authorize_request(&p, &caller(None, 8080), get("/metrics")), Verdict::Deny);
-        assert_eq!(a.authorize_connection(&p, &caller(Some("spiffe://td/ns/a/sa/web"), 8080)), Verdict::Deny, "route rules do not allow opaque TCP");
+        assert_eq!(
+            a.authorize_request(
+                &p,
+                &caller(Some("spiffe://td/ns/a/sa/web"), 8080),
+                get("/metrics")
+            ),
+            Verdict::Allow
+        );
+        assert_eq!(
+            a.authorize_request(
+                &p,
+                &caller(Some("spiffe://td/ns/a/sa/web"), 8080),
+                get("/admin")
+            ),
+            Verdict::Deny
+        );
+        assert_eq!(
+            a.authorize_request(
+                &p,
+                &caller(Some("spiffe://td/ns/a/sa/web"), 9090),
+                get("/metrics")
+            ),
+            Verdict::Deny
+        );
+        assert_eq!(
+            a.authorize_request(
+                &p,
+                &caller(Some("spiffe://td/ns/b/sa/x"), 8080),
+                get("/metrics")
+            ),
+            Verdict::Deny
+        );
+        assert_eq!(
+            a.authorize_request(&p, &caller(None, 8080), get("/metrics")),
+            Verdict::Deny
+        );
+        assert_eq!(
+            a.authorize_connection(&p, &caller(Some("spiffe://td/ns/a/sa/web"), 8080)),
+            Verdict::Deny,
+            "route rules do not allow opaque TCP"
+        );
     }
 
     #[test]
     fn unauthenticated_and_permissive() {
-        let p = policy(DefaultAction::Deny, vec![Authorization { unauthenticated: true, ..Default::default() }]);
-        assert_eq!(PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)), Verdict::Allow);
+        let p = policy(
+            DefaultAction::Deny,
+            vec![Authorization {
+                unauthenticated: true,
+                ..Default::default()
+            }],
+        );
+        assert_eq!(
+            PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)),
+            Verdict::Allow
+        );
         let p = policy(DefaultAction::Allow, vec![]);
-        assert_eq!(PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)), Verdict::Allow);
+        assert_eq!(
+            PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)),
+            Verdict::Allow
+        );
         let p = policy(DefaultAction::Deny, vec![]);
-        assert_eq!(PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)), Verdict::Deny);
+        assert_eq!(
+            PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)),
+            Verdict::Deny
+        );
     }
 }

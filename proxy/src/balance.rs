@@ -54,7 +54,10 @@ impl EndpointStats {
     /// Mark a request started; the returned guard ends it.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight { stats: Arc::clone(self), started: Instant::now() }
+        InFlight {
+            stats: Arc::clone(self),
+            started: Instant::now(),
+        }
     }
 
     fn observe(&self, rtt_nanos: f64) {
@@ -102,11 +105,17 @@ pub struct Balancer {
 impl Balancer {
     /// A balancer of the given kind.
     pub fn new(kind: BalancerKind) -> Self {
-        Balancer { kind, next: AtomicUsize::new(fastrand::usize(..1024)) }
+        Balancer {
+            kind,
+            next: AtomicUsize::new(fastrand::usize(..1024)),
+        }
     }
 
     /// Index of the endpoint to use among `stats` (None when empty).
-    pub fn pick<'a>(&self, stats: impl ExactSizeIterator<Item = &'a EndpointStats> + Clone) -> Option<usize> {
+    pub fn pick<'a>(
+        &self,
+        stats: impl ExactSizeIterator<Item = &'a EndpointStats> + Clone,
+    ) -> Option<usize> {
         let n = stats.len();
         match n {
             0 => None,
@@ -157,7 +166,9 @@ mod tests {
         s[0].observe(50_000_000.0); // 50 ms
         s[1].observe(100_000.0); // 0.1 ms
         let b = Balancer::new(BalancerKind::Ewma);
-        let fast = (0..1000).filter(|_| b.pick(s.iter().map(|s| &**s)) == Some(1)).count();
+        let fast = (0..1000)
+            .filter(|_| b.pick(s.iter().map(|s| &**s)) == Some(1))
+            .count();
         assert_eq!(fast, 1000, "with two endpoints P2C always compares both");
     }
 

@@ -400,16 +400,26 @@ pub struct Invalid {
 impl Config {
     /// Read, parse and validate a YAML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::parse(&text, path)
     }
 
     /// Parse and validate YAML text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
-            ConfigError::Parse { path: path.to_path_buf(), line, column, message: e.to_string() }
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.to_string(),
+            }
         })?;
         crate::table::RoutingTable::validate(&config).map_err(|invalid| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -426,7 +436,9 @@ fn line_of(text: &str, value: &str) -> usize {
     if value.is_empty() {
         return 0;
     }
-    text.lines().position(|l| l.contains(value)).map_or(0, |i| i + 1)
+    text.lines()
+        .position(|l| l.contains(value))
+        .map_or(0, |i| i + 1)
 }
 
 #[cfg(test)]
@@ -470,21 +482,31 @@ destinations:
         let d = &c.destinations[0];
         assert_eq!(d.protocol, Protocol::Http);
         assert_eq!(d.routes[0].headers["x-user"], "beta.*");
-        assert_eq!(d.backends[1].endpoints[0].identity.as_deref(), Some("spiffe://cluster.local/ns/default/sa/echo"));
-        assert_eq!(c.inbound.unwrap().policy.default_action, DefaultAction::Deny);
+        assert_eq!(
+            d.backends[1].endpoints[0].identity.as_deref(),
+            Some("spiffe://cluster.local/ns/default/sa/echo")
+        );
+        assert_eq!(
+            c.inbound.unwrap().policy.default_action,
+            DefaultAction::Deny
+        );
     }
 
     #[test]
     fn syntax_errors_name_file_and_line() {
         let bad = BENCH_SHAPE.replace("weight: 75", "weight: seventy");
-        let err = Config::parse(&bad, Path::new("c.yaml")).unwrap_err().to_string();
+        let err = Config::parse(&bad, Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("c.yaml:23:"), "{err}");
     }
 
     #[test]
     fn unknown_fields_are_rejected_with_their_line() {
         let bad = BENCH_SHAPE.replace("balancer: ewma", "balancr: ewma");
-        let err = Config::parse(&bad, Path::new("c.yaml")).unwrap_err().to_string();
+        let err = Config::parse(&bad, Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("c.yaml:14:"), "{err}");
         assert!(err.contains("balancr"), "{err}");
     }
@@ -492,15 +514,28 @@ destinations:
     #[test]
     fn bad_regexes_name_field_and_line() {
         let bad = BENCH_SHAPE.replace("\"/api/.*\"", "\"/api/(\"");
-        let err = Config::parse(&bad, Path::new("c.yaml")).unwrap_err().to_string();
-        assert!(err.starts_with("c.yaml:17: destinations[0].routes[0].path_regex:"), "{err}");
+        let err = Config::parse(&bad, Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("c.yaml:17: destinations[0].routes[0].path_regex:"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_backend_references_are_rejected() {
-        let bad = BENCH_SHAPE.replace("[{name: echo-v2, weight: 1}]", "[{name: echo-v9, weight: 1}]");
-        let err = Config::parse(&bad, Path::new("c.yaml")).unwrap_err().to_string();
-        assert!(err.contains("destinations[0].routes[0].backends[0]"), "{err}");
+        let bad = BENCH_SHAPE.replace(
+            "[{name: echo-v2, weight: 1}]",
+            "[{name: echo-v9, weight: 1}]",
+        );
+        let err = Config::parse(&bad, Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("destinations[0].routes[0].backends[0]"),
+            "{err}"
+        );
         assert!(err.contains("echo-v9"), "{err}");
         assert!(err.starts_with("c.yaml:20:"), "{err}");
     }
@@ -508,7 +543,9 @@ destinations:
     #[test]
     fn port_forwards_must_name_a_destination() {
         let bad = BENCH_SHAPE.replace("destination: echo.default", "destination: nope.default");
-        let err = Config::parse(&bad, Path::new("c.yaml")).unwrap_err().to_string();
+        let err = Config::parse(&bad, Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("outbound.ports[0].destination"), "{err}");
     }
 }

@@ -85,7 +85,10 @@ impl Controller {
     /// destinations are ignored: they come from the controller). Nothing connects until used.
     pub fn new(options: ControllerOptions, base: Config) -> Result<Arc<Self>, InvalidUrl> {
         let endpoint = tonic::transport::Endpoint::from_shared(options.url.clone())
-            .map_err(|source| InvalidUrl { url: options.url.clone(), source })?
+            .map_err(|source| InvalidUrl {
+                url: options.url.clone(),
+                source,
+            })?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true);
         let channel = endpoint.connect_lazy();
@@ -93,7 +96,10 @@ impl Controller {
             me: me.clone(),
             options,
             channel,
-            base: Config { destinations: Vec::new(), ..base },
+            base: Config {
+                destinations: Vec::new(),
+                ..base
+            },
             shared: OnceLock::new(),
             state: Mutex::new(Dynamic::default()),
             watches: Mutex::new(HashMap::new()),
@@ -161,8 +167,14 @@ impl Controller {
         loop {
             let Some(shared) = self.shared() else { return };
             drop(shared);
-            let request = v1::DestinationRequest { target: key.clone(), source_workload: self.options.workload.clone() };
-            match DestinationsClient::new(self.channel.clone()).watch(request).await {
+            let request = v1::DestinationRequest {
+                target: key.clone(),
+                source_workload: self.options.workload.clone(),
+            };
+            match DestinationsClient::new(self.channel.clone())
+                .watch(request)
+                .await
+            {
                 Ok(response) => {
                     let mut stream = response.into_inner();
                     loop {
@@ -185,7 +197,9 @@ impl Controller {
                         }
                     }
                 }
-                Err(status) => tracing::warn!(destination = %key, %status, "controller unreachable; keeping the last answer"),
+                Err(status) => {
+                    tracing::warn!(destination = %key, %status, "controller unreachable; keeping the last answer")
+                }
             }
             tokio::time::sleep(backoff.next().unwrap_or(self.options.max_backoff)).await;
         }
@@ -196,7 +210,9 @@ impl Controller {
         match update.kind {
             Some(v1::destination_update::Kind::Profile(profile)) => {
                 tracing::debug!(destination = %key, version = %update.version, "destination profile");
-                state.destinations.insert(key.to_string(), destination_from_proto(key, profile));
+                state
+                    .destinations
+                    .insert(key.to_string(), destination_from_proto(key, profile));
             }
             Some(v1::destination_update::Kind::NotFound(nf)) => {
                 tracing::info!(destination = %key, reason = %nf.reason, "controller: destination does not exist");
@@ -208,8 +224,13 @@ impl Controller {
                     return;
                 };
                 for change in delta.backends {
-                    let Some(backend) = dest.backends.iter_mut().find(|b| b.name == change.backend) else { continue };
-                    backend.endpoints.retain(|e| !change.removed.contains(&e.address));
+                    let Some(backend) = dest.backends.iter_mut().find(|b| b.name == change.backend)
+                    else {
+                        continue;
+                    };
+                    backend
+                        .endpoints
+                        .retain(|e| !change.removed.contains(&e.address));
                     for added in change.added {
                         let endpoint = endpoint_from_proto(added);
                         backend.endpoints.retain(|e| e.address != endpoint.address);
@@ -224,8 +245,14 @@ impl Controller {
     async fn watch_inbound(self: Arc<Self>, port: u16) {
         let mut backoff = self.backoff();
         loop {
-            let request = v1::InboundRequest { workload: self.options.workload.clone(), port: u32::from(port) };
-            match InboundClient::new(self.channel.clone()).watch(request).await {
+            let request = v1::InboundRequest {
+                workload: self.options.workload.clone(),
+                port: u32::from(port),
+            };
+            match InboundClient::new(self.channel.clone())
+                .watch(request)
+                .await
+            {
                 Ok(response) => {
                     let mut stream = response.into_inner();
                     while let Ok(Some(policy)) = stream.message().await {
@@ -240,7 +267,9 @@ impl Controller {
                     }
                     tracing::warn!("inbound policy watch ended; keeping the last policy");
                 }
-                Err(status) => tracing::warn!(%status, "controller unreachable; keeping the last inbound policy"),
+                Err(status) => {
+                    tracing::warn!(%status, "controller unreachable; keeping the last inbound policy")
+                }
             }
             if self.shared().is_none() {
                 return;
@@ -268,7 +297,10 @@ impl Resolve for Controller {
         };
         let wait = self.options.first_answer_wait;
         Box::pin(async move {
-            let _ = tokio::time::timeout(wait, async { rx.wait_for(|answered| *answered).await.is_ok() }).await;
+            let _ = tokio::time::timeout(wait, async {
+                rx.wait_for(|answered| *answered).await.is_ok()
+            })
+            .await;
         })
     }
 }
@@ -285,9 +317,17 @@ fn protocol_from_proto(p: i32) -> Option<config::Protocol> {
 
 fn workload_from_proto(w: Option<v1::WorkloadRef>) -> Option<config::Workload> {
     w.filter(|w| !w.name.is_empty()).map(|w| config::Workload {
-        kind: if w.kind.is_empty() { "deployment".into() } else { w.kind },
+        kind: if w.kind.is_empty() {
+            "deployment".into()
+        } else {
+            w.kind
+        },
         name: w.name,
-        namespace: if w.namespace.is_empty() { "default".into() } else { w.namespace },
+        namespace: if w.namespace.is_empty() {
+            "default".into()
+        } else {
+            w.namespace
+        },
     })
 }
 
@@ -326,7 +366,14 @@ pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::D
             .map(|r| config::Route {
                 name: r.name,
                 matches: r.matches.into_iter().map(match_from_proto).collect(),
-                backends: r.backends.into_iter().map(|b| config::WeightedRef { name: b.name, weight: b.weight }).collect(),
+                backends: r
+                    .backends
+                    .into_iter()
+                    .map(|b| config::WeightedRef {
+                        name: b.name,
+                        weight: b.weight,
+                    })
+                    .collect(),
                 ..Default::default()
             })
             .collect(),
@@ -348,7 +395,9 @@ pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::D
 /// Turn an inbound policy into the config model.
 pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
     config::InboundPolicy {
-        default_action: match v1::DefaultAction::try_from(p.default_action).unwrap_or(v1::DefaultAction::Unspecified) {
+        default_action: match v1::DefaultAction::try_from(p.default_action)
+            .unwrap_or(v1::DefaultAction::Unspecified)
+        {
             v1::DefaultAction::Allow => config::DefaultAction::Allow,
             v1::DefaultAction::Deny | v1::DefaultAction::Unspecified => config::DefaultAction::Deny,
         },
@@ -358,7 +407,11 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
             .map(|a| config::Authorization {
                 identities: a.identities,
                 // An out-of-range port becomes 0, which matches no listener: never widen a rule.
-                ports: a.ports.into_iter().map(|p| u16::try_from(p).unwrap_or(0)).collect(),
+                ports: a
+                    .ports
+                    .into_iter()
+                    .map(|p| u16::try_from(p).unwrap_or(0))
+                    .collect(),
                 routes: a.routes.into_iter().map(match_from_proto).collect(),
                 unauthenticated: a.unauthenticated,
             })

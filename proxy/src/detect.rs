@@ -42,7 +42,11 @@ pub fn detect(buf: &[u8]) -> Option<Detected> {
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
-        return if n == H2_PREFACE.len() { Some(Detected::Http2) } else { None };
+        return if n == H2_PREFACE.len() {
+            Some(Detected::Http2)
+        } else {
+            None
+        };
     }
     let method_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
     if method_len == 0 || method_len > MAX_METHOD {
@@ -62,7 +66,10 @@ pub fn detect(buf: &[u8]) -> Option<Detected> {
 
 /// Read until [`detect`] decides, the peer closes, or `timeout` passes (then opaque).
 /// Returns what was read, to be replayed.
-pub async fn read_prefix<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> io::Result<(Detected, Bytes)> {
+pub async fn read_prefix<R: AsyncRead + Unpin>(
+    io: &mut R,
+    timeout: Duration,
+) -> io::Result<(Detected, Bytes)> {
     let mut buf = BytesMut::with_capacity(MAX_DETECT_BYTES);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -77,7 +84,10 @@ pub async fn read_prefix<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) ->
         match tokio::time::timeout_at(deadline, io.read(&mut chunk[..room])).await {
             Err(_) => return Ok((Detected::Opaque, buf.freeze())),
             Ok(Ok(0)) if buf.is_empty() => {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before sending anything"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before sending anything",
+                ));
             }
             Ok(Ok(0)) => return Ok((Detected::Opaque, buf.freeze())),
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
@@ -101,7 +111,11 @@ impl<T> PrefixedIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for PrefixedIo<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
@@ -114,7 +128,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for PrefixedIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -147,10 +165,20 @@ mod tests {
         assert_eq!(detect(b"GET / HTTP/1.1\r\n"), Some(Detected::Http1));
         assert_eq!(detect(b"GET"), None);
         assert_eq!(detect(b"GET "), None);
-        assert_eq!(detect(b"CONNECT web.shop:443 HTTP/1.1"), Some(Detected::Http1));
-        assert_eq!(detect(b"GET http://web.shop/ HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(
+            detect(b"CONNECT web.shop:443 HTTP/1.1"),
+            Some(Detected::Http1)
+        );
+        assert_eq!(
+            detect(b"GET http://web.shop/ HTTP/1.1"),
+            Some(Detected::Http1)
+        );
         assert_eq!(detect(b"OPTIONS * HTTP/1.1"), Some(Detected::Http1));
-        assert_eq!(detect(b"\x16\x03\x01\x02\x00"), Some(Detected::Opaque), "TLS client hello");
+        assert_eq!(
+            detect(b"\x16\x03\x01\x02\x00"),
+            Some(Detected::Opaque),
+            "TLS client hello"
+        );
         assert_eq!(detect(b"get / HTTP/1.1"), Some(Detected::Opaque));
         assert_eq!(detect(b"GET\t/"), Some(Detected::Opaque));
         assert_eq!(detect(b"GET  /"), Some(Detected::Opaque));
@@ -163,12 +191,16 @@ mod tests {
     #[tokio::test]
     async fn silence_times_out_as_opaque_and_bytes_are_replayed() {
         let (mut client, mut server) = tokio::io::duplex(64);
-        let (d, prefix) = read_prefix(&mut server, Duration::from_millis(20)).await.unwrap();
+        let (d, prefix) = read_prefix(&mut server, Duration::from_millis(20))
+            .await
+            .unwrap();
         assert_eq!((d, prefix.len()), (Detected::Opaque, 0));
 
         use tokio::io::AsyncWriteExt;
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        let (d, prefix) = read_prefix(&mut server, Duration::from_secs(5)).await.unwrap();
+        let (d, prefix) = read_prefix(&mut server, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(d, Detected::Http1);
         let mut replay = PrefixedIo::new(prefix, server);
         let mut all = vec![0u8; 18];

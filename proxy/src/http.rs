@@ -49,7 +49,10 @@ impl Clients {
         connector.set_connect_timeout(Some(limits.connect_timeout()));
         connector.enforce_http(true);
         let mut builder = Client::builder(TokioExecutor::new());
-        builder.timer(TokioTimer::new()).pool_timer(TokioTimer::new()).pool_idle_timeout(Duration::from_secs(90));
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90));
         let http1 = builder.clone().build(connector.clone());
         let http2 = builder.http2_only(true).build(connector);
         Clients { http1, http2 }
@@ -102,8 +105,12 @@ impl Reason {
     pub fn status(self) -> StatusCode {
         match self {
             Reason::NoAuthority | Reason::InvalidAuthority => StatusCode::BAD_REQUEST,
-            Reason::UnknownDestination | Reason::ConnectFailed | Reason::UpstreamFailed => StatusCode::BAD_GATEWAY,
-            Reason::NoBackends | Reason::NoEndpoints | Reason::NoInbound => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::UnknownDestination | Reason::ConnectFailed | Reason::UpstreamFailed => {
+                StatusCode::BAD_GATEWAY
+            }
+            Reason::NoBackends | Reason::NoEndpoints | Reason::NoInbound => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::Forbidden => StatusCode::FORBIDDEN,
         }
@@ -129,7 +136,10 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Upstream { body, in_flight } => {
                 let polled = Pin::new(body).poll_frame(cx);
@@ -152,7 +162,9 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream { body, .. } => body.size_hint(),
-            ProxyBody::Local(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            ProxyBody::Local(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }
@@ -173,7 +185,11 @@ pub enum Side {
 }
 
 /// Handle one request.
-pub async fn handle(shared: Arc<Shared>, side: Arc<Side>, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    side: Arc<Side>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     Ok(match &*side {
         Side::Outbound { fixed } => outbound(&shared, fixed.as_deref(), req, started).await,
@@ -182,10 +198,16 @@ pub async fn handle(shared: Arc<Shared>, side: Arc<Side>, req: Request<Incoming>
 }
 
 fn local(reason: Reason, detail: &str) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::Local(Some(Bytes::from(format!("trellis-proxy: {detail}\n")))));
+    let mut resp = Response::new(ProxyBody::Local(Some(Bytes::from(format!(
+        "trellis-proxy: {detail}\n"
+    )))));
     *resp.status_mut() = reason.status();
-    resp.headers_mut().insert(ERROR_HEADER, HeaderValue::from_static(reason.as_str()));
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut()
+        .insert(ERROR_HEADER, HeaderValue::from_static(reason.as_str()));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
@@ -195,7 +217,11 @@ enum Miss {
     Unknown(String),
 }
 
-fn find(shared: &Shared, fixed: Option<&str>, req: &Request<Incoming>) -> Result<Arc<DestinationTable>, Miss> {
+fn find(
+    shared: &Shared,
+    fixed: Option<&str>,
+    req: &Request<Incoming>,
+) -> Result<Arc<DestinationTable>, Miss> {
     let target = match fixed {
         Some(f) => f,
         None => match req.uri().authority() {
@@ -214,7 +240,12 @@ fn find(shared: &Shared, fixed: Option<&str>, req: &Request<Incoming>) -> Result
     }
 }
 
-async fn outbound(shared: &Shared, fixed: Option<&str>, mut req: Request<Incoming>, started: Instant) -> Response<ProxyBody> {
+async fn outbound(
+    shared: &Shared,
+    fixed: Option<&str>,
+    mut req: Request<Incoming>,
+    started: Instant,
+) -> Response<ProxyBody> {
     let dest = match find(shared, fixed, &req) {
         Ok(d) => d,
         Err(Miss::Unknown(key)) if shared.resolver.is_some() => {
@@ -226,9 +257,15 @@ async fn outbound(shared: &Shared, fixed: Option<&str>, mut req: Request<Incomin
                 Err(_) => return outbound_error(shared, Reason::UnknownDestination, &key, started),
             }
         }
-        Err(Miss::Unknown(key)) => return outbound_error(shared, Reason::UnknownDestination, &key, started),
-        Err(Miss::Invalid(e)) => return outbound_error(shared, Reason::InvalidAuthority, &e, started),
-        Err(Miss::NoAuthority) => return outbound_error(shared, Reason::NoAuthority, "no Host header", started),
+        Err(Miss::Unknown(key)) => {
+            return outbound_error(shared, Reason::UnknownDestination, &key, started);
+        }
+        Err(Miss::Invalid(e)) => {
+            return outbound_error(shared, Reason::InvalidAuthority, &e, started);
+        }
+        Err(Miss::NoAuthority) => {
+            return outbound_error(shared, Reason::NoAuthority, "no Host header", started);
+        }
     };
     let decision = dest.route(req.method(), req.uri().path(), req.headers());
     let route = decision.route.clone();
@@ -236,28 +273,63 @@ async fn outbound(shared: &Shared, fixed: Option<&str>, mut req: Request<Incomin
         return dest_error(shared, &dest, None, route, Reason::NoBackends, started);
     };
     let Some(endpoint) = backend.pick() else {
-        return dest_error(shared, &dest, Some(backend), route, Reason::NoEndpoints, started);
+        return dest_error(
+            shared,
+            &dest,
+            Some(backend),
+            route,
+            Reason::NoEndpoints,
+            started,
+        );
     };
-    let http2 = endpoint.http2 || (req.version() == Version::HTTP_2 && dest.protocol != Protocol::Tcp);
+    let http2 =
+        endpoint.http2 || (req.version() == Version::HTTP_2 && dest.protocol != Protocol::Tcp);
     let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
     let req = match rewrite(req, endpoint.authority.clone(), http2, upgrade.is_some()) {
         Ok(r) => r,
-        Err(e) => return dest_error(shared, &dest, Some(backend), route, Reason::UpstreamFailed, started).tap_log(&e),
+        Err(e) => {
+            return dest_error(
+                shared,
+                &dest,
+                Some(backend),
+                route,
+                Reason::UpstreamFailed,
+                started,
+            )
+            .tap_log(&e);
+        }
     };
     let in_flight = endpoint.stats.start();
-    let client = if http2 { &shared.clients.http2 } else { &shared.clients.http1 };
+    let client = if http2 {
+        &shared.clients.http2
+    } else {
+        &shared.clients.http1
+    };
     let sent = client.request(req);
     let result = match dest.request_timeout {
         Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r,
-            Err(_) => return dest_error(shared, &dest, Some(backend), route, Reason::Timeout, started),
+            Err(_) => {
+                return dest_error(
+                    shared,
+                    &dest,
+                    Some(backend),
+                    route,
+                    Reason::Timeout,
+                    started,
+                );
+            }
         },
         None => sent.await,
     };
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
-            let reason = if e.is_connect() { Reason::ConnectFailed } else { Reason::UpstreamFailed };
+            let reason = if e.is_connect() {
+                Reason::ConnectFailed
+            } else {
+                Reason::UpstreamFailed
+            };
             tracing::debug!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "upstream request failed");
             return dest_error(shared, &dest, Some(backend), route, reason, started);
         }
@@ -281,7 +353,10 @@ async fn outbound(shared: &Shared, fixed: Option<&str>, mut req: Request<Incomin
         },
         started.elapsed().as_secs_f64() * 1000.0,
     );
-    resp.map(|body| ProxyBody::Upstream { body, in_flight: Some(in_flight) })
+    resp.map(|body| ProxyBody::Upstream {
+        body,
+        in_flight: Some(in_flight),
+    })
 }
 
 trait TapLog {
@@ -307,7 +382,12 @@ fn label_empty() -> Label {
     L.clone()
 }
 
-fn outbound_error(shared: &Shared, reason: Reason, detail: &str, started: Instant) -> Response<ProxyBody> {
+fn outbound_error(
+    shared: &Shared,
+    reason: Reason,
+    detail: &str,
+    started: Instant,
+) -> Response<ProxyBody> {
     let unknown = Label::from("unknown");
     shared.metrics.request(
         &RequestLabels {
@@ -342,7 +422,12 @@ fn dest_error(
     started: Instant,
 ) -> Response<ProxyBody> {
     let (ns, kind, name, bname) = match backend {
-        Some(b) => (b.workload.namespace.clone(), b.workload.kind.clone(), b.workload.name.clone(), b.name.clone()),
+        Some(b) => (
+            b.workload.namespace.clone(),
+            b.workload.kind.clone(),
+            b.workload.name.clone(),
+            b.name.clone(),
+        ),
         None => (label_empty(), label_empty(), label_empty(), label_empty()),
     };
     shared.metrics.request(
@@ -364,15 +449,28 @@ fn dest_error(
     );
     let detail = match reason {
         Reason::NoBackends => format!("destination {} has no backend with weight > 0", dest.key),
-        Reason::NoEndpoints => format!("backend {} of {} has no endpoints", bname.as_str(), dest.key),
-        Reason::ConnectFailed => format!("could not connect to backend {} of {}", bname.as_str(), dest.key),
+        Reason::NoEndpoints => format!(
+            "backend {} of {} has no endpoints",
+            bname.as_str(),
+            dest.key
+        ),
+        Reason::ConnectFailed => format!(
+            "could not connect to backend {} of {}",
+            bname.as_str(),
+            dest.key
+        ),
         Reason::Timeout => format!("{} did not answer in time", dest.key),
         _ => format!("backend {} of {} failed", bname.as_str(), dest.key),
     };
     local(reason, &detail)
 }
 
-async fn inbound(shared: &Shared, caller: &Caller, mut req: Request<Incoming>, started: Instant) -> Response<ProxyBody> {
+async fn inbound(
+    shared: &Shared,
+    caller: &Caller,
+    mut req: Request<Incoming>,
+    started: Instant,
+) -> Response<ProxyBody> {
     let Some(policy) = shared.table.load().inbound.clone() else {
         return local(Reason::NoInbound, "no inbound listener is configured");
     };
@@ -390,10 +488,20 @@ async fn inbound(shared: &Shared, caller: &Caller, mut req: Request<Incoming>, s
         response_code: code,
         error,
     };
-    let info = RequestInfo { method: req.method(), path: req.uri().path(), headers: req.headers() };
+    let info = RequestInfo {
+        method: req.method(),
+        path: req.uri().path(),
+        headers: req.headers(),
+    };
     if shared.authorizer.authorize_request(&policy, caller, info) == Verdict::Deny {
-        shared.metrics.request(&labels(403, Label::from(Reason::Forbidden.as_str())), elapsed_ms(started));
-        return local(Reason::Forbidden, "the inbound policy does not allow this request");
+        shared.metrics.request(
+            &labels(403, Label::from(Reason::Forbidden.as_str())),
+            elapsed_ms(started),
+        );
+        return local(
+            Reason::Forbidden,
+            "the inbound policy does not allow this request",
+        );
     }
     let http2 = policy.protocol == Protocol::Http2 || req.version() == Version::HTTP_2;
     let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
@@ -401,16 +509,33 @@ async fn inbound(shared: &Shared, caller: &Caller, mut req: Request<Incoming>, s
         Ok(r) => r,
         Err(e) => return local(Reason::UpstreamFailed, "bad request").tap_log(&e),
     };
-    let client = if http2 { &shared.clients.http2 } else { &shared.clients.http1 };
+    let client = if http2 {
+        &shared.clients.http2
+    } else {
+        &shared.clients.http1
+    };
     match client.request(req).await {
         Ok(mut resp) => {
             finish_response(&mut resp, upgrade);
-            shared.metrics.request(&labels(resp.status().as_u16(), label_empty()), elapsed_ms(started));
-            resp.map(|body| ProxyBody::Upstream { body, in_flight: None })
+            shared.metrics.request(
+                &labels(resp.status().as_u16(), label_empty()),
+                elapsed_ms(started),
+            );
+            resp.map(|body| ProxyBody::Upstream {
+                body,
+                in_flight: None,
+            })
         }
         Err(e) => {
-            let reason = if e.is_connect() { Reason::ConnectFailed } else { Reason::UpstreamFailed };
-            shared.metrics.request(&labels(reason.status().as_u16(), Label::from(reason.as_str())), elapsed_ms(started));
+            let reason = if e.is_connect() {
+                Reason::ConnectFailed
+            } else {
+                Reason::UpstreamFailed
+            };
+            shared.metrics.request(
+                &labels(reason.status().as_u16(), Label::from(reason.as_str())),
+                elapsed_ms(started),
+            );
             local(reason, "the local application failed")
         }
     }
@@ -423,11 +548,12 @@ fn elapsed_ms(started: Instant) -> f64 {
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(UPGRADE)
-        && req
-            .headers()
-            .get_all(CONNECTION)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+        && req.headers().get_all(CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
 }
 
 /// Point the request at `authority`, in the HTTP version the upstream speaks.
@@ -445,9 +571,21 @@ fn rewrite(
         // h2 clients name the authority in `:authority` only; keep it visible to HTTP/1 apps.
         parts.headers.insert(HOST, v);
     }
-    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    parts.uri = Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(path).build()?;
-    parts.version = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    parts.uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path)
+        .build()?;
+    parts.version = if http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     strip_hop_by_hop(&mut parts.headers, upgrading);
     Ok(Request::from_parts(parts, body))
 }
@@ -479,7 +617,11 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 /// Remove hop-by-hop headers (RFC 9110 7.6.1); `upgrading` keeps `Connection: upgrade` and
 /// `Upgrade`. `TE: trailers` stays (gRPC needs it).
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
-    if let Some(listed) = headers.get(CONNECTION).and_then(|v| v.to_str().ok()).map(str::to_owned) {
+    if let Some(listed) = headers
+        .get(CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    {
         for name in listed.split(',').map(str::trim) {
             if upgrading && name.eq_ignore_ascii_case("upgrade") {
                 continue;
@@ -531,7 +673,10 @@ mod tests {
     #[test]
     fn reasons_have_statuses() {
         assert_eq!(Reason::UnknownDestination.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(Reason::NoEndpoints.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            Reason::NoEndpoints.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(Reason::Forbidden.as_str(), "forbidden");
     }
 }

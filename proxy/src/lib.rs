@@ -64,7 +64,12 @@ pub struct ProxyOptions {
 impl ProxyOptions {
     /// Options for a static configuration.
     pub fn new(config: Config) -> Self {
-        ProxyOptions { config, registry: Registry::default(), authorizer: Arc::new(PolicyAuthorizer), resolver: None }
+        ProxyOptions {
+            config,
+            registry: Registry::default(),
+            authorizer: Arc::new(PolicyAuthorizer),
+            resolver: None,
+        }
     }
 }
 
@@ -89,11 +94,17 @@ pub struct RunningProxy {
 /// Bind every listener of `options.config` and start serving.
 pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
     use anyhow::Context as _;
-    let ProxyOptions { config, mut registry, authorizer, resolver } = options;
+    let ProxyOptions {
+        config,
+        mut registry,
+        authorizer,
+        resolver,
+    } = options;
     let metrics = metrics::Metrics::register(&mut registry, config.workload.as_ref());
     let limits = config.limits.clone();
     let stats = StatsRegistry::default();
-    let table = RoutingTable::compile(Arc::new(config.clone()), &stats).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let table = RoutingTable::compile(Arc::new(config.clone()), &stats)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(table),
         stats,
@@ -108,7 +119,9 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let connections = Arc::new(Connections::default());
     let mut tasks = Vec::new();
     let bind = |addr: SocketAddr, what: &'static str| async move {
-        TcpListener::bind(addr).await.with_context(|| format!("binding the {what} listener on {addr}"))
+        TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the {what} listener on {addr}"))
     };
     let mut spawn_listener = |listener: TcpListener, kind: ListenerKind| {
         tasks.push(tokio::spawn(server::accept_loop(
@@ -131,7 +144,10 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         ports.push(l.local_addr()?);
         spawn_listener(
             l,
-            ListenerKind::OutboundPort { destination: Arc::from(port.destination.as_str()), protocol: port.protocol },
+            ListenerKind::OutboundPort {
+                destination: Arc::from(port.destination.as_str()),
+                protocol: port.protocol,
+            },
         );
     }
     let mut inbound = None;
@@ -144,9 +160,23 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
     if let Some(addr) = config.admin {
         let l = bind(addr, "admin").await?;
         admin = Some(l.local_addr()?);
-        tasks.push(tokio::spawn(admin::serve(l, Arc::clone(&shared), Arc::new(registry), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(admin::serve(
+            l,
+            Arc::clone(&shared),
+            Arc::new(registry),
+            shutdown_rx.clone(),
+        )));
     }
-    Ok(RunningProxy { shared, admin, http: running_http, ports, inbound, connections, shutdown, tasks })
+    Ok(RunningProxy {
+        shared,
+        admin,
+        http: running_http,
+        ports,
+        inbound,
+        connections,
+        shutdown,
+        tasks,
+    })
 }
 
 impl RunningProxy {
@@ -163,7 +193,9 @@ impl RunningProxy {
     /// Stop accepting, let in-flight requests finish (at most `bound`), then stop.
     /// Returns the number of connections still open when the bound passed.
     pub async fn drain(self, bound: Duration) -> usize {
-        self.shared.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.shutdown.send(true);
         let left = self.connections.wait_idle(bound).await;
         for t in &self.tasks {

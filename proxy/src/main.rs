@@ -60,30 +60,52 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn split_pair(flag: &str, value: &str) -> anyhow::Result<(SocketAddr, String)> {
-    let (listen, rest) = value.split_once('=').with_context(|| format!("{flag} {value:?}: expected LISTEN=VALUE"))?;
-    let listen = listen.parse().with_context(|| format!("{flag} {value:?}: {listen:?} is not ip:port"))?;
+    let (listen, rest) = value
+        .split_once('=')
+        .with_context(|| format!("{flag} {value:?}: expected LISTEN=VALUE"))?;
+    let listen = listen
+        .parse()
+        .with_context(|| format!("{flag} {value:?}: {listen:?} is not ip:port"))?;
     Ok((listen, rest.to_string()))
 }
 
 fn controller_base(cli: &Cli) -> anyhow::Result<Config> {
-    let workload = cli.workload.as_deref().context("--workload NAMESPACE/NAME is required with --controller")?;
+    let workload = cli
+        .workload
+        .as_deref()
+        .context("--workload NAMESPACE/NAME is required with --controller")?;
     let Some((namespace, name)) = workload.split_once('/') else {
         bail!("--workload {workload:?}: expected NAMESPACE/NAME");
     };
     let mut config = Config {
         admin: Some(cli.admin),
-        workload: Some(Workload { kind: cli.workload_kind.clone(), name: name.into(), namespace: namespace.into() }),
+        workload: Some(Workload {
+            kind: cli.workload_kind.clone(),
+            name: name.into(),
+            namespace: namespace.into(),
+        }),
         ..Config::default()
     };
     config.outbound.http = cli.outbound_http;
     for p in &cli.ports {
         let (listen, destination) = split_pair("--port", p)?;
-        config.outbound.ports.push(PortForward { listen, destination, protocol: None });
+        config.outbound.ports.push(PortForward {
+            listen,
+            destination,
+            protocol: None,
+        });
     }
     if let Some(i) = &cli.inbound {
         let (listen, app) = split_pair("--inbound", i)?;
-        let app = app.parse().with_context(|| format!("--inbound {i:?}: {app:?} is not ip:port"))?;
-        config.inbound = Some(Inbound { listen, app, protocol: Default::default(), policy: Default::default() });
+        let app = app
+            .parse()
+            .with_context(|| format!("--inbound {i:?}: {app:?} is not ip:port"))?;
+        config.inbound = Some(Inbound {
+            listen,
+            app,
+            protocol: Default::default(),
+            policy: Default::default(),
+        });
     }
     Ok(config)
 }
@@ -101,11 +123,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         controller.attach(&proxy.shared, proxy.inbound.map(|a| a.port()));
         (proxy, drain)
     } else {
-        let path = cli.config.clone().context("either --config FILE or --controller URL --workload NS/NAME is required")?;
+        let path = cli
+            .config
+            .clone()
+            .context("either --config FILE or --controller URL --workload NS/NAME is required")?;
         let config = Config::load(&path)?;
         let drain = config.limits.drain_timeout();
         let proxy = trellis_proxy::start(ProxyOptions::new(config)).await?;
-        tokio::spawn(reload::watch_file(proxy.shared.clone(), path, proxy.shutdown_signal()));
+        tokio::spawn(reload::watch_file(
+            proxy.shared.clone(),
+            path,
+            proxy.shutdown_signal(),
+        ));
         (proxy, drain)
     };
     tracing::info!(admin = ?proxy.admin, http = ?proxy.http, ports = ?proxy.ports, inbound = ?proxy.inbound, "trellis-proxy started");

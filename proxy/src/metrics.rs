@@ -25,8 +25,9 @@ use prometheus_client::registry::Registry;
 use crate::config::Workload;
 
 /// Latency buckets in milliseconds.
-pub const LATENCY_BUCKETS_MS: [f64; 14] =
-    [1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0];
+pub const LATENCY_BUCKETS_MS: [f64; 14] = [
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+];
 
 /// A cheaply clonable label value.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -132,23 +133,45 @@ impl Metrics {
         let durations = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let tcp = Family::default();
         let updates = Family::default();
-        registry.register("trellis_request", "HTTP requests handled, by destination and response code", requests.clone());
+        registry.register(
+            "trellis_request",
+            "HTTP requests handled, by destination and response code",
+            requests.clone(),
+        );
         registry.register(
             "trellis_request_duration_ms",
             "Time from request arrival to response headers, milliseconds",
             durations.clone(),
         );
-        registry.register("trellis_tcp_connections", "Opaque TCP connections forwarded", tcp.clone());
-        registry.register("trellis_config_updates", "Configuration updates applied or rejected", updates.clone());
+        registry.register(
+            "trellis_tcp_connections",
+            "Opaque TCP connections forwarded",
+            tcp.clone(),
+        );
+        registry.register(
+            "trellis_config_updates",
+            "Configuration updates applied or rejected",
+            updates.clone(),
+        );
         let source = match workload {
             Some(w) => SourceLabels {
                 namespace: Label::from(w.namespace.as_str()),
                 kind: Label::from(w.kind.as_str()),
                 workload: Label::from(w.name.as_str()),
             },
-            None => SourceLabels { namespace: Label::from(""), kind: Label::from(""), workload: Label::from("") },
+            None => SourceLabels {
+                namespace: Label::from(""),
+                kind: Label::from(""),
+                workload: Label::from(""),
+            },
         };
-        Metrics { requests, durations, tcp, updates, source }
+        Metrics {
+            requests,
+            durations,
+            tcp,
+            updates,
+            source,
+        }
     }
 
     /// Count one finished request.
@@ -165,7 +188,9 @@ impl Metrics {
     /// Count one configuration update.
     pub fn update(&self, source: &'static str, applied: bool) {
         let result = if applied { "applied" } else { "rejected" };
-        self.updates.get_or_create(&UpdateLabels { source, result }).inc();
+        self.updates
+            .get_or_create(&UpdateLabels { source, result })
+            .inc();
     }
 }
 

@@ -2,7 +2,7 @@
 //! and works on every filesystem, including ConfigMap symlink swaps). A bad edit is logged with
 //! its file and line and the running configuration stays.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,13 +15,13 @@ use crate::state::Shared;
 /// How often the file's metadata is checked.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
 }
 
 /// Try to load and apply the file now. Returns whether the new config is in force.
-pub fn reload_now(shared: &Shared, path: &PathBuf) -> bool {
+pub fn reload_now(shared: &Shared, path: &Path) -> bool {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -31,7 +31,10 @@ pub fn reload_now(shared: &Shared, path: &PathBuf) -> bool {
         }
     };
     let running = shared.table.load().config.clone();
-    if config.admin != running.admin || config.outbound != running.outbound || listeners_differ(&config, &running) {
+    if config.admin != running.admin
+        || config.outbound != running.outbound
+        || listeners_differ(&config, &running)
+    {
         tracing::warn!("listener addresses changed in the file; they take effect on restart");
     }
     match shared.apply(config) {

@@ -129,7 +129,10 @@ async fn serve_connection(
     let limits = shared.limits.clone();
     let (protocol, side) = match &kind {
         ListenerKind::OutboundHttp => (Protocol::Http, Side::Outbound { fixed: None }),
-        ListenerKind::OutboundPort { destination, protocol } => {
+        ListenerKind::OutboundPort {
+            destination,
+            protocol,
+        } => {
             let protocol = protocol.unwrap_or_else(|| {
                 let table = shared.table.load();
                 match table.lookup(destination) {
@@ -137,11 +140,22 @@ async fn serve_connection(
                     _ => Protocol::Detect,
                 }
             });
-            (protocol, Side::Outbound { fixed: Some(Arc::clone(destination)) })
+            (
+                protocol,
+                Side::Outbound {
+                    fixed: Some(Arc::clone(destination)),
+                },
+            )
         }
         ListenerKind::Inbound => {
-            let Some(policy) = shared.table.load().inbound.clone() else { return };
-            let caller = Caller { peer, identity: None, port: local_port };
+            let Some(policy) = shared.table.load().inbound.clone() else {
+                return;
+            };
+            let caller = Caller {
+                peer,
+                identity: None,
+                port: local_port,
+            };
             if policy.protocol == Protocol::Tcp
                 && shared.authorizer.authorize_connection(&policy, &caller) == Verdict::Deny
             {
@@ -154,7 +168,11 @@ async fn serve_connection(
     if protocol == Protocol::Tcp {
         return forward_tcp(stream, &kind, &side, shared).await;
     }
-    let timeout = if protocol == Protocol::Detect { limits.detect_timeout() } else { limits.header_read_timeout() };
+    let timeout = if protocol == Protocol::Detect {
+        limits.detect_timeout()
+    } else {
+        limits.header_read_timeout()
+    };
     let (detected, prefix) = match read_prefix(&mut stream, timeout).await {
         Ok(d) => d,
         Err(e) => {
@@ -167,7 +185,9 @@ async fn serve_connection(
         Detected::Http2 => serve_http2(io, side, shared, &limits, shutdown).await,
         Detected::Opaque if protocol == Protocol::Detect => {
             if let Side::Inbound { caller } = &side {
-                let Some(policy) = shared.table.load().inbound.clone() else { return };
+                let Some(policy) = shared.table.load().inbound.clone() else {
+                    return;
+                };
                 if shared.authorizer.authorize_connection(&policy, caller) == Verdict::Deny {
                     tracing::debug!(%peer, "inbound opaque connection denied");
                     return;
@@ -180,13 +200,20 @@ async fn serve_connection(
     }
 }
 
-async fn forward_tcp<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, kind: &ListenerKind, side: &Side, shared: Arc<Shared>) {
+async fn forward_tcp<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: IO,
+    kind: &ListenerKind,
+    side: &Side,
+    shared: Arc<Shared>,
+) {
     match (kind, side) {
         (ListenerKind::OutboundPort { destination, .. }, _) => {
             crate::tcp::forward_outbound(shared, destination, io).await
         }
         (ListenerKind::Inbound, _) => {
-            let Some(policy) = shared.table.load().inbound.clone() else { return };
+            let Some(policy) = shared.table.load().inbound.clone() else {
+                return;
+            };
             crate::tcp::forward_inbound(shared, policy.app, io).await
         }
         (ListenerKind::OutboundHttp, _) => {}
@@ -194,8 +221,13 @@ async fn forward_tcp<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, kind: &Listener
 }
 
 /// Serve HTTP/1.1 on `io` with the proxy's limits (exposed for the fuzz target).
-pub async fn serve_http1<IO>(io: IO, side: Side, shared: Arc<Shared>, limits: &Limits, mut shutdown: watch::Receiver<bool>)
-where
+pub async fn serve_http1<IO>(
+    io: IO,
+    side: Side,
+    shared: Arc<Shared>,
+    limits: &Limits,
+    mut shutdown: watch::Receiver<bool>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let side = Arc::new(side);
@@ -208,7 +240,9 @@ where
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_header_size(limits.max_header_bytes)
         .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(io), service).with_upgrades();
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => log_conn_end(result),
@@ -220,8 +254,13 @@ where
 }
 
 /// Serve HTTP/2 (prior knowledge) on `io` with the proxy's limits.
-pub async fn serve_http2<IO>(io: IO, side: Side, shared: Arc<Shared>, limits: &Limits, mut shutdown: watch::Receiver<bool>)
-where
+pub async fn serve_http2<IO>(
+    io: IO,
+    side: Side,
+    shared: Arc<Shared>,
+    limits: &Limits,
+    mut shutdown: watch::Receiver<bool>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let side = Arc::new(side);

@@ -68,7 +68,11 @@ pub enum Lookup<'a> {
 impl RoutingTable {
     /// An empty table (nothing routable yet).
     pub fn empty() -> Self {
-        RoutingTable { config: Arc::new(Config::default()), destinations: HashMap::new(), inbound: None }
+        RoutingTable {
+            config: Arc::new(Config::default()),
+            destinations: HashMap::new(),
+            inbound: None,
+        }
     }
 
     /// Compile `config`; statistics of endpoints already known are kept.
@@ -90,7 +94,11 @@ impl RoutingTable {
             Some(inbound) => Some(Arc::new(InboundTable::compile(inbound)?)),
             None => None,
         };
-        Ok(RoutingTable { config, destinations, inbound })
+        Ok(RoutingTable {
+            config,
+            destinations,
+            inbound,
+        })
     }
 
     /// Check a file configuration without keeping the result.
@@ -101,7 +109,10 @@ impl RoutingTable {
                 return Err(invalid(
                     format!("outbound.ports[{i}].destination"),
                     &port.destination,
-                    format!("{:?} is not one of the configured destinations", port.destination),
+                    format!(
+                        "{:?} is not one of the configured destinations",
+                        port.destination
+                    ),
                 ));
             }
         }
@@ -142,7 +153,11 @@ impl RoutingTable {
 }
 
 fn invalid(field: String, value: &str, message: String) -> Invalid {
-    Invalid { field, value: value.to_string(), message }
+    Invalid {
+        field,
+        value: value.to_string(),
+        message,
+    }
 }
 
 /// A compiled destination.
@@ -181,31 +196,49 @@ impl DestinationTable {
         let key = authority::normalize(&d.authority)
             .map_err(|e| invalid(format!("{field}.authority"), &d.authority, e.to_string()))?
             .key();
-        let namespace = key.split_once('.').map_or("default", |(_, ns)| ns).to_string();
+        let namespace = key
+            .split_once('.')
+            .map_or("default", |(_, ns)| ns)
+            .to_string();
         let mut backends = Vec::with_capacity(d.backends.len());
         let mut index = HashMap::new();
         for (i, b) in d.backends.iter().enumerate() {
             let bfield = format!("{field}.backends[{i}]");
             if index.insert(b.name.as_str(), i).is_some() {
-                return Err(invalid(format!("{bfield}.name"), &b.name, format!("backend {:?} is listed twice", b.name)));
+                return Err(invalid(
+                    format!("{bfield}.name"),
+                    &b.name,
+                    format!("backend {:?} is listed twice", b.name),
+                ));
             }
-            let workload = b.workload.clone().or_else(|| d.workload.clone()).unwrap_or_else(|| config::Workload {
-                kind: "service".into(),
-                name: b.name.clone(),
-                namespace: namespace.clone(),
-            });
+            let workload = b
+                .workload
+                .clone()
+                .or_else(|| d.workload.clone())
+                .unwrap_or_else(|| config::Workload {
+                    kind: "service".into(),
+                    name: b.name.clone(),
+                    namespace: namespace.clone(),
+                });
             backends.push(BackendTable::compile(b, &bfield, d, &workload, stats)?);
         }
         let split = Split::new(d.backends.iter().enumerate().map(|(i, b)| (i, b.weight)));
         let mut routes = Vec::with_capacity(d.routes.len());
         for (i, r) in d.routes.iter().enumerate() {
-            routes.push(RouteTable::compile(r, &format!("{field}.routes[{i}]"), &index)?);
+            routes.push(RouteTable::compile(
+                r,
+                &format!("{field}.routes[{i}]"),
+                &index,
+            )?);
         }
         Ok(DestinationTable {
             label: Label::from(key.as_str()),
             key,
             protocol: d.protocol,
-            request_timeout: d.request_timeout_ms.filter(|ms| *ms > 0).map(Duration::from_millis),
+            request_timeout: d
+                .request_timeout_ms
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
             backends,
             routes,
             split,
@@ -214,14 +247,26 @@ impl DestinationTable {
 
     /// Route one request: the first matching route's split, else the default split.
     pub fn route(&self, method: &Method, path: &str, headers: &HeaderMap) -> Decision<'_> {
-        static DEFAULT_ROUTE: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label::from(""));
+        static DEFAULT_ROUTE: std::sync::LazyLock<Label> =
+            std::sync::LazyLock::new(|| Label::from(""));
         for route in &self.routes {
-            if route.matches.is_empty() || route.matches.iter().any(|m| m.matches(method, path, headers)) {
+            if route.matches.is_empty()
+                || route
+                    .matches
+                    .iter()
+                    .any(|m| m.matches(method, path, headers))
+            {
                 let split = route.split.as_ref().unwrap_or(&self.split);
-                return Decision { route: &route.name, backend: split.next().map(|i| &self.backends[i]) };
+                return Decision {
+                    route: &route.name,
+                    backend: split.next().map(|i| &self.backends[i]),
+                };
             }
         }
-        Decision { route: &DEFAULT_ROUTE, backend: self.split.next().map(|i| &self.backends[i]) }
+        Decision {
+            route: &DEFAULT_ROUTE,
+            backend: self.split.next().map(|i| &self.backends[i]),
+        }
     }
 
     /// Pick a backend for a new TCP connection (routes do not apply).
@@ -241,13 +286,18 @@ struct Split {
 
 impl Split {
     fn new(weights: impl Iterator<Item = (usize, u32)>) -> Self {
-        let mut weights: Vec<(usize, u64)> = weights.filter(|(_, w)| *w > 0).map(|(i, w)| (i, u64::from(w))).collect();
+        let mut weights: Vec<(usize, u64)> = weights
+            .filter(|(_, w)| *w > 0)
+            .map(|(i, w)| (i, u64::from(w)))
+            .collect();
         let g = weights.iter().fold(0, |g, (_, w)| gcd(g, *w)).max(1);
         weights.iter_mut().for_each(|(_, w)| *w /= g);
         let total: u64 = weights.iter().map(|(_, w)| w).sum();
         if total > MAX_SCHEDULE {
             // Keep proportions at 1/MAX_SCHEDULE resolution; every positive weight keeps a slot.
-            weights.iter_mut().for_each(|(_, w)| *w = (*w * MAX_SCHEDULE / total).max(1));
+            weights
+                .iter_mut()
+                .for_each(|(_, w)| *w = (*w * MAX_SCHEDULE / total).max(1));
         }
         // Smooth weighted round robin (nginx): spreads each backend evenly over the cycle.
         let total: i64 = weights.iter().map(|(_, w)| *w as i64).sum();
@@ -264,7 +314,10 @@ impl Split {
             current[best] -= total;
             schedule.push(weights[best].0 as u16);
         }
-        Split { schedule: schedule.into_boxed_slice(), next: AtomicUsize::new(fastrand::usize(..1 << 16)) }
+        Split {
+            schedule: schedule.into_boxed_slice(),
+            next: AtomicUsize::new(fastrand::usize(..1 << 16)),
+        }
     }
 
     fn next(&self) -> Option<usize> {
@@ -288,11 +341,18 @@ struct RouteTable {
 }
 
 impl RouteTable {
-    fn compile(r: &config::Route, field: &str, backends: &HashMap<&str, usize>) -> Result<Self, Invalid> {
+    fn compile(
+        r: &config::Route,
+        field: &str,
+        backends: &HashMap<&str, usize>,
+    ) -> Result<Self, Invalid> {
         let mut matches = Vec::new();
         if r.path_regex.is_some() || !r.methods.is_empty() || !r.headers.is_empty() {
-            let shorthand =
-                HttpMatch { path_regex: r.path_regex.clone(), methods: r.methods.clone(), headers: r.headers.clone() };
+            let shorthand = HttpMatch {
+                path_regex: r.path_regex.clone(),
+                methods: r.methods.clone(),
+                headers: r.headers.clone(),
+            };
             matches.push(Matcher::compile(&shorthand, field)?);
         }
         for (i, m) in r.matches.iter().enumerate() {
@@ -307,14 +367,21 @@ impl RouteTable {
                     return Err(invalid(
                         format!("{field}.backends[{i}]"),
                         &b.name,
-                        format!("backend {:?} is not one of the destination's backends", b.name),
+                        format!(
+                            "backend {:?} is not one of the destination's backends",
+                            b.name
+                        ),
                     ));
                 };
                 weights.push((index, b.weight));
             }
             Some(Split::new(weights.into_iter()))
         };
-        Ok(RouteTable { name: Label::from(r.name.as_str()), matches, split })
+        Ok(RouteTable {
+            name: Label::from(r.name.as_str()),
+            matches,
+            split,
+        })
     }
 }
 
@@ -338,9 +405,14 @@ impl Matcher {
         } else {
             let mut methods = Vec::with_capacity(m.methods.len());
             for (i, name) in m.methods.iter().enumerate() {
-                let method = Method::from_bytes(name.to_ascii_uppercase().as_bytes()).map_err(|_| {
-                    invalid(format!("{field}.methods[{i}]"), name, format!("{name:?} is not an HTTP method"))
-                })?;
+                let method =
+                    Method::from_bytes(name.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                        invalid(
+                            format!("{field}.methods[{i}]"),
+                            name,
+                            format!("{name:?} is not an HTTP method"),
+                        )
+                    })?;
                 methods.push(method);
             }
             Some(methods)
@@ -348,11 +420,21 @@ impl Matcher {
         let mut headers = Vec::with_capacity(m.headers.len());
         for (name, re) in &m.headers {
             let hfield = format!("{field}.headers.{name}");
-            let header = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
-                .map_err(|_| invalid(hfield.clone(), name, format!("{name:?} is not a header name")))?;
+            let header =
+                HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    invalid(
+                        hfield.clone(),
+                        name,
+                        format!("{name:?} is not a header name"),
+                    )
+                })?;
             headers.push((header, compile_regex(re, &hfield)?));
         }
-        Ok(Matcher { path, methods, headers })
+        Ok(Matcher {
+            path,
+            methods,
+            headers,
+        })
     }
 
     /// Whether a request matches.
@@ -368,7 +450,10 @@ impl Matcher {
             return false;
         }
         self.headers.iter().all(|(name, re)| {
-            headers.get_all(name).iter().any(|v| v.to_str().is_ok_and(|v| re.is_match(v)))
+            headers
+                .get_all(name)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| re.is_match(v)))
         })
     }
 }
@@ -425,12 +510,19 @@ impl BackendTable {
         let mut endpoints = Vec::with_capacity(b.endpoints.len());
         for (i, e) in b.endpoints.iter().enumerate() {
             let efield = format!("{field}.endpoints[{i}].address");
-            let authority: http::uri::Authority = e
-                .address
-                .parse()
-                .map_err(|err| invalid(efield.clone(), &e.address, format!("{:?} is not host:port: {err}", e.address)))?;
+            let authority: http::uri::Authority = e.address.parse().map_err(|err| {
+                invalid(
+                    efield.clone(),
+                    &e.address,
+                    format!("{:?} is not host:port: {err}", e.address),
+                )
+            })?;
             if authority.port_u16().is_none() {
-                return Err(invalid(efield, &e.address, format!("{:?} has no port", e.address)));
+                return Err(invalid(
+                    efield,
+                    &e.address,
+                    format!("{:?} has no port", e.address),
+                ));
             }
             let http2 = matches!(e.protocol.unwrap_or(d.protocol), Protocol::Http2);
             endpoints.push(EndpointTable {
@@ -450,7 +542,9 @@ impl BackendTable {
 
     /// Pick an endpoint (None when the backend has none).
     pub fn pick(&self) -> Option<&EndpointTable> {
-        self.balancer.pick(self.endpoints.iter().map(|e| &*e.stats)).map(|i| &self.endpoints[i])
+        self.balancer
+            .pick(self.endpoints.iter().map(|e| &*e.stats))
+            .map(|i| &self.endpoints[i])
     }
 }
 
@@ -512,11 +606,13 @@ impl InboundTable {
                 unauthenticated: a.unauthenticated,
             });
         }
-        let app_authority = inbound
-            .app
-            .to_string()
-            .parse()
-            .map_err(|e| invalid("inbound.app".into(), &inbound.app.to_string(), format!("{e}")))?;
+        let app_authority = inbound.app.to_string().parse().map_err(|e| {
+            invalid(
+                "inbound.app".into(),
+                &inbound.app.to_string(),
+                format!("{e}"),
+            )
+        })?;
         Ok(InboundTable {
             app: inbound.app,
             app_authority,
@@ -561,9 +657,15 @@ mod tests {
         h.insert("x-user", "beta-7".parse().unwrap());
         assert!(m.matches(&Method::GET, "/api/x", &h));
         assert!(!m.matches(&Method::POST, "/api/x", &h));
-        assert!(!m.matches(&Method::GET, "/v1/api/x", &h), "anchored at the start");
+        assert!(
+            !m.matches(&Method::GET, "/v1/api/x", &h),
+            "anchored at the start"
+        );
         h.insert("x-user", "alpha".parse().unwrap());
-        assert!(!m.matches(&Method::GET, "/api/x", &h), "whole value must match");
+        assert!(
+            !m.matches(&Method::GET, "/api/x", &h),
+            "whole value must match"
+        );
     }
 
     #[test]

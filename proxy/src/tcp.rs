@@ -34,7 +34,12 @@ where
                 Lookup::Found(d) => Arc::clone(d),
                 _ => {
                     tracing::info!(destination, "closing TCP connection: unknown destination");
-                    count(&shared, Label::from(destination), Label::from(""), "unknown-destination");
+                    count(
+                        &shared,
+                        Label::from(destination),
+                        Label::from(""),
+                        "unknown-destination",
+                    );
                     return;
                 }
             }
@@ -45,7 +50,12 @@ where
         return;
     };
     let Some(endpoint) = backend.pick() else {
-        count(&shared, dest.label.clone(), backend.name.clone(), "no-endpoints");
+        count(
+            &shared,
+            dest.label.clone(),
+            backend.name.clone(),
+            "no-endpoints",
+        );
         return;
     };
     let _in_flight = endpoint.stats.start();
@@ -53,7 +63,12 @@ where
     let mut upstream = match tokio::time::timeout(shared.limits.connect_timeout(), connect).await {
         Ok(Ok(s)) => s,
         _ => {
-            count(&shared, dest.label.clone(), backend.name.clone(), "connect-failed");
+            count(
+                &shared,
+                dest.label.clone(),
+                backend.name.clone(),
+                "connect-failed",
+            );
             return;
         }
     };
@@ -93,5 +108,10 @@ where
 }
 
 fn count(shared: &Shared, destination: Label, backend: Label, error: &str) {
-    shared.metrics.tcp(&TcpLabels { direction: Label::from("outbound"), destination, backend, error: Label::from(error) });
+    shared.metrics.tcp(&TcpLabels {
+        direction: Label::from("outbound"),
+        destination,
+        backend,
+        error: Label::from(error),
+    });
 }

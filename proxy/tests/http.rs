@@ -23,39 +23,80 @@ fn yaml(destinations: &str) -> String {
 #[tokio::test]
 async fn http1_keep_alive_routes_by_host_in_every_spelling() {
     let v1 = app("v1").await;
-    let proxy = proxy(&yaml(&destination("echo.default", &[("v1", 1, &[v1.addr])]))).await;
+    let proxy = proxy(&yaml(&destination(
+        "echo.default",
+        &[("v1", 1, &[v1.addr])],
+    )))
+    .await;
     let mut client = H1::connect(proxy.http.unwrap()).await;
-    for host in ["echo.default", "echo.default:80", "echo.default.svc.cluster.local", "echo.default.svc.cluster.local.:9091", "ECHO.default"] {
+    for host in [
+        "echo.default",
+        "echo.default:80",
+        "echo.default.svc.cluster.local",
+        "echo.default.svc.cluster.local.:9091",
+        "ECHO.default",
+    ] {
         let (status, app, body) = client.get(host, "/").await;
-        assert_eq!((status, app.as_str(), body.as_str()), (StatusCode::OK, "v1", "v1"), "{host}");
+        assert_eq!(
+            (status, app.as_str(), body.as_str()),
+            (StatusCode::OK, "v1", "v1"),
+            "{host}"
+        );
     }
     // Absolute-form (the app uses the proxy as its HTTP proxy).
-    let req = Request::get("http://echo.default/x").header("host", "echo.default").body(full("")).unwrap();
+    let req = Request::get("http://echo.default/x")
+        .header("host", "echo.default")
+        .body(full(""))
+        .unwrap();
     let resp = client.send(req).await;
-    assert_eq!(resp.headers()["x-seen-host"], "echo.default", "Host passes through unchanged");
+    assert_eq!(
+        resp.headers()["x-seen-host"],
+        "echo.default",
+        "Host passes through unchanged"
+    );
     assert_eq!(read(resp).await.1, "v1");
     // Unknown destinations get a clear answer, on the same connection.
     let (status, reason, body) = client.get("nope.default", "/").await;
-    assert_eq!((status, reason.as_str()), (StatusCode::BAD_GATEWAY, "unknown-destination"));
+    assert_eq!(
+        (status, reason.as_str()),
+        (StatusCode::BAD_GATEWAY, "unknown-destination")
+    );
     assert!(body.contains("nope.default"), "{body}");
     let (status, reason, _) = client.get("bad host!", "/").await;
-    assert_eq!((status, reason.as_str()), (StatusCode::BAD_REQUEST, "invalid-authority"));
+    assert_eq!(
+        (status, reason.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid-authority")
+    );
     assert_eq!(v1.hits(), 6);
 }
 
 #[tokio::test]
 async fn chunked_bodies_stream_both_ways() {
     let v1 = app("v1").await;
-    let proxy = proxy(&yaml(&destination("echo.default", &[("v1", 1, &[v1.addr])]))).await;
+    let proxy = proxy(&yaml(&destination(
+        "echo.default",
+        &[("v1", 1, &[v1.addr])],
+    )))
+    .await;
     let (tx, body) = {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>(4);
-        (tx, http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed())
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>(4);
+        (
+            tx,
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .boxed(),
+        )
     };
     let mut client = H1::connect(proxy.http.unwrap()).await;
-    let req = Request::post("/echo").header("host", "echo.default").body(body).unwrap();
+    let req = Request::post("/echo")
+        .header("host", "echo.default")
+        .body(body)
+        .unwrap();
     let send = tokio::spawn(async move {
         for chunk in ["one,", "two,", "three"] {
-            tx.send(Ok(http_body::Frame::data(bytes::Bytes::from(chunk)))).await.unwrap();
+            tx.send(Ok(http_body::Frame::data(bytes::Bytes::from(chunk))))
+                .await
+                .unwrap();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         drop(tx);
@@ -70,27 +111,54 @@ async fn chunked_bodies_stream_both_ways() {
 #[tokio::test]
 async fn h2c_clients_reach_h2c_upstreams_and_http1_clients_stay_http1() {
     let v1 = app("v1").await;
-    let proxy = proxy(&yaml(&destination("echo.default", &[("v1", 1, &[v1.addr])]))).await;
+    let proxy = proxy(&yaml(&destination(
+        "echo.default",
+        &[("v1", 1, &[v1.addr])],
+    )))
+    .await;
     let mut h2 = h2(proxy.http.unwrap()).await;
     for _ in 0..3 {
         let req = Request::get("http://echo.default/").body(full("")).unwrap();
         let resp = h2.send_request(req).await.unwrap();
-        assert_eq!(resp.headers()["x-seen-version"], "HTTP/2.0", "not translated needlessly");
-        assert_eq!(resp.headers()["x-seen-host"], "echo.default", ":authority stays visible as Host");
+        assert_eq!(
+            resp.headers()["x-seen-version"],
+            "HTTP/2.0",
+            "not translated needlessly"
+        );
+        assert_eq!(
+            resp.headers()["x-seen-host"],
+            "echo.default",
+            ":authority stays visible as Host"
+        );
         assert_eq!(read(resp).await.2, "v1");
     }
     let mut h1 = H1::connect(proxy.http.unwrap()).await;
-    let resp = h1.send(Request::get("/").header("host", "echo.default").body(full("")).unwrap()).await;
+    let resp = h1
+        .send(
+            Request::get("/")
+                .header("host", "echo.default")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
     assert_eq!(resp.headers()["x-seen-version"], "HTTP/1.1");
 }
 
 #[tokio::test]
 async fn http2_destinations_get_h2c_whatever_the_client_speaks() {
     let v1 = app("v1").await;
-    let dest = destination("echo.default", &[("v1", 1, &[v1.addr])]).replace("    backends:", "    protocol: http2\n    backends:");
+    let dest = destination("echo.default", &[("v1", 1, &[v1.addr])])
+        .replace("    backends:", "    protocol: http2\n    backends:");
     let proxy = proxy(&yaml(&dest)).await;
     let mut h1 = H1::connect(proxy.http.unwrap()).await;
-    let resp = h1.send(Request::get("/").header("host", "echo.default").body(full("")).unwrap()).await;
+    let resp = h1
+        .send(
+            Request::get("/")
+                .header("host", "echo.default")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
     assert_eq!(resp.headers()["x-seen-version"], "HTTP/2.0");
 }
 
@@ -103,28 +171,55 @@ async fn grpc_unary_and_bidi_streaming_with_trailers() {
         "outbound:\n  ports:\n    - listen: 127.0.0.1:0\n      destination: grpc.default\ndestinations:\n  - authority: grpc.default\n    protocol: http2\n    backends:\n      - name: g1\n        endpoints: [{{address: \"{grpc}\"}}]\n"
     );
     let proxy = proxy(&yaml).await;
-    let mut client = EchoClient::connect(format!("http://{}", proxy.ports[0])).await.unwrap();
-    let reply = client.unary(EchoMessage { text: "hi".into() }).await.unwrap();
+    let mut client = EchoClient::connect(format!("http://{}", proxy.ports[0]))
+        .await
+        .unwrap();
+    let reply = client
+        .unary(EchoMessage { text: "hi".into() })
+        .await
+        .unwrap();
     assert_eq!(reply.into_inner().text, "g1:hi");
 
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut replies = client.bidi(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut replies = client
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     for i in 0..5 {
         // One at a time: each reply must arrive before the next message is sent (true streaming).
-        tx.send(EchoMessage { text: format!("m{i}") }).await.unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(5), replies.message()).await.unwrap().unwrap().unwrap();
+        tx.send(EchoMessage {
+            text: format!("m{i}"),
+        })
+        .await
+        .unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(reply.text, format!("g1:m{i}"));
     }
     drop(tx);
     // The stream ends with the server's trailers (grpc-status 0), not an error.
     assert!(replies.message().await.unwrap().is_none());
-    assert!(replies.trailers().await.unwrap().is_some_and(|t| t.get("grpc-status").is_some_and(|s| s == "0")));
+    assert!(
+        replies
+            .trailers()
+            .await
+            .unwrap()
+            .is_some_and(|t| t.get("grpc-status").is_some_and(|s| s == "0"))
+    );
 }
 
 #[tokio::test]
 async fn websocket_upgrade_carries_bytes_both_ways() {
     let v1 = app("v1").await;
-    let proxy = proxy(&yaml(&destination("echo.default", &[("v1", 1, &[v1.addr])]))).await;
+    let proxy = proxy(&yaml(&destination(
+        "echo.default",
+        &[("v1", 1, &[v1.addr])],
+    )))
+    .await;
     let mut stream = TcpStream::connect(proxy.http.unwrap()).await.unwrap();
     stream
         .write_all(b"GET /ws HTTP/1.1\r\nHost: echo.default\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
@@ -139,7 +234,10 @@ async fn websocket_upgrade_carries_bytes_both_ways() {
     let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
-    assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
     for msg in [&b"\x81\x05hello"[..], b"\x81\x05again"] {
         stream.write_all(msg).await.unwrap();
         let mut back = vec![0u8; msg.len()];
@@ -194,7 +292,11 @@ async fn opaque_tcp_ports_forward_bytes_and_split_per_connection() {
 async fn split_counts(weights: (u32, u32)) -> (usize, usize) {
     let v1 = app("v1").await;
     let v2 = app("v2").await;
-    let proxy = proxy(&yaml(&destination("echo.default", &[("v1", weights.0, &[v1.addr]), ("v2", weights.1, &[v2.addr])]))).await;
+    let proxy = proxy(&yaml(&destination(
+        "echo.default",
+        &[("v1", weights.0, &[v1.addr]), ("v2", weights.1, &[v2.addr])],
+    )))
+    .await;
     let mut client = H1::connect(proxy.http.unwrap()).await;
     let (mut n1, mut n2) = (0, 0);
     for _ in 0..1000 {
@@ -204,7 +306,11 @@ async fn split_counts(weights: (u32, u32)) -> (usize, usize) {
             other => panic!("unexpected answer {other}"),
         }
     }
-    assert_eq!((n1, n2), (v1.hits(), v2.hits()), "exactly one upstream request per request");
+    assert_eq!(
+        (n1, n2),
+        (v1.hits(), v2.hits()),
+        "exactly one upstream request per request"
+    );
     (n1, n2)
 }
 
@@ -229,7 +335,10 @@ async fn split_75_25_per_request_on_one_connection() {
 async fn routes_match_by_path_method_and_header_else_root() {
     let v1 = app("v1").await;
     let v2 = app("v2").await;
-    let mut dest = destination("echo.default", &[("v1", 1, &[v1.addr]), ("v2", 0, &[v2.addr])]);
+    let mut dest = destination(
+        "echo.default",
+        &[("v1", 1, &[v1.addr]), ("v2", 0, &[v2.addr])],
+    );
     dest = dest.replace(
         "    backends:\n",
         "    routes:\n      - name: api\n        path_regex: \"/api/.*\"\n        methods: [GET]\n        headers: {x-user: \"beta.*\"}\n        backends: [{name: v2, weight: 1}]\n    backends:\n",
@@ -237,34 +346,69 @@ async fn routes_match_by_path_method_and_header_else_root() {
     let proxy = proxy(&yaml(&dest)).await;
     let mut client = H1::connect(proxy.http.unwrap()).await;
     let mut ask = async |method: &str, path: &str, user: Option<&str>| {
-        let mut req = Request::builder().method(method).uri(path).header("host", "echo.default");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "echo.default");
         if let Some(u) = user {
             req = req.header("X-User", u);
         }
         read(client.send(req.body(full("")).unwrap()).await).await.1
     };
     assert_eq!(ask("GET", "/api/items", Some("beta-1")).await, "v2");
-    assert_eq!(ask("GET", "/api/items?q=1", Some("beta-1")).await, "v2", "query string is not part of the path");
-    assert_eq!(ask("POST", "/api/items", Some("beta-1")).await, "v1", "method must match");
-    assert_eq!(ask("GET", "/web/api/items", Some("beta-1")).await, "v1", "path regex is anchored");
-    assert_eq!(ask("GET", "/api/items", Some("alpha")).await, "v1", "header must match");
-    assert_eq!(ask("GET", "/api/items", None).await, "v1", "missing header does not match");
+    assert_eq!(
+        ask("GET", "/api/items?q=1", Some("beta-1")).await,
+        "v2",
+        "query string is not part of the path"
+    );
+    assert_eq!(
+        ask("POST", "/api/items", Some("beta-1")).await,
+        "v1",
+        "method must match"
+    );
+    assert_eq!(
+        ask("GET", "/web/api/items", Some("beta-1")).await,
+        "v1",
+        "path regex is anchored"
+    );
+    assert_eq!(
+        ask("GET", "/api/items", Some("alpha")).await,
+        "v1",
+        "header must match"
+    );
+    assert_eq!(
+        ask("GET", "/api/items", None).await,
+        "v1",
+        "missing header does not match"
+    );
 }
 
 #[tokio::test]
 async fn config_swap_applies_to_an_open_connection_within_100ms() {
     let v1 = app("v1").await;
     let v2 = app("v2").await;
-    let before = yaml(&destination("echo.default", &[("v1", 1, &[v1.addr]), ("v2", 0, &[v2.addr])]));
-    let after = yaml(&destination("echo.default", &[("v1", 0, &[v1.addr]), ("v2", 1, &[v2.addr])]));
+    let before = yaml(&destination(
+        "echo.default",
+        &[("v1", 1, &[v1.addr]), ("v2", 0, &[v2.addr])],
+    ));
+    let after = yaml(&destination(
+        "echo.default",
+        &[("v1", 0, &[v1.addr]), ("v2", 1, &[v2.addr])],
+    ));
     let proxy = proxy(&before).await;
     let mut client = H1::connect(proxy.http.unwrap()).await;
     assert_eq!(client.get("echo.default", "/").await.1, "v1");
     let swapped = Instant::now();
-    proxy.shared.apply(Config::parse(&after, std::path::Path::new("t.yaml")).unwrap()).unwrap();
+    proxy
+        .shared
+        .apply(Config::parse(&after, std::path::Path::new("t.yaml")).unwrap())
+        .unwrap();
     let answer = client.get("echo.default", "/").await.1;
     let elapsed = swapped.elapsed();
-    assert_eq!(answer, "v2", "the next request on the same connection follows the new split");
+    assert_eq!(
+        answer, "v2",
+        "the next request on the same connection follows the new split"
+    );
     assert!(elapsed < Duration::from_millis(100), "took {elapsed:?}");
 }
 
@@ -277,17 +421,31 @@ async fn file_edits_reload_atomically_and_bad_edits_keep_the_old_config() {
     let good = yaml(&destination("echo.default", &[("v1", 1, &[v1.addr])]));
     std::fs::write(&path, &good).unwrap();
     let proxy = proxy(&good).await;
-    tokio::spawn(trellis_proxy::reload::watch_file(proxy.shared.clone(), path.clone(), proxy.shutdown_signal()));
+    tokio::spawn(trellis_proxy::reload::watch_file(
+        proxy.shared.clone(),
+        path.clone(),
+        proxy.shutdown_signal(),
+    ));
     let mut client = H1::connect(proxy.http.unwrap()).await;
     assert_eq!(client.get("echo.default", "/").await.1, "v1");
 
     std::fs::write(&path, good.replace("weight: 1", "weight: [").as_bytes()).unwrap();
     tokio::time::sleep(trellis_proxy::reload::POLL_INTERVAL * 3).await;
-    assert_eq!(client.get("echo.default", "/").await.1, "v1", "bad edit ignored");
-    let err = trellis_proxy::config::Config::load(&path).unwrap_err().to_string();
+    assert_eq!(
+        client.get("echo.default", "/").await.1,
+        "v1",
+        "bad edit ignored"
+    );
+    let err = trellis_proxy::config::Config::load(&path)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("proxy.yaml:"), "{err}");
 
-    std::fs::write(&path, yaml(&destination("echo.default", &[("v2", 1, &[v2.addr])]))).unwrap();
+    std::fs::write(
+        &path,
+        yaml(&destination("echo.default", &[("v2", 1, &[v2.addr])])),
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while client.get("echo.default", "/").await.1 != "v2" {
         assert!(Instant::now() < deadline, "good edit not applied");
@@ -299,14 +457,19 @@ async fn file_edits_reload_atomically_and_bad_edits_keep_the_old_config() {
 async fn endpoint_removal_fails_no_request_and_in_flight_requests_finish() {
     let a = app("a").await;
     let b = app("b").await;
-    let both = yaml(&destination("echo.default", &[("web", 1, &[a.addr, b.addr])]).replace("    backends:", "    balancer: round_robin\n    backends:"));
+    let both = yaml(
+        &destination("echo.default", &[("web", 1, &[a.addr, b.addr])])
+            .replace("    backends:", "    balancer: round_robin\n    backends:"),
+    );
     let only_b = yaml(&destination("echo.default", &[("web", 1, &[b.addr])]));
     let proxy = proxy(&both).await;
     let addr = proxy.http.unwrap();
     // Slow requests in flight on `a` and `b` while `a` is removed.
     let mut slow = Vec::new();
     for _ in 0..4 {
-        slow.push(tokio::spawn(async move { H1::connect(addr).await.get("echo.default", "/slow").await }));
+        slow.push(tokio::spawn(async move {
+            H1::connect(addr).await.get("echo.default", "/slow").await
+        }));
     }
     let load = tokio::spawn(async move {
         let mut client = H1::connect(addr).await;
@@ -317,43 +480,79 @@ async fn endpoint_removal_fails_no_request_and_in_flight_requests_finish() {
         answers
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    proxy.shared.apply(Config::parse(&only_b, std::path::Path::new("t.yaml")).unwrap()).unwrap();
+    proxy
+        .shared
+        .apply(Config::parse(&only_b, std::path::Path::new("t.yaml")).unwrap())
+        .unwrap();
     let hits_a_at_swap = a.hits();
     for s in slow {
         let (status, _, _) = s.await.unwrap();
         assert_eq!(status, StatusCode::OK, "in-flight request finished");
     }
     let answers = load.await.unwrap();
-    assert!(answers.iter().all(|(s, _, _)| *s == StatusCode::OK), "no failed request");
+    assert!(
+        answers.iter().all(|(s, _, _)| *s == StatusCode::OK),
+        "no failed request"
+    );
     let mut client = H1::connect(addr).await;
     for _ in 0..20 {
         assert_eq!(client.get("echo.default", "/").await.1, "b");
     }
-    assert!(a.hits() <= hits_a_at_swap + 1, "a got requests after removal");
+    assert!(
+        a.hits() <= hits_a_at_swap + 1,
+        "a got requests after removal"
+    );
 }
 
 #[tokio::test]
 async fn no_endpoints_and_no_backends_answer_503_with_a_reason() {
     let v1 = app("v1").await;
-    let dests = destination("empty.default", &[("v1", 1, &[])]) + &destination("zero.default", &[("v1", 0, &[v1.addr])]);
+    let dests = destination("empty.default", &[("v1", 1, &[])])
+        + &destination("zero.default", &[("v1", 0, &[v1.addr])]);
     let proxy = proxy(&yaml(&dests)).await;
     let mut client = H1::connect(proxy.http.unwrap()).await;
     let (status, reason, _) = client.get("empty.default", "/").await;
-    assert_eq!((status, reason.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "no-endpoints"));
+    assert_eq!(
+        (status, reason.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "no-endpoints")
+    );
     let (status, reason, _) = client.get("zero.default", "/").await;
-    assert_eq!((status, reason.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "no-backends"));
+    assert_eq!(
+        (status, reason.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "no-backends")
+    );
     // A dead endpoint: connect fails fast with 502.
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    proxy.shared.apply(Config::parse(&yaml(&destination("dead.default", &[("x", 1, &[dead])])), std::path::Path::new("t")).unwrap()).unwrap();
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    proxy
+        .shared
+        .apply(
+            Config::parse(
+                &yaml(&destination("dead.default", &[("x", 1, &[dead])])),
+                std::path::Path::new("t"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
     let (status, reason, _) = client.get("dead.default", "/").await;
-    assert_eq!((status, reason.as_str()), (StatusCode::BAD_GATEWAY, "connect-failed"));
+    assert_eq!(
+        (status, reason.as_str()),
+        (StatusCode::BAD_GATEWAY, "connect-failed")
+    );
     assert_eq!(v1.hits(), 0);
 }
 
 #[tokio::test]
 async fn admin_serves_metrics_ready_live_and_config() {
     let v1 = app("v1").await;
-    let proxy = proxy(&yaml(&destination("echo.default", &[("v1", 1, &[v1.addr])]))).await;
+    let proxy = proxy(&yaml(&destination(
+        "echo.default",
+        &[("v1", 1, &[v1.addr])],
+    )))
+    .await;
     let mut client = H1::connect(proxy.http.unwrap()).await;
     for _ in 0..3 {
         client.get("echo.default", "/").await;
@@ -384,9 +583,19 @@ async fn admin_serves_metrics_ready_live_and_config() {
         assert!(line.contains(label), "{label} missing in {line}");
     }
     assert!(line.ends_with(" 3"), "{line}");
-    assert!(metrics.contains("error=\"unknown-destination\""), "{metrics}");
-    for bucket in ["1.0", "5.0", "10.0", "25.0", "50.0", "100.0", "250.0", "500.0", "1000.0", "5000.0"] {
-        assert!(metrics.contains(&format!("trellis_request_duration_ms_bucket{{le=\"{bucket}\"")) || metrics.contains(&format!(",le=\"{bucket}\"}}")), "bucket {bucket}");
+    assert!(
+        metrics.contains("error=\"unknown-destination\""),
+        "{metrics}"
+    );
+    for bucket in [
+        "1.0", "5.0", "10.0", "25.0", "50.0", "100.0", "250.0", "500.0", "1000.0", "5000.0",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "trellis_request_duration_ms_bucket{{le=\"{bucket}\""
+            )) || metrics.contains(&format!(",le=\"{bucket}\"}}")),
+            "bucket {bucket}"
+        );
     }
 }
 
@@ -401,25 +610,46 @@ async fn inbound_policy_denies_by_default_and_allows_what_it_lists() {
     let mut client = H1::connect(proxy.inbound.unwrap()).await;
     assert_eq!(client.get("local", "/health").await.1, "local");
     let (status, reason, _) = client.get("local", "/admin").await;
-    assert_eq!((status, reason.as_str()), (StatusCode::FORBIDDEN, "forbidden"));
-    let req = Request::post("/health").header("host", "local").body(full("")).unwrap();
+    assert_eq!(
+        (status, reason.as_str()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    let req = Request::post("/health")
+        .header("host", "local")
+        .body(full(""))
+        .unwrap();
     assert_eq!(read(client.send(req).await).await.0, StatusCode::FORBIDDEN);
     assert_eq!(local.hits(), 1, "denied requests never reach the app");
     // Policies swap like everything else.
     let permissive = yaml.replace("  policy:\n", "  policy:\n    default_action: allow\n");
-    proxy.shared.apply(Config::parse(&permissive, std::path::Path::new("t")).unwrap()).unwrap();
+    proxy
+        .shared
+        .apply(Config::parse(&permissive, std::path::Path::new("t")).unwrap())
+        .unwrap();
     assert_eq!(client.get("local", "/admin").await.1, "local");
 }
 
 #[tokio::test]
 async fn drain_finishes_in_flight_requests_then_stops() {
     let v1 = app("v1").await;
-    let proxy = proxy(&yaml(&destination("echo.default", &[("v1", 1, &[v1.addr])]))).await;
+    let proxy = proxy(&yaml(&destination(
+        "echo.default",
+        &[("v1", 1, &[v1.addr])],
+    )))
+    .await;
     let addr = proxy.http.unwrap();
-    let slow = tokio::spawn(async move { H1::connect(addr).await.get("echo.default", "/slow").await });
+    let slow =
+        tokio::spawn(async move { H1::connect(addr).await.get("echo.default", "/slow").await });
     tokio::time::sleep(Duration::from_millis(50)).await;
     let left = proxy.drain(Duration::from_secs(5)).await;
     assert_eq!(left, 0);
-    assert_eq!(slow.await.unwrap().0, StatusCode::OK, "in-flight request finished");
-    assert!(TcpStream::connect(addr).await.is_err(), "no longer accepting");
+    assert_eq!(
+        slow.await.unwrap().0,
+        StatusCode::OK,
+        "in-flight request finished"
+    );
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
 }

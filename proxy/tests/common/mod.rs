@@ -52,10 +52,13 @@ pub async fn app(name: &'static str) -> App {
     let counter = hits.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let hits = counter.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| app_answer(name, hits.clone(), req));
+                let svc =
+                    hyper::service::service_fn(move |req| app_answer(name, hits.clone(), req));
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
@@ -65,9 +68,18 @@ pub async fn app(name: &'static str) -> App {
     App { name, addr, hits }
 }
 
-async fn app_answer(name: &'static str, hits: Arc<AtomicUsize>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn app_answer(
+    name: &'static str,
+    hits: Arc<AtomicUsize>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     hits.fetch_add(1, Ordering::SeqCst);
-    let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let version = format!("{:?}", req.version());
     let mut resp = match req.uri().path() {
         "/slow" => {
@@ -102,14 +114,15 @@ async fn app_answer(name: &'static str, hits: Arc<AtomicUsize>, mut req: Request
     if let Ok(h) = host.parse() {
         resp.headers_mut().insert("x-seen-host", h);
     }
-    resp.headers_mut().insert("x-seen-version", version.parse().unwrap());
+    resp.headers_mut()
+        .insert("x-seen-version", version.parse().unwrap());
     Ok(resp)
 }
 
 /// A real tonic echo server.
 pub async fn grpc_app(name: &'static str) -> SocketAddr {
-    use echo::echo_server::{Echo, EchoServer};
     use echo::EchoMessage;
+    use echo::echo_server::{Echo, EchoServer};
     use futures::StreamExt;
     use tonic::{Request as TReq, Response as TResp, Status, Streaming};
 
@@ -119,12 +132,21 @@ pub async fn grpc_app(name: &'static str) -> SocketAddr {
     #[tonic::async_trait]
     impl Echo for Svc {
         async fn unary(&self, req: TReq<EchoMessage>) -> Result<TResp<EchoMessage>, Status> {
-            Ok(TResp::new(EchoMessage { text: format!("{}:{}", self.0, req.into_inner().text) }))
+            Ok(TResp::new(EchoMessage {
+                text: format!("{}:{}", self.0, req.into_inner().text),
+            }))
         }
         type BidiStream = futures::stream::BoxStream<'static, Result<EchoMessage, Status>>;
-        async fn bidi(&self, req: TReq<Streaming<EchoMessage>>) -> Result<TResp<Self::BidiStream>, Status> {
+        async fn bidi(
+            &self,
+            req: TReq<Streaming<EchoMessage>>,
+        ) -> Result<TResp<Self::BidiStream>, Status> {
             let name = self.0;
-            let out = req.into_inner().map(move |m| m.map(|m| EchoMessage { text: format!("{name}:{}", m.text) }));
+            let out = req.into_inner().map(move |m| {
+                m.map(|m| EchoMessage {
+                    text: format!("{name}:{}", m.text),
+                })
+            });
             Ok(TResp::new(out.boxed()))
         }
     }
@@ -144,7 +166,9 @@ pub async fn grpc_app(name: &'static str) -> SocketAddr {
 /// Parse YAML and start a proxy in-process.
 pub async fn proxy(yaml: &str) -> RunningProxy {
     let config = Config::parse(yaml, Path::new("test.yaml")).unwrap_or_else(|e| panic!("{e}"));
-    trellis_proxy::start(ProxyOptions::new(config)).await.unwrap()
+    trellis_proxy::start(ProxyOptions::new(config))
+        .await
+        .unwrap()
 }
 
 /// An HTTP/1.1 client on exactly one keep-alive connection.
@@ -155,7 +179,9 @@ pub struct H1 {
 impl H1 {
     pub async fn connect(addr: SocketAddr) -> H1 {
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
@@ -169,7 +195,10 @@ impl H1 {
 
     /// GET `path` with `Host: host`; returns status, `x-app` header and the body.
     pub async fn get(&mut self, host: &str, path: &str) -> (StatusCode, String, String) {
-        let req = Request::get(path).header("host", host).body(full("")).unwrap();
+        let req = Request::get(path)
+            .header("host", host)
+            .body(full(""))
+            .unwrap();
         read(self.send(req).await).await
     }
 }
@@ -191,7 +220,9 @@ pub async fn read(resp: Response<Incoming>) -> (StatusCode, String, String) {
 pub async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Body> {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     sender
 }
