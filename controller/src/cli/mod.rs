@@ -1,0 +1,6 @@
+//! The subcommands of the `trellis` binary, one module each. Each exposes `Args` (clap) and
+//! `run`, which returns the process exit code; `anyhow` errors stop at `main`.
+
+pub mod crds;
+pub mod demo;
+pub mod validate;

@@ -1,0 +1,20 @@
+//! The SMI API types: one Rust type per kind and version, exactly as they appear on the wire.
+//!
+//! Every CRD-backed version is a `kube::CustomResource`; schemas come from [`crate::crd`], not
+//! from the Rust types (`schema = "disabled"`), so the generated CRDs match the official ones.
+
+pub mod access;
+pub mod headers;
+pub mod metrics;
+pub mod quantity;
+pub mod specs;
+pub mod split;
+
+/// API group of TrafficSplit.
+pub const SPLIT_GROUP: &str = "split.smi-spec.io";
+/// API group of TrafficTarget.
+pub const ACCESS_GROUP: &str = "access.smi-spec.io";
+/// API group of HTTPRouteGroup, TCPRoute and UDPRoute.
+pub const SPECS_GROUP: &str = "specs.smi-spec.io";
+/// API group of TrafficMetrics (an aggregated API, not a CRD).
+pub const METRICS_GROUP: &str = "metrics.smi-spec.io";

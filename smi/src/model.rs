@@ -1,0 +1,299 @@
+//! The normalized policy model: one type per SMI kind, with the latest semantics, that every
+//! version converts into and out of (see [`crate::convert`]). The controller consumes only these.
+//!
+//! Each type keeps the object's `metadata` so conversion back to any version is exact. Fields a
+//! newer version dropped but an older one had (the v1alpha1/v1alpha2 destination port) are part
+//! of the model, so a port restriction is never lost on the way to the controller.
+
+pub use crate::api::headers::HeaderMatch;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use std::fmt;
+
+/// Any SMI policy resource in normalized form.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Policy {
+    TrafficSplit(TrafficSplit),
+    AccessPolicy(AccessPolicy),
+    HttpRouteGroup(HttpRouteGroup),
+    TcpRoute(PortRoute),
+    UdpRoute(PortRoute),
+}
+
+/// The kind of an SMI resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    TrafficSplit,
+    TrafficTarget,
+    HttpRouteGroup,
+    TcpRoute,
+    UdpRoute,
+}
+
+impl Kind {
+    /// The Kubernetes kind name (`HTTPRouteGroup`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::TrafficSplit => "TrafficSplit",
+            Kind::TrafficTarget => "TrafficTarget",
+            Kind::HttpRouteGroup => "HTTPRouteGroup",
+            Kind::TcpRoute => "TCPRoute",
+            Kind::UdpRoute => "UDPRoute",
+        }
+    }
+
+    /// The API group of this kind.
+    pub fn group(self) -> &'static str {
+        match self {
+            Kind::TrafficSplit => crate::api::SPLIT_GROUP,
+            Kind::TrafficTarget => crate::api::ACCESS_GROUP,
+            _ => crate::api::SPECS_GROUP,
+        }
+    }
+
+    /// The versions of this kind, oldest first; the last one is stored.
+    pub fn versions(self) -> &'static [&'static str] {
+        match self {
+            Kind::TrafficTarget => &["v1alpha1", "v1alpha2", "v1alpha3"],
+            Kind::UdpRoute => &["v1alpha4"],
+            _ => &["v1alpha1", "v1alpha2", "v1alpha3", "v1alpha4"],
+        }
+    }
+
+    /// Every kind.
+    pub const ALL: [Kind; 5] = [
+        Kind::TrafficSplit,
+        Kind::TrafficTarget,
+        Kind::HttpRouteGroup,
+        Kind::TcpRoute,
+        Kind::UdpRoute,
+    ];
+
+    /// The kind called `name` on the wire.
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Kind, namespace and name of a resource: how errors and reports name it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceId {
+    pub kind: String,
+    /// The namespace as written, or `default` when the document names none.
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ResourceId {
+    /// The id of `kind` with `metadata`, defaulting the namespace to `default`.
+    pub fn new(kind: impl Into<String>, metadata: &ObjectMeta) -> Self {
+        Self {
+            kind: kind.into(),
+            namespace: effective_namespace(metadata).to_owned(),
+            name: metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// The namespace a resource lives in: as written, or `default`.
+pub fn effective_namespace(metadata: &ObjectMeta) -> &str {
+    metadata.namespace.as_deref().unwrap_or("default")
+}
+
+/// A weight held exactly in thousandths, so `"500m"` and `"1"` keep their 1:2 ratio.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Weight(pub u64);
+
+impl Weight {
+    /// A weight of whole units (`5` = 5000 milli).
+    pub fn units(units: u64) -> Self {
+        Weight(units * 1000)
+    }
+    /// The weight in thousandths.
+    pub fn milli(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Weight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        crate::api::quantity::Quantity::from_milli(self.0).fmt(f)
+    }
+}
+
+/// TrafficSplit: requests for the root service are shared among backends by weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrafficSplit {
+    pub metadata: ObjectMeta,
+    /// The root ("apex") service clients address.
+    pub service: String,
+    pub backends: Vec<SplitBackend>,
+    /// HTTPRouteGroups (same namespace) whose routes are split; empty = all traffic.
+    pub matches: Vec<RouteGroupRef>,
+}
+
+/// One backend of a split: `weight / sum(weights)` of the traffic goes to `service`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SplitBackend {
+    pub service: String,
+    pub weight: Weight,
+}
+
+/// A reference to an HTTPRouteGroup in the same namespace (the only kind a split may match).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RouteGroupRef {
+    pub name: String,
+}
+
+/// TrafficTarget: which identities may reach the destination identity, on which routes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccessPolicy {
+    pub metadata: ObjectMeta,
+    pub destination: Identity,
+    /// The v1alpha1/v1alpha2 destination port: when set, only this port is allowed.
+    pub destination_port: Option<u16>,
+    pub sources: Vec<Identity>,
+    pub rules: Vec<AccessRule>,
+}
+
+/// A workload identity (`kind` is `ServiceAccount`; the namespace defaults to the target's).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub kind: String,
+    pub name: String,
+    pub namespace: Option<String>,
+}
+
+/// A rule of a TrafficTarget: a route resource and, optionally, which of its matches.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AccessRule {
+    pub kind: RouteKind,
+    pub name: String,
+    /// `None` = every match of the route resource; `Some` = only the named matches.
+    pub matches: Option<Vec<String>>,
+}
+
+/// The route kinds a TrafficTarget rule can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKind {
+    HttpRouteGroup,
+    TcpRoute,
+    UdpRoute,
+}
+
+impl RouteKind {
+    /// The resource kind this rule kind names.
+    pub fn kind(self) -> Kind {
+        match self {
+            RouteKind::HttpRouteGroup => Kind::HttpRouteGroup,
+            RouteKind::TcpRoute => Kind::TcpRoute,
+            RouteKind::UdpRoute => Kind::UdpRoute,
+        }
+    }
+}
+
+/// HTTPRouteGroup: named HTTP request matches.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpRouteGroup {
+    pub metadata: ObjectMeta,
+    pub matches: Vec<HttpMatch>,
+}
+
+/// One HTTP match: all given conditions must hold.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HttpMatch {
+    pub name: String,
+    /// Regex over the path (without query), anchored at both ends; `None` = any path.
+    pub path_regex: Option<String>,
+    /// `None` = every method; `*` also means every method.
+    pub methods: Option<Vec<String>>,
+    /// Header name (case-insensitive) to value regex (fully matched); all must hold.
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// TCPRoute or UDPRoute: the ports it covers (empty = every port).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PortRoute {
+    pub metadata: ObjectMeta,
+    pub ports: Vec<u16>,
+}
+
+impl Policy {
+    /// The kind of this policy.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Policy::TrafficSplit(_) => Kind::TrafficSplit,
+            Policy::AccessPolicy(_) => Kind::TrafficTarget,
+            Policy::HttpRouteGroup(_) => Kind::HttpRouteGroup,
+            Policy::TcpRoute(_) => Kind::TcpRoute,
+            Policy::UdpRoute(_) => Kind::UdpRoute,
+        }
+    }
+
+    /// The object metadata.
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Policy::TrafficSplit(p) => &p.metadata,
+            Policy::AccessPolicy(p) => &p.metadata,
+            Policy::HttpRouteGroup(p) => &p.metadata,
+            Policy::TcpRoute(p) | Policy::UdpRoute(p) => &p.metadata,
+        }
+    }
+
+    /// Kind, namespace and name.
+    pub fn id(&self) -> ResourceId {
+        ResourceId::new(self.kind().as_str(), self.metadata())
+    }
+
+    /// A one-line human summary of what the policy says.
+    pub fn summary(&self) -> String {
+        match self {
+            Policy::TrafficSplit(s) => {
+                let backends: Vec<String> = s
+                    .backends
+                    .iter()
+                    .map(|b| format!("{} {}", b.service, b.weight))
+                    .collect();
+                let mut line = format!("root {} -> {}", s.service, backends.join(", "));
+                if !s.matches.is_empty() {
+                    let names: Vec<&str> = s.matches.iter().map(|m| m.name.as_str()).collect();
+                    line.push_str(&format!(" for route groups {}", names.join(", ")));
+                }
+                line
+            }
+            Policy::AccessPolicy(a) => {
+                let sources: Vec<&str> = a.sources.iter().map(|s| s.name.as_str()).collect();
+                let port = a
+                    .destination_port
+                    .map(|p| format!(" port {p}"))
+                    .unwrap_or_default();
+                format!(
+                    "allow {} -> {}{port}, {} rule(s)",
+                    sources.join(", "),
+                    a.destination.name,
+                    a.rules.len()
+                )
+            }
+            Policy::HttpRouteGroup(g) => {
+                let names: Vec<&str> = g.matches.iter().map(|m| m.name.as_str()).collect();
+                format!("{} match(es): {}", g.matches.len(), names.join(", "))
+            }
+            Policy::TcpRoute(r) | Policy::UdpRoute(r) if r.ports.is_empty() => "all ports".into(),
+            Policy::TcpRoute(r) | Policy::UdpRoute(r) => {
+                let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
+                format!("ports {}", ports.join(", "))
+            }
+        }
+    }
+}

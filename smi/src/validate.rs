@@ -1,0 +1,352 @@
+//! Validation of normalized policies, per SPEC-NOTES: what the schema cannot say.
+//!
+//! Per resource ([`validate_policy`]): names present, at least one backend, ServiceAccount
+//! identities, TrafficTarget v1alpha3 with at least one rule and one source, ports 1-65535,
+//! known HTTP methods, unique match names, and regexes that compile under Trellis's limits.
+//! Across resources ([`validate_references`]): route groups and match names a split or a target
+//! names must exist in the same namespace. Shape errors (types, missing or unknown fields, bad
+//! weights, unknown rule kinds) are caught earlier, while deserializing.
+//!
+//! Paths in [`Issue`]s use the newest wire shape (`spec.rules[0]`); [`crate::load`] maps them
+//! onto the document's own version.
+
+use crate::model::{HttpRouteGroup, Kind, Policy, PortRoute, RouteKind, effective_namespace};
+use crate::path::FieldPath;
+use regex::{Regex, RegexBuilder};
+use std::collections::{HashMap, HashSet};
+
+/// Compiled-size limit for user regexes (path and header values). The `regex` crate matches in
+/// linear time; this bounds memory and compile time too.
+pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+/// Longest regex source accepted.
+pub const REGEX_MAX_LEN: usize = 4096;
+
+/// HTTP methods an HTTPRouteGroup may name (`*` = all), as in the CRD schema.
+pub const HTTP_METHODS: [&str; 10] = [
+    "*", "GET", "HEAD", "PUT", "POST", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// One problem found in a resource: the field and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issue {
+    pub field: FieldPath,
+    pub message: String,
+}
+
+impl Issue {
+    fn new(field: FieldPath, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// Compiles a user regex the way Trellis matches it: anchored at both ends, linear time,
+/// size-limited. The controller and the proxy config use this same function.
+pub fn compile_anchored(pattern: &str) -> Result<Regex, String> {
+    if pattern.len() > REGEX_MAX_LEN {
+        return Err(format!(
+            "regex is too long ({} bytes, at most {REGEX_MAX_LEN})",
+            pattern.len()
+        ));
+    }
+    RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| match e {
+            regex::Error::CompiledTooBig(_) => {
+                format!("regex is too large: it compiles to more than {REGEX_SIZE_LIMIT} bytes")
+            }
+            // The syntax error text is multi-line (it draws the pattern); keep the reason.
+            other => {
+                let text = other.to_string();
+                let reason = text
+                    .lines()
+                    .rev()
+                    .find(|l| l.starts_with("error:"))
+                    .unwrap_or(&text);
+                format!(
+                    "invalid regex {pattern:?}: {}",
+                    reason.trim_start_matches("error: ")
+                )
+            }
+        })
+}
+
+/// Checks one policy on its own. `version` is the version it was written in (some rules apply
+/// only to some versions).
+pub fn validate_policy(policy: &Policy, version: &str) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    let metadata = policy.metadata();
+    if metadata.name.as_deref().is_none_or(str::is_empty) {
+        issues.push(Issue::new(FieldPath::parse("metadata.name"), "is required"));
+    }
+    match policy {
+        Policy::TrafficSplit(split) => {
+            if split.service.is_empty() {
+                issues.push(Issue::new(
+                    FieldPath::parse("spec.service"),
+                    "must name the root service",
+                ));
+            }
+            if split.backends.is_empty() {
+                issues.push(Issue::new(
+                    FieldPath::parse("spec.backends"),
+                    "must list at least one backend",
+                ));
+            }
+            for (i, backend) in split.backends.iter().enumerate() {
+                if backend.service.is_empty() {
+                    let field = FieldPath::parse("spec.backends").index(i).key("service");
+                    issues.push(Issue::new(field, "must name a service"));
+                }
+            }
+            for (i, group) in split.matches.iter().enumerate() {
+                if group.name.is_empty() {
+                    let field = FieldPath::parse("spec.matches").index(i).key("name");
+                    issues.push(Issue::new(field, "must name an HTTPRouteGroup"));
+                }
+            }
+        }
+        Policy::AccessPolicy(target) => {
+            let destination = FieldPath::parse("spec.destination");
+            check_identity(
+                &mut issues,
+                &destination,
+                &target.destination.kind,
+                &target.destination.name,
+            );
+            if target.destination_port == Some(0) {
+                issues.push(Issue::new(
+                    destination.key("port"),
+                    "must be a port number 1-65535, got 0",
+                ));
+            }
+            for (i, source) in target.sources.iter().enumerate() {
+                check_identity(
+                    &mut issues,
+                    &FieldPath::parse("spec.sources").index(i),
+                    &source.kind,
+                    &source.name,
+                );
+            }
+            if version == "v1alpha3" {
+                if target.rules.is_empty() {
+                    issues.push(Issue::new(
+                        FieldPath::parse("spec.rules"),
+                        "must list at least one rule",
+                    ));
+                }
+                if target.sources.is_empty() {
+                    issues.push(Issue::new(
+                        FieldPath::parse("spec.sources"),
+                        "must list at least one source",
+                    ));
+                }
+            }
+            for (i, rule) in target.rules.iter().enumerate() {
+                let field = FieldPath::parse("spec.rules").index(i);
+                if rule.name.is_empty() {
+                    issues.push(Issue::new(
+                        field.key("name"),
+                        format!("must name a {}", rule.kind.kind()),
+                    ));
+                }
+            }
+        }
+        Policy::HttpRouteGroup(group) => check_route_group(&mut issues, group),
+        Policy::TcpRoute(route) | Policy::UdpRoute(route) => check_ports(&mut issues, route),
+    }
+    issues
+}
+
+fn check_identity(issues: &mut Vec<Issue>, field: &FieldPath, kind: &str, name: &str) {
+    if kind != "ServiceAccount" {
+        issues.push(Issue::new(
+            field.key("kind"),
+            format!(
+                "must be ServiceAccount (Trellis identities are service accounts), got {kind:?}"
+            ),
+        ));
+    }
+    if name.is_empty() {
+        issues.push(Issue::new(field.key("name"), "must name a service account"));
+    }
+}
+
+fn check_route_group(issues: &mut Vec<Issue>, group: &HttpRouteGroup) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, m) in group.matches.iter().enumerate() {
+        let field = FieldPath::parse("spec.matches").index(i);
+        if m.name.is_empty() {
+            issues.push(Issue::new(field.key("name"), "must not be empty"));
+        } else if let Some(first) = seen.insert(&m.name, i) {
+            issues.push(Issue::new(
+                field.key("name"),
+                format!(
+                    "duplicate match name {:?} (also spec.matches[{first}])",
+                    m.name
+                ),
+            ));
+            seen.insert(&m.name, first);
+        }
+        if let Some(pattern) = &m.path_regex
+            && let Err(reason) = compile_anchored(pattern)
+        {
+            issues.push(Issue::new(field.key("pathRegex"), reason));
+        }
+        for (j, method) in m.methods.iter().flatten().enumerate() {
+            if !HTTP_METHODS.contains(&method.as_str()) {
+                issues.push(Issue::new(
+                    field.key("methods").index(j),
+                    format!(
+                        "unknown HTTP method {method:?} (expected one of {})",
+                        HTTP_METHODS.join(", ")
+                    ),
+                ));
+            }
+        }
+        for (j, header) in m.headers.iter().enumerate() {
+            let header_field = field.key("headers").index(j);
+            if header.name.is_empty() || !header.name.bytes().all(is_header_name_byte) {
+                issues.push(Issue::new(
+                    header_field.clone(),
+                    format!("invalid header name {:?}", header.name),
+                ));
+            }
+            if let Err(reason) = compile_anchored(&header.value) {
+                issues.push(Issue::new(
+                    header_field,
+                    format!("header {:?}: {reason}", header.name),
+                ));
+            }
+        }
+    }
+}
+
+fn is_header_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn check_ports(issues: &mut Vec<Issue>, route: &PortRoute) {
+    for (i, port) in route.ports.iter().enumerate() {
+        if *port == 0 {
+            let field = FieldPath::parse("spec.matches.ports").index(i);
+            issues.push(Issue::new(field, "must be a port number 1-65535, got 0"));
+        }
+    }
+}
+
+/// The match names of every route resource in a set, by (kind, namespace, name).
+#[derive(Debug, Default)]
+pub struct RouteIndex {
+    routes: HashMap<(Kind, String, String), HashSet<String>>,
+}
+
+impl RouteIndex {
+    /// Indexes the route resources among `policies`.
+    pub fn new<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> Self {
+        let mut index = RouteIndex::default();
+        for policy in policies {
+            let names: HashSet<String> = match policy {
+                Policy::HttpRouteGroup(g) => g.matches.iter().map(|m| m.name.clone()).collect(),
+                Policy::TcpRoute(_) | Policy::UdpRoute(_) => HashSet::new(),
+                _ => continue,
+            };
+            let metadata = policy.metadata();
+            let key = (
+                policy.kind(),
+                effective_namespace(metadata).to_owned(),
+                metadata.name.clone().unwrap_or_default(),
+            );
+            index.routes.insert(key, names);
+        }
+        index
+    }
+
+    fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<&HashSet<String>> {
+        self.routes
+            .get(&(kind, namespace.to_owned(), name.to_owned()))
+    }
+}
+
+/// Checks that the route resources and match names `policy` refers to exist in `routes`
+/// (same namespace as the policy).
+pub fn validate_references(policy: &Policy, routes: &RouteIndex) -> Vec<Issue> {
+    let mut issues = Vec::new();
+    let namespace = effective_namespace(policy.metadata());
+    match policy {
+        Policy::TrafficSplit(split) => {
+            for (i, group) in split.matches.iter().enumerate() {
+                if !group.name.is_empty()
+                    && routes
+                        .get(Kind::HttpRouteGroup, namespace, &group.name)
+                        .is_none()
+                {
+                    issues.push(Issue::new(
+                        FieldPath::parse("spec.matches").index(i).key("name"),
+                        format!("HTTPRouteGroup {namespace}/{} does not exist", group.name),
+                    ));
+                }
+            }
+        }
+        Policy::AccessPolicy(target) => {
+            for (i, rule) in target.rules.iter().enumerate() {
+                if rule.name.is_empty() {
+                    continue;
+                }
+                let field = FieldPath::parse("spec.rules").index(i);
+                let kind = rule.kind.kind();
+                let Some(match_names) = routes.get(kind, namespace, &rule.name) else {
+                    issues.push(Issue::new(
+                        field.key("name"),
+                        format!("{kind} {namespace}/{} does not exist", rule.name),
+                    ));
+                    continue;
+                };
+                if rule.kind != RouteKind::HttpRouteGroup {
+                    continue; // TCPRoute/UDPRoute matches carry no names to check.
+                }
+                for (j, name) in rule.matches.iter().flatten().enumerate() {
+                    if !match_names.contains(name) {
+                        issues.push(Issue::new(
+                            field.key("matches").index(j),
+                            format!(
+                                "HTTPRouteGroup {namespace}/{} has no match named {name:?}",
+                                rule.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    issues
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regexes_are_anchored_and_limited() {
+        let re = compile_anchored("/api/.*").unwrap();
+        assert!(re.is_match("/api/x"));
+        assert!(!re.is_match("/x/api/x"));
+        assert!(
+            compile_anchored("(")
+                .unwrap_err()
+                .starts_with("invalid regex \"(\"")
+        );
+        let huge = "a{1000}{1000}";
+        assert!(compile_anchored(huge).unwrap_err().contains("too large"));
+        assert!(
+            compile_anchored(&"a".repeat(REGEX_MAX_LEN + 1))
+                .unwrap_err()
+                .contains("too long")
+        );
+    }
+}
