@@ -83,6 +83,7 @@ struct Controls {
     fail_next: u32,
     fail_status: StatusCode,
     zero_index: bool,
+    ignore_blocking: bool,
 }
 
 /// What blocked queries wait on: every write bumps `writes`; an index reset bumps `abandons`,
@@ -136,6 +137,7 @@ impl ConsulDouble {
                 fail_next: 0,
                 fail_status: StatusCode::SERVICE_UNAVAILABLE,
                 zero_index: false,
+                ignore_blocking: false,
             }),
             hang: watch::Sender::new(false),
             requests: Mutex::new(VecDeque::new()),
@@ -195,6 +197,13 @@ impl ConsulDouble {
     /// While on, responses carry `X-Consul-Index: 0`, the bug the Consul docs warn clients about.
     pub fn report_zero_index(&self, on: bool) {
         ConsulDoubleRef(&self.shared).report_zero_index(on);
+    }
+
+    /// While on, blocking queries answer at once with the current index (a misbehaving server or
+    /// proxy): clients must rate-limit their loop rather than spin.
+    pub fn set_ignore_blocking(&self, on: bool) {
+        lock(&self.shared.controls).ignore_blocking = on;
+        self.shared.changes.send_modify(|g| g.abandons += 1);
     }
 
     /// Loses or regains the cluster leader: without one, default-consistency reads and all writes
@@ -524,8 +533,16 @@ impl Shared {
         let started = *changes.borrow_and_update();
         loop {
             let current = *changes.borrow_and_update();
-            let (body, index) = run(&lock(&self.state));
-            let abandoned = current.abandons != started.abandons;
+            let (body, mut index) = run(&lock(&self.state));
+            let (zero_index, ignore_blocking) = {
+                let c = lock(&self.controls);
+                (c.zero_index, c.ignore_blocking)
+            };
+            if zero_index {
+                // The buggy server's index really is 0: a client waiting on 1 blocks until `wait`.
+                index = 0;
+            }
+            let abandoned = current.abandons != started.abandons || ignore_blocking;
             let timed_out = tokio::time::Instant::now() >= deadline;
             if min_index == 0 || index > min_index || abandoned || timed_out {
                 return self.respond(body, index, access, filtered_body);
@@ -585,6 +602,10 @@ impl Shared {
         match what {
             "reset-index" => double.reset_index(num("to").unwrap_or(0)),
             "zero-index" => double.report_zero_index(q.flag("on")),
+            "ignore-blocking" => {
+                lock(&self.controls).ignore_blocking = q.flag("on");
+                self.changes.send_modify(|g| g.abandons += 1);
+            }
             "leader" => double.set_leader(q.flag("known")),
             "fail" => {
                 let mut c = lock(&self.controls);
