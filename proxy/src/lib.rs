@@ -33,10 +33,8 @@ pub mod tcp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -46,7 +44,6 @@ use crate::authz::{Authorizer, PolicyAuthorizer};
 use crate::config::Config;
 use crate::server::{Connections, ListenerKind};
 use crate::state::{Resolve, Shared};
-use crate::table::{RoutingTable, StatsRegistry};
 
 /// How to start a proxy.
 #[derive(Debug)]
@@ -100,21 +97,7 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         authorizer,
         resolver,
     } = options;
-    let metrics = metrics::Metrics::register(&mut registry, config.workload.as_ref());
-    let limits = config.limits.clone();
-    let stats = StatsRegistry::default();
-    let table = RoutingTable::compile(Arc::new(config.clone()), &stats)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let shared = Arc::new(Shared {
-        table: ArcSwap::from_pointee(table),
-        stats,
-        clients: http::Clients::new(&limits),
-        metrics,
-        authorizer,
-        resolver,
-        limits,
-        draining: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::new(&config, &mut registry, authorizer, resolver).map_err(|e| anyhow::anyhow!("{e}"))?);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let connections = Arc::new(Connections::default());
     let mut tasks = Vec::new();

@@ -44,6 +44,27 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// State for `config`, with metrics registered in `registry`.
+    pub fn new(
+        config: &Config,
+        registry: &mut prometheus_client::registry::Registry,
+        authorizer: Arc<dyn Authorizer>,
+        resolver: Option<Arc<dyn Resolve>>,
+    ) -> Result<Self, crate::config::Invalid> {
+        let stats = StatsRegistry::default();
+        let table = RoutingTable::compile(Arc::new(config.clone()), &stats)?;
+        Ok(Shared {
+            table: ArcSwap::from_pointee(table),
+            stats,
+            clients: Clients::new(&config.limits),
+            metrics: Metrics::register(registry, config.workload.as_ref()),
+            authorizer,
+            resolver,
+            limits: config.limits.clone(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
     /// Compile `config` and make it current. On error the current table stays.
     pub fn apply(&self, config: Config) -> Result<(), crate::config::Invalid> {
         let table = RoutingTable::compile(Arc::new(config), &self.stats)?;
