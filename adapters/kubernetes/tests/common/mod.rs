@@ -131,7 +131,8 @@ impl KubeHarness {
         format!("{service}-{id}")
     }
 
-    fn pod(&self, service: &str, instance: &TestInstance) -> Pod {
+    /// The pod `put_service` writes for `instance`.
+    pub fn pod_for(&self, service: &str, instance: &TestInstance) -> Pod {
         let mut labels: BTreeMap<String, String> = instance.labels.clone();
         labels.insert(SERVICE_LABEL.into(), service.into());
         let owner = self.owners.then(|| {
@@ -161,7 +162,8 @@ impl KubeHarness {
         .expect("a valid pod")
     }
 
-    fn slices(&self, service: &str, instances: &[TestInstance]) -> Vec<EndpointSlice> {
+    /// The EndpointSlices `put_service` writes for `instances`.
+    pub fn slices_for(&self, service: &str, instances: &[TestInstance]) -> Vec<EndpointSlice> {
         let mut by_port: Vec<(u16, Vec<&TestInstance>)> = Vec::new();
         for i in instances {
             match by_port.iter_mut().find(|(p, _)| *p == i.port) {
@@ -349,7 +351,7 @@ impl TestRegistry for KubeHarness {
             .into_iter()
             .map(|p| (p.metadata.name.clone().unwrap_or_default(), p))
             .collect();
-        let wanted: Vec<Pod> = instances.iter().map(|i| self.pod(service, i)).collect();
+        let wanted: Vec<Pod> = instances.iter().map(|i| self.pod_for(service, i)).collect();
         let changed: Vec<&Pod> = wanted
             .iter()
             .filter(|p| {
@@ -368,7 +370,7 @@ impl TestRegistry for KubeHarness {
         let slice_selector =
             ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
         let old_slices = slices_api.list(&slice_selector).await?.items;
-        let new_slices = self.slices(service, instances);
+        let new_slices = self.slices_for(service, instances);
         run_parallel(
             new_slices
                 .iter()
