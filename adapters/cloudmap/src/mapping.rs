@@ -221,3 +221,230 @@ impl Seen {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str, health: Health, attrs: &[(&str, &str)]) -> RawInstance {
+        RawInstance {
+            id: id.to_string(),
+            health,
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn key() -> ServiceKey {
+        ServiceKey::new("prod.local", "web")
+    }
+
+    fn provenance() -> Provenance {
+        Provenance {
+            source: "cloudmap:test".into(),
+            confirmed_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn every_known_attribute_maps_to_its_field_and_all_are_labels() {
+        let i = instance(
+            "i-1",
+            Health::Healthy,
+            &[
+                ("AWS_INSTANCE_IPV4", "10.1.2.3"),
+                ("AWS_INSTANCE_PORT", "8443"),
+                ("SERVICE_ACCOUNT", "web-sa"),
+                ("VERSION", "v2"),
+                ("weight", "25"),
+                ("protocol", "grpc"),
+                ("AVAILABILITY_ZONE", "us-east-1a"),
+                ("ECS_SERVICE_NAME", "web-canary"),
+                ("team", "payments"),
+            ],
+        );
+        let e = endpoint(&key(), &i, &provenance()).unwrap();
+        assert_eq!(e.address, "10.1.2.3".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            e.ports,
+            vec![EndpointPort {
+                name: None,
+                port: 8443
+            }]
+        );
+        assert_eq!(e.readiness, Readiness::Ready);
+        assert_eq!(e.identity, WorkloadIdentity::new("prod.local", "web-sa"));
+        assert_eq!(e.labels.get(VERSION_LABEL).map(String::as_str), Some("v2"));
+        assert_eq!(e.labels.get("VERSION").map(String::as_str), Some("v2"));
+        assert_eq!(e.labels.get("team").map(String::as_str), Some("payments"));
+        assert_eq!(
+            e.labels.get("AWS_INSTANCE_IPV4").map(String::as_str),
+            Some("10.1.2.3")
+        );
+        assert_eq!(e.weight, Some(25));
+        assert_eq!(e.protocol, Some(ProtocolHint::Grpc));
+        assert_eq!(e.zone.as_deref(), Some("us-east-1a"));
+        assert_eq!(
+            e.owner,
+            Some(OwnerRef {
+                kind: "EcsService".into(),
+                name: "web-canary".into()
+            })
+        );
+        assert_eq!(e.provenance, provenance());
+    }
+
+    #[test]
+    fn identity_defaults_to_the_service_name_and_other_spellings_work() {
+        let plain = instance("i-1", Health::Healthy, &[("AWS_INSTANCE_IPV4", "10.0.0.1")]);
+        let e = endpoint(&key(), &plain, &provenance()).unwrap();
+        assert_eq!(e.identity, WorkloadIdentity::new("prod.local", "web"));
+        assert_eq!(
+            e.owner,
+            Some(OwnerRef {
+                kind: "Service".into(),
+                name: "web".into()
+            })
+        );
+        assert!(e.ports.is_empty(), "no AWS_INSTANCE_PORT, no port");
+
+        let dashed = instance(
+            "i-2",
+            Health::Healthy,
+            &[
+                ("AWS_INSTANCE_IPV4", "10.0.0.2"),
+                ("service-account", "billing"),
+                ("zone", "z1"),
+            ],
+        );
+        let e = endpoint(&key(), &dashed, &provenance()).unwrap();
+        assert_eq!(e.identity.service_account, "billing");
+        assert_eq!(e.zone.as_deref(), Some("z1"));
+    }
+
+    #[test]
+    fn ipv6_is_used_when_there_is_no_ipv4() {
+        let i = instance("i-1", Health::Healthy, &[("AWS_INSTANCE_IPV6", "fd00::7")]);
+        let e = endpoint(&key(), &i, &provenance()).unwrap();
+        assert_eq!(e.address, "fd00::7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn instances_that_cannot_be_endpoints_are_left_out_with_the_reason() {
+        let no_ip = instance(
+            "a",
+            Health::Healthy,
+            &[("AWS_INSTANCE_CNAME", "web.example")],
+        );
+        let bad_ip = instance("b", Health::Healthy, &[("AWS_INSTANCE_IPV4", "10.0.0")]);
+        let bad_port = instance(
+            "c",
+            Health::Healthy,
+            &[
+                ("AWS_INSTANCE_IPV4", "10.0.0.3"),
+                ("AWS_INSTANCE_PORT", "http"),
+            ],
+        );
+        let good = instance("d", Health::Healthy, &[("AWS_INSTANCE_IPV4", "10.0.0.4")]);
+        let err = endpoint(&key(), &no_ip, &provenance()).unwrap_err();
+        assert!(err.contains("AWS_INSTANCE_IPV4"), "{err}");
+        let err = endpoint(&key(), &bad_ip, &provenance()).unwrap_err();
+        assert!(err.contains("\"10.0.0\""), "{err}");
+        let err = endpoint(&key(), &bad_port, &provenance()).unwrap_err();
+        assert!(err.contains("AWS_INSTANCE_PORT"), "{err}");
+        let set = endpoint_set(
+            &key(),
+            &[no_ip, bad_ip, bad_port, good],
+            &"cloudmap:test".into(),
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(set.endpoints.len(), 1);
+        assert_eq!(
+            set.endpoints[0].address,
+            "10.0.0.4".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_weight_that_is_not_a_number_is_ignored() {
+        let i = instance(
+            "i-1",
+            Health::Healthy,
+            &[("AWS_INSTANCE_IPV4", "10.0.0.1"), ("WEIGHT", "heavy")],
+        );
+        assert_eq!(endpoint(&key(), &i, &provenance()).unwrap().weight, None);
+    }
+
+    #[test]
+    fn health_maps_to_readiness_with_unknown_as_ready() {
+        assert_eq!(Health::Healthy.readiness(), Readiness::Ready);
+        assert_eq!(Health::Unhealthy.readiness(), Readiness::NotReady);
+        assert_eq!(Health::Unknown.readiness(), Readiness::Ready);
+        let down = instance(
+            "i-1",
+            Health::Unhealthy,
+            &[("AWS_INSTANCE_IPV4", "10.0.0.1")],
+        );
+        assert_eq!(
+            endpoint(&key(), &down, &provenance()).unwrap().readiness,
+            Readiness::NotReady,
+            "an unhealthy instance stays in the set as NotReady"
+        );
+    }
+
+    #[test]
+    fn duplicate_instance_ids_keep_the_last_registration() {
+        let first = instance("i-1", Health::Healthy, &[("AWS_INSTANCE_IPV4", "10.0.0.1")]);
+        let second = instance("i-1", Health::Healthy, &[("AWS_INSTANCE_IPV4", "10.0.0.2")]);
+        let other = instance("i-0", Health::Healthy, &[("AWS_INSTANCE_IPV4", "10.0.0.9")]);
+        let unique = dedupe(vec![first, other.clone(), second.clone()]);
+        assert_eq!(
+            unique,
+            vec![other, second],
+            "one per id, sorted by id, last wins"
+        );
+    }
+
+    #[test]
+    fn service_ports_are_the_distinct_instance_ports_with_an_agreed_protocol() {
+        let at = |id: &str, ip: &str, port: &str, proto: &str| {
+            instance(
+                id,
+                Health::Healthy,
+                &[
+                    ("AWS_INSTANCE_IPV4", ip),
+                    ("AWS_INSTANCE_PORT", port),
+                    ("protocol", proto),
+                ],
+            )
+        };
+        let set = endpoint_set(
+            &key(),
+            &[
+                at("a", "10.0.0.1", "8080", "http"),
+                at("b", "10.0.0.2", "8080", "http"),
+                at("c", "10.0.0.3", "9090", "grpc"),
+                at("d", "10.0.0.4", "9090", "tcp"),
+            ],
+            &"cloudmap:test".into(),
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(
+            set.ports,
+            vec![
+                ServicePort {
+                    name: None,
+                    port: 8080,
+                    protocol: Some(ProtocolHint::Http)
+                },
+                ServicePort {
+                    name: None,
+                    port: 9090,
+                    protocol: None
+                },
+            ]
+        );
+    }
+}

@@ -155,3 +155,290 @@ impl<S: InstanceSource> WatchLoop<S> {
         Some(snapshot)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The paths moto cannot show faithfully: revisions going backwards, health changes without a
+    //! revision change, duplicate instance ids, throttling. A scripted source stands in for Cloud
+    //! Map; time is paused, so intervals are exact and the tests are instant.
+
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use futures::StreamExt;
+    use trellis_discovery::{ErrorKind, Readiness};
+
+    use super::*;
+    use crate::mapping::Health;
+
+    const POLL: Duration = Duration::from_millis(100);
+    const REFRESH: Duration = Duration::from_secs(10);
+
+    #[derive(Default)]
+    struct Registry {
+        exists: bool,
+        revision: i64,
+        instances: Vec<RawInstance>,
+        throttled: bool,
+        revision_calls: usize,
+        instance_calls: usize,
+    }
+
+    #[derive(Default)]
+    struct Scripted(Mutex<Registry>);
+
+    impl Scripted {
+        fn with(&self, f: impl FnOnce(&mut Registry)) {
+            f(&mut self.0.lock().unwrap())
+        }
+        fn calls(&self) -> (usize, usize) {
+            let r = self.0.lock().unwrap();
+            (r.revision_calls, r.instance_calls)
+        }
+    }
+
+    fn throttled() -> Failure {
+        let (kind, temporary) = crate::errors::classify_code(Some("RequestLimitExceeded"), 400);
+        Failure::Error(DiscoveryError::new(
+            kind,
+            temporary,
+            "cloudmap:test".into(),
+            "DiscoverInstances: RequestLimitExceeded",
+        ))
+    }
+
+    impl InstanceSource for Scripted {
+        async fn revision(&self, _key: &ServiceKey) -> Result<Option<i64>, Failure> {
+            let mut r = self.0.lock().unwrap();
+            r.revision_calls += 1;
+            match (r.throttled, r.exists) {
+                (true, _) => Err(throttled()),
+                (false, false) => Err(Failure::NotFound),
+                (false, true) => Ok(Some(r.revision)),
+            }
+        }
+
+        async fn instances(&self, _key: &ServiceKey) -> Result<Discovered, Failure> {
+            let mut r = self.0.lock().unwrap();
+            r.instance_calls += 1;
+            match (r.throttled, r.exists) {
+                (true, _) => Err(throttled()),
+                (false, false) => Err(Failure::NotFound),
+                (false, true) => Ok(Discovered {
+                    instances: r.instances.clone(),
+                    revision: Some(r.revision),
+                }),
+            }
+        }
+    }
+
+    fn at(id: &str, ip: &str, health: Health) -> RawInstance {
+        RawInstance {
+            id: id.into(),
+            health,
+            attributes: BTreeMap::from([
+                ("AWS_INSTANCE_IPV4".to_string(), ip.to_string()),
+                ("AWS_INSTANCE_PORT".to_string(), "8080".to_string()),
+            ]),
+        }
+    }
+
+    fn start(
+        registry: Registry,
+    ) -> (
+        Arc<Scripted>,
+        BoxStream<'static, Result<Snapshot, DiscoveryError>>,
+    ) {
+        let source = Arc::new(Scripted(Mutex::new(registry)));
+        let stream = watch(
+            source.clone(),
+            ServiceKey::new("prod.local", "web"),
+            "cloudmap:test".into(),
+            Timing {
+                poll: POLL,
+                refresh: REFRESH,
+            },
+        );
+        (source, stream)
+    }
+
+    async fn next(
+        stream: &mut BoxStream<'static, Result<Snapshot, DiscoveryError>>,
+    ) -> Result<Snapshot, DiscoveryError> {
+        tokio::time::timeout(REFRESH * 3, stream.next())
+            .await
+            .expect("an item within three refresh intervals")
+            .expect("watch streams never end")
+    }
+
+    fn addresses(snapshot: &Snapshot) -> Vec<(String, Readiness)> {
+        match snapshot {
+            Snapshot::NotFound => panic!("want Endpoints, got NotFound"),
+            Snapshot::Endpoints(set) => set
+                .endpoints
+                .iter()
+                .map(|e| (e.address.to_string(), e.readiness))
+                .collect(),
+        }
+    }
+
+    fn web(instances: Vec<RawInstance>, revision: i64) -> Registry {
+        Registry {
+            exists: true,
+            revision,
+            instances,
+            ..Registry::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revision_that_goes_backwards_is_a_change() {
+        let (source, mut stream) = start(web(
+            vec![
+                at("a", "10.0.0.1", Health::Healthy),
+                at("b", "10.0.0.2", Health::Healthy),
+            ],
+            5,
+        ));
+        assert_eq!(addresses(&next(&mut stream).await.unwrap()).len(), 2);
+
+        // moto-style: deregistering drops the instance's counter from the sum, so 5 -> 3.
+        source.with(|r| {
+            r.instances.truncate(1);
+            r.revision = 3;
+        });
+        let changed_at = Instant::now();
+        let snapshot = next(&mut stream).await.unwrap();
+        assert_eq!(
+            addresses(&snapshot),
+            vec![("10.0.0.1".into(), Readiness::Ready)]
+        );
+        assert!(
+            changed_at.elapsed() <= POLL,
+            "seen by the revision check within one poll, not by the refresh: {:?}",
+            changed_at.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unchanged_revision_costs_no_discover_instances_until_the_refresh() {
+        let (source, mut stream) = start(web(vec![at("a", "10.0.0.1", Health::Healthy)], 1));
+        next(&mut stream).await.unwrap();
+        assert_eq!(source.calls(), (0, 1), "the first answer is a full fetch");
+
+        let quiet = tokio::time::timeout(REFRESH - POLL, stream.next()).await;
+        assert!(
+            quiet.is_err(),
+            "nothing changed, nothing yielded: {quiet:?}"
+        );
+        let (revisions, fetches) = source.calls();
+        assert_eq!(
+            fetches, 1,
+            "no DiscoverInstances while the revision is unchanged"
+        );
+        assert!(
+            (95..=100).contains(&revisions),
+            "one revision check per poll interval, got {revisions}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_health_change_without_a_revision_change_shows_after_the_refresh() {
+        let (source, mut stream) = start(web(vec![at("a", "10.0.0.1", Health::Healthy)], 7));
+        next(&mut stream).await.unwrap();
+        let started = Instant::now();
+        // Cloud Map applies health at once and leaves the revision alone.
+        source.with(|r| r.instances[0].health = Health::Unhealthy);
+        let snapshot = next(&mut stream).await.unwrap();
+        assert_eq!(
+            addresses(&snapshot),
+            vec![("10.0.0.1".into(), Readiness::NotReady)]
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= REFRESH - POLL && took <= REFRESH + POLL,
+            "shown by the periodic refresh: {took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_re_registered_instance_is_one_endpoint_with_the_latest_attributes() {
+        // moto appends a second copy when an instance id is registered again.
+        let (_source, mut stream) = start(web(
+            vec![
+                at("a", "10.0.0.1", Health::Healthy),
+                at("a", "10.0.0.2", Health::Healthy),
+            ],
+            2,
+        ));
+        let snapshot = next(&mut stream).await.unwrap();
+        assert_eq!(
+            addresses(&snapshot),
+            vec![("10.0.0.2".into(), Readiness::Ready)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_is_a_temporary_error_item_and_the_watch_recovers() {
+        let (source, mut stream) = start(web(vec![at("a", "10.0.0.1", Health::Healthy)], 1));
+        let first = next(&mut stream).await.unwrap();
+
+        source.with(|r| r.throttled = true);
+        let err = next(&mut stream).await.unwrap_err();
+        assert!(err.temporary, "throttling is temporary: {err}");
+        assert_eq!(err.kind, ErrorKind::Unavailable);
+        // Still throttled: more error items, spaced by the backoff (never faster than it).
+        let before = Instant::now();
+        assert!(next(&mut stream).await.is_err());
+        assert!(before.elapsed() >= trellis_discovery::BACKOFF_INITIAL);
+
+        // Back, with a change made meanwhile: the first success re-fetches in full.
+        source.with(|r| {
+            r.throttled = false;
+            r.instances.push(at("b", "10.0.0.2", Health::Healthy));
+        });
+        let back = Instant::now();
+        let snapshot = next(&mut stream).await.unwrap();
+        assert_eq!(addresses(&snapshot).len(), 2);
+        assert!(
+            back.elapsed() <= trellis_discovery::BACKOFF_CAP,
+            "{:?}",
+            back.elapsed()
+        );
+        assert_ne!(snapshot, first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recovery_without_a_change_repeats_nothing() {
+        let (source, mut stream) = start(web(vec![at("a", "10.0.0.1", Health::Healthy)], 1));
+        next(&mut stream).await.unwrap();
+        source.with(|r| r.throttled = true);
+        assert!(next(&mut stream).await.is_err());
+        source.with(|r| r.throttled = false);
+        let quiet = tokio::time::timeout(REFRESH / 2, stream.next()).await;
+        assert!(
+            quiet.is_err(),
+            "the same content is not yielded again: {quiet:?}"
+        );
+        let (_, fetches) = source.calls();
+        assert!(fetches >= 2, "recovery fetched in full");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_service_is_not_found_first_then_appears() {
+        let (source, mut stream) = start(Registry::default());
+        assert_eq!(next(&mut stream).await.unwrap(), Snapshot::NotFound);
+        let quiet = tokio::time::timeout(POLL * 5, stream.next()).await;
+        assert!(quiet.is_err(), "NotFound is not repeated");
+
+        source.with(|r| {
+            r.exists = true;
+            r.revision = 1;
+            r.instances = vec![at("a", "10.0.0.1", Health::Healthy)];
+        });
+        let snapshot = next(&mut stream).await.unwrap();
+        assert_eq!(addresses(&snapshot).len(), 1);
+        source.with(|r| r.exists = false);
+        assert_eq!(next(&mut stream).await.unwrap(), Snapshot::NotFound);
+    }
+}
