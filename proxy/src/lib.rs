@@ -97,7 +97,10 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         authorizer,
         resolver,
     } = options;
-    let shared = Arc::new(Shared::new(&config, &mut registry, authorizer, resolver).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let shared = Arc::new(
+        Shared::new(&config, &mut registry, authorizer, resolver)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
     let (shutdown, shutdown_rx) = watch::channel(false);
     let connections = Arc::new(Connections::default());
     let mut tasks = Vec::new();

@@ -17,7 +17,10 @@ fn config(upstream: std::net::SocketAddr) -> String {
 
 async fn response_head(stream: &mut TcpStream) -> String {
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.expect("an answer").unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
@@ -27,27 +30,39 @@ async fn oversized_heads_and_too_many_headers_are_refused() {
     let proxy = proxy(&config(v1.addr)).await;
     let mut s = TcpStream::connect(proxy.http.unwrap()).await.unwrap();
     let big = "x".repeat(8000);
-    s.write_all(format!("GET / HTTP/1.1\r\nHost: echo.default\r\nX-Big: {big}\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: echo.default\r\nX-Big: {big}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let head = response_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 431"), "{head}");
 
     let mut s = TcpStream::connect(proxy.http.unwrap()).await.unwrap();
     let many: String = (0..50).map(|i| format!("X-H{i}: v\r\n")).collect();
-    s.write_all(format!("GET / HTTP/1.1\r\nHost: echo.default\r\n{many}\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: echo.default\r\n{many}\r\n").as_bytes())
+        .await
+        .unwrap();
     let head = response_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 431"), "{head}");
 
     let long_uri = "/".to_string() + &"a".repeat(8000);
     let mut s = TcpStream::connect(proxy.http.unwrap()).await.unwrap();
-    s.write_all(format!("GET {long_uri} HTTP/1.1\r\nHost: echo.default\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {long_uri} HTTP/1.1\r\nHost: echo.default\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let head = response_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 4"), "request line over the limit refused: {head}");
+    assert!(
+        head.starts_with("HTTP/1.1 4"),
+        "request line over the limit refused: {head}"
+    );
     assert_eq!(v1.hits(), 0);
 
     let mut s = TcpStream::connect(proxy.http.unwrap()).await.unwrap();
     s.write_all(b"\x00\x01garbage\r\n\r\n").await.unwrap();
     let head = response_head(&mut s).await;
-    assert!(head.is_empty() || head.starts_with("HTTP/1.1 400"), "{head:?}");
+    assert!(
+        head.is_empty() || head.starts_with("HTTP/1.1 400"),
+        "{head:?}"
+    );
 }
 
 #[tokio::test]
@@ -56,7 +71,9 @@ async fn slowloris_and_idle_connections_are_closed() {
     let proxy = proxy(&config(v1.addr)).await;
     // A head that trickles in and never ends.
     let mut s = TcpStream::connect(proxy.http.unwrap()).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: echo.default\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: echo.default\r\n")
+        .await
+        .unwrap();
     let started = Instant::now();
     let mut closed = false;
     for _ in 0..40 {
@@ -73,19 +90,31 @@ async fn slowloris_and_idle_connections_are_closed() {
         }
     }
     assert!(closed, "slow head not cut off");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 
     // A keep-alive connection that goes quiet after a request is closed too.
     let mut s = TcpStream::connect(proxy.http.unwrap()).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: echo.default\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: echo.default\r\n\r\n")
+        .await
+        .unwrap();
     assert!(response_head(&mut s).await.starts_with("HTTP/1.1 200"));
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.expect("closed when idle");
-    assert!(matches!(n, Ok(0) | Err(_)) || String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 408"));
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("closed when idle");
+    assert!(
+        matches!(n, Ok(0) | Err(_)) || String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 408")
+    );
 
     // A connection that never says anything is closed after the header-read timeout.
     let mut s = TcpStream::connect(proxy.http.unwrap()).await.unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.expect("closed when silent");
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("closed when silent");
     assert!(matches!(n, Ok(0) | Err(_)));
 }
 
@@ -96,14 +125,26 @@ async fn detect_ports_carry_http_and_opaque_bytes() {
     let v1 = app("v1").await;
     let proxy = proxy(&config(v1.addr)).await;
     let mut http = H1::connect(proxy.ports[0]).await;
-    assert_eq!(http.get("anything", "/").await.1, "v1", "HTTP detected, routed to the port's destination");
+    assert_eq!(
+        http.get("anything", "/").await.1,
+        "v1",
+        "HTTP detected, routed to the port's destination"
+    );
     let mut h2 = h2(proxy.ports[0]).await;
-    let resp = h2.send_request(http::Request::get("http://x/").body(full("")).unwrap()).await.unwrap();
+    let resp = h2
+        .send_request(http::Request::get("http://x/").body(full("")).unwrap())
+        .await
+        .unwrap();
     assert_eq!(resp.headers()["x-seen-version"], "HTTP/2.0");
 
     let mut s = TcpStream::connect(proxy.ports[0]).await.unwrap();
-    s.write_all(b"\x16\x03\x01 not http at all\r\n\r\n").await.unwrap();
+    s.write_all(b"\x16\x03\x01 not http at all\r\n\r\n")
+        .await
+        .unwrap();
     let head = response_head(&mut s).await;
-    assert!(head.starts_with("HTTP/1.1 400"), "opaque bytes reached the app unchanged: {head:?}");
+    assert!(
+        head.starts_with("HTTP/1.1 400"),
+        "opaque bytes reached the app unchanged: {head:?}"
+    );
     assert_eq!(v1.hits(), 2);
 }
