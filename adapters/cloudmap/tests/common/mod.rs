@@ -72,9 +72,15 @@ pub struct MotoRegistry {
 impl MotoRegistry {
     /// Starts moto and creates the test namespace.
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`Self::start`] with the adapter options adjusted by `adjust` (the benchmark's intervals).
+    pub async fn start_with(adjust: impl FnOnce(&mut CloudMapOptions)) -> Self {
         let moto = MotoServer::start().await;
         let url = moto.url();
-        let options = test_options(&url);
+        let mut options = test_options(&url);
+        adjust(&mut options);
         let client = explicit_client(&options);
         let registry = Self {
             moto: tokio::sync::Mutex::new(moto),
