@@ -94,11 +94,16 @@ enum Side {
     Base(Result<Snapshot, DiscoveryError>),
 }
 
+/// What one subset watch remembers. The service's own endpoints are passed through without being
+/// kept (only whether it exists), so a watch of an existing service holds no second copy.
 #[derive(Default)]
 struct SubsetState {
-    own: Option<Snapshot>,
+    /// Whether the service itself exists; `None` until it answered.
+    own_exists: Option<bool>,
+    /// The base service's last answer.
     base: Option<Snapshot>,
-    sent: Option<Snapshot>,
+    /// The last subset (or NotFound) answer sent, to send only changes.
+    sent_derived: Option<Snapshot>,
 }
 
 impl<D: Discovery> Discovery for VersionSubsets<D> {
@@ -130,13 +135,18 @@ impl<D: Discovery> Discovery for VersionSubsets<D> {
             .scan(SubsetState::default(), move |state, side| {
                 let out = match side {
                     Side::Own(Err(e)) | Side::Base(Err(e)) => Some(Err(e)),
-                    Side::Own(Ok(s)) => {
-                        state.own = Some(s);
-                        state.next(&key, &version).map(Ok)
+                    Side::Own(Ok(own @ Snapshot::Endpoints(_))) => {
+                        state.own_exists = Some(true);
+                        state.sent_derived = None;
+                        Some(Ok(own))
+                    }
+                    Side::Own(Ok(Snapshot::NotFound)) => {
+                        state.own_exists = Some(false);
+                        state.derived(&key, &version).map(Ok)
                     }
                     Side::Base(Ok(s)) => {
                         state.base = Some(s);
-                        state.next(&key, &version).map(Ok)
+                        state.derived(&key, &version).map(Ok)
                     }
                 };
                 futures::future::ready(Some(out))
@@ -147,13 +157,17 @@ impl<D: Discovery> Discovery for VersionSubsets<D> {
 }
 
 impl SubsetState {
-    /// The snapshot to send now, if the answer is known and differs from the last one sent.
-    fn next(&mut self, key: &ServiceKey, version: &str) -> Option<Snapshot> {
-        let answer = resolve_subset(self.own.as_ref(), self.base.as_ref(), key, version)?;
-        if self.sent.as_ref() == Some(&answer) {
+    /// The subset or NotFound answer to send now: only when the service itself is known to be
+    /// missing, the base has answered, and the answer differs from the last one sent.
+    fn derived(&mut self, key: &ServiceKey, version: &str) -> Option<Snapshot> {
+        if self.own_exists != Some(false) {
             return None;
         }
-        self.sent = Some(answer.clone());
+        let answer = resolve_subset(Some(&Snapshot::NotFound), self.base.as_ref(), key, version)?;
+        if self.sent_derived.as_ref() == Some(&answer) {
+            return None;
+        }
+        self.sent_derived = Some(answer.clone());
         Some(answer)
     }
 }

@@ -186,51 +186,85 @@ struct OwnerSpec {
 }
 
 /// A string that must not be empty.
-#[derive(Debug, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug)]
 struct NonEmpty(String);
 
-impl TryFrom<String> for NonEmpty {
-    type Error = &'static str;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        if s.trim().is_empty() {
-            Err("must not be empty")
-        } else {
-            Ok(Self(s))
-        }
+impl<'de> Deserialize<'de> for NonEmpty {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(Checked("a non-empty string", |s: &str| {
+            if s.trim().is_empty() {
+                Err("must not be empty".to_string())
+            } else {
+                Ok(NonEmpty(s.to_string()))
+            }
+        }))
     }
 }
 
 /// A port number 1..=65535.
-#[derive(Clone, Copy, Debug, Deserialize)]
-#[serde(try_from = "u32")]
+#[derive(Clone, Copy, Debug)]
 struct PortNumber(u16);
 
-impl TryFrom<u32> for PortNumber {
-    type Error = String;
-
-    fn try_from(n: u32) -> Result<Self, String> {
-        match u16::try_from(n) {
-            Ok(p) if p != 0 => Ok(Self(p)),
-            _ => Err(format!("port {n} is not in 1..=65535")),
-        }
+impl<'de> Deserialize<'de> for PortNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_u64(CheckedNumber(
+            "a port number",
+            |n: u64| match u16::try_from(n) {
+                Ok(p) if p != 0 => Ok(PortNumber(p)),
+                _ => Err(format!("port {n} is not in 1..=65535")),
+            },
+        ))
     }
 }
 
 /// A protocol hint, spelled as [`ProtocolHint::parse`] accepts; anything else is an error here (a
 /// file is written by a person, who wants to know about a typo).
-#[derive(Clone, Copy, Debug, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Clone, Copy, Debug)]
 struct Protocol(ProtocolHint);
 
-impl TryFrom<String> for Protocol {
-    type Error = String;
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(Checked("a protocol", |s: &str| {
+            ProtocolHint::parse(s)
+                .map(Protocol)
+                .ok_or_else(|| format!("unknown protocol {s:?}: use http, http2, grpc or tcp"))
+        }))
+    }
+}
 
-    fn try_from(s: String) -> Result<Self, String> {
-        ProtocolHint::parse(&s)
-            .map(Protocol)
-            .ok_or_else(|| format!("unknown protocol {s:?}: use http, http2, grpc or tcp"))
+/// A visitor that checks a scalar while the parser is on it, so the error carries the scalar's own
+/// line and column (a `try_from` check runs later and gets the enclosing mapping's position).
+struct Checked<F>(&'static str, F);
+
+impl<'de, T, F: FnOnce(&str) -> Result<T, String>> serde::de::Visitor<'de> for Checked<F> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        (self.1)(v).map_err(E::custom)
+    }
+}
+
+/// The number flavour of [`Checked`].
+struct CheckedNumber<F>(&'static str, F);
+
+impl<'de, T, F: FnOnce(u64) -> Result<T, String>> serde::de::Visitor<'de> for CheckedNumber<F> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
+        (self.1)(v).map_err(E::custom)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
+        let v = u64::try_from(v).map_err(|_| E::custom(format!("port {v} is not in 1..=65535")))?;
+        (self.1)(v).map_err(E::custom)
     }
 }
 
@@ -427,4 +461,207 @@ fn service_set(
         ports,
         endpoints,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source() -> SourceId {
+        Arc::from("file:test")
+    }
+
+    fn parse_str(yaml: &str) -> Result<Catalog, ParseError> {
+        parse(
+            yaml,
+            Path::new("mesh.yaml"),
+            &source(),
+            SystemTime::UNIX_EPOCH,
+        )
+    }
+
+    fn error(yaml: &str) -> ParseError {
+        parse_str(yaml).expect_err("the file is invalid")
+    }
+
+    const GOOD: &str = "\
+namespace: shop
+services:
+  - name: web
+    ports:
+      - { name: http, port: 8080, protocol: http }
+    endpoints:
+      - address: 10.0.0.1
+        port: 18080
+        labels: { version: v1 }
+      - address: 10.0.0.2
+        ready: false
+        service_account: web-canary
+        weight: 5
+        zone: z1
+        owner: { kind: Deployment, name: web-canary }
+  - name: db
+    namespace: data
+    endpoints:
+      - address: 10.0.1.1
+        ports: [{ name: pg, port: 5432 }]
+        terminating: true
+        protocol: tcp
+";
+
+    #[test]
+    fn a_good_file_becomes_the_model_with_its_defaults() {
+        let catalog = parse_str(GOOD).expect("valid");
+        let keys: Vec<String> = catalog.services.keys().map(|k| k.to_string()).collect();
+        assert_eq!(keys, vec!["data/db", "shop/web"]);
+
+        let web = &catalog.services[&ServiceKey::new("shop", "web")];
+        assert_eq!(web.service, ServiceKey::new("shop", "web"));
+        assert_eq!(web.ports.len(), 1);
+        assert_eq!(web.ports[0].protocol, Some(ProtocolHint::Http));
+        let [first, second] = web.endpoints.as_slice() else {
+            panic!("two endpoints: {web:?}")
+        };
+        assert_eq!(first.address.to_string(), "10.0.0.1");
+        assert_eq!(
+            first.ports,
+            vec![EndpointPort {
+                name: None,
+                port: 18080
+            }]
+        );
+        assert_eq!(first.readiness, Readiness::Ready);
+        assert_eq!(first.identity, WorkloadIdentity::new("shop", "web"));
+        assert_eq!(
+            first.owner,
+            Some(OwnerRef {
+                kind: "Service".into(),
+                name: "web".into()
+            })
+        );
+        assert_eq!(first.labels.get("version").map(String::as_str), Some("v1"));
+        assert_eq!(
+            first.protocol,
+            Some(ProtocolHint::Http),
+            "from the service's only port"
+        );
+        assert_eq!(&*first.provenance.source, "file:test");
+        // No port given: the service ports as they are.
+        assert_eq!(
+            second.ports,
+            vec![EndpointPort {
+                name: Some("http".into()),
+                port: 8080
+            }]
+        );
+        assert_eq!(second.readiness, Readiness::NotReady);
+        assert_eq!(second.identity, WorkloadIdentity::new("shop", "web-canary"));
+        assert_eq!(
+            (second.weight, second.zone.as_deref()),
+            (Some(5), Some("z1"))
+        );
+        assert_eq!(
+            second.owner.as_ref().map(|o| o.name.as_str()),
+            Some("web-canary")
+        );
+
+        let db = &catalog.services[&ServiceKey::new("data", "db")];
+        assert_eq!(db.endpoints[0].readiness, Readiness::Terminating);
+        assert_eq!(db.endpoints[0].protocol, Some(ProtocolHint::Tcp));
+        assert_eq!(
+            db.endpoints[0].identity,
+            WorkloadIdentity::new("data", "db")
+        );
+    }
+
+    #[test]
+    fn the_demo_file_is_valid() {
+        let catalog = parse_str(crate::DEMO_YAML).expect("demo.yaml is valid");
+        let names: Vec<&str> = catalog.services.keys().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, vec!["api", "api-v1", "api-v2", "client", "web"]);
+        assert!(catalog.services.keys().all(|k| k.namespace == "demo"));
+    }
+
+    #[test]
+    fn invalid_yaml_is_reported_with_its_line() {
+        let e = error("services:\n  - name: web\n    endpoints: [\n  - oops\n");
+        assert_eq!(e.file, "mesh.yaml");
+        assert!(e.line.is_some(), "{e}");
+        assert!(e.to_string().starts_with("mesh.yaml:"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_address_names_its_line_and_field() {
+        let yaml = GOOD.replace("10.0.0.2", "10.0.0.300");
+        let e = error(&yaml);
+        assert_eq!(e.line, Some(10), "{e}");
+        assert!(e.message.contains("services[0].endpoints[1]"), "{e}");
+        assert!(e.message.contains("invalid IP address"), "{e}");
+        assert!(e.to_string().starts_with("mesh.yaml:10:"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_field_is_an_error_not_ignored() {
+        let yaml = GOOD.replace("        zone: z1", "        zoen: z1");
+        let e = error(&yaml);
+        assert_eq!(e.line, Some(14), "{e}");
+        assert!(e.message.contains("unknown field `zoen`"), "{e}");
+    }
+
+    #[test]
+    fn checks_on_values_carry_the_line() {
+        let e = error(&GOOD.replace("port: 18080", "port: 70000"));
+        assert_eq!(e.line, Some(8), "{e}");
+        assert!(e.message.contains("port 70000 is not in 1..=65535"), "{e}");
+
+        let e = error(&GOOD.replace("protocol: tcp", "protocol: htp"));
+        assert_eq!(e.line, Some(22), "{e}");
+        assert!(e.message.contains("unknown protocol \"htp\""), "{e}");
+
+        let e = error(&GOOD.replace("port: 18080", "port: 18080\n        ports: [{ port: 1 }]"));
+        assert!(
+            e.message.contains("give `port` or `ports`, not both"),
+            "{e}"
+        );
+        assert!(e.line.is_some_and(|l| (7..=10).contains(&l)), "{e}");
+
+        let e = error(&GOOD.replace("  - name: db", "  - name: ''"));
+        assert_eq!(e.line, Some(16), "{e}");
+        assert!(e.message.contains("must not be empty"), "{e}");
+    }
+
+    #[test]
+    fn a_duplicate_service_names_the_line_of_the_second() {
+        let yaml =
+            format!("{GOOD}  - name: web\n    endpoints: [{{ address: 10.0.0.9, port: 1 }}]\n");
+        let e = error(&yaml);
+        assert_eq!(e.line, Some(23), "{e}");
+        assert!(
+            e.message.contains("service shop/web is listed twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_without_any_port_is_an_error() {
+        let e =
+            error("services:\n  - name: a\n  - name: b\n    endpoints: [{ address: 10.0.0.1 }]\n");
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(
+            e.message.contains("services[1] (default/b): endpoints[0]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_empty_file_is_an_error() {
+        assert_eq!(error("  \n").message, "the file is empty");
+        // ... but a file with no services is a valid, empty catalog.
+        assert!(
+            parse_str("services: []\n")
+                .expect("valid")
+                .services
+                .is_empty()
+        );
+    }
 }

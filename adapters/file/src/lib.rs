@@ -202,11 +202,14 @@ impl Discovery for FileDiscovery {
     }
 
     fn watch(&self, key: ServiceKey) -> BoxStream<'static, Result<Snapshot, DiscoveryError>> {
-        self.follow(move |p| {
-            p.good.as_ref().map(|c| match c.services.get(&key) {
-                Some(set) => Snapshot::Endpoints((**set).clone()),
-                None => Snapshot::NotFound,
+        // Follow the shared set (no copy kept per watch); copy it out only when it is yielded.
+        self.follow(move |p| p.good.as_ref().map(|c| c.services.get(&key).cloned()))
+            .map(|item| {
+                item.map(|set| match set {
+                    Some(set) => Snapshot::Endpoints(Arc::unwrap_or_clone(set)),
+                    None => Snapshot::NotFound,
+                })
             })
-        })
+            .boxed()
     }
 }

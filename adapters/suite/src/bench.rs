@@ -8,7 +8,7 @@ use std::future::Future;
 use std::mem::size_of;
 use std::time::{Duration, Instant};
 
-use trellis_discovery::{Endpoint, EndpointPort, ServicePort, Snapshot};
+use trellis_discovery::{ChangeDelivery, Endpoint, EndpointPort, ServicePort, Snapshot};
 
 use crate::scenarios::{Ctx, addr};
 use crate::{TestInstance, TestRegistry};
@@ -110,8 +110,17 @@ impl ChurnReport {
 /// Makes `changes` changes to one service (each moves its only instance to a new port) and times
 /// each from the start of the registry write to the watch yielding the snapshot with the new port.
 /// Panics when a change does not show within the harness's `change_timeout`.
+///
+/// For polling adapters ([`ChangeDelivery::Poll`]) each change waits first for a pause spread
+/// evenly over one poll interval, so changes land at every phase of the poll cycle as real ones do
+/// (without it, every change would come right after the poll that delivered the previous one and
+/// wait a whole interval).
 pub async fn churn(registry: &dyn TestRegistry, changes: usize) -> ChurnReport {
     let ctx = Ctx::new(registry);
+    let poll = match ctx.discovery.capabilities().delivery {
+        ChangeDelivery::Poll(every) => Some(every),
+        ChangeDelivery::Push => None,
+    };
     let service = "churn-web";
     let instance = |i: usize| {
         [TestInstance::new(
@@ -128,6 +137,9 @@ pub async fn churn(registry: &dyn TestRegistry, changes: usize) -> ChurnReport {
     let mut total = Vec::with_capacity(changes);
     let mut writes = Vec::with_capacity(changes);
     for i in 1..=changes {
+        if let Some(every) = poll {
+            tokio::time::sleep(every.mul_f64(phase(i))).await;
+        }
         let start = Instant::now();
         ctx.put(service, &instance(i)).await;
         writes.push(start.elapsed());
@@ -139,6 +151,11 @@ pub async fn churn(registry: &dyn TestRegistry, changes: usize) -> ChurnReport {
         change_to_snapshot: LatencyStats::from_samples(total),
         write: LatencyStats::from_samples(writes),
     }
+}
+
+/// The `i`th point of the golden-ratio sequence in [0, 1): evenly spread, deterministic.
+fn phase(i: usize) -> f64 {
+    (i as f64 * 0.618_033_988_749_895).fract()
 }
 
 /// What [`memory`] measured.
@@ -270,6 +287,20 @@ mod tests {
         assert_eq!(stats.max, Duration::from_millis(100));
         assert_eq!(stats.samples, 100);
         assert_eq!(LatencyStats::from_samples(Vec::new()).p99, Duration::ZERO);
+    }
+
+    #[test]
+    fn phases_spread_over_the_interval() {
+        let mut buckets = [0usize; 10];
+        for i in 1..=1000 {
+            let p = phase(i);
+            assert!((0.0..1.0).contains(&p));
+            buckets[(p * 10.0) as usize] += 1;
+        }
+        assert!(
+            buckets.iter().all(|b| (90..=110).contains(b)),
+            "{buckets:?}"
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
-use trellis_adapter_file::file_discovery;
-use trellis_discovery::Discovery;
+use trellis_adapter_file::FileDiscovery;
+use trellis_discovery::{Discovery, VersionSubsets};
 use trellis_discovery_suite::{HarnessFeatures, TestInstance, TestRegistry};
 
 pub const NAMESPACE: &str = "suite";
@@ -21,6 +21,7 @@ pub struct FileRegistry {
     pub path: PathBuf,
     services: Mutex<BTreeMap<String, Vec<TestInstance>>>,
     large_set: usize,
+    interval: Duration,
 }
 
 #[derive(Serialize)]
@@ -52,6 +53,11 @@ struct EndpointDoc<'a> {
 
 impl FileRegistry {
     pub fn new(large_set: usize) -> Self {
+        Self::with_poll_interval(large_set, trellis_adapter_file::DEFAULT_POLL_INTERVAL)
+    }
+
+    /// A registry whose adapters check the file every `interval`.
+    pub fn with_poll_interval(large_set: usize, interval: Duration) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("mesh.yaml");
         let registry = Self {
@@ -59,6 +65,7 @@ impl FileRegistry {
             path,
             services: Mutex::new(BTreeMap::new()),
             large_set,
+            interval,
         };
         registry.write().expect("initial file");
         registry
@@ -119,7 +126,10 @@ impl TestRegistry for FileRegistry {
     }
 
     fn discovery(&self) -> Arc<dyn Discovery> {
-        Arc::new(file_discovery(&self.path))
+        Arc::new(VersionSubsets::new(FileDiscovery::with_poll_interval(
+            &self.path,
+            self.interval,
+        )))
     }
 
     async fn put_service(&self, service: &str, instances: &[TestInstance]) -> anyhow::Result<()> {
