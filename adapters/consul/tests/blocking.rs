@@ -183,7 +183,7 @@ async fn blocking_queries_are_not_cut_by_the_http_timeout() {
     double.register(&instance(1, "web", "passing")).unwrap();
     let mut c = config(&double);
     c.wait = Duration::from_millis(800);
-    c.request_timeout = Duration::from_millis(150);
+    c.request_timeout = Duration::from_millis(400);
     let mut w = watch(c, "web");
     endpoints(&mut w, 1).await;
     // Three full waits (each up to 800 ms + 50 ms jitter) without any change: no error items.

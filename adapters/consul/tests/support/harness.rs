@@ -33,6 +33,8 @@ pub enum Target {
 pub struct ConsulHarness {
     pub target: Target,
     pub address: String,
+    /// Overrides the adapter's rate limit (benchmarks measure delivery, not the limiter).
+    pub rate_limit: Option<trellis_adapter_consul::RateLimit>,
     token: Option<String>,
     http: Client<HttpConnector, Full<Bytes>>,
     large_set: usize,
@@ -66,6 +68,7 @@ impl ConsulHarness {
         Self {
             target,
             address,
+            rate_limit: None,
             token,
             http,
             large_set,
@@ -83,6 +86,9 @@ impl ConsulHarness {
     pub fn config(&self) -> ConsulConfig {
         let mut config = ConsulConfig::new(self.address.clone());
         config.token = self.token.clone().map(AclToken::new);
+        if let Some(limit) = self.rate_limit {
+            config.rate_limit = limit;
+        }
         config
     }
 
