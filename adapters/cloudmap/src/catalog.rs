@@ -76,7 +76,7 @@ impl CatalogLoop {
             .iter()
             .filter(|ns| self.namespaces.is_empty() || self.namespaces.contains(&ns.name))
         {
-            for name in self.sdk.list_services(ns).await? {
+            for (name, _id) in self.sdk.list_services(ns).await? {
                 services.push(ServiceKey::new(ns.name.clone(), name));
             }
         }

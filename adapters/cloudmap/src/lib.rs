@@ -24,8 +24,10 @@
 //! # Names
 //! `ServiceKey.namespace` is the Cloud Map **namespace name**, `ServiceKey.name` the service name.
 //! Watches call the data plane by name (`DiscoverInstances` takes names), so they need no ids;
-//! the catalog resolves names to ids with `ListNamespaces` on every catalog poll (see [`sdk`]'s
-//! docs on the cache). An unknown namespace or service is `Snapshot::NotFound`, not an error.
+//! the catalog resolves names to ids with one `ListNamespaces` per catalog poll and caches the
+//! namespaces' `HttpName`s for the watches; after `NamespaceNotFound` a watch re-resolves (at most
+//! once per catalog interval) and retries once. An unknown namespace or service is
+//! `Snapshot::NotFound`, not an error.
 //!
 //! # Change detection
 //! Per watched service: `DiscoverInstancesRevision` every [`CloudMapOptions::poll_interval`]
@@ -33,10 +35,10 @@
 //! `NotReady` instead of vanishing) when the revision **differs** from the last one (revisions can
 //! go backwards), and every [`CloudMapOptions::refresh_interval`] (default 10 s) regardless, because
 //! health changes do not change the revision. A snapshot is yielded only when what Cloud Map
-//! returned changed. See the `watch` module.
+//! returned changed.
 //!
 //! # Attributes, health and identity
-//! See the table in the `mapping` module: `AWS_INSTANCE_IPV4`/`IPV6` and `AWS_INSTANCE_PORT` give
+//! The full table is in the README. `AWS_INSTANCE_IPV4`/`IPV6` and `AWS_INSTANCE_PORT` give
 //! the address and port; `SERVICE_ACCOUNT` (or `service-account`) the identity's service account,
 //! else the service name, in the namespace of the key; `version`, `weight`, `protocol`,
 //! `AVAILABILITY_ZONE` map to their fields; every attribute is also a label. `HEALTHY` is `Ready`,
@@ -59,10 +61,12 @@
 //! it is installed only then. Region and credentials come from the standard AWS chain unless set in
 //! the options. TLS is rustls with ring (no aws-lc).
 //!
-//! # Limits
+//! # Large services
 //! DiscoverInstances returns at most 1,000 instances and has no pagination (Cloud Map's default
-//! quota is 1,000 instances per service); beyond that the adapter logs a warning and sees the
-//! first 1,000.
+//! quota is 1,000 instances per service). When an answer is full, the adapter reads the service
+//! again through the paginated control plane: `ListServices` (the service id), `ListInstances`
+//! and `GetInstancesHealthStatus`. Those calls have lower rate limits, so they run only for such
+//! services (on a revision change or refresh).
 
 mod catalog;
 mod config;

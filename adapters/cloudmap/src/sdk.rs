@@ -9,11 +9,12 @@
 //! name was reused). When a watch gets `NamespaceNotFound`, it re-resolves (at most once per
 //! catalog interval) and retries once with the new `HttpName` before answering `NotFound`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use aws_sdk_servicediscovery::Client;
+use aws_sdk_servicediscovery::error::ProvideErrorMetadata;
 use aws_sdk_servicediscovery::types::{
     FilterCondition, HealthStatus, HealthStatusFilter, ServiceFilter, ServiceFilterName,
 };
@@ -25,7 +26,9 @@ use crate::mapping::{Health, RawInstance};
 use crate::watch::{Discovered, InstanceSource};
 
 /// DiscoverInstances returns at most this many instances (the API's maximum `MaxResults`; it has
-/// no pagination). Cloud Map's default quota is 1,000 instances per service.
+/// no pagination). Cloud Map's default quota is 1,000 instances per service; a service that fills
+/// a whole answer is read again through the paginated control plane (`ListInstances` +
+/// `GetInstancesHealthStatus`).
 pub(crate) const DISCOVER_MAX_RESULTS: i32 = 1000;
 
 /// One namespace as `ListNamespaces` described it.
@@ -56,6 +59,11 @@ impl Directory {
             .by_name
             .get(name)
             .map_or_else(|| name.to_string(), |ns| ns.http_name.clone())
+    }
+
+    fn get(&self, name: &str) -> Option<NamespaceInfo> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.by_name.get(name).cloned()
     }
 
     fn is_older_than(&self, age: Duration) -> bool {
@@ -118,11 +126,11 @@ impl Sdk {
         Ok(namespaces)
     }
 
-    /// The service names in the namespace with id `namespace_id`.
+    /// The services (name, id) of `namespace`.
     pub(crate) async fn list_services(
         &self,
         namespace: &NamespaceInfo,
-    ) -> Result<Vec<String>, DiscoveryError> {
+    ) -> Result<Vec<(String, String)>, DiscoveryError> {
         let what = format!("namespace {} ({})", namespace.name, namespace.id);
         let filter = ServiceFilter::builder()
             .name(ServiceFilterName::NamespaceId)
@@ -152,7 +160,7 @@ impl Sdk {
         Ok(services
             .into_iter()
             .flat_map(|page| page.services.unwrap_or_default())
-            .filter_map(|s| s.name)
+            .filter_map(|s| Some((s.name?, s.id?)))
             .collect())
     }
 
@@ -199,33 +207,111 @@ impl Sdk {
             .send()
             .await
             .map_err(|e| failure(&self.source_id, "DiscoverInstances", &key.to_string(), e))?;
-        let instances: Vec<RawInstance> = out
+        let mut instances: Vec<RawInstance> = out
             .instances
             .unwrap_or_default()
             .into_iter()
             .filter_map(|i| {
                 Some(RawInstance {
                     id: i.instance_id?,
-                    health: match i.health_status {
-                        Some(HealthStatus::Healthy) => Health::Healthy,
-                        Some(HealthStatus::Unhealthy) => Health::Unhealthy,
-                        _ => Health::Unknown,
-                    },
-                    attributes: i
-                        .attributes
-                        .unwrap_or_default()
-                        .into_iter()
-                        .collect::<BTreeMap<_, _>>(),
+                    health: health(i.health_status.as_ref()),
+                    attributes: i.attributes.unwrap_or_default().into_iter().collect(),
                 })
             })
             .collect();
         if instances.len() >= DISCOVER_MAX_RESULTS as usize {
-            tracing::warn!(service = %key, "DiscoverInstances returned its maximum of {DISCOVER_MAX_RESULTS} instances; the service may have more, which this adapter does not see");
+            // DiscoverInstances has no pagination: read the whole service from the control plane.
+            instances = self.list_all_instances(key).await?;
         }
         Ok(Discovered {
             instances,
             revision: out.instances_revision,
         })
+    }
+
+    /// The id of the service `key` (control plane), `NotFound` when it does not exist.
+    async fn service_id(&self, key: &ServiceKey) -> Result<String, Failure> {
+        let mut namespace = self.directory.get(&key.namespace);
+        if namespace.is_none() {
+            self.list_namespaces().await.map_err(Failure::Error)?;
+            namespace = self.directory.get(&key.namespace);
+        }
+        let Some(namespace) = namespace else {
+            return Err(Failure::NotFound);
+        };
+        let services = self
+            .list_services(&namespace)
+            .await
+            .map_err(Failure::Error)?;
+        services
+            .into_iter()
+            .find(|(name, _)| *name == key.name)
+            .map(|(_, id)| id)
+            .ok_or(Failure::NotFound)
+    }
+
+    /// Every instance of a service with more than DiscoverInstances can return: `ListInstances`
+    /// for the attributes and `GetInstancesHealthStatus` for health (both paginated).
+    async fn list_all_instances(&self, key: &ServiceKey) -> Result<Vec<RawInstance>, Failure> {
+        let what = key.to_string();
+        let service_id = self.service_id(key).await?;
+        let listed = self
+            .client
+            .list_instances()
+            .service_id(&service_id)
+            .into_paginator()
+            .send()
+            .try_collect()
+            .await
+            .map_err(|e| failure(&self.source_id, "ListInstances", &what, e))?;
+        let statuses: HashMap<String, HealthStatus> = match self
+            .client
+            .get_instances_health_status()
+            .service_id(&service_id)
+            .into_paginator()
+            .send()
+            .try_collect()
+            .await
+        {
+            Ok(pages) => pages
+                .into_iter()
+                .flat_map(|p| p.status.unwrap_or_default())
+                .collect(),
+            // A service without health checks has no health status to report.
+            Err(e) if matches!(e.code(), Some("InvalidInput" | "InstanceNotFound")) => {
+                HashMap::new()
+            }
+            Err(e) => {
+                return Err(failure(
+                    &self.source_id,
+                    "GetInstancesHealthStatus",
+                    &what,
+                    e,
+                ));
+            }
+        };
+        let instances: Vec<RawInstance> = listed
+            .into_iter()
+            .flat_map(|page| page.instances.unwrap_or_default())
+            .filter_map(|i| {
+                let id = i.id?;
+                Some(RawInstance {
+                    health: health(statuses.get(&id)),
+                    id,
+                    attributes: i.attributes.unwrap_or_default().into_iter().collect(),
+                })
+            })
+            .collect();
+        tracing::debug!(service = %key, count = instances.len(), "listed a service beyond DiscoverInstances' {DISCOVER_MAX_RESULTS} instances");
+        Ok(instances)
+    }
+}
+
+fn health(status: Option<&HealthStatus>) -> Health {
+    match status {
+        Some(HealthStatus::Healthy) => Health::Healthy,
+        Some(HealthStatus::Unhealthy) => Health::Unhealthy,
+        _ => Health::Unknown,
     }
 }
 

@@ -188,3 +188,37 @@ fn static_credentials_hide_the_secret_from_debug() {
     let secret = trellis_adapter_cloudmap::StaticCredentials::new("AKIDEXAMPLE", "s3cr3t-value");
     assert!(!format!("{secret:?}").contains("s3cr3t-value"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_beyond_one_discover_instances_answer_is_read_in_full() {
+    // DiscoverInstances returns at most 1,000 instances; the adapter then pages the control plane.
+    let registry = MotoRegistry::start().await;
+    let mut instances: Vec<TestInstance> = (0..1050u32)
+        .map(|i| TestInstance::new(format!("big-{i}"), (0x0A30_0000 + i).into(), 8080))
+        .collect();
+    instances[1049].ready = false;
+    registry.put_service("big-web", &instances).await.unwrap();
+
+    let discovery = registry.discovery();
+    let mut watch = discovery.watch(ServiceKey::new(NAMESPACE, "big-web"));
+    let first = tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("a first item")
+        .expect("streams never end")
+        .expect("a snapshot, not an error");
+    let Snapshot::Endpoints(set) = first else {
+        panic!("want Endpoints, got {first:?}")
+    };
+    assert_eq!(set.endpoints.len(), 1050);
+    let not_ready: Vec<_> = set
+        .endpoints
+        .iter()
+        .filter(|e| e.readiness != trellis_discovery::Readiness::Ready)
+        .map(|e| e.address)
+        .collect();
+    assert_eq!(
+        not_ready,
+        vec![std::net::IpAddr::V4(instances[1049].address)],
+        "health comes from GetInstancesHealthStatus"
+    );
+}
