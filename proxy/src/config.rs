@@ -300,8 +300,8 @@ pub struct Limits {
     pub header_read_timeout_ms: u64,
     /// Time to recognise the protocol on a connection, ms.
     pub detect_timeout_ms: u64,
-    /// HTTP/2 connections and opaque TCP are closed after this long without any bytes, ms.
-    pub idle_timeout_ms: u64,
+    /// Opaque TCP connections are closed after this long without a byte either way, ms.
+    pub tcp_idle_timeout_ms: u64,
     /// Upstream connect timeout, ms.
     pub connect_timeout_ms: u64,
     /// How long SIGTERM waits for in-flight requests, ms.
@@ -317,7 +317,7 @@ impl Default for Limits {
             max_headers: 100,
             header_read_timeout_ms: 10_000,
             detect_timeout_ms: 5_000,
-            idle_timeout_ms: 300_000,
+            tcp_idle_timeout_ms: 3_600_000,
             connect_timeout_ms: 2_000,
             drain_timeout_ms: 10_000,
             max_concurrent_streams: 256,
@@ -334,9 +334,9 @@ impl Limits {
     pub fn detect_timeout(&self) -> Duration {
         Duration::from_millis(self.detect_timeout_ms)
     }
-    /// `idle_timeout_ms` as a Duration.
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_millis(self.idle_timeout_ms)
+    /// `tcp_idle_timeout_ms` as a Duration.
+    pub fn tcp_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.tcp_idle_timeout_ms)
     }
     /// `connect_timeout_ms` as a Duration.
     pub fn connect_timeout(&self) -> Duration {

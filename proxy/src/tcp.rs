@@ -74,7 +74,9 @@ where
     };
     let _ = upstream.set_nodelay(true);
     count(&shared, dest.label.clone(), backend.name.clone(), "");
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    if let Err(e) =
+        copy_with_idle_timeout(&mut client, &mut upstream, shared.limits.tcp_idle_timeout()).await
+    {
         tracing::debug!(error = %e, "TCP connection ended with an error");
     }
 }
@@ -104,7 +106,8 @@ where
         backend: Label::from(""),
         error: Label::from(""),
     });
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let _ =
+        copy_with_idle_timeout(&mut client, &mut upstream, shared.limits.tcp_idle_timeout()).await;
 }
 
 fn count(shared: &Shared, destination: Label, backend: Label, error: &str) {
@@ -114,4 +117,120 @@ fn count(shared: &Shared, destination: Label, backend: Label, error: &str) {
         backend,
         error: Label::from(error),
     });
+}
+
+/// Copy both ways until either side closes or nothing moves for `idle` (then both are closed).
+pub async fn copy_with_idle_timeout<A, B>(
+    a: A,
+    b: B,
+    idle: std::time::Duration,
+) -> std::io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let clock = Arc::new(activity::Clock::new());
+    let mut a = activity::Tracked::new(a, Arc::clone(&clock));
+    let mut b = activity::Tracked::new(b, Arc::clone(&clock));
+    tokio::select! {
+        done = tokio::io::copy_bidirectional(&mut a, &mut b) => done.map(|_| ()),
+        () = clock.idle_for(idle) => {
+            tracing::debug!(?idle, "closing idle TCP connection");
+            Ok(())
+        }
+    }
+}
+
+mod activity {
+    //! Last-activity tracking for idle timeouts (one atomic store per successful read/write).
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::time::Instant;
+
+    #[derive(Debug)]
+    pub struct Clock {
+        epoch: Instant,
+        last_millis: AtomicU64,
+    }
+
+    impl Clock {
+        pub fn new() -> Self {
+            Clock {
+                epoch: Instant::now(),
+                last_millis: AtomicU64::new(0),
+            }
+        }
+
+        fn touch(&self) {
+            self.last_millis
+                .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+
+        /// Resolves once nothing was touched for `idle`.
+        pub async fn idle_for(&self, idle: Duration) {
+            loop {
+                let last = Duration::from_millis(self.last_millis.load(Ordering::Relaxed));
+                let deadline = self.epoch + last + idle;
+                if Instant::now() >= deadline {
+                    return;
+                }
+                tokio::time::sleep_until(deadline).await;
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    pub struct Tracked<T> {
+        inner: T,
+        clock: Arc<Clock>,
+    }
+
+    impl<T> Tracked<T> {
+        pub fn new(inner: T, clock: Arc<Clock>) -> Self {
+            Tracked { inner, clock }
+        }
+    }
+
+    impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            let before = buf.filled().len();
+            let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+            if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+                this.clock.touch();
+            }
+            polled
+        }
+    }
+
+    impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+            if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+                this.clock.touch();
+            }
+            polled
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        }
+    }
 }

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 fn config(upstream: std::net::SocketAddr) -> String {
     format!(
-        "outbound:\n  http: 127.0.0.1:0\n  ports:\n    - listen: 127.0.0.1:0\n      destination: mixed.default\nlimits:\n  max_header_bytes: 4096\n  max_headers: 20\n  header_read_timeout_ms: 300\n  detect_timeout_ms: 200\ndestinations:\n  - authority: echo.default\n    backends: [{{name: v1, endpoints: [{{address: \"{upstream}\"}}]}}]\n  - authority: mixed.default\n    protocol: detect\n    backends: [{{name: v1, endpoints: [{{address: \"{upstream}\"}}]}}]\n"
+        "outbound:\n  http: 127.0.0.1:0\n  ports:\n    - listen: 127.0.0.1:0\n      destination: mixed.default\n    - listen: 127.0.0.1:0\n      destination: echo.default\n      protocol: tcp\nlimits:\n  max_header_bytes: 4096\n  max_headers: 20\n  header_read_timeout_ms: 300\n  detect_timeout_ms: 200\n  tcp_idle_timeout_ms: 300\ndestinations:\n  - authority: echo.default\n    backends: [{{name: v1, endpoints: [{{address: \"{upstream}\"}}]}}]\n  - authority: mixed.default\n    protocol: detect\n    backends: [{{name: v1, endpoints: [{{address: \"{upstream}\"}}]}}]\n"
     )
 }
 
@@ -147,4 +147,31 @@ async fn detect_ports_carry_http_and_opaque_bytes() {
         "opaque bytes reached the app unchanged: {head:?}"
     );
     assert_eq!(v1.hits(), 2);
+}
+
+#[tokio::test]
+async fn idle_opaque_tcp_connections_are_closed() {
+    let v1 = app("v1").await;
+    let proxy = proxy(&config(v1.addr)).await;
+    let mut s = TcpStream::connect(proxy.ports[1]).await.unwrap();
+    // Active traffic keeps it open past the idle limit...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(response_head(&mut s).await.starts_with("HTTP/1.1 200"));
+    }
+    // ...silence closes it.
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("closed when idle");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
 }
