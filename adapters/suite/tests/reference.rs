@@ -28,10 +28,24 @@ struct State {
 #[derive(Clone)]
 struct Reference {
     state: Arc<watch::Sender<State>>,
+    flaw: Flaw,
+}
+
+/// Contract breaches a flawed reference adapter commits, to prove the suite catches them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flaw {
+    None,
+    /// Drops every label.
+    DropsLabels,
+    /// Yields NotFound instead of an error while the registry is down.
+    ForgetsDuringOutage,
+    /// Reports a default identity in the wrong namespace.
+    WrongIdentityNamespace,
 }
 
 struct ReferenceAdapter {
     state: watch::Receiver<State>,
+    flaw: Flaw,
 }
 
 fn source() -> SourceId {
@@ -42,7 +56,7 @@ fn unavailable() -> DiscoveryError {
     DiscoveryError::new(ErrorKind::Unavailable, true, source(), "registry is down")
 }
 
-fn snapshot(state: &State, key: &ServiceKey) -> Snapshot {
+fn snapshot(state: &State, key: &ServiceKey, flaw: Flaw) -> Snapshot {
     let Some(instances) = state.services.get(&key.name) else {
         return Snapshot::NotFound;
     };
@@ -58,13 +72,21 @@ fn snapshot(state: &State, key: &ServiceKey) -> Snapshot {
             Readiness::NotReady
         },
         identity: WorkloadIdentity::new(
-            NAMESPACE,
+            if flaw == Flaw::WrongIdentityNamespace {
+                "elsewhere"
+            } else {
+                NAMESPACE
+            },
             i.service_account
                 .clone()
                 .unwrap_or_else(|| key.name.clone()),
         ),
         owner: None,
-        labels: i.labels.clone(),
+        labels: if flaw == Flaw::DropsLabels {
+            BTreeMap::new()
+        } else {
+            i.labels.clone()
+        },
         weight: i.weight,
         zone: i.zone.clone(),
         protocol: None,
@@ -91,6 +113,7 @@ fn snapshot(state: &State, key: &ServiceKey) -> Snapshot {
 /// Yields `view(state)` whenever it changes, and an error every 200 ms while the registry is down.
 fn follow<T: Clone + PartialEq + Send + 'static>(
     rx: watch::Receiver<State>,
+    flaw: Flaw,
     view: impl Fn(&State) -> T + Send + Sync + 'static,
 ) -> BoxStream<'static, Result<T, DiscoveryError>> {
     let view = Arc::new(view);
@@ -99,6 +122,12 @@ fn follow<T: Clone + PartialEq + Send + 'static>(
         async move {
             loop {
                 let state = rx.borrow_and_update().clone();
+                if state.down && flaw == Flaw::ForgetsDuringOutage {
+                    let empty = view(&State::default());
+                    if last.as_ref() != Some(&empty) {
+                        return Some((Ok(empty.clone()), (rx, Some(empty))));
+                    }
+                }
                 if state.down {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     return Some((Err(unavailable()), (rx, last)));
@@ -136,7 +165,7 @@ impl Discovery for ReferenceAdapter {
     }
 
     fn services(&self) -> BoxStream<'static, Result<ServiceCatalog, DiscoveryError>> {
-        follow(self.state.clone(), |s| {
+        follow(self.state.clone(), self.flaw, |s| {
             s.services
                 .keys()
                 .map(|name| ServiceKey::new(NAMESPACE, name.clone()))
@@ -153,7 +182,8 @@ impl Discovery for ReferenceAdapter {
     }
 
     fn watch(&self, key: ServiceKey) -> BoxStream<'static, Result<Snapshot, DiscoveryError>> {
-        follow(self.state.clone(), move |s| snapshot(s, &key))
+        let flaw = self.flaw;
+        follow(self.state.clone(), flaw, move |s| snapshot(s, &key, flaw))
     }
 }
 
@@ -174,6 +204,7 @@ impl TestRegistry for Reference {
     fn discovery(&self) -> Arc<dyn Discovery> {
         Arc::new(VersionSubsets::new(ReferenceAdapter {
             state: self.state.subscribe(),
+            flaw: self.flaw,
         }))
     }
 
@@ -216,10 +247,15 @@ impl TestRegistry for Reference {
     }
 }
 
-async fn reference() -> Reference {
+fn flawed(flaw: Flaw) -> Reference {
     Reference {
         state: Arc::new(watch::Sender::new(State::default())),
+        flaw,
     }
+}
+
+async fn reference() -> Reference {
+    flawed(Flaw::None)
 }
 
 trellis_discovery_suite::discovery_suite!(reference());
@@ -240,4 +276,35 @@ async fn bench_runners_measure_something() {
         "{memory:?}"
     );
     memory.print("reference", "nothing", 0);
+}
+
+// The suite catches contract breaches (a check that cannot fail would be worthless).
+
+#[tokio::test]
+#[should_panic(expected = "label team=None")]
+async fn the_suite_catches_dropped_labels() {
+    let registry = flawed(Flaw::DropsLabels);
+    trellis_discovery_suite::run(
+        trellis_discovery_suite::Scenario::IdentityAndLabels,
+        &registry,
+    )
+    .await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "want ns reference sa identity-web")]
+async fn the_suite_catches_a_wrong_identity() {
+    let registry = flawed(Flaw::WrongIdentityNamespace);
+    trellis_discovery_suite::run(
+        trellis_discovery_suite::Scenario::IdentityAndLabels,
+        &registry,
+    )
+    .await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "regressed to NotFound during the outage")]
+async fn the_suite_catches_a_view_emptied_by_an_outage() {
+    let registry = flawed(Flaw::ForgetsDuringOutage);
+    trellis_discovery_suite::run(trellis_discovery_suite::Scenario::Outage, &registry).await;
 }
