@@ -23,6 +23,23 @@ pub const VALID_STATUSES: [&str; 3] = ["passing", "warning", "critical"];
 #[error("{0}")]
 pub struct WriteError(pub String);
 
+/// A check's namespace: its own, else the registration's, else its service's (Enterprise checks
+/// inherit the namespace of the request that registers them).
+fn check_namespace(
+    check: &CheckDefinition,
+    req: &RegisterRequest,
+    service_ns: Option<&str>,
+) -> String {
+    [
+        check.namespace.as_str(),
+        req.namespace.as_str(),
+        service_ns.unwrap_or(""),
+    ]
+    .into_iter()
+    .find(|ns| !ns.is_empty())
+    .map_or_else(|| DEFAULT_NAMESPACE.to_owned(), str::to_owned)
+}
+
 fn ns_or_default(ns: &str) -> String {
     if ns.is_empty() {
         DEFAULT_NAMESPACE.to_owned()
@@ -68,8 +85,8 @@ impl State {
 
     fn names_on_node(&self, node: &str) -> BTreeSet<NameKey> {
         self.services
-            .iter()
-            .filter(|((n, _, _), _)| n == node)
+            .range((node.to_owned(), String::new(), String::new())..)
+            .take_while(|((n, _, _), _)| n == node)
             .map(|((_, ns, _), s)| (ns.clone(), s.service.clone()))
             .collect()
     }
@@ -108,7 +125,7 @@ impl State {
                 return Err(WriteError("Must provide a check ID or name".into()));
             }
             if !check.service_id.is_empty() {
-                let ns = ns_or_default(&check.namespace);
+                let ns = check_namespace(check, req, service_ns.as_deref());
                 let registered_now = req.service.as_ref().is_some_and(|s| {
                     let id = if s.id.is_empty() { &s.service } else { &s.id };
                     *id == check.service_id && service_ns.as_deref() == Some(ns.as_str())
@@ -128,6 +145,7 @@ impl State {
         }
 
         let index = self.next_index();
+        let service_ns_for_checks = service_ns.clone();
         if !req.skip_node_update || !self.nodes.contains_key(&req.node) {
             let create_index = self.nodes.get(&req.node).map_or(index, |n| n.create_index);
             self.nodes.insert(
@@ -157,12 +175,9 @@ impl State {
             let key = (req.node.clone(), ns.clone(), id.clone());
             let previous = self.services.get(&key);
             let create_index = previous.map_or(index, |s| s.create_index);
-            if let Some(old) = previous
-                && old.service != svc.service
-            {
-                let old_name = old.service.clone();
-                self.touch(&ns, &old_name, index);
-            }
+            let renamed_from = previous
+                .filter(|old| old.service != svc.service)
+                .map(|old| old.service.clone());
             self.services.insert(
                 key,
                 ServiceOut {
@@ -182,16 +197,20 @@ impl State {
             );
             self.touch(&ns, &svc.service, index);
             self.services_table_index = index;
-            self.forget_empty_names();
+            if let Some(old_name) = renamed_from {
+                self.touch(&ns, &old_name, index);
+                self.forget_if_empty(&ns, &old_name);
+            }
         }
         for check in checks {
-            self.upsert_check(&req.node, check, index);
+            let ns = check_namespace(check, req, service_ns_for_checks.as_deref());
+            self.upsert_check(&req.node, check, &ns, index);
         }
         Ok(())
     }
 
-    fn upsert_check(&mut self, node: &str, def: &CheckDefinition, index: u64) {
-        let ns = ns_or_default(&def.namespace);
+    fn upsert_check(&mut self, node: &str, def: &CheckDefinition, ns: &str, index: u64) {
+        let ns = ns.to_owned();
         let check_id = if def.check_id.is_empty() {
             def.name.clone()
         } else {
@@ -281,6 +300,7 @@ impl State {
                 });
                 self.touch(&ns, &svc.service, index);
                 self.services_table_index = index;
+                self.forget_if_empty(&ns, &svc.service);
             }
         } else if !req.check_id.is_empty() {
             if let Some(check) = self
@@ -290,26 +310,28 @@ impl State {
                 self.touch_for_check(&req.node, &check.namespace, &check.service_name, index);
             }
         } else if self.nodes.remove(&req.node).is_some() {
-            for (ns, name) in self.names_on_node(&req.node) {
-                self.touch(&ns, &name, index);
-            }
+            let names = self.names_on_node(&req.node);
             self.services.retain(|(n, _, _), _| n != &req.node);
             self.checks.retain(|(n, _), _| n != &req.node);
+            for (ns, name) in names {
+                self.touch(&ns, &name, index);
+                self.forget_if_empty(&ns, &name);
+            }
             self.services_table_index = index;
         }
-        self.forget_empty_names();
         Ok(())
     }
 
-    /// Drops the per-name index of names that have no instance left: from then on their queries
-    /// report the services-table index, which is at least as high.
-    fn forget_empty_names(&mut self) {
-        let live: BTreeSet<NameKey> = self
+    /// Drops the per-name index of a name with no instance left: from then on its queries report
+    /// the services-table index, which is at least as high.
+    fn forget_if_empty(&mut self, ns: &str, name: &str) {
+        let live = self
             .services
             .iter()
-            .map(|((_, ns, _), s)| (ns.clone(), s.service.clone()))
-            .collect();
-        self.service_index.retain(|k, _| live.contains(k));
+            .any(|((_, svc_ns, _), s)| svc_ns == ns && s.service == name);
+        if !live {
+            self.service_index.remove(&(ns.to_owned(), name.to_owned()));
+        }
     }
 
     /// `GET /v1/health/service/:service`: every instance with its node and all its checks (node

@@ -344,3 +344,57 @@ async fn catalog_stream_follows_services_and_a_non_default_namespace_on_oss_is_n
     let mut other_ns = adapter.watch(ServiceKey::new("team-a", "web"));
     assert_eq!(next(&mut other_ns).await.unwrap(), Snapshot::NotFound);
 }
+
+#[tokio::test]
+async fn enterprise_namespaces_are_sent_as_ns() {
+    let double = ConsulDouble::start().await.unwrap();
+    let mut team = instance(1, "web", "passing");
+    team.service.as_mut().unwrap().namespace = "team-a".into();
+    double.register(&team).unwrap();
+    double.register(&instance(2, "web", "passing")).unwrap(); // in `default`
+    let mut c = config(&double);
+    c.enterprise_namespace = Some("team-a".into());
+    let adapter = ConsulDiscovery::new(c).unwrap();
+    let mut w = adapter.watch(ServiceKey::new("team-a", "web"));
+    let e = endpoints(&mut w, 1).await;
+    assert_eq!(e[0].address.to_string(), "10.1.0.1");
+    assert_eq!(e[0].identity.namespace, "team-a");
+    let catalog = adapter.services().next().await.unwrap().unwrap();
+    assert_eq!(catalog.services, vec![ServiceKey::new("team-a", "web")]);
+    assert!(
+        double
+            .requests()
+            .iter()
+            .all(|r| r.param("ns").as_deref() == Some("team-a")),
+        "every query names the namespace"
+    );
+}
+
+#[tokio::test]
+async fn failures_and_a_hung_server_are_reported_and_recovered_from() {
+    let double = ConsulDouble::start().await.unwrap();
+    double.register(&instance(1, "web", "passing")).unwrap();
+    let mut c = config(&double);
+    c.wait = Duration::from_millis(300);
+    c.request_timeout = Duration::from_millis(300);
+    let mut w = watch(c, "web");
+    endpoints(&mut w, 1).await;
+
+    double.fail_next(2, 503);
+    let err = next(&mut w).await.expect_err("an injected 503");
+    assert_eq!((err.kind, err.temporary), (ErrorKind::Unavailable, true));
+    assert!(err.message.contains("HTTP 503"), "{err}");
+    double.register(&instance(2, "web", "passing")).unwrap();
+    endpoints(&mut w, 2).await;
+
+    double.set_hang(true);
+    let err = loop {
+        if let Err(e) = next(&mut w).await {
+            break e;
+        }
+    };
+    assert!(err.message.contains("no answer within"), "{err}");
+    double.set_hang(false);
+    double.register(&instance(3, "web", "passing")).unwrap();
+    endpoints(&mut w, 3).await;
+}
