@@ -222,3 +222,27 @@ async fn a_service_beyond_one_discover_instances_answer_is_read_in_full() {
         "health comes from GetInstancesHealthStatus"
     );
 }
+
+#[test]
+fn moto_is_killed_when_its_owner_panics() {
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let panicked = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let moto = common::MotoServer::start().await;
+            pid_tx.send(moto.pid().expect("running")).unwrap();
+            panic!("a failing test");
+        })
+    })
+    .join();
+    assert!(panicked.is_err(), "the thread panicked");
+    let pid = pid_rx.recv().expect("moto started");
+    // Drop killed and reaped it: no process (not even a zombie) is left.
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "moto_server {pid} outlived the panic"
+    );
+}
