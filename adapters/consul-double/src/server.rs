@@ -301,7 +301,14 @@ impl Shared {
                     _ = stop.cancelled() => return,
                     a = listener.accept() => a,
                 };
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        // Out of file descriptors or similar: do not spin on accept.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
                 let shared = shared.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {

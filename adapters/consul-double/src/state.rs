@@ -3,7 +3,9 @@
 //! Every write takes the next Raft index. Like Consul, each service name has its own index (the
 //! last write that touched one of its instances, their checks or their nodes), and the
 //! `/v1/catalog/services` list has the index of the last service write. Queries for a service that
-//! does not exist report the services-table index, so a deletion still moves the index forward.
+//! does not exist report the index of the last time any service lost its last instance (Consul's
+//! extinction index; before the first one, the catalog's latest index), so a deletion still moves
+//! the index forward and unrelated registrations do not wake such queries.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -63,6 +65,9 @@ pub struct State {
     checks: BTreeMap<(String, String), CheckOut>,
     service_index: HashMap<NameKey, u64>,
     services_table_index: u64,
+    /// The index at which some service name last lost its last instance (Consul's
+    /// "service_last_extinction"); `None` until that first happens.
+    extinction_index: Option<u64>,
 }
 
 impl State {
@@ -331,6 +336,7 @@ impl State {
             .any(|((_, svc_ns, _), s)| svc_ns == ns && s.service == name);
         if !live {
             self.service_index.remove(&(ns.to_owned(), name.to_owned()));
+            self.extinction_index = Some(self.raft_index);
         }
     }
 
@@ -384,7 +390,9 @@ impl State {
             .service_index
             .get(&(ns, name.to_owned()))
             .copied()
-            .unwrap_or(self.services_table_index);
+            // Consul: a missing service reports the last extinction index (so a deletion moves it
+            // forward, and unrelated registrations do not wake it), else the catalog's max index.
+            .unwrap_or(self.extinction_index.unwrap_or(self.raft_index));
         (out, index)
     }
 
@@ -410,6 +418,7 @@ impl State {
     pub fn reset_index(&mut self, to: u64) {
         self.raft_index = to;
         self.services_table_index = self.services_table_index.min(to);
+        self.extinction_index = self.extinction_index.map(|i| i.min(to));
         for v in self.service_index.values_mut() {
             *v = (*v).min(to);
         }

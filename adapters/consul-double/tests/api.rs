@@ -368,3 +368,35 @@ async fn invalid_registrations_say_what_is_wrong() {
         r.body
     );
 }
+
+#[tokio::test]
+async fn a_missing_service_blocks_until_it_appears_not_on_unrelated_writes() {
+    let double = ConsulDouble::start().await.unwrap();
+    register(&double, instance("n1", "old-1", "old", 8080)).await;
+    let r = call(
+        &double,
+        "PUT",
+        "/v1/catalog/deregister",
+        Some(json!({"Node": "n1"})),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let missing = call(&double, "GET", "/v1/health/service/web", None, None).await;
+    let index = missing.index();
+    let path = format!("/v1/health/service/web?index={index}&wait=5s");
+    let blocked = call(&double, "GET", &path, None, None);
+    let writer = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        register(&double, instance("n9", "db-1", "db", 5432)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        register(&double, instance("n2", "web-1", "web", 8080)).await;
+    };
+    let (resp, ()) = tokio::join!(blocked, writer);
+    assert!(resp.index() > index);
+    assert_eq!(
+        resp.json().as_array().unwrap().len(),
+        1,
+        "woken by its own registration, not by db's"
+    );
+}
