@@ -415,6 +415,12 @@ impl Shared {
                 "trellis-consul-double does not implement the filter parameter",
             );
         }
+        if let Some(dc) = query.get("dc")
+            && !dc.is_empty()
+            && dc != self.config.datacenter
+        {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "No path to datacenter");
+        }
         let ns = query.get("ns").unwrap_or("").to_owned();
         let method = req.method().clone();
         match (method, path.as_str()) {

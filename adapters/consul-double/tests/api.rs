@@ -100,6 +100,13 @@ async fn health_service_returns_instances_with_node_fallback_checks_and_weights(
     );
     assert_eq!(entry["Service"]["Meta"]["service-account"], "web-sa");
     assert_eq!(entry["Checks"][0]["Status"], "passing");
+    let other_dc = call(&double, "GET", "/v1/health/service/web?dc=dc9", None, None).await;
+    assert_eq!(
+        (other_dc.status, other_dc.body.as_str()),
+        (500, "No path to datacenter")
+    );
+    let same_dc = call(&double, "GET", "/v1/health/service/web?dc=dc1", None, None).await;
+    assert_eq!(same_dc.status, 200);
     let unknown = call(&double, "GET", "/v1/health/service/nope", None, None).await;
     assert_eq!((unknown.status, unknown.body.as_str()), (200, "[]"));
     let catalog = call(&double, "GET", "/v1/catalog/services", None, None)

@@ -70,6 +70,10 @@ impl ClientError {
             Self::Status { status, .. } if *status == StatusCode::FORBIDDEN => {
                 (ErrorKind::Unauthorized, false)
             }
+            // The configured `dc` does not exist: fix the configuration.
+            Self::Status { body, .. } if body.contains("No path to datacenter") => {
+                (ErrorKind::Config, false)
+            }
             // 5xx includes 500 "No cluster leader"; 429 is Consul's rate limiter.
             Self::Status { status, .. }
                 if status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS =>

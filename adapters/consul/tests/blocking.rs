@@ -398,3 +398,18 @@ async fn failures_and_a_hung_server_are_reported_and_recovered_from() {
     double.register(&instance(3, "web", "passing")).unwrap();
     endpoints(&mut w, 3).await;
 }
+
+#[tokio::test]
+async fn an_unknown_datacenter_is_a_configuration_error() {
+    let double = ConsulDouble::start().await.unwrap();
+    let mut c = config(&double);
+    c.datacenter = Some("dc9".into());
+    let err = next(&mut watch(c, "web"))
+        .await
+        .expect_err("no such datacenter");
+    assert_eq!((err.kind, err.temporary), (ErrorKind::Config, false));
+    assert!(
+        err.message.contains("dc=dc9"),
+        "the message names the request: {err}"
+    );
+}
