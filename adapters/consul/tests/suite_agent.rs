@@ -9,7 +9,7 @@ use trellis_discovery_suite::{Scenario, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suite_against_a_real_agent() {
-    let Some(registry) = harness::agent_harness() else {
+    let Some(registry) = harness::agent_harness().await else {
         println!(
             "skipped: TRELLIS_TEST_CONSUL_ADDR is not set (no real Consul agent to test against)"
         );

@@ -50,11 +50,17 @@ pub async fn double_harness() -> ConsulHarness {
 }
 
 /// A harness over the agent named by `TRELLIS_TEST_CONSUL_ADDR` (token in
-/// `TRELLIS_TEST_CONSUL_TOKEN`), or `None` when it is unset.
-pub fn agent_harness() -> Option<ConsulHarness> {
+/// `TRELLIS_TEST_CONSUL_TOKEN`), or `None` when it is unset. A real agent keeps its catalog between
+/// runs, so the nodes an earlier run left behind (`trellis-*`) are removed first.
+pub async fn agent_harness() -> Option<ConsulHarness> {
     let address = std::env::var("TRELLIS_TEST_CONSUL_ADDR").ok()?;
     let token = std::env::var("TRELLIS_TEST_CONSUL_TOKEN").ok();
-    Some(ConsulHarness::new(Target::Agent, address, token, 200))
+    let harness = ConsulHarness::new(Target::Agent, address, token, 200);
+    harness
+        .remove_leftovers()
+        .await
+        .expect("remove the suite's nodes left by an earlier run");
+    Some(harness)
 }
 
 impl ConsulHarness {
@@ -160,6 +166,25 @@ impl ConsulHarness {
                 (node, id)
             })
             .collect())
+    }
+
+    /// Deregisters every `trellis-*` node (what this harness registers) of every service.
+    async fn remove_leftovers(&self) -> anyhow::Result<()> {
+        let services = self.call("GET", "/v1/catalog/services", None).await?;
+        let names: Vec<String> = services
+            .as_object()
+            .context("catalog response is not an object")?
+            .keys()
+            .cloned()
+            .collect();
+        for service in names {
+            for (node, _) in self.registered(&service).await? {
+                if node.starts_with("trellis-") {
+                    self.deregister_node(&node).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn deregister_node(&self, node: &str) -> anyhow::Result<()> {
