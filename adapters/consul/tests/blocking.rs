@@ -413,3 +413,20 @@ async fn an_unknown_datacenter_is_a_configuration_error() {
         "the message names the request: {err}"
     );
 }
+
+#[tokio::test]
+async fn without_a_token_acl_filtered_results_are_reported_not_silently_empty() {
+    let acl = DoubleConfig {
+        acl_token: Some("tok-1".into()),
+        ..DoubleConfig::default()
+    };
+    let double = ConsulDouble::start_with(acl).await.unwrap();
+    double.register(&instance(1, "web", "passing")).unwrap();
+    let mut w = watch(config(&double), "web");
+    // Consul's default-deny filters the anonymous caller's reads to nothing: the service looks
+    // missing, and the adapter says why.
+    assert_eq!(next(&mut w).await.unwrap(), Snapshot::NotFound);
+    let err = next(&mut w).await.expect_err("ACL filtering reported");
+    assert_eq!((err.kind, err.temporary), (ErrorKind::Unauthorized, false));
+    assert!(err.message.contains("filtered"), "{err}");
+}
