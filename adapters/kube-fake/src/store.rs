@@ -256,28 +256,8 @@ impl Store {
         namespace: Option<&str>,
         object: Value,
     ) -> Result<Value, ApiError> {
-        let mut inner = self.lock();
-        let (key, mut object) = prepare(resource, namespace, object)?;
-        if inner.objects.contains_key(&key) {
-            return Err(ApiError::new(
-                409,
-                "AlreadyExists",
-                format!("{} \"{}\" already exists", resource.kind, key.2),
-            ));
-        }
-        let uid = inner.next_uid;
-        inner.next_uid += 1;
-        let meta = metadata_mut(&mut object);
-        meta.insert(
-            "uid".into(),
-            json!(format!("00000000-0000-0000-0000-{uid:012}")),
-        );
-        meta.insert(
-            "creationTimestamp".into(),
-            json!(rfc3339(SystemTime::now())),
-        );
-        meta.entry("generation").or_insert(json!(1));
-        Ok(inner.write(key, EventType::Added, object, None))
+        let (key, object) = prepare(resource, namespace, object)?;
+        self.lock().create_locked(resource, key, object)
     }
 
     /// PUT: replaces an existing object; 404 if absent, 409 Conflict if the body carries a
@@ -331,20 +311,13 @@ impl Store {
             .pointer("/metadata/namespace")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let name = object
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
-        let exists = self
-            .get(resource, namespace.as_deref().unwrap_or(""), &name)
-            .is_ok();
-        if !exists {
-            return self.create(resource, namespace.as_deref(), object);
-        }
-        let mut inner = self.lock();
         let (key, object) = prepare(resource, namespace.as_deref(), object)?;
-        inner.replace_locked(resource, key, object, false)
+        let mut inner = self.lock();
+        if inner.objects.contains_key(&key) {
+            inner.replace_locked(resource, key, object, false)
+        } else {
+            inner.create_locked(resource, key, object)
+        }
     }
 
     /// DELETE: removes the object; the DELETED event carries the deletion's resourceVersion.
@@ -548,6 +521,34 @@ impl Store {
 }
 
 impl Inner {
+    fn create_locked(
+        &mut self,
+        resource: &ResourceType,
+        key: ObjectKey,
+        mut object: Value,
+    ) -> Result<Value, ApiError> {
+        if self.objects.contains_key(&key) {
+            return Err(ApiError::new(
+                409,
+                "AlreadyExists",
+                format!("{} \"{}\" already exists", resource.kind, key.2),
+            ));
+        }
+        let uid = self.next_uid;
+        self.next_uid += 1;
+        let meta = metadata_mut(&mut object);
+        meta.insert(
+            "uid".into(),
+            json!(format!("00000000-0000-0000-0000-{uid:012}")),
+        );
+        meta.insert(
+            "creationTimestamp".into(),
+            json!(rfc3339(SystemTime::now())),
+        );
+        meta.entry("generation").or_insert(json!(1));
+        Ok(self.write(key, EventType::Added, object, None))
+    }
+
     fn replace_locked(
         &mut self,
         resource: &ResourceType,

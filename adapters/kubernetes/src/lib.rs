@@ -3,11 +3,12 @@
 //! [`KubernetesDiscovery`] runs one kube-runtime reflector per resource kind (Services,
 //! `discovery.k8s.io/v1` EndpointSlices, Pods, ReplicaSets), shared by every watch, and derives
 //! each watched service's [`Snapshot`] from the stores:
-//! - the Service's ports (name, port, appProtocol as [`ProtocolHint`]); a missing Service is
-//!   [`Snapshot::NotFound`], a Service without slices an empty endpoint set;
-//! - one [`Endpoint`] per EndpointSlice address, with the slice's named ports, the appProtocol
-//!   hint, the zone, and readiness from the conditions (ready -> `Ready`; serving && terminating
-//!   -> `Terminating`; else `NotReady`; missing `ready`/`serving` mean true as the API says);
+//! - the Service's ports (name, port, appProtocol as [`trellis_discovery::ProtocolHint`]);
+//!   a missing Service is [`Snapshot::NotFound`], a Service without slices an empty set;
+//! - one [`trellis_discovery::Endpoint`] per EndpointSlice address, with the slice's named
+//!   ports, the appProtocol hint, the zone, and readiness from the conditions (ready ->
+//!   `Ready`; serving && terminating -> `Terminating`; else `NotReady`; missing
+//!   `ready`/`serving` mean true as the API says);
 //! - from the endpoint's `targetRef` Pod: the identity (namespace + `spec.serviceAccountName`,
 //!   `default` when the pod names none, as Kubernetes does), the labels, and the owner workload
 //!   (Pod -> ReplicaSet -> Deployment; StatefulSet, DaemonSet, ... directly; the Pod when it has
