@@ -65,7 +65,7 @@ impl Health {
 }
 
 /// One instance as DiscoverInstances returned it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RawInstance {
     pub id: String,
     pub health: Health,
@@ -211,7 +211,28 @@ pub enum Seen {
     Instances(Vec<RawInstance>),
 }
 
+/// A digest of what a watch saw, kept instead of the instances themselves so a watch holds one
+/// copy of a service (the snapshot it yielded), not two. SipHash over the sorted instances: a
+/// collision (2^-64) would only delay one change until the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fingerprint {
+    NotFound,
+    Instances(u64),
+}
+
 impl Seen {
+    pub fn fingerprint(&self) -> Fingerprint {
+        use std::hash::{Hash, Hasher};
+        match self {
+            Seen::NotFound => Fingerprint::NotFound,
+            Seen::Instances(instances) => {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                instances.hash(&mut hasher);
+                Fingerprint::Instances(hasher.finish())
+            }
+        }
+    }
+
     pub fn snapshot(&self, key: &ServiceKey, source: &SourceId, at: SystemTime) -> Snapshot {
         match self {
             Seen::NotFound => Snapshot::NotFound,
@@ -445,6 +466,31 @@ mod tests {
                     protocol: None
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn fingerprints_differ_exactly_when_the_instances_do() {
+        let a = || {
+            vec![instance(
+                "a",
+                Health::Healthy,
+                &[("AWS_INSTANCE_IPV4", "10.0.0.1")],
+            )]
+        };
+        assert_eq!(
+            Seen::Instances(a()).fingerprint(),
+            Seen::Instances(a()).fingerprint()
+        );
+        let mut down = a();
+        down[0].health = Health::Unhealthy;
+        assert_ne!(
+            Seen::Instances(a()).fingerprint(),
+            Seen::Instances(down).fingerprint()
+        );
+        assert_ne!(
+            Seen::Instances(Vec::new()).fingerprint(),
+            Seen::NotFound.fingerprint()
         );
     }
 }

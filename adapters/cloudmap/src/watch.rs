@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use trellis_discovery::{BACKOFF_CAP, Backoff, DiscoveryError, ServiceKey, Snapshot, SourceId};
 
 use crate::errors::Failure;
-use crate::mapping::{RawInstance, Seen, dedupe};
+use crate::mapping::{Fingerprint, RawInstance, Seen, dedupe};
 
 /// What DiscoverInstances returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,7 +61,7 @@ struct WatchLoop<S> {
     last_revision: Option<i64>,
     /// When the last full fetch (or NotFound answer) happened; `None` forces a full fetch.
     last_fetch: Option<Instant>,
-    last_seen: Option<Seen>,
+    last_seen: Option<Fingerprint>,
     backoff: Backoff,
     next_at: Option<Instant>,
 }
@@ -147,12 +147,12 @@ impl<S: InstanceSource> WatchLoop<S> {
     fn observe(&mut self, seen: Seen, revision: Option<i64>) -> Option<Snapshot> {
         self.last_revision = revision;
         self.last_fetch = Some(Instant::now());
-        if self.last_seen.as_ref() == Some(&seen) {
+        let fingerprint = seen.fingerprint();
+        if self.last_seen == Some(fingerprint) {
             return None;
         }
-        let snapshot = seen.snapshot(&self.key, &self.source_id, SystemTime::now());
-        self.last_seen = Some(seen);
-        Some(snapshot)
+        self.last_seen = Some(fingerprint);
+        Some(seen.snapshot(&self.key, &self.source_id, SystemTime::now()))
     }
 }
 
