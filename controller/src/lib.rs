@@ -1,3 +1,6 @@
 //! The Trellis control plane and the `trellis` CLI.
 //!
-//! (Being built; see the crate README / issue tracker.)
+//! The controller joins SMI policy ([`policy`]) with discovered endpoints and streams the result
+//! to every proxy (see the crate README).
+
+pub mod policy;
