@@ -5,10 +5,12 @@
 //! resource is reported as a [`PolicyProblem`] and the last good version stays in `policies`.
 //! The index merges the sets of every source (see `crate::index`).
 //!
-//! Sources: `files` (a watched directory of SMI YAML, for local mode and platforms without
+//! Sources: [`files`] (a watched directory of SMI YAML, for local mode and platforms without
 //! Kubernetes) and `kubernetes` (the SMI CRDs through reflectors).
 
 use std::fmt;
+
+pub mod files;
 
 /// The whole SMI policy one source holds now. A source that sees a bad new version of a resource
 /// keeps the last good version of that resource in `policies` and reports the problem: bad input

@@ -1,0 +1,260 @@
+//! A watched directory (or files) of SMI YAML as a [`PolicySource`]: local mode and platforms
+//! without Kubernetes.
+//!
+//! Like the file discovery adapter, it polls (every 250 ms by default) rather than using inotify:
+//! the same behaviour for in-place writes, atomic renames and bind mounts, and no extra
+//! dependency. A poll stats every path (recursively for directories); only when a path's
+//! mtime/size set changed is everything reloaded with [`trellis_smi::load::load_paths`].
+//!
+//! Last good version per resource: a resource whose new version has errors keeps its previous
+//! version in force and the errors are reported with `file:line`. A file that cannot be parsed at
+//! all (the error names no resource) keeps every resource last read from that file. A resource
+//! that is gone from the files, with no error naming it, is removed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::watch;
+use trellis_smi::load::{LoadReport, load_paths};
+use trellis_smi::model::{Policy, ResourceId};
+
+use super::{PolicyProblem, PolicySet, PolicySource};
+
+/// How often the files are checked by default.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// SMI YAML files and directories, watched.
+#[derive(Clone, Debug)]
+pub struct FilePolicySource {
+    paths: Vec<PathBuf>,
+    interval: Duration,
+}
+
+impl FilePolicySource {
+    /// Watches `paths` (files, or directories read recursively for `*.yaml`/`*.yml`).
+    pub fn new(paths: Vec<PathBuf>) -> Self {
+        Self::with_poll_interval(paths, DEFAULT_POLL_INTERVAL)
+    }
+
+    /// Watches `paths`, checking them every `interval`.
+    pub fn with_poll_interval(paths: Vec<PathBuf>, interval: Duration) -> Self {
+        Self { paths, interval }
+    }
+}
+
+impl PolicySource for FilePolicySource {
+    fn name(&self) -> String {
+        let paths: Vec<String> = self.paths.iter().map(|p| p.display().to_string()).collect();
+        format!("files:{}", paths.join(","))
+    }
+
+    fn watch(&self) -> BoxStream<'static, PolicySet> {
+        let (tx, rx) = watch::channel(None::<PolicySet>);
+        let paths = self.paths.clone();
+        let interval = self.interval;
+        tokio::spawn(async move {
+            let mut kept = LastGood::default();
+            let mut seen = None;
+            loop {
+                let stamp = Some(fingerprint(&paths));
+                if stamp != seen {
+                    seen = stamp;
+                    let set = kept.apply(load_paths(&paths));
+                    if tx.send(Some(set)).is_err() {
+                        return; // every stream dropped
+                    }
+                } else if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+        tokio_stream::wrappers::WatchStream::new(rx)
+            .filter_map(|set| async move { set })
+            .boxed()
+    }
+}
+
+/// What the files looked like: every file with its modification time and size.
+fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    fn walk(path: &Path, out: &mut Vec<(PathBuf, Option<SystemTime>, u64)>) {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => {
+                out.push((path.to_owned(), None, 0));
+                if let Ok(entries) = std::fs::read_dir(path) {
+                    for entry in entries.flatten() {
+                        walk(&entry.path(), out);
+                    }
+                }
+            }
+            Ok(meta) => out.push((path.to_owned(), meta.modified().ok(), meta.len())),
+            Err(_) => out.push((path.to_owned(), None, u64::MAX)),
+        }
+    }
+    let mut out = Vec::new();
+    for path in paths {
+        walk(path, &mut out);
+    }
+    out.sort();
+    out
+}
+
+/// The last good version of every resource, and the file it came from.
+#[derive(Debug, Default)]
+pub struct LastGood {
+    resources: BTreeMap<ResourceId, (Policy, PathBuf)>,
+}
+
+impl LastGood {
+    /// Folds a new load into the resources in force and returns the whole set.
+    pub fn apply(&mut self, report: LoadReport) -> PolicySet {
+        let mut next: BTreeMap<ResourceId, (Policy, PathBuf)> = BTreeMap::new();
+        for loaded in report.resources {
+            next.insert(loaded.policy.id(), (loaded.policy, loaded.source.file));
+        }
+        let mut problems = Vec::new();
+        let mut unreadable_files: HashMap<PathBuf, ()> = HashMap::new();
+        for error in &report.errors {
+            let location = match error.line {
+                Some(line) => format!("{}:{line}", error.file.display()),
+                None => error.file.display().to_string(),
+            };
+            let message = match &error.field {
+                Some(field) => format!("{field}: {}", error.message),
+                None => error.message.clone(),
+            };
+            match &error.resource {
+                Some(id) => {
+                    let kept = !next.contains_key(id) && self.resources.contains_key(id);
+                    if kept {
+                        next.insert(id.clone(), self.resources[id].clone());
+                    }
+                    problems.push(PolicyProblem {
+                        resource: id.to_string(),
+                        location,
+                        message: if kept {
+                            format!("{message} (the last good version stays in force)")
+                        } else {
+                            message
+                        },
+                    });
+                }
+                None => {
+                    unreadable_files.insert(error.file.clone(), ());
+                    problems.push(PolicyProblem {
+                        resource: error.file.display().to_string(),
+                        location,
+                        message,
+                    });
+                }
+            }
+        }
+        // A document that could not even name its resource: keep what that file held before.
+        for (id, (policy, file)) in &self.resources {
+            if unreadable_files.contains_key(file) && !next.contains_key(id) {
+                next.insert(id.clone(), (policy.clone(), file.clone()));
+            }
+        }
+        self.resources = next;
+        PolicySet {
+            policies: self.resources.values().map(|(p, _)| p.clone()).collect(),
+            problems,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_smi::load::load_str;
+
+    const SPLIT: &str = "apiVersion: split.smi-spec.io/v1alpha4
+kind: TrafficSplit
+metadata: {name: web, namespace: demo}
+spec:
+  service: web
+  backends:
+  - {service: web-v1, weight: 100}
+  - {service: web-v2, weight: 0}
+";
+
+    fn weights(set: &PolicySet) -> Vec<u64> {
+        match &set.policies[..] {
+            [Policy::TrafficSplit(s)] => s.backends.iter().map(|b| b.weight.milli()).collect(),
+            other => panic!("expected one split, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_new_version_keeps_the_last_good_one_and_reports_file_and_line() {
+        let mut kept = LastGood::default();
+        let set = kept.apply(load_str("split.yaml", SPLIT));
+        assert!(set.problems.is_empty(), "{:?}", set.problems);
+        assert_eq!(weights(&set), vec![100_000, 0]);
+
+        let bad = SPLIT.replace("weight: 0}", "weight: -5}");
+        let set = kept.apply(load_str("split.yaml", &bad));
+        assert_eq!(weights(&set), vec![100_000, 0], "last good kept");
+        assert_eq!(set.problems.len(), 1, "{:?}", set.problems);
+        let problem = &set.problems[0];
+        assert_eq!(problem.resource, "TrafficSplit demo/web");
+        assert!(problem.location.starts_with("split.yaml:"), "{problem}");
+        assert!(problem.message.contains("last good"), "{problem}");
+    }
+
+    #[test]
+    fn an_unparseable_file_keeps_its_resources_and_a_deleted_resource_disappears() {
+        let mut kept = LastGood::default();
+        kept.apply(load_str("split.yaml", SPLIT));
+        let set = kept.apply(load_str("split.yaml", "spec: [unclosed"));
+        assert_eq!(weights(&set), vec![100_000, 0]);
+        assert_eq!(set.problems.len(), 1);
+        assert!(
+            set.problems[0].location.starts_with("split.yaml"),
+            "{:?}",
+            set.problems
+        );
+
+        let set = kept.apply(load_str("split.yaml", "# emptied\n"));
+        assert!(set.policies.is_empty(), "deleted: {:?}", set.policies);
+    }
+
+    #[tokio::test]
+    async fn the_source_sees_edits_of_a_watched_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("split.yaml");
+        std::fs::write(&file, SPLIT).unwrap();
+        let source = FilePolicySource::with_poll_interval(
+            vec![dir.path().to_owned()],
+            Duration::from_millis(20),
+        );
+        assert!(source.name().starts_with("files:"));
+        let mut sets = source.watch();
+        let first = sets.next().await.unwrap();
+        assert_eq!(weights(&first), vec![100_000, 0]);
+
+        // A different size, so the change shows even on coarse mtimes.
+        std::fs::write(
+            &file,
+            SPLIT
+                .replace("weight: 100}", "weight: 1}")
+                .replace("weight: 0}", "weight: 99}"),
+        )
+        .unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), sets.next())
+            .await
+            .expect("edit seen within 5 s")
+            .unwrap();
+        assert_eq!(weights(&next), vec![1_000, 99_000]);
+
+        std::fs::remove_file(&file).unwrap();
+        let gone = tokio::time::timeout(Duration::from_secs(5), sets.next())
+            .await
+            .expect("deletion seen")
+            .unwrap();
+        assert!(gone.policies.is_empty());
+    }
+}
