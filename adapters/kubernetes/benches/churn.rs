@@ -3,8 +3,10 @@
 //! Prints (1) the time from a registry change (the harness's writes through a kube client) to the
 //! watch yielding the snapshot that reflects it, p50/p99 over 1,000 changes, next to a baseline
 //! measured in the same run: the raw round trip of one PUT and its watch event on the same fake
-//! server through a plain hyper client (no kube, no reflector); and (2) the adapter's memory with
-//! 10,000 endpoints next to the size of the JSON the API server sends for them.
+//! server through a plain hyper client (no kube, no reflector); (2) the adapter's own share: one
+//! EndpointSlice PUT through that plain client to the snapshot showing it (the suite's "change"
+//! is several harness API calls); and (3) the adapter's memory with 10,000 endpoints next to the
+//! size of the JSON the API server sends for them.
 //!
 //! Run: `cargo bench -p trellis-adapter-kubernetes --bench churn` (`CHURN_CHANGES` and
 //! `CHURN_ENDPOINTS` override 1,000 and 10,000).
@@ -12,16 +14,19 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
-use trellis_discovery_suite::LatencyStats;
+use trellis_discovery::{Discovery, ServiceKey, Snapshot};
+use trellis_discovery_suite::{LatencyStats, TestInstance, TestRegistry};
 
 type Http = Client<HttpConnector, Full<Bytes>>;
 
@@ -97,6 +102,64 @@ async fn raw_round_trip(base: &str, n: usize) -> LatencyStats {
     LatencyStats::from_samples(samples)
 }
 
+/// The adapter's own share: one EndpointSlice PUT through the plain client, timed to the watch
+/// yielding the snapshot with the new port (comparable with the raw baseline: one PUT, one event).
+async fn slice_put_to_snapshot(harness: &common::KubeHarness, n: usize) -> LatencyStats {
+    let base = harness.fake.as_ref().expect("fake").url();
+    let http: Http = Client::builder(TokioExecutor::new()).build_http();
+    let service = "direct-web";
+    let instance = |i: usize| {
+        TestInstance::new(
+            "direct-1",
+            Ipv4Addr::new(10, 9, 0, 1),
+            10_000 + (i % 50_000) as u16,
+        )
+    };
+    harness
+        .put_service(service, &[instance(0)])
+        .await
+        .expect("register the service");
+    let adapter = harness.adapter();
+    let mut watch = adapter.watch(ServiceKey::new(&harness.namespace, service));
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..=n {
+        let want = instance(i).port;
+        let start = Instant::now();
+        if i > 0 {
+            let slice = harness.slices_for(service, &[instance(i)]).remove(0);
+            let name = slice.metadata.name.clone().expect("named slice");
+            let url = format!(
+                "{base}/apis/discovery.k8s.io/v1/namespaces/{}/endpointslices/{name}",
+                harness.namespace
+            );
+            let body = serde_json::to_value(&slice).expect("slice json");
+            let resp = http
+                .request(request("PUT", &url, body))
+                .await
+                .expect("PUT the slice");
+            assert!(resp.status().is_success(), "{}", resp.status());
+        }
+        loop {
+            let item = tokio::time::timeout(std::time::Duration::from_secs(5), watch.next())
+                .await
+                .expect("a snapshot within 5 s")
+                .expect("the watch never ends");
+            if let Ok(Snapshot::Endpoints(set)) = item
+                && set
+                    .endpoints
+                    .iter()
+                    .any(|e| e.ports.iter().any(|p| p.port == want))
+            {
+                break;
+            }
+        }
+        if i > 0 {
+            samples.push(start.elapsed());
+        }
+    }
+    LatencyStats::from_samples(samples)
+}
+
 /// Bytes of the JSON the API server sends for the service's pods and slices (a LIST of each).
 async fn raw_json_bytes(base: &str, namespace: &str, service: &str) -> usize {
     let http: Http = Client::builder(TokioExecutor::new()).build_http();
@@ -138,6 +201,14 @@ async fn main() {
         "kubernetes (fake API server)",
         "raw PUT + watch event, plain HTTP",
         &baseline,
+    );
+
+    let direct = slice_put_to_snapshot(&harness, changes).await;
+    println!("  one slice PUT -> snapshot (plain HTTP write, the adapter's own share): {direct}");
+    println!(
+        "  ratio to baseline  : p50 x{:.2}  p99 x{:.2}",
+        direct.p50.as_secs_f64() / baseline.p50.as_secs_f64(),
+        direct.p99.as_secs_f64() / baseline.p99.as_secs_f64()
     );
 
     let harness = common::fake_harness().await;
