@@ -3,4 +3,5 @@
 //! The controller joins SMI policy ([`policy`]) with discovered endpoints and streams the result
 //! to every proxy (see the crate README).
 
+pub mod index;
 pub mod policy;

@@ -1,0 +1,546 @@
+//! Resolving one destination (a root service) into the proxy-api profile: the TrafficSplit in
+//! force joined with the discovered endpoints of the root and its backends.
+//!
+//! Rules (SPEC-NOTES, and Trellis's decisions where the spec is silent):
+//! - No split, or a split whose weights sum to 0: the root service's own endpoints, one backend.
+//! - A split: its backends with their weights as exact relative shares (milli-units reduced by
+//!   their gcd); weight 0 gets nothing. A backend that does not exist yet has no endpoints
+//!   (reported). A backend gets traffic only on the root's port if it has that port number too;
+//!   otherwise its weight is 0 (reported). Not hierarchical: a backend that is itself a split
+//!   root is not resolved again.
+//! - A split with `matches`: one HTTP route per route group (its matches ORed) sending matching
+//!   requests by the split's weights; every other request goes to the root service.
+//! - Ports: a destination is the root's first service port (authorities are normalized without
+//!   their port for names, so one profile per service).
+//! - Only Ready endpoints are sent; identities are SPIFFE ids in the configured trust domain.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use trellis_discovery::{EndpointSet, ProtocolHint, Readiness, ServiceKey, ServicePort, Snapshot};
+use trellis_proxy_api::v1;
+use trellis_smi::model::HttpMatch;
+
+use super::policy::DestinationPolicy;
+use crate::policy::PolicyProblem;
+
+/// What resolving one destination gives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    /// The answer (a profile or "does not exist"), without a version.
+    pub kind: v1::destination_update::Kind,
+    /// Problems only discovery could reveal (missing backends, port mismatches).
+    pub problems: Vec<PolicyProblem>,
+}
+
+/// The services the profile of `root` reads: the root and, with a split, its backends.
+pub fn inputs(root: &ServiceKey, policy: &DestinationPolicy) -> Vec<ServiceKey> {
+    let mut out = vec![root.clone()];
+    if let Some(split) = &policy.split {
+        for b in &split.backends {
+            let key = ServiceKey::new(&root.namespace, &b.service);
+            if !out.contains(&key) {
+                out.push(key);
+            }
+        }
+    }
+    out
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Milli-unit weights as the smallest exact u32 shares (scaled down, rounding, only if they
+/// would not fit; SMI weights never come near that).
+fn shares(milli: &[u64]) -> Vec<u32> {
+    let g = milli.iter().copied().fold(0, gcd).max(1);
+    let reduced: Vec<u64> = milli.iter().map(|w| w / g).collect();
+    let max = reduced.iter().copied().max().unwrap_or(0);
+    let scale = max.div_ceil(u64::from(u32::MAX)).max(1);
+    reduced
+        .iter()
+        .map(|w| u32::try_from(w / scale).unwrap_or(u32::MAX))
+        .collect()
+}
+
+fn protocol(hint: Option<ProtocolHint>) -> v1::Protocol {
+    match hint {
+        Some(ProtocolHint::Http) => v1::Protocol::Http,
+        Some(ProtocolHint::Http2 | ProtocolHint::Grpc) => v1::Protocol::Http2,
+        Some(ProtocolHint::Tcp) => v1::Protocol::Tcp,
+        None => v1::Protocol::Unspecified,
+    }
+}
+
+/// The Ready endpoints of `set` on `port` (matched by number in `set`'s ports, then mapped to
+/// each endpoint's target port).
+fn endpoints(
+    set: &EndpointSet,
+    port: Option<&ServicePort>,
+    trust_domain: &str,
+) -> Vec<v1::Endpoint> {
+    let own_port = match port {
+        Some(p) => set.ports.iter().find(|own| own.port == p.port).cloned(),
+        None => set.ports.first().cloned(),
+    };
+    let mut out: Vec<v1::Endpoint> = set
+        .endpoints
+        .iter()
+        .filter(|e| e.readiness == Readiness::Ready)
+        .filter_map(|e| {
+            let target = match &own_port {
+                Some(p) => e.target_port(p)?,
+                None => match e.ports.as_slice() {
+                    [only] => only.port,
+                    _ => return None,
+                },
+            };
+            Some(v1::Endpoint {
+                address: SocketAddr::new(e.address, target).to_string(),
+                identity: e.identity.spiffe_id(trust_domain),
+                labels: e.labels.clone().into_iter().collect(),
+                weight: e.weight.unwrap_or(0),
+                protocol: protocol(e.protocol) as i32,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.address.cmp(&b.address));
+    out
+}
+
+fn workload(key: &ServiceKey) -> v1::WorkloadRef {
+    v1::WorkloadRef {
+        kind: "service".into(),
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+    }
+}
+
+fn http_match(m: &HttpMatch) -> v1::HttpMatch {
+    v1::HttpMatch {
+        path_regex: m.path_regex.clone().unwrap_or_default(),
+        methods: m.methods.clone().unwrap_or_default(),
+        headers: m
+            .headers
+            .iter()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect(),
+    }
+}
+
+/// Resolves `root`. `None` while the root's first discovery answer has not arrived.
+pub fn resolve(
+    root: &ServiceKey,
+    policy: &DestinationPolicy,
+    snapshot: &dyn Fn(&ServiceKey) -> Option<Snapshot>,
+    trust_domain: &str,
+) -> Option<Resolved> {
+    let root_set = match snapshot(root)? {
+        Snapshot::NotFound => {
+            return Some(Resolved {
+                kind: v1::destination_update::Kind::NotFound(v1::NotFound {
+                    reason: format!("no service {root} on any platform"),
+                }),
+                problems: vec![],
+            });
+        }
+        Snapshot::Endpoints(set) => set,
+    };
+    let port = root_set.ports.first().cloned();
+    let root_backend = v1::Backend {
+        name: root.name.clone(),
+        weight: 1,
+        endpoints: endpoints(&root_set, port.as_ref(), trust_domain),
+        workload: Some(workload(root)),
+    };
+    let mut profile = v1::DestinationProfile {
+        authority: format!("{}.{}", root.name, root.namespace),
+        protocol: protocol(port.as_ref().and_then(|p| p.protocol)) as i32,
+        balancer: v1::Balancer::Unspecified as i32,
+        workload: Some(workload(root)),
+        ..Default::default()
+    };
+    let mut problems = Vec::new();
+    let active = policy
+        .split
+        .as_ref()
+        .filter(|s| s.backends.iter().any(|b| b.weight.milli() > 0));
+    let Some(split) = active else {
+        profile.backends = vec![root_backend];
+        return Some(Resolved {
+            kind: v1::destination_update::Kind::Profile(profile),
+            problems,
+        });
+    };
+    let split_name = format!(
+        "TrafficSplit {}/{}",
+        root.namespace,
+        split.metadata.name.as_deref().unwrap_or_default()
+    );
+    // Backends in split order; one backend named twice gets the sum of its weights.
+    let mut weights: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut order: Vec<&str> = Vec::new();
+    for b in &split.backends {
+        if !weights.contains_key(b.service.as_str()) {
+            order.push(&b.service);
+        }
+        *weights.entry(&b.service).or_default() += b.weight.milli();
+    }
+    let mut backends = Vec::new();
+    for name in &order {
+        let key = ServiceKey::new(&root.namespace, *name);
+        let mut weight = weights[name];
+        let eps = if key == *root {
+            root_backend.endpoints.clone()
+        } else {
+            match snapshot(&key) {
+                None => Vec::new(), // not answered yet: no problem to report yet
+                Some(Snapshot::NotFound) => {
+                    problems.push(PolicyProblem {
+                        resource: split_name.clone(),
+                        location: format!("backend {key}"),
+                        message:
+                            "backend service does not exist (yet): its share gets no endpoints"
+                                .into(),
+                    });
+                    Vec::new()
+                }
+                Some(Snapshot::Endpoints(set)) => {
+                    let has_port = match &port {
+                        Some(p) => set.ports.iter().any(|own| own.port == p.port),
+                        None => true,
+                    };
+                    if has_port {
+                        endpoints(&set, port.as_ref(), trust_domain)
+                    } else {
+                        problems.push(PolicyProblem {
+                            resource: split_name.clone(),
+                            location: format!("backend {key}"),
+                            message: format!(
+                                "backend lacks the root's port {}: it gets no traffic",
+                                port.as_ref().map(|p| p.port).unwrap_or_default()
+                            ),
+                        });
+                        weight = 0;
+                        Vec::new()
+                    }
+                }
+            }
+        };
+        backends.push((key, weight, eps));
+    }
+    let milli: Vec<u64> = backends.iter().map(|(_, w, _)| *w).collect();
+    let shares = shares(&milli);
+    if split.matches.is_empty() {
+        profile.backends = backends
+            .into_iter()
+            .zip(shares)
+            .map(|((key, _, eps), weight)| v1::Backend {
+                name: key.name.clone(),
+                weight,
+                endpoints: eps,
+                workload: Some(workload(&key)),
+            })
+            .collect();
+    } else {
+        let refs: Vec<v1::WeightedRef> = backends
+            .iter()
+            .zip(&shares)
+            .map(|((key, _, _), weight)| v1::WeightedRef {
+                name: key.name.clone(),
+                weight: *weight,
+            })
+            .collect();
+        for (name, group) in &policy.groups {
+            if let Some(group) = group {
+                profile.routes.push(v1::HttpRoute {
+                    name: name.clone(),
+                    matches: group.matches.iter().map(http_match).collect(),
+                    backends: refs.clone(),
+                });
+            }
+        }
+        // Requests matching no route go to the root; the split's backends are listed (weight 0
+        // by default) so routes can name them.
+        profile.backends.push(root_backend);
+        for (key, _, eps) in backends {
+            if key != *root {
+                profile.backends.push(v1::Backend {
+                    name: key.name.clone(),
+                    weight: 0,
+                    endpoints: eps,
+                    workload: Some(workload(&key)),
+                });
+            }
+        }
+    }
+    if profile.backends.iter().all(|b| b.weight == 0) && profile.routes.is_empty() {
+        // Every backend lost its share (port mismatches): serve the root rather than nothing.
+        problems.push(PolicyProblem {
+            resource: split_name,
+            location: format!("root {root}"),
+            message: "no backend can take traffic: the root service serves it".into(),
+        });
+        let root_eps = endpoints(&root_set, port.as_ref(), trust_domain);
+        profile.backends = vec![v1::Backend {
+            name: root.name.clone(),
+            weight: 1,
+            endpoints: root_eps,
+            workload: Some(workload(root)),
+        }];
+    }
+    Some(Resolved {
+        kind: v1::destination_update::Kind::Profile(profile),
+        problems,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::policy::tests::{split, view};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::time::SystemTime;
+    use trellis_discovery::{Endpoint, EndpointPort, Provenance, WorkloadIdentity};
+
+    fn set(name: &str, port: u16, eps: &[(&str, u16, Readiness)]) -> Snapshot {
+        Snapshot::Endpoints(EndpointSet {
+            service: ServiceKey::new("demo", name),
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                port,
+                protocol: Some(ProtocolHint::Http),
+            }],
+            endpoints: eps
+                .iter()
+                .map(|(ip, p, readiness)| Endpoint {
+                    address: ip.parse().unwrap(),
+                    ports: vec![EndpointPort {
+                        name: Some("http".into()),
+                        port: *p,
+                    }],
+                    readiness: *readiness,
+                    identity: WorkloadIdentity::new("demo", name),
+                    owner: None,
+                    labels: Default::default(),
+                    weight: None,
+                    zone: None,
+                    protocol: None,
+                    provenance: Provenance {
+                        source: Arc::from("test"),
+                        confirmed_at: SystemTime::UNIX_EPOCH,
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    fn resolve_with(yaml: &str, snapshots: Vec<(&str, Snapshot)>) -> Resolved {
+        let view = view(yaml);
+        let root = ServiceKey::new("demo", "web");
+        let map: HashMap<ServiceKey, Snapshot> = snapshots
+            .into_iter()
+            .map(|(n, s)| (ServiceKey::new("demo", n), s))
+            .collect();
+        resolve(
+            &root,
+            &view.destination(&root),
+            &|k| map.get(k).cloned(),
+            "example.org",
+        )
+        .unwrap()
+    }
+
+    fn profile(r: &Resolved) -> &v1::DestinationProfile {
+        match &r.kind {
+            v1::destination_update::Kind::Profile(p) => p,
+            other => panic!("expected a profile, got {other:?}"),
+        }
+    }
+
+    fn backends(r: &Resolved) -> Vec<(String, u32, Vec<String>)> {
+        profile(r)
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.name.clone(),
+                    b.weight,
+                    b.endpoints.iter().map(|e| e.address.clone()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    const R: Readiness = Readiness::Ready;
+
+    fn web_both() -> Vec<(&'static str, Snapshot)> {
+        vec![
+            (
+                "web",
+                set("web", 8080, &[("10.0.0.1", 81, R), ("10.0.0.2", 82, R)]),
+            ),
+            ("web-v1", set("web-v1", 8080, &[("10.0.0.1", 81, R)])),
+            ("web-v2", set("web-v2", 8080, &[("10.0.0.2", 82, R)])),
+        ]
+    }
+
+    #[test]
+    fn without_a_split_the_root_balances_over_its_own_ready_endpoints_with_spiffe_ids() {
+        let mut snaps = web_both();
+        snaps[0] = (
+            "web",
+            set(
+                "web",
+                8080,
+                &[
+                    ("10.0.0.1", 81, R),
+                    ("10.0.0.2", 82, R),
+                    ("10.0.0.3", 83, Readiness::NotReady),
+                ],
+            ),
+        );
+        let r = resolve_with("", snaps);
+        assert_eq!(
+            backends(&r),
+            vec![(
+                "web".into(),
+                1,
+                vec!["10.0.0.1:81".into(), "10.0.0.2:82".into()]
+            )]
+        );
+        let p = profile(&r);
+        assert_eq!(p.authority, "web.demo");
+        assert_eq!(p.protocol, v1::Protocol::Http as i32);
+        assert_eq!(
+            p.backends[0].endpoints[0].identity,
+            "spiffe://example.org/ns/demo/sa/web"
+        );
+        assert!(r.problems.is_empty());
+    }
+
+    #[test]
+    fn split_weights_are_exact_relative_shares_and_zero_gets_nothing() {
+        let r = resolve_with(
+            &split("s", "web", &[("web-v1", 750), ("web-v2", 250)], None),
+            web_both(),
+        );
+        assert_eq!(
+            backends(&r),
+            vec![
+                ("web-v1".into(), 3, vec!["10.0.0.1:81".into()]),
+                ("web-v2".into(), 1, vec!["10.0.0.2:82".into()]),
+            ]
+        );
+        let r = resolve_with(
+            &split("s", "web", &[("web-v1", 1), ("web-v2", 0)], None),
+            web_both(),
+        );
+        assert_eq!(backends(&r)[1].1, 0);
+        assert_eq!(backends(&r)[0].1, 1);
+        assert_eq!(shares(&[500, 1000]), vec![1, 2], "500m is half of 1");
+    }
+
+    #[test]
+    fn weights_summing_to_zero_make_the_split_inactive() {
+        let r = resolve_with(
+            &split("s", "web", &[("web-v1", 0), ("web-v2", 0)], None),
+            web_both(),
+        );
+        assert_eq!(backends(&r).len(), 1);
+        assert_eq!(backends(&r)[0].0, "web");
+    }
+
+    #[test]
+    fn a_backend_that_does_not_exist_yet_is_tolerated_and_reported() {
+        let mut snaps = web_both();
+        snaps[2] = ("web-v2", Snapshot::NotFound);
+        let r = resolve_with(
+            &split("s", "web", &[("web-v1", 1), ("web-v2", 1)], None),
+            snaps,
+        );
+        let b = backends(&r);
+        assert_eq!(b[1], ("web-v2".into(), 1, vec![]));
+        assert_eq!(r.problems.len(), 1);
+        assert!(
+            r.problems[0].message.contains("does not exist"),
+            "{:?}",
+            r.problems
+        );
+    }
+
+    #[test]
+    fn a_backend_gets_traffic_only_on_root_ports_it_also_has() {
+        let mut snaps = web_both();
+        snaps[2] = ("web-v2", set("web-v2", 9090, &[("10.0.0.2", 82, R)]));
+        let r = resolve_with(
+            &split("s", "web", &[("web-v1", 1), ("web-v2", 1)], None),
+            snaps,
+        );
+        let b = backends(&r);
+        assert_eq!(b[1].1, 0, "{b:?}");
+        assert!(
+            r.problems[0].message.contains("port 8080"),
+            "{:?}",
+            r.problems
+        );
+    }
+
+    #[test]
+    fn splits_are_not_hierarchical() {
+        let yaml = [
+            split("s", "web", &[("web-v1", 1)], None),
+            split("inner", "web-v1", &[("web-v2", 1)], None),
+        ]
+        .concat();
+        let r = resolve_with(&yaml, web_both());
+        assert_eq!(
+            backends(&r),
+            vec![("web-v1".into(), 1, vec!["10.0.0.1:81".into()])]
+        );
+    }
+
+    #[test]
+    fn matches_become_routes_with_the_split_and_other_requests_go_to_the_root() {
+        let mut yaml = split("s", "web", &[("web-v1", 0), ("web-v2", 1)], None);
+        yaml.push_str("  matches:\n  - {kind: HTTPRouteGroup, name: beta}\n");
+        yaml.push_str("---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {name: beta, namespace: demo}\nspec:\n  matches:\n  - name: beta-users\n    headers:\n    - x-beta: \"yes\"\n");
+        let r = resolve_with(&yaml, web_both());
+        let p = profile(&r);
+        assert_eq!(p.routes.len(), 1);
+        assert_eq!(p.routes[0].name, "beta");
+        assert_eq!(
+            p.routes[0].matches[0]
+                .headers
+                .get("x-beta")
+                .map(String::as_str),
+            Some("yes")
+        );
+        let refs: Vec<(String, u32)> = p.routes[0]
+            .backends
+            .iter()
+            .map(|b| (b.name.clone(), b.weight))
+            .collect();
+        assert_eq!(refs, vec![("web-v1".into(), 0), ("web-v2".into(), 1)]);
+        let b = backends(&r);
+        assert_eq!(
+            b[0],
+            (
+                "web".into(),
+                1,
+                vec!["10.0.0.1:81".into(), "10.0.0.2:82".into()]
+            )
+        );
+        assert!(b[1..].iter().all(|(_, w, _)| *w == 0), "{b:?}");
+    }
+
+    #[test]
+    fn a_root_that_does_not_exist_is_answered_not_found_and_waits_for_its_first_answer() {
+        let r = resolve_with("", vec![("web", Snapshot::NotFound)]);
+        assert!(matches!(r.kind, v1::destination_update::Kind::NotFound(_)));
+        let root = ServiceKey::new("demo", "web");
+        assert!(resolve(&root, &DestinationPolicy::default(), &|_| None, "x").is_none());
+    }
+}
