@@ -38,7 +38,7 @@ struct Cli {
     /// Inbound listener LISTEN=APP (controller mode).
     #[arg(long, value_name = "LISTEN=APP")]
     inbound: Option<String>,
-    /// Tokio worker threads (default: number of cores).
+    /// Tokio worker threads (default: number of cores; 1 = a single-threaded runtime).
     #[arg(long, env = "TRELLIS_PROXY_THREADS")]
     threads: Option<usize>,
     /// Log filter (tracing EnvFilter syntax).
@@ -52,10 +52,16 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
         .with_writer(std::io::stderr)
         .init();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.threads {
-        runtime.worker_threads(n.max(1));
-    }
+    // One thread: a current-thread runtime (no work-stealing, no cross-thread wakeups).
+    let mut runtime = match cli.threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime.enable_all().build()?.block_on(run(cli))
 }
 
