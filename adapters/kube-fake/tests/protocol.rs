@@ -242,3 +242,57 @@ async fn discovery_documents_list_the_registered_resources() {
         .unwrap();
     assert_eq!(smi.resources[0].kind, "TrafficSplit");
 }
+
+#[tokio::test]
+async fn kube_watcher_streaming_lists_end_the_initial_state_with_a_marked_bookmark() {
+    use kube::runtime::watcher::{self, Event};
+    let server = FakeApiServer::start().await.unwrap();
+    let api: Api<ConfigMap> = Api::namespaced(client(&server), "ns");
+    for name in ["a", "b"] {
+        api.create(&PostParams::default(), &config_map(name, "web"))
+            .await
+            .unwrap();
+    }
+    let config = watcher::Config::default().streaming_lists();
+    let mut events = watcher::watcher(api.clone(), config).boxed();
+    let mut initial = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.try_next())
+            .await
+            .expect("an event within 5 s")
+            .expect("watcher error")
+            .expect("watcher ended");
+        match event {
+            Event::Init => {}
+            Event::InitApply(cm) => initial.push(cm.metadata.name.unwrap()),
+            Event::InitDone => break,
+            other => panic!("unexpected {other:?} before InitDone"),
+        }
+    }
+    assert_eq!(initial, ["a", "b"]);
+    api.create(&PostParams::default(), &config_map("c", "web"))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), events.try_next()).await;
+    assert!(
+        matches!(next, Ok(Ok(Some(Event::Apply(ref cm)))) if cm.metadata.name.as_deref() == Some("c")),
+        "{next:?}"
+    );
+}
+
+#[tokio::test]
+async fn timeout_seconds_ends_the_watch_stream() {
+    let server = FakeApiServer::start().await.unwrap();
+    let api: Api<ConfigMap> = Api::namespaced(client(&server), "ns");
+    let mut events = api
+        .watch(&WatchParams::default().timeout(1), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let ended = tokio::time::timeout(Duration::from_secs(5), events.try_next()).await;
+    assert!(
+        matches!(ended, Ok(Ok(None))),
+        "the stream ends after timeoutSeconds: {ended:?}"
+    );
+    assert_eq!(server.store().watch_count(), 0);
+}
