@@ -152,6 +152,21 @@ fn baseline(dir: &Path) -> usize {
     count
 }
 
+/// One stage of the load on its own: reading files and the span-aware parse into positioned nodes.
+fn span_parse_only(dir: &Path) -> usize {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    let mut count = 0;
+    for path in paths {
+        let text = std::fs::read_to_string(&path).unwrap();
+        count += std::hint::black_box(trellis_smi::yaml::parse_documents(&text).unwrap()).len();
+    }
+    count
+}
+
 fn best_of(mut run: impl FnMut() -> usize) -> (Duration, usize) {
     let mut best = Duration::MAX;
     let mut count = 0;
@@ -186,6 +201,7 @@ fn main() {
         report.resources.len()
     });
     assert_eq!(loaded, written);
+    let (parse_time, _) = best_of(|| span_parse_only(dir.path()));
     let (base_time, parsed) = best_of(|| baseline(dir.path()));
     assert_eq!(parsed, written);
 
@@ -200,6 +216,11 @@ fn main() {
         "baseline serde_yaml_ng -> untyped Value:             {:>10.0} docs/s  ({:.1} ms)",
         base_rate,
         base_time.as_secs_f64() * 1e3
+    );
+    println!(
+        "  of which span-aware YAML parse (serde-saphyr):      {:>10.0} docs/s  ({:.1} ms)",
+        rate(loaded, parse_time),
+        parse_time.as_secs_f64() * 1e3
     );
     println!(
         "ratio (trellis / baseline): {:.2}x (best of {ROUNDS} rounds each)",

@@ -14,7 +14,7 @@
 use crate::convert::{ConvertError, SmiObject, wire_field};
 use crate::model::{Policy, ResourceId};
 use crate::path::FieldPath;
-use crate::validate::{self, Issue, RouteIndex};
+use crate::validate::{self, Issue, RegexChecks, RouteIndex};
 use crate::yaml::{self, Node};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -118,6 +118,7 @@ struct Loader {
     /// one broken route group does not also break everything that names it.
     broken_routes: Vec<Policy>,
     seen: HashMap<ResourceId, Source>,
+    regexes: RegexChecks,
     errors: Vec<LoadError>,
 }
 
@@ -198,7 +199,7 @@ impl Loader {
             }
         };
         let id = policy.id();
-        let issues = validate::validate_policy(&policy, object.version());
+        let issues = validate::validate_policy_with(&policy, object.version(), &mut self.regexes);
         if !issues.is_empty() {
             for Issue { field, message } in issues {
                 let field = wire_field(object.kind(), object.version(), &field);

@@ -75,9 +75,37 @@ pub fn compile_anchored(pattern: &str) -> Result<Regex, String> {
         })
 }
 
+/// Remembers which regexes compiled, so a policy set that repeats a pattern (every namespace
+/// with the same route group) pays for compiling it once.
+#[derive(Debug, Default)]
+pub struct RegexChecks {
+    results: HashMap<String, Result<(), String>>,
+}
+
+impl RegexChecks {
+    /// Whether `pattern` compiles under [`compile_anchored`], and why not.
+    pub fn check(&mut self, pattern: &str) -> Result<(), String> {
+        if let Some(result) = self.results.get(pattern) {
+            return result.clone();
+        }
+        let result = compile_anchored(pattern).map(drop);
+        self.results.insert(pattern.to_owned(), result.clone());
+        result
+    }
+}
+
 /// Checks one policy on its own. `version` is the version it was written in (some rules apply
 /// only to some versions).
 pub fn validate_policy(policy: &Policy, version: &str) -> Vec<Issue> {
+    validate_policy_with(policy, version, &mut RegexChecks::default())
+}
+
+/// [`validate_policy`] reusing the regex results of earlier policies.
+pub fn validate_policy_with(
+    policy: &Policy,
+    version: &str,
+    regexes: &mut RegexChecks,
+) -> Vec<Issue> {
     let mut issues = Vec::new();
     let metadata = policy.metadata();
     if metadata.name.as_deref().is_none_or(str::is_empty) {
@@ -156,7 +184,7 @@ pub fn validate_policy(policy: &Policy, version: &str) -> Vec<Issue> {
                 }
             }
         }
-        Policy::HttpRouteGroup(group) => check_route_group(&mut issues, group),
+        Policy::HttpRouteGroup(group) => check_route_group(&mut issues, group, regexes),
         Policy::TcpRoute(route) | Policy::UdpRoute(route) => check_ports(&mut issues, route),
     }
     issues
@@ -176,7 +204,7 @@ fn check_identity(issues: &mut Vec<Issue>, field: &FieldPath, kind: &str, name: 
     }
 }
 
-fn check_route_group(issues: &mut Vec<Issue>, group: &HttpRouteGroup) {
+fn check_route_group(issues: &mut Vec<Issue>, group: &HttpRouteGroup, regexes: &mut RegexChecks) {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, m) in group.matches.iter().enumerate() {
         let field = FieldPath::parse("spec.matches").index(i);
@@ -193,7 +221,7 @@ fn check_route_group(issues: &mut Vec<Issue>, group: &HttpRouteGroup) {
             seen.insert(&m.name, first);
         }
         if let Some(pattern) = &m.path_regex
-            && let Err(reason) = compile_anchored(pattern)
+            && let Err(reason) = regexes.check(pattern)
         {
             issues.push(Issue::new(field.key("pathRegex"), reason));
         }
@@ -216,7 +244,7 @@ fn check_route_group(issues: &mut Vec<Issue>, group: &HttpRouteGroup) {
                     format!("invalid header name {:?}", header.name),
                 ));
             }
-            if let Err(reason) = compile_anchored(&header.value) {
+            if let Err(reason) = regexes.check(&header.value) {
                 issues.push(Issue::new(
                     header_field,
                     format!("header {:?}: {reason}", header.name),
