@@ -4,5 +4,9 @@
 //! to every proxy (see the crate README).
 
 pub mod index;
+pub mod admin;
+pub mod discovery;
+pub mod grpc;
 pub mod policy;
+pub mod run;
 pub mod webhook;

@@ -129,7 +129,8 @@ fn http_match(m: &HttpMatch) -> v1::HttpMatch {
     }
 }
 
-/// Resolves `root`. `None` while the root's first discovery answer has not arrived.
+/// Resolves `root`. `None` while the first discovery answer of the root or of a backend has
+/// not arrived.
 pub fn resolve(
     root: &ServiceKey,
     policy: &DestinationPolicy,
@@ -195,7 +196,9 @@ pub fn resolve(
             root_backend.endpoints.clone()
         } else {
             match snapshot(&key) {
-                None => Vec::new(), // not answered yet: no problem to report yet
+                // Not answered yet: wait, so the first message is complete (the previous
+                // profile keeps serving meanwhile).
+                None => return None,
                 Some(Snapshot::NotFound) => {
                     problems.push(PolicyProblem {
                         resource: split_name.clone(),

@@ -1,0 +1,178 @@
+//! The platforms the controller discovers endpoints on, chosen on the command line
+//! (`--platform file=PATH`, `consul=ADDR`, `cloudmap=NAMESPACE[,endpoint=URL]`, `kubernetes`,
+//! repeatable), built into one [`Merged`] view. Non-Kubernetes adapters are wrapped in
+//! [`VersionSubsets`] (a backend `web-v2` is the `web` instances labelled `version=v2` when no
+//! service `web-v2` exists); Kubernetes has a Service per version.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use trellis_discovery::{Discovery, Merged, VersionSubsets};
+
+/// One `--platform` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Platform {
+    File(PathBuf),
+    Consul(String),
+    CloudMap {
+        namespace: String,
+        endpoint: Option<String>,
+    },
+    Kubernetes,
+}
+
+/// A `--platform` value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--platform {value:?}: {message} (expected file=PATH, consul=ADDR, cloudmap=NAMESPACE[,endpoint=URL] or kubernetes)"
+)]
+pub struct PlatformError {
+    value: String,
+    message: String,
+}
+
+impl FromStr for Platform {
+    type Err = PlatformError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let error = |message: &str| PlatformError {
+            value: value.to_owned(),
+            message: message.to_owned(),
+        };
+        let (kind, rest) = value.split_once('=').unwrap_or((value, ""));
+        match kind {
+            "kubernetes" if rest.is_empty() => Ok(Platform::Kubernetes),
+            "kubernetes" => Err(error("kubernetes takes no value (it reads the kubeconfig)")),
+            "file" if !rest.is_empty() => Ok(Platform::File(rest.into())),
+            "consul" if !rest.is_empty() => Ok(Platform::Consul(rest.to_owned())),
+            "cloudmap" if !rest.is_empty() => {
+                let mut parts = rest.split(',');
+                let namespace = parts.next().unwrap_or_default().to_owned();
+                let mut endpoint = None;
+                for part in parts {
+                    match part.split_once('=') {
+                        Some(("endpoint", url)) if !url.is_empty() => {
+                            endpoint = Some(url.to_owned())
+                        }
+                        _ => return Err(error(&format!("unknown cloudmap option {part:?}"))),
+                    }
+                }
+                Ok(Platform::CloudMap {
+                    namespace,
+                    endpoint,
+                })
+            }
+            "file" | "consul" | "cloudmap" => Err(error("missing value after '='")),
+            _ => Err(error(&format!("unknown platform {kind:?}"))),
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Platform::File(path) => write!(f, "file={}", path.display()),
+            Platform::Consul(addr) => write!(f, "consul={addr}"),
+            Platform::CloudMap {
+                namespace,
+                endpoint: None,
+            } => write!(f, "cloudmap={namespace}"),
+            Platform::CloudMap {
+                namespace,
+                endpoint: Some(url),
+            } => {
+                write!(f, "cloudmap={namespace},endpoint={url}")
+            }
+            Platform::Kubernetes => f.write_str("kubernetes"),
+        }
+    }
+}
+
+impl Platform {
+    /// The adapter for this platform.
+    pub async fn connect(&self) -> anyhow::Result<Arc<dyn Discovery>> {
+        use anyhow::Context as _;
+        Ok(match self {
+            Platform::File(path) => Arc::new(trellis_adapter_file::file_discovery(path.clone())),
+            Platform::Consul(addr) => Arc::new(
+                trellis_adapter_consul::ConsulDiscovery::with_version_subsets(
+                    trellis_adapter_consul::ConsulConfig::new(addr.clone()),
+                )
+                .with_context(|| format!("platform {self}"))?,
+            ),
+            Platform::CloudMap {
+                namespace,
+                endpoint,
+            } => {
+                let options = trellis_adapter_cloudmap::CloudMapOptions {
+                    namespaces: vec![namespace.clone()],
+                    endpoint_url: endpoint.clone(),
+                    ..Default::default()
+                };
+                let adapter = trellis_adapter_cloudmap::CloudMap::connect(options)
+                    .await
+                    .with_context(|| format!("platform {self}"))?;
+                Arc::new(VersionSubsets::new(adapter))
+            }
+            Platform::Kubernetes => {
+                let config = kube::Config::infer()
+                    .await
+                    .with_context(|| format!("platform {self}: reading the kubeconfig"))?;
+                Arc::new(
+                    trellis_adapter_kubernetes::KubernetesDiscovery::new(
+                        config,
+                        trellis_adapter_kubernetes::Options::default(),
+                    )
+                    .with_context(|| format!("platform {self}"))?,
+                )
+            }
+        })
+    }
+}
+
+/// Every platform as one [`Merged`] view (the first listed wins an address conflict).
+pub async fn connect_all(platforms: &[Platform]) -> anyhow::Result<Merged> {
+    let mut sources = Vec::new();
+    for platform in platforms {
+        sources.push(platform.connect().await?);
+    }
+    Ok(Merged::new(sources))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platforms_parse_and_bad_ones_say_what_is_expected() {
+        assert_eq!(
+            "file=/x.yaml".parse::<Platform>().unwrap(),
+            Platform::File("/x.yaml".into())
+        );
+        assert_eq!(
+            "consul=127.0.0.1:8500".parse::<Platform>().unwrap(),
+            Platform::Consul("127.0.0.1:8500".into())
+        );
+        assert_eq!(
+            "cloudmap=demo,endpoint=http://127.0.0.1:5000"
+                .parse::<Platform>()
+                .unwrap(),
+            Platform::CloudMap {
+                namespace: "demo".into(),
+                endpoint: Some("http://127.0.0.1:5000".into())
+            }
+        );
+        assert_eq!(
+            "kubernetes".parse::<Platform>().unwrap(),
+            Platform::Kubernetes
+        );
+        for bad in ["file=", "nomad=x", "cloudmap=demo,region=x", "kubernetes=x"] {
+            let e = bad.parse::<Platform>().unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("expected"), "{e}");
+        }
+        let p: Platform = "cloudmap=demo,endpoint=http://h".parse().unwrap();
+        assert_eq!(p.to_string(), "cloudmap=demo,endpoint=http://h");
+    }
+}

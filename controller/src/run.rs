@@ -1,0 +1,75 @@
+//! Starting a whole controller in this process: policy sources, discovery, the index, the gRPC
+//! server and the admin port. Used by `trellis controller`, `trellis demo` and the tests.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+
+use crate::admin::Admin;
+use crate::discovery::{Platform, connect_all};
+use crate::grpc::{ProxyApi, StreamCounts};
+use crate::index::{Index, IndexOptions};
+use crate::policy::PolicySource;
+use crate::policy::files::FilePolicySource;
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// SMI YAML files and directories (one file policy source over all of them).
+    pub policy_paths: Vec<PathBuf>,
+    pub platforms: Vec<Platform>,
+    /// gRPC listen address for proxies (port 0 = any).
+    pub grpc: SocketAddr,
+    /// Admin listen address (port 0 = any); `None` = no admin port.
+    pub admin: Option<SocketAddr>,
+    pub index: IndexOptions,
+}
+
+/// A started controller.
+#[derive(Clone, Debug)]
+pub struct Running {
+    pub grpc: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub index: Index,
+}
+
+/// Starts everything in the background on the current Tokio runtime.
+pub async fn start(options: Options) -> anyhow::Result<Running> {
+    start_with(options, Vec::new()).await
+}
+
+/// Like [`start`], with extra policy sources after the files (e.g. Kubernetes).
+pub async fn start_with(
+    options: Options,
+    extra_sources: Vec<Arc<dyn PolicySource>>,
+) -> anyhow::Result<Running> {
+    use anyhow::Context as _;
+    if options.platforms.is_empty() {
+        anyhow::bail!("no platform: give at least one --platform");
+    }
+    let mut sources: Vec<Arc<dyn PolicySource>> = Vec::new();
+    if !options.policy_paths.is_empty() {
+        sources.push(Arc::new(FilePolicySource::new(
+            options.policy_paths.clone(),
+        )));
+    }
+    sources.extend(extra_sources);
+    let discovery = connect_all(&options.platforms).await?;
+    let index = Index::start(sources, Arc::new(discovery.clone()), options.index.clone());
+    let counts = Arc::new(StreamCounts::default());
+    let grpc = crate::grpc::spawn(ProxyApi::new(index.clone(), counts.clone()), options.grpc)
+        .await
+        .with_context(|| format!("binding the gRPC listener on {}", options.grpc))?;
+    let admin = match options.admin {
+        Some(addr) => Some(
+            Admin::new(index.clone(), discovery, counts, Registry::default())
+                .spawn(addr)
+                .await
+                .with_context(|| format!("binding the admin listener on {addr}"))?,
+        ),
+        None => None,
+    };
+    Ok(Running { grpc, admin, index })
+}
