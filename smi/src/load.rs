@@ -16,10 +16,12 @@ use crate::model::{Policy, ResourceId};
 use crate::path::FieldPath;
 use crate::validate::{self, Issue, RegexChecks, RouteIndex};
 use crate::yaml::{self, Node};
+use serde::Deserialize;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Where a resource was read from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,7 +110,80 @@ pub fn load_str(file: impl Into<PathBuf>, text: &str) -> LoadReport {
 /// A resource that passed its own checks, waiting for the cross-resource checks.
 struct Pending {
     resource: LoadedResource,
-    node: Node,
+    positions: Positions,
+}
+
+/// Where the line of a field comes from: a positioned tree, or (for files that parsed on the
+/// fast path) the file text, re-read with positions only when an error needs a line.
+enum Positions {
+    Node(Node),
+    Lazy { text: Arc<str>, index: usize },
+}
+
+impl Positions {
+    fn line_of(&mut self, field: &FieldPath) -> u32 {
+        if let Positions::Lazy { text, index } = self {
+            // The fast path checked that both parsers see the same documents.
+            let node = yaml::parse_documents(text).ok().and_then(|mut documents| {
+                (*index < documents.len()).then(|| documents.swap_remove(*index))
+            });
+            match node {
+                Some(node) => *self = Positions::Node(node),
+                None => return 1,
+            }
+        }
+        match self {
+            Positions::Node(node) => node.line_of(field),
+            Positions::Lazy { .. } => 1,
+        }
+    }
+}
+
+/// The fast path: every document parsed by `serde_yaml_ng` (no positions), each with the line it
+/// starts on from a scan of the text. `None` (use the span-aware path) when any document does
+/// not parse or the scan and the parser disagree on the documents.
+fn fast_documents(text: &str) -> Option<Vec<(u32, Value)>> {
+    let starts = document_start_lines(text)?;
+    let mut values = Vec::with_capacity(starts.len());
+    for document in serde_yaml_ng::Deserializer::from_str(text) {
+        // Through the YAML value type: it refuses duplicate keys, which a JSON map would
+        // silently overwrite.
+        let yaml = serde_yaml_ng::Value::deserialize(document).ok()?;
+        if yaml.is_null() {
+            continue;
+        }
+        values.push(serde_json::to_value(yaml).ok()?);
+    }
+    (values.len() == starts.len()).then(|| starts.into_iter().zip(values).collect())
+}
+
+/// The first content line of every non-empty document, or `None` for texts the simple scan does
+/// not understand (directives, explicit document ends).
+fn document_start_lines(text: &str) -> Option<Vec<u32>> {
+    let mut starts = Vec::new();
+    let mut in_document = false;
+    for (number, line) in text.lines().enumerate() {
+        let number = u32::try_from(number + 1).ok()?;
+        if line.starts_with('%') || line.starts_with("...") {
+            return None;
+        }
+        if let Some(rest) = line.strip_prefix("---")
+            && (rest.is_empty() || rest.starts_with([' ', '\t']))
+        {
+            let rest = rest.trim();
+            in_document = !rest.is_empty() && !rest.starts_with('#');
+            if in_document {
+                starts.push(number);
+            }
+            continue;
+        }
+        let content = line.trim();
+        if !in_document && !content.is_empty() && !content.starts_with('#') {
+            starts.push(number);
+            in_document = true;
+        }
+    }
+    Some(starts)
 }
 
 #[derive(Default)]
@@ -156,6 +231,17 @@ impl Loader {
     }
 
     fn load_text(&mut self, file: &Path, text: &str) {
+        if let Some(documents) = fast_documents(text) {
+            let text: Arc<str> = Arc::from(text);
+            for (index, (line, value)) in documents.into_iter().enumerate() {
+                let positions = Positions::Lazy {
+                    text: text.clone(),
+                    index,
+                };
+                self.load_document(file, value, line, positions);
+            }
+            return;
+        }
         let documents = match yaml::parse_documents(text) {
             Ok(documents) => documents,
             Err(e) => {
@@ -169,23 +255,24 @@ impl Loader {
             }
         };
         for node in documents {
-            self.load_document(file, node);
+            let (value, line) = (node.to_json(), node.line);
+            self.load_document(file, value, line, Positions::Node(node));
         }
     }
 
-    fn load_document(&mut self, file: &Path, node: Node) {
-        let value = node.to_json();
+    fn load_document(&mut self, file: &Path, value: Value, line: u32, mut positions: Positions) {
         let source = Source {
             file: file.to_owned(),
-            line: node.line,
+            line,
         };
-        let error = |field: FieldPath, message: String, resource: Option<ResourceId>| LoadError {
-            file: file.to_owned(),
-            line: Some(node.line_of(&field)),
-            resource,
-            field: (!field.is_root()).then_some(field),
-            message,
-        };
+        let mut error =
+            |field: FieldPath, message: String, resource: Option<ResourceId>| LoadError {
+                file: file.to_owned(),
+                line: Some(positions.line_of(&field)),
+                resource,
+                field: (!field.is_root()).then_some(field),
+                message,
+            };
         let converted = SmiObject::from_value(&value).and_then(|object| {
             let policy = object.to_policy()?;
             Ok((object, policy))
@@ -222,7 +309,7 @@ impl Loader {
                 object,
                 policy,
             },
-            node,
+            positions,
         });
     }
 
@@ -234,7 +321,11 @@ impl Loader {
                 .chain(self.broken_routes.iter()),
         );
         let mut resources = Vec::with_capacity(self.pending.len());
-        for Pending { resource, node } in self.pending {
+        for Pending {
+            resource,
+            mut positions,
+        } in self.pending
+        {
             let issues = validate::validate_references(&resource.policy, &routes);
             if issues.is_empty() {
                 resources.push(resource);
@@ -245,7 +336,7 @@ impl Loader {
                 let field = wire_field(kind, version, &field);
                 self.errors.push(LoadError {
                     file: resource.source.file.clone(),
-                    line: Some(node.line_of(&field)),
+                    line: Some(positions.line_of(&field)),
                     resource: Some(resource.policy.id()),
                     field: Some(field),
                     message,
@@ -276,4 +367,49 @@ fn raw_resource_id(value: &Value, error: &ConvertError) -> Option<ResourceId> {
         namespace: text("namespace").unwrap_or("default").to_owned(),
         name: text("name").unwrap_or("").to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_starts_skip_comments_blanks_and_empty_documents() {
+        let text = "# head\n\napiVersion: a\n---\n# only a comment\n---\nkind: b\n--- {c: 1}\n";
+        assert_eq!(document_start_lines(text), Some(vec![3, 7, 8]));
+        assert_eq!(document_start_lines("%YAML 1.2\n---\na: 1\n"), None);
+    }
+
+    #[test]
+    fn fast_and_positioned_paths_agree() {
+        let text = "# x\napiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {name: a}\nspec:\n  service: a\n  backends:\n  - {service: b, weight: -1}\n---\n\napiVersion: v1\nkind: Foo\n";
+        let fast = fast_documents(text).expect("the fast path takes this text");
+        let positioned = yaml::parse_documents(text).unwrap();
+        assert_eq!(fast.len(), positioned.len());
+        for ((line, value), node) in fast.iter().zip(&positioned) {
+            assert_eq!(*line, node.line);
+            assert_eq!(*value, node.to_json());
+        }
+        let report = load_str("x.yaml", text);
+        let errors: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "x.yaml:8: TrafficSplit default/a: spec.backends[0].weight: must be a non-negative integer, got -1",
+                "x.yaml:12: Foo default/: kind: unknown SMI kind \"Foo\" (known: TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute)",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors_on_either_path() {
+        let report = load_str("d.yaml", "apiVersion: a\nkind: b\nkind: c\n");
+        assert_eq!(report.errors.len(), 1);
+        assert_eq!(report.errors[0].line, Some(3), "{}", report.errors[0]);
+        assert!(
+            report.errors[0].message.contains("invalid YAML"),
+            "{}",
+            report.errors[0]
+        );
+    }
 }
