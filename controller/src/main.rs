@@ -19,8 +19,14 @@ enum Command {
     Validate(cli::validate::Args),
     /// Write the SMI CustomResourceDefinitions (every version served, conversion webhook).
     Crds(cli::crds::Args),
-    /// Run the local demo mesh.
-    Demo,
+    /// Run the local demo mesh (controller, proxy, two versions of an app, a client) on loopback.
+    Demo(cli::demo::Args),
+    /// Run the controller: SMI policy + discovery -> live proxy configuration.
+    Controller(cli::controller::Args),
+    /// Is the controller up, how fresh is each source, any problems? (exit 1 if down or problems)
+    Check(cli::check::Args),
+    /// The controller's resolved view: splits, targets, routes or services.
+    Get(cli::get::Args),
 }
 
 fn main() -> ExitCode {
@@ -28,7 +34,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => cli::validate::run(&args),
         Command::Crds(args) => cli::crds::run(&args),
-        Command::Demo => Ok(cli::demo::run()),
+        Command::Demo(args) => cli::demo::run(&args),
+        Command::Controller(args) => cli::controller::run(&args),
+        Command::Check(args) => cli::check::run(&args),
+        Command::Get(args) => cli::get::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -93,16 +93,6 @@ fn a_missing_path_is_an_error() {
 }
 
 #[test]
-fn demo_says_it_is_not_there_yet() {
-    let output = trellis(&["demo"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert_eq!(
-        String::from_utf8(output.stdout).unwrap(),
-        "trellis demo: the local mesh arrives with the controller work (issue: controller and local mesh)\n"
-    );
-}
-
-#[test]
 fn crds_subcommand_writes_every_crd() {
     let dir = std::env::temp_dir().join(format!("trellis-crds-{}", std::process::id()));
     let output = trellis(&["crds", "--out", dir.to_str().unwrap()]);

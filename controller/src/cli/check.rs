@@ -1,0 +1,108 @@
+//! `trellis check`: is the controller up, which platforms and how fresh, how many proxies are
+//! connected, which policies are in force, and any problems. Exit 1 when the controller cannot
+//! be reached or reports problems.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use serde_json::Value;
+
+use super::state::{fetch_state, list, text};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The controller's admin address.
+    #[arg(long, default_value = "127.0.0.1:9990")]
+    pub admin: SocketAddr,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let state = match fetch_state(args.admin) {
+        Ok(state) => state,
+        Err(e) => {
+            println!("controller: DOWN ({e:#})");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    print!("{}", render(&state));
+    Ok(if list(&state, "problems").is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The check report for `state`.
+pub fn render(state: &Value) -> String {
+    let mut out = String::from("controller: up\n");
+    let ready = state["policy_ready"].as_bool().unwrap_or(false);
+    out.push_str(&format!(
+        "policy: {}{}\n",
+        if ready {
+            "ready"
+        } else {
+            "waiting for sources"
+        },
+        if state["permissive"].as_bool() == Some(true) {
+            " (PERMISSIVE: default allow)"
+        } else {
+            ""
+        }
+    ));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let age = |v: &Value| match v.as_u64() {
+        Some(t) => format!("{}s ago", now.saturating_sub(t)),
+        None => "never".into(),
+    };
+    for p in list(state, "platforms") {
+        let stale = if p["stale"].as_bool() == Some(true) {
+            format!(" STALE: {}", text(&p["last_error"]))
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "platform {}: last answer {}{stale}\n",
+            text(&p["source"]),
+            age(&p["last_good_unix"])
+        ));
+    }
+    for s in list(state, "policy_sources") {
+        out.push_str(&format!(
+            "policy source {}: {} resources, updated {}\n",
+            text(&s["name"]),
+            s["resources"],
+            age(&s["last_update_unix"])
+        ));
+    }
+    out.push_str(&format!(
+        "proxy streams: {} destination, {} inbound\n",
+        state["streams"]["destinations"], state["streams"]["inbound"]
+    ));
+    out.push_str(&format!(
+        "policies in force: {}\n",
+        list(state, "policies").len()
+    ));
+    for p in list(state, "policies") {
+        out.push_str(&format!(
+            "  {} {}/{}: {}\n",
+            text(&p["kind"]),
+            text(&p["namespace"]),
+            text(&p["name"]),
+            text(&p["summary"])
+        ));
+    }
+    let problems = list(state, "problems");
+    out.push_str(&format!("problems: {}\n", problems.len()));
+    for p in problems {
+        out.push_str(&format!(
+            "  {}: {}: {}\n",
+            text(&p["location"]),
+            text(&p["resource"]),
+            text(&p["message"])
+        ));
+    }
+    out
+}

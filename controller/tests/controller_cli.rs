@@ -1,0 +1,271 @@
+//! `trellis controller` as a real process (file and consul-double platforms), read by
+//! `trellis check` and `trellis get`, and `trellis demo --once` run headlessly.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use trellis_proxy_api::v1::{self, destinations_client::DestinationsClient};
+
+const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// A controller process, killed and reaped on drop.
+struct Controller {
+    child: Child,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn controller(args: &[&str]) -> Controller {
+    let mut child = Command::new(TRELLIS)
+        .arg("controller")
+        .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addr = |prefix: &str| -> SocketAddr {
+        let line = lines
+            .next()
+            .expect("controller printed its addresses")
+            .unwrap();
+        line.strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("{line:?}"))
+            .parse()
+            .unwrap()
+    };
+    let grpc = addr("grpc listening on ");
+    let admin = addr("admin listening on ");
+    Controller { child, grpc, admin }
+}
+
+fn trellis(args: &[&str]) -> Output {
+    Command::new(TRELLIS).args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+const SPLIT: &str = "apiVersion: split.smi-spec.io/v1alpha4
+kind: TrafficSplit
+metadata: { name: web, namespace: demo }
+spec:
+  service: web
+  backends:
+  - { service: web-v1, weight: 1 }
+  - { service: web-v2, weight: 0 }
+";
+
+/// Runs `check` until `pred` holds on its output (the policy source answers within ~250 ms).
+fn check_until(admin: SocketAddr, pred: impl Fn(&Output) -> bool) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = trellis(&["check", "--admin", &admin.to_string()]);
+        if pred(&out) || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn controller_on_the_file_platform_with_check_and_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let services = trellis_adapter_file::write_demo(dir.path()).unwrap();
+    let policy = dir.path().join("policy");
+    std::fs::create_dir(&policy).unwrap();
+    std::fs::write(policy.join("split.yaml"), SPLIT).unwrap();
+    let ctl = controller(&[
+        "--platform",
+        &format!("file={}", services.display()),
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    let admin = ctl.admin.to_string();
+
+    let out = check_until(ctl.admin, |o| stdout(o).contains("policies in force: 1"));
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("controller: up") && text.contains("policy: ready"),
+        "{text}"
+    );
+    assert!(
+        text.contains("TrafficSplit demo/web: root web -> web-v1 1, web-v2 0"),
+        "{text}"
+    );
+    assert!(text.contains("problems: 0"), "{text}");
+
+    // A proxy-like client watches web.demo; `get services` shows the resolved split.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let grpc = ctl.grpc;
+    let _stream = runtime.block_on(async move {
+        let mut client = DestinationsClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let mut stream = client
+            .watch(v1::DestinationRequest {
+                target: "web.demo".into(),
+                source_workload: "demo/client".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        assert!(
+            matches!(first.kind, Some(v1::destination_update::Kind::Profile(_))),
+            "{first:?}"
+        );
+        stream
+    });
+    let services_out = trellis(&["get", "services", "--admin", &admin]);
+    let table = stdout(&services_out);
+    assert!(table.starts_with("DESTINATION"), "{table}");
+    assert!(
+        table.contains("web.demo") && table.contains("web-v1 1/1, web-v2 0/1"),
+        "{table}"
+    );
+    let splits = stdout(&trellis(&["get", "splits", "--admin", &admin]));
+    assert!(
+        splits.contains("demo") && splits.contains("root web -> web-v1 1, web-v2 0"),
+        "{splits}"
+    );
+    let check = check_until(ctl.admin, |o| {
+        stdout(o).contains("proxy streams: 1 destination")
+    });
+    assert!(
+        stdout(&check).contains("platform file:"),
+        "{}",
+        stdout(&check)
+    );
+
+    // A bad edit: reported with file:line, check fails, the last good split stays.
+    std::fs::write(
+        policy.join("split.yaml"),
+        SPLIT.replace("weight: 0 }", "weight: -5 }"),
+    )
+    .unwrap();
+    let out = check_until(ctl.admin, |o| o.status.code() == Some(1));
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("split.yaml:") && text.contains("last good"),
+        "{text}"
+    );
+    assert!(text.contains("root web -> web-v1 1, web-v2 0"), "{text}");
+
+    // The controller down: check says so and fails.
+    drop(ctl);
+    let out = trellis(&["check", "--admin", &admin]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("controller: DOWN"),
+        "{}",
+        stdout(&out)
+    );
+    let out = trellis(&["get", "splits", "--admin", &admin]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn controller_on_the_consul_double_answers_from_consul() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let double = runtime
+        .block_on(trellis_consul_double::ConsulDouble::start())
+        .unwrap();
+    let ctl = controller(&["--platform", &format!("consul={}", double.addr())]);
+    let grpc = ctl.grpc;
+    let answer = runtime.block_on(async move {
+        let mut client = DestinationsClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let mut stream = client
+            .watch(v1::DestinationRequest {
+                target: "web.default".into(),
+                source_workload: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    });
+    match answer.kind {
+        Some(v1::destination_update::Kind::NotFound(n)) => {
+            assert!(n.reason.contains("default/web"), "{n:?}")
+        }
+        other => panic!("expected not found from an empty Consul, got {other:?}"),
+    }
+    let out = check_until(ctl.admin, |o| stdout(o).contains("platform consul:"));
+    assert!(
+        stdout(&out).contains("platform consul:"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn bad_platforms_are_refused_with_what_is_expected() {
+    let out = trellis(&["controller", "--platform", "nomad=x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected file=PATH"));
+}
+
+#[test]
+fn demo_once_moves_traffic_with_the_weights() {
+    let out = Command::new(TRELLIS)
+        .args(["demo", "--once", "--requests", "40"])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps: Vec<&str> = text.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(steps.len(), 3, "{text}");
+    assert!(
+        steps[0].contains("v1=100 v2=0")
+            && steps[0].contains("| v1    40")
+            && steps[0].contains("| v2     0"),
+        "{text}"
+    );
+    assert!(
+        steps[1].contains("v1=50  v2=50")
+            && steps[1].contains("| v1    20")
+            && steps[1].contains("| v2    20"),
+        "{text}"
+    );
+    assert!(
+        steps[2].contains("| v1     0") && steps[2].contains("| v2    40"),
+        "{text}"
+    );
+    assert!(
+        text.contains("summary: 3 steps, 40 requests each: traffic followed the weights"),
+        "{text}"
+    );
+}
