@@ -54,6 +54,20 @@ fn trellis(args: &[&str]) -> Output {
     Command::new(TRELLIS).args(args).output().unwrap()
 }
 
+/// A plain HTTP/1.0 GET: (status line, body).
+fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -148,6 +162,19 @@ fn controller_on_the_file_platform_with_check_and_get() {
     let check = check_until(ctl.admin, |o| {
         stdout(o).contains("proxy streams: 1 destination")
     });
+    assert!(get(ctl.admin, "/live").0.contains("200"));
+    assert!(get(ctl.admin, "/ready").0.contains("200"));
+    assert!(get(ctl.admin, "/nope").0.contains("404"));
+    let (status, metrics) = get(ctl.admin, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(
+        metrics.contains("trellis_controller_proxy_streams_destinations 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_controller_policies 1"),
+        "{metrics}"
+    );
     assert!(
         stdout(&check).contains("platform file:"),
         "{}",
