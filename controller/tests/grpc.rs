@@ -25,6 +25,10 @@ services:
     endpoints:
       - {{ address: {}, port: {}, labels: {{ version: v1 }} }}
       - {{ address: {}, port: {}, labels: {{ version: v2 }} }}
+  - name: api
+    ports: [{{ name: http, port: 8090, protocol: http }}]
+    endpoints:
+      - {{ address: 127.0.0.9, port: 9 }}
 ",
         v1.ip(),
         v1.port(),
@@ -293,4 +297,42 @@ async fn a_real_proxy_moves_exactly_all_requests_when_the_split_file_changes() {
     );
     assert_eq!(all_v2.get("web/v1"), None);
     proxy.drain(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_change_sends_nothing_to_destinations_it_does_not_touch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b): (SocketAddr, SocketAddr) = (
+        "127.0.0.1:1001".parse().unwrap(),
+        "127.0.0.1:1002".parse().unwrap(),
+    );
+    let ctl = controller(dir.path(), a, b).await;
+    let service = |name: &str| trellis_discovery::ServiceKey::new("demo", name);
+    let mut web = ctl.index.destination(service("web")).await.unwrap();
+    let mut api = ctl.index.destination(service("api")).await.unwrap();
+    let ready = |u: &Option<v1::DestinationUpdate>| u.is_some();
+    tokio::time::timeout(Duration::from_secs(10), web.wait_for(ready))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), api.wait_for(ready))
+        .await
+        .unwrap()
+        .unwrap();
+    let api_version = api.borrow_and_update().as_ref().unwrap().version.clone();
+    let web_version = web.borrow_and_update().as_ref().unwrap().version.clone();
+
+    write(&dir.path().join("policy/split.yaml"), &split(1, 1));
+    tokio::time::timeout(Duration::from_secs(5), web.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(web.borrow().as_ref().unwrap().version, web_version);
+    // Give the index time to (wrongly) touch api, then check it did not.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !api.has_changed().unwrap(),
+        "api was not touched by the web split change"
+    );
+    assert_eq!(api.borrow().as_ref().unwrap().version, api_version);
 }
