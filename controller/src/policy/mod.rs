@@ -11,6 +11,7 @@
 use std::fmt;
 
 pub mod files;
+pub mod kubernetes;
 
 /// The whole SMI policy one source holds now. A source that sees a bad new version of a resource
 /// keeps the last good version of that resource in `policies` and reports the problem: bad input
