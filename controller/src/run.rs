@@ -17,7 +17,8 @@ use crate::policy::files::FilePolicySource;
 /// What to start.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// SMI YAML files and directories (one file policy source over all of them).
+    /// SMI YAML files and directories (one file policy source over all of them). With the
+    /// Kubernetes platform, the SMI CRDs are a policy source too.
     pub policy_paths: Vec<PathBuf>,
     pub platforms: Vec<Platform>,
     /// gRPC listen address for proxies (port 0 = any).
@@ -54,6 +55,15 @@ pub async fn start_with(
         sources.push(Arc::new(FilePolicySource::new(
             options.policy_paths.clone(),
         )));
+    }
+    if options.platforms.contains(&Platform::Kubernetes) {
+        // On Kubernetes the SMI CRDs are a policy source too (after the files).
+        let client = kube::Client::try_default()
+            .await
+            .context("kubernetes policy source: reading the kubeconfig")?;
+        sources.push(Arc::new(
+            crate::policy::kubernetes::KubernetesPolicySource::new(client),
+        ));
     }
     sources.extend(extra_sources);
     let discovery = connect_all(&options.platforms).await?;

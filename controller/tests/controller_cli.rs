@@ -26,7 +26,12 @@ impl Drop for Controller {
 }
 
 fn controller(args: &[&str]) -> Controller {
+    controller_with_env(args, &[])
+}
+
+fn controller_with_env(args: &[&str], env: &[(&str, &str)]) -> Controller {
     let mut child = Command::new(TRELLIS)
+        .envs(env.iter().copied())
         .arg("controller")
         .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .args(args)
@@ -293,6 +298,85 @@ fn demo_once_moves_traffic_with_the_weights() {
     );
     assert!(
         text.contains("summary: 3 steps, 40 requests each: traffic followed the weights"),
+        "{text}"
+    );
+}
+
+#[test]
+fn controller_on_kubernetes_reads_smi_policy_from_the_api_server() {
+    use trellis_kube_fake::{FakeApiServer, ResourceType};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime.block_on(FakeApiServer::start()).unwrap();
+    let smi = [
+        (
+            "split.smi-spec.io",
+            "v1alpha4",
+            "trafficsplits",
+            "TrafficSplit",
+        ),
+        (
+            "access.smi-spec.io",
+            "v1alpha3",
+            "traffictargets",
+            "TrafficTarget",
+        ),
+        (
+            "specs.smi-spec.io",
+            "v1alpha4",
+            "httproutegroups",
+            "HTTPRouteGroup",
+        ),
+        ("specs.smi-spec.io", "v1alpha4", "tcproutes", "TCPRoute"),
+        ("specs.smi-spec.io", "v1alpha4", "udproutes", "UDPRoute"),
+    ];
+    for (group, version, plural, kind) in smi {
+        server.register(ResourceType::new(group, version, plural, kind, true));
+    }
+    let (group, version, plural, kind) = smi[0];
+    server
+        .store()
+        .apply(
+            &ResourceType::new(group, version, plural, kind, true),
+            serde_json::json!({
+                "apiVersion": "split.smi-spec.io/v1alpha4",
+                "kind": "TrafficSplit",
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"service": "web", "backends": [
+                    {"service": "web-v1", "weight": 90},
+                    {"service": "web-v2", "weight": 10}
+                ]}
+            }),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{}'}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
+             current-context: c\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let ctl = controller_with_env(
+        &["--platform", "kubernetes"],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let out = check_until(ctl.admin, |o| stdout(o).contains("TrafficSplit shop/web"));
+    let text = stdout(&out);
+    assert!(text.contains("policy: ready"), "{text}");
+    assert!(
+        text.contains("policy source kubernetes: 1 resources"),
+        "{text}"
+    );
+    assert!(
+        text.contains("TrafficSplit shop/web: root web -> web-v1 90, web-v2 10"),
         "{text}"
     );
 }
