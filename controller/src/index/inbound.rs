@@ -153,6 +153,7 @@ fn authorization(
         ports: ports.into_iter().map(u32::from).collect(),
         routes,
         unauthenticated: false,
+        networks: Vec::new(),
     })
 }
 

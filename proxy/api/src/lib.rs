@@ -8,14 +8,15 @@
 //!   [`v1::DestinationProfile`] (protocol, HTTP routes, weighted backends and their endpoints),
 //!   a [`v1::NotFound`] answer, or an [`v1::EndpointsDelta`] (endpoints added/removed).
 //! * `Inbound.Watch(workload, port)` streams the complete [`v1::InboundPolicy`] of a port.
-//! * `Identity.Certify(CSR, proof)` returns a certificate chain and its expiry (server side comes
-//!   with the security work; the messages are fixed now).
+//! * `Identity.Certify(CSR, proof)` returns a certificate chain, its expiry and the trust anchors.
 //!
 //! Every streamed message carries an opaque `version`. The [`authority`] module holds the one
 //! authority normalization both the controller and the proxy use, so that `web.shop`,
 //! `web.shop.svc.cluster.local:80`, `web.shop.svc.cluster.local.` and friends name one destination.
+//! The [`spiffe`] module holds the one spelling of workload identities.
 
 pub mod authority;
+pub mod spiffe;
 
 /// Generated messages, clients (`*_client`) and servers (`*_server`) of `trellis.proxy.v1`.
 #[allow(
