@@ -59,9 +59,13 @@ impl ResourceType {
     }
 }
 
-/// The types registered by default: what the Kubernetes discovery adapter reads and writes.
+/// The types registered by default: what the Kubernetes discovery adapter reads and writes, and
+/// what the controller writes (Leases for leader election, Events in both API groups).
 pub fn builtin() -> Vec<ResourceType> {
-    use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, discovery::v1 as discovery};
+    use k8s_openapi::api::{
+        apps::v1 as apps, coordination::v1 as coordination, core::v1 as core,
+        discovery::v1 as discovery, events::v1 as events,
+    };
     vec![
         ResourceType::of::<core::Namespace>(false),
         ResourceType::of::<core::Service>(true),
@@ -73,6 +77,9 @@ pub fn builtin() -> Vec<ResourceType> {
         ResourceType::of::<apps::Deployment>(true),
         ResourceType::of::<apps::StatefulSet>(true),
         ResourceType::of::<apps::DaemonSet>(true),
+        ResourceType::of::<coordination::Lease>(true),
+        ResourceType::of::<events::Event>(true),
+        ResourceType::of::<core::Event>(true),
     ]
 }
 
