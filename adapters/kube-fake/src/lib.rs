@@ -17,6 +17,10 @@
 //! [`FakeApiServer::begin_outage`] / [`FakeApiServer::end_outage`] (stop listening, then listen
 //! again at the same port with the same content).
 //!
+//! TokenReview: [`FakeApiServer::issue_service_account_token`] makes a ServiceAccount token bound
+//! to audiences, and `POST /apis/authentication.k8s.io/v1/tokenreviews` answers for it like a
+//! real server (unknown token: not authenticated, with an error string).
+//!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! let server = trellis_kube_fake::FakeApiServer::start().await?;
@@ -28,17 +32,19 @@
 //! pages show the current state; the following watch replays every change after the first page's
 //! version, so clients converge anyway), `resourceVersionMatch=Exact` only for the current
 //! version, no admission, defaulting, validation beyond names and namespaces, garbage collection
-//! or authentication.
+//! or authentication of its own clients.
 
 mod error;
 mod resources;
 mod selector;
 mod server;
 mod store;
+mod token_review;
 
 pub use error::ApiError;
 pub use resources::{ResourceType, builtin};
 pub use store::{Stats, Store, WatchStart};
+pub use token_review::API_AUDIENCE;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -53,6 +59,8 @@ use tokio::task::JoinHandle;
 #[derive(Debug)]
 pub struct FakeApiServer {
     store: Arc<Store>,
+    /// ServiceAccount tokens issued for TokenReview.
+    tokens: Arc<token_review::Tokens>,
     addr: SocketAddr,
     listener: Mutex<Option<JoinHandle<()>>>,
     bookmarks: Option<JoinHandle<()>>,
@@ -76,7 +84,12 @@ impl FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = server::local_addr(&listener)?;
         let store = Arc::new(Store::new());
-        let serve = tokio::spawn(server::serve(listener, Arc::clone(&store)));
+        let tokens = Arc::new(token_review::Tokens::default());
+        let serve = tokio::spawn(server::serve(
+            listener,
+            Arc::clone(&store),
+            Arc::clone(&tokens),
+        ));
         let bookmarks = options.bookmark_interval.map(|every| {
             let store = Arc::clone(&store);
             tokio::spawn(async move {
@@ -89,6 +102,7 @@ impl FakeApiServer {
         });
         Ok(Self {
             store,
+            tokens,
             addr,
             listener: Mutex::new(Some(serve)),
             bookmarks,
@@ -188,6 +202,7 @@ impl FakeApiServer {
         *self.lock_listener() = Some(tokio::spawn(server::serve(
             listener,
             Arc::clone(&self.store),
+            Arc::clone(&self.tokens),
         )));
         Ok(())
     }

@@ -21,12 +21,13 @@ use crate::error::ApiError;
 use crate::resources::{self, ResourceType};
 use crate::selector::Selector;
 use crate::store::{ListRequest, Store, WatchRequest};
+use crate::token_review::Tokens;
 
 type Body = BoxBody<Bytes, Infallible>;
 
 /// Accepts connections until the task is aborted; aborting it also drops every open connection
 /// (the JoinSet aborts its tasks when dropped), which is what an outage looks like to a client.
-pub(crate) async fn serve(listener: TcpListener, store: Arc<Store>) {
+pub(crate) async fn serve(listener: TcpListener, store: Arc<Store>, tokens: Arc<Tokens>) {
     let mut connections = JoinSet::new();
     loop {
         let (stream, _) = match listener.accept().await {
@@ -38,10 +39,12 @@ pub(crate) async fn serve(listener: TcpListener, store: Arc<Store>) {
         };
         while connections.try_join_next().is_some() {}
         let store = Arc::clone(&store);
+        let tokens = Arc::clone(&tokens);
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let store = Arc::clone(&store);
-                async move { Ok::<_, Infallible>(handle(&store, req).await) }
+                let tokens = Arc::clone(&tokens);
+                async move { Ok::<_, Infallible>(handle(&store, &tokens, req).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -54,8 +57,13 @@ pub(crate) fn local_addr(listener: &TcpListener) -> std::io::Result<SocketAddr> 
     listener.local_addr()
 }
 
-async fn handle(store: &Store, req: Request<Incoming>) -> Response<Body> {
-    match route(store, req).await {
+async fn handle(store: &Store, tokens: &Tokens, req: Request<Incoming>) -> Response<Body> {
+    let result = if req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        token_review(tokens, req).await
+    } else {
+        route(store, req).await
+    };
+    match result {
         Ok(resp) => resp,
         Err(e) => json_response(
             StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -73,6 +81,22 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
         "application/json".parse().expect("static header"),
     );
     resp
+}
+
+/// TokenReview: create only, answered from the issued tokens.
+async fn token_review(tokens: &Tokens, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    if req.method() != Method::POST {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!(
+                "{} is not supported on tokenreviews (create only)",
+                req.method()
+            ),
+        ));
+    }
+    let review = tokens.review(read_json(req).await?)?;
+    Ok(json_response(StatusCode::CREATED, &review))
 }
 
 /// The path of a resource request, split into its parts.
