@@ -2,14 +2,19 @@
 //!
 //! [`Authorizer`] decides per connection (opaque TCP) and per request (HTTP). The default,
 //! [`PolicyAuthorizer`], evaluates the inbound policy from the config file or the controller
-//! (`InboundPolicy`): allow rules are ORed; a rule allows when the caller's identity, the port and
-//! (for HTTP) one of its routes match; otherwise the default action applies, and the default
-//! action defaults to deny.
+//! (`InboundPolicy`): allow rules are ORed; a rule allows when the caller's identity, its source
+//! network, the port and (for HTTP) one of its routes match; otherwise the default action
+//! applies, and the default action defaults to deny.
 //!
-//! Caller identity: today connections are plaintext, so [`Caller::identity`] is `None` and only
-//! rules with `unauthenticated: true` (or a permissive default) let traffic in. When mTLS lands,
-//! the inbound listener terminates TLS, fills in the peer's SPIFFE id from its certificate, and
-//! the same policy applies unchanged: `*` then matches any authenticated caller.
+//! Caller identity: mTLS callers carry the SPIFFE id of their verified client certificate
+//! ([`Caller::identity`]); plaintext callers have none and match only rules with
+//! `unauthenticated: true` (or a permissive default). A rule with `unauthenticated: true` also
+//! matches authenticated callers: a verified caller is never worse off than an anonymous one
+//! from the same network. `*` matches any authenticated caller.
+//!
+//! Requests are checked against the policy current when they arrive (so a revoked rule stops
+//! the next request on a kept-alive connection); open opaque TCP connections are re-checked
+//! whenever the policy changes (see `tcp::forward_inbound`).
 
 use std::net::SocketAddr;
 
@@ -23,7 +28,7 @@ use crate::table::{AuthorizationTable, InboundTable};
 pub struct Caller {
     /// The peer's socket address.
     pub peer: SocketAddr,
-    /// The peer's verified SPIFFE id (None until mTLS).
+    /// The peer's verified SPIFFE id (None for plaintext callers).
     pub identity: Option<String>,
     /// The local port the connection arrived on.
     pub port: u16,
@@ -67,13 +72,18 @@ pub trait Authorizer: Send + Sync + std::fmt::Debug + 'static {
 pub struct PolicyAuthorizer;
 
 fn identity_matches(rule: &AuthorizationTable, caller: &Caller) -> bool {
-    match &caller.identity {
-        None => rule.unauthenticated,
-        Some(id) => rule
-            .identities
-            .iter()
-            .any(|allowed| allowed == "*" || allowed == id),
-    }
+    rule.unauthenticated
+        || caller.identity.as_ref().is_some_and(|id| {
+            rule.identities
+                .iter()
+                .any(|allowed| allowed == "*" || allowed == id)
+        })
+}
+
+fn network_matches(rule: &AuthorizationTable, caller: &Caller) -> bool {
+    // IPv4 peers on a dual-stack socket show up as ::ffff:a.b.c.d; match them as IPv4.
+    let ip = caller.peer.ip().to_canonical();
+    rule.networks.is_empty() || rule.networks.iter().any(|n| n.contains(&ip))
 }
 
 fn port_matches(rule: &AuthorizationTable, caller: &Caller) -> bool {
@@ -90,7 +100,10 @@ fn default_verdict(policy: &InboundTable) -> Verdict {
 impl Authorizer for PolicyAuthorizer {
     fn authorize_connection(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
         let allowed = policy.authorizations.iter().any(|rule| {
-            rule.routes.is_empty() && identity_matches(rule, caller) && port_matches(rule, caller)
+            rule.routes.is_empty()
+                && identity_matches(rule, caller)
+                && network_matches(rule, caller)
+                && port_matches(rule, caller)
         });
         if allowed {
             Verdict::Allow
@@ -107,6 +120,7 @@ impl Authorizer for PolicyAuthorizer {
     ) -> Verdict {
         let allowed = policy.authorizations.iter().any(|rule| {
             identity_matches(rule, caller)
+                && network_matches(rule, caller)
                 && port_matches(rule, caller)
                 && (rule.routes.is_empty()
                     || rule
@@ -141,8 +155,12 @@ mod tests {
     }
 
     fn caller(identity: Option<&str>, port: u16) -> Caller {
+        caller_from(identity, port, "127.0.0.1:9")
+    }
+
+    fn caller_from(identity: Option<&str>, port: u16, peer: &str) -> Caller {
         Caller {
-            peer: "127.0.0.1:9".parse().unwrap(),
+            peer: peer.parse().unwrap(),
             identity: identity.map(str::to_string),
             port,
         }
@@ -161,6 +179,7 @@ mod tests {
                     ..Default::default()
                 }],
                 unauthenticated: false,
+                networks: vec![],
             }],
         );
         let h = HeaderMap::new();
@@ -236,5 +255,53 @@ mod tests {
             PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)),
             Verdict::Deny
         );
+    }
+
+    #[test]
+    fn networks_narrow_rules_to_source_addresses() {
+        let p = policy(
+            DefaultAction::Deny,
+            vec![Authorization {
+                unauthenticated: true,
+                networks: vec!["10.1.0.0/16".into(), "192.168.7.7".into()],
+                ..Default::default()
+            }],
+        );
+        let a = PolicyAuthorizer;
+        for (peer, verdict) in [
+            ("10.1.2.3:5", Verdict::Allow),
+            ("[::ffff:10.1.2.3]:5", Verdict::Allow),
+            ("192.168.7.7:5", Verdict::Allow),
+            ("10.2.0.1:5", Verdict::Deny),
+            ("127.0.0.1:5", Verdict::Deny),
+        ] {
+            assert_eq!(
+                a.authorize_connection(&p, &caller_from(None, 1, peer)),
+                verdict,
+                "{peer}"
+            );
+        }
+        assert_eq!(
+            a.authorize_connection(
+                &p,
+                &caller_from(Some("spiffe://td/ns/a/sa/web"), 1, "10.1.0.9:1")
+            ),
+            Verdict::Allow,
+            "an authenticated caller from the network matches an unauthenticated rule"
+        );
+        let bad = InboundTable::compile(&Inbound {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            app: "127.0.0.1:1".parse().unwrap(),
+            protocol: Default::default(),
+            policy: InboundPolicy {
+                default_action: DefaultAction::Deny,
+                authorizations: vec![Authorization {
+                    networks: vec!["10.0.0.0/33".into()],
+                    ..Default::default()
+                }],
+            },
+        })
+        .unwrap_err();
+        assert_eq!(bad.field, "inbound.policy.authorizations[0].networks[0]");
     }
 }

@@ -33,6 +33,24 @@ pub struct Config {
     /// Limits and timeouts.
     #[serde(default)]
     pub limits: Limits,
+    /// Static mTLS identity (PEM files); absent = none from the file (plaintext, unless the
+    /// controller provides one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<StaticIdentity>,
+}
+
+/// A workload identity from PEM files (operators with their own PKI, benchmarks). Relative
+/// paths are relative to the config file's folder. The files are re-read when they or the
+/// config change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticIdentity {
+    /// Certificate chain, leaf first (its URI SAN is this proxy's SPIFFE id).
+    pub cert: PathBuf,
+    /// The leaf's private key (PKCS#8, SEC1 or PKCS#1 PEM).
+    pub key: PathBuf,
+    /// Trust anchors peers are verified against (several during a rotation).
+    pub trust_anchors: Vec<PathBuf>,
 }
 
 /// A workload reference (metric labels).
@@ -134,9 +152,12 @@ pub struct Authorization {
     #[serde(default)]
     pub routes: Vec<HttpMatch>,
     /// Also allow callers without a verified identity (plaintext: ingress, health checkers,
-    /// everything until mTLS lands).
+    /// test harnesses). Callers with a verified identity match such a rule too.
     #[serde(default)]
     pub unauthenticated: bool,
+    /// Source networks (CIDRs) the caller's address must be in; empty = any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
 }
 
 /// How traffic to a destination is carried.
@@ -308,6 +329,12 @@ pub struct Limits {
     pub drain_timeout_ms: u64,
     /// Concurrent HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
+    /// Bound on an mTLS handshake (inbound and outbound), ms.
+    pub tls_handshake_timeout_ms: u64,
+    /// Inbound TLS handshakes in progress at once; more wait (within the handshake timeout).
+    pub max_concurrent_handshakes: usize,
+    /// Open inbound connections per source IP; more are closed at once.
+    pub max_connections_per_source: usize,
 }
 
 impl Default for Limits {
@@ -321,6 +348,9 @@ impl Default for Limits {
             connect_timeout_ms: 2_000,
             drain_timeout_ms: 10_000,
             max_concurrent_streams: 256,
+            tls_handshake_timeout_ms: 10_000,
+            max_concurrent_handshakes: 512,
+            max_connections_per_source: 1024,
         }
     }
 }
@@ -341,6 +371,10 @@ impl Limits {
     /// `connect_timeout_ms` as a Duration.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+    /// `tls_handshake_timeout_ms` as a Duration.
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls_handshake_timeout_ms)
     }
     /// `drain_timeout_ms` as a Duration.
     pub fn drain_timeout(&self) -> Duration {
@@ -404,7 +438,18 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, path)
+        let mut config = Config::parse(&text, path)?;
+        if let (Some(identity), Some(dir)) = (&mut config.identity, path.parent()) {
+            for file in std::iter::once(&mut identity.cert)
+                .chain(std::iter::once(&mut identity.key))
+                .chain(identity.trust_anchors.iter_mut())
+            {
+                if file.is_relative() {
+                    *file = dir.join(&*file);
+                }
+            }
+        }
+        Ok(config)
     }
 
     /// Parse and validate YAML text; `path` is only used in error messages.

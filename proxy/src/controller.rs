@@ -111,6 +111,11 @@ impl Controller {
         self.base.clone()
     }
 
+    /// The gRPC channel to the controller (Identity.Certify is served on the same endpoint).
+    pub fn channel(&self) -> tonic::transport::Channel {
+        self.channel.clone()
+    }
+
     /// Connect to the running proxy's state and start the standing watches (inbound policy on
     /// `inbound_port`, destinations of the per-upstream ports).
     pub fn attach(&self, shared: &Arc<Shared>, inbound_port: Option<u16>) {
@@ -414,6 +419,7 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
                     .collect(),
                 routes: a.routes.into_iter().map(match_from_proto).collect(),
                 unauthenticated: a.unauthenticated,
+                networks: a.networks,
             })
             .collect(),
     }

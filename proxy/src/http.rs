@@ -5,9 +5,10 @@
 //! Errors are mapped to responses once, here, each with an `x-trellis-error` header naming the
 //! mesh's reason (see [`Reason`]). There are no retries: a request is sent at most once.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,9 +25,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::authz::{Caller, RequestInfo, Verdict};
 use crate::balance::InFlight;
 use crate::config::{Limits, Protocol};
-use crate::metrics::{Label, RequestLabels};
+use crate::identity::IdentityStore;
+use crate::metrics::{Label, Metrics, RequestLabels};
 use crate::state::Shared;
 use crate::table::{DestinationTable, Lookup};
+use crate::tls::{Alpn, MeshConnector, TlsError, find_tls_error};
 
 /// Header naming why the proxy answered a request itself.
 pub const ERROR_HEADER: &str = "x-trellis-error";
@@ -34,11 +37,19 @@ pub const ERROR_HEADER: &str = "x-trellis-error";
 /// An upstream client: pooled connections, bodies streamed from the downstream request.
 pub type UpstreamClient = Client<HttpConnector, Incoming>;
 
-/// The two upstream clients: HTTP/1.1 and h2c (prior knowledge).
-#[derive(Debug, Clone)]
+/// An upstream client speaking mTLS to one expected identity.
+pub type MeshClient = Client<MeshConnector, Incoming>;
+
+/// The upstream clients: HTTP/1.1 and h2c (prior knowledge) in plaintext, and mTLS clients per
+/// expected peer identity (so pooled connections are keyed by (address, identity)).
+#[derive(Debug)]
 pub struct Clients {
     http1: UpstreamClient,
     http2: UpstreamClient,
+    connector: HttpConnector,
+    builder: hyper_util::client::legacy::Builder,
+    handshake_timeout: Duration,
+    mesh: Mutex<HashMap<(String, bool), MeshClient>>,
 }
 
 impl Clients {
@@ -54,8 +65,44 @@ impl Clients {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90));
         let http1 = builder.clone().build(connector.clone());
-        let http2 = builder.http2_only(true).build(connector);
-        Clients { http1, http2 }
+        let http2 = builder.clone().http2_only(true).build(connector.clone());
+        Clients {
+            http1,
+            http2,
+            connector,
+            builder,
+            handshake_timeout: limits.tls_handshake_timeout(),
+            mesh: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The mTLS client towards endpoints named `expected` (created on first use).
+    pub fn mesh(
+        &self,
+        expected: &str,
+        http2: bool,
+        store: &Arc<IdentityStore>,
+        metrics: &Metrics,
+    ) -> MeshClient {
+        let mut mesh = self.mesh.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = mesh.get(&(expected.to_string(), http2)) {
+            return c.clone();
+        }
+        let connector = MeshConnector::new(
+            self.connector.clone(),
+            Arc::clone(store),
+            metrics.clone(),
+            expected,
+            if http2 { Alpn::H2 } else { Alpn::Http1 },
+            self.handshake_timeout,
+        );
+        let mut builder = self.builder.clone();
+        if http2 {
+            builder.http2_only(true);
+        }
+        let client = builder.build(connector);
+        mesh.insert((expected.to_string(), http2), client.clone());
+        client
     }
 }
 
@@ -82,6 +129,12 @@ pub enum Reason {
     Forbidden,
     /// No inbound listener is configured. 503.
     NoInbound,
+    /// The endpoint needs mTLS and this proxy has no valid certificate (fails closed). 503.
+    NoIdentity,
+    /// The endpoint's certificate does not name the identity the controller gave for it. 502.
+    IdentityMismatch,
+    /// The mTLS handshake with the endpoint failed otherwise (untrusted chain, timeout...). 502.
+    TlsFailed,
 }
 
 impl Reason {
@@ -98,6 +151,9 @@ impl Reason {
             Reason::Timeout => "timeout",
             Reason::Forbidden => "forbidden",
             Reason::NoInbound => "no-inbound",
+            Reason::NoIdentity => "no-identity",
+            Reason::IdentityMismatch => "identity-mismatch",
+            Reason::TlsFailed => "tls-failed",
         }
     }
 
@@ -105,10 +161,12 @@ impl Reason {
     pub fn status(self) -> StatusCode {
         match self {
             Reason::NoAuthority | Reason::InvalidAuthority => StatusCode::BAD_REQUEST,
-            Reason::UnknownDestination | Reason::ConnectFailed | Reason::UpstreamFailed => {
-                StatusCode::BAD_GATEWAY
-            }
-            Reason::NoBackends | Reason::NoEndpoints | Reason::NoInbound => {
+            Reason::UnknownDestination
+            | Reason::ConnectFailed
+            | Reason::UpstreamFailed
+            | Reason::IdentityMismatch
+            | Reason::TlsFailed => StatusCode::BAD_GATEWAY,
+            Reason::NoBackends | Reason::NoEndpoints | Reason::NoInbound | Reason::NoIdentity => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -282,6 +340,22 @@ async fn outbound(
             started,
         );
     };
+    // mTLS when the endpoint has an identity and this proxy has an identity source; without a
+    // source the proxy is outside the mesh and talks plaintext.
+    let mesh_identity = endpoint
+        .identity
+        .as_deref()
+        .filter(|_| shared.identity.is_configured());
+    if mesh_identity.is_some() && shared.identity.current().is_none() {
+        return dest_error(
+            shared,
+            &dest,
+            Some(backend),
+            route,
+            Reason::NoIdentity,
+            started,
+        );
+    }
     let http2 =
         endpoint.http2 || (req.version() == Version::HTTP_2 && dest.protocol != Protocol::Tcp);
     let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
@@ -300,12 +374,14 @@ async fn outbound(
         }
     };
     let in_flight = endpoint.stats.start();
-    let client = if http2 {
-        &shared.clients.http2
-    } else {
-        &shared.clients.http1
+    let sent = match mesh_identity {
+        Some(expected) => shared
+            .clients
+            .mesh(expected, http2, &shared.identity, &shared.metrics)
+            .request(req),
+        None if http2 => shared.clients.http2.request(req),
+        None => shared.clients.http1.request(req),
     };
-    let sent = client.request(req);
     let result = match dest.request_timeout {
         Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r,
@@ -325,10 +401,13 @@ async fn outbound(
     let mut resp = match result {
         Ok(resp) => resp,
         Err(e) => {
-            let reason = if e.is_connect() {
-                Reason::ConnectFailed
-            } else {
-                Reason::UpstreamFailed
+            let reason = match find_tls_error(&e) {
+                Some(TlsError::NoIdentity) => Reason::NoIdentity,
+                Some(TlsError::IdentityMismatch) => Reason::IdentityMismatch,
+                Some(TlsError::Connect(_)) => Reason::ConnectFailed,
+                Some(TlsError::Timeout | TlsError::Handshake(_)) => Reason::TlsFailed,
+                None if e.is_connect() => Reason::ConnectFailed,
+                None => Reason::UpstreamFailed,
             };
             tracing::debug!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "upstream request failed");
             return dest_error(shared, &dest, Some(backend), route, reason, started);
@@ -460,6 +539,21 @@ fn dest_error(
             dest.key
         ),
         Reason::Timeout => format!("{} did not answer in time", dest.key),
+        Reason::NoIdentity => format!(
+            "backend {} of {} requires mTLS and this proxy has no valid certificate",
+            bname.as_str(),
+            dest.key
+        ),
+        Reason::IdentityMismatch => format!(
+            "an endpoint of backend {} of {} presented a certificate for another identity",
+            bname.as_str(),
+            dest.key
+        ),
+        Reason::TlsFailed => format!(
+            "the mTLS handshake with backend {} of {} failed",
+            bname.as_str(),
+            dest.key
+        ),
         _ => format!("backend {} of {} failed", bname.as_str(), dest.key),
     };
     local(reason, &detail)
@@ -498,6 +592,9 @@ async fn inbound(
             &labels(403, Label::from(Reason::Forbidden.as_str())),
             elapsed_ms(started),
         );
+        if is_grpc(req.headers()) {
+            return grpc_denied();
+        }
         return local(
             Reason::Forbidden,
             "the inbound policy does not allow this request",
@@ -539,6 +636,31 @@ async fn inbound(
             local(reason, "the local application failed")
         }
     }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// A gRPC "trailers-only" denial: HTTP 200, `grpc-status: 7` (PERMISSION_DENIED) in the headers
+/// and an empty body (sent as one HEADERS frame with END_STREAM).
+fn grpc_denied() -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::Local(None));
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from_static("7"));
+    h.insert(
+        "grpc-message",
+        HeaderValue::from_static("trellis-proxy: the inbound policy does not allow this call"),
+    );
+    h.insert(
+        ERROR_HEADER,
+        HeaderValue::from_static(Reason::Forbidden.as_str()),
+    );
+    resp
 }
 
 fn elapsed_ms(started: Instant) -> f64 {

@@ -16,6 +16,11 @@
 //! * [`admin`], [`metrics`]: the admin port and Prometheus metrics (registry passed in).
 //! * [`reload`]: config file reload (SIGHUP + change polling).
 //! * [`controller`]: live config from the controller over `trellis-proxy-api`.
+//! * [`identity`]: the workload certificate (controller `Identity.Certify` with renewal at 70% of
+//!   the lifetime, or static PEM files), published atomically in an [`identity::IdentityStore`].
+//! * [`tls`]: mTLS with rustls (TLS 1.3, ALPN h2/http/1.1): client certificates verified to the
+//!   trust anchors with the caller's SPIFFE id taken from them; upstream certificates verified to
+//!   the anchors AND to the endpoint's expected SPIFFE id.
 
 pub mod admin;
 pub mod authz;
@@ -24,12 +29,14 @@ pub mod config;
 pub mod controller;
 pub mod detect;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod reload;
 pub mod server;
 pub mod state;
 pub mod table;
 pub mod tcp;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +49,7 @@ use tokio::task::JoinHandle;
 
 use crate::authz::{Authorizer, PolicyAuthorizer};
 use crate::config::Config;
+use crate::identity::IdentityStore;
 use crate::server::{Connections, ListenerKind};
 use crate::state::{Resolve, Shared};
 
@@ -56,6 +64,10 @@ pub struct ProxyOptions {
     pub authorizer: Arc<dyn Authorizer>,
     /// On-demand destination resolver (controller mode).
     pub resolver: Option<Arc<dyn Resolve>>,
+    /// Where the workload identity is kept. The default has no source (plaintext) unless the
+    /// config names static `identity` files; controller mode passes
+    /// [`IdentityStore::expecting`] and runs [`identity::run_certifier`] on it.
+    pub identity: Arc<IdentityStore>,
 }
 
 impl ProxyOptions {
@@ -66,6 +78,7 @@ impl ProxyOptions {
             registry: Registry::default(),
             authorizer: Arc::new(PolicyAuthorizer),
             resolver: None,
+            identity: Arc::new(IdentityStore::new()),
         }
     }
 }
@@ -96,9 +109,17 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         mut registry,
         authorizer,
         resolver,
+        identity,
     } = options;
+    if let Some(files) = &config.identity {
+        let credentials = identity::load_static(files).context("loading the static identity")?;
+        tracing::info!(id = %credentials.id, not_after = ?credentials.not_after, "static identity loaded");
+        identity
+            .publish(credentials)
+            .context("using the static identity")?;
+    }
     let shared = Arc::new(
-        Shared::new(&config, &mut registry, authorizer, resolver)
+        Shared::with_identity(&config, &mut registry, authorizer, resolver, identity)
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     let (shutdown, shutdown_rx) = watch::channel(false);

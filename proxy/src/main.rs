@@ -8,7 +8,9 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use trellis_proxy::config::{Config, Inbound, PortForward, Workload};
 use trellis_proxy::controller::{Controller, ControllerOptions};
+use trellis_proxy::identity::{self, CertifierOptions, IdentityStore};
 use trellis_proxy::{ProxyOptions, reload};
+use trellis_proxy_api::spiffe::SpiffeId;
 
 /// trellis-proxy: the Trellis data plane (HTTP/1.1, HTTP/2, gRPC, TCP).
 #[derive(Debug, Parser)]
@@ -38,6 +40,30 @@ struct Cli {
     /// Inbound listener LISTEN=APP (controller mode).
     #[arg(long, value_name = "LISTEN=APP")]
     inbound: Option<String>,
+    /// Trust domain of this proxy's SPIFFE id (controller mode).
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    trust_domain: String,
+    /// Proof of identity sent with Identity.Certify (a projected ServiceAccount token or a
+    /// bootstrap token; re-read before every call). Absent = no identity: plaintext only.
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_IDENTITY_TOKEN_FILE",
+        requires = "controller"
+    )]
+    identity_token_file: Option<PathBuf>,
+    /// Bound on an mTLS handshake, ms (overrides limits.tls_handshake_timeout_ms).
+    #[arg(long)]
+    handshake_timeout_ms: Option<u64>,
+    /// Inbound TLS handshakes in progress at once (overrides limits.max_concurrent_handshakes).
+    #[arg(long)]
+    max_concurrent_handshakes: Option<usize>,
+    /// Open inbound connections per source IP (overrides limits.max_connections_per_source).
+    #[arg(long)]
+    max_connections_per_source: Option<usize>,
     /// Tokio worker threads (default: number of cores; 1 = a single-threaded runtime).
     #[arg(long, env = "TRELLIS_PROXY_THREADS")]
     threads: Option<usize>,
@@ -116,16 +142,52 @@ fn controller_base(cli: &Cli) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+fn apply_limit_flags(cli: &Cli, config: &mut Config) {
+    let limits = &mut config.limits;
+    if let Some(v) = cli.handshake_timeout_ms {
+        limits.tls_handshake_timeout_ms = v;
+    }
+    if let Some(v) = cli.max_concurrent_handshakes {
+        limits.max_concurrent_handshakes = v;
+    }
+    if let Some(v) = cli.max_connections_per_source {
+        limits.max_connections_per_source = v;
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let (proxy, drain) = if let Some(url) = cli.controller.clone() {
-        let base = controller_base(&cli)?;
+        let mut base = controller_base(&cli)?;
+        apply_limit_flags(&cli, &mut base);
         let workload = cli.workload.clone().unwrap_or_default();
         let controller = Controller::new(ControllerOptions::new(url, workload), base)?;
         let config = controller.initial_config();
         let drain = config.limits.drain_timeout();
         let mut options = ProxyOptions::new(config);
         options.resolver = Some(controller.clone() as Arc<dyn trellis_proxy::state::Resolve>);
+        let certifier = match &cli.identity_token_file {
+            Some(token_file) => {
+                let id = identity_of(&cli)?;
+                options.identity = Arc::new(IdentityStore::expecting());
+                Some(CertifierOptions::new(id, token_file))
+            }
+            None => {
+                tracing::warn!(
+                    "no --identity-token-file: this proxy has no identity, talks plaintext and its callers see it as unauthenticated"
+                );
+                None
+            }
+        };
         let proxy = trellis_proxy::start(options).await?;
+        if let Some(certifier) = certifier {
+            tracing::info!(id = %certifier.id, "asking the controller for a certificate");
+            tokio::spawn(identity::run_certifier(
+                controller.channel(),
+                certifier,
+                proxy.shared.identity.clone(),
+                proxy.shutdown_signal(),
+            ));
+        }
         controller.attach(&proxy.shared, proxy.inbound.map(|a| a.port()));
         (proxy, drain)
     } else {
@@ -133,7 +195,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .config
             .clone()
             .context("either --config FILE or --controller URL --workload NS/NAME is required")?;
-        let config = Config::load(&path)?;
+        let mut config = Config::load(&path)?;
+        apply_limit_flags(&cli, &mut config);
         let drain = config.limits.drain_timeout();
         let proxy = trellis_proxy::start(ProxyOptions::new(config)).await?;
         tokio::spawn(reload::watch_file(
@@ -149,6 +212,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let left = proxy.drain(drain).await;
     tracing::info!(left, "stopped");
     Ok(())
+}
+
+fn identity_of(cli: &Cli) -> anyhow::Result<SpiffeId> {
+    let workload = cli.workload.as_deref().unwrap_or_default();
+    let (namespace, name) = workload
+        .split_once('/')
+        .with_context(|| format!("--workload {workload:?}: expected NAMESPACE/NAME"))?;
+    let id = SpiffeId::new(&cli.trust_domain, namespace, name);
+    // Round-trip through the parser: one accepted spelling, checked before asking for it.
+    id.to_string().parse::<SpiffeId>().with_context(|| {
+        format!(
+            "--trust-domain {:?} / --workload {workload:?}",
+            cli.trust_domain
+        )
+    })
 }
 
 async fn wait_for_termination() -> anyhow::Result<()> {

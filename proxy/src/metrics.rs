@@ -7,6 +7,10 @@
 //! | `trellis_request_duration_ms` | histogram (ms: 1,5,10,25,50,100,250,500,1000,5000,...) | [`RequestLabels`] |
 //! | `trellis_tcp_connections_total` | counter | [`TcpLabels`] |
 //! | `trellis_config_updates_total` | counter | `source` (`file`, `controller`), `result` (`applied`, `rejected`) |
+//! | `trellis_tls_handshakes_total` | counter | `direction` (`inbound`, `outbound`): completed mTLS handshakes |
+//! | `trellis_tls_handshake_duration_ms` | histogram | `direction` |
+//! | `trellis_tls_handshake_errors_total` | counter | `direction`, `reason` (`timeout`, `expired`, `unknown-issuer`, `identity-mismatch`, `bad-certificate`, `no-client-certificate`, `no-identity`, `protocol`, `eof`, `io`, ...) |
+//! | `trellis_inbound_connections_refused_total` | counter | `reason` (`per-source-limit`, `handshake-limit`, `no-identity`) |
 //!
 //! `trellis_request_duration_ms` measures from the request's arrival to the response headers
 //! (what clients wait for before bytes flow). Success rate per destination workload for Flagger:
@@ -95,6 +99,22 @@ pub struct TcpLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TlsErrorLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct UpdateLabels {
     source: &'static str,
     result: &'static str,
@@ -107,6 +127,10 @@ pub struct Metrics {
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
     tcp: Family<TcpLabels, Counter>,
     updates: Family<UpdateLabels, Counter>,
+    handshakes: Family<DirectionLabels, Counter>,
+    handshake_durations: Family<DirectionLabels, Histogram, fn() -> Histogram>,
+    handshake_errors: Family<TlsErrorLabels, Counter>,
+    refused: Family<ReasonLabels, Counter>,
     /// Source labels (this proxy's workload).
     pub source: SourceLabels,
 }
@@ -133,6 +157,31 @@ impl Metrics {
         let durations = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let tcp = Family::default();
         let updates = Family::default();
+        let handshakes = Family::default();
+        let handshake_durations =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let handshake_errors = Family::default();
+        let refused = Family::default();
+        registry.register(
+            "trellis_tls_handshakes",
+            "Completed mTLS handshakes",
+            handshakes.clone(),
+        );
+        registry.register(
+            "trellis_tls_handshake_duration_ms",
+            "mTLS handshake duration, milliseconds",
+            handshake_durations.clone(),
+        );
+        registry.register(
+            "trellis_tls_handshake_errors",
+            "Failed mTLS handshakes, by reason",
+            handshake_errors.clone(),
+        );
+        registry.register(
+            "trellis_inbound_connections_refused",
+            "Inbound connections closed before serving, by reason",
+            refused.clone(),
+        );
         registry.register(
             "trellis_request",
             "HTTP requests handled, by destination and response code",
@@ -170,6 +219,10 @@ impl Metrics {
             durations,
             tcp,
             updates,
+            handshakes,
+            handshake_durations,
+            handshake_errors,
+            refused,
             source,
         }
     }
@@ -183,6 +236,27 @@ impl Metrics {
     /// Count one TCP connection.
     pub fn tcp(&self, labels: &TcpLabels) {
         self.tcp.get_or_create(labels).inc();
+    }
+
+    /// Count one completed TLS handshake.
+    pub fn tls_handshake(&self, direction: &'static str, took: std::time::Duration) {
+        let labels = DirectionLabels { direction };
+        self.handshakes.get_or_create(&labels).inc();
+        self.handshake_durations
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64() * 1000.0);
+    }
+
+    /// Count one failed TLS handshake.
+    pub fn tls_error(&self, direction: &'static str, reason: &'static str) {
+        self.handshake_errors
+            .get_or_create(&TlsErrorLabels { direction, reason })
+            .inc();
+    }
+
+    /// Count one inbound connection refused before it was served.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Count one configuration update.

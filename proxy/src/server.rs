@@ -148,21 +148,7 @@ async fn serve_connection(
             )
         }
         ListenerKind::Inbound => {
-            let Some(policy) = shared.table.load().inbound.clone() else {
-                return;
-            };
-            let caller = Caller {
-                peer,
-                identity: None,
-                port: local_port,
-            };
-            if policy.protocol == Protocol::Tcp
-                && shared.authorizer.authorize_connection(&policy, &caller) == Verdict::Deny
-            {
-                tracing::debug!(%peer, "inbound TCP connection denied");
-                return;
-            }
-            (policy.protocol, Side::Inbound { caller })
+            return serve_inbound(stream, peer, local_port, shared, shutdown).await;
         }
     };
     if protocol == Protocol::Tcp {
@@ -184,20 +170,169 @@ async fn serve_connection(
     match detected {
         Detected::Http2 => serve_http2(io, side, shared, &limits, shutdown).await,
         Detected::Opaque if protocol == Protocol::Detect => {
-            if let Side::Inbound { caller } = &side {
-                let Some(policy) = shared.table.load().inbound.clone() else {
-                    return;
-                };
-                if shared.authorizer.authorize_connection(&policy, caller) == Verdict::Deny {
-                    tracing::debug!(%peer, "inbound opaque connection denied");
-                    return;
-                }
-            }
             forward_tcp(io, &kind, &side, shared).await
         }
         // HTTP/1 or garbage on an HTTP port: hyper answers garbage with 400.
         _ => serve_http1(io, side, shared, &limits, shutdown).await,
     }
+}
+
+/// The first byte of a TLS handshake record (a ClientHello starts with it; no HTTP request and
+/// no HTTP/2 preface does).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The inbound listener: per-source limit, TLS-or-plaintext detection, mTLS handshake (the
+/// caller's SPIFFE id from its certificate), then HTTP or opaque TCP to the application.
+async fn serve_inbound(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let limits = shared.limits.clone();
+    let Some(_source) = shared
+        .sources
+        .open(peer.ip(), limits.max_connections_per_source)
+    else {
+        tracing::debug!(%peer, "inbound connection refused: too many from this source");
+        shared.metrics.refused("per-source-limit");
+        return;
+    };
+    let Some(policy) = shared.table.load().inbound.clone() else {
+        return;
+    };
+    let mut caller = Caller {
+        peer,
+        identity: None,
+        port,
+    };
+    let mtls = shared.identity.is_configured();
+    if !mtls && policy.protocol == Protocol::Tcp {
+        // No identity source: plaintext only, and nothing to detect (server-first protocols work).
+        return serve_inbound_stream(stream, None, caller, shared, shutdown).await;
+    }
+    let timeout = match policy.protocol {
+        Protocol::Detect | Protocol::Tcp => limits.detect_timeout(),
+        Protocol::Http | Protocol::Http2 => limits.header_read_timeout(),
+    };
+    let (detected, prefix) = match read_prefix(&mut stream, timeout).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "connection closed during protocol detection");
+            return;
+        }
+    };
+    let tls = mtls && prefix.first() == Some(&TLS_HANDSHAKE_RECORD);
+    let io = PrefixedIo::new(prefix, stream);
+    if !tls {
+        return serve_inbound_stream(io, Some(detected), caller, shared, shutdown).await;
+    }
+    let Some(generation) = shared.identity.current() else {
+        tracing::debug!(%peer, "mTLS connection refused: this proxy has no valid certificate");
+        shared.metrics.tls_error("inbound", "no-identity");
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + limits.tls_handshake_timeout();
+    let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, shared.handshakes.acquire()).await
+    else {
+        shared.metrics.refused("handshake-limit");
+        return;
+    };
+    let started = std::time::Instant::now();
+    let accepted = tokio::time::timeout_at(deadline, crate::tls::accept(&generation, io)).await;
+    drop(permit);
+    let tls = match accepted {
+        Ok(Ok((tls, id))) => {
+            shared.metrics.tls_handshake("inbound", started.elapsed());
+            caller.identity = Some(id);
+            tls
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "inbound mTLS handshake failed");
+            shared
+                .metrics
+                .tls_error("inbound", crate::tls::io_reason(&e));
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "inbound mTLS handshake timed out");
+            shared.metrics.tls_error("inbound", "timeout");
+            return;
+        }
+    };
+    let side = |caller| Side::Inbound { caller };
+    match tls.get_ref().1.alpn_protocol() {
+        Some(crate::tls::ALPN_H2) => {
+            serve_http2(tls, side(caller), shared, &limits, shutdown).await
+        }
+        Some(crate::tls::ALPN_HTTP1) => {
+            serve_http1(tls, side(caller), shared, &limits, shutdown).await
+        }
+        _ => serve_inbound_stream(tls, None, caller, shared, shutdown).await,
+    }
+}
+
+/// Serve an inbound byte stream (plaintext, or inside TLS without ALPN): detect unless
+/// `detected` says already, then HTTP or (authorized) opaque TCP.
+async fn serve_inbound_stream<IO>(
+    mut io: IO,
+    detected: Option<Detected>,
+    caller: Caller,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(policy) = shared.table.load().inbound.clone() else {
+        return;
+    };
+    let limits = shared.limits.clone();
+    if policy.protocol == Protocol::Tcp {
+        return forward_inbound_tcp(io, caller, shared).await;
+    }
+    let (detected, io) = match detected {
+        Some(d) => (d, PrefixedIo::new(bytes::Bytes::new(), io)),
+        None => {
+            let timeout = if policy.protocol == Protocol::Detect {
+                limits.detect_timeout()
+            } else {
+                limits.header_read_timeout()
+            };
+            match read_prefix(&mut io, timeout).await {
+                Ok((d, prefix)) => (d, PrefixedIo::new(prefix, io)),
+                Err(e) => {
+                    tracing::debug!(peer = %caller.peer, error = %e, "connection closed during protocol detection");
+                    return;
+                }
+            }
+        }
+    };
+    let side = Side::Inbound { caller };
+    match detected {
+        Detected::Http2 => serve_http2(io, side, shared, &limits, shutdown).await,
+        Detected::Opaque if policy.protocol == Protocol::Detect => {
+            let Side::Inbound { caller } = side else {
+                return;
+            };
+            forward_inbound_tcp(io, caller, shared).await
+        }
+        _ => serve_http1(io, side, shared, &limits, shutdown).await,
+    }
+}
+
+async fn forward_inbound_tcp<IO>(io: IO, caller: Caller, shared: Arc<Shared>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(policy) = shared.table.load().inbound.clone() else {
+        return;
+    };
+    if shared.authorizer.authorize_connection(&policy, &caller) == Verdict::Deny {
+        tracing::debug!(peer = %caller.peer, identity = ?caller.identity, "inbound TCP connection denied");
+        return;
+    }
+    crate::tcp::forward_inbound(shared, policy.app, &caller, io).await
 }
 
 async fn forward_tcp<IO: AsyncRead + AsyncWrite + Unpin>(
@@ -210,13 +345,7 @@ async fn forward_tcp<IO: AsyncRead + AsyncWrite + Unpin>(
         (ListenerKind::OutboundPort { destination, .. }, _) => {
             crate::tcp::forward_outbound(shared, destination, io).await
         }
-        (ListenerKind::Inbound, _) => {
-            let Some(policy) = shared.table.load().inbound.clone() else {
-                return;
-            };
-            crate::tcp::forward_inbound(shared, policy.app, io).await
-        }
-        (ListenerKind::OutboundHttp, _) => {}
+        (ListenerKind::Inbound | ListenerKind::OutboundHttp, _) => {}
     }
 }
 

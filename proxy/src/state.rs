@@ -1,16 +1,21 @@
 //! State shared by every listener: the current routing table (swapped atomically), upstream
-//! clients, metrics, the authorizer and, in controller mode, the on-demand resolver.
+//! clients, metrics, the authorizer, the workload identity, connection limits and, in
+//! controller mode, the on-demand resolver.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use futures::future::BoxFuture;
+use tokio::sync::{Semaphore, watch};
 
 use crate::authz::Authorizer;
 use crate::config::{Config, Limits};
 use crate::http::Clients;
+use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
 use crate::table::{RoutingTable, StatsRegistry};
 
@@ -41,6 +46,55 @@ pub struct Shared {
     pub limits: Limits,
     /// Set when draining (readiness turns false).
     pub draining: AtomicBool,
+    /// This proxy's workload identity (mTLS), if it has a source.
+    pub identity: Arc<IdentityStore>,
+    /// Bumped on every table swap (open opaque TCP connections re-check their authorization).
+    pub table_changes: watch::Sender<u64>,
+    /// Inbound TLS handshakes in progress.
+    pub handshakes: Semaphore,
+    /// Open inbound connections per source IP.
+    pub sources: Arc<SourceLimiter>,
+}
+
+/// Counts open inbound connections per source IP.
+#[derive(Debug, Default)]
+pub struct SourceLimiter {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One counted connection; dropping it uncounts it.
+#[derive(Debug)]
+pub struct SourceGuard {
+    limiter: Arc<SourceLimiter>,
+    ip: IpAddr,
+}
+
+impl SourceLimiter {
+    /// Count a connection from `ip`, or None when `ip` already has `max` open.
+    pub fn open(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceGuard> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceGuard {
+            limiter: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut open = self.limiter.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -50,6 +104,23 @@ impl Shared {
         registry: &mut prometheus_client::registry::Registry,
         authorizer: Arc<dyn Authorizer>,
         resolver: Option<Arc<dyn Resolve>>,
+    ) -> Result<Self, crate::config::Invalid> {
+        Self::with_identity(
+            config,
+            registry,
+            authorizer,
+            resolver,
+            Arc::new(IdentityStore::new()),
+        )
+    }
+
+    /// Like [`Shared::new`], with an identity store.
+    pub fn with_identity(
+        config: &Config,
+        registry: &mut prometheus_client::registry::Registry,
+        authorizer: Arc<dyn Authorizer>,
+        resolver: Option<Arc<dyn Resolve>>,
+        identity: Arc<IdentityStore>,
     ) -> Result<Self, crate::config::Invalid> {
         let stats = StatsRegistry::default();
         let table = RoutingTable::compile(Arc::new(config.clone()), &stats)?;
@@ -62,6 +133,10 @@ impl Shared {
             resolver,
             limits: config.limits.clone(),
             draining: AtomicBool::new(false),
+            identity,
+            table_changes: watch::channel(0).0,
+            handshakes: Semaphore::new(config.limits.max_concurrent_handshakes.max(1)),
+            sources: Arc::default(),
         })
     }
 
@@ -69,6 +144,7 @@ impl Shared {
     pub fn apply(&self, config: Config) -> Result<(), crate::config::Invalid> {
         let table = RoutingTable::compile(Arc::new(config), &self.stats)?;
         self.table.store(Arc::new(table));
+        self.table_changes.send_modify(|n| *n += 1);
         Ok(())
     }
 

@@ -587,6 +587,8 @@ pub struct AuthorizationTable {
     pub routes: Vec<Matcher>,
     /// Callers without identity match too.
     pub unauthenticated: bool,
+    /// Source networks (empty = any).
+    pub networks: Vec<ipnet::IpNet>,
 }
 
 impl InboundTable {
@@ -599,11 +601,26 @@ impl InboundTable {
             for (j, m) in a.routes.iter().enumerate() {
                 routes.push(Matcher::compile(m, &format!("{field}.routes[{j}]"))?);
             }
+            let mut networks = Vec::with_capacity(a.networks.len());
+            for (j, n) in a.networks.iter().enumerate() {
+                // A bare address is a one-host network.
+                let parsed = n
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+                networks.push(parsed.map_err(|_| {
+                    invalid(
+                        format!("{field}.networks[{j}]"),
+                        n,
+                        format!("{n:?} is not a CIDR (e.g. 10.0.0.0/8) or an IP address"),
+                    )
+                })?);
+            }
             authorizations.push(AuthorizationTable {
                 identities: a.identities.clone(),
                 ports: a.ports.clone(),
                 routes,
                 unauthenticated: a.unauthenticated,
+                networks,
             });
         }
         let app_authority = inbound.app.to_string().parse().map_err(|e| {

@@ -1,13 +1,17 @@
-//! Opaque TCP: split per connection (weights), balance, connect, copy bytes both ways.
+//! Opaque TCP: split per connection (weights), balance, connect (mTLS towards endpoints with an
+//! identity), copy bytes both ways. Inbound connections are re-authorized whenever the policy
+//! changes and closed at once when it no longer allows them.
 
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::authz::{Caller, Verdict};
 use crate::metrics::{Label, TcpLabels};
 use crate::state::Shared;
 use crate::table::Lookup;
+use crate::tls::Alpn;
 
 /// Forward an outbound connection to `destination` (an authority).
 pub async fn forward_outbound<IO>(shared: Arc<Shared>, destination: &str, mut client: IO)
@@ -73,17 +77,58 @@ where
         }
     };
     let _ = upstream.set_nodelay(true);
-    count(&shared, dest.label.clone(), backend.name.clone(), "");
-    if let Err(e) =
-        copy_with_idle_timeout(&mut client, &mut upstream, shared.limits.tcp_idle_timeout()).await
+    let idle = shared.limits.tcp_idle_timeout();
+    let ended = match endpoint
+        .identity
+        .as_deref()
+        .filter(|_| shared.identity.is_configured())
     {
+        Some(expected) => {
+            let tls = crate::tls::connect(
+                &shared.identity,
+                &shared.metrics,
+                expected,
+                endpoint.authority.as_str(),
+                upstream,
+                Alpn::None,
+                shared.limits.tls_handshake_timeout(),
+            )
+            .await;
+            match tls {
+                Ok(mut tls) => {
+                    count(&shared, dest.label.clone(), backend.name.clone(), "");
+                    copy_with_idle_timeout(&mut client, &mut tls, idle).await
+                }
+                Err(e) => {
+                    tracing::info!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "closing TCP connection: mTLS to the endpoint failed");
+                    count(
+                        &shared,
+                        dest.label.clone(),
+                        backend.name.clone(),
+                        e.reason(),
+                    );
+                    return;
+                }
+            }
+        }
+        None => {
+            count(&shared, dest.label.clone(), backend.name.clone(), "");
+            copy_with_idle_timeout(&mut client, &mut upstream, idle).await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "TCP connection ended with an error");
     }
 }
 
-/// Forward an (authorized) inbound connection to the local application.
-pub async fn forward_inbound<IO>(shared: Arc<Shared>, app: std::net::SocketAddr, mut client: IO)
-where
+/// Forward an (authorized) inbound connection to the local application, for as long as the
+/// policy keeps allowing `caller`.
+pub async fn forward_inbound<IO>(
+    shared: Arc<Shared>,
+    app: std::net::SocketAddr,
+    caller: &Caller,
+    mut client: IO,
+) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let connect = TcpStream::connect(app);
@@ -106,8 +151,37 @@ where
         backend: Label::from(""),
         error: Label::from(""),
     });
-    let _ =
-        copy_with_idle_timeout(&mut client, &mut upstream, shared.limits.tcp_idle_timeout()).await;
+    let mut changes = shared.table_changes.subscribe();
+    tokio::select! {
+        _ = copy_with_idle_timeout(&mut client, &mut upstream, shared.limits.tcp_idle_timeout()) => {}
+        () = revoked(&shared, caller, &mut changes) => {
+            tracing::info!(peer = %caller.peer, identity = ?caller.identity, "closing inbound TCP connection: the policy no longer allows it");
+        }
+    }
+}
+
+/// Resolves when a policy change no longer allows `caller`'s connection.
+async fn revoked(
+    shared: &Shared,
+    caller: &Caller,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+) {
+    // Checked once at once too: a change between the first authorization and the subscription
+    // must not be missed.
+    loop {
+        let allowed = {
+            let table = shared.table.load();
+            table.inbound.as_ref().is_some_and(|policy| {
+                shared.authorizer.authorize_connection(policy, caller) == Verdict::Allow
+            })
+        };
+        if !allowed {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 fn count(shared: &Shared, destination: Label, backend: Label, error: &str) {
