@@ -1,0 +1,103 @@
+//! The SMI conformance suite on every platform: one mesh of real processes per platform (run
+//! concurrently), every scenario on each, the scenario x platform table printed to stdout and
+//! written to `<target>/conformance-table.txt`. Fails on any failure; a platform that cannot run
+//! here (no `TRELLIS_MOTO_SERVER`, no `TRELLIS_TEST_KUBECONFIG`) is skipped with its reason.
+
+use trellis_conformance::harness::mesh::{Mesh, Security, output_dir};
+use trellis_conformance::harness::platform::PlatformKind;
+use trellis_conformance::scenarios::{self, Outcome, SPLIT_SCENARIOS};
+use trellis_conformance::table::Table;
+
+/// What one platform produced: its outcomes and, when something failed, its logs.
+struct PlatformRun {
+    kind: PlatformKind,
+    outcomes: Vec<(&'static str, Outcome)>,
+    logs: Option<String>,
+}
+
+async fn run_platform(kind: PlatformKind) -> PlatformRun {
+    let all = |outcome: Outcome| -> Vec<(&'static str, Outcome)> {
+        SPLIT_SCENARIOS
+            .iter()
+            .map(|s| (*s, outcome.clone()))
+            .collect()
+    };
+    let mesh = match Mesh::start(kind, Security::Permissive).await {
+        Ok(Ok(mesh)) => mesh,
+        Ok(Err(reason)) => {
+            return PlatformRun {
+                kind,
+                outcomes: all(Outcome::Skip(reason)),
+                logs: None,
+            };
+        }
+        Err(e) => {
+            return PlatformRun {
+                kind,
+                outcomes: all(Outcome::Fail(format!("mesh did not start: {e:#}"))),
+                logs: Some(format!(
+                    "logs in {}",
+                    output_dir().join(kind.name()).display()
+                )),
+            };
+        }
+    };
+    let outcomes = scenarios::split_scenarios(&mesh).await;
+    let logs = outcomes
+        .iter()
+        .any(|(_, o)| o.is_fail())
+        .then(|| mesh.logs(15));
+    mesh.cleanup().await;
+    PlatformRun {
+        kind,
+        outcomes,
+        logs,
+    }
+}
+
+#[test]
+fn smi_conformance_on_every_platform() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let runs = runtime.block_on(async {
+        let tasks: Vec<_> = PlatformKind::ALL
+            .into_iter()
+            .map(|kind| tokio::spawn(run_platform(kind)))
+            .collect();
+        let mut runs = Vec::new();
+        for task in tasks {
+            runs.push(task.await.expect("a platform run panicked"));
+        }
+        runs
+    });
+
+    let mut table = Table::default();
+    for run in &runs {
+        for (scenario, outcome) in &run.outcomes {
+            table.add(scenario, run.kind.name(), outcome.clone());
+        }
+    }
+    let text = table.render(true);
+    println!("\nSMI conformance (scenario x platform)\n{text}");
+    let path = output_dir().with_file_name("conformance-table.txt");
+    if let Err(e) = std::fs::write(&path, &text) {
+        println!("(could not write {}: {e})", path.display());
+    } else {
+        println!("(table written to {})", path.display());
+    }
+    for run in &runs {
+        if let Some(logs) = &run.logs {
+            eprintln!("=== {} ===\n{logs}", run.kind.name());
+        }
+    }
+    let failures = table.failures();
+    assert!(
+        failures.is_empty(),
+        "{} conformance failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
