@@ -1,5 +1,6 @@
 //! The proxy-facing gRPC server (`trellis-proxy-api`): `Destinations.Watch` and `Inbound.Watch`
-//! served from the [`Index`]'s watch channels.
+//! served from the [`Index`]'s watch channels, and `Identity.Certify` (the CA, [`crate::identity`])
+//! on the same port.
 //!
 //! A stream registers interest on first use (the index starts watching the services it needs),
 //! sends the first complete answer as soon as the index has one, then every change. Streams read
@@ -17,7 +18,9 @@ use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
 use tonic::{Request, Response, Status};
 use trellis_discovery::ServiceKey;
 use trellis_proxy_api::authority::normalize;
-use trellis_proxy_api::v1::{self, destinations_server, inbound_server};
+use trellis_proxy_api::v1::{self, destinations_server, identity_server, inbound_server};
+
+use crate::identity::Certifier;
 
 use crate::index::Index;
 
@@ -57,11 +60,23 @@ impl Drop for Connected {
 pub struct ProxyApi {
     index: Index,
     counts: Arc<StreamCounts>,
+    /// `Identity.Certify`, served on the same port when set.
+    identity: Option<Certifier>,
 }
 
 impl ProxyApi {
     pub fn new(index: Index, counts: Arc<StreamCounts>) -> Self {
-        Self { index, counts }
+        Self {
+            index,
+            counts,
+            identity: None,
+        }
+    }
+
+    /// Also serves `Identity.Certify` with `certifier`.
+    pub fn with_identity(mut self, certifier: Certifier) -> Self {
+        self.identity = Some(certifier);
+        self
     }
 
     /// Serves on `listener` until `shutdown` completes.
@@ -70,9 +85,14 @@ impl ProxyApi {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
+        let identity = self
+            .identity
+            .clone()
+            .map(identity_server::IdentityServer::new);
         tonic::transport::Server::builder()
             .add_service(destinations_server::DestinationsServer::new(self.clone()))
             .add_service(inbound_server::InboundServer::new(self))
+            .add_optional_service(identity)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await
     }

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod discovery;
 pub mod grpc;
+pub mod identity;
 pub mod index;
 pub mod policy;
 pub mod run;

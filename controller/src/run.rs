@@ -1,5 +1,6 @@
 //! Starting a whole controller in this process: policy sources, discovery, the index, the gRPC
-//! server and the admin port. Used by `trellis controller`, `trellis demo` and the tests.
+//! server (with the CA's `Identity.Certify`) and the admin port. Used by `trellis controller`,
+//! `trellis demo` and the tests.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use prometheus_client::registry::Registry;
 use crate::admin::Admin;
 use crate::discovery::{Platform, connect_all};
 use crate::grpc::{ProxyApi, StreamCounts};
+use crate::identity::{Certifier, IdentityOptions};
 use crate::index::{Index, IndexOptions};
 use crate::policy::PolicySource;
 use crate::policy::files::FilePolicySource;
@@ -34,6 +36,8 @@ pub struct Running {
     pub grpc: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub index: Index,
+    /// The CA behind `Identity.Certify`.
+    pub identity: Certifier,
 }
 
 /// Starts everything in the background on the current Tokio runtime.
@@ -44,6 +48,16 @@ pub async fn start(options: Options) -> anyhow::Result<Running> {
 /// Like [`start`], with extra policy sources after the files (e.g. Kubernetes).
 pub async fn start_with(
     options: Options,
+    extra_sources: Vec<Arc<dyn PolicySource>>,
+) -> anyhow::Result<Running> {
+    start_with_identity(options, IdentityOptions::default(), extra_sources).await
+}
+
+/// Like [`start_with`], with the CA and proof checks set up by `identity` (the default is a CA
+/// generated in memory that accepts no proof).
+pub async fn start_with_identity(
+    options: Options,
+    identity: IdentityOptions,
     extra_sources: Vec<Arc<dyn PolicySource>>,
 ) -> anyhow::Result<Running> {
     use anyhow::Context as _;
@@ -68,18 +82,27 @@ pub async fn start_with(
     sources.extend(extra_sources);
     let discovery = connect_all(&options.platforms).await?;
     let index = Index::start(sources, Arc::new(discovery.clone()), options.index.clone());
+    let certifier = Certifier::start(&identity, &options.index.trust_domain).await?;
+    let mut registry = Registry::default();
+    certifier.register_metrics(&mut registry);
     let counts = Arc::new(StreamCounts::default());
-    let grpc = crate::grpc::spawn(ProxyApi::new(index.clone(), counts.clone()), options.grpc)
+    let api = ProxyApi::new(index.clone(), counts.clone()).with_identity(certifier.clone());
+    let grpc = crate::grpc::spawn(api, options.grpc)
         .await
         .with_context(|| format!("binding the gRPC listener on {}", options.grpc))?;
     let admin = match options.admin {
         Some(addr) => Some(
-            Admin::new(index.clone(), discovery, counts, Registry::default())
+            Admin::new(index.clone(), discovery, counts, registry)
                 .spawn(addr)
                 .await
                 .with_context(|| format!("binding the admin listener on {addr}"))?,
         ),
         None => None,
     };
-    Ok(Running { grpc, admin, index })
+    Ok(Running {
+        grpc,
+        admin,
+        index,
+        identity: certifier,
+    })
 }

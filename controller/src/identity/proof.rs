@@ -1,0 +1,414 @@
+//! Proof of identity: which workload (`namespace/name`) the proof in a `Certify` request shows
+//! the caller runs as. Two kinds, tried in this order:
+//!
+//! - **Bootstrap tokens** (every platform): a YAML file of `{workload, sha256}` entries the
+//!   operator provisions; the controller keeps only hashes. A proof matches an entry when the
+//!   SHA-256 of the proof (as sent, without its trailing whitespace, or that plus one newline) equals the entry's hash
+//!   (compared in constant time). The file is polled and reloaded on change; a bad file is
+//!   reported with its line and the last good set stays in force.
+//! - **TokenReview** (Kubernetes): the proof is a projected ServiceAccount token, sent to the API
+//!   server's TokenReview with the controller's audience; only an authenticated
+//!   `system:serviceaccount:NS:NAME` whose audiences include ours proves `NS/NAME`.
+//!
+//! Proofs are secrets: they are never logged and never part of an error message.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+use tokio::sync::watch;
+
+/// What a proof showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proven {
+    /// The caller runs as this `namespace/name`.
+    Workload(String),
+    /// Nothing: no bootstrap token matches and TokenReview (if on) did not authenticate it.
+    Nothing(String),
+}
+
+/// The proof could not be checked (the API server is away): the proxy should retry.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("checking the proof: {0}")]
+pub struct Unavailable(pub String);
+
+// ---------------------------------------------------------------------------------------------
+// Bootstrap tokens
+// ---------------------------------------------------------------------------------------------
+
+/// A bad bootstrap tokens file: the file, and serde's message with line and column.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bootstrap tokens {file}: {message}")]
+pub struct TokensError {
+    pub file: String,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    #[serde(default)]
+    tokens: Vec<TokenEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    workload: Workload,
+    sha256: Sha256Hex,
+}
+
+/// `namespace/name`, checked while parsing so the error carries the line.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct Workload(String);
+
+impl TryFrom<String> for Workload {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Workload(s))
+            }
+            _ => Err(format!(
+                "workload {s:?} is not namespace/name (the identity's namespace and service account)"
+            )),
+        }
+    }
+}
+
+/// 64 hex digits, checked while parsing.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct Sha256Hex([u8; 32]);
+
+impl TryFrom<String> for Sha256Hex {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s.trim(), &mut out)
+            .map(|()| Sha256Hex(out))
+            .map_err(|_| {
+                format!("sha256 {s:?} is not 64 hex digits (the output of `sha256sum TOKENFILE`)")
+            })
+    }
+}
+
+/// The token hashes in force, per workload.
+#[derive(Debug, Default, Clone)]
+pub struct TokenSet {
+    entries: Vec<(String, [u8; 32])>,
+}
+
+impl TokenSet {
+    /// Parses the YAML of a bootstrap tokens file (`file` names it in errors).
+    pub fn parse(file: &str, text: &str) -> Result<Self, TokensError> {
+        let parsed: TokensFile = serde_yaml_ng::from_str(text).map_err(|e| TokensError {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            entries: parsed
+                .tokens
+                .into_iter()
+                .map(|e| (e.workload.0, e.sha256.0))
+                .collect(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The workload whose token `proof` is. Every entry is compared (constant time each), so
+    /// the time taken does not say which entry matched.
+    pub fn workload_of(&self, proof: &[u8]) -> Option<&str> {
+        // The operator hashed the token file (`sha256sum`, usually with its newline); the proxy
+        // may send the file as is or trimmed: all three spellings of one token match.
+        let exact: [u8; 32] = Sha256::digest(proof).into();
+        let trimmed_proof = proof.trim_ascii_end();
+        let trimmed: [u8; 32] = Sha256::digest(trimmed_proof).into();
+        let with_newline: [u8; 32] = Sha256::new()
+            .chain_update(trimmed_proof)
+            .chain_update(b"\n")
+            .finalize()
+            .into();
+        let mut found = None;
+        for (workload, hash) in &self.entries {
+            let hit = hash.ct_eq(&exact) | hash.ct_eq(&trimmed) | hash.ct_eq(&with_newline);
+            if bool::from(hit) && found.is_none() {
+                found = Some(workload.as_str());
+            }
+        }
+        found
+    }
+}
+
+/// A bootstrap tokens file, polled for changes; the last good set stays in force.
+#[derive(Debug, Clone)]
+pub struct BootstrapTokens {
+    current: Arc<ArcSwap<TokenSet>>,
+    errors: watch::Receiver<Option<TokensError>>,
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
+}
+
+fn read_tokens(path: &Path) -> Result<TokenSet, TokensError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| TokensError {
+        file: file.clone(),
+        message: format!("cannot read it: {e}"),
+    })?;
+    TokenSet::parse(&file, &text)
+}
+
+impl BootstrapTokens {
+    /// Reads `path` (a bad file is an error here: the controller does not start on it), then
+    /// polls it every `every` in the background.
+    pub fn start(path: PathBuf, every: Duration) -> Result<Self, TokensError> {
+        let first = read_tokens(&path)?;
+        let current = Arc::new(ArcSwap::from_pointee(first));
+        let (errors_tx, errors) = watch::channel(None);
+        let shared = Arc::downgrade(&current);
+        tokio::spawn(async move {
+            let mut seen = stamp(&path);
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(current) = shared.upgrade() else {
+                    return;
+                };
+                let now = stamp(&path);
+                if now == seen && errors_tx.borrow().is_none() {
+                    continue;
+                }
+                seen = now;
+                match read_tokens(&path) {
+                    Ok(set) => {
+                        tracing::info!(
+                            "bootstrap tokens {}: {} entries loaded",
+                            path.display(),
+                            set.len()
+                        );
+                        current.store(Arc::new(set));
+                        errors_tx.send_if_modified(|e| e.take().is_some());
+                    }
+                    Err(e) => {
+                        errors_tx.send_if_modified(|old| {
+                            if old.as_ref() == Some(&e) {
+                                return false;
+                            }
+                            tracing::warn!("{e} (the last good tokens stay in force)");
+                            *old = Some(e);
+                            true
+                        });
+                    }
+                }
+            }
+        });
+        Ok(Self { current, errors })
+    }
+
+    pub fn current(&self) -> Arc<TokenSet> {
+        self.current.load_full()
+    }
+
+    /// The error of the last reload (`None` once a reload succeeds).
+    pub fn errors(&self) -> watch::Receiver<Option<TokensError>> {
+        self.errors.clone()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TokenReview
+// ---------------------------------------------------------------------------------------------
+
+/// Checks ServiceAccount tokens with the API server's TokenReview.
+#[derive(Clone)]
+pub struct TokenReviewer {
+    client: kube::Client,
+    audience: String,
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewer")
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+const SA_PREFIX: &str = "system:serviceaccount:";
+
+impl TokenReviewer {
+    pub fn new(client: kube::Client, audience: String) -> Self {
+        Self { client, audience }
+    }
+
+    /// What the API server says `token` proves.
+    pub async fn review(&self, token: &str) -> Result<Proven, Unavailable> {
+        let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+        let request = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_owned(),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let answer = api
+            .create(&kube::api::PostParams::default(), &request)
+            .await
+            .map_err(|e| Unavailable(format!("TokenReview failed: {e}")))?;
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Ok(Proven::Nothing(format!(
+                "the API server did not authenticate the token{}",
+                status.error.map(|e| format!(": {e}")).unwrap_or_default()
+            )));
+        }
+        if !status
+            .audiences
+            .unwrap_or_default()
+            .contains(&self.audience)
+        {
+            return Ok(Proven::Nothing(format!(
+                "the token is not meant for audience {:?}",
+                self.audience
+            )));
+        }
+        let username = status.user.and_then(|u| u.username).unwrap_or_default();
+        match username
+            .strip_prefix(SA_PREFIX)
+            .and_then(|rest| rest.split_once(':'))
+        {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains(':') => {
+                Ok(Proven::Workload(format!("{ns}/{name}")))
+            }
+            _ => Ok(Proven::Nothing(format!(
+                "the token belongs to {username:?}, not a ServiceAccount"
+            ))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Both together
+// ---------------------------------------------------------------------------------------------
+
+/// The proof checkers configured.
+#[derive(Debug, Clone, Default)]
+pub struct Prover {
+    pub tokens: Option<BootstrapTokens>,
+    pub review: Option<TokenReviewer>,
+}
+
+impl Prover {
+    /// What `proof` shows: a bootstrap token first (local, cheap), then TokenReview.
+    pub async fn prove(&self, proof: &[u8]) -> Result<Proven, Unavailable> {
+        if proof.trim_ascii().is_empty() {
+            return Ok(Proven::Nothing("no proof in the request".into()));
+        }
+        if let Some(tokens) = &self.tokens
+            && let Some(workload) = tokens.current().workload_of(proof)
+        {
+            return Ok(Proven::Workload(workload.to_owned()));
+        }
+        match &self.review {
+            Some(review) => match std::str::from_utf8(proof.trim_ascii()) {
+                Ok(token) => review.review(token).await,
+                Err(_) => Ok(Proven::Nothing(
+                    "the proof is neither a bootstrap token nor a ServiceAccount token".into(),
+                )),
+            },
+            None if self.tokens.is_none() => Ok(Proven::Nothing(
+                "this controller has no way to check proofs (no --bootstrap-tokens, no Kubernetes TokenReview)".into(),
+            )),
+            None => Ok(Proven::Nothing(
+                "the proof matches no bootstrap token".into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(token: &str) -> String {
+        hex::encode(Sha256::digest(token.as_bytes()))
+    }
+
+    #[test]
+    fn tokens_match_their_workload_with_or_without_the_trailing_newline() {
+        let yaml = format!(
+            "tokens:\n- workload: shop/web\n  sha256: {}\n- workload: shop/db\n  sha256: {}\n",
+            sha("web-secret"),
+            sha("db-secret\n"),
+        );
+        let set = TokenSet::parse("t.yaml", &yaml).unwrap();
+        assert_eq!(set.len(), 2);
+        assert_eq!(set.workload_of(b"web-secret"), Some("shop/web"));
+        assert_eq!(set.workload_of(b"web-secret\n"), Some("shop/web"));
+        assert_eq!(set.workload_of(b"db-secret\n"), Some("shop/db"));
+        assert_eq!(
+            set.workload_of(b"db-secret"),
+            Some("shop/db"),
+            "sent trimmed"
+        );
+        assert_eq!(set.workload_of(b"guess"), None);
+    }
+
+    #[test]
+    fn bad_entries_are_reported_with_file_and_line() {
+        let yaml = "tokens:\n- workload: shop/web\n  sha256: 1234\n";
+        let err = TokenSet::parse("tokens.yaml", yaml).unwrap_err();
+        assert_eq!(err.file, "tokens.yaml");
+        assert!(err.message.contains("64 hex digits"), "{err}");
+        assert!(err.message.contains("line 3"), "{err}");
+
+        let yaml = format!("tokens:\n- workload: web\n  sha256: {}\n", sha("x"));
+        let err = TokenSet::parse("tokens.yaml", &yaml).unwrap_err();
+        assert!(err.message.contains("namespace/name"), "{err}");
+        assert!(err.message.contains("line 2"), "{err}");
+
+        let err =
+            TokenSet::parse("tokens.yaml", "tokens:\n- {workload: a/b, token: x}\n").unwrap_err();
+        assert!(err.message.contains("unknown field"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_reload_keeps_the_last_good_set_and_a_fix_clears_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.yaml");
+        let good = format!("tokens:\n- workload: shop/web\n  sha256: {}\n", sha("t1"));
+        std::fs::write(&path, &good).unwrap();
+        let tokens = BootstrapTokens::start(path.clone(), Duration::from_millis(20)).unwrap();
+        let mut errors = tokens.errors();
+        std::fs::write(&path, "tokens: [oops\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), errors.wait_for(|e| e.is_some()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(tokens.current().workload_of(b"t1"), Some("shop/web"));
+        let newer = format!("tokens:\n- workload: shop/db\n  sha256: {}\n", sha("t2"));
+        std::fs::write(&path, newer).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), errors.wait_for(|e| e.is_none()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(tokens.current().workload_of(b"t2"), Some("shop/db"));
+        assert_eq!(tokens.current().workload_of(b"t1"), None);
+    }
+}
