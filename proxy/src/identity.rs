@@ -37,6 +37,9 @@ use crate::tls::TlsGeneration;
 
 /// Renew when this share of the certificate's lifetime has passed.
 pub const RENEW_AT: f64 = 0.7;
+/// Never ask again sooner than this after a success (a CA issuing nearly expired certificates
+/// must not be hammered).
+const MIN_RENEW_DELAY: Duration = Duration::from_millis(500);
 
 /// Why an identity could not be obtained or used.
 #[derive(Debug, thiserror::Error)]
@@ -162,13 +165,14 @@ impl Credentials {
         self.not_before <= now + Duration::from_secs(60) && now < self.not_after
     }
 
-    /// When to renew: at [`RENEW_AT`] of the lifetime.
-    pub fn renew_at(&self) -> SystemTime {
-        let lifetime = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        self.not_before + lifetime.mul_f64(RENEW_AT)
+    /// When to renew, for a certificate received at `received`: at [`RENEW_AT`] of the
+    /// lifetime left then. Counted from receipt rather than from `not_before`, because CAs
+    /// backdate `not_before` for clock skew (the controller by 2 minutes), which would make
+    /// short-lived certificates look 70% used on arrival.
+    pub fn renew_at(&self, received: SystemTime) -> SystemTime {
+        let start = received.max(self.not_before);
+        let left = self.not_after.duration_since(start).unwrap_or_default();
+        start + left.mul_f64(RENEW_AT)
     }
 }
 
@@ -372,7 +376,7 @@ pub async fn run_certifier(
     loop {
         let wait = match certify_once(&channel, &options).await {
             Ok(credentials) => {
-                let renew_at = credentials.renew_at();
+                let renew_at = credentials.renew_at(SystemTime::now());
                 tracing::info!(id = %credentials.id, not_after = ?credentials.not_after, "certificate obtained");
                 if let Err(e) = store.publish(credentials) {
                     tracing::error!(error = %e, "the new certificate cannot be used; keeping the current one");
@@ -382,7 +386,7 @@ pub async fn run_certifier(
                     renew_at
                         .duration_since(SystemTime::now())
                         .unwrap_or_default()
-                        .max(Duration::from_millis(100))
+                        .max(MIN_RENEW_DELAY)
                 }
             }
             Err(e) => {
@@ -416,8 +420,8 @@ pub async fn certify_once(
             path: options.token_file.clone(),
             source,
         })?;
-    // A token never contains whitespace; a trailing newline from `echo` is not part of it.
-    let proof = proof.trim_ascii().to_vec();
+    // A token never ends with whitespace; a trailing newline from `echo` is not part of it.
+    let proof = proof.trim_ascii_end().to_vec();
     let asked = options.id.to_string();
     let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = rcgen::CertificateParams::default();
@@ -520,6 +524,8 @@ mod tests {
         .unwrap();
         let shown = format!("{creds:?}");
         assert!(shown.contains("redacted") && shown.contains("spiffe://td/ns/a/sa/b"));
-        assert!(creds.renew_at() > creds.not_before && creds.renew_at() < creds.not_after);
+        let now = SystemTime::now();
+        let renew = creds.renew_at(now);
+        assert!(renew > now && renew < creds.not_after);
     }
 }

@@ -354,7 +354,12 @@ pub fn io_reason(e: &io::Error) -> &'static str {
     };
     use rustls::Error as R;
     match tls {
-        R::InvalidCertificate(CertificateError::Expired) => "expired",
+        R::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "expired",
+        R::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "not-yet-valid",
         R::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown-issuer",
         R::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => {
             "identity-mismatch"
