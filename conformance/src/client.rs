@@ -152,6 +152,74 @@ pub async fn run(plan: &CallPlan) -> anyhow::Result<CallReport> {
     Ok(report)
 }
 
+/// One keep-alive connection to a proxy, for requests sent one at a time with pauses in
+/// between (e.g. to see a revocation reach an open connection).
+#[derive(Debug)]
+pub struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    caller: String,
+}
+
+/// What one request on a [`Connection`] got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    /// The `x-trellis-error` reason when the mesh answered itself.
+    pub mesh_error: Option<String>,
+    /// `service/version` when an echo app answered.
+    pub responder: Option<String>,
+}
+
+impl Connection {
+    /// Connects to the proxy at `proxy`; requests name themselves as `caller`.
+    pub async fn open(proxy: SocketAddr, caller: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            sender: connect(&proxy.to_string()).await?,
+            caller: caller.to_owned(),
+        })
+    }
+
+    /// Sends `method url` (absolute-form, through the proxy) on this connection. Fails when the
+    /// connection was closed: it never reconnects.
+    pub async fn send(&mut self, method: &str, url: &str) -> anyhow::Result<Answer> {
+        if self.sender.is_closed() {
+            bail!("the keep-alive connection was closed");
+        }
+        let uri: Uri = url.parse().with_context(|| format!("url {url:?}"))?;
+        let authority = uri.authority().context("url without host")?.to_string();
+        let request = Request::builder()
+            .method(method.parse::<http::Method>().context("method")?)
+            .uri(uri)
+            .header(http::header::HOST, authority)
+            .header(CALLER_HEADER, &self.caller)
+            .body(Empty::new())
+            .context("building request")?;
+        let answer = tokio::time::timeout(Duration::from_secs(5), async {
+            self.sender.ready().await?;
+            let response = self.sender.send_request(request).await?;
+            let status = response.status().as_u16();
+            let mesh_error = response
+                .headers()
+                .get(MESH_ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = response.into_body().collect().await?.to_bytes();
+            let responder = serde_json::from_slice::<EchoReply>(&body)
+                .ok()
+                .map(|r| format!("{}/{}", r.service, r.version));
+            Ok::<_, hyper::Error>(Answer {
+                status,
+                mesh_error,
+                responder,
+            })
+        })
+        .await
+        .context("no answer within 5 s")?
+        .context("request on the keep-alive connection")?;
+        Ok(answer)
+    }
+}
+
 async fn connect(
     addr: &str,
 ) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {

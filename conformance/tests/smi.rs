@@ -2,10 +2,14 @@
 //! concurrently), every scenario on each, the scenario x platform table printed to stdout and
 //! written to `<target>/conformance-table.txt`. Fails on any failure; a platform that cannot run
 //! here (no `TRELLIS_MOTO_SERVER`, no `TRELLIS_TEST_KUBECONFIG`) is skipped with its reason.
+//!
+//! The meshes deny by default and run with identities and mTLS ([`Security::Identity`]): the
+//! split scenarios run under TrafficTargets that allow their caller, then the access scenarios.
 
 use trellis_conformance::harness::mesh::{Mesh, Security, output_dir};
 use trellis_conformance::harness::platform::PlatformKind;
-use trellis_conformance::scenarios::{self, Outcome, SPLIT_SCENARIOS};
+use trellis_conformance::harness::process;
+use trellis_conformance::scenarios::{self, ACCESS_SCENARIOS, Outcome, SPLIT_SCENARIOS};
 use trellis_conformance::table::Table;
 
 /// What one platform produced: its outcomes and, when something failed, its logs.
@@ -15,14 +19,28 @@ struct PlatformRun {
     logs: Option<String>,
 }
 
-async fn run_platform(kind: PlatformKind) -> PlatformRun {
+/// Identity and mTLS need the controller's CA (`--bootstrap-tokens` and Identity.Certify). A
+/// build without it runs the split scenarios permissive and reports the access ones as skipped.
+fn controller_has_identity() -> bool {
+    let Ok(trellis) = process::binary(process::TRELLIS) else {
+        return false;
+    };
+    std::process::Command::new(trellis)
+        .args(["controller", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--bootstrap-tokens"))
+        .unwrap_or(false)
+}
+
+async fn run_platform(kind: PlatformKind, security: Security) -> PlatformRun {
     let all = |outcome: Outcome| -> Vec<(&'static str, Outcome)> {
         SPLIT_SCENARIOS
             .iter()
+            .chain(&ACCESS_SCENARIOS)
             .map(|s| (*s, outcome.clone()))
             .collect()
     };
-    let mesh = match Mesh::start(kind, Security::Permissive).await {
+    let mesh = match Mesh::start(kind, security).await {
         Ok(Ok(mesh)) => mesh,
         Ok(Err(reason)) => {
             return PlatformRun {
@@ -42,7 +60,14 @@ async fn run_platform(kind: PlatformKind) -> PlatformRun {
             };
         }
     };
-    let outcomes = scenarios::split_scenarios(&mesh).await;
+    let mut outcomes = scenarios::split_scenarios(&mesh).await;
+    match security {
+        Security::Identity => outcomes.extend(scenarios::access_scenarios(&mesh).await),
+        Security::Permissive => outcomes.extend(ACCESS_SCENARIOS.iter().map(|s| {
+            let why = "this build's controller has no identity (--bootstrap-tokens): split ran permissive";
+            (*s, Outcome::Skip(why.into()))
+        })),
+    }
     let logs = outcomes
         .iter()
         .any(|(_, o)| o.is_fail())
@@ -57,6 +82,11 @@ async fn run_platform(kind: PlatformKind) -> PlatformRun {
 
 #[test]
 fn smi_conformance_on_every_platform() {
+    let security = if controller_has_identity() {
+        Security::Identity
+    } else {
+        Security::Permissive
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -65,7 +95,7 @@ fn smi_conformance_on_every_platform() {
     let runs = runtime.block_on(async {
         let tasks: Vec<_> = PlatformKind::ALL
             .into_iter()
-            .map(|kind| tokio::spawn(run_platform(kind)))
+            .map(|kind| tokio::spawn(run_platform(kind, security)))
             .collect();
         let mut runs = Vec::new();
         for task in tasks {
@@ -81,12 +111,11 @@ fn smi_conformance_on_every_platform() {
         }
     }
     let text = table.render(true);
-    println!("\nSMI conformance (scenario x platform)\n{text}");
+    println!("\nSMI conformance (scenario x platform), security {security:?}\n{text}");
     let path = output_dir().with_file_name("conformance-table.txt");
-    if let Err(e) = std::fs::write(&path, &text) {
-        println!("(could not write {}: {e})", path.display());
-    } else {
-        println!("(table written to {})", path.display());
+    match std::fs::write(&path, &text) {
+        Ok(()) => println!("(table written to {})", path.display()),
+        Err(e) => println!("(could not write {}: {e})", path.display()),
     }
     for run in &runs {
         if let Some(logs) = &run.logs {

@@ -27,9 +27,18 @@ use crate::echo::Counts;
 /// How the mesh decides who may call whom.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Security {
-    /// `trellis controller --permissive`: inbound calls no TrafficTarget allows are allowed.
+    /// `trellis controller --permissive`: inbound calls no TrafficTarget allows are allowed;
+    /// proxies have no identity and talk plaintext.
     Permissive,
+    /// Default deny, as the spec says: every proxy proves who it is (`--identity-token-file`: a
+    /// ServiceAccount token checked with TokenReview on the Kubernetes fake, a bootstrap token
+    /// listed in the controller's `--bootstrap-tokens` elsewhere), gets a certificate from the
+    /// controller's CA and talks mTLS; only TrafficTargets let calls in.
+    Identity,
 }
+
+/// The trust domain of every identity in the mesh.
+pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// The caller workloads: (workload, ServiceAccount, last address byte).
 pub const CALLERS: [(&str, &str, u8); 2] = [("app-a", "service-a", 1), ("app-d", "service-d", 4)];
@@ -64,6 +73,8 @@ pub struct Mesh {
     pub admin: SocketAddr,
     pub workloads: BTreeMap<String, Workload>,
     pub services: Vec<ServiceSpec>,
+    /// With [`Security::Identity`]: the token file of each ServiceAccount.
+    tokens: BTreeMap<String, PathBuf>,
     log_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -108,8 +119,17 @@ impl Mesh {
             ]
             .map(String::from),
         );
+        let mut tokens = BTreeMap::new();
         match security {
             Security::Permissive => args.push("--permissive".into()),
+            Security::Identity => {
+                let (files, bootstrap) = write_tokens(&platform, dir.path())?;
+                tokens = files;
+                args.extend(["--trust-domain".into(), TRUST_DOMAIN.into()]);
+                if let Some(bootstrap) = bootstrap {
+                    args.extend(["--bootstrap-tokens".into(), bootstrap.display().to_string()]);
+                }
+            }
         }
         let mut controller = Process::spawn(
             "controller",
@@ -137,6 +157,7 @@ impl Mesh {
             admin,
             workloads: BTreeMap::new(),
             services: Vec::new(),
+            tokens,
             log_dir,
             _dir: dir,
         };
@@ -231,6 +252,14 @@ impl Mesh {
         ];
         if outbound {
             args.extend(["--outbound-http".into(), "127.0.0.1:0".into()]);
+        }
+        if let Some(token) = self.tokens.get(service_account) {
+            args.extend([
+                "--identity-token-file".into(),
+                token.display().to_string(),
+                "--trust-domain".into(),
+                TRUST_DOMAIN.into(),
+            ]);
         }
         if let Some((listen, app)) = inbound {
             args.extend(["--inbound".into(), format!("{listen}={app}")]);
@@ -337,6 +366,48 @@ impl Mesh {
     pub async fn cleanup(&self) {
         self.platform.cleanup(&self.services).await;
     }
+}
+
+/// Writes one token file per ServiceAccount of the mesh under `<dir>/tokens`: a ServiceAccount
+/// token where the platform issues them, else a random bootstrap token whose SHA-256 goes into
+/// the bootstrap tokens file (returned when there is one). The controller never sees a token in
+/// clear.
+fn write_tokens(
+    platform: &Platform,
+    dir: &Path,
+) -> anyhow::Result<(BTreeMap<String, PathBuf>, Option<PathBuf>)> {
+    use sha2::Digest as _;
+    let token_dir = dir.join("tokens");
+    std::fs::create_dir_all(&token_dir)?;
+    let accounts = CALLERS
+        .iter()
+        .map(|c| c.1)
+        .chain(SERVERS.iter().map(|s| s.1));
+    let mut files = BTreeMap::new();
+    let mut bootstrap = String::from("tokens:\n");
+    let mut any_bootstrap = false;
+    for sa in accounts {
+        let token = match platform.service_account_token(sa) {
+            Some(token) => token,
+            None => {
+                let token = hex::encode(rand::random::<[u8; 32]>());
+                let digest = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+                bootstrap.push_str(&format!(
+                    "- workload: {NAMESPACE}/{sa}\n  sha256: {digest}\n"
+                ));
+                any_bootstrap = true;
+                token
+            }
+        };
+        let path = token_dir.join(sa);
+        std::fs::write(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+        files.insert(sa.to_owned(), path);
+    }
+    let bootstrap_path = any_bootstrap
+        .then(|| dir.join("bootstrap-tokens.yaml"))
+        .map(|path| std::fs::write(&path, bootstrap).map(|()| path))
+        .transpose()?;
+    Ok((files, bootstrap_path))
 }
 
 /// One batch of requests.

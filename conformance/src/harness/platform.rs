@@ -247,6 +247,22 @@ impl Platform {
         self.kind
     }
 
+    /// A projected ServiceAccount token for `service_account` (audience `trellis`, what the
+    /// controller's TokenReview asks for), where the platform issues them: the fake API server.
+    /// Elsewhere `None`: the workload proves itself with a bootstrap token.
+    pub fn service_account_token(&self, service_account: &str) -> Option<String> {
+        match &self.inner {
+            Inner::Kubernetes {
+                _fake: Some(fake), ..
+            } => Some(fake.issue_service_account_token(
+                NAMESPACE,
+                service_account,
+                &[TOKEN_AUDIENCE],
+            )),
+            _ => None,
+        }
+    }
+
     /// The `trellis controller` arguments and environment that select this platform.
     pub fn controller_args(&self) -> (Vec<String>, Vec<(String, String)>) {
         let policy = vec!["--policy".into(), self.policy_dir.display().to_string()];
@@ -396,6 +412,9 @@ impl Platform {
 }
 
 const AWS_REGION: &str = "us-east-1";
+
+/// The audience the controller's TokenReview asks for (its `--token-audience` default).
+pub const TOKEN_AUDIENCE: &str = "trellis";
 
 /// The SMI kinds at their stored versions (what the controller's Kubernetes source watches).
 const SMI_KINDS: [(&str, &str, &str, &str); 5] = [

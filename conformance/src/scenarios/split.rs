@@ -1,39 +1,17 @@
-//! The SMI conformance scenarios, written once and run on every platform's mesh with the same
-//! SMI YAML. Each change is applied, then verified within [`APPLY_WITHIN`]: small probe batches
-//! run until the new state shows (or the time is up), then one counted batch on one keep-alive
-//! connection must match exactly.
+//! The TrafficSplit scenarios of the SMI conformance suite: no split, 1:0, 0:1, 75:25, 25:75
+//! and HTTPRouteGroup `matches`, all on the root `app-svc` over `app-b` and `app-c`.
+//!
+//! Under [`Security::Identity`] the mesh denies by default, so the calls of these scenarios are
+//! allowed by TrafficTargets from `service-a` to `service-b` and `service-c` (TCPRoute, all
+//! ports), applied first and removed at the end.
 
-use std::fmt;
 use std::time::Duration;
 
 use anyhow::bail;
 
+use super::{B, C, CALLER, Outcome, all_ok, count, ms, seen, until};
 use crate::client::CallReport;
-use crate::harness::mesh::{APPLY_WITHIN, Call, Mesh, ROOT};
-
-/// The result of one scenario on one platform.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Passed; what was seen.
-    Pass(String),
-    /// Failed; why.
-    Fail(String),
-    /// Not run; why.
-    Skip(String),
-}
-
-impl Outcome {
-    pub fn is_fail(&self) -> bool {
-        matches!(self, Outcome::Fail(_))
-    }
-
-    fn of(result: anyhow::Result<String>) -> Self {
-        match result {
-            Ok(seen) => Outcome::Pass(seen),
-            Err(e) => Outcome::Fail(format!("{e:#}")),
-        }
-    }
-}
+use crate::harness::mesh::{APPLY_WITHIN, Call, Mesh, ROOT, Security};
 
 /// The TrafficSplit scenarios, in the order they run on one mesh.
 pub const SPLIT_SCENARIOS: [&str; 6] = [
@@ -45,13 +23,8 @@ pub const SPLIT_SCENARIOS: [&str; 6] = [
     "split: matches by weight, rest to root",
 ];
 
-/// The caller of the split scenarios.
-const CALLER: &str = "app-a";
 /// The policy name the split documents are applied under.
 const SPLIT_POLICY: &str = "split";
-/// Responders as the echo apps name themselves (`service/version`).
-const B: &str = "app-b/b";
-const C: &str = "app-c/c";
 
 /// The TrafficSplit of the root over `app-b` and `app-c`, optionally limited to the
 /// HTTPRouteGroup `app-routes` (whose one match is `GET /canary...`), which it then also holds.
@@ -91,6 +64,18 @@ spec:
 /// Runs every split scenario in order on `mesh`; the split is removed at the end.
 pub async fn split_scenarios(mesh: &Mesh) -> Vec<(&'static str, Outcome)> {
     let mut out = Vec::new();
+    if mesh.security == Security::Identity
+        && let Err(e) = mesh
+            .platform
+            .apply_policy(ALLOW_POLICY, &allow_a_yaml())
+            .await
+    {
+        let why = format!("applying the TrafficTargets that allow service-a: {e:#}");
+        return SPLIT_SCENARIOS
+            .iter()
+            .map(|s| (*s, Outcome::Fail(why.clone())))
+            .collect();
+    }
     let results = [
         no_split(mesh).await,
         exact(mesh, 1, 0, B).await,
@@ -103,14 +88,47 @@ pub async fn split_scenarios(mesh: &Mesh) -> Vec<(&'static str, Outcome)> {
         out.push((*name, Outcome::of(result)));
     }
     let _ = mesh.platform.delete_policy(SPLIT_POLICY).await;
+    let _ = mesh.platform.delete_policy(ALLOW_POLICY).await;
     out
+}
+
+/// The policy name of the TrafficTargets that let `service-a` call the split's backends.
+const ALLOW_POLICY: &str = "allow-a";
+
+/// TrafficTargets from `service-a` to `service-b` and to `service-c`, every port.
+pub fn allow_a_yaml() -> String {
+    let mut yaml = String::from(
+        "apiVersion: specs.smi-spec.io/v1alpha4
+kind: TCPRoute
+metadata: { name: all-ports, namespace: default }
+spec:
+  matches:
+    ports: []
+",
+    );
+    for to in ["service-b", "service-c"] {
+        yaml.push_str(&format!(
+            "---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {{ name: a-to-{to}, namespace: default }}
+spec:
+  destination: {{ kind: ServiceAccount, name: {to}, namespace: default }}
+  rules:
+  - {{ kind: TCPRoute, name: all-ports }}
+  sources:
+  - {{ kind: ServiceAccount, name: service-a, namespace: default }}
+"
+        ));
+    }
+    yaml
 }
 
 /// No split: the root's own endpoints, both versions, every request answered.
 async fn no_split(mesh: &Mesh) -> anyhow::Result<String> {
     mesh.platform.delete_policy(SPLIT_POLICY).await?;
     let root = Call::get(ROOT, "/echo", 20);
-    let took = until(mesh, &root, "both versions answer", |r| {
+    let took = until(mesh, CALLER, &root, "both versions answer", |r| {
         all_ok(r, 20) && count(r, B) > 0 && count(r, C) > 0
     })
     .await?;
@@ -140,7 +158,7 @@ async fn exact(mesh: &Mesh, b: u32, c: u32, to: &str) -> anyhow::Result<String> 
         .apply_policy(SPLIT_POLICY, &split_yaml(b, c, false))
         .await?;
     let probe = Call::get(ROOT, "/echo", 10);
-    let took = until(mesh, &probe, &format!("all to {to}"), |r| {
+    let took = until(mesh, CALLER, &probe, &format!("all to {to}"), |r| {
         all_ok(r, 10) && count(r, to) == 10
     })
     .await?;
@@ -158,7 +176,7 @@ async fn favours(mesh: &Mesh, b: u32, c: u32, heavier: &str) -> anyhow::Result<S
         .await?;
     let lighter = if heavier == B { C } else { B };
     let probe = Call::get(ROOT, "/echo", 20);
-    let took = until(mesh, &probe, &format!("{heavier} heavier"), |r| {
+    let took = until(mesh, CALLER, &probe, &format!("{heavier} heavier"), |r| {
         all_ok(r, 20) && count(r, heavier) > count(r, lighter) && count(r, lighter) > 0
     })
     .await?;
@@ -226,82 +244,16 @@ async fn matches(mesh: &Mesh) -> anyhow::Result<String> {
     ))
 }
 
-/// Sends `probe` from the caller until `ok` holds (at most [`APPLY_WITHIN`]); how long it took.
-async fn until(
-    mesh: &Mesh,
-    probe: &Call,
-    what: &str,
-    ok: impl Fn(&CallReport) -> bool,
-) -> anyhow::Result<Duration> {
-    let start = tokio::time::Instant::now();
-    loop {
-        let r = mesh.call(CALLER, probe).await?;
-        if ok(&r) {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > APPLY_WITHIN {
-            bail!(
-                "not applied within {APPLY_WITHIN:?} ({what}); last probe: {}",
-                seen(&r)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn count(r: &CallReport, responder: &str) -> u32 {
-    r.by_responder.get(responder).copied().unwrap_or(0)
-}
-
-/// Every one of `n` requests answered 200 by an app, none failed.
-fn all_ok(r: &CallReport, n: u32) -> bool {
-    r.failed == 0 && r.statuses.get(&200).copied().unwrap_or(0) == n && r.mesh_errors.is_empty()
-}
-
-/// What a batch saw, compactly.
-pub fn seen(r: &CallReport) -> String {
-    let mut parts = vec![format!("b={} c={}", count(r, B), count(r, C))];
-    let others: Vec<String> = r
-        .by_responder
-        .iter()
-        .filter(|(k, _)| *k != B && *k != C)
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    parts.extend(others);
-    let statuses: Vec<String> = r.statuses.iter().map(|(s, n)| format!("{s}x{n}")).collect();
-    parts.push(format!("status {}", statuses.join(",")));
-    if !r.mesh_errors.is_empty() {
-        parts.push(format!("mesh errors {:?}", r.mesh_errors));
-    }
-    if r.failed > 0 {
-        parts.push(format!("failed {}", r.failed));
-    }
-    if r.reconnects > 0 {
-        parts.push(format!("reconnects {}", r.reconnects));
-    }
-    parts.join(" ")
-}
-
-fn ms(d: Duration) -> String {
-    format!("{} ms", d.as_millis())
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Outcome::Pass(_) => f.write_str("pass"),
-            Outcome::Fail(_) => f.write_str("FAIL"),
-            Outcome::Skip(_) => f.write_str("skip"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn split_documents_load_without_errors() {
+        let allow = allow_a_yaml();
+        let report = trellis_smi::load::load_str("allow.yaml", &allow);
+        assert!(report.errors.is_empty(), "{:?}\n{allow}", report.errors);
+        assert_eq!(report.resources.len(), 3);
         for yaml in [
             split_yaml(1, 0, false),
             split_yaml(75, 25, false),
