@@ -1,7 +1,7 @@
 //! The controller's admin port: `/live`, `/ready` (200 once every policy source has answered),
 //! `/metrics` (Prometheus text, registry passed in) and `/api/v1/state` (JSON for people and for
 //! `trellis check` / `trellis get`: platforms with their freshness, connected proxy streams,
-//! policies in force, resolved destinations and every problem).
+//! leader election, policies in force, resolved destinations and every problem).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use trellis_discovery::Merged;
 
 use crate::grpc::StreamCounts;
 use crate::index::{Index, Status};
+use crate::leader::LeaderStatus;
 
 /// One discovery source as `trellis check` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -41,6 +42,8 @@ pub struct StreamState {
 pub struct State {
     pub platforms: Vec<PlatformState>,
     pub streams: StreamState,
+    /// Leader election (`None` when the admin port was not told about it).
+    pub leader: Option<LeaderStatus>,
     #[serde(flatten)]
     pub index: Status,
 }
@@ -53,10 +56,12 @@ pub struct Admin {
     counts: Arc<StreamCounts>,
     registry: Arc<Registry>,
     gauges: Gauges,
+    leader: Option<tokio::sync::watch::Receiver<LeaderStatus>>,
 }
 
 #[derive(Clone, Default)]
 struct Gauges {
+    leader: Gauge,
     destination_streams: Gauge,
     inbound_streams: Gauge,
     policies: Gauge,
@@ -106,13 +111,25 @@ impl Admin {
             "Destinations watched by proxies",
             gauges.destinations.clone(),
         );
+        registry.register(
+            "trellis_controller_leader",
+            "1 while this replica is the leader (may write Events), else 0",
+            gauges.leader.clone(),
+        );
         Admin {
             index,
             discovery,
             counts,
             registry: Arc::new(registry),
             gauges,
+            leader: None,
         }
+    }
+
+    /// Shows the leader election in the state and the `trellis_controller_leader` gauge.
+    pub fn with_leader(mut self, status: tokio::sync::watch::Receiver<LeaderStatus>) -> Self {
+        self.leader = Some(status);
+        self
     }
 
     /// The current state.
@@ -138,6 +155,7 @@ impl Admin {
                 destinations: self.counts.destinations.load(Ordering::Relaxed),
                 inbound: self.counts.inbound.load(Ordering::Relaxed),
             },
+            leader: self.leader.as_ref().map(|l| l.borrow().clone()),
             index: (**self.index.status().borrow()).clone(),
         }
     }
@@ -152,6 +170,9 @@ impl Admin {
         set(&self.gauges.policies, state.index.policies.len());
         set(&self.gauges.problems, state.index.problems.len());
         set(&self.gauges.destinations, state.index.destinations.len());
+        // Without election information this replica is the only writer.
+        let leader = state.leader.as_ref().is_none_or(|l| l.leader);
+        set(&self.gauges.leader, usize::from(leader));
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

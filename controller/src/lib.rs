@@ -10,9 +10,11 @@
 
 pub mod admin;
 pub mod discovery;
+pub mod events;
 pub mod grpc;
 pub mod identity;
 pub mod index;
+pub mod leader;
 pub mod policy;
 pub mod run;
 pub mod webhook;

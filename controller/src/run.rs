@@ -13,6 +13,7 @@ use crate::discovery::{Platform, connect_all};
 use crate::grpc::{ProxyApi, StreamCounts};
 use crate::identity::{Certifier, IdentityOptions};
 use crate::index::{Index, IndexOptions};
+use crate::leader::Leadership;
 use crate::policy::PolicySource;
 use crate::policy::files::FilePolicySource;
 
@@ -38,6 +39,8 @@ pub struct Running {
     pub index: Index,
     /// The CA behind `Identity.Certify`.
     pub identity: Certifier,
+    /// Whether this replica may write to Kubernetes; `leader.release()` on shutdown.
+    pub leader: Leadership,
 }
 
 /// Starts everything in the background on the current Tokio runtime.
@@ -60,6 +63,18 @@ pub async fn start_with_identity(
     identity: IdentityOptions,
     extra_sources: Vec<Arc<dyn PolicySource>>,
 ) -> anyhow::Result<Running> {
+    start_full(options, identity, None, extra_sources).await
+}
+
+/// Like [`start_with_identity`], with Lease-based leader election for what the controller writes
+/// to Kubernetes (Events; `crate::leader`, `crate::events`). `leader: None` = this replica always
+/// writes. Every replica serves proxies either way.
+pub async fn start_full(
+    options: Options,
+    identity: IdentityOptions,
+    leader: Option<crate::leader::LeaderOptions>,
+    extra_sources: Vec<Arc<dyn PolicySource>>,
+) -> anyhow::Result<Running> {
     use anyhow::Context as _;
     if options.platforms.is_empty() {
         anyhow::bail!("no platform: give at least one --platform");
@@ -70,18 +85,33 @@ pub async fn start_with_identity(
             options.policy_paths.clone(),
         )));
     }
+    let mut kubernetes = None;
     if options.platforms.contains(&Platform::Kubernetes) {
         // On Kubernetes the SMI CRDs are a policy source too (after the files).
         let client = kube::Client::try_default()
             .await
             .context("kubernetes policy source: reading the kubeconfig")?;
-        sources.push(Arc::new(
-            crate::policy::kubernetes::KubernetesPolicySource::new(client),
-        ));
+        let source = crate::policy::kubernetes::KubernetesPolicySource::new(client.clone());
+        kubernetes = Some((client, source.objects()));
+        sources.push(Arc::new(source));
     }
     sources.extend(extra_sources);
     let discovery = connect_all(&options.platforms).await?;
     let index = Index::start(sources, Arc::new(discovery.clone()), options.index.clone());
+    let leader = match (&kubernetes, leader) {
+        (Some((client, _)), Some(leader)) => Leadership::spawn(client.clone(), leader),
+        _ => Leadership::always(crate::leader::default_identity()),
+    };
+    if let Some((client, objects)) = kubernetes {
+        let identity = leader.status().borrow().identity.clone();
+        crate::events::spawn(
+            client,
+            index.status(),
+            objects,
+            leader.is_leader(),
+            crate::events::EventOptions::new(identity),
+        );
+    }
     let certifier = Certifier::start(&identity, &options.index.trust_domain).await?;
     let mut registry = Registry::default();
     certifier.register_metrics(&mut registry);
@@ -93,6 +123,7 @@ pub async fn start_with_identity(
     let admin = match options.admin {
         Some(addr) => Some(
             Admin::new(index.clone(), discovery, counts, registry)
+                .with_leader(leader.status())
                 .spawn(addr)
                 .await
                 .with_context(|| format!("binding the admin listener on {addr}"))?,
@@ -104,5 +135,6 @@ pub async fn start_with_identity(
         admin,
         index,
         identity: certifier,
+        leader,
     })
 }

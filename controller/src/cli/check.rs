@@ -77,6 +77,7 @@ pub fn render(state: &Value) -> String {
             age(&s["last_update_unix"])
         ));
     }
+    out.push_str(&leader_line(&state["leader"]));
     out.push_str(&format!(
         "proxy streams: {} destination, {} inbound\n",
         state["streams"]["destinations"], state["streams"]["inbound"]
@@ -105,4 +106,26 @@ pub fn render(state: &Value) -> String {
         ));
     }
     out
+}
+
+/// `leader: ...` from the state's `leader` object (nothing for controllers without it).
+fn leader_line(leader: &Value) -> String {
+    if !leader.is_object() {
+        return String::new();
+    }
+    let me = text(&leader["identity"]);
+    if leader["elect"].as_bool() != Some(true) {
+        return format!("leader: this replica ({me}; no leader election)\n");
+    }
+    let lease = text(&leader["lease"]);
+    let error = match leader["last_error"].as_str() {
+        Some(e) => format!("; last attempt failed: {e}"),
+        None => String::new(),
+    };
+    if leader["leader"].as_bool() == Some(true) {
+        format!("leader: this replica ({me}, Lease {lease}){error}\n")
+    } else {
+        let holder = leader["holder"].as_str().unwrap_or("nobody");
+        format!("leader: {holder} (this replica {me} follows, Lease {lease}){error}\n")
+    }
 }

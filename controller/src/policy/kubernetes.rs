@@ -16,22 +16,33 @@
 //!   still keeping the last good version of resources that are now bad.
 //! - Watch errors (API server down, RBAC, CRD not installed) back off (100 ms doubling to 2 s,
 //!   the discovery policy) and keep the last set. They are logged (a warning per new error of a
-//!   kind), not put in the set: a watch that resumes sends no event, so a problem entry could
-//!   not be cleared when it recovers.
+//!   kind) and reported in the set as one problem per failing kind (resource `TrafficSplit
+//!   (split.smi-spec.io/v1alpha4)`, message `watch failing since <RFC 3339>: <error>; the last
+//!   policy stays in force`), so `trellis check` and `/api/v1/state` show a source that is not
+//!   fresh. A watch that resumes sends no event, so while a kind is failing the source probes it
+//!   (a LIST of one item every [`PROBE_EVERY`]); the problem goes when a probe or an event
+//!   succeeds. A missing CRD (404) or missing RBAC (403) keeps failing the probe, so it stays.
 //! - The first set is emitted once every kind has listed or failed once; after that, a new set
 //!   after each change (events that arrive together are coalesced into one set).
 //! - Read-only: the source never writes to SMI objects (Flagger compares what it wrote).
 //!
 //! Decision: the source keeps converted policies, not a reflector `Store` of raw objects, so each
 //! change converts one object and memory holds the model only (managed fields are never kept).
+//!
+//! [`KubernetesPolicySource::objects`] gives the object reference (apiVersion, kind, namespace,
+//! name, uid) of every SMI object the source holds, by the `resource` string problems carry
+//! (`TrafficSplit shop/web`), so Events can be attached to the object a problem is about
+//! (`crate::events`) without changing [`PolicyProblem`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use trellis_smi::api::{access, specs, split};
@@ -43,11 +54,36 @@ use super::{PolicyProblem, PolicySet, PolicySource};
 /// `location` of every problem this source reports.
 pub const LOCATION: &str = "kubernetes";
 
+/// How often a failing kind is probed to see whether it recovered.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// SMI policy from the Kubernetes API (the SMI CRDs).
 #[derive(Clone)]
 pub struct KubernetesPolicySource {
     client: Client,
     namespace: Option<String>,
+    objects: ObjectRefs,
+}
+
+/// The object reference of every SMI object the source holds now, by the `resource` string of
+/// its problems (`"TrafficSplit shop/web"`). Updated before each set is emitted, so a problem in
+/// a set can always be looked up. Cheap to clone (shared).
+#[derive(Clone, Debug, Default)]
+pub struct ObjectRefs(Arc<RwLock<HashMap<String, ObjectReference>>>);
+
+impl ObjectRefs {
+    /// The object a problem's `resource` names, if this source holds it.
+    pub fn get(&self, resource: &str) -> Option<ObjectReference> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(resource)
+            .cloned()
+    }
+
+    fn replace(&self, refs: HashMap<String, ObjectReference>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = refs;
+    }
 }
 
 impl std::fmt::Debug for KubernetesPolicySource {
@@ -64,6 +100,7 @@ impl KubernetesPolicySource {
         Self {
             client,
             namespace: None,
+            objects: ObjectRefs::default(),
         }
     }
 
@@ -72,7 +109,13 @@ impl KubernetesPolicySource {
         Self {
             client,
             namespace: Some(namespace.into()),
+            objects: ObjectRefs::default(),
         }
+    }
+
+    /// The references of the objects this source holds (for Events about them).
+    pub fn objects(&self) -> ObjectRefs {
+        self.objects.clone()
     }
 
     fn api(&self, resource: &ApiResource) -> Api<DynamicObject> {
@@ -115,19 +158,35 @@ impl PolicySource for KubernetesPolicySource {
                 .map(move |event| (kind, event))
                 .boxed()
         }));
+        let probes: HashMap<Kind, Api<DynamicObject>> = Kind::ALL
+            .into_iter()
+            .map(|kind| (kind, self.api(&stored_resource(kind))))
+            .collect();
+        let tracker = Tracker {
+            objects: self.objects.clone(),
+            ..Tracker::default()
+        };
+        let mut probe_tick = tokio::time::interval(PROBE_EVERY);
+        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         futures::stream::unfold(
-            (events, Tracker::default()),
-            |(mut events, mut tracker)| async move {
+            (events, tracker, probes, probe_tick),
+            |(mut events, mut tracker, probes, mut probe_tick)| async move {
                 loop {
-                    // The watchers never end (they back off and retry), so neither does this.
-                    let (kind, event) = events.next().await?;
-                    let mut changed = tracker.handle(kind, event);
+                    let failing = !tracker.watch_errors.is_empty();
+                    let mut changed = tokio::select! {
+                        // The watchers never end (they back off and retry), so neither does this.
+                        item = events.next() => {
+                            let (kind, event) = item?;
+                            tracker.handle(kind, event)
+                        }
+                        _ = probe_tick.tick(), if failing => tracker.probe(&probes).await,
+                    };
                     // Coalesce what has already arrived into one set.
                     while let Some(Some((kind, event))) = events.next().now_or_never() {
                         changed |= tracker.handle(kind, event);
                     }
                     if let Some(set) = tracker.emit(changed) {
-                        return Some((set, (events, tracker)));
+                        return Some((set, (events, tracker, probes, probe_tick)));
                     }
                 }
             },
@@ -143,6 +202,15 @@ struct Entry {
     good: Option<Policy>,
     /// What is wrong with the current version (empty when it is the good one).
     problems: Vec<PolicyProblem>,
+    /// The object as the API server knows it now (for Events).
+    reference: ObjectReference,
+}
+
+/// A kind whose watch is failing: the error and since when.
+#[derive(Clone, Debug)]
+struct WatchFailure {
+    message: String,
+    since: SystemTime,
 }
 
 type Key = (Kind, String, String);
@@ -155,17 +223,20 @@ struct Tracker {
     relists: HashMap<Kind, BTreeMap<Key, Entry>>,
     /// Kinds that have listed or failed once (the first set waits for all).
     settled: HashSet<Kind>,
-    /// The last error logged per kind, so a retry loop logs each new error once.
-    watch_errors: HashMap<Kind, String>,
+    /// The current error per failing kind (logged once per new error, reported in the set).
+    watch_errors: HashMap<Kind, WatchFailure>,
     emitted: bool,
+    objects: ObjectRefs,
 }
 
 impl Tracker {
     /// Applies one watcher event; true when the set changed.
     fn handle(&mut self, kind: Kind, event: watcher::Result<Event<DynamicObject>>) -> bool {
-        if event.is_ok() {
-            self.watch_errors.remove(&kind);
-        }
+        let recovered = event.is_ok() && self.watch_errors.remove(&kind).is_some();
+        recovered | self.apply(kind, event)
+    }
+
+    fn apply(&mut self, kind: Kind, event: watcher::Result<Event<DynamicObject>>) -> bool {
         match event {
             Ok(Event::Apply(object)) => {
                 let key = key(kind, &object);
@@ -201,20 +272,49 @@ impl Tracker {
             }
             Err(error) => {
                 let message = error.to_string();
-                if self.watch_errors.get(&kind) != Some(&message) {
+                let new = self
+                    .watch_errors
+                    .get(&kind)
+                    .is_none_or(|f| f.message != message);
+                if new {
                     tracing::warn!(
                         "watching {} {} failed, keeping the last policy and retrying: {message}",
                         stored_resource(kind).api_version,
                         kind.as_str(),
                     );
-                    self.watch_errors.insert(kind, message);
+                    let since = self
+                        .watch_errors
+                        .get(&kind)
+                        .map_or_else(SystemTime::now, |f| f.since);
+                    self.watch_errors
+                        .insert(kind, WatchFailure { message, since });
                 }
                 // A kind that cannot be listed (CRD not installed) must not hold back the
                 // first set: it counts as settled, and the set is emitted if this settles the
                 // last kind.
-                self.settled.insert(kind)
+                self.settled.insert(kind) | new
             }
         }
+    }
+
+    /// Probes every failing kind with a LIST of one item; true when one recovered.
+    async fn probe(&mut self, apis: &HashMap<Kind, Api<DynamicObject>>) -> bool {
+        let failing: Vec<Kind> = self.watch_errors.keys().copied().collect();
+        let mut recovered = false;
+        for kind in failing {
+            let Some(api) = apis.get(&kind) else { continue };
+            let params = ListParams::default().limit(1);
+            if let Ok(Ok(_)) = tokio::time::timeout(PROBE_EVERY, api.list(&params)).await {
+                tracing::info!(
+                    "watching {} {} works again",
+                    stored_resource(kind).api_version,
+                    kind.as_str()
+                );
+                self.watch_errors.remove(&kind);
+                recovered = true;
+            }
+        }
+        recovered
     }
 
     /// The set to emit now, if any: the first once every kind settled, then one per change.
@@ -225,11 +325,41 @@ impl Tracker {
         }
         self.emitted = true;
         let mut set = PolicySet::default();
-        for entry in self.entries.values() {
+        let mut refs = HashMap::with_capacity(self.entries.len());
+        for ((kind, namespace, name), entry) in &self.entries {
             set.policies.extend(entry.good.iter().cloned());
             set.problems.extend(entry.problems.iter().cloned());
+            refs.insert(
+                format!("{} {namespace}/{name}", kind.as_str()),
+                entry.reference.clone(),
+            );
         }
+        for kind in Kind::ALL {
+            if let Some(failure) = self.watch_errors.get(&kind) {
+                set.problems.push(watch_problem(kind, failure));
+            }
+        }
+        self.objects.replace(refs);
         Some(set)
+    }
+}
+
+/// The problem of a kind whose watch is failing.
+fn watch_problem(kind: Kind, failure: &WatchFailure) -> PolicyProblem {
+    let since = k8s_openapi::jiff::Timestamp::try_from(failure.since)
+        .map(|t| {
+            t.round(k8s_openapi::jiff::Unit::Second)
+                .unwrap_or(t)
+                .to_string()
+        })
+        .unwrap_or_else(|_| "?".into());
+    PolicyProblem {
+        resource: format!("{} ({})", kind.as_str(), stored_resource(kind).api_version),
+        location: LOCATION.to_owned(),
+        message: format!(
+            "watch failing since {since}: {}; the last policy stays in force",
+            failure.message
+        ),
     }
 }
 
@@ -238,12 +368,34 @@ fn key(kind: Kind, object: &DynamicObject) -> Key {
     (kind, id.namespace, id.name)
 }
 
+/// The reference Events about `object` carry (`regarding`).
+fn reference(kind: Kind, object: &DynamicObject) -> ObjectReference {
+    let resource = stored_resource(kind);
+    let meta = &object.metadata;
+    ObjectReference {
+        api_version: Some(
+            object
+                .types
+                .as_ref()
+                .map_or(resource.api_version, |t| t.api_version.clone()),
+        ),
+        kind: Some(resource.kind),
+        namespace: Some(meta.namespace.clone().unwrap_or_else(|| "default".into())),
+        name: meta.name.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        field_path: None,
+    }
+}
+
 /// The entry for a new version of a resource whose last good version was `old`.
 fn entry(kind: Kind, object: &DynamicObject, old: Option<Policy>) -> Entry {
+    let reference = reference(kind, object);
     match to_policy(kind, object) {
         Ok(policy) => Entry {
             good: Some(policy),
             problems: Vec::new(),
+            reference,
         },
         Err(problems) => {
             let resource = ResourceId::new(kind.as_str(), &object.metadata).to_string();
@@ -254,6 +406,7 @@ fn entry(kind: Kind, object: &DynamicObject, old: Option<Policy>) -> Entry {
             };
             Entry {
                 good: old,
+                reference,
                 problems: problems
                     .into_iter()
                     .map(|message| PolicyProblem {
