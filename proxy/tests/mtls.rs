@@ -606,3 +606,81 @@ async fn controller_certificates_rotate_under_traffic_and_the_old_one_serves_whi
         (StatusCode::SERVICE_UNAVAILABLE, "no-identity")
     );
 }
+
+#[tokio::test]
+async fn opaque_tcp_rides_mtls_and_is_authorized_by_the_callers_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = new_ca("mesh");
+    let echo = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    };
+    let b = proxy(&format!(
+        "admin: 127.0.0.1:0\ninbound:\n  listen: 127.0.0.1:0\n  app: \"{echo}\"\n  protocol: tcp\n  policy:\n    authorizations:\n      - identities: [\"{A_ID}\"]\n{}",
+        identity_yaml(dir.path(), "b", &valid_leaf(&ca, B_ID), &[&ca])
+    ))
+    .await;
+    let a = proxy(&format!(
+        "admin: 127.0.0.1:0\noutbound:\n  ports:\n    - listen: 127.0.0.1:0\n      destination: db.shop\ndestinations:\n  - authority: db.shop\n    protocol: tcp\n    backends:\n      - name: db\n        endpoints: [{{address: \"{}\", identity: \"{B_ID}\"}}]\n{}",
+        b.inbound.unwrap(),
+        identity_yaml(dir.path(), "a", &valid_leaf(&ca, A_ID), &[&ca])
+    ))
+    .await;
+    let mut conn = TcpStream::connect(a.ports[0]).await.unwrap();
+    conn.write_all(b"hello over mtls").await.unwrap();
+    let mut buf = [0u8; 15];
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello over mtls");
+    // Plaintext straight to B: no identity, so the connection is closed.
+    let mut plain = TcpStream::connect(b.inbound.unwrap()).await.unwrap();
+    let _ = plain.write_all(b"hello").await;
+    let n = tokio::time::timeout(Duration::from_secs(8), plain.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn stalled_handshakes_time_out_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = new_ca("mesh");
+    let app = app("b").await;
+    let yaml = server_yaml(
+        app.addr,
+        A_ID,
+        &identity_yaml(dir.path(), "b", &valid_leaf(&ca, B_ID), &[&ca]),
+    ) + "limits: {tls_handshake_timeout_ms: 300}\n";
+    let b = proxy(&yaml).await;
+    let mut stalled = TcpStream::connect(b.inbound.unwrap()).await.unwrap();
+    // The start of a TLS record, then nothing.
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf))
+        .await
+        .expect("closed by the handshake timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    let m = metrics(&b).await;
+    assert!(
+        m.contains(
+            "trellis_tls_handshake_errors_total{direction=\"inbound\",reason=\"timeout\"} 1"
+        ),
+        "{m}"
+    );
+}
