@@ -421,6 +421,8 @@ struct TestIdentity {
     issued: Arc<AtomicUsize>,
     /// Answer "unavailable" (the controller is away).
     away: Arc<std::sync::atomic::AtomicBool>,
+    /// Identities asked for.
+    asked: Arc<Mutex<Vec<String>>>,
 }
 
 #[tonic::async_trait]
@@ -433,6 +435,7 @@ impl v1::identity_server::Identity for TestIdentity {
             return Err(tonic::Status::unavailable("the controller is away"));
         }
         let req = request.into_inner();
+        self.asked.lock().unwrap().push(req.identity.clone());
         if req.proof != *self.token.lock().unwrap() {
             return Err(tonic::Status::permission_denied("bad proof"));
         }
@@ -519,6 +522,7 @@ async fn controller_certificates_rotate_under_traffic_and_the_old_one_serves_whi
         token: Arc::new(Mutex::new(b"first-token".to_vec())),
         issued: Arc::new(AtomicUsize::new(0)),
         away: Arc::default(),
+        asked: Arc::default(),
     };
     let (addr, _server) = identity_server(svc.clone()).await;
     let token_file = dir.path().join("token");
@@ -682,5 +686,56 @@ async fn stalled_handshakes_time_out_and_are_counted() {
             "trellis_tls_handshake_errors_total{direction=\"inbound\",reason=\"timeout\"} 1"
         ),
         "{m}"
+    );
+}
+
+/// Kills the child process when dropped (also when an assertion fails).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_asks_the_controller_for_the_identity_its_flags_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = TestIdentity {
+        ca: Arc::new(new_ca("controller")),
+        lifetime: Duration::from_secs(3600),
+        token: Arc::new(Mutex::new(b"bootstrap".to_vec())),
+        issued: Arc::new(AtomicUsize::new(0)),
+        away: Arc::default(),
+        asked: Arc::default(),
+    };
+    let (addr, _server) = identity_server(svc.clone()).await;
+    let token = dir.path().join("token");
+    std::fs::write(&token, "bootstrap\n").unwrap();
+    let _child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_trellis-proxy"))
+            .args([
+                "--controller",
+                &format!("http://{addr}"),
+                "--workload",
+                "shop/a",
+            ])
+            .args(["--trust-domain", "example.org", "--admin", "127.0.0.1:0"])
+            .arg("--identity-token-file")
+            .arg(&token)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while svc.issued.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no certificate issued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        svc.asked.lock().unwrap()[0],
+        "spiffe://example.org/ns/shop/sa/a"
     );
 }
