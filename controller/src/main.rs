@@ -22,7 +22,7 @@ enum Command {
     /// Run the local demo mesh (controller, proxy, two versions of an app, a client) on loopback.
     Demo(cli::demo::Args),
     /// Run the controller: SMI policy + discovery -> live proxy configuration.
-    Controller(cli::controller::Args),
+    Controller(Box<cli::controller::Args>),
     /// Is the controller up, how fresh is each source, any problems? (exit 1 if down or problems)
     Check(cli::check::Args),
     /// The controller's resolved view: splits, targets, routes or services.

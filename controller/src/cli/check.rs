@@ -49,6 +49,7 @@ pub fn render(state: &Value) -> String {
             ""
         }
     ));
+    out.push_str(&access_lines(&state["access"]));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -128,4 +129,28 @@ fn leader_line(leader: &Value) -> String {
         let holder = leader["holder"].as_str().unwrap_or("nobody");
         format!("leader: {holder} (this replica {me} follows, Lease {lease}){error}\n")
     }
+}
+
+/// The access switches beyond `--permissive` (nothing when none is on).
+fn access_lines(access: &Value) -> String {
+    let names = |key: &str| -> Vec<String> { list(access, key).into_iter().map(text).collect() };
+    let mut out = String::new();
+    for ns in names("permissive_namespaces") {
+        out.push_str(&format!(
+            "access: PERMISSIVE in namespace {ns} (default allow)\n"
+        ));
+    }
+    let networks = names("plaintext_from");
+    if !networks.is_empty() {
+        out.push_str(&format!(
+            "access: plaintext allowed from {} (to every workload)\n",
+            networks.join(", ")
+        ));
+    }
+    for ns in names("plaintext_namespaces") {
+        out.push_str(&format!(
+            "access: plaintext allowed into namespace {ns} from anywhere\n"
+        ));
+    }
+    out
 }

@@ -179,12 +179,13 @@ impl BootstrapTokens {
     /// Reads `path` (a bad file is an error here: the controller does not start on it), then
     /// polls it every `every` in the background.
     pub fn start(path: PathBuf, every: Duration) -> Result<Self, TokensError> {
+        // Stamp before reading: a change made while reading is seen by the first poll.
+        let mut seen = stamp(&path);
         let first = read_tokens(&path)?;
         let current = Arc::new(ArcSwap::from_pointee(first));
         let (errors_tx, errors) = watch::channel(None);
         let shared = Arc::downgrade(&current);
         tokio::spawn(async move {
-            let mut seen = stamp(&path);
             loop {
                 tokio::time::sleep(every).await;
                 let Some(current) = shared.upgrade() else {
@@ -376,12 +377,18 @@ mod tests {
         let err = TokenSet::parse("tokens.yaml", yaml).unwrap_err();
         assert_eq!(err.file, "tokens.yaml");
         assert!(err.message.contains("64 hex digits"), "{err}");
-        assert!(err.message.contains("line 3"), "{err}");
+        assert!(err.message.contains("tokens[0]"), "{err}");
+        assert!(err.message.contains("line 2"), "{err}");
 
-        let yaml = format!("tokens:\n- workload: web\n  sha256: {}\n", sha("x"));
+        let yaml = format!(
+            "tokens:\n- workload: shop/db\n  sha256: {}\n- workload: web\n  sha256: {}\n",
+            sha("y"),
+            sha("x")
+        );
         let err = TokenSet::parse("tokens.yaml", &yaml).unwrap_err();
         assert!(err.message.contains("namespace/name"), "{err}");
-        assert!(err.message.contains("line 2"), "{err}");
+        assert!(err.message.contains("tokens[1]"), "{err}");
+        assert!(err.message.contains("line 4"), "{err}");
 
         let err =
             TokenSet::parse("tokens.yaml", "tokens:\n- {workload: a/b, token: x}\n").unwrap_err();

@@ -10,16 +10,65 @@
 //!   named ones when `matches` is given). Several targets are ORed.
 //! - A rule naming a route that does not exist is dropped (reported): access is never widened.
 //!   A target left with no rule allows nothing.
-//! - Default deny; `--permissive` (mesh-wide, explicit, reported in the state) makes it allow.
-//! - Callers carry no verified identity until mTLS lands, so `unauthenticated` stays false:
-//!   until then only permissive mode lets plaintext callers in.
+//! - Default deny. Callers are identified by their mTLS certificate; callers without one
+//!   (plaintext) are refused unless the operator said otherwise, knowingly, with one of the
+//!   access switches ([`AccessSwitches`], all reported in `/api/v1/state` and `trellis check`):
+//!   - `--permissive` (mesh-wide) / `--permissive-namespace NS`: the default action is allow
+//!     (for workloads in NS), which admits everything no rule allows, plaintext included;
+//!   - `--plaintext-from CIDR` (repeatable): one extra authorization for every workload,
+//!     `unauthenticated: true` with `networks` = every CIDR given;
+//!   - `--plaintext-namespace NS` (repeatable): for workloads in NS, one extra authorization
+//!     `unauthenticated: true` with no network restriction.
+//!
+//!   The switches only ever add: TrafficTarget authorizations are unchanged by them.
 
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Serialize;
 use trellis_discovery::WorkloadIdentity;
 use trellis_proxy_api::v1;
 use trellis_smi::model::{AccessPolicy, RouteKind, effective_namespace};
 
+use super::IndexOptions;
 use super::policy::PolicyView;
 use crate::policy::PolicyProblem;
+
+/// The explicit switches that let more in than TrafficTargets do (besides mesh-wide
+/// `--permissive`, which is [`IndexOptions::permissive`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AccessSwitches {
+    /// `--permissive-namespace`: default allow for workloads in these namespaces.
+    pub permissive_namespaces: Vec<String>,
+    /// `--plaintext-from`: plaintext callers from these networks may call every workload.
+    #[serde(serialize_with = "as_strings")]
+    pub plaintext_from: Vec<IpNet>,
+    /// `--plaintext-namespace`: plaintext callers from anywhere may call workloads here.
+    pub plaintext_namespaces: Vec<String>,
+}
+
+fn as_strings<S: serde::Serializer>(nets: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(nets.iter().map(ToString::to_string))
+}
+
+/// Parses a `--plaintext-from` value: a CIDR (`10.0.0.0/8`) or a single address (`/32`,
+/// `/128`). Host bits set (`10.0.0.1/8`) are refused: the operator likely meant something else.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    let net: IpNet = text.parse().map_err(|_| {
+        format!("{text:?} is not a CIDR (e.g. 10.0.0.0/8, 127.0.0.1/32, fd00::/8) or an address")
+    })?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{text:?} has host bits set: did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
 
 /// The inbound policy of `namespace/name` on `port` (version left empty) and its problems.
 pub fn resolve(
@@ -27,8 +76,7 @@ pub fn resolve(
     namespace: &str,
     name: &str,
     port: u16,
-    trust_domain: &str,
-    permissive: bool,
+    options: &IndexOptions,
 ) -> (v1::InboundPolicy, Vec<PolicyProblem>) {
     let mut problems = Vec::new();
     let mut authorizations = Vec::new();
@@ -38,10 +86,36 @@ pub fn resolve(
         if dest_ns != namespace || target.destination.name != name {
             continue;
         }
-        if let Some(authz) = authorization(view, target, port, trust_domain, &mut problems) {
+        if let Some(authz) = authorization(view, target, port, &options.trust_domain, &mut problems)
+        {
             authorizations.push(authz);
         }
     }
+    let access = &options.access;
+    let plaintext = |networks: Vec<String>| v1::Authorization {
+        identities: Vec::new(),
+        ports: Vec::new(),
+        routes: Vec::new(),
+        unauthenticated: true,
+        networks,
+    };
+    if !access.plaintext_from.is_empty() {
+        authorizations.push(plaintext(
+            access
+                .plaintext_from
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        ));
+    }
+    if access.plaintext_namespaces.iter().any(|ns| ns == namespace) {
+        authorizations.push(plaintext(Vec::new()));
+    }
+    let permissive = options.permissive
+        || access
+            .permissive_namespaces
+            .iter()
+            .any(|ns| ns == namespace);
     let policy = v1::InboundPolicy {
         version: String::new(),
         protocol: v1::Protocol::Unspecified as i32,
@@ -140,6 +214,9 @@ fn authorization(
     if !ports.is_empty() && !ports.contains(&port) {
         return None;
     }
+    if target.sources.is_empty() {
+        return None; // no source: allows nobody (said explicitly rather than left to the proxy)
+    }
     let identities = target
         .sources
         .iter()
@@ -194,19 +271,19 @@ spec:
         )
     }
 
+    fn options(permissive: bool) -> IndexOptions {
+        IndexOptions {
+            permissive,
+            ..IndexOptions::default()
+        }
+    }
+
     fn resolve_for(
         yaml: &str,
         port: u16,
         permissive: bool,
     ) -> (v1::InboundPolicy, Vec<PolicyProblem>) {
-        resolve(
-            &view(yaml),
-            "demo",
-            "web",
-            port,
-            "cluster.local",
-            permissive,
-        )
+        resolve(&view(yaml), "demo", "web", port, &options(permissive))
     }
 
     #[test]
@@ -263,9 +340,9 @@ spec:
             "{ROUTES}{}",
             target("  - {kind: HTTPRouteGroup, name: api}\n")
         );
-        let (p, _) = resolve(&view(&yaml), "demo", "other", 8080, "cluster.local", false);
+        let (p, _) = resolve(&view(&yaml), "demo", "other", 8080, &options(false));
         assert!(p.authorizations.is_empty());
-        let (p, _) = resolve(&view(&yaml), "shop", "web", 8080, "cluster.local", false);
+        let (p, _) = resolve(&view(&yaml), "shop", "web", 8080, &options(false));
         assert!(p.authorizations.is_empty());
 
         let missing = target("  - {kind: TCPRoute, name: nope}\n");
@@ -277,7 +354,7 @@ spec:
                 problems: vec![],
             },
         )]);
-        let (p, problems) = resolve(&view, "demo", "web", 8080, "cluster.local", false);
+        let (p, problems) = resolve(&view, "demo", "web", 8080, &options(false));
         assert!(p.authorizations.is_empty());
         if !view.access.is_empty() {
             assert!(
@@ -308,5 +385,152 @@ spec:
         assert_eq!(p.authorizations[0].routes.len(), 2);
         let (p, _) = resolve_for(&yaml, 8081, false);
         assert!(p.authorizations.is_empty());
+    }
+
+    fn switches(access: AccessSwitches) -> IndexOptions {
+        IndexOptions {
+            access,
+            ..IndexOptions::default()
+        }
+    }
+
+    #[test]
+    fn targets_are_ored_each_one_authorization() {
+        let yaml = format!(
+            "{ROUTES}{}---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {{name: t2, namespace: demo}}
+spec:
+  destination: {{kind: ServiceAccount, name: web, namespace: demo}}
+  sources:
+  - {{kind: ServiceAccount, name: monitor, namespace: ops}}
+  rules:
+  - {{kind: TCPRoute, name: web-port}}
+",
+            target("  - {kind: HTTPRouteGroup, name: api, matches: [metrics]}\n")
+        );
+        let (p, _) = resolve_for(&yaml, 8080, false);
+        assert_eq!(p.authorizations.len(), 2, "{p:?}");
+        let ids: Vec<&str> = p
+            .authorizations
+            .iter()
+            .flat_map(|a| a.identities.iter().map(String::as_str))
+            .collect();
+        assert!(ids.contains(&"spiffe://cluster.local/ns/demo/sa/client"));
+        assert!(ids.contains(&"spiffe://cluster.local/ns/ops/sa/monitor"));
+        // On another port only the HTTPRouteGroup target (any port) still applies.
+        let (p, _) = resolve_for(&yaml, 9090, false);
+        assert_eq!(p.authorizations.len(), 1);
+        assert_eq!(
+            p.authorizations[0].identities,
+            vec!["spiffe://cluster.local/ns/demo/sa/client"]
+        );
+    }
+
+    #[test]
+    fn a_target_without_rules_or_sources_allows_nothing() {
+        // Built directly: the loader (rightly) refuses such targets in v1alpha3 YAML, but other
+        // sources or older versions may still hand one over.
+        let yaml = format!(
+            "{ROUTES}{}",
+            target("  - {kind: TCPRoute, name: web-port}\n")
+        );
+        let mut view = view(&yaml);
+        let mut no_rules = view.access[0].clone();
+        no_rules.rules.clear();
+        let mut no_sources = view.access[0].clone();
+        no_sources.sources.clear();
+        view.access = vec![no_rules];
+        let (p, _) = resolve(&view, "demo", "web", 8080, &options(false));
+        assert!(p.authorizations.is_empty(), "no rules: {p:?}");
+        view.access = vec![no_sources];
+        let (p, _) = resolve(&view, "demo", "web", 8080, &options(false));
+        assert!(p.authorizations.is_empty(), "no sources: {p:?}");
+        assert_eq!(p.default_action, v1::DefaultAction::Deny as i32);
+    }
+
+    #[test]
+    fn the_v1alpha1_destination_port_restricts_the_port() {
+        let yaml = format!(
+            "{ROUTES}---
+apiVersion: access.smi-spec.io/v1alpha1
+kind: TrafficTarget
+metadata: {{name: oldest, namespace: demo}}
+destination: {{kind: ServiceAccount, name: web, namespace: demo, port: 8080}}
+sources:
+- {{kind: ServiceAccount, name: client, namespace: demo}}
+specs:
+- {{kind: HTTPRouteGroup, name: api, matches: [metrics]}}
+"
+        );
+        let (p, _) = resolve_for(&yaml, 8080, false);
+        assert_eq!(p.authorizations.len(), 1, "{p:?}");
+        assert_eq!(p.authorizations[0].ports, vec![8080]);
+        assert_eq!(p.authorizations[0].routes.len(), 1);
+        let (p, _) = resolve_for(&yaml, 9090, false);
+        assert!(p.authorizations.is_empty());
+    }
+
+    #[test]
+    fn permissive_namespace_allows_by_default_only_there() {
+        let opts = switches(AccessSwitches {
+            permissive_namespaces: vec!["demo".into()],
+            ..AccessSwitches::default()
+        });
+        let (p, _) = resolve(&view(""), "demo", "web", 8080, &opts);
+        assert_eq!(p.default_action, v1::DefaultAction::Allow as i32);
+        assert!(p.authorizations.is_empty());
+        let (p, _) = resolve(&view(""), "shop", "web", 8080, &opts);
+        assert_eq!(p.default_action, v1::DefaultAction::Deny as i32);
+    }
+
+    #[test]
+    fn plaintext_from_adds_one_unauthenticated_rule_for_every_workload() {
+        let opts = switches(AccessSwitches {
+            plaintext_from: vec![
+                parse_cidr("10.0.0.0/8").unwrap(),
+                parse_cidr("127.0.0.1").unwrap(),
+            ],
+            ..AccessSwitches::default()
+        });
+        let yaml = format!(
+            "{ROUTES}{}",
+            target("  - {kind: TCPRoute, name: web-port}\n")
+        );
+        for (ns, name, targets) in [("demo", "web", 1), ("shop", "db", 0)] {
+            let (p, _) = resolve(&view(&yaml), ns, name, 8080, &opts);
+            assert_eq!(p.authorizations.len(), targets + 1, "{ns}/{name}: {p:?}");
+            let a = p.authorizations.last().unwrap();
+            assert!(a.unauthenticated);
+            assert!(a.identities.is_empty() && a.ports.is_empty() && a.routes.is_empty());
+            assert_eq!(a.networks, vec!["10.0.0.0/8", "127.0.0.1/32"]);
+            assert_eq!(p.default_action, v1::DefaultAction::Deny as i32);
+        }
+    }
+
+    #[test]
+    fn plaintext_namespace_admits_plaintext_from_anywhere_only_there() {
+        let opts = switches(AccessSwitches {
+            plaintext_namespaces: vec!["ingress".into()],
+            ..AccessSwitches::default()
+        });
+        let (p, _) = resolve(&view(""), "ingress", "gateway", 443, &opts);
+        assert_eq!(p.authorizations.len(), 1);
+        let a = &p.authorizations[0];
+        assert!(a.unauthenticated && a.networks.is_empty() && a.identities.is_empty());
+        let (p, _) = resolve(&view(""), "demo", "web", 443, &opts);
+        assert!(p.authorizations.is_empty());
+    }
+
+    #[test]
+    fn cidrs_are_checked_with_a_clear_message() {
+        assert_eq!(parse_cidr("fd00::/8").unwrap().to_string(), "fd00::/8");
+        assert_eq!(parse_cidr("::1").unwrap().to_string(), "::1/128");
+        let err = parse_cidr("10.0.0.1/8").unwrap_err();
+        assert!(err.contains("did you mean 10.0.0.0/8"), "{err}");
+        let err = parse_cidr("10.0.0.0/33").unwrap_err();
+        assert!(err.contains("not a CIDR"), "{err}");
+        assert!(parse_cidr("everywhere").is_err());
     }
 }

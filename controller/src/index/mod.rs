@@ -47,6 +47,8 @@ pub struct IndexOptions {
     pub trust_domain: String,
     /// Default allow instead of deny for inbound traffic no TrafficTarget allows.
     pub permissive: bool,
+    /// Per-namespace permissive mode and plaintext callers (`inbound::AccessSwitches`).
+    pub access: inbound::AccessSwitches,
 }
 
 impl Default for IndexOptions {
@@ -54,6 +56,7 @@ impl Default for IndexOptions {
         Self {
             trust_domain: "cluster.local".into(),
             permissive: false,
+            access: inbound::AccessSwitches::default(),
         }
     }
 }
@@ -67,6 +70,8 @@ pub type InboundRx = watch::Receiver<Option<v1::InboundPolicy>>;
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Status {
     pub permissive: bool,
+    /// The other access switches (per-namespace permissive, plaintext callers).
+    pub access: inbound::AccessSwitches,
     pub trust_domain: String,
     /// Every policy source has answered at least once.
     pub policy_ready: bool,
@@ -438,8 +443,7 @@ impl Writer {
             &workload.namespace,
             &workload.name,
             *port,
-            &self.options.trust_domain,
-            self.options.permissive,
+            &self.options,
         );
         let Some(i) = self.inbound.get_mut(key) else {
             return;
@@ -495,6 +499,7 @@ impl Writer {
         }
         let status = Status {
             permissive: self.options.permissive,
+            access: self.options.access.clone(),
             trust_domain: self.options.trust_domain.clone(),
             policy_ready: self.policy_ready(),
             policy_sources: self
