@@ -92,6 +92,7 @@ pub fn spawn(
         options,
         written: HashMap::new(),
         standing: HashSet::new(),
+        last_error: None,
     };
     tokio::spawn(writer.run(status, leader))
 }
@@ -104,6 +105,8 @@ struct Writer {
     /// The problems published (or re-observed) while they stand; one that leaves and comes back
     /// is a repeat.
     standing: HashSet<Key>,
+    /// The last write error logged.
+    last_error: Option<String>,
 }
 
 impl Writer {
@@ -153,12 +156,18 @@ impl Writer {
             match self.publish(&key, &regarding).await {
                 Ok(()) => {}
                 Err(e) => {
-                    tracing::warn!(
-                        "writing the Event about {} {}/{} failed (retrying): {e}",
-                        regarding.kind.as_deref().unwrap_or_default(),
-                        key.namespace,
-                        regarding.name.as_deref().unwrap_or_default()
-                    );
+                    // Once per new error (missing RBAC would otherwise log every retry).
+                    let error = e.to_string();
+                    if self.last_error.as_ref() != Some(&error) {
+                        tracing::warn!(
+                            "writing the Event about {} {}/{} failed (retrying every {:?}): {error}",
+                            regarding.kind.as_deref().unwrap_or_default(),
+                            key.namespace,
+                            regarding.name.as_deref().unwrap_or_default(),
+                            self.options.retry,
+                        );
+                        self.last_error = Some(error);
+                    }
                     // Not standing yet: tried again at the next tick.
                     now_standing.remove(&key);
                 }

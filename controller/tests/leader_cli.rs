@@ -1,0 +1,220 @@
+//! Two `trellis controller --platform kubernetes` processes against the fake API server: one
+//! leads (shown by `trellis check`, `/api/v1/state` and `trellis_controller_leader`) and writes
+//! the Event about a split whose weights sum to 0; on SIGTERM it releases the Lease and the other
+//! takes over at once. Both serve proxies' admin and gRPC ports throughout.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams};
+use trellis_kube_fake::{FakeApiServer, ResourceType};
+
+const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// A controller process, killed and reaped on drop.
+struct Controller {
+    child: Child,
+    admin: SocketAddr,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn controller(kubeconfig: &std::path::Path) -> Controller {
+    let mut child = Command::new(TRELLIS)
+        .env("KUBECONFIG", kubeconfig)
+        .args(["controller", "--platform", "kubernetes"])
+        .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        // Short timings: a 2 s lease renewed every 200 ms.
+        .args(["--lease-duration", "2", "--lease-renew", "200"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || lines.next().expect("an address line").unwrap();
+    let _grpc = next();
+    let admin = next()
+        .strip_prefix("admin listening on ")
+        .expect("the admin address")
+        .parse()
+        .unwrap();
+    Controller { child, admin }
+}
+
+fn check(admin: SocketAddr) -> String {
+    let out: Output = Command::new(TRELLIS)
+        .args(["check", "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `trellis_controller_leader` gauge of a controller.
+fn leader_gauge(admin: SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(admin).ok()?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix("trellis_controller_leader "))
+        .map(str::to_owned)
+}
+
+/// Polls `f` until it gives `Some` (at most 10 s).
+fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "no {what} within 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn one_of_two_controller_processes_leads_writes_events_and_hands_over_on_sigterm() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime.block_on(FakeApiServer::start()).unwrap();
+    let smi = [
+        (
+            "split.smi-spec.io",
+            "v1alpha4",
+            "trafficsplits",
+            "TrafficSplit",
+        ),
+        (
+            "access.smi-spec.io",
+            "v1alpha3",
+            "traffictargets",
+            "TrafficTarget",
+        ),
+        (
+            "specs.smi-spec.io",
+            "v1alpha4",
+            "httproutegroups",
+            "HTTPRouteGroup",
+        ),
+        ("specs.smi-spec.io", "v1alpha4", "tcproutes", "TCPRoute"),
+        ("specs.smi-spec.io", "v1alpha4", "udproutes", "UDPRoute"),
+    ];
+    for (group, version, plural, kind) in smi {
+        server.register(ResourceType::new(group, version, plural, kind, true));
+    }
+    let (group, version, plural, kind) = smi[0];
+    server
+        .store()
+        .apply(
+            &ResourceType::new(group, version, plural, kind, true),
+            serde_json::json!({
+                "apiVersion": "split.smi-spec.io/v1alpha4",
+                "kind": "TrafficSplit",
+                "metadata": {"name": "zero", "namespace": "shop"},
+                "spec": {"service": "api", "backends": [{"service": "api-v1", "weight": 0}]}
+            }),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{}'}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
+             current-context: c\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    // The kube client's service buffer is spawned on the runtime it is built in.
+    let _runtime_context = runtime.enter();
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
+
+    let mut controllers = vec![controller(&kubeconfig), controller(&kubeconfig)];
+    let leader = until("a leader", || {
+        controllers
+            .iter()
+            .position(|c| check(c.admin).contains("leader: this replica ("))
+    });
+    let follower = 1 - leader;
+    let follower_check = until("the follower's view", || {
+        let text = check(controllers[follower].admin);
+        text.contains("follows, Lease trellis-system/trellis-controller")
+            .then_some(text)
+    });
+    assert!(
+        !follower_check.contains("leader: this replica ("),
+        "{follower_check}"
+    );
+    assert_eq!(
+        leader_gauge(controllers[leader].admin).as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        leader_gauge(controllers[follower].admin).as_deref(),
+        Some("0")
+    );
+
+    // The leader writes the Event about the split (and only it: one Event, its identity).
+    let events: Api<Event> = Api::namespaced(client.clone(), "shop");
+    let event = until("the Event", || {
+        let list = runtime.block_on(events.list(&ListParams::default())).ok()?;
+        list.items.into_iter().next()
+    });
+    assert_eq!(event.reason.as_deref(), Some("WeightsSumToZero"));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "trellis-system");
+    let holder = |leases: &Api<Lease>| {
+        runtime
+            .block_on(leases.get("trellis-controller"))
+            .ok()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+    };
+    let leader_identity = holder(&leases).expect("a holder");
+    assert_eq!(
+        event.reporting_instance.as_deref(),
+        Some(leader_identity.as_str())
+    );
+    assert!(
+        leader_identity.ends_with(&format!("-{}", controllers[leader].child.id())),
+        "identity is hostname-pid: {leader_identity}"
+    );
+
+    // SIGTERM: the leader releases the Lease and the follower takes over without waiting for
+    // it to expire.
+    let status = Command::new("kill")
+        .args(["-TERM", &controllers[leader].child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    let exit = controllers[leader].child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    until("the follower leading", || {
+        check(controllers[follower].admin)
+            .contains("leader: this replica (")
+            .then_some(())
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "takeover after release took {:?}",
+        started.elapsed()
+    );
+    assert_ne!(holder(&leases), Some(leader_identity));
+    controllers.clear();
+}
