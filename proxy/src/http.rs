@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -49,7 +49,9 @@ pub struct Clients {
     connector: HttpConnector,
     builder: hyper_util::client::legacy::Builder,
     handshake_timeout: Duration,
-    mesh: Mutex<HashMap<(String, bool), MeshClient>>,
+    /// mTLS clients by expected identity: [HTTP/1.1, HTTP/2]. Read on every mTLS request, written
+    /// once per identity.
+    mesh: [RwLock<HashMap<String, MeshClient>>; 2],
 }
 
 impl Clients {
@@ -72,7 +74,7 @@ impl Clients {
             connector,
             builder,
             handshake_timeout: limits.tls_handshake_timeout(),
-            mesh: Mutex::new(HashMap::new()),
+            mesh: Default::default(),
         }
     }
 
@@ -84,8 +86,8 @@ impl Clients {
         store: &Arc<IdentityStore>,
         metrics: &Metrics,
     ) -> MeshClient {
-        let mut mesh = self.mesh.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = mesh.get(&(expected.to_string(), http2)) {
+        let map = &self.mesh[usize::from(http2)];
+        if let Some(c) = map.read().unwrap_or_else(|p| p.into_inner()).get(expected) {
             return c.clone();
         }
         let connector = MeshConnector::new(
@@ -100,9 +102,12 @@ impl Clients {
         if http2 {
             builder.http2_only(true);
         }
-        let client = builder.build(connector);
-        mesh.insert((expected.to_string(), http2), client.clone());
-        client
+        let client: MeshClient = builder.build(connector);
+        map.write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(expected.to_string())
+            .or_insert(client)
+            .clone()
     }
 }
 

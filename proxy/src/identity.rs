@@ -160,7 +160,9 @@ impl Credentials {
         self.key.clone_key()
     }
 
-    /// Whether the leaf is valid at `now`.
+    /// Whether the leaf is valid at `now`. A `not_before` up to a minute ahead is tolerated:
+    /// a fresh certificate from a CA whose clock runs slightly ahead is still ours to use (peers
+    /// apply their own check).
     pub fn valid_at(&self, now: SystemTime) -> bool {
         self.not_before <= now + Duration::from_secs(60) && now < self.not_after
     }

@@ -262,6 +262,10 @@ async fn serve_inbound(
         }
     };
     let side = |caller| Side::Inbound { caller };
+    if policy.protocol == Protocol::Tcp {
+        // An opaque port stays opaque whatever the client offered in ALPN.
+        return serve_inbound_stream(tls, None, caller, shared, shutdown).await;
+    }
     match tls.get_ref().1.alpn_protocol() {
         Some(crate::tls::ALPN_H2) => {
             serve_http2(tls, side(caller), shared, &limits, shutdown).await
