@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text), `/ready`, `/live`, `/config` (JSON of the
-//! configuration currently in force).
+//! configuration currently in force), `/identity` (JSON: the workload identity and its validity;
+//! never the key).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -83,11 +84,47 @@ fn answer(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Resp
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
             }
         }
+        "/identity" => {
+            let mut resp = text(StatusCode::OK, identity_json(shared) + "\n");
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "admin endpoints: /metrics /ready /live /config\n".into(),
+            "admin endpoints: /metrics /ready /live /config /identity\n".into(),
         ),
     }
+}
+
+/// `{"configured", "id", "valid", "not_before", "not_after", "anchors"}` (times in Unix seconds).
+fn identity_json(shared: &Shared) -> String {
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let latest = shared.identity.latest();
+    let value = match &latest {
+        Some(g) => {
+            let c = &g.credentials;
+            serde_json::json!({
+                "configured": shared.identity.is_configured(),
+                "id": c.id.to_string(),
+                "valid": c.valid_at(std::time::SystemTime::now()),
+                "not_before": unix(c.not_before),
+                "not_after": unix(c.not_after),
+                "anchors": c.anchors.len(),
+            })
+        }
+        None => serde_json::json!({
+            "configured": shared.identity.is_configured(),
+            "id": null,
+            "valid": false,
+        }),
+    };
+    value.to_string()
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

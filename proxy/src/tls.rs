@@ -107,6 +107,16 @@ pub struct SpiffeServerVerifier {
     expected: String,
 }
 
+impl SpiffeServerVerifier {
+    /// A verifier accepting chains to `anchors` whose leaf names `expected`.
+    pub fn new(anchors: &[CertificateDer<'static>], expected: &str) -> Result<Self, rustls::Error> {
+        Ok(SpiffeServerVerifier {
+            anchors: trust_anchors(anchors)?.into(),
+            expected: expected.to_string(),
+        })
+    }
+}
+
 impl ServerCertVerifier for SpiffeServerVerifier {
     fn verify_server_cert(
         &self,

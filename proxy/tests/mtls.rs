@@ -184,6 +184,16 @@ async fn mtls_carries_http1_and_h2_and_the_callers_identity_is_authorized() {
         (StatusCode::FORBIDDEN, "forbidden")
     );
     assert_eq!(app.hits(), 4);
+    let identity: serde_json::Value = serde_json::from_str(
+        &H1::connect(a.admin.unwrap())
+            .await
+            .get("admin", "/identity")
+            .await
+            .2,
+    )
+    .unwrap();
+    assert_eq!(identity["id"], A_ID);
+    assert_eq!(identity["valid"], true);
     let m = metrics(&a).await;
     assert!(
         m.contains("trellis_tls_handshakes_total{direction=\"outbound\"} 2"),
@@ -737,5 +747,64 @@ async fn the_binary_asks_the_controller_for_the_identity_its_flags_name() {
     assert_eq!(
         svc.asked.lock().unwrap()[0],
         "spiffe://example.org/ns/shop/sa/a"
+    );
+}
+
+#[tokio::test]
+async fn client_certificates_without_exactly_one_spiffe_id_are_refused() {
+    let (_dir, ca, app, _a, b) = mesh().await;
+    let now = SystemTime::now();
+    for uris in [
+        vec![],
+        vec![
+            "spiffe://cluster.local/ns/shop/sa/a",
+            "spiffe://cluster.local/ns/shop/sa/x",
+        ],
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = leaf_params(
+            A_ID,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(600),
+        );
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        let cert = params.signed_by(&key, &ca.issuer).unwrap();
+        let verifier =
+            trellis_proxy::tls::SpiffeServerVerifier::new(&[ca.der.clone().into()], B_ID).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(trellis_proxy::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+                    .unwrap(),
+            )
+            .unwrap();
+        let tcp = TcpStream::connect(b.inbound.unwrap()).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("b.shop").unwrap();
+        let outcome = async {
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await?;
+            tls.write_all(b"GET / HTTP/1.1\r\nhost: b\r\n\r\n").await?;
+            let mut buf = [0u8; 64];
+            tls.read(&mut buf).await
+        }
+        .await;
+        assert!(
+            matches!(outcome, Err(_) | Ok(0)),
+            "{uris:?}: B answered: {outcome:?}"
+        );
+    }
+    assert_eq!(app.hits(), 0);
+    let m = metrics(&b).await;
+    assert!(
+        m.contains("trellis_tls_handshake_errors_total{direction=\"inbound\",reason=\"identity-mismatch\"} 2"),
+        "{m}"
     );
 }
