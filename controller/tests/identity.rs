@@ -581,3 +581,244 @@ async fn the_ca_can_come_from_a_kubernetes_secret() {
         "{err:#}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// `trellis controller` as a process: the CA, token and access flags, `trellis check`.
+// ---------------------------------------------------------------------------------------------
+
+const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
+
+/// A controller process, killed and reaped on drop.
+struct Process {
+    child: std::process::Child,
+    grpc: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    fn start(args: &[&str]) -> Self {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(TRELLIS)
+            .arg("controller")
+            .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = |prefix: &str| {
+            let line = lines
+                .next()
+                .expect("the controller printed its addresses")
+                .unwrap();
+            line.strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("{line:?}"))
+                .parse()
+                .unwrap()
+        };
+        let grpc = addr("grpc listening on ");
+        let admin = addr("admin listening on ");
+        Process { child, grpc, admin }
+    }
+
+    /// Stops the process and returns what it wrote on stderr.
+    fn stop(mut self) -> String {
+        use std::io::Read as _;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut stderr = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        stderr
+    }
+}
+
+/// `trellis controller ARGS` that must fail at start: its stderr.
+fn start_fails(args: &[&str]) -> String {
+    let out = std::process::Command::new(TRELLIS)
+        .arg("controller")
+        .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn arg(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_process_serves_certify_and_reports_the_access_switches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (anchor, issuer) = anchor_and_issuer("process");
+    let files = write_ca(dir.path(), &[&anchor], &issuer);
+    let tokens = dir.path().join("tokens.yaml");
+    write(&tokens, &tokens_yaml(&[("shop/web", "process-token")]));
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh, "namespace: shop\nservices: []\n").unwrap();
+    let platform = format!("file={}", arg(&mesh));
+    let process = Process::start(&[
+        "--platform",
+        &platform,
+        "--trust-anchor",
+        arg(&files.anchors),
+        "--issuer-cert",
+        arg(&files.cert),
+        "--issuer-key",
+        arg(&files.key),
+        "--cert-lifetime",
+        "90m",
+        "--bootstrap-tokens",
+        arg(&tokens),
+        "--permissive-namespace",
+        "demo",
+        "--plaintext-from",
+        "10.0.0.0/8",
+        "--plaintext-from",
+        "127.0.0.1",
+        "--plaintext-namespace",
+        "ingress",
+    ]);
+
+    let mut client = IdentityClient::connect(format!("http://{}", process.grpc))
+        .await
+        .unwrap();
+    let response = certify(&mut client, WEB, &[WEB], b"process-token")
+        .await
+        .unwrap();
+    assert_eq!(response.trust_anchors_der, vec![anchor.der.clone()]);
+    verify(&response, WEB, Duration::from_secs(90 * 60));
+
+    // The inbound policy of a workload in the plaintext namespace carries both plaintext rules.
+    let mut inbound =
+        v1::inbound_client::InboundClient::connect(format!("http://{}", process.grpc))
+            .await
+            .unwrap();
+    let mut stream = inbound
+        .watch(v1::InboundRequest {
+            workload: "ingress/gateway".into(),
+            port: 80,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let policy = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let networks: Vec<Vec<String>> = policy
+        .authorizations
+        .iter()
+        .filter(|a| a.unauthenticated && a.identities.is_empty())
+        .map(|a| a.networks.clone())
+        .collect();
+    assert_eq!(
+        networks,
+        vec![
+            vec!["10.0.0.0/8".to_owned(), "127.0.0.1/32".to_owned()],
+            vec![]
+        ]
+    );
+    assert_eq!(policy.default_action, v1::DefaultAction::Deny as i32);
+
+    let check = std::process::Command::new(TRELLIS)
+        .args(["check", "--admin", &process.admin.to_string()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&check.stdout);
+    for line in [
+        "access: PERMISSIVE in namespace demo (default allow)",
+        "access: plaintext allowed from 10.0.0.0/8, 127.0.0.1/32 (to every workload)",
+        "access: plaintext allowed into namespace ingress from anywhere",
+    ] {
+        assert!(report.contains(line), "{line:?} in {report}");
+    }
+
+    // A broken tokens file is reported with its line; the last good tokens still work.
+    write(&tokens, "tokens:\n- workload: shop/web\n  sha256: nothex\n");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    certify(&mut client, WEB, &[WEB], b"process-token")
+        .await
+        .expect("the last good tokens stay in force");
+    let stderr = process.stop();
+    for line in [
+        "PERMISSIVE in namespace demo",
+        "plaintext allowed from 10.0.0.0/8",
+        "plaintext allowed into namespace ingress",
+    ] {
+        assert!(stderr.contains(line), "{line:?} in {stderr}");
+    }
+    let problem = stderr
+        .lines()
+        .find(|l| l.contains("problem: identity: bootstrap tokens"))
+        .unwrap_or_else(|| panic!("no tokens problem in {stderr}"));
+    assert!(
+        problem.contains(arg(&tokens)) && problem.contains("line 2"),
+        "{problem}"
+    );
+    assert!(!stderr.contains("process-token"), "a token reached the log");
+}
+
+#[test]
+fn bad_ca_token_and_access_flags_stop_the_controller_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh, "namespace: shop\nservices: []\n").unwrap();
+    let platform = format!("file={}", arg(&mesh));
+    let base = ["--platform", platform.as_str()];
+
+    let err = start_fails(&[&base[..], &["--plaintext-from", "10.0.0.1/8"]].concat());
+    assert!(err.contains("did you mean 10.0.0.0/8"), "{err}");
+
+    let (anchor, issuer) = anchor_and_issuer("flags");
+    let files = write_ca(dir.path(), &[&anchor], &issuer);
+    let err = start_fails(&[&base[..], &["--issuer-cert", arg(&files.cert)]].concat());
+    assert!(err.contains("--trust-anchor"), "{err}");
+
+    let (_, other) = anchor_and_issuer("other");
+    write(&files.key, &other.key_pem);
+    let err = start_fails(
+        &[
+            &base[..],
+            &[
+                "--trust-anchor",
+                arg(&files.anchors),
+                "--issuer-cert",
+                arg(&files.cert),
+                "--issuer-key",
+                arg(&files.key),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(
+        err.contains(arg(&files.key)) && err.contains("does not match the issuer certificate"),
+        "{err}"
+    );
+
+    let tokens = dir.path().join("tokens.yaml");
+    write(&tokens, "tokens:\n- workload: shop\n  sha256: 00\n");
+    let err = start_fails(&[&base[..], &["--bootstrap-tokens", arg(&tokens)]].concat());
+    assert!(
+        err.contains(arg(&tokens)) && err.contains("tokens[0]") && err.contains("line 2"),
+        "{err}"
+    );
+
+    let err = start_fails(&[&base[..], &["--cert-lifetime", "soon"]].concat());
+    assert!(err.contains("--cert-lifetime"), "{err}");
+}
