@@ -822,3 +822,50 @@ fn bad_ca_token_and_access_flags_stop_the_controller_with_a_clear_error() {
     let err = start_fails(&[&base[..], &["--cert-lifetime", "soon"]].concat());
     assert!(err.contains("--cert-lifetime"), "{err}");
 }
+
+/// The proxy's own Certify client (key pair in memory, CSR, proof from a token file, chain
+/// verification against the returned anchors) accepts what this controller answers: the two
+/// sides of the contract agree. The token file is written as an operator would
+/// (`base64 > token`, with its newline) and hashed with its newline (`sha256sum token`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_certifier_accepts_the_controller_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (anchor, issuer) = anchor_and_issuer("contract");
+    let files = write_ca(dir.path(), &[&anchor], &issuer);
+    let token_file = dir.path().join("web.token");
+    std::fs::write(&token_file, "c2VjcmV0LXRva2VuLWZvci13ZWI=\n").unwrap();
+    let tokens = dir.path().join("tokens.yaml");
+    write(
+        &tokens,
+        &tokens_yaml(&[("shop/web", "c2VjcmV0LXRva2VuLWZvci13ZWI=\n")]),
+    );
+    let running = controller(
+        dir.path(),
+        IdentityOptions {
+            ca: files_source(&files),
+            bootstrap_tokens: Some(tokens),
+            ..IdentityOptions::default()
+        },
+    )
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let id: trellis_proxy_api::spiffe::SpiffeId = WEB.parse().unwrap();
+    let options = trellis_proxy::identity::CertifierOptions::new(id.clone(), &token_file);
+    let credentials = trellis_proxy::identity::certify_once(&channel, &options)
+        .await
+        .expect("the proxy accepts the certificate");
+    assert!(credentials.valid_at(SystemTime::now()));
+
+    // A proxy asking for an identity its token does not prove gets nothing.
+    let db: trellis_proxy_api::spiffe::SpiffeId = DB.parse().unwrap();
+    let options = trellis_proxy::identity::CertifierOptions::new(db, &token_file);
+    assert!(
+        trellis_proxy::identity::certify_once(&channel, &options)
+            .await
+            .is_err()
+    );
+}
