@@ -19,7 +19,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 
 use super::http;
-use super::platform::{Instance, NAMESPACE, Platform, PlatformKind, ServiceSpec, Started};
+use super::platform::{
+    Instance, NAMESPACE, Platform, PlatformKind, ServiceSpec, Started, services_yaml, write_atomic,
+};
 use super::process::{self, Process};
 use crate::client::{self, CallPlan, CallReport};
 use crate::echo::Counts;
@@ -56,6 +58,8 @@ pub struct Workload {
     pub name: String,
     pub service_account: String,
     pub proxy: Process,
+    /// The proxy's admin listener (`/metrics`, `/config`).
+    pub admin: SocketAddr,
     /// The outbound HTTP listener (callers).
     pub outbound: Option<SocketAddr>,
     /// The inbound listener in front of the app (servers).
@@ -288,6 +292,7 @@ impl Mesh {
         Ok(Workload {
             name: name.to_owned(),
             service_account: service_account.to_owned(),
+            admin: addr("admin", true)?.context("proxy admin address")?,
             outbound: addr("http", outbound)?,
             inbound: addr("inbound", inbound.is_some())?,
             echo: None,
@@ -323,6 +328,109 @@ impl Mesh {
         let reply = http::request(addr, http::Method::GET, "/_echo/counts", None).await?;
         serde_json::from_slice(&reply.body)
             .with_context(|| format!("counts of {server}: {}", reply.text()))
+    }
+
+    /// The value of a counter on a workload's proxy `/metrics`, summed over the series whose
+    /// labels contain every one of `labels` (e.g. `direction="inbound"`).
+    pub async fn proxy_counter(
+        &self,
+        workload: &str,
+        name: &str,
+        labels: &[&str],
+    ) -> anyhow::Result<f64> {
+        let w = self
+            .workloads
+            .get(workload)
+            .with_context(|| format!("no workload {workload}"))?;
+        let reply = http::request(w.admin, http::Method::GET, "/metrics", None).await?;
+        Ok(reply
+            .text()
+            .lines()
+            .filter(|l| {
+                l.starts_with(name)
+                    && l[name.len()..].starts_with(['{', ' '])
+                    && labels.iter().all(|want| l.contains(want))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Starts a caller outside this mesh's trust: its own controller (file platform, its own
+    /// generated CA, the same services file this mesh registered) and a proxy that proves
+    /// `service-a` to that controller. Its certificate chains to a foreign CA.
+    pub async fn start_foreign_caller(&self) -> anyhow::Result<ForeignCaller> {
+        use sha2::Digest as _;
+        let dir = tempfile::tempdir()?;
+        let services = dir.path().join("services.yaml");
+        write_atomic(&services, &services_yaml(&self.services))?;
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, &token)?;
+        let bootstrap = dir.path().join("bootstrap-tokens.yaml");
+        std::fs::write(
+            &bootstrap,
+            format!(
+                "tokens:\n- workload: {NAMESPACE}/service-a\n  sha256: {}\n",
+                hex::encode(sha2::Sha256::digest(token.as_bytes()))
+            ),
+        )?;
+        let mut controller = Process::spawn(
+            "foreign-controller",
+            &process::binary(process::TRELLIS)?,
+            &[
+                "controller".into(),
+                "--grpc".into(),
+                "127.0.0.1:0".into(),
+                "--admin".into(),
+                "127.0.0.1:0".into(),
+                "--platform".into(),
+                format!("file={}", services.display()),
+                "--trust-domain".into(),
+                TRUST_DOMAIN.into(),
+                "--bootstrap-tokens".into(),
+                bootstrap.display().to_string(),
+            ],
+            &[],
+            &self.log_dir,
+        )?;
+        let grpc: SocketAddr = controller
+            .wait_line("`grpc listening on ADDR`", process::START_TIMEOUT, |l| {
+                l.strip_prefix("grpc listening on ")?.parse().ok()
+            })
+            .await?;
+        let mut proxy = Process::spawn(
+            "foreign-proxy",
+            &process::binary(process::PROXY)?,
+            &[
+                "--controller".into(),
+                format!("http://{grpc}"),
+                "--workload".into(),
+                format!("{NAMESPACE}/service-a"),
+                "--admin".into(),
+                "127.0.0.1:0".into(),
+                "--threads".into(),
+                "1".into(),
+                "--outbound-http".into(),
+                "127.0.0.1:0".into(),
+                "--identity-token-file".into(),
+                token_file.display().to_string(),
+                "--trust-domain".into(),
+                TRUST_DOMAIN.into(),
+            ],
+            &[],
+            &self.log_dir,
+        )?;
+        let outbound = proxy
+            .wait_line("`trellis-proxy started`", process::START_TIMEOUT, |line| {
+                process::traced_addr(line, "http")
+            })
+            .await?;
+        Ok(ForeignCaller {
+            _controller: controller,
+            _proxy: proxy,
+            outbound,
+            _dir: dir,
+        })
     }
 
     /// Zeroes what every server app has counted.
@@ -408,6 +516,16 @@ fn write_tokens(
         .map(|path| std::fs::write(&path, bootstrap).map(|()| path))
         .transpose()?;
     Ok((files, bootstrap_path))
+}
+
+/// A caller certified by a CA this mesh does not trust; its processes stop when dropped.
+#[derive(Debug)]
+pub struct ForeignCaller {
+    _controller: Process,
+    _proxy: Process,
+    /// Its proxy's outbound HTTP listener.
+    pub outbound: SocketAddr,
+    _dir: tempfile::TempDir,
 }
 
 /// One batch of requests.

@@ -454,7 +454,8 @@ pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
-fn services_yaml(services: &[ServiceSpec]) -> String {
+/// The file platform's services YAML for `services`.
+pub fn services_yaml(services: &[ServiceSpec]) -> String {
     let mut out = format!("namespace: {NAMESPACE}\nservices:\n");
     for s in services {
         let port = s.instances.first().map_or(80, |i| i.address.port());

@@ -13,7 +13,8 @@ use crate::client::{self, CallPlan};
 use crate::harness::mesh::{APPLY_WITHIN, Call, Mesh};
 
 /// The access scenarios, in the order they run on one mesh.
-pub const ACCESS_SCENARIOS: [&str; 9] = [
+pub const ACCESS_SCENARIOS: [&str; 11] = [
+    "mtls: calls between proxies were mutual TLS",
     "access: no TrafficTarget, a->b denied, b records nothing",
     "access: TCPRoute ports [] lets exactly one call through",
     "access: deleting the TrafficTarget blocks again",
@@ -23,6 +24,7 @@ pub const ACCESS_SCENARIOS: [&str; 9] = [
     "access: a port not listed is denied, the listed one allowed",
     "access: revoked target blocks a kept-alive connection in 5 s",
     "access: plaintext call to b under default deny refused",
+    "access: a caller certified by a foreign CA is refused",
 ];
 
 /// The policy name the access documents are applied under.
@@ -95,6 +97,7 @@ spec:
 /// removed at the end.
 pub async fn access_scenarios(mesh: &Mesh) -> Vec<(&'static str, Outcome)> {
     let results = [
+        mutual_tls(mesh).await,
         no_target(mesh).await,
         tcp_every_port(mesh).await,
         deleted(mesh).await,
@@ -104,6 +107,7 @@ pub async fn access_scenarios(mesh: &Mesh) -> Vec<(&'static str, Outcome)> {
         port_not_listed(mesh).await,
         revoked_on_open_connection(mesh).await,
         plaintext(mesh).await,
+        foreign_ca(mesh).await,
     ];
     let _ = mesh.platform.delete_policy(POLICY).await;
     ACCESS_SCENARIOS
@@ -139,6 +143,28 @@ async fn b_saw_nothing(mesh: &Mesh) -> anyhow::Result<()> {
         bail!("b's app received {} requests: {counts:?}", counts.total);
     }
     Ok(())
+}
+
+/// The split scenarios' calls reached b and c over mTLS: both server proxies completed inbound
+/// handshakes and the caller's proxy outbound ones, with no handshake errors.
+async fn mutual_tls(mesh: &Mesh) -> anyhow::Result<String> {
+    const HANDSHAKES: &str = "trellis_tls_handshakes_total";
+    const ERRORS: &str = "trellis_tls_handshake_errors_total";
+    let mut seen = Vec::new();
+    for (workload, direction) in [
+        ("app-a", "outbound"),
+        ("app-b", "inbound"),
+        ("app-c", "inbound"),
+    ] {
+        let label = format!("direction=\"{direction}\"");
+        let done = mesh.proxy_counter(workload, HANDSHAKES, &[&label]).await?;
+        let errors = mesh.proxy_counter(workload, ERRORS, &[&label]).await?;
+        if done < 1.0 || errors > 0.0 {
+            bail!("{workload}: {done} {direction} mTLS handshakes, {errors} errors");
+        }
+        seen.push(format!("{workload} {direction} {done}"));
+    }
+    Ok(format!("handshakes: {}", seen.join(", ")))
 }
 
 async fn no_target(mesh: &Mesh) -> anyhow::Result<String> {
@@ -361,6 +387,53 @@ async fn plaintext(mesh: &Mesh) -> anyhow::Result<String> {
     let refused = r.statuses.get(&403).copied().unwrap_or(0) + r.failed;
     if refused != 5 || !r.by_responder.is_empty() {
         bail!("expected 5 of 5 plaintext calls refused: {}", seen(&r));
+    }
+    b_saw_nothing(mesh).await?;
+    Ok(format!("{}; b saw 0", seen(&r)))
+}
+
+/// A proxy claiming `service-a` with a certificate from another CA: while service-a is allowed,
+/// its calls to b are refused (the client proxy rejects b's certificate, b's proxy the client's)
+/// and b records nothing.
+async fn foreign_ca(mesh: &Mesh) -> anyhow::Result<String> {
+    mesh.platform
+        .apply_policy(POLICY, &target_yaml("service-a", &Rule::Tcp(&[])))
+        .await?;
+    until_allowed(mesh, &to_b("/probe", 3)).await?;
+    let foreign = mesh.start_foreign_caller().await?;
+    // Wait until its controller knows b and its proxy holds its (foreign) certificate: then
+    // what refuses the calls is the TLS between the meshes.
+    let plan = |count| CallPlan {
+        url: format!("http://{DEST}.default/echo"),
+        count,
+        method: "GET".into(),
+        caller: Some("foreign".into()),
+        headers: Default::default(),
+        proxy: Some(foreign.outbound),
+        timeout_ms: Some(3000),
+    };
+    let start = tokio::time::Instant::now();
+    loop {
+        let r = client::run(&plan(1)).await?;
+        let not_ready = ["unknown-destination", "no-identity"];
+        if r.failed == 0 && !not_ready.iter().any(|e| r.mesh_errors.contains_key(*e)) {
+            break;
+        }
+        if start.elapsed() > APPLY_WITHIN {
+            bail!(
+                "the foreign caller's controller never resolved {DEST}: {}",
+                seen(&r)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    mesh.reset_counts().await?;
+    let r = client::run(&plan(5)).await?;
+    if r.mesh_errors.get("tls-failed") != Some(&5) || !r.by_responder.is_empty() {
+        bail!(
+            "expected 5 of 5 refused by mTLS (502 tls-failed): {}",
+            seen(&r)
+        );
     }
     b_saw_nothing(mesh).await?;
     Ok(format!("{}; b saw 0", seen(&r)))
