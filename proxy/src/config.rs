@@ -295,7 +295,7 @@ pub struct Backend {
 pub struct Endpoint {
     /// `ip:port` or `host:port`.
     pub address: String,
-    /// SPIFFE id (verified once mTLS is in place).
+    /// SPIFFE id: non-empty = reached with mTLS, the peer certificate must name exactly this id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
     /// Labels.

@@ -555,7 +555,7 @@ pub struct EndpointTable {
     pub authority: http::uri::Authority,
     /// Speak h2c to this endpoint.
     pub http2: bool,
-    /// Expected SPIFFE identity (checked once mTLS lands).
+    /// Expected SPIFFE identity: non-empty = mTLS, the server certificate must name it.
     pub identity: Option<String>,
     /// Shared statistics.
     pub stats: Arc<EndpointStats>,
