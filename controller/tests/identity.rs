@@ -515,21 +515,17 @@ async fn service_account_tokens_are_checked_with_token_review() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ca_can_come_from_a_kubernetes_secret() {
-    let dir = tempfile::tempdir().unwrap();
-    let (fake, kube) = kube_fake().await;
-    fake.register(ResourceType::of::<k8s_openapi::api::core::v1::Secret>(true));
-    let (anchor, issuer) = anchor_and_issuer("secret");
+/// The CA Secret as cert-manager lays it out.
+fn secret_with(anchors_pem: &str, issuer: &Ca) -> k8s_openapi::api::core::v1::Secret {
     let data = [
-        ("ca.crt", &anchor.cert_pem),
-        ("tls.crt", &issuer.cert_pem),
-        ("tls.key", &issuer.key_pem),
+        ("ca.crt", anchors_pem),
+        ("tls.crt", issuer.cert_pem.as_str()),
+        ("tls.key", issuer.key_pem.as_str()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.as_bytes().to_vec())))
     .collect();
-    let secret = k8s_openapi::api::core::v1::Secret {
+    k8s_openapi::api::core::v1::Secret {
         metadata: kube::api::ObjectMeta {
             name: Some("trellis-ca".into()),
             namespace: Some("trellis-system".into()),
@@ -538,7 +534,16 @@ async fn the_ca_can_come_from_a_kubernetes_secret() {
         type_: Some("kubernetes.io/tls".into()),
         data: Some(data),
         ..Default::default()
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_can_come_from_a_kubernetes_secret_and_rotate_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, kube) = kube_fake().await;
+    fake.register(ResourceType::of::<k8s_openapi::api::core::v1::Secret>(true));
+    let (anchor, issuer) = anchor_and_issuer("secret");
+    let secret = secret_with(&anchor.cert_pem, &issuer);
     fake.put(&secret).unwrap();
     let tokens = dir.path().join("tokens.yaml");
     write(&tokens, &tokens_yaml(&[("shop/web", "t")]));
@@ -551,6 +556,7 @@ async fn the_ca_can_come_from_a_kubernetes_secret() {
             },
             kube: Some(kube),
             bootstrap_tokens: Some(tokens),
+            secret_poll: Duration::from_millis(50),
             ..IdentityOptions::default()
         },
     )
@@ -560,6 +566,31 @@ async fn the_ca_can_come_from_a_kubernetes_secret() {
     assert_eq!(response.trust_anchors_der, vec![anchor.der.clone()]);
     assert_eq!(response.chain_der[1], issuer.der);
     verify(&response, WEB, Duration::from_secs(24 * 3600));
+
+    // Rotation through the Secret: a second anchor in ca.crt and a new issuer.
+    let (new_anchor, new_issuer) = anchor_and_issuer("secret-new");
+    let rotated = secret_with(
+        &format!("{}{}", anchor.cert_pem, new_anchor.cert_pem),
+        &new_issuer,
+    );
+    fake.put(&rotated).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = certify(&mut client, WEB, &[WEB], b"t").await.unwrap();
+        if response.chain_der.get(1) == Some(&new_issuer.der) {
+            assert_eq!(
+                response.trust_anchors_der,
+                vec![anchor.der.clone(), new_anchor.der.clone()]
+            );
+            verify(&response, WEB, Duration::from_secs(24 * 3600));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Secret's new issuer is not used within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A Secret without the key is refused at start, naming the Secret and the key.
     let err = Certifier::start(

@@ -533,4 +533,32 @@ specs:
         assert!(err.contains("not a CIDR"), "{err}");
         assert!(parse_cidr("everywhere").is_err());
     }
+
+    #[test]
+    fn http_matches_keep_path_methods_and_headers_and_only_the_named_ones() {
+        let yaml = format!(
+            "---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {{name: api, namespace: demo}}
+spec:
+  matches:
+  - {{name: mobile, pathRegex: '/api/.*', methods: [GET, POST], headers: [{{user-agent: '.*Android.*'}}]}}
+  - {{name: admin, pathRegex: /admin}}
+  - {{name: other, pathRegex: /other}}
+{}",
+            target("  - {kind: HTTPRouteGroup, name: api, matches: [mobile, admin]}\n")
+        );
+        let (p, _) = resolve_for(&yaml, 8080, false);
+        let routes = &p.authorizations[0].routes;
+        assert_eq!(routes.len(), 2, "only the named matches: {routes:?}");
+        assert_eq!(routes[0].path_regex, "/api/.*");
+        assert_eq!(routes[0].methods, vec!["GET", "POST"]);
+        assert_eq!(
+            routes[0].headers.get("user-agent").map(String::as_str),
+            Some(".*Android.*")
+        );
+        assert_eq!(routes[1].path_regex, "/admin");
+        assert!(routes[1].methods.is_empty() && routes[1].headers.is_empty());
+    }
 }
