@@ -8,7 +8,6 @@
 
 use trellis_conformance::harness::mesh::{Mesh, Security, output_dir};
 use trellis_conformance::harness::platform::PlatformKind;
-use trellis_conformance::harness::process;
 use trellis_conformance::scenarios::{self, ACCESS_SCENARIOS, Outcome, SPLIT_SCENARIOS};
 use trellis_conformance::table::Table;
 
@@ -17,19 +16,6 @@ struct PlatformRun {
     kind: PlatformKind,
     outcomes: Vec<(&'static str, Outcome)>,
     logs: Option<String>,
-}
-
-/// Identity and mTLS need the controller's CA (`--bootstrap-tokens` and Identity.Certify). A
-/// build without it runs the split scenarios permissive and reports the access ones as skipped.
-fn controller_has_identity() -> bool {
-    let Ok(trellis) = process::binary(process::TRELLIS) else {
-        return false;
-    };
-    std::process::Command::new(trellis)
-        .args(["controller", "--help"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--bootstrap-tokens"))
-        .unwrap_or(false)
 }
 
 async fn run_platform(kind: PlatformKind, security: Security) -> PlatformRun {
@@ -63,10 +49,12 @@ async fn run_platform(kind: PlatformKind, security: Security) -> PlatformRun {
     let mut outcomes = scenarios::split_scenarios(&mesh).await;
     match security {
         Security::Identity => outcomes.extend(scenarios::access_scenarios(&mesh).await),
-        Security::Permissive => outcomes.extend(ACCESS_SCENARIOS.iter().map(|s| {
-            let why = "this build's controller has no identity (--bootstrap-tokens): split ran permissive";
-            (*s, Outcome::Skip(why.into()))
-        })),
+        // Everything is allowed: there is no access control to check.
+        Security::Permissive => outcomes.extend(
+            ACCESS_SCENARIOS
+                .iter()
+                .map(|s| (*s, Outcome::Skip("permissive mesh".into()))),
+        ),
     }
     let logs = outcomes
         .iter()
@@ -82,11 +70,7 @@ async fn run_platform(kind: PlatformKind, security: Security) -> PlatformRun {
 
 #[test]
 fn smi_conformance_on_every_platform() {
-    let security = if controller_has_identity() {
-        Security::Identity
-    } else {
-        Security::Permissive
-    };
+    let security = Security::Identity;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -366,6 +366,8 @@ impl Mesh {
         let token = hex::encode(rand::random::<[u8; 32]>());
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, &token)?;
+        let policy = dir.path().join("policy");
+        std::fs::create_dir(&policy)?;
         let bootstrap = dir.path().join("bootstrap-tokens.yaml");
         std::fs::write(
             &bootstrap,
@@ -385,6 +387,8 @@ impl Mesh {
                 "127.0.0.1:0".into(),
                 "--platform".into(),
                 format!("file={}", services.display()),
+                "--policy".into(),
+                policy.display().to_string(),
                 "--trust-domain".into(),
                 TRUST_DOMAIN.into(),
                 "--bootstrap-tokens".into(),
