@@ -112,13 +112,27 @@ impl TokenSet {
             file: file.to_owned(),
             message: e.to_string(),
         })?;
-        Ok(Self {
-            entries: parsed
-                .tokens
-                .into_iter()
-                .map(|e| (e.workload.0, e.sha256.0))
-                .collect(),
-        })
+        let entries: Vec<(String, [u8; 32])> = parsed
+            .tokens
+            .into_iter()
+            .map(|e| (e.workload.0, e.sha256.0))
+            .collect();
+        // One token proving two workloads would make the proof ambiguous: refuse the file.
+        for (i, (workload, hash)) in entries.iter().enumerate() {
+            if let Some((j, (other, _))) = entries[..i]
+                .iter()
+                .enumerate()
+                .find(|(_, (w, h))| h == hash && w != workload)
+            {
+                return Err(TokensError {
+                    file: file.to_owned(),
+                    message: format!(
+                        "tokens[{i}] ({workload}) has the same sha256 as tokens[{j}] ({other}): one token cannot prove two workloads"
+                    ),
+                });
+            }
+        }
+        Ok(Self { entries })
     }
 
     pub fn len(&self) -> usize {
@@ -389,6 +403,16 @@ mod tests {
         assert!(err.message.contains("namespace/name"), "{err}");
         assert!(err.message.contains("tokens[1]"), "{err}");
         assert!(err.message.contains("line 4"), "{err}");
+
+        let twice = format!(
+            "tokens:\n- {{workload: a/b, sha256: {0}}}\n- {{workload: a/c, sha256: {0}}}\n",
+            sha("same")
+        );
+        let err = TokenSet::parse("tokens.yaml", &twice).unwrap_err();
+        assert!(
+            err.message.contains("tokens[1] (a/c)") && err.message.contains("tokens[0] (a/b)"),
+            "{err}"
+        );
 
         let err =
             TokenSet::parse("tokens.yaml", "tokens:\n- {workload: a/b, token: x}\n").unwrap_err();
