@@ -11,7 +11,11 @@ fuzz_target!(|data: &[u8]| {
         None => {
             // Undecided only on a strict prefix of something decidable: one more byte decides
             // or keeps it open, and never for longer than the preface or a method + space.
-            assert!(data.len() < H2_PREFACE.len(), "undecided after {} bytes", data.len());
+            assert!(
+                data.len() < H2_PREFACE.len(),
+                "undecided after {} bytes",
+                data.len()
+            );
         }
         Some(Detected::Opaque) => {}
     }

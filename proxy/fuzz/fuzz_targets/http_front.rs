@@ -32,7 +32,10 @@ fuzz_target!(|data: &[u8]| {
     let shared = shared();
     // A runtime per input: dropping it cancels every task the input started, so nothing
     // outlives the run (LeakSanitizer stays quiet) and inputs cannot affect each other.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async move {
         let (mut client, mut server) = tokio::io::duplex(64 * 1024);
         let writer = async move {
@@ -44,7 +47,10 @@ fuzz_target!(|data: &[u8]| {
         let limits = shared.limits.clone();
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         let serve = async move {
-            let Ok((detected, prefix)) = read_prefix(&mut server, limits.detect_timeout()).await else { return };
+            let Ok((detected, prefix)) = read_prefix(&mut server, limits.detect_timeout()).await
+            else {
+                return;
+            };
             let io = PrefixedIo::new(prefix, server);
             let side = Side::Outbound { fixed: None };
             match detected {
@@ -52,6 +58,9 @@ fuzz_target!(|data: &[u8]| {
                 _ => serve_http1(io, side, shared, &limits, stop).await,
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(writer, serve) }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::join!(writer, serve)
+        })
+        .await;
     });
 });
