@@ -296,8 +296,43 @@ fn demo_once_moves_traffic_with_the_weights() {
         steps[2].contains("| v1     0") && steps[2].contains("| v2    40"),
         "{text}"
     );
+    // Every workload got its certificate from the controller's CA.
+    for id in ["web", "client", "stranger"] {
+        assert!(
+            text.contains(&format!("spiffe://cluster.local/ns/demo/sa/{id}")),
+            "{text}"
+        );
+    }
+    // After the steps, the stranger (certified, named by no TrafficTarget) is refused at the
+    // apps' proxies and nothing reaches the apps.
+    let denied: Vec<&str> = text.lines().filter(|l| l.starts_with("denied: ")).collect();
+    assert_eq!(denied.len(), 1, "{text}");
     assert!(
-        text.contains("summary: 3 steps, 40 requests each: traffic followed the weights"),
+        denied[0]
+            .contains("demo/stranger -> web.demo: 5/5 answered 403 x-trellis-error: forbidden;")
+            && denied[0].contains("the apps recorded 0 requests from it")
+            && denied[0].ends_with("ok"),
+        "{text}"
+    );
+    // The proxies' counters: 3 x 40 requests allowed in, 5 denied, mTLS handshakes, none failed.
+    let metrics: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("metrics: "))
+        .collect();
+    assert_eq!(metrics.len(), 1, "{text}");
+    assert!(
+        metrics[0]
+            .contains(", 0 failed; inbound requests 120 allowed (200), 5 denied (403 forbidden)")
+            && metrics[0].ends_with("ok")
+            && !metrics[0].contains("handshakes 0 outbound")
+            && !metrics[0].contains("/ 0 inbound"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "summary: 3 steps, 40 requests each: traffic followed the weights; \
+             the stranger was denied and nothing leaked; the proxies' metrics agree"
+        ),
         "{text}"
     );
 }
