@@ -79,6 +79,8 @@ pub async fn start_full(
     if options.platforms.is_empty() {
         anyhow::bail!("no platform: give at least one --platform");
     }
+    // The CA first: bad CA material stops the start before anything is watched or written.
+    let certifier = Certifier::start(&identity, &options.index.trust_domain).await?;
     let mut sources: Vec<Arc<dyn PolicySource>> = Vec::new();
     if !options.policy_paths.is_empty() {
         sources.push(Arc::new(FilePolicySource::new(
@@ -112,7 +114,6 @@ pub async fn start_full(
             crate::events::EventOptions::new(identity),
         );
     }
-    let certifier = Certifier::start(&identity, &options.index.trust_domain).await?;
     let mut registry = Registry::default();
     certifier.register_metrics(&mut registry);
     let counts = Arc::new(StreamCounts::default());
