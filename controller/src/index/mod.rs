@@ -10,12 +10,19 @@
 //! snapshots of the services some destination needs, watched on demand through one
 //! [`Discovery`] (the controller passes `Merged` adapters) and dropped when no longer needed.
 //!
-//! Work proportional to the change: a discovery snapshot of service S recomputes only the
-//! destinations that read S (a reverse dependency map). A policy change rebuilds the view
-//! (linear in the policy, not in the endpoints), then compares each watched destination's
-//! [`DestinationPolicy`] (its split and route groups) with the previous one and recomputes only
-//! those that differ; inbound policies are recomputed from the view (they read no discovery) and
-//! sent only when they changed. Every channel sends only on a real change, with a new version.
+//! Work proportional to the change:
+//! - a discovery snapshot of service S recomputes only the destinations that read S (a reverse
+//!   dependency map), reading snapshots in place (no copies);
+//! - a policy change rebuilds the view (linear in the policy, not in the endpoints or the
+//!   streams; the sources hand over whole sets), then diffs it with the previous view: only the
+//!   roots whose split or route groups changed are recomputed, and only the inbound policies of
+//!   workloads whose TrafficTargets changed (all of them only when a route changed);
+//! - every channel sends only on a real change, with a new version;
+//! - a destination or inbound channel nobody holds any more is dropped, with the discovery
+//!   watches only it needed (a task per channel waits for its last receiver to go);
+//! - the state for people ([`Status`], O(mesh) to build) is rebuilt after the pending inputs are
+//!   handled, never on the proxies' path, and at most [`STATUS_SHARE`] of the writer's time: a
+//!   small mesh sees it at once, a burst of changes in a large one costs one rebuild.
 //!
 //! Nothing is published before every policy source has answered once (a first profile without
 //! the split would send traffic the wrong way), and a destination waits for its root's first
@@ -27,12 +34,13 @@ pub mod policy;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use trellis_discovery::{Discovery, ServiceKey, Snapshot};
 use trellis_proxy_api::v1;
 
@@ -61,6 +69,13 @@ impl Default for IndexOptions {
     }
 }
 
+/// The share of the writer's time the state for people may take: after a rebuild that took `t`,
+/// the next one waits `t / STATUS_SHARE` (it is O(mesh); changes to proxies are never delayed by
+/// it, they are sent before).
+pub const STATUS_SHARE: f64 = 0.1;
+/// The longest the state for people lags behind the index.
+pub const STATUS_MAX_DELAY: Duration = Duration::from_secs(1);
+
 /// A destination channel: `None` until the first complete answer.
 pub type DestinationRx = watch::Receiver<Option<v1::DestinationUpdate>>;
 /// An inbound channel: `None` until the policy sources have answered.
@@ -80,6 +95,20 @@ pub struct Status {
     pub problems: Vec<ProblemLine>,
     pub destinations: Vec<DestinationStatus>,
     pub inbound: Vec<InboundStatus>,
+    /// How much resolving the index has done since it started.
+    pub work: Work,
+}
+
+/// Counters of the index's work: with them a test (or a person) can see that a change touched
+/// only what it had to.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Work {
+    /// Destination profiles resolved (each change a destination had to look at).
+    pub destinations_resolved: u64,
+    /// Inbound policies resolved.
+    pub inbound_resolved: u64,
+    /// Policy views built (one per policy set received).
+    pub policy_views: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -137,6 +166,10 @@ enum Input {
     DiscoveryError(ServiceKey, String),
     WatchDestination(ServiceKey, oneshot::Sender<DestinationRx>),
     WatchInbound(ServiceKey, u16, oneshot::Sender<InboundRx>),
+    /// The last receiver of a destination channel went away (it may have come back since).
+    DestinationUnwatched(ServiceKey),
+    /// The last receiver of an inbound channel went away.
+    InboundUnwatched((ServiceKey, u16)),
 }
 
 /// A handle to the index task. Cheap to clone; the task stops when every handle is dropped.
@@ -215,6 +248,8 @@ struct Writer {
     names: Vec<String>,
     sets: Vec<Option<(PolicySet, SystemTime)>>,
     view: PolicyView,
+    /// `view` was built with every source answered (the last `policies_changed` saw them all).
+    view_ready: bool,
     discovery: Arc<dyn Discovery>,
     options: IndexOptions,
     me: mpsc::WeakUnboundedSender<Input>,
@@ -226,6 +261,7 @@ struct Writer {
     /// Service -> destinations reading it.
     readers: HashMap<ServiceKey, HashSet<ServiceKey>>,
     watches: HashMap<ServiceKey, JoinHandle<()>>,
+    work: Work,
 }
 
 impl Writer {
@@ -236,10 +272,13 @@ impl Writer {
         me: mpsc::WeakUnboundedSender<Input>,
         status: watch::Sender<Arc<Status>>,
     ) -> Self {
+        // With no policy source at all, the (empty) policy is complete from the start.
+        let view_ready = names.is_empty();
         Writer {
             sets: vec![None; names.len()],
             names,
             view: PolicyView::default(),
+            view_ready,
             discovery,
             options,
             me,
@@ -250,6 +289,7 @@ impl Writer {
             discovery_errors: HashMap::new(),
             readers: HashMap::new(),
             watches: HashMap::new(),
+            work: Work::default(),
         }
     }
 
@@ -259,97 +299,181 @@ impl Writer {
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
         self.publish_status();
-        while let Some(input) = rx.recv().await {
-            match input {
-                Input::Policies(i, set) => {
-                    self.sets[i] = Some((set, SystemTime::now()));
-                    self.policies_changed();
-                }
-                Input::Snapshot(service, snapshot) => {
-                    self.discovery_errors.remove(&service);
-                    if self.snapshots.get(&service) != Some(&snapshot) {
-                        self.snapshots.insert(service.clone(), snapshot);
-                        let readers: Vec<ServiceKey> = self
-                            .readers
-                            .get(&service)
-                            .map(|r| r.iter().cloned().collect())
-                            .unwrap_or_default();
-                        for root in readers {
-                            self.recompute(&root);
-                        }
+        // Inputs are handled as they come; the status is rebuilt once the queue is empty and at
+        // most STATUS_SHARE of the time (a burst of changes costs one rebuild, not one per change).
+        let mut status_due: Option<Instant> = None;
+        let mut next_status = Instant::now();
+        loop {
+            let input = match status_due {
+                Some(due) => tokio::select! {
+                    biased;
+                    () = tokio::time::sleep_until(due) => {
+                        let started = Instant::now();
+                        self.publish_status();
+                        let took = started.elapsed();
+                        next_status = Instant::now()
+                            + took.div_f64(STATUS_SHARE).min(STATUS_MAX_DELAY);
+                        status_due = None;
+                        continue;
                     }
-                }
-                Input::DiscoveryError(service, error) => {
-                    // The last good snapshot stays in force; the error is shown in the state.
-                    self.discovery_errors.insert(service, error);
-                }
-                Input::WatchDestination(service, reply) => {
-                    let rx = match self.destinations.get(&service) {
-                        Some(d) => d.tx.subscribe(),
-                        None => {
-                            let (tx, rx) = watch::channel(None);
-                            self.destinations.insert(
-                                service.clone(),
-                                Destination {
-                                    tx,
-                                    policy: DestinationPolicy::default(),
-                                    inputs: Vec::new(),
-                                    problems: Vec::new(),
-                                    version: 0,
-                                },
-                            );
-                            self.recompute(&service);
-                            rx
-                        }
-                    };
-                    let _ = reply.send(rx);
-                }
-                Input::WatchInbound(workload, port, reply) => {
-                    let key = (workload, port);
-                    let rx = match self.inbound.get(&key) {
-                        Some(i) => i.tx.subscribe(),
-                        None => {
-                            let (tx, rx) = watch::channel(None);
-                            self.inbound.insert(
-                                key.clone(),
-                                Inbound {
-                                    tx,
-                                    problems: Vec::new(),
-                                    version: 0,
-                                },
-                            );
-                            self.recompute_inbound(&key);
-                            rx
-                        }
-                    };
-                    let _ = reply.send(rx);
-                }
+                    input = rx.recv() => input,
+                },
+                None => rx.recv().await,
+            };
+            let Some(input) = input else { return };
+            self.handle(input);
+            if status_due.is_none() {
+                status_due = Some(next_status.max(Instant::now()));
             }
-            self.publish_status();
         }
     }
 
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Policies(i, set) => {
+                self.sets[i] = Some((set, SystemTime::now()));
+                self.policies_changed();
+            }
+            Input::Snapshot(service, snapshot) => {
+                self.discovery_errors.remove(&service);
+                if self.snapshots.get(&service) != Some(&snapshot) {
+                    self.snapshots.insert(service.clone(), snapshot);
+                    let readers: Vec<ServiceKey> = self
+                        .readers
+                        .get(&service)
+                        .map(|r| r.iter().cloned().collect())
+                        .unwrap_or_default();
+                    for root in readers {
+                        self.recompute(&root);
+                    }
+                }
+            }
+            Input::DiscoveryError(service, error) => {
+                // The last good snapshot stays in force; the error is shown in the state.
+                self.discovery_errors.insert(service, error);
+            }
+            Input::WatchDestination(service, reply) => {
+                let rx = match self.destinations.get(&service) {
+                    Some(d) => d.tx.subscribe(),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        self.when_unwatched(&tx, Input::DestinationUnwatched(service.clone()));
+                        self.destinations.insert(
+                            service.clone(),
+                            Destination {
+                                tx,
+                                policy: DestinationPolicy::default(),
+                                inputs: Vec::new(),
+                                problems: Vec::new(),
+                                version: 0,
+                            },
+                        );
+                        self.recompute(&service);
+                        rx
+                    }
+                };
+                let _ = reply.send(rx);
+            }
+            Input::WatchInbound(workload, port, reply) => {
+                let key = (workload, port);
+                let rx = match self.inbound.get(&key) {
+                    Some(i) => i.tx.subscribe(),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        self.when_unwatched(&tx, Input::InboundUnwatched(key.clone()));
+                        self.inbound.insert(
+                            key.clone(),
+                            Inbound {
+                                tx,
+                                problems: Vec::new(),
+                                version: 0,
+                            },
+                        );
+                        self.recompute_inbound(&key);
+                        rx
+                    }
+                };
+                let _ = reply.send(rx);
+            }
+            Input::DestinationUnwatched(service) => {
+                let Some(d) = self.destinations.get(&service) else {
+                    return;
+                };
+                if d.tx.receiver_count() > 0 {
+                    // Watched again meanwhile: wait for the new receivers to go.
+                    let tx = d.tx.clone();
+                    self.when_unwatched(&tx, Input::DestinationUnwatched(service));
+                    return;
+                }
+                self.set_inputs(&service, &[]);
+                self.destinations.remove(&service);
+            }
+            Input::InboundUnwatched(key) => {
+                let Some(i) = self.inbound.get(&key) else {
+                    return;
+                };
+                if i.tx.receiver_count() > 0 {
+                    let tx = i.tx.clone();
+                    self.when_unwatched(&tx, Input::InboundUnwatched(key));
+                    return;
+                }
+                self.inbound.remove(&key);
+            }
+        }
+    }
+
+    /// Sends `input` to the index once every receiver of `tx` is gone.
+    fn when_unwatched<T: Send + Sync + 'static>(&self, tx: &watch::Sender<T>, input: Input) {
+        let tx = tx.clone();
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            tx.closed().await;
+            drop(tx);
+            if let Some(me) = me.upgrade() {
+                let _ = me.send(input);
+            }
+        });
+    }
+
     fn policies_changed(&mut self) {
-        let sets: Vec<(String, PolicySet)> = self
+        let was_ready = self.view_ready;
+        let sets: Vec<(&str, &PolicySet)> = self
             .names
             .iter()
             .zip(&self.sets)
-            .filter_map(|(name, set)| set.as_ref().map(|(s, _)| (name.clone(), s.clone())))
+            .filter_map(|(name, set)| set.as_ref().map(|(s, _)| (name.as_str(), s)))
             .collect();
-        self.view = PolicyView::build(&sets);
-        let ready = self.policy_ready();
-        let changed: Vec<ServiceKey> = self
-            .destinations
-            .iter()
-            .filter(|(root, d)| {
-                (ready && d.tx.borrow().is_none()) || self.view.destination(root) != d.policy
-            })
-            .map(|(root, _)| root.clone())
-            .collect();
-        for root in changed {
+        let view = PolicyView::build_from(&sets);
+        self.work.policy_views += 1;
+        let old = std::mem::replace(&mut self.view, view);
+        self.view_ready = self.policy_ready();
+        if !self.view_ready {
+            return; // nothing is published before every source has answered
+        }
+        // Only what the diff names is recomputed (everything, once, when policy becomes ready).
+        let roots: Vec<ServiceKey> = if was_ready {
+            self.view
+                .changed_roots(&old)
+                .into_iter()
+                .filter(|root| self.destinations.contains_key(root))
+                .collect()
+        } else {
+            self.destinations.keys().cloned().collect()
+        };
+        for root in roots {
             self.recompute(&root);
         }
-        let keys: Vec<(ServiceKey, u16)> = self.inbound.keys().cloned().collect();
+        let keys: Vec<(ServiceKey, u16)> = match self.view.changed_workloads(&old) {
+            Some(workloads) if was_ready => workloads
+                .iter()
+                .flat_map(|w| {
+                    self.inbound
+                        .range((w.clone(), 0)..=(w.clone(), u16::MAX))
+                        .map(|(k, _)| k.clone())
+                })
+                .collect(),
+            _ => self.inbound.keys().cloned().collect(),
+        };
         for key in keys {
             self.recompute_inbound(&key);
         }
@@ -360,10 +484,11 @@ impl Writer {
         let policy = self.view.destination(root);
         let inputs = outbound::inputs(root, &policy);
         self.set_inputs(root, &inputs);
-        let ready = self.policy_ready();
+        let ready = self.view_ready;
         let snapshots = &self.snapshots;
-        let lookup = |key: &ServiceKey| snapshots.get(key).cloned();
+        let lookup = |key: &ServiceKey| snapshots.get(key);
         let resolved = if ready {
+            self.work.destinations_resolved += 1;
             outbound::resolve(root, &policy, &lookup, &self.options.trust_domain)
         } else {
             None
@@ -438,6 +563,7 @@ impl Writer {
             return;
         }
         let (workload, port) = key;
+        self.work.inbound_resolved += 1;
         let (policy, problems) = inbound::resolve(
             &self.view,
             &workload.namespace,
@@ -471,27 +597,24 @@ impl Writer {
                 .map(|d| d.as_secs())
         };
         let mut problems: Vec<ProblemLine> = Vec::new();
-        let mut push = |p: &PolicyProblem| {
-            let line = ProblemLine {
-                resource: p.resource.clone(),
-                location: p.location.clone(),
-                message: p.message.clone(),
-            };
-            if !problems.contains(&line) {
-                problems.push(line);
+        let mut seen: HashSet<(&str, &str, &str)> = HashSet::new();
+        let found = self
+            .view
+            .problems
+            .iter()
+            .chain(self.destinations.values().flat_map(|d| &d.problems))
+            .chain(self.inbound.values().flat_map(|i| &i.problems));
+        for p in found {
+            if seen.insert((&p.resource, &p.location, &p.message)) {
+                problems.push(ProblemLine {
+                    resource: p.resource.clone(),
+                    location: p.location.clone(),
+                    message: p.message.clone(),
+                });
             }
-        };
-        self.view.problems.iter().for_each(&mut push);
-        self.destinations
-            .values()
-            .flat_map(|d| &d.problems)
-            .for_each(&mut push);
-        self.inbound
-            .values()
-            .flat_map(|i| &i.problems)
-            .for_each(&mut push);
+        }
         for (service, error) in &self.discovery_errors {
-            push(&PolicyProblem {
+            problems.push(ProblemLine {
                 resource: format!("service {service}"),
                 location: "discovery".into(),
                 message: format!("{error} (the last good endpoints stay in force)"),
@@ -549,6 +672,7 @@ impl Writer {
                     }
                 })
                 .collect(),
+            work: self.work,
         };
         self.status.send_replace(Arc::new(status));
     }
@@ -598,4 +722,319 @@ fn destination_status(root: &ServiceKey, d: &Destination) -> DestinationStatus {
         _ => {}
     }
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use tokio_stream::wrappers::WatchStream;
+    use trellis_discovery::{
+        Capabilities, ChangeDelivery, Endpoint, EndpointPort, EndpointSet, IdentitySource,
+        Provenance, Readiness, ServicePort, WorkloadIdentity,
+    };
+
+    use super::policy::tests::{policies, split};
+    use super::*;
+
+    /// A registry the test edits: every service's snapshot behind a watch channel (so a test
+    /// can also count who watches it).
+    #[derive(Clone, Default)]
+    struct Registry(Arc<Mutex<HashMap<ServiceKey, watch::Sender<Snapshot>>>>);
+
+    impl Registry {
+        fn sender(&self, name: &str) -> watch::Sender<Snapshot> {
+            let mut services = self.0.lock().unwrap();
+            services
+                .entry(key(name))
+                .or_insert_with(|| watch::channel(Snapshot::NotFound).0)
+                .clone()
+        }
+
+        fn set(&self, name: &str, addresses: &[&str]) {
+            self.sender(name).send_replace(endpoints(name, addresses));
+        }
+
+        fn watchers(&self, name: &str) -> usize {
+            self.sender(name).receiver_count()
+        }
+    }
+
+    impl Discovery for Registry {
+        fn source_id(&self) -> trellis_discovery::SourceId {
+            Arc::from("test")
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            Capabilities {
+                delivery: ChangeDelivery::Push,
+                health: true,
+                terminating: false,
+                weights: false,
+                zones: false,
+                owners: false,
+                identity: IdentitySource::AttributeOrServiceName,
+                version_subsets: false,
+            }
+        }
+
+        fn services(
+            &self,
+        ) -> futures::stream::BoxStream<
+            'static,
+            Result<trellis_discovery::ServiceCatalog, trellis_discovery::DiscoveryError>,
+        > {
+            futures::stream::pending().boxed()
+        }
+
+        fn watch(
+            &self,
+            service: ServiceKey,
+        ) -> futures::stream::BoxStream<'static, Result<Snapshot, trellis_discovery::DiscoveryError>>
+        {
+            let rx = self.sender(&service.name).subscribe();
+            WatchStream::new(rx).map(Ok).boxed()
+        }
+    }
+
+    /// A policy source the test edits.
+    struct Policies(watch::Sender<PolicySet>);
+
+    impl PolicySource for Policies {
+        fn name(&self) -> String {
+            "test".into()
+        }
+
+        fn watch(&self) -> futures::stream::BoxStream<'static, PolicySet> {
+            WatchStream::new(self.0.subscribe()).boxed()
+        }
+    }
+
+    fn key(name: &str) -> ServiceKey {
+        ServiceKey::new("demo", name)
+    }
+
+    fn endpoints(name: &str, addresses: &[&str]) -> Snapshot {
+        Snapshot::Endpoints(EndpointSet {
+            service: key(name),
+            ports: vec![ServicePort {
+                name: None,
+                port: 8080,
+                protocol: None,
+            }],
+            endpoints: addresses
+                .iter()
+                .map(|a| Endpoint {
+                    address: a.parse().unwrap(),
+                    ports: vec![EndpointPort {
+                        name: None,
+                        port: 8080,
+                    }],
+                    readiness: Readiness::Ready,
+                    identity: WorkloadIdentity::new("demo", name),
+                    owner: None,
+                    labels: Default::default(),
+                    weight: None,
+                    zone: None,
+                    protocol: None,
+                    provenance: Provenance {
+                        source: Arc::from("test"),
+                        confirmed_at: SystemTime::UNIX_EPOCH,
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    fn set_of(yaml: &str) -> PolicySet {
+        PolicySet {
+            policies: policies(yaml),
+            problems: Vec::new(),
+        }
+    }
+
+    const TARGET: &str = "---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: { name: to-api, namespace: demo }
+spec:
+  destination: { kind: ServiceAccount, name: api, namespace: demo }
+  sources:
+  - { kind: ServiceAccount, name: web, namespace: demo }
+  rules:
+  - { kind: TCPRoute, name: http }
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: TCPRoute
+metadata: { name: http, namespace: demo }
+spec:
+  matches:
+    ports: [8080]
+";
+
+    /// web split over web-v1/web-v2, api plain; a TrafficTarget to api.
+    fn mesh(w1: u32, w2: u32) -> (Index, Registry, watch::Sender<PolicySet>) {
+        let registry = Registry::default();
+        registry.set("web", &["10.0.0.1", "10.0.0.2"]);
+        registry.set("web-v1", &["10.0.0.1"]);
+        registry.set("web-v2", &["10.0.0.2"]);
+        registry.set("api", &["10.0.1.1"]);
+        let yaml = split("web", "web", &[("web-v1", w1), ("web-v2", w2)], None) + TARGET;
+        let (policy, _) = watch::channel(set_of(&yaml));
+        let source = Policies(policy.clone());
+        let index = Index::start(
+            vec![Arc::new(source)],
+            Arc::new(registry.clone()),
+            IndexOptions::default(),
+        );
+        (index, registry, policy)
+    }
+
+    async fn answered(index: &Index, name: &str) -> DestinationRx {
+        let mut rx = index.destination(key(name)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some))
+            .await
+            .expect("answered within 5 s")
+            .unwrap();
+        rx.borrow_and_update();
+        rx
+    }
+
+    fn version(rx: &DestinationRx) -> String {
+        rx.borrow().as_ref().unwrap().version.clone()
+    }
+
+    /// The work counters once the status shows `wanted` and then stops changing (the index
+    /// has nothing left to do).
+    async fn work_settles(index: &Index, wanted: impl Fn(&Work) -> bool) -> Work {
+        let mut status = index.status();
+        let mut last =
+            tokio::time::timeout(Duration::from_secs(5), status.wait_for(|s| wanted(&s.work)))
+                .await
+                .expect("the work shows within 5 s")
+                .unwrap()
+                .work;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = index.status().borrow().work;
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_change_resolves_only_the_destinations_that_read_the_service() {
+        let (index, registry, _policy) = mesh(1, 1);
+        let mut web = answered(&index, "web").await;
+        let api = answered(&index, "api").await;
+        let mut inbound = index.inbound(key("api"), 8080).await.unwrap();
+        inbound.wait_for(Option::is_some).await.unwrap();
+        inbound.borrow_and_update();
+        let before = work_settles(&index, |_| true).await;
+        let api_version = version(&api);
+
+        registry.set("web-v2", &["10.0.0.2", "10.0.0.3"]);
+        tokio::time::timeout(Duration::from_secs(5), web.changed())
+            .await
+            .expect("web changed")
+            .unwrap();
+        let after = work_settles(&index, |w| {
+            w.destinations_resolved > before.destinations_resolved
+        })
+        .await;
+        assert_eq!(
+            after.destinations_resolved,
+            before.destinations_resolved + 1,
+            "only web"
+        );
+        assert_eq!(after.inbound_resolved, before.inbound_resolved);
+        assert!(!api.has_changed().unwrap(), "api untouched");
+        assert_eq!(version(&api), api_version);
+        assert!(!inbound.has_changed().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_split_change_resolves_only_its_root_and_no_inbound_policy() {
+        let (index, _registry, policy) = mesh(1, 1);
+        let mut web = answered(&index, "web").await;
+        let api = answered(&index, "api").await;
+        let mut inbound = index.inbound(key("api"), 8080).await.unwrap();
+        inbound.wait_for(Option::is_some).await.unwrap();
+        let before = work_settles(&index, |_| true).await;
+        let api_version = version(&api);
+
+        let yaml = split("web", "web", &[("web-v1", 1), ("web-v2", 3)], None) + TARGET;
+        policy.send_replace(set_of(&yaml));
+        tokio::time::timeout(Duration::from_secs(5), web.changed())
+            .await
+            .expect("web changed")
+            .unwrap();
+        let after = work_settles(&index, |w| w.policy_views > before.policy_views).await;
+        assert_eq!(
+            after.destinations_resolved,
+            before.destinations_resolved + 1,
+            "only web"
+        );
+        assert_eq!(
+            after.inbound_resolved, before.inbound_resolved,
+            "no inbound policy"
+        );
+        assert!(!api.has_changed().unwrap());
+        assert_eq!(version(&api), api_version);
+
+        // A TrafficTarget change resolves the inbound policy of its workload only.
+        let other = "---\napiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: { name: to-web, namespace: demo }\nspec:\n  destination: { kind: ServiceAccount, name: web, namespace: demo }\n  sources:\n  - { kind: ServiceAccount, name: api, namespace: demo }\n  rules:\n  - { kind: TCPRoute, name: http }\n";
+        let yaml = split("web", "web", &[("web-v1", 1), ("web-v2", 3)], None) + TARGET + other;
+        policy.send_replace(set_of(&yaml));
+        let later = work_settles(&index, |w| w.policy_views > after.policy_views).await;
+        assert_eq!(later.destinations_resolved, after.destinations_resolved);
+        assert_eq!(
+            later.inbound_resolved, after.inbound_resolved,
+            "api's targets did not change"
+        );
+        assert!(!api.has_changed().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_destination_nobody_watches_is_dropped_with_its_discovery_watches() {
+        let (index, registry, _policy) = mesh(1, 1);
+        let web = answered(&index, "web").await;
+        let second = index.destination(key("web")).await.unwrap();
+        assert_eq!(registry.watchers("web-v1"), 1);
+        drop(web);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            registry.watchers("web-v1"),
+            1,
+            "still watched by the second receiver"
+        );
+        drop(second);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while registry.watchers("web-v1") > 0 || registry.watchers("web") > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "discovery watches stopped within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut status = index.status();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            status.wait_for(|s| s.destinations.is_empty()),
+        )
+        .await
+        .expect("the destination is gone from the state")
+        .unwrap();
+
+        // Asked for again, it comes back complete.
+        let web = answered(&index, "web").await;
+        assert!(matches!(
+            web.borrow().as_ref().unwrap().kind,
+            Some(v1::destination_update::Kind::Profile(_))
+        ));
+        assert_eq!(registry.watchers("web-v1"), 1);
+    }
 }

@@ -131,10 +131,10 @@ fn http_match(m: &HttpMatch) -> v1::HttpMatch {
 
 /// Resolves `root`. `None` while the first discovery answer of the root or of a backend has
 /// not arrived.
-pub fn resolve(
+pub fn resolve<'s>(
     root: &ServiceKey,
     policy: &DestinationPolicy,
-    snapshot: &dyn Fn(&ServiceKey) -> Option<Snapshot>,
+    snapshot: &dyn Fn(&ServiceKey) -> Option<&'s Snapshot>,
     trust_domain: &str,
 ) -> Option<Resolved> {
     let root_set = match snapshot(root)? {
@@ -152,7 +152,7 @@ pub fn resolve(
     let root_backend = v1::Backend {
         name: root.name.clone(),
         weight: 1,
-        endpoints: endpoints(&root_set, port.as_ref(), trust_domain),
+        endpoints: endpoints(root_set, port.as_ref(), trust_domain),
         workload: Some(workload(root)),
     };
     let mut profile = v1::DestinationProfile {
@@ -215,7 +215,7 @@ pub fn resolve(
                         None => true,
                     };
                     if has_port {
-                        endpoints(&set, port.as_ref(), trust_domain)
+                        endpoints(set, port.as_ref(), trust_domain)
                     } else {
                         problems.push(PolicyProblem {
                             resource: split_name.clone(),
@@ -285,7 +285,7 @@ pub fn resolve(
             location: format!("root {root}"),
             message: "no backend can take traffic: the root service serves it".into(),
         });
-        let root_eps = endpoints(&root_set, port.as_ref(), trust_domain);
+        let root_eps = endpoints(root_set, port.as_ref(), trust_domain);
         profile.backends = vec![v1::Backend {
             name: root.name.clone(),
             weight: 1,
@@ -350,7 +350,7 @@ mod tests {
         resolve(
             &root,
             &view.destination(&root),
-            &|k| map.get(k).cloned(),
+            &|k| map.get(k),
             "example.org",
         )
         .unwrap()

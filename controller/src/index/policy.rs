@@ -4,8 +4,12 @@
 //! Building a view also finds the problems that need no discovery: splits whose weights sum to
 //! 0, several splits for one root, route groups referenced but missing, one resource held by
 //! two sources.
+//!
+//! Two views are diffed ([`PolicyView::changed_roots`], [`PolicyView::changed_workloads`]) so a
+//! policy change recomputes only the destinations and inbound policies it touches: the diff is
+//! linear in the policy, never in the number of destinations, streams or endpoints.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use trellis_discovery::ServiceKey;
 use trellis_smi::model::{
@@ -61,22 +65,29 @@ impl PolicyView {
     /// Merges the sets of every source, in source order (a resource two sources hold: the first
     /// source's version is used, reported).
     pub fn build(sources: &[(String, PolicySet)]) -> Self {
+        let borrowed: Vec<(&str, &PolicySet)> =
+            sources.iter().map(|(n, s)| (n.as_str(), s)).collect();
+        Self::build_from(&borrowed)
+    }
+
+    /// [`PolicyView::build`] over borrowed sets (the index keeps the sets; no copy of them).
+    pub fn build_from(sources: &[(&str, &PolicySet)]) -> Self {
         let mut view = PolicyView::default();
         let mut by_id = BTreeMap::new();
-        for (source, set) in sources {
+        for &(source, set) in sources {
             view.problems.extend(set.problems.iter().cloned());
             for policy in &set.policies {
                 let id = policy.id();
                 if by_id.contains_key(&id) {
                     view.problems.push(PolicyProblem {
                         resource: id.to_string(),
-                        location: source.clone(),
+                        location: source.to_owned(),
                         message: "also held by an earlier policy source; that version is used"
                             .into(),
                     });
                     continue;
                 }
-                by_id.insert(id, policy.clone());
+                by_id.insert(id, policy);
             }
         }
         for policy in by_id.values() {
@@ -96,7 +107,7 @@ impl PolicyView {
                 Policy::AccessPolicy(access) => view.access.push(access.clone()),
             }
         }
-        view.policies = by_id.into_values().collect();
+        view.policies = by_id.into_values().cloned().collect();
         for (root, splits) in &mut view.splits {
             splits.sort_by(|a, b| {
                 let age = |s: &TrafficSplit| {
@@ -153,6 +164,62 @@ impl PolicyView {
         split_problems.sort_by(|a, b| (&a.resource, &a.message).cmp(&(&b.resource, &b.message)));
         view.problems.extend(split_problems);
         view
+    }
+
+    /// The roots whose [`DestinationPolicy`] differs between `old` and `self` (split in force or
+    /// the route groups it names). Linear in the splits of both views.
+    pub fn changed_roots(&self, old: &PolicyView) -> HashSet<ServiceKey> {
+        self.splits
+            .keys()
+            .chain(old.splits.keys())
+            .filter(|root| self.destination_ref(root) != old.destination_ref(root))
+            .cloned()
+            .collect()
+    }
+
+    /// The workloads (`namespace/name` of TrafficTarget destinations) whose inbound policy may
+    /// differ between `old` and `self`; `None` = any of them (an HTTPRouteGroup or TCPRoute
+    /// changed: targets name routes, so every target may read it).
+    pub fn changed_workloads(&self, old: &PolicyView) -> Option<HashSet<ServiceKey>> {
+        if self.route_groups != old.route_groups || self.tcp_routes != old.tcp_routes {
+            return None;
+        }
+        let (new, old) = (self.access_by_workload(), old.access_by_workload());
+        Some(
+            new.keys()
+                .chain(old.keys())
+                .filter(|w| new.get(*w) != old.get(*w))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// The TrafficTargets per destination workload, in view order.
+    fn access_by_workload(&self) -> HashMap<ServiceKey, Vec<&AccessPolicy>> {
+        let mut out: HashMap<ServiceKey, Vec<&AccessPolicy>> = HashMap::new();
+        for target in &self.access {
+            let ns = effective_namespace(&target.metadata);
+            let dest_ns = target.destination.namespace.as_deref().unwrap_or(ns);
+            out.entry(ServiceKey::new(dest_ns, &target.destination.name))
+                .or_default()
+                .push(target);
+        }
+        out
+    }
+
+    /// [`PolicyView::destination`] without copies, for comparisons.
+    fn destination_ref(
+        &self,
+        root: &ServiceKey,
+    ) -> Option<(&TrafficSplit, Vec<Option<&HttpRouteGroup>>)> {
+        let split = self.splits.get(root)?.first()?;
+        let ns = effective_namespace(&split.metadata);
+        let groups = split
+            .matches
+            .iter()
+            .map(|g| self.route_groups.get(&(ns.to_owned(), g.name.clone())))
+            .collect();
+        Some((split, groups))
     }
 
     /// What the profile of `root` depends on.
@@ -312,5 +379,55 @@ pub(crate) mod tests {
         assert_eq!(d.split.unwrap().backends[0].service, "web-v1");
         assert_eq!(view.problems.len(), 1);
         assert_eq!(view.problems[0].location, "two");
+    }
+
+    #[test]
+    fn the_diff_of_two_views_names_only_the_roots_and_workloads_that_changed() {
+        let target = |name: &str, dest: &str| {
+            format!(
+                "---\napiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {{ name: {name}, namespace: demo }}\nspec:\n  destination: {{ kind: ServiceAccount, name: {dest}, namespace: demo }}\n  sources:\n  - {{ kind: ServiceAccount, name: client, namespace: demo }}\n  rules:\n  - {{ kind: TCPRoute, name: p }}\n"
+            )
+        };
+        let route = |port: u16| {
+            format!(
+                "---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\nmetadata: {{ name: p, namespace: demo }}\nspec:\n  matches:\n    ports: [{port}]\n"
+            )
+        };
+        let old = view(
+            &[
+                split("web", "web", &[("web-v1", 1), ("web-v2", 1)], None),
+                split("api", "api", &[("api-v1", 1)], None),
+                target("to-web", "web"),
+                target("to-api", "api"),
+                route(8080),
+            ]
+            .concat(),
+        );
+        let new = view(
+            &[
+                split("web", "web", &[("web-v1", 1), ("web-v2", 3)], None),
+                split("api", "api", &[("api-v1", 1)], None),
+                split("db", "db", &[("db-v1", 1)], None),
+                target("to-web", "web"),
+                target("to-api", "api"),
+                target("to-api-2", "api"),
+                route(8080),
+            ]
+            .concat(),
+        );
+        let roots = new.changed_roots(&old);
+        let key = |n: &str| ServiceKey::new("demo", n);
+        assert_eq!(roots, HashSet::from([key("web"), key("db")]));
+        assert_eq!(
+            new.changed_workloads(&old),
+            Some(HashSet::from([key("api")]))
+        );
+        assert!(new.changed_roots(&new).is_empty());
+        assert_eq!(new.changed_workloads(&new), Some(HashSet::new()));
+
+        // A route change may concern any target.
+        let before = view(&(target("to-web", "web") + &route(8080)));
+        let after = view(&(target("to-web", "web") + &route(9090)));
+        assert_eq!(after.changed_workloads(&before), None);
     }
 }
