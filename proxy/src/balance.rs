@@ -6,22 +6,30 @@
 //! updates are lock-free atomics; lost updates under races only blur the estimate.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crate::config::BalancerKind;
 
-/// Latency decay constant: a sample's weight halves about every 7 s.
+/// Latency decay constant: an estimate not refreshed by a sample fades towards zero, halving
+/// about every 7 s (the same time constant linkerd2-proxy and tower's PeakEwma use).
 const TAU_NANOS: f64 = 10_000_000_000.0;
-/// Cost assumed for an endpoint with no samples yet (1 ms), so new endpoints are tried but not flooded.
-const DEFAULT_RTT_NANOS: f64 = 1_000_000.0;
+/// P2C hysteresis: the second choice replaces the first only when it costs less than this share
+/// of it. Latency samples on a busy host jitter by 2x easily; comparing costs strictly made P2C
+/// herd onto whichever endpoint last had a lucky sample, so two equal endpoints behind one root got
+/// 49 of 50 sequential requests. An endpoint that is really slower (or busier: cost multiplies
+/// by in-flight requests) still loses every comparison.
+const SWITCH_BELOW: f64 = 0.5;
 
 /// Live statistics of one endpoint address.
 #[derive(Debug)]
 pub struct EndpointStats {
     in_flight: AtomicUsize,
+    /// Peak-EWMA latency estimate at `stamp_nanos` (f64 bits); NaN = no sample yet.
     ewma_nanos: AtomicU64,
     stamp_nanos: AtomicU64,
+    /// Set until the first answer has been seen (and ignored, see `observe`).
+    first_answer: AtomicBool,
     epoch: Instant,
 }
 
@@ -29,8 +37,9 @@ impl Default for EndpointStats {
     fn default() -> Self {
         EndpointStats {
             in_flight: AtomicUsize::new(0),
-            ewma_nanos: AtomicU64::new(DEFAULT_RTT_NANOS.to_bits()),
+            ewma_nanos: AtomicU64::new(f64::NAN.to_bits()),
             stamp_nanos: AtomicU64::new(0),
+            first_answer: AtomicBool::new(true),
             epoch: Instant::now(),
         }
     }
@@ -42,9 +51,17 @@ impl EndpointStats {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The current latency estimate, nanoseconds.
+    /// The latency estimate now, nanoseconds: the last estimate decayed by the time since it was
+    /// refreshed (so an endpoint that was avoided for one slow answer is tried again, as in
+    /// tower's PeakEwma). 0 for an endpoint with no sample yet: new endpoints are tried at once.
     pub fn ewma_nanos(&self) -> f64 {
-        f64::from_bits(self.ewma_nanos.load(Ordering::Relaxed))
+        let estimate = f64::from_bits(self.ewma_nanos.load(Ordering::Relaxed));
+        if estimate.is_nan() {
+            return 0.0;
+        }
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let then = self.stamp_nanos.load(Ordering::Relaxed);
+        estimate * (-(now.saturating_sub(then) as f64) / TAU_NANOS).exp()
     }
 
     fn cost(&self) -> f64 {
@@ -62,15 +79,24 @@ impl EndpointStats {
 
     fn observe(&self, rtt_nanos: f64) {
         let now = self.epoch.elapsed().as_nanos() as u64;
-        let then = self.stamp_nanos.swap(now, Ordering::Relaxed);
-        let old = self.ewma_nanos();
-        let next = if rtt_nanos > old {
-            // Peak EWMA: react at once to a slower endpoint, forget slowly.
+        let raw = f64::from_bits(self.ewma_nanos.load(Ordering::Relaxed));
+        if raw.is_nan() && self.first_answer.swap(false, Ordering::Relaxed) {
+            // The first answer of an endpoint carries the connection set-up (TCP, and the mTLS
+            // handshake: often 10x a request on an open connection). As a peak it would make P2C
+            // avoid the endpoint for seconds, so it is not a latency sample; the endpoint stays
+            // "new" (cost 0) until its second answer.
+            return;
+        }
+        let decayed = self.ewma_nanos();
+        let next = if raw.is_nan() || rtt_nanos > decayed {
+            // First sample, or peak EWMA: react at once to a slower endpoint, forget slowly.
             rtt_nanos
         } else {
+            let then = self.stamp_nanos.load(Ordering::Relaxed);
             let w = (-(now.saturating_sub(then) as f64) / TAU_NANOS).exp();
-            old * w + rtt_nanos * (1.0 - w)
+            decayed * w + rtt_nanos * (1.0 - w)
         };
+        self.stamp_nanos.store(now, Ordering::Relaxed);
         self.ewma_nanos.store(next.to_bits(), Ordering::Relaxed);
     }
 }
@@ -122,8 +148,9 @@ impl Balancer {
             1 => Some(0),
             _ => match self.kind {
                 BalancerKind::RoundRobin => Some(self.next.fetch_add(1, Ordering::Relaxed) % n),
-                BalancerKind::Ewma => Some(p2c(n, stats, EndpointStats::cost)),
-                BalancerKind::LeastRequest => Some(p2c(n, stats, |s| s.in_flight() as f64)),
+                BalancerKind::Ewma => Some(p2c(n, stats, EndpointStats::cost, SWITCH_BELOW)),
+                // In-flight counts are exact, not noisy: the fewer wins.
+                BalancerKind::LeastRequest => Some(p2c(n, stats, |s| s.in_flight() as f64, 1.0)),
             },
         }
     }
@@ -133,12 +160,14 @@ fn p2c<'a>(
     n: usize,
     mut stats: impl ExactSizeIterator<Item = &'a EndpointStats> + Clone,
     cost: impl Fn(&EndpointStats) -> f64,
+    switch_below: f64,
 ) -> usize {
     let a = fastrand::usize(..n);
     let b = (a + 1 + fastrand::usize(..n - 1)) % n;
     let ca = stats.clone().nth(a).map_or(f64::MAX, &cost);
     let cb = stats.nth(b).map_or(f64::MAX, &cost);
-    if cb < ca { b } else { a }
+    // `a` is a uniformly random first choice; `b` wins only when clearly cheaper (see SWITCH_BELOW).
+    if cb < ca * switch_below { b } else { a }
 }
 
 #[cfg(test)]
@@ -163,8 +192,11 @@ mod tests {
     #[test]
     fn ewma_avoids_the_slow_endpoint() {
         let s = stats(2);
-        s[0].observe(50_000_000.0); // 50 ms
-        s[1].observe(100_000.0); // 0.1 ms
+        for _ in 0..2 {
+            // The first answer of each is connection set-up and not a sample.
+            s[0].observe(50_000_000.0); // 50 ms
+            s[1].observe(100_000.0); // 0.1 ms
+        }
         let b = Balancer::new(BalancerKind::Ewma);
         let fast = (0..1000)
             .filter(|_| b.pick(s.iter().map(|s| &**s)) == Some(1))
@@ -180,6 +212,42 @@ mod tests {
         assert!((0..100).all(|_| b.pick(s.iter().map(|s| &**s)) == Some(1)));
         drop(busy);
         assert_eq!(s[0].in_flight(), 0);
+    }
+
+    #[test]
+    fn ewma_tries_new_endpoints_and_spreads_over_equal_ones() {
+        let s = stats(2);
+        let b = Balancer::new(BalancerKind::Ewma);
+        // Endpoint 0 has answered fast; endpoint 1 was never tried: it is tried first.
+        s[0].observe(5_000_000.0); // first answer: connection set-up, ignored
+        s[0].observe(300_000.0);
+        assert_eq!(b.pick(s.iter().map(|s| &**s)), Some(1));
+        // Two endpoints with equal latencies (jittering by 1.5x) share sequential requests.
+        let mut counts = [0usize; 2];
+        for i in 0..200 {
+            let pick = b.pick(s.iter().map(|s| &**s)).unwrap();
+            counts[pick] += 1;
+            let jitter = if i % 3 == 0 { 450_000.0 } else { 300_000.0 };
+            s[pick].observe(jitter);
+        }
+        assert!(counts.iter().all(|&c| c >= 50), "{counts:?}");
+    }
+
+    #[test]
+    fn an_estimate_fades_while_the_endpoint_is_not_used() {
+        let s = EndpointStats::default();
+        assert_eq!(s.ewma_nanos(), 0.0, "no sample yet");
+        s.observe(20_000_000.0);
+        assert_eq!(
+            s.ewma_nanos(),
+            0.0,
+            "the first answer (connection set-up) is not a sample"
+        );
+        s.observe(1_000_000.0);
+        let first = s.ewma_nanos();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let later = s.ewma_nanos();
+        assert!(later < first && later > 0.0, "{first} -> {later}");
     }
 
     #[test]

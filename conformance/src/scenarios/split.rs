@@ -137,15 +137,17 @@ async fn no_split(mesh: &Mesh) -> anyhow::Result<String> {
     Ok(format!("{} (applied in {})", seen(&r), ms(took)))
 }
 
-/// Both versions answered and each got at least a tenth of `n`: balancing, not one backend.
+/// Every request answered by b or c, and both versions answered some: the root balances over
+/// its endpoints per request (the SMI suite's check), not per connection. Not an evenness
+/// check: the default balancer is latency-aware (P2C over a peak EWMA), so two endpoints share
+/// sequential requests unevenly when one answers faster, by design.
 fn balanced(r: &CallReport, n: u32) -> anyhow::Result<()> {
     if !all_ok(r, n) || count(r, B) + count(r, C) != n {
         bail!("not every request answered by b or c: {}", seen(r));
     }
-    if count(r, B) < n / 10 || count(r, C) < n / 10 {
+    if count(r, B) == 0 || count(r, C) == 0 {
         bail!(
-            "not balanced (each version should get at least {} of {n}): {}",
-            n / 10,
+            "not balanced (both versions should answer some of {n} requests on one connection): {}",
             seen(r)
         );
     }
