@@ -1,10 +1,12 @@
 //! A watched directory (or files) of SMI YAML as a [`PolicySource`]: local mode and platforms
 //! without Kubernetes.
 //!
-//! Like the file discovery adapter, it polls (every 250 ms by default) rather than using inotify:
-//! the same behaviour for in-place writes, atomic renames and bind mounts, and no extra
-//! dependency. A poll stats every path (recursively for directories); only when a path's
-//! mtime/size set changed is everything reloaded with [`trellis_smi::load::load_paths`].
+//! Change events come from the OS (inotify through the `notify` crate) on the directories that
+//! hold the paths, so a change is seen within milliseconds; a poll every 250 ms stays as the
+//! fallback for what events miss (bind mounts, network filesystems, a path that does not exist
+//! yet). Either way a look stats every path (recursively for directories), and only when a
+//! path's mtime/size set changed is everything reloaded with [`trellis_smi::load::load_paths`]:
+//! in-place writes and atomic renames behave the same.
 //!
 //! Last good version per resource: a resource whose new version has errors keeps its previous
 //! version in force and the errors are reported with `file:line`. A file that cannot be parsed at
@@ -56,6 +58,9 @@ impl PolicySource for FilePolicySource {
         let paths = self.paths.clone();
         let interval = self.interval;
         tokio::spawn(async move {
+            let (changed_tx, mut changed) = tokio::sync::mpsc::unbounded_channel();
+            // Kept alive for the task's life; None = events unavailable, polling only.
+            let _events = watch_events(&paths, changed_tx);
             let mut kept = LastGood::default();
             let mut seen = None;
             loop {
@@ -69,13 +74,51 @@ impl PolicySource for FilePolicySource {
                 } else if tx.is_closed() {
                     return;
                 }
-                tokio::time::sleep(interval).await;
+                tokio::select! {
+                    Some(()) = changed.recv() => {
+                        // Let a burst of events (write + rename + chmod) settle into one look.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        while changed.try_recv().is_ok() {}
+                    }
+                    () = tokio::time::sleep(interval) => {}
+                }
             }
         });
         tokio_stream::wrappers::WatchStream::new(rx)
             .filter_map(|set| async move { set })
             .boxed()
     }
+}
+
+/// Starts OS change events for `paths`: each directory recursively, and for a file its parent
+/// directory (an atomic rename replaces the file's inode, which a watch on the file would miss).
+/// Every event only says "look again"; the fingerprint decides whether anything changed. `None`
+/// when no watch could be set up (polling still works).
+fn watch_events(
+    paths: &[PathBuf],
+    changed: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+        let _ = changed.send(());
+    })
+    .map_err(|e| tracing::debug!(error = %e, "policy files: no change events, polling only"))
+    .ok()?;
+    for path in paths {
+        let (target, mode) = if path.is_dir() {
+            (path.as_path(), notify::RecursiveMode::Recursive)
+        } else {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            (
+                parent.unwrap_or(Path::new(".")),
+                notify::RecursiveMode::NonRecursive,
+            )
+        };
+        if let Err(e) = watcher.watch(target, mode) {
+            tracing::debug!(path = %target.display(), error = %e, "policy files: polling this path only");
+        }
+    }
+    Some(watcher)
 }
 
 /// What the files looked like: every file with its modification time and size.
@@ -256,5 +299,34 @@ spec:
             .expect("deletion seen")
             .unwrap();
         assert!(gone.policies.is_empty());
+    }
+
+    #[tokio::test]
+    async fn change_events_beat_the_poll() {
+        // The poll is an hour: only the OS change events can show these edits in time, both an
+        // in-place write and an atomic rename (the way `trellis demo` and editors write).
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("split.yaml");
+        std::fs::write(&file, SPLIT).unwrap();
+        let source = FilePolicySource::with_poll_interval(
+            vec![dir.path().to_owned()],
+            Duration::from_secs(3600),
+        );
+        let mut sets = source.watch();
+        assert_eq!(weights(&sets.next().await.unwrap()), vec![100_000, 0]);
+        std::fs::write(&file, SPLIT.replace("weight: 0}", "weight: 99}")).unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(2), sets.next())
+            .await
+            .expect("an in-place write is seen without waiting for the poll")
+            .unwrap();
+        assert_eq!(weights(&next), vec![100_000, 99_000]);
+        let tmp = dir.path().join("split.tmp");
+        std::fs::write(&tmp, SPLIT.replace("weight: 100}", "weight: 7}")).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        let renamed = tokio::time::timeout(Duration::from_secs(2), sets.next())
+            .await
+            .expect("an atomic rename is seen without waiting for the poll")
+            .unwrap();
+        assert_eq!(weights(&renamed), vec![7_000, 0]);
     }
 }
