@@ -14,12 +14,13 @@ use crate::config::BalancerKind;
 /// Latency decay constant: an estimate not refreshed by a sample fades towards zero, halving
 /// about every 7 s (the same time constant linkerd2-proxy and tower's PeakEwma use).
 const TAU_NANOS: f64 = 10_000_000_000.0;
-/// P2C hysteresis: the second choice replaces the first only when it costs less than this share
-/// of it. Latency samples on a busy host jitter by 2x easily; comparing costs strictly made P2C
-/// herd onto whichever endpoint last had a lucky sample, so two equal endpoints behind one root got
-/// 49 of 50 sequential requests. An endpoint that is really slower (or busier: cost multiplies
-/// by in-flight requests) still loses every comparison.
-const SWITCH_BELOW: f64 = 0.5;
+/// Share of its estimate an endpoint keeps each time it loses a P2C comparison. Time decay alone
+/// (TAU) is too slow at loopback request rates: one slow answer (a scheduling hiccup, 10x the
+/// usual) made an endpoint lose every comparison for seconds, so two equal endpoints behind one
+/// root got 50 of 50 sequential requests. Fading per lost comparison retries an endpoint avoided
+/// for one slow answer after some 30 comparisons (ln 10 / 0.05), while a steadily 5x slower
+/// endpoint still gets only about 6% of the requests (its samples keep re-raising its estimate).
+const KEPT_PER_LOSS: f64 = 0.95;
 
 /// Live statistics of one endpoint address.
 #[derive(Debug)]
@@ -66,6 +67,16 @@ impl EndpointStats {
 
     fn cost(&self) -> f64 {
         self.ewma_nanos() * (self.in_flight() as f64 + 1.0)
+    }
+
+    /// Lost a comparison: the estimate fades (see `KEPT_PER_LOSS`). Racy read-modify-write on
+    /// purpose: a lost update only blurs the estimate.
+    fn fade(&self) {
+        let raw = f64::from_bits(self.ewma_nanos.load(Ordering::Relaxed));
+        if !raw.is_nan() {
+            self.ewma_nanos
+                .store((raw * KEPT_PER_LOSS).to_bits(), Ordering::Relaxed);
+        }
     }
 
     /// Mark a request started; the returned guard ends it.
@@ -148,26 +159,31 @@ impl Balancer {
             1 => Some(0),
             _ => match self.kind {
                 BalancerKind::RoundRobin => Some(self.next.fetch_add(1, Ordering::Relaxed) % n),
-                BalancerKind::Ewma => Some(p2c(n, stats, EndpointStats::cost, SWITCH_BELOW)),
-                // In-flight counts are exact, not noisy: the fewer wins.
-                BalancerKind::LeastRequest => Some(p2c(n, stats, |s| s.in_flight() as f64, 1.0)),
+                BalancerKind::Ewma => {
+                    let (winner, loser) = p2c(n, stats.clone(), EndpointStats::cost);
+                    if let Some(loser) = stats.clone().nth(loser) {
+                        loser.fade();
+                    }
+                    Some(winner)
+                }
+                BalancerKind::LeastRequest => Some(p2c(n, stats, |s| s.in_flight() as f64).0),
             },
         }
     }
 }
 
+/// Power of two choices: two distinct random endpoints, the cheaper wins (ties: the first).
+/// Returns (winner, loser).
 fn p2c<'a>(
     n: usize,
     mut stats: impl ExactSizeIterator<Item = &'a EndpointStats> + Clone,
     cost: impl Fn(&EndpointStats) -> f64,
-    switch_below: f64,
-) -> usize {
+) -> (usize, usize) {
     let a = fastrand::usize(..n);
     let b = (a + 1 + fastrand::usize(..n - 1)) % n;
     let ca = stats.clone().nth(a).map_or(f64::MAX, &cost);
     let cb = stats.nth(b).map_or(f64::MAX, &cost);
-    // `a` is a uniformly random first choice; `b` wins only when clearly cheaper (see SWITCH_BELOW).
-    if cb < ca * switch_below { b } else { a }
+    if cb < ca { (b, a) } else { (a, b) }
 }
 
 #[cfg(test)]
@@ -194,14 +210,22 @@ mod tests {
         let s = stats(2);
         for _ in 0..2 {
             // The first answer of each is connection set-up and not a sample.
-            s[0].observe(50_000_000.0); // 50 ms
-            s[1].observe(100_000.0); // 0.1 ms
+            s[0].observe(5_000_000.0); // 5 ms
+            s[1].observe(300_000.0); // 0.3 ms
         }
         let b = Balancer::new(BalancerKind::Ewma);
-        let fast = (0..1000)
-            .filter(|_| b.pick(s.iter().map(|s| &**s)) == Some(1))
-            .count();
-        assert_eq!(fast, 1000, "with two endpoints P2C always compares both");
+        let mut slow = 0;
+        for _ in 0..1000 {
+            let pick = b.pick(s.iter().map(|s| &**s)).unwrap();
+            slow += usize::from(pick == 0);
+            // Each keeps answering as it does: the slow one's samples re-raise its estimate.
+            s[pick].observe(if pick == 0 { 5_000_000.0 } else { 300_000.0 });
+        }
+        assert!(slow > 0, "a faded estimate gets retried");
+        assert!(
+            slow < 100,
+            "a 17x slower endpoint gets few requests: {slow} of 1000"
+        );
     }
 
     #[test]
@@ -222,15 +246,20 @@ mod tests {
         s[0].observe(5_000_000.0); // first answer: connection set-up, ignored
         s[0].observe(300_000.0);
         assert_eq!(b.pick(s.iter().map(|s| &**s)), Some(1));
-        // Two endpoints with equal latencies (jittering by 1.5x) share sequential requests.
+        // Two endpoints with equal latencies share sequential requests, even when one had a
+        // 10x hiccup (which time decay alone would hold against it for seconds).
         let mut counts = [0usize; 2];
         for i in 0..200 {
             let pick = b.pick(s.iter().map(|s| &**s)).unwrap();
             counts[pick] += 1;
-            let jitter = if i % 3 == 0 { 450_000.0 } else { 300_000.0 };
-            s[pick].observe(jitter);
+            let latency = match i {
+                5 => 3_000_000.0,
+                _ if i % 3 == 0 => 450_000.0,
+                _ => 300_000.0,
+            };
+            s[pick].observe(latency);
         }
-        assert!(counts.iter().all(|&c| c >= 50), "{counts:?}");
+        assert!(counts.iter().all(|&c| c >= 40), "{counts:?}");
     }
 
     #[test]
