@@ -1,0 +1,267 @@
+//! `trellis controller`: run the control plane (policy sources, discovery, index, gRPC for
+//! proxies, admin port) until Ctrl-C or SIGTERM. Problems are printed to stderr as they appear.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use trellis_controller::discovery::Platform;
+use trellis_controller::identity::{CaSource, Certifier, IdentityOptions};
+use trellis_controller::run::{Options, start_full};
+use trellis_controller_core::index::IndexOptions;
+use trellis_controller_core::index::inbound::AccessSwitches;
+use trellis_controller_kubernetes::leader::LeaderOptions;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// SMI YAML file or directory to watch (repeatable).
+    #[arg(long = "policy", value_name = "DIR")]
+    pub policy: Vec<PathBuf>,
+    /// Discovery platform: file=PATH, consul=ADDR, cloudmap=NAMESPACE[,endpoint=URL], kubernetes (repeatable).
+    #[arg(long = "platform", value_name = "PLATFORM", required = true)]
+    pub platform: Vec<Platform>,
+    /// gRPC listen address for proxies.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub grpc: SocketAddr,
+    /// Admin listen address (/metrics, /ready, /live, /api/v1/state).
+    #[arg(long, default_value = "127.0.0.1:9990")]
+    pub admin: SocketAddr,
+    /// SPIFFE trust domain of workload identities.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Allow inbound traffic no TrafficTarget allows (mesh-wide; default is deny).
+    #[arg(long)]
+    pub permissive: bool,
+    /// Allow inbound traffic no TrafficTarget allows, for workloads in this namespace (repeatable).
+    #[arg(long = "permissive-namespace", value_name = "NS")]
+    pub permissive_namespace: Vec<String>,
+    /// Plaintext (no mTLS) callers from this network may call every workload (repeatable).
+    #[arg(long = "plaintext-from", value_name = "CIDR", value_parser = parse_cidr)]
+    pub plaintext_from: Vec<ipnet::IpNet>,
+    /// Plaintext (no mTLS) callers from anywhere may call workloads in this namespace (repeatable).
+    #[arg(long = "plaintext-namespace", value_name = "NS")]
+    pub plaintext_namespace: Vec<String>,
+    /// CA trust anchor, PEM (repeatable; every certificate in every file is trusted: rotation).
+    #[arg(
+        long = "trust-anchor",
+        value_name = "FILE",
+        conflicts_with = "ca_secret"
+    )]
+    pub trust_anchor: Vec<PathBuf>,
+    /// Issuer certificate, PEM: signs workload certificates, chains to a trust anchor.
+    #[arg(long, value_name = "FILE", conflicts_with = "ca_secret")]
+    pub issuer_cert: Option<PathBuf>,
+    /// Issuer private key, PEM PKCS#8.
+    #[arg(long, value_name = "FILE", conflicts_with = "ca_secret")]
+    pub issuer_key: Option<PathBuf>,
+    /// Kubernetes Secret holding the CA: `ca.crt` (anchors), `tls.crt` (issuer), `tls.key`.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub ca_secret: Option<String>,
+    /// Lifetime of workload certificates (e.g. 24h, 90m).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub cert_lifetime: std::time::Duration,
+    /// Bootstrap tokens (YAML: tokens: [{workload: ns/name, sha256: HEX}]), reloaded on change.
+    #[arg(long, value_name = "FILE")]
+    pub bootstrap_tokens: Option<PathBuf>,
+    /// Audience ServiceAccount tokens must be bound to (TokenReview, `--platform kubernetes`).
+    #[arg(long, default_value = "trellis")]
+    pub token_audience: String,
+    /// Elect a leader with a Lease before writing to Kubernetes (Events). On by default with
+    /// `--platform kubernetes`; `--leader-elect=false` makes this replica always write.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub leader_elect: Option<bool>,
+    /// Namespace of the leader election Lease.
+    #[arg(long, default_value = "trellis-system")]
+    pub lease_namespace: String,
+    /// Name of the leader election Lease.
+    #[arg(long, default_value = "trellis-controller")]
+    pub lease_name: String,
+    /// Lease duration (whole seconds); the leader renews every `--lease-renew`.
+    #[arg(long, default_value = "15", value_name = "SECONDS", hide = true)]
+    pub lease_duration: u64,
+    /// How often the leader renews (and followers retry), in milliseconds.
+    #[arg(long, default_value = "2000", value_name = "MILLIS", hide = true)]
+    pub lease_renew: u64,
+}
+
+impl Args {
+    /// The leader election to run, if any.
+    fn leader(&self) -> Option<LeaderOptions> {
+        let kubernetes = self.platform.contains(&Platform::Kubernetes);
+        if !self.leader_elect.unwrap_or(kubernetes) {
+            return None;
+        }
+        let mut options = LeaderOptions::new(&self.lease_namespace, &self.lease_name);
+        options.lease_duration = std::time::Duration::from_secs(self.lease_duration.max(1));
+        options.retry_period = std::time::Duration::from_millis(self.lease_renew.max(10));
+        Some(options)
+    }
+}
+
+/// A `--plaintext-from` value (CIDR or address).
+fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    trellis_controller_core::index::inbound::parse_cidr(text)
+}
+
+impl Args {
+    /// The access switches beyond `--permissive`.
+    fn access(&self) -> AccessSwitches {
+        AccessSwitches {
+            permissive_namespaces: self.permissive_namespace.clone(),
+            plaintext_from: self.plaintext_from.clone(),
+            plaintext_namespaces: self.plaintext_namespace.clone(),
+        }
+    }
+
+    /// The CA and proof checks.
+    fn identity(&self) -> anyhow::Result<IdentityOptions> {
+        let ca = match (
+            &self.ca_secret,
+            self.trust_anchor.is_empty(),
+            &self.issuer_cert,
+            &self.issuer_key,
+        ) {
+            (Some(secret), ..) => {
+                let (namespace, name) = secret
+                    .split_once('/')
+                    .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("--ca-secret {secret:?}: expected NAMESPACE/NAME")
+                    })?;
+                CaSource::Secret {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                }
+            }
+            (None, true, None, None) => CaSource::Generated,
+            (None, false, Some(cert), Some(key)) => CaSource::Files {
+                anchors: self.trust_anchor.clone(),
+                issuer_cert: cert.clone(),
+                issuer_key: key.clone(),
+            },
+            _ => anyhow::bail!(
+                "a CA from files needs --trust-anchor (at least one), --issuer-cert and --issuer-key together"
+            ),
+        };
+        Ok(IdentityOptions {
+            ca,
+            cert_lifetime: self.cert_lifetime,
+            bootstrap_tokens: self.bootstrap_tokens.clone(),
+            token_review: self.platform.contains(&Platform::Kubernetes),
+            token_audience: self.token_audience.clone(),
+            ..IdentityOptions::default()
+        })
+    }
+
+    /// One line per access switch that lets more in than TrafficTargets (stderr at start).
+    fn access_warnings(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if self.permissive {
+            lines.push(
+                "PERMISSIVE mode: inbound traffic no TrafficTarget allows is allowed mesh-wide"
+                    .to_owned(),
+            );
+        }
+        for ns in &self.permissive_namespace {
+            lines.push(format!("PERMISSIVE in namespace {ns}: inbound traffic no TrafficTarget allows is allowed there"));
+        }
+        for net in &self.plaintext_from {
+            lines.push(format!("plaintext allowed from {net}: callers without mTLS from there may call every workload"));
+        }
+        for ns in &self.plaintext_namespace {
+            lines.push(format!(
+                "plaintext allowed into namespace {ns} from anywhere"
+            ));
+        }
+        lines
+    }
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
+    let leader = args.leader();
+    if leader.is_some() && !args.platform.contains(&Platform::Kubernetes) {
+        anyhow::bail!("--leader-elect needs --platform kubernetes (the Lease lives there)");
+    }
+    let running = start_full(
+        Options {
+            policy_paths: args.policy.clone(),
+            platforms: args.platform.clone(),
+            grpc: args.grpc,
+            admin: Some(args.admin),
+            index: IndexOptions {
+                trust_domain: args.trust_domain.clone(),
+                permissive: args.permissive,
+                access: args.access(),
+            },
+        },
+        args.identity()?,
+        leader,
+        Vec::new(),
+    )
+    .await?;
+    println!("grpc listening on {}", running.grpc);
+    if let Some(admin) = running.admin {
+        println!("admin listening on {admin}");
+    }
+    for line in args.access_warnings() {
+        eprintln!("trellis controller: {line}");
+    }
+    if matches!(args.identity()?.ca, CaSource::Generated) {
+        eprintln!(
+            "trellis controller: CA generated in memory for local use (give --trust-anchor/--issuer-cert/--issuer-key or --ca-secret to use your own)"
+        );
+    }
+    let identity_report = report_identity_errors(&running.identity);
+    let mut status = running.index.status();
+    let report = tokio::spawn(async move {
+        let mut shown = Vec::new();
+        while status.changed().await.is_ok() {
+            let problems = status.borrow_and_update().problems.clone();
+            for p in problems.iter().filter(|p| !shown.contains(*p)) {
+                eprintln!("problem: {}: {}: {}", p.location, p.resource, p.message);
+            }
+            shown = problems;
+        }
+    });
+    shutdown_signal().await;
+    report.abort();
+    identity_report
+        .iter()
+        .for_each(tokio::task::JoinHandle::abort);
+    // Hand the Lease over at once rather than let the next leader wait for it to expire.
+    running.leader.release().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints CA and bootstrap token reload errors on stderr as they appear (the last good
+/// material stays in force).
+fn report_identity_errors(identity: &Certifier) -> Vec<tokio::task::JoinHandle<()>> {
+    fn report<E: std::fmt::Display + Clone + Send + Sync + 'static>(
+        mut errors: tokio::sync::watch::Receiver<Option<E>>,
+        what: &'static str,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while errors.changed().await.is_ok() {
+                if let Some(e) = errors.borrow_and_update().clone() {
+                    eprintln!("problem: {what}: {e} (the last good one stays in force)");
+                }
+            }
+        })
+    }
+    let mut tasks = vec![report(identity.ca().errors(), "CA")];
+    tasks.extend(identity.token_errors().map(|t| report(t, "identity")));
+    tasks
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}

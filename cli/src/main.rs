@@ -1,0 +1,57 @@
+//! The `trellis` CLI: one subcommand per module; each exposes `Args` (clap) and `run`, which
+//! returns the process exit code; `anyhow` errors stop here. The logic lives in the libraries:
+//! this crate parses arguments, prints, and (for `demo`) starts the parts the way a user would.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod check;
+mod controller;
+mod crds;
+mod demo;
+mod get;
+mod state;
+mod validate;
+
+/// Trellis: a service mesh that implements the whole SMI on every platform.
+#[derive(Debug, Parser)]
+#[command(name = "trellis", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check SMI YAML files and directories: print every error, or one line per resource.
+    Validate(validate::Args),
+    /// Write the SMI CustomResourceDefinitions (every version served, conversion webhook).
+    Crds(crds::Args),
+    /// Run the local demo mesh (controller, proxy, two versions of an app, a client) on loopback.
+    Demo(demo::Args),
+    /// Run the controller: SMI policy + discovery -> live proxy configuration.
+    Controller(Box<controller::Args>),
+    /// Is the controller up, how fresh is each source, any problems? (exit 1 if down or problems)
+    Check(check::Args),
+    /// The controller's resolved view: splits, targets, routes or services.
+    Get(get::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate(args) => validate::run(&args),
+        Command::Crds(args) => crds::run(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::Controller(args) => controller::run(&args),
+        Command::Check(args) => check::run(&args),
+        Command::Get(args) => get::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("trellis: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

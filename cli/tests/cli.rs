@@ -1,0 +1,121 @@
+//! `trellis validate` as a user runs it: the real binary on the test data of trellis-smi.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("cli/ sits in the workspace")
+        .to_owned()
+}
+
+fn trellis(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trellis"))
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .expect("the trellis binary runs")
+}
+
+/// One precise error per problem planted in smi/tests/data/broken (each file says what it holds).
+const EXPECTED_ERRORS: &[&str] = &[
+    "smi/tests/data/broken/routes.yaml:21: HTTPRouteGroup shop/bad-regexes: spec.matches[0].pathRegex: invalid regex \"/api/(v1\": unclosed group",
+    "smi/tests/data/broken/routes.yaml:23: HTTPRouteGroup shop/bad-regexes: spec.matches[1].pathRegex: regex is too large: it compiles to more than 262144 bytes",
+    "smi/tests/data/broken/routes.yaml:25: HTTPRouteGroup shop/bad-regexes: spec.matches[2].methods[1]: unknown HTTP method \"FETCH\" (expected one of *, GET, HEAD, PUT, POST, DELETE, CONNECT, OPTIONS, TRACE, PATCH)",
+    "smi/tests/data/broken/routes.yaml:32: HTTPRouteGroup shop/wrapped: spec: unknown field `spec`: this version has no `spec` wrapper, its fields sit at the top level",
+    "smi/tests/data/broken/routes.yaml:43: TCPRoute shop/api-port: spec.matches.ports[1]: invalid value: integer `70000`, expected u16",
+    "smi/tests/data/broken/splits.yaml:13: TrafficSplit shop/negative: spec.backends[1].weight: must be a non-negative integer, got -5",
+    "smi/tests/data/broken/splits.yaml:24: TrafficSplit shop/fractional: spec.backends[0].weight: must be a non-negative integer, got 1.5",
+    "smi/tests/data/broken/splits.yaml:33: TrafficSplit shop/no-backends: spec.backends: must list at least one backend",
+    "smi/tests/data/broken/splits.yaml:44: TrafficSplit shop/bad-quantity: spec.backends[0].weight: must be a non-negative Kubernetes quantity such as \"1\" or \"500m\", got \"lots\"",
+    "smi/tests/data/broken/splits.yaml:55: TrafficSplit shop/missing-group: spec.matches[0].name: HTTPRouteGroup shop/no-such-group does not exist",
+    "smi/tests/data/broken/splits.yaml:69: TrafficSplit shop/typo: spec.backends[0].weigth: unknown field `weigth`, expected `service` or `weight`",
+    "smi/tests/data/broken/syntax.yaml:7: invalid YAML: unclosed bracket '[' at line 7, column 13",
+    "smi/tests/data/broken/targets.yaml:7: TrafficTarget shop/no-sources: spec: missing field `sources`",
+    "smi/tests/data/broken/targets.yaml:24: TrafficTarget shop/no-rules: spec.rules: must list at least one rule",
+    "smi/tests/data/broken/targets.yaml:39: TrafficTarget shop/grpc-rule: spec.rules[0].kind: unknown variant `GRPCRoute`, expected one of `HTTPRouteGroup`, `TCPRoute`, `UDPRoute`",
+    "smi/tests/data/broken/targets.yaml:60: TrafficTarget shop/missing-match: spec.rules[0].matches[1]: HTTPRouteGroup shop/api-routes has no match named \"admin\"",
+    "smi/tests/data/broken/targets.yaml:71: TrafficTarget shop/not-a-service-account: destination.kind: must be ServiceAccount (Trellis identities are service accounts), got \"Pod\"",
+    "smi/tests/data/broken/unknown.yaml:2: TrafficSplit shop/future: apiVersion: TrafficSplit has no version \"v1alpha9\" (known: v1alpha1, v1alpha2, v1alpha3, v1alpha4)",
+    "smi/tests/data/broken/unknown.yaml:12: ConfigMap shop/not-smi: kind: unknown SMI kind \"ConfigMap\" (known: TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute)",
+    "smi/tests/data/broken/unknown.yaml:30: HTTPRouteGroup shop/api-routes: metadata.name: HTTPRouteGroup shop/api-routes is also defined at smi/tests/data/broken/routes.yaml:2; each resource may be defined once",
+    "20 error(s) in 5 file(s)",
+];
+
+#[test]
+fn broken_documents_get_one_precise_error_each() {
+    let output = trellis(&["validate", "smi/tests/data/broken"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines, EXPECTED_ERRORS, "full output:\n{stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "no resource summaries when there are errors"
+    );
+}
+
+#[test]
+fn valid_documents_get_one_summary_line_each() {
+    let output = trellis(&[
+        "validate",
+        "smi/tests/data/examples/split-v1alpha4.yaml",
+        "smi/tests/data/examples/access-v1alpha1.yaml",
+    ]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "smi/tests/data/examples/split-v1alpha4.yaml:2: TrafficSplit split-v1alpha4/canary (split.smi-spec.io/v1alpha4): root website -> website-v1 90, website-v2 10",
+            "smi/tests/data/examples/split-v1alpha4.yaml:15: TrafficSplit split-v1alpha4/ab-test (split.smi-spec.io/v1alpha4): root website -> website-v1 0, website-v2 100 for route groups ab-test",
+            "smi/tests/data/examples/split-v1alpha4.yaml:31: HTTPRouteGroup split-v1alpha4/ab-test (specs.smi-spec.io/v1alpha4): 1 match(es): firefox-users",
+            "smi/tests/data/examples/split-v1alpha4.yaml:42: TrafficSplit split-v1alpha4/foobar-rollout (split.smi-spec.io/v1alpha4): root foobar -> foobar-v1 1000, foobar-v2 500",
+            "smi/tests/data/examples/access-v1alpha1.yaml:2: TrafficTarget access-v1alpha1/path-specific (access.smi-spec.io/v1alpha1): allow prometheus -> service-a port 8080, 1 rule(s)",
+            "smi/tests/data/examples/access-v1alpha1.yaml:22: HTTPRouteGroup access-v1alpha1/the-routes (specs.smi-spec.io/v1alpha1): 2 match(es): metrics, everything",
+            "6 resource(s) valid",
+        ]
+    );
+}
+
+#[test]
+fn a_missing_path_is_an_error() {
+    let output = trellis(&["validate", "no/such/dir"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.starts_with("no/such/dir: cannot read: "), "{stderr}");
+}
+
+#[test]
+fn crds_subcommand_writes_every_crd() {
+    let dir = std::env::temp_dir().join(format!("trellis-crds-{}", std::process::id()));
+    let output = trellis(&["crds", "--out", dir.to_str().unwrap()]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        files,
+        [
+            "httproutegroups.specs.smi-spec.io.yaml",
+            "tcproutes.specs.smi-spec.io.yaml",
+            "trafficsplits.split.smi-spec.io.yaml",
+            "traffictargets.access.smi-spec.io.yaml",
+            "udproutes.specs.smi-spec.io.yaml",
+        ]
+    );
+}

@@ -1,0 +1,238 @@
+//! The proxy-facing gRPC server (`trellis-proxy-api`): `Destinations.Watch` and `Inbound.Watch`
+//! served from the [`Index`]'s watch channels, and `Identity.Certify` on the same port, answered
+//! by whatever implements [`Certify`] (the controller's CA in `trellis-controller`; this crate
+//! needs neither the CA nor any platform's proof checks).
+//!
+//! A stream registers interest on first use (the index starts watching the services it needs),
+//! sends the first complete answer as soon as the index has one, then every change. Streams read
+//! only `watch` channels, never a registry, and several quick changes collapse into the latest
+//! (a proxy needs the current state, not every intermediate one). Knows nothing of Kubernetes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
+use tonic::{Request, Response, Status};
+use trellis_discovery::ServiceKey;
+use trellis_proxy_api::authority::normalize;
+use trellis_proxy_api::v1::{self, destinations_server, identity_server, inbound_server};
+
+use trellis_controller_core::index::Index;
+
+/// Issues workload certificates for `Identity.Certify`: checks the proof in the request and
+/// signs its CSR. The controller's CA implements it; the trait keeps the CA (and the Kubernetes
+/// TokenReview behind some proofs) out of this crate.
+#[tonic::async_trait]
+pub trait Certify: Send + Sync + 'static {
+    async fn certify(&self, request: &v1::CertifyRequest) -> Result<v1::CertifyResponse, Status>;
+}
+
+/// The tonic service over a [`Certify`] (tonic's generated server wants a sized type).
+struct IdentityService(Arc<dyn Certify>);
+
+#[tonic::async_trait]
+impl identity_server::Identity for IdentityService {
+    async fn certify(
+        &self,
+        request: Request<v1::CertifyRequest>,
+    ) -> Result<Response<v1::CertifyResponse>, Status> {
+        self.0.certify(request.get_ref()).await.map(Response::new)
+    }
+}
+
+/// Connected proxy streams, for the state and metrics.
+#[derive(Debug, Default)]
+pub struct StreamCounts {
+    pub destinations: AtomicUsize,
+    pub inbound: AtomicUsize,
+}
+
+/// Decrements a counter when a stream ends.
+struct Connected(Arc<StreamCounts>, bool);
+
+impl Connected {
+    fn new(counts: &Arc<StreamCounts>, inbound: bool) -> Self {
+        counter(counts, inbound).fetch_add(1, Ordering::Relaxed);
+        Connected(counts.clone(), inbound)
+    }
+}
+
+fn counter(counts: &StreamCounts, inbound: bool) -> &AtomicUsize {
+    if inbound {
+        &counts.inbound
+    } else {
+        &counts.destinations
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        counter(&self.0, self.1).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The gRPC services over one index.
+#[derive(Clone)]
+pub struct ProxyApi {
+    index: Index,
+    counts: Arc<StreamCounts>,
+    /// `Identity.Certify`, served on the same port when set.
+    identity: Option<Arc<dyn Certify>>,
+}
+
+impl std::fmt::Debug for ProxyApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyApi")
+            .field("index", &self.index)
+            .field("counts", &self.counts)
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
+}
+
+impl ProxyApi {
+    pub fn new(index: Index, counts: Arc<StreamCounts>) -> Self {
+        Self {
+            index,
+            counts,
+            identity: None,
+        }
+    }
+
+    /// Also serves `Identity.Certify` with `certifier`.
+    pub fn with_identity(mut self, certifier: Arc<dyn Certify>) -> Self {
+        self.identity = Some(certifier);
+        self
+    }
+
+    /// Serves on `listener` until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        let identity = self
+            .identity
+            .clone()
+            .map(|certify| identity_server::IdentityServer::new(IdentityService(certify)));
+        tonic::transport::Server::builder()
+            .add_service(destinations_server::DestinationsServer::new(self.clone()))
+            .add_service(inbound_server::InboundServer::new(self))
+            .add_optional_service(identity)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await
+    }
+}
+
+/// Binds `addr` and serves in the background; returns the bound address.
+pub async fn spawn(api: ProxyApi, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = api.serve(listener, std::future::pending()).await {
+            tracing::error!("gRPC server stopped: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+/// `name.namespace` as a service; a single label is in `default`.
+fn service_of(name: &str) -> Option<ServiceKey> {
+    let mut parts = name.split('.');
+    let service = parts.next()?;
+    let namespace = parts.next().unwrap_or("default");
+    if parts.next().is_some() || service.is_empty() {
+        return None;
+    }
+    Some(ServiceKey::new(namespace, service))
+}
+
+#[tonic::async_trait]
+impl destinations_server::Destinations for ProxyApi {
+    type WatchStream = BoxStream<'static, Result<v1::DestinationUpdate, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<v1::DestinationRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let target = &request.get_ref().target;
+        let authority = normalize(target)
+            .map_err(|e| Status::invalid_argument(format!("target {target:?}: {e}")))?;
+        let service = match (authority.is_ip, service_of(&authority.name)) {
+            (false, Some(service)) => service,
+            _ => {
+                // Addresses (intercepted connections) are not mapped back to services yet.
+                let update = v1::DestinationUpdate {
+                    version: "0".into(),
+                    kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
+                        reason: format!(
+                            "{} names no service (expected name.namespace)",
+                            authority.key()
+                        ),
+                    })),
+                };
+                return Ok(Response::new(
+                    futures::stream::once(async { Ok(update) })
+                        .chain(futures::stream::pending())
+                        .boxed(),
+                ));
+            }
+        };
+        let rx = self
+            .index
+            .destination(service)
+            .await
+            .ok_or_else(|| Status::unavailable("the controller's index has stopped"))?;
+        let guard = Connected::new(&self.counts, false);
+        Ok(Response::new(
+            WatchStream::new(rx)
+                .filter_map(move |update| {
+                    let _connected = &guard;
+                    async move { update.map(Ok) }
+                })
+                .boxed(),
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl inbound_server::Inbound for ProxyApi {
+    type WatchStream = BoxStream<'static, Result<v1::InboundPolicy, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<v1::InboundRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.get_ref();
+        let (namespace, name) = req.workload.split_once('/').ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "workload {:?}: expected namespace/name",
+                req.workload
+            ))
+        })?;
+        let port = u16::try_from(req.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("port {}: expected 1..=65535", req.port))
+            })?;
+        let rx = self
+            .index
+            .inbound(ServiceKey::new(namespace, name), port)
+            .await
+            .ok_or_else(|| Status::unavailable("the controller's index has stopped"))?;
+        let guard = Connected::new(&self.counts, true);
+        Ok(Response::new(
+            WatchStream::new(rx)
+                .filter_map(move |policy| {
+                    let _connected = &guard;
+                    async move { policy.map(Ok) }
+                })
+                .boxed(),
+        ))
+    }
+}

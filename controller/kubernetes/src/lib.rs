@@ -1,0 +1,15 @@
+//! The controller's Kubernetes runtime: everything that talks to a Kubernetes API server.
+//!
+//! - [`policy`]: the SMI CRDs as a [`trellis_controller_core::policy::PolicySource`] (one
+//!   reflector per kind at its stored version; watch failures reported, last policy kept).
+//! - [`leader`]: Lease-based leader election for what the controller writes.
+//! - [`events`]: events.k8s.io/v1 Warnings about SMI objects, written by the leader only.
+//! - [`webhook`]: the CRD conversion webhook (`POST /convert`) and its reloading certificate.
+//!
+//! The core and the gRPC API build without this crate; `trellis-controller` links it for
+//! `--platform kubernetes`.
+
+pub mod events;
+pub mod leader;
+pub mod policy;
+pub mod webhook;

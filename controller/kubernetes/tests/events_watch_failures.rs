@@ -1,0 +1,145 @@
+//! Watch failures of the Kubernetes policy source (API server unreachable, CRD missing) are
+//! visible where people look: as problems in the index's status (`/api/v1/state`, `trellis
+//! check`), with the time they started, and they clear when the watch works again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use trellis_controller_core::index::{Index, IndexOptions, Status};
+use trellis_controller_core::policy::PolicySource;
+use trellis_controller_kubernetes::policy::KubernetesPolicySource;
+use trellis_kube_fake::{FakeApiServer, ResourceType};
+
+fn split_type() -> ResourceType {
+    ResourceType::new(
+        "split.smi-spec.io",
+        "v1alpha4",
+        "trafficsplits",
+        "TrafficSplit",
+        true,
+    )
+}
+
+fn register_all(server: &FakeApiServer) {
+    server.register(split_type());
+    server.register(ResourceType::new(
+        "access.smi-spec.io",
+        "v1alpha3",
+        "traffictargets",
+        "TrafficTarget",
+        true,
+    ));
+    for (plural, kind) in [
+        ("httproutegroups", "HTTPRouteGroup"),
+        ("tcproutes", "TCPRoute"),
+        ("udproutes", "UDPRoute"),
+    ] {
+        server.register(ResourceType::new(
+            "specs.smi-spec.io",
+            "v1alpha4",
+            plural,
+            kind,
+            true,
+        ));
+    }
+}
+
+fn index(server: &FakeApiServer) -> Index {
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
+    let source: Arc<dyn PolicySource> = Arc::new(KubernetesPolicySource::new(client));
+    let discovery = trellis_adapter_kubernetes::KubernetesDiscovery::new(
+        kube::Config::new(server.url().parse().unwrap()),
+        Default::default(),
+    )
+    .unwrap();
+    Index::start(vec![source], Arc::new(discovery), IndexOptions::default())
+}
+
+fn watch_problems(status: &Status) -> Vec<String> {
+    status
+        .problems
+        .iter()
+        .filter(|p| p.location == "kubernetes" && p.message.starts_with("watch failing since "))
+        .map(|p| format!("{}: {}", p.resource, p.message))
+        .collect()
+}
+
+async fn wait_status(index: &Index, what: &str, wanted: impl Fn(&Status) -> bool) -> Status {
+    let mut status = index.status();
+    match tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| wanted(s))).await {
+        Ok(Ok(s)) => (**s).clone(),
+        _ => panic!(
+            "no status with {what} within 10 s; problems: {:#?}",
+            index.status().borrow().problems
+        ),
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_a_problem_until_it_answers_again() {
+    let server = FakeApiServer::start().await.unwrap();
+    register_all(&server);
+    server
+        .store()
+        .apply(
+            &split_type(),
+            json!({
+                "apiVersion": "split.smi-spec.io/v1alpha4",
+                "kind": "TrafficSplit",
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"service": "web", "backends": [{"service": "web-v1", "weight": 1}]},
+            }),
+        )
+        .unwrap();
+    let index = index(&server);
+    wait_status(&index, "the split in force", |s| {
+        s.policy_ready && s.policies.len() == 1
+    })
+    .await;
+    assert!(watch_problems(&index.status().borrow()).is_empty());
+
+    server.begin_outage();
+    let status = wait_status(&index, "watch failures", |s| watch_problems(s).len() == 5).await;
+    // The last policy stays in force, and the problem says so and since when.
+    assert_eq!(status.policies.len(), 1);
+    let problems = watch_problems(&status);
+    assert!(
+        problems.iter().any(|p| p
+            .starts_with("TrafficSplit (split.smi-spec.io/v1alpha4): watch failing since 20")
+            && p.ends_with("; the last policy stays in force")),
+        "{problems:#?}"
+    );
+
+    server.end_outage().await.unwrap();
+    let status = wait_status(&index, "no watch failures", |s| {
+        watch_problems(s).is_empty()
+    })
+    .await;
+    assert_eq!(status.policies.len(), 1);
+}
+
+#[tokio::test]
+async fn a_missing_crd_is_a_lasting_problem_of_that_kind_only() {
+    let server = FakeApiServer::start().await.unwrap();
+    server.register(split_type()); // only TrafficSplit is installed
+    let index = index(&server);
+    let status = wait_status(&index, "the missing kinds", |s| {
+        s.policy_ready && watch_problems(s).len() == 4
+    })
+    .await;
+    let problems = watch_problems(&status);
+    assert!(
+        !problems.iter().any(|p| p.starts_with("TrafficSplit")),
+        "{problems:#?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("TrafficTarget (access.smi-spec.io/v1alpha3)")),
+        "{problems:#?}"
+    );
+    // The probe keeps failing (404): after a few probes the problems are still there.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(watch_problems(&index.status().borrow()).len(), 4);
+}

@@ -1,0 +1,246 @@
+//! The controller's admin port: `/live`, `/ready` (200 once every policy source has answered),
+//! `/metrics` (Prometheus text, registry passed in) and `/api/v1/state` (JSON for people and for
+//! `trellis check` / `trellis get`: platforms with their freshness, connected proxy streams,
+//! leader election, policies in force, resolved destinations and every problem).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use trellis_discovery::Merged;
+
+use trellis_controller_core::index::{Index, Status};
+use trellis_controller_grpc::StreamCounts;
+use trellis_controller_kubernetes::leader::LeaderStatus;
+
+/// One discovery source as `trellis check` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlatformState {
+    pub source: String,
+    pub last_good_unix: Option<u64>,
+    pub last_error: Option<String>,
+    pub stale: bool,
+}
+
+/// Connected proxy streams.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StreamState {
+    pub destinations: usize,
+    pub inbound: usize,
+}
+
+/// The JSON of `/api/v1/state`.
+#[derive(Clone, Debug, Serialize)]
+pub struct State {
+    pub platforms: Vec<PlatformState>,
+    pub streams: StreamState,
+    /// Leader election (`None` when the admin port was not told about it).
+    pub leader: Option<LeaderStatus>,
+    #[serde(flatten)]
+    pub index: Status,
+}
+
+/// What the admin port reads.
+#[derive(Clone)]
+pub struct Admin {
+    index: Index,
+    discovery: Merged,
+    counts: Arc<StreamCounts>,
+    registry: Arc<Registry>,
+    gauges: Gauges,
+    leader: Option<tokio::sync::watch::Receiver<LeaderStatus>>,
+}
+
+#[derive(Clone, Default)]
+struct Gauges {
+    leader: Gauge,
+    destination_streams: Gauge,
+    inbound_streams: Gauge,
+    policies: Gauge,
+    problems: Gauge,
+    destinations: Gauge,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    /// Registers the controller's metrics in `registry` and serves it on `/metrics`.
+    pub fn new(
+        index: Index,
+        discovery: Merged,
+        counts: Arc<StreamCounts>,
+        mut registry: Registry,
+    ) -> Self {
+        let gauges = Gauges::default();
+        registry.register(
+            "trellis_controller_proxy_streams_destinations",
+            "Connected Destinations.Watch streams",
+            gauges.destination_streams.clone(),
+        );
+        registry.register(
+            "trellis_controller_proxy_streams_inbound",
+            "Connected Inbound.Watch streams",
+            gauges.inbound_streams.clone(),
+        );
+        registry.register(
+            "trellis_controller_policies",
+            "SMI resources in force",
+            gauges.policies.clone(),
+        );
+        registry.register(
+            "trellis_controller_problems",
+            "Problems reported",
+            gauges.problems.clone(),
+        );
+        registry.register(
+            "trellis_controller_destinations",
+            "Destinations watched by proxies",
+            gauges.destinations.clone(),
+        );
+        registry.register(
+            "trellis_controller_leader",
+            "1 while this replica is the leader (may write Events), else 0",
+            gauges.leader.clone(),
+        );
+        Admin {
+            index,
+            discovery,
+            counts,
+            registry: Arc::new(registry),
+            gauges,
+            leader: None,
+        }
+    }
+
+    /// Shows the leader election in the state and the `trellis_controller_leader` gauge.
+    pub fn with_leader(mut self, status: tokio::sync::watch::Receiver<LeaderStatus>) -> Self {
+        self.leader = Some(status);
+        self
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs())
+        };
+        State {
+            platforms: self
+                .discovery
+                .freshness()
+                .into_iter()
+                .map(|f| PlatformState {
+                    source: f.source.to_string(),
+                    last_good_unix: f.last_good.and_then(unix),
+                    stale: f.is_stale(),
+                    last_error: f.last_error.map(|(_, e)| e),
+                })
+                .collect(),
+            streams: StreamState {
+                destinations: self.counts.destinations.load(Ordering::Relaxed),
+                inbound: self.counts.inbound.load(Ordering::Relaxed),
+            },
+            leader: self.leader.as_ref().map(|l| l.borrow().clone()),
+            index: (**self.index.status().borrow()).clone(),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let state = self.state();
+        let set = |g: &Gauge, v: usize| {
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set(&self.gauges.destination_streams, state.streams.destinations);
+        set(&self.gauges.inbound_streams, state.streams.inbound);
+        set(&self.gauges.policies, state.index.policies.len());
+        set(&self.gauges.problems, state.index.problems.len());
+        set(&self.gauges.destinations, state.index.destinations.len());
+        // Without election information this replica is the only writer.
+        let leader = state.leader.as_ref().is_none_or(|l| l.leader);
+        set(&self.gauges.leader, usize::from(leader));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    fn respond(&self, path: &str) -> Response<Full<Bytes>> {
+        let (status, content_type, body) = match path {
+            "/live" => (StatusCode::OK, "text/plain", "live\n".to_owned()),
+            "/ready" if self.index.status().borrow().policy_ready => {
+                (StatusCode::OK, "text/plain", "ready\n".to_owned())
+            }
+            "/ready" => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready: waiting for the policy sources\n".to_owned(),
+            ),
+            "/metrics" => (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.metrics(),
+            ),
+            "/api/v1/state" => (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&self.state()).unwrap_or_default(),
+            ),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                format!("no such page {path}\n"),
+            ),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        if let Ok(value) = content_type.parse() {
+            response
+                .headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, value);
+        }
+        response
+    }
+
+    /// Binds `addr` and serves in the background; returns the bound address.
+    pub async fn spawn(self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                let admin = self.clone();
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let response = admin.respond(req.uri().path());
+                            async move { Ok::<_, std::convert::Infallible>(response) }
+                        });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        Ok(bound)
+    }
+}

@@ -1,0 +1,15 @@
+//! The SMI conformance suite and platform-parity matrix of Trellis, run end to end against real
+//! processes on loopback.
+//!
+//! - The workload is the echo app of `trellis-echo` (`apps/echo`), shared with `trellis demo`.
+//! - [`harness`]: starts the controller, one `trellis-proxy` per workload and the echo apps as
+//!   real processes, for one platform (file, Consul double, Cloud Map on moto, Kubernetes fake or
+//!   real API server).
+//! - [`scenarios`]: the SMI scenarios, the same SMI YAML on every platform.
+//! - [`table`]: the scenario x platform table the conformance test prints.
+//!
+//! The test `tests/smi.rs` runs every scenario on every platform and fails on any failure.
+
+pub mod harness;
+pub mod scenarios;
+pub mod table;

@@ -1,0 +1,124 @@
+//! Test support shared by the workspace's tests and benchmarks (never a dependency of production
+//! code): percentiles, atomic file writes, the SMI YAML they write, the fake API server with the
+//! SMI CRDs, and process figures from `/proc`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use trellis_kube_fake::{FakeApiServer, ResourceType};
+
+pub use trellis_discovery_suite::LatencyStats;
+
+/// Writes `text` to `path` atomically: a temp file in `scratch` (same filesystem, outside any
+/// watched directory, so the watcher never sees it), then a rename.
+pub fn write_atomically(scratch: &Path, path: &Path, text: &str) {
+    let tmp = scratch.join(format!(
+        "{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&tmp, text).expect("writing the temp file");
+    std::fs::rename(&tmp, path).expect("renaming the temp file into place");
+}
+
+/// The `i`th point of the golden-ratio sequence in [0, 1): changes land at every phase of a
+/// poll cycle, as real ones do.
+pub fn phase(i: usize) -> f64 {
+    (i as f64 * 0.618_033_988_749_895).fract()
+}
+
+/// A TrafficSplit (v1alpha4 YAML) of `root` over `root-v1`/`root-v2`.
+pub fn split_yaml(namespace: &str, root: &str, w1: u32, w2: u32) -> String {
+    format!(
+        "---\napiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {{ name: {root}, namespace: {namespace} }}\nspec:\n  service: {root}\n  backends:\n  - {{ service: {root}-v1, weight: {w1} }}\n  - {{ service: {root}-v2, weight: {w2} }}\n"
+    )
+}
+
+/// The same split as a Kubernetes object.
+pub fn split_object(namespace: &str, root: &str, w1: u32, w2: u32) -> Value {
+    json!({
+        "apiVersion": "split.smi-spec.io/v1alpha4",
+        "kind": "TrafficSplit",
+        "metadata": {"name": root, "namespace": namespace},
+        "spec": {"service": root, "backends": [
+            {"service": format!("{root}-v1"), "weight": w1},
+            {"service": format!("{root}-v2"), "weight": w2},
+        ]},
+    })
+}
+
+/// The TrafficSplit resource type at its stored version.
+pub fn split_type() -> ResourceType {
+    ResourceType::new(
+        "split.smi-spec.io",
+        "v1alpha4",
+        "trafficsplits",
+        "TrafficSplit",
+        true,
+    )
+}
+
+/// A fake API server with every SMI CRD registered at its stored version.
+pub async fn smi_api_server() -> FakeApiServer {
+    let server = FakeApiServer::start()
+        .await
+        .expect("starting the fake API server");
+    server.register(split_type());
+    server.register(ResourceType::new(
+        "access.smi-spec.io",
+        "v1alpha3",
+        "traffictargets",
+        "TrafficTarget",
+        true,
+    ));
+    for (plural, kind) in [
+        ("httproutegroups", "HTTPRouteGroup"),
+        ("tcproutes", "TCPRoute"),
+        ("udproutes", "UDPRoute"),
+    ] {
+        server.register(ResourceType::new(
+            "specs.smi-spec.io",
+            "v1alpha4",
+            plural,
+            kind,
+            true,
+        ));
+    }
+    server
+}
+
+/// A kube client of the fake API server.
+pub fn kube_client(server: &FakeApiServer) -> kube::Client {
+    kube::Client::try_from(kube::Config::new(server.url().parse().expect("fake URL")))
+        .expect("kube client")
+}
+
+/// Resident set and its peak of process `pid` (`/proc/<pid>/status`), in bytes.
+pub fn memory_of(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU time (user + system) process `pid` has used so far (`/proc/<pid>/stat`, clock ticks of
+/// 10 ms: `CLK_TCK` is 100 on Linux).
+pub fn cpu_of(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the command.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+pub const MIB: f64 = 1024.0 * 1024.0;
+
+/// `a - b` as a signed number of milliseconds, for "the controller's share" columns.
+pub fn minus_ms(a: Duration, b: Duration) -> f64 {
+    (a.as_secs_f64() - b.as_secs_f64()) * 1000.0
+}
