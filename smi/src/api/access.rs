@@ -63,7 +63,7 @@ pub struct Rule<K> {
 pub mod v1alpha1 {
     //! TrafficTarget v1alpha1: no `spec:` wrapper, `specs` instead of `rules`, destination port.
     use super::*;
-    use kube::CustomResource;
+    use kube_derive::CustomResource;
 
     #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize)]
     #[kube(
@@ -72,7 +72,13 @@ pub mod v1alpha1 {
         kind = "TrafficTarget",
         namespaced
     )]
-    #[kube(schema = "disabled", derive = "PartialEq", shortname = "tt", no_spec)]
+    #[kube(
+        crates(kube_core = "::kube_core"),
+        schema = "disabled",
+        derive = "PartialEq",
+        shortname = "tt",
+        no_spec
+    )]
     #[serde(deny_unknown_fields)]
     pub struct TrafficTargetSpec {
         pub destination: PortDestination,
@@ -86,7 +92,7 @@ pub mod v1alpha1 {
 pub mod v1alpha2 {
     //! TrafficTarget v1alpha2: `spec:` wrapper and `rules`, destination port.
     use super::*;
-    use kube::CustomResource;
+    use kube_derive::CustomResource;
 
     #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize)]
     #[kube(
@@ -95,7 +101,12 @@ pub mod v1alpha2 {
         kind = "TrafficTarget",
         namespaced
     )]
-    #[kube(schema = "disabled", derive = "PartialEq", shortname = "tt")]
+    #[kube(
+        crates(kube_core = "::kube_core"),
+        schema = "disabled",
+        derive = "PartialEq",
+        shortname = "tt"
+    )]
     #[serde(deny_unknown_fields)]
     pub struct TrafficTargetSpec {
         pub destination: PortDestination,
@@ -109,7 +120,7 @@ pub mod v1alpha2 {
 pub mod v1alpha3 {
     //! TrafficTarget v1alpha3 (the stored version): destination, rules and sources all required.
     use super::*;
-    use kube::CustomResource;
+    use kube_derive::CustomResource;
 
     #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize)]
     #[kube(
@@ -118,7 +129,12 @@ pub mod v1alpha3 {
         kind = "TrafficTarget",
         namespaced
     )]
-    #[kube(schema = "disabled", derive = "PartialEq", shortname = "tt")]
+    #[kube(
+        crates(kube_core = "::kube_core"),
+        schema = "disabled",
+        derive = "PartialEq",
+        shortname = "tt"
+    )]
     #[serde(deny_unknown_fields)]
     pub struct TrafficTargetSpec {
         pub destination: Subject,

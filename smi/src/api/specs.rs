@@ -44,11 +44,11 @@ macro_rules! http_route_group {
         pub mod $version {
             //! HTTPRouteGroup of this version.
             use super::*;
-            use kube::CustomResource;
+            use kube_derive::CustomResource;
 
             #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize)]
             #[kube(group = "specs.smi-spec.io", version = $version_str, kind = "HTTPRouteGroup", namespaced)]
-            #[kube(schema = "disabled", derive = "PartialEq", shortname = "htr" $(, $no_spec)?)]
+            #[kube(crates(kube_core = "::kube_core"), schema = "disabled", derive = "PartialEq", shortname = "htr" $(, $no_spec)?)]
             #[serde(deny_unknown_fields)]
             pub struct HTTPRouteGroupSpec {
                 pub matches: Vec<$match>,
@@ -71,11 +71,11 @@ macro_rules! empty_tcp_route {
         pub mod $version {
             //! TCPRoute of this version: no content beyond its metadata.
             use super::*;
-            use kube::CustomResource;
+            use kube_derive::CustomResource;
 
             #[derive(CustomResource, Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
             #[kube(group = "specs.smi-spec.io", version = $version_str, kind = "TCPRoute", namespaced)]
-            #[kube(schema = "disabled", derive = "PartialEq", shortname = "tr" $(, $no_spec)?)]
+            #[kube(crates(kube_core = "::kube_core"), schema = "disabled", derive = "PartialEq", shortname = "tr" $(, $no_spec)?)]
             #[serde(deny_unknown_fields)]
             pub struct TCPRouteSpec {}
         }
@@ -92,7 +92,7 @@ pub mod tcp_route {
     pub mod v1alpha4 {
         //! TCPRoute v1alpha4 (the stored version): the ports it covers.
         use super::*;
-        use kube::CustomResource;
+        use kube_derive::CustomResource;
 
         #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize)]
         #[kube(
@@ -101,7 +101,12 @@ pub mod tcp_route {
             kind = "TCPRoute",
             namespaced
         )]
-        #[kube(schema = "disabled", derive = "PartialEq", shortname = "tr")]
+        #[kube(
+            crates(kube_core = "::kube_core"),
+            schema = "disabled",
+            derive = "PartialEq",
+            shortname = "tr"
+        )]
         #[serde(deny_unknown_fields)]
         pub struct TCPRouteSpec {
             pub matches: PortMatches,
@@ -116,7 +121,7 @@ pub mod udp_route {
     pub mod v1alpha4 {
         //! UDPRoute v1alpha4: the ports it covers.
         use super::*;
-        use kube::CustomResource;
+        use kube_derive::CustomResource;
 
         #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize)]
         #[kube(
@@ -125,7 +130,12 @@ pub mod udp_route {
             kind = "UDPRoute",
             namespaced
         )]
-        #[kube(schema = "disabled", derive = "PartialEq", shortname = "ur")]
+        #[kube(
+            crates(kube_core = "::kube_core"),
+            schema = "disabled",
+            derive = "PartialEq",
+            shortname = "ur"
+        )]
         #[serde(deny_unknown_fields)]
         pub struct UDPRouteSpec {
             pub matches: PortMatches,

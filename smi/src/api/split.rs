@@ -33,7 +33,7 @@ pub struct Backend {
 pub mod v1alpha1 {
     //! TrafficSplit v1alpha1: quantity weights, no matches.
     use super::*;
-    use kube::CustomResource;
+    use kube_derive::CustomResource;
 
     #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize)]
     #[kube(
@@ -42,7 +42,12 @@ pub mod v1alpha1 {
         kind = "TrafficSplit",
         namespaced
     )]
-    #[kube(schema = "disabled", derive = "PartialEq", shortname = "ts")]
+    #[kube(
+        crates(kube_core = "::kube_core"),
+        schema = "disabled",
+        derive = "PartialEq",
+        shortname = "ts"
+    )]
     #[kube(printcolumn(
         name = "Service",
         type_ = "string",
@@ -67,7 +72,7 @@ pub mod v1alpha1 {
 pub mod v1alpha2 {
     //! TrafficSplit v1alpha2: integer weights, no matches.
     use super::*;
-    use kube::CustomResource;
+    use kube_derive::CustomResource;
 
     #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize)]
     #[kube(
@@ -76,7 +81,12 @@ pub mod v1alpha2 {
         kind = "TrafficSplit",
         namespaced
     )]
-    #[kube(schema = "disabled", derive = "PartialEq", shortname = "ts")]
+    #[kube(
+        crates(kube_core = "::kube_core"),
+        schema = "disabled",
+        derive = "PartialEq",
+        shortname = "ts"
+    )]
     #[kube(printcolumn(
         name = "Service",
         type_ = "string",
@@ -93,7 +103,7 @@ pub mod v1alpha2 {
 pub mod v1alpha3 {
     //! TrafficSplit v1alpha3: integer weights and HTTPRouteGroup matches.
     use super::*;
-    use kube::CustomResource;
+    use kube_derive::CustomResource;
 
     #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize)]
     #[kube(
@@ -102,7 +112,12 @@ pub mod v1alpha3 {
         kind = "TrafficSplit",
         namespaced
     )]
-    #[kube(schema = "disabled", derive = "PartialEq", shortname = "ts")]
+    #[kube(
+        crates(kube_core = "::kube_core"),
+        schema = "disabled",
+        derive = "PartialEq",
+        shortname = "ts"
+    )]
     #[kube(printcolumn(
         name = "Service",
         type_ = "string",
@@ -121,7 +136,7 @@ pub mod v1alpha3 {
 pub mod v1alpha4 {
     //! TrafficSplit v1alpha4 (the stored version): same shape as v1alpha3.
     use super::*;
-    use kube::CustomResource;
+    use kube_derive::CustomResource;
 
     #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize)]
     #[kube(
@@ -130,7 +145,12 @@ pub mod v1alpha4 {
         kind = "TrafficSplit",
         namespaced
     )]
-    #[kube(schema = "disabled", derive = "PartialEq", shortname = "ts")]
+    #[kube(
+        crates(kube_core = "::kube_core"),
+        schema = "disabled",
+        derive = "PartialEq",
+        shortname = "ts"
+    )]
     #[kube(printcolumn(
         name = "Service",
         type_ = "string",

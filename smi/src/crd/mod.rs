@@ -14,8 +14,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceConversion, CustomResourceDefinition, JSONSchemaProps, ServiceReference,
     WebhookClientConfig, WebhookConversion,
 };
-use kube::CustomResourceExt;
-use kube::core::crd::merge_crds;
+use kube_core::CustomResourceExt;
+use kube_core::crd::merge_crds;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
