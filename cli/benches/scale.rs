@@ -13,7 +13,7 @@
 //! the file platform's parse of the services file and the SMI load of the policy directory (what
 //! any change costs before the index sees it, with these polling sources).
 //!
-//! `cargo bench -p trellis-controller --bench scale [-- --services 5000 --endpoints-per-service 10 --connections 100]`
+//! `cargo bench -p trellis-cli --bench scale [-- --services 5000 --endpoints-per-service 10 --connections 100]`
 
 use trellis_testing as support;
 
