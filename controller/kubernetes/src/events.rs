@@ -5,8 +5,11 @@
 //!
 //! [`spawn`] follows the index's problems (`Status::problems`) and writes `events.k8s.io/v1`
 //! Events, only while this replica is the leader ([`crate::leader`]), only about SMI objects the
-//! Kubernetes policy source holds ([`ObjectRefs`]; problems from policy files and discovery are
-//! not Events), and never writes to the SMI objects themselves.
+//! Kubernetes policy source holds, and never writes to the SMI objects themselves. Which object
+//! a problem is about is its location: every problem about a resource is located at the
+//! resource's origin, `kubernetes TrafficSplit shop/web` for the source's objects
+//! ([`located_object`], looked up in [`ObjectRefs`]). Problems located in policy files, at
+//! `discovery` or at a failing watch name no object and are not Events.
 //!
 //! One Event per (object uid, problem): the Event's name is `<object name>.<hash>` of the uid,
 //! reason and note, so every replica names the same problem the same way. A problem that appears
@@ -34,7 +37,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::policy::{LOCATION, ObjectRefs};
+use crate::policy::{ObjectRefs, located_object};
 use trellis_controller_core::index::{ProblemLine, Status};
 
 /// Who writes the Events and how often lasting problems are re-observed.
@@ -180,15 +183,10 @@ impl Writer {
 
     /// The Event key and object of a problem, if it is about an SMI object from Kubernetes.
     fn event_for(&self, problem: &ProblemLine) -> Option<(Key, ObjectReference)> {
-        if !from_policy_or_kubernetes(&problem.location) {
-            return None;
-        }
-        let regarding = self.objects.get(&problem.resource)?;
-        let note = if problem.location == LOCATION {
-            problem.message.clone()
-        } else {
-            format!("{}: {}", problem.location, problem.message)
-        };
+        let regarding = self.objects.get(located_object(&problem.location)?)?;
+        // The location is the object the Event is about (`regarding`): the note is the message,
+        // which names the service concerned where there is one (`backend shop/web-v2: ...`).
+        let note = problem.message.clone();
         let key = Key {
             namespace: regarding
                 .namespace
@@ -286,16 +284,6 @@ async fn bump(events: &Api<Event>, name: &str, count: i32, now: Timestamp) -> ku
         .map(|_| ())
 }
 
-/// Problems the Kubernetes source found in an object, or the index found in the merged policy
-/// (locations `policy`, `root <svc>`, `backend <svc>`). Files report `path:line`; discovery
-/// `discovery`.
-fn from_policy_or_kubernetes(location: &str) -> bool {
-    location == "policy"
-        || location.starts_with(LOCATION)
-        || location.starts_with("root ")
-        || location.starts_with("backend ")
-}
-
 /// The Event's `reason` (PascalCase, for filtering) from the index's and source's wording.
 fn reason(message: &str) -> &'static str {
     const REASONS: [(&str, &str); 7] = [
@@ -383,13 +371,21 @@ mod tests {
     }
 
     #[test]
-    fn only_kubernetes_and_index_locations_become_events() {
-        assert!(from_policy_or_kubernetes("policy"));
-        assert!(from_policy_or_kubernetes("kubernetes"));
-        assert!(from_policy_or_kubernetes("root shop/web"));
-        assert!(from_policy_or_kubernetes("backend shop/web-v2"));
-        assert!(!from_policy_or_kubernetes("policies/split.yaml:12"));
-        assert!(!from_policy_or_kubernetes("discovery"));
+    fn only_problems_located_at_a_kubernetes_object_become_events() {
+        assert_eq!(
+            located_object("kubernetes TrafficSplit shop/web"),
+            Some("TrafficSplit shop/web")
+        );
+        assert_eq!(
+            located_object("kubernetes HTTPRouteGroup shop/api-routes"),
+            Some("HTTPRouteGroup shop/api-routes")
+        );
+        assert_eq!(located_object("kubernetes TrafficSplit watch"), None);
+        assert_eq!(located_object("kubernetes"), None);
+        assert_eq!(located_object("policies/split.yaml:12"), None);
+        assert_eq!(located_object("kubernetes.yaml:3"), None);
+        assert_eq!(located_object("discovery"), None);
+        assert_eq!(located_object("policy"), None);
     }
 
     #[test]

@@ -8,15 +8,19 @@
 //! normalized model.
 //!
 //! Rules:
+//! - Every resource's origin (`PolicySet::origins`), and so the location of every problem about
+//!   it, here or in the index, is the object: `kubernetes TrafficSplit ns/name`
+//!   ([`object_location`]; [`located_object`] reads it back, which is how Events find it).
 //! - A bad object (does not parse, or fails validation) keeps the last good version of that
-//!   resource in force and is reported as a [`PolicyProblem`] (location `kubernetes`, resource
+//!   resource in force and is reported as a [`PolicyProblem`] (located at the object, resource
 //!   `TrafficSplit ns/name`, one problem per field at fault, field paths in the stored version's
 //!   shape). A bad object never seen good is reported and contributes no policy.
 //! - A relist (start, 410 Gone, reconnect) replaces a kind's resources with what the list holds,
 //!   still keeping the last good version of resources that are now bad.
 //! - Watch errors (API server down, RBAC, CRD not installed) back off (100 ms doubling to 2 s,
 //!   the discovery policy) and keep the last set. They are logged (a warning per new error of a
-//!   kind) and reported in the set as one problem per failing kind (resource `TrafficSplit
+//!   kind) and reported in the set as one problem per failing kind, tied to no object and saying
+//!   so (location `kubernetes TrafficSplit watch`, resource `TrafficSplit
 //!   (split.smi-spec.io/v1alpha4)`, message `watch failing since <RFC 3339>: <error>; the last
 //!   policy stays in force`), so `trellis check` and `/api/v1/state` show a source that is not
 //!   fresh. A watch that resumes sends no event, so while a kind is failing the source probes it
@@ -30,7 +34,7 @@
 //! change converts one object and memory holds the model only (managed fields are never kept).
 //!
 //! [`KubernetesPolicySource::objects`] gives the object reference (apiVersion, kind, namespace,
-//! name, uid) of every SMI object the source holds, by the `resource` string problems carry
+//! name, uid) of every SMI object the source holds, by the object a problem's location names
 //! (`TrafficSplit shop/web`), so Events can be attached to the object a problem is about
 //! (`crate::events`) without changing [`PolicyProblem`].
 
@@ -49,10 +53,24 @@ use trellis_smi::api::{access, specs, split};
 use trellis_smi::convert::{SmiObject, wire_field};
 use trellis_smi::model::{Kind, Policy, ResourceId};
 
-use trellis_controller_core::policy::{PolicyProblem, PolicySet, PolicySource};
+use trellis_controller_core::policy::{Origin, PolicyProblem, PolicySet, PolicySource};
 
-/// `location` of every problem this source reports.
+/// How every location this source gives starts.
 pub const LOCATION: &str = "kubernetes";
+
+/// The origin of the object `id` (`kubernetes TrafficSplit shop/web`): the location of every
+/// problem about it.
+pub fn object_location(id: &ResourceId) -> String {
+    format!("{LOCATION} {id}")
+}
+
+/// The object (`TrafficSplit shop/web`, the key of [`ObjectRefs`]) a problem's location names,
+/// if it is one of this source's objects; `None` for files, discovery and failing watches.
+pub fn located_object(location: &str) -> Option<&str> {
+    let object = location.strip_prefix(LOCATION)?.strip_prefix(' ')?;
+    // `Kind ns/name`; a failing watch is `Kind watch`, with no object.
+    object.contains('/').then_some(object)
+}
 
 /// How often a failing kind is probed to see whether it recovered.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -65,19 +83,19 @@ pub struct KubernetesPolicySource {
     objects: ObjectRefs,
 }
 
-/// The object reference of every SMI object the source holds now, by the `resource` string of
-/// its problems (`"TrafficSplit shop/web"`). Updated before each set is emitted, so a problem in
+/// The object reference of every SMI object the source holds now, by the object its problems'
+/// locations name (`"TrafficSplit shop/web"`, see [`located_object`]). Updated before each set is emitted, so a problem in
 /// a set can always be looked up. Cheap to clone (shared).
 #[derive(Clone, Debug, Default)]
 pub struct ObjectRefs(Arc<RwLock<HashMap<String, ObjectReference>>>);
 
 impl ObjectRefs {
-    /// The object a problem's `resource` names, if this source holds it.
-    pub fn get(&self, resource: &str) -> Option<ObjectReference> {
+    /// The object `object` (`TrafficSplit shop/web`), if this source holds it.
+    pub fn get(&self, object: &str) -> Option<ObjectReference> {
         self.0
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(resource)
+            .get(object)
             .cloned()
     }
 
@@ -204,6 +222,8 @@ struct Entry {
     problems: Vec<PolicyProblem>,
     /// The object as the API server knows it now (for Events).
     reference: ObjectReference,
+    /// `kubernetes Kind ns/name`: where the resource and its problems are.
+    origin: Origin,
 }
 
 /// A kind whose watch is failing: the error and since when.
@@ -327,12 +347,17 @@ impl Tracker {
         let mut set = PolicySet::default();
         let mut refs = HashMap::with_capacity(self.entries.len());
         for ((kind, namespace, name), entry) in &self.entries {
-            set.policies.extend(entry.good.iter().cloned());
+            let id = ResourceId {
+                kind: kind.as_str().to_owned(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
+            if let Some(good) = &entry.good {
+                set.policies.push(good.clone());
+                set.origins.insert(id.clone(), entry.origin.clone());
+            }
             set.problems.extend(entry.problems.iter().cloned());
-            refs.insert(
-                format!("{} {namespace}/{name}", kind.as_str()),
-                entry.reference.clone(),
-            );
+            refs.insert(id.to_string(), entry.reference.clone());
         }
         for kind in Kind::ALL {
             if let Some(failure) = self.watch_errors.get(&kind) {
@@ -355,7 +380,8 @@ fn watch_problem(kind: Kind, failure: &WatchFailure) -> PolicyProblem {
         .unwrap_or_else(|_| "?".into());
     PolicyProblem {
         resource: format!("{} ({})", kind.as_str(), stored_resource(kind).api_version),
-        location: LOCATION.to_owned(),
+        // A whole kind, no object: said so.
+        location: format!("{LOCATION} {} watch", kind.as_str()),
         message: format!(
             "watch failing since {since}: {}; the last policy stays in force",
             failure.message
@@ -391,14 +417,18 @@ fn reference(kind: Kind, object: &DynamicObject) -> ObjectReference {
 /// The entry for a new version of a resource whose last good version was `old`.
 fn entry(kind: Kind, object: &DynamicObject, old: Option<Policy>) -> Entry {
     let reference = reference(kind, object);
+    let id = ResourceId::new(kind.as_str(), &object.metadata);
+    let location = object_location(&id);
+    let origin = Origin::from(location.as_str());
     match to_policy(kind, object) {
         Ok(policy) => Entry {
             good: Some(policy),
             problems: Vec::new(),
             reference,
+            origin,
         },
         Err(problems) => {
-            let resource = ResourceId::new(kind.as_str(), &object.metadata).to_string();
+            let resource = id.to_string();
             let kept = if old.is_some() {
                 "; the previous version stays in force"
             } else {
@@ -407,11 +437,12 @@ fn entry(kind: Kind, object: &DynamicObject, old: Option<Policy>) -> Entry {
             Entry {
                 good: old,
                 reference,
+                origin,
                 problems: problems
                     .into_iter()
                     .map(|message| PolicyProblem {
                         resource: resource.clone(),
-                        location: LOCATION.to_owned(),
+                        location: location.clone(),
                         message: format!("{message}{kept}"),
                     })
                     .collect(),

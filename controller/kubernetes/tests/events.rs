@@ -241,6 +241,29 @@ async fn every_problem_of_an_smi_object_becomes_one_event_from_the_leader_only()
             && has_problem(s, "TrafficSplit shop/from-file", "weights sum to 0")
     })
     .await;
+    // Every problem is located: at the object for the Kubernetes source's, at file:line for the
+    // file's (which is why that one is no Event).
+    let located = |resource: &str, words: &str| -> Vec<String> {
+        let status = index.status().borrow().clone();
+        status
+            .problems
+            .iter()
+            .filter(|p| p.resource == resource && p.message.contains(words))
+            .map(|p| p.location.clone())
+            .collect()
+    };
+    assert_eq!(
+        located("TrafficSplit shop/zero", "weights sum to 0"),
+        ["kubernetes TrafficSplit shop/zero"]
+    );
+    assert_eq!(
+        located("TrafficSplit shop/web", "does not exist"),
+        ["kubernetes TrafficSplit shop/web"]
+    );
+    assert_eq!(
+        located("TrafficSplit shop/from-file", "weights sum to 0"),
+        [format!("{}:1", dir.path().join("split.yaml").display())]
+    );
     // Not the leader: nothing written.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(

@@ -60,8 +60,13 @@ fn watch_problems(status: &Status) -> Vec<String> {
     status
         .problems
         .iter()
-        .filter(|p| p.location == "kubernetes" && p.message.starts_with("watch failing since "))
-        .map(|p| format!("{}: {}", p.resource, p.message))
+        .filter(|p| {
+            // Tied to no object, and saying so: `kubernetes <Kind> watch`.
+            p.location.starts_with("kubernetes ")
+                && p.location.ends_with(" watch")
+                && p.message.starts_with("watch failing since ")
+        })
+        .map(|p| format!("{}: {}: {}", p.location, p.resource, p.message))
         .collect()
 }
 
@@ -106,7 +111,7 @@ async fn an_unreachable_api_server_is_a_problem_until_it_answers_again() {
     let problems = watch_problems(&status);
     assert!(
         problems.iter().any(|p| p
-            .starts_with("TrafficSplit (split.smi-spec.io/v1alpha4): watch failing since 20")
+            .starts_with("kubernetes TrafficSplit watch: TrafficSplit (split.smi-spec.io/v1alpha4): watch failing since 20")
             && p.ends_with("; the last policy stays in force")),
         "{problems:#?}"
     );
@@ -130,13 +135,15 @@ async fn a_missing_crd_is_a_lasting_problem_of_that_kind_only() {
     .await;
     let problems = watch_problems(&status);
     assert!(
-        !problems.iter().any(|p| p.starts_with("TrafficSplit")),
+        !problems
+            .iter()
+            .any(|p| p.starts_with("kubernetes TrafficSplit")),
         "{problems:#?}"
     );
     assert!(
-        problems
-            .iter()
-            .any(|p| p.starts_with("TrafficTarget (access.smi-spec.io/v1alpha3)")),
+        problems.iter().any(|p| p.starts_with(
+            "kubernetes TrafficTarget watch: TrafficTarget (access.smi-spec.io/v1alpha3)"
+        )),
         "{problems:#?}"
     );
     // The probe keeps failing (404): after a few probes the problems are still there.

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use trellis_controller_core::policy::{PolicySet, PolicySource};
 use trellis_controller_kubernetes::policy::KubernetesPolicySource;
 use trellis_kube_fake::{FakeApiServer, ResourceType};
-use trellis_smi::model::{Policy, Weight};
+use trellis_smi::model::{Policy, ResourceId, Weight};
 
 fn split_type() -> ResourceType {
     ResourceType::new(
@@ -184,7 +184,7 @@ async fn a_bad_update_keeps_the_last_good_version_and_is_reported() {
     assert_eq!(set.problems.len(), 1, "{:?}", set.problems);
     let problem = &set.problems[0];
     assert_eq!(problem.resource, "TrafficSplit shop/web");
-    assert_eq!(problem.location, "kubernetes");
+    assert_eq!(problem.location, "kubernetes TrafficSplit shop/web");
     assert!(
         problem.message.starts_with("spec.backends[1].weight: ")
             && problem
@@ -223,7 +223,20 @@ async fn a_bad_update_keeps_the_last_good_version_and_is_reported() {
         "{}",
         regex.message
     );
+    assert_eq!(regex.location, "kubernetes HTTPRouteGroup shop/r");
     assert_eq!(set.policies.len(), 1, "{:#?}", set.policies);
+    // Every resource in force is located at its object (where the index's problems point); one
+    // never seen good has no origin.
+    let id = |kind: &str, name: &str| ResourceId {
+        kind: kind.into(),
+        namespace: "shop".into(),
+        name: name.into(),
+    };
+    assert_eq!(
+        set.origins.get(&id("TrafficSplit", "web")).map(|o| &**o),
+        Some("kubernetes TrafficSplit shop/web")
+    );
+    assert_eq!(set.origins.len(), 1, "{:?}", set.origins);
 
     // Fixing the object replaces the kept version and clears the problem.
     store

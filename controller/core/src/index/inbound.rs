@@ -8,8 +8,8 @@
 //! - One target becomes one [`v1::Authorization`]: its sources as SPIFFE ids, the ports of its
 //!   TCPRoutes (AND with the destination port), the matches of its HTTPRouteGroup rules (only the
 //!   named ones when `matches` is given). Several targets are ORed.
-//! - A rule naming a route that does not exist is dropped (reported): access is never widened.
-//!   A target left with no rule allows nothing.
+//! - A rule naming a route that does not exist is dropped (reported, at the target's origin):
+//!   access is never widened. A target left with no rule allows nothing.
 //! - Default deny. Callers are identified by their mTLS certificate; callers without one
 //!   (plaintext) are refused unless the operator said otherwise, knowingly, with one of the
 //!   access switches ([`AccessSwitches`], all reported in `/api/v1/state` and `trellis check`):
@@ -31,7 +31,7 @@ use trellis_proxy_api::v1;
 use trellis_smi::model::{AccessPolicy, RouteKind, effective_namespace};
 
 use super::IndexOptions;
-use super::policy::PolicyView;
+use super::policy::{PolicyView, target_rid};
 use crate::policy::PolicyProblem;
 
 /// The explicit switches that let more in than TrafficTargets do (besides mesh-wide
@@ -149,7 +149,8 @@ fn authorization(
     let missing = |kind: &str, name: &str, problems: &mut Vec<PolicyProblem>| {
         problems.push(PolicyProblem {
             resource: id.clone(),
-            location: "policy".into(),
+            // Looked up only for a problem: the resolution itself needs no origin.
+            location: view.location(&target_rid(target)),
             message: format!(
                 "{kind} {ns}/{name} is referenced but missing: that rule allows nothing"
             ),
@@ -345,23 +346,25 @@ spec:
         let (p, _) = resolve(&view(&yaml), "shop", "web", 8080, &options(false));
         assert!(p.authorizations.is_empty());
 
-        let missing = target("  - {kind: TCPRoute, name: nope}\n");
-        let report = trellis_smi::load::load_str("t.yaml", &missing);
-        let view = PolicyView::build(&[(
-            "t".into(),
-            crate::policy::PolicySet {
-                policies: report.resources.into_iter().map(|r| r.policy).collect(),
-                problems: vec![],
-            },
-        )]);
+        // The target (document on line 2 of t.yaml) names a TCPRoute that then goes (the files
+        // source keeps the last good target; on Kubernetes the route is simply deleted).
+        let yaml = target("  - {kind: TCPRoute, name: nope}\n")
+            + "---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\nmetadata: {name: nope, namespace: demo}\nspec:\n  matches:\n    ports: [8080]\n";
+        let mut set = crate::index::policy::tests::located_set("t.yaml", &yaml);
+        set.policies
+            .retain(|p| !matches!(p, trellis_smi::model::Policy::TcpRoute(_)));
+        let view = PolicyView::build(&[("t".into(), set)]);
         let (p, problems) = resolve(&view, "demo", "web", 8080, &options(false));
         assert!(p.authorizations.is_empty());
-        if !view.access.is_empty() {
-            assert!(
-                problems[0].message.contains("TCPRoute demo/nope"),
-                "{problems:?}"
-            );
-        }
+        assert_eq!(
+            problems,
+            [PolicyProblem {
+                resource: "TrafficTarget demo/t".into(),
+                location: "t.yaml:2".into(),
+                message: "TCPRoute demo/nope is referenced but missing: that rule allows nothing"
+                    .into(),
+            }]
+        );
     }
 
     #[test]

@@ -24,6 +24,11 @@
 //!   handled, never on the proxies' path, and at most [`STATUS_SHARE`] of the writer's time: a
 //!   small mesh sees it at once, a burst of changes in a large one costs one rebuild.
 //!
+//! Every problem in the [`Status`] is located: at the origin (`file:line`, `kubernetes Kind
+//! ns/name`) of the resource at fault, which the policy sources give and the view keeps
+//! (`PolicyView::origins`); a resource that only moved counts as changed, so its problems
+//! follow it. Discovery errors are located at `discovery`.
+//!
 //! Nothing is published before every policy source has answered once (a first profile without
 //! the split would send traffic the wrong way), and a destination waits for its root's first
 //! discovery answer, so the first message a proxy gets is complete.
@@ -850,7 +855,7 @@ mod tests {
     fn set_of(yaml: &str) -> PolicySet {
         PolicySet {
             policies: policies(yaml),
-            problems: Vec::new(),
+            ..PolicySet::default()
         }
     }
 
@@ -1036,5 +1041,93 @@ spec:
             Some(v1::destination_update::Kind::Profile(_))
         ));
         assert_eq!(registry.watchers("web-v1"), 1);
+    }
+
+    /// End to end, as `/api/v1/state` and `trellis check` show them: a directory of several
+    /// files through the files source and the index; every problem the index finds is located at
+    /// `file:line` of the resource at fault.
+    #[tokio::test]
+    async fn every_problem_from_a_policy_directory_is_located_at_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        // A route group the loader rejects (its regex does not compile): not in force, so the
+        // split naming it has no group.
+        std::fs::write(
+            dir.path().join("10-routes.yaml"),
+            "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {name: api-routes, namespace: demo}\nspec:\n  matches:\n  - {name: all, pathRegex: '(('}\n",
+        )
+        .unwrap();
+        // zero starts on line 4 (after a comment, a blank line and `---`), routed on line 12.
+        let splits = format!(
+            "# shop splits\n\n{}{}  matches:\n  - {{kind: HTTPRouteGroup, name: api-routes}}\n",
+            split("zero", "db", &[("db-v1", 0)], None),
+            split("routed", "api", &[("api-v2", 1)], None),
+        );
+        std::fs::write(dir.path().join("20-splits.yaml"), splits).unwrap();
+        // web's backend web-v3 does not exist: found when a proxy asks for web.
+        std::fs::write(
+            dir.path().join("30-web.yaml"),
+            split("web", "web", &[("web-v1", 1), ("web-v3", 1)], None),
+        )
+        .unwrap();
+        let registry = Registry::default();
+        registry.set("web", &["10.0.0.1"]);
+        registry.set("web-v1", &["10.0.0.1"]);
+        let source = crate::policy::files::FilePolicySource::new(vec![dir.path().to_owned()]);
+        let index = Index::start(
+            vec![Arc::new(source)],
+            Arc::new(registry),
+            IndexOptions::default(),
+        );
+        let _web = answered(&index, "web").await;
+
+        let at = |file: &str| format!("{}:", dir.path().join(file).display());
+        let expected = [
+            format!(
+                "{}12: TrafficSplit demo/routed: HTTPRouteGroup demo/api-routes is referenced but missing: its requests go to the root service",
+                at("20-splits.yaml")
+            ),
+            format!(
+                "{}4: TrafficSplit demo/zero: weights sum to 0: the split is inactive and traffic goes to the root service",
+                at("20-splits.yaml")
+            ),
+            format!(
+                "{}2: TrafficSplit demo/web: backend demo/web-v3: backend service does not exist (yet): its share gets no endpoints",
+                at("30-web.yaml")
+            ),
+        ];
+        // The lines `trellis check` prints (`location: resource: message`).
+        let lines = |s: &Status| -> Vec<String> {
+            s.problems
+                .iter()
+                .map(|p| format!("{}: {}: {}", p.location, p.resource, p.message))
+                .collect()
+        };
+        let mut status = index.status();
+        let status = tokio::time::timeout(
+            Duration::from_secs(5),
+            status.wait_for(|s| expected.iter().all(|e| lines(s).contains(e))),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "located problems within 5 s: {:#?}",
+                lines(&index.status().borrow())
+            )
+        })
+        .unwrap()
+        .clone();
+        // Nothing else but the loader's own problem with the route group, at its line too.
+        let rest: Vec<String> = lines(&status)
+            .into_iter()
+            .filter(|l| !expected.contains(l))
+            .collect();
+        assert_eq!(rest.len(), 1, "{rest:#?}");
+        assert!(
+            rest[0].starts_with(&format!(
+                "{}6: HTTPRouteGroup demo/api-routes: ",
+                at("10-routes.yaml")
+            )),
+            "{rest:#?}"
+        );
     }
 }

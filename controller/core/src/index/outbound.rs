@@ -13,6 +13,10 @@
 //! - Ports: a destination is the root's first service port (authorities are normalized without
 //!   their port for names, so one profile per service).
 //! - Only Ready endpoints are sent; identities are SPIFFE ids in the configured trust domain.
+//!
+//! Every problem found here is the split's and is located at its origin
+//! ([`DestinationPolicy::origin`]); the message starts with the service concerned
+//! (`backend shop/web-v2: ...`, `root shop/web: ...`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -179,6 +183,8 @@ pub fn resolve<'s>(
         root.namespace,
         split.metadata.name.as_deref().unwrap_or_default()
     );
+    // Every problem here is the split's: located where it came from.
+    let location = policy.origin.as_deref().unwrap_or("policy");
     // Backends in split order; one backend named twice gets the sum of its weights.
     let mut weights: BTreeMap<&str, u64> = BTreeMap::new();
     let mut order: Vec<&str> = Vec::new();
@@ -202,10 +208,10 @@ pub fn resolve<'s>(
                 Some(Snapshot::NotFound) => {
                     problems.push(PolicyProblem {
                         resource: split_name.clone(),
-                        location: format!("backend {key}"),
-                        message:
-                            "backend service does not exist (yet): its share gets no endpoints"
-                                .into(),
+                        location: location.to_owned(),
+                        message: format!(
+                            "backend {key}: backend service does not exist (yet): its share gets no endpoints"
+                        ),
                     });
                     Vec::new()
                 }
@@ -219,9 +225,9 @@ pub fn resolve<'s>(
                     } else {
                         problems.push(PolicyProblem {
                             resource: split_name.clone(),
-                            location: format!("backend {key}"),
+                            location: location.to_owned(),
                             message: format!(
-                                "backend lacks the root's port {}: it gets no traffic",
+                                "backend {key}: backend lacks the root's port {}: it gets no traffic",
                                 port.as_ref().map(|p| p.port).unwrap_or_default()
                             ),
                         });
@@ -282,8 +288,10 @@ pub fn resolve<'s>(
         // Every backend lost its share (port mismatches): serve the root rather than nothing.
         problems.push(PolicyProblem {
             resource: split_name,
-            location: format!("root {root}"),
-            message: "no backend can take traffic: the root service serves it".into(),
+            location: location.to_owned(),
+            message: format!(
+                "root {root}: no backend can take traffic: the root service serves it"
+            ),
         });
         let root_eps = endpoints(root_set, port.as_ref(), trust_domain);
         profile.backends = vec![v1::Backend {
@@ -466,11 +474,14 @@ mod tests {
         );
         let b = backends(&r);
         assert_eq!(b[1], ("web-v2".into(), 1, vec![]));
-        assert_eq!(r.problems.len(), 1);
-        assert!(
-            r.problems[0].message.contains("does not exist"),
-            "{:?}",
-            r.problems
+        // Located at the split (its document starts on line 2 of test.yaml).
+        assert_eq!(
+            r.problems,
+            [PolicyProblem {
+                resource: "TrafficSplit demo/s".into(),
+                location: "test.yaml:2".into(),
+                message: "backend demo/web-v2: backend service does not exist (yet): its share gets no endpoints".into(),
+            }]
         );
     }
 
@@ -484,10 +495,26 @@ mod tests {
         );
         let b = backends(&r);
         assert_eq!(b[1].1, 0, "{b:?}");
-        assert!(
-            r.problems[0].message.contains("port 8080"),
-            "{:?}",
-            r.problems
+        let lines =
+            |r: &Resolved| -> Vec<String> { r.problems.iter().map(ToString::to_string).collect() };
+        assert_eq!(
+            lines(&r),
+            [
+                "test.yaml:2: TrafficSplit demo/s: backend demo/web-v2: backend lacks the root's port 8080: it gets no traffic"
+            ]
+        );
+
+        // No backend left: the root serves, reported at the split too.
+        let mut snaps = web_both();
+        snaps[2] = ("web-v2", set("web-v2", 9090, &[("10.0.0.2", 82, R)]));
+        let r = resolve_with(&split("s", "web", &[("web-v2", 1)], None), snaps);
+        assert_eq!(backends(&r)[0].0, "web");
+        assert_eq!(
+            lines(&r),
+            [
+                "test.yaml:2: TrafficSplit demo/s: backend demo/web-v2: backend lacks the root's port 8080: it gets no traffic",
+                "test.yaml:2: TrafficSplit demo/s: root demo/web: no backend can take traffic: the root service serves it",
+            ]
         );
     }
 

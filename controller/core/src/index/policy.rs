@@ -3,20 +3,24 @@
 //!
 //! Building a view also finds the problems that need no discovery: splits whose weights sum to
 //! 0, several splits for one root, route groups referenced but missing, one resource held by
-//! two sources.
+//! two sources. The view keeps the [`Origin`] of every resource in force (from its source's
+//! `PolicySet::origins`), and every problem is located at the origin of the resource at fault;
+//! a problem about two resources names the other one's origin in its message.
 //!
 //! Two views are diffed ([`PolicyView::changed_roots`], [`PolicyView::changed_workloads`]) so a
 //! policy change recomputes only the destinations and inbound policies it touches: the diff is
 //! linear in the policy, never in the number of destinations, streams or endpoints.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use trellis_discovery::ServiceKey;
 use trellis_smi::model::{
-    AccessPolicy, HttpRouteGroup, Policy, PortRoute, TrafficSplit, effective_namespace,
+    AccessPolicy, HttpRouteGroup, Kind, Policy, PortRoute, ResourceId, TrafficSplit,
+    effective_namespace,
 };
 
-use crate::policy::{PolicyProblem, PolicySet};
+use crate::policy::{Origin, PolicyProblem, PolicySet};
 
 /// `(namespace, name)` of a namespaced resource.
 pub type Named = (String, String);
@@ -31,6 +35,8 @@ pub struct PolicyView {
     pub access: Vec<AccessPolicy>,
     /// Every resource in force, sorted by kind, namespace, name.
     pub policies: Vec<Policy>,
+    /// Where every resource in force came from.
+    pub origins: HashMap<ResourceId, Origin>,
     /// Source problems plus the problems found while merging.
     pub problems: Vec<PolicyProblem>,
 }
@@ -43,7 +49,20 @@ pub struct DestinationPolicy {
     pub split: Option<TrafficSplit>,
     /// The route groups the split's `matches` name, `None` where missing (in `matches` order).
     pub groups: Vec<(String, Option<HttpRouteGroup>)>,
+    /// Where the split came from: the location of the problems resolving it finds (part of the
+    /// comparison, so a split that only moved is located anew).
+    pub origin: Option<Origin>,
 }
+
+/// [`DestinationPolicy`] borrowed from a view: the split, its groups, its origin.
+type DestinationRef<'v> = (
+    &'v TrafficSplit,
+    Vec<Option<&'v HttpRouteGroup>>,
+    Option<&'v Origin>,
+);
+
+/// The location of a problem about a resource the view has no origin for (views built by hand).
+const UNKNOWN_ORIGIN: &str = "policy";
 
 fn named(policy: &Policy) -> Named {
     let meta = policy.metadata();
@@ -61,7 +80,32 @@ fn split_id(split: &TrafficSplit) -> String {
     )
 }
 
+/// The location of a problem about the resource `id`.
+fn origin_of(origins: &HashMap<ResourceId, Origin>, id: &ResourceId) -> String {
+    origins.get(id).map_or(UNKNOWN_ORIGIN, |o| &**o).to_owned()
+}
+
+/// The id of a split (how origins are keyed).
+fn split_rid(split: &TrafficSplit) -> ResourceId {
+    ResourceId::new(Kind::TrafficSplit.as_str(), &split.metadata)
+}
+
+/// The id of a TrafficTarget.
+pub(crate) fn target_rid(target: &AccessPolicy) -> ResourceId {
+    ResourceId::new(Kind::TrafficTarget.as_str(), &target.metadata)
+}
+
 impl PolicyView {
+    /// Where the resource `id` came from.
+    pub fn origin(&self, id: &ResourceId) -> Option<&Origin> {
+        self.origins.get(id)
+    }
+
+    /// [`PolicyView::origin`] as a problem's location (never empty).
+    pub fn location(&self, id: &ResourceId) -> String {
+        origin_of(&self.origins, id)
+    }
+
     /// Merges the sets of every source, in source order (a resource two sources hold: the first
     /// source's version is used, reported).
     pub fn build(sources: &[(String, PolicySet)]) -> Self {
@@ -73,24 +117,33 @@ impl PolicyView {
     /// [`PolicyView::build`] over borrowed sets (the index keeps the sets; no copy of them).
     pub fn build_from(sources: &[(&str, &PolicySet)]) -> Self {
         let mut view = PolicyView::default();
-        let mut by_id = BTreeMap::new();
+        let mut by_id: BTreeMap<ResourceId, (&Policy, Origin)> = BTreeMap::new();
         for &(source, set) in sources {
             view.problems.extend(set.problems.iter().cloned());
+            // One shared text for every resource of a source that gives no origin.
+            let mut fallback: Option<Origin> = None;
             for policy in &set.policies {
                 let id = policy.id();
-                if by_id.contains_key(&id) {
+                let origin = match set.origins.get(&id) {
+                    Some(origin) => origin.clone(),
+                    None => fallback.get_or_insert_with(|| Arc::from(source)).clone(),
+                };
+                if let Some((_, used)) = by_id.get(&id) {
                     view.problems.push(PolicyProblem {
                         resource: id.to_string(),
-                        location: source.to_owned(),
-                        message: "also held by an earlier policy source; that version is used"
-                            .into(),
+                        location: origin.to_string(),
+                        message: format!(
+                            "also held by an earlier policy source (at {used}); that version is used"
+                        ),
                     });
                     continue;
                 }
-                by_id.insert(id, policy);
+                by_id.insert(id, (policy, origin));
             }
         }
-        for policy in by_id.values() {
+        view.policies.reserve(by_id.len());
+        view.origins.reserve(by_id.len());
+        for (id, (policy, origin)) in by_id {
             match policy {
                 Policy::TrafficSplit(split) => {
                     let root =
@@ -106,8 +159,10 @@ impl PolicyView {
                 Policy::UdpRoute(_) => {} // UDP is not proxied yet; kept in `policies` for the record.
                 Policy::AccessPolicy(access) => view.access.push(access.clone()),
             }
+            view.policies.push(policy.clone());
+            view.origins.insert(id, origin);
         }
-        view.policies = by_id.into_values().cloned().collect();
+        let mut split_problems = Vec::new();
         for (root, splits) in &mut view.splits {
             splits.sort_by(|a, b| {
                 let age = |s: &TrafficSplit| {
@@ -122,42 +177,55 @@ impl PolicyView {
                     .then_with(|| a.metadata.name.cmp(&b.metadata.name))
             });
             if splits.len() > 1 {
-                let others: Vec<String> = splits[1..].iter().map(split_id).collect();
-                view.problems.push(PolicyProblem {
+                // Located at the split in force (the Event goes on it); the ignored ones are
+                // named with where they are, since one of them is likely the one to delete.
+                let others: Vec<String> = splits[1..]
+                    .iter()
+                    .map(|s| {
+                        let at = origin_of(&view.origins, &split_rid(s));
+                        format!("{} (at {at})", split_id(s))
+                    })
+                    .collect();
+                split_problems.push(PolicyProblem {
                     resource: split_id(&splits[0]),
-                    location: format!("root {root}"),
+                    location: origin_of(&view.origins, &split_rid(&splits[0])),
                     message: format!(
-                        "several splits for one root: this one (oldest, then by name) is in force; ignored: {}",
+                        "root {root}: several splits for one root: this one (oldest, then by name) is in force; ignored: {}",
                         others.join(", ")
                     ),
                 });
             }
         }
-        let mut split_problems = Vec::new();
         for splits in view.splits.values() {
             for split in splits {
-                if split.backends.iter().all(|b| b.weight.milli() == 0) {
+                let zero = split.backends.iter().all(|b| b.weight.milli() == 0);
+                let ns = effective_namespace(&split.metadata);
+                let missing = split.matches.iter().filter(|group| {
+                    !view
+                        .route_groups
+                        .contains_key(&(ns.to_owned(), group.name.clone()))
+                });
+                let mut missing = missing.peekable();
+                if !zero && missing.peek().is_none() {
+                    continue;
+                }
+                let location = origin_of(&view.origins, &split_rid(split));
+                if zero {
                     split_problems.push(PolicyProblem {
                         resource: split_id(split),
-                        location: "policy".into(),
+                        location: location.clone(),
                         message: "weights sum to 0: the split is inactive and traffic goes to the root service".into(),
                     });
                 }
-                let ns = effective_namespace(&split.metadata);
-                for group in &split.matches {
-                    if !view
-                        .route_groups
-                        .contains_key(&(ns.to_owned(), group.name.clone()))
-                    {
-                        split_problems.push(PolicyProblem {
-                            resource: split_id(split),
-                            location: "policy".into(),
-                            message: format!(
-                                "HTTPRouteGroup {ns}/{} is referenced but missing: its requests go to the root service",
-                                group.name
-                            ),
-                        });
-                    }
+                for group in missing {
+                    split_problems.push(PolicyProblem {
+                        resource: split_id(split),
+                        location: location.clone(),
+                        message: format!(
+                            "HTTPRouteGroup {ns}/{} is referenced but missing: its requests go to the root service",
+                            group.name
+                        ),
+                    });
                 }
             }
         }
@@ -194,24 +262,22 @@ impl PolicyView {
         )
     }
 
-    /// The TrafficTargets per destination workload, in view order.
-    fn access_by_workload(&self) -> HashMap<ServiceKey, Vec<&AccessPolicy>> {
-        let mut out: HashMap<ServiceKey, Vec<&AccessPolicy>> = HashMap::new();
+    /// The TrafficTargets per destination workload, in view order, with their origins (where
+    /// the problems of that workload's inbound policy are located).
+    fn access_by_workload(&self) -> HashMap<ServiceKey, Vec<(&AccessPolicy, Option<&Origin>)>> {
+        let mut out: HashMap<ServiceKey, Vec<_>> = HashMap::new();
         for target in &self.access {
             let ns = effective_namespace(&target.metadata);
             let dest_ns = target.destination.namespace.as_deref().unwrap_or(ns);
             out.entry(ServiceKey::new(dest_ns, &target.destination.name))
                 .or_default()
-                .push(target);
+                .push((target, self.origin(&target_rid(target))));
         }
         out
     }
 
     /// [`PolicyView::destination`] without copies, for comparisons.
-    fn destination_ref(
-        &self,
-        root: &ServiceKey,
-    ) -> Option<(&TrafficSplit, Vec<Option<&HttpRouteGroup>>)> {
+    fn destination_ref(&self, root: &ServiceKey) -> Option<DestinationRef<'_>> {
         let split = self.splits.get(root)?.first()?;
         let ns = effective_namespace(&split.metadata);
         let groups = split
@@ -219,7 +285,7 @@ impl PolicyView {
             .iter()
             .map(|g| self.route_groups.get(&(ns.to_owned(), g.name.clone())))
             .collect();
-        Some((split, groups))
+        Some((split, groups, self.origin(&split_rid(split))))
     }
 
     /// What the profile of `root` depends on.
@@ -241,6 +307,7 @@ impl PolicyView {
                 })
                 .collect(),
             split: Some(split.clone()),
+            origin: self.origin(&split_rid(split)).cloned(),
         }
     }
 }
@@ -257,14 +324,24 @@ pub(crate) mod tests {
         report.resources.into_iter().map(|r| r.policy).collect()
     }
 
+    /// The set of `yaml` read as `file`, every resource located at its document
+    /// (`file:line`), as the files source gives it; it must load cleanly.
+    pub(crate) fn located_set(file: &str, yaml: &str) -> PolicySet {
+        let report = load_str(file, yaml);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        PolicySet {
+            origins: report
+                .resources
+                .iter()
+                .map(|r| (r.policy.id(), Origin::from(r.source.to_string())))
+                .collect(),
+            policies: report.resources.into_iter().map(|r| r.policy).collect(),
+            problems: vec![],
+        }
+    }
+
     pub(crate) fn view(yaml: &str) -> PolicyView {
-        PolicyView::build(&[(
-            "test".into(),
-            PolicySet {
-                policies: policies(yaml),
-                problems: vec![],
-            },
-        )])
+        PolicyView::build(&[("test".into(), located_set("test.yaml", yaml))])
     }
 
     pub(crate) fn split(
@@ -311,12 +388,14 @@ pub(crate) mod tests {
         assert_eq!(order, ["c-old", "b-new", "a-undated"]);
         let d = merged.destination(&ServiceKey::new("demo", "web"));
         assert_eq!(d.split.unwrap().metadata.name.as_deref(), Some("c-old"));
-        assert_eq!(merged.problems.len(), 1, "{:?}", merged.problems);
-        assert!(merged.problems[0].message.contains("several splits"));
-        assert!(
-            merged.problems[0]
-                .message
-                .contains("TrafficSplit demo/b-new")
+        // Located at the split in force (test.yaml:10), naming the ignored ones where they are.
+        assert_eq!(
+            merged.problems,
+            [PolicyProblem {
+                resource: "TrafficSplit demo/c-old".into(),
+                location: "test.yaml:10".into(),
+                message: "root demo/web: several splits for one root: this one (oldest, then by name) is in force; ignored: TrafficSplit demo/b-new (at test.yaml:2), TrafficSplit demo/a-undated (at test.yaml:18)".into(),
+            }]
         );
 
         let by_name = view(
@@ -331,54 +410,63 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn weights_summing_to_zero_and_missing_route_groups_are_reported() {
+    fn weights_summing_to_zero_and_missing_route_groups_are_reported_where_the_split_is() {
+        // zero: lines 1-9 (its document starts on 2); routed: 10-19 (starts on 11); the group: 20-.
         let mut yaml = split("zero", "web", &[("web-v1", 0), ("web-v2", 0)], None);
         yaml.push_str(&split("routed", "api", &[("api-v2", 1)], None));
-        yaml.push_str("  matches:\n  - {kind: HTTPRouteGroup, name: missing}\n");
-        let report = load_str("test.yaml", &yaml);
-        // The loader itself may already refuse a split naming a missing group; either way it is reported.
-        let view = PolicyView::build(&[(
-            "test".into(),
-            PolicySet {
-                policies: report.resources.into_iter().map(|r| r.policy).collect(),
-                problems: vec![],
-            },
-        )]);
-        assert!(
-            view.problems
-                .iter()
-                .any(|p| p.resource == "TrafficSplit demo/zero" && p.message.contains("sum to 0")),
-            "{:?}",
-            view.problems
+        yaml.push_str("  matches:\n  - {kind: HTTPRouteGroup, name: api-routes}\n");
+        yaml.push_str("---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {name: api-routes, namespace: demo}\nspec:\n  matches:\n  - {name: all, pathRegex: '.*'}\n");
+        let mut set = located_set("dir/splits.yaml", &yaml);
+        // The group goes while the split stays (the files source keeps the last good split when
+        // its new version names a group that is gone; a Kubernetes group can simply be deleted).
+        set.policies
+            .retain(|p| !matches!(p, Policy::HttpRouteGroup(_)));
+        let view = PolicyView::build(&[("files:dir".into(), set)]);
+        let lines: Vec<String> = view.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "dir/splits.yaml:11: TrafficSplit demo/routed: HTTPRouteGroup demo/api-routes is referenced but missing: its requests go to the root service",
+                "dir/splits.yaml:2: TrafficSplit demo/zero: weights sum to 0: the split is inactive and traffic goes to the root service",
+            ]
         );
-        if view.splits.contains_key(&ServiceKey::new("demo", "api")) {
-            assert!(
-                view.problems
-                    .iter()
-                    .any(|p| p.message.contains("HTTPRouteGroup demo/missing")),
-                "{:?}",
-                view.problems
-            );
-            let d = view.destination(&ServiceKey::new("demo", "api"));
-            assert_eq!(d.groups, vec![("missing".to_string(), None)]);
-        }
+        let d = view.destination(&ServiceKey::new("demo", "api"));
+        assert_eq!(d.groups, vec![("api-routes".to_string(), None)]);
+        assert_eq!(d.origin.as_deref(), Some("dir/splits.yaml:11"));
     }
 
     #[test]
-    fn a_resource_two_sources_hold_is_taken_from_the_first_and_reported() {
-        let first = PolicySet {
-            policies: policies(&split("s", "web", &[("web-v1", 1)], None)),
-            problems: vec![],
-        };
-        let second = PolicySet {
-            policies: policies(&split("s", "web", &[("web-v2", 1)], None)),
-            problems: vec![],
-        };
+    fn a_resource_two_sources_hold_is_taken_from_the_first_and_reported_with_both_locations() {
+        let first = located_set("one.yaml", &split("s", "web", &[("web-v1", 1)], None));
+        let second = located_set("two.yaml", &split("s", "web", &[("web-v2", 1)], None));
         let view = PolicyView::build(&[("one".into(), first), ("two".into(), second)]);
         let d = view.destination(&ServiceKey::new("demo", "web"));
         assert_eq!(d.split.unwrap().backends[0].service, "web-v1");
-        assert_eq!(view.problems.len(), 1);
-        assert_eq!(view.problems[0].location, "two");
+        assert_eq!(
+            view.problems,
+            [PolicyProblem {
+                resource: "TrafficSplit demo/s".into(),
+                location: "two.yaml:2".into(),
+                message:
+                    "also held by an earlier policy source (at one.yaml:2); that version is used"
+                        .into(),
+            }]
+        );
+
+        // A source that gives no origins: its resources are located at the source's name.
+        let bare = PolicySet {
+            policies: policies(&split("s", "web", &[("web-v3", 1)], None)),
+            ..PolicySet::default()
+        };
+        let view = PolicyView::build(&[
+            (
+                "one".into(),
+                located_set("one.yaml", &split("s", "web", &[("web-v1", 1)], None)),
+            ),
+            ("bare".into(), bare),
+        ]);
+        assert_eq!(view.problems.len(), 1, "{:?}", view.problems);
+        assert_eq!(view.problems[0].location, "bare");
     }
 
     #[test]
@@ -403,15 +491,17 @@ pub(crate) mod tests {
             ]
             .concat(),
         );
+        // Additions at the end: every resource of `old` keeps its line (a resource that moved is
+        // a change of its location, below).
         let new = view(
             &[
                 split("web", "web", &[("web-v1", 1), ("web-v2", 3)], None),
                 split("api", "api", &[("api-v1", 1)], None),
-                split("db", "db", &[("db-v1", 1)], None),
                 target("to-web", "web"),
                 target("to-api", "api"),
-                target("to-api-2", "api"),
                 route(8080),
+                split("db", "db", &[("db-v1", 1)], None),
+                target("to-api-2", "api"),
             ]
             .concat(),
         );
@@ -424,6 +514,32 @@ pub(crate) mod tests {
         );
         assert!(new.changed_roots(&new).is_empty());
         assert_eq!(new.changed_workloads(&new), Some(HashSet::new()));
+
+        // A split or a target that only moved (another file or line) is located anew.
+        let moved = PolicyView::build(&[(
+            "test".into(),
+            located_set(
+                "moved.yaml",
+                &[
+                    split("web", "web", &[("web-v1", 1), ("web-v2", 3)], None),
+                    split("api", "api", &[("api-v1", 1)], None),
+                    target("to-web", "web"),
+                    target("to-api", "api"),
+                    route(8080),
+                    split("db", "db", &[("db-v1", 1)], None),
+                    target("to-api-2", "api"),
+                ]
+                .concat(),
+            ),
+        )]);
+        assert_eq!(
+            moved.changed_roots(&new),
+            HashSet::from([key("web"), key("api"), key("db")])
+        );
+        assert_eq!(
+            moved.changed_workloads(&new),
+            Some(HashSet::from([key("web"), key("api")]))
+        );
 
         // A route change may concern any target.
         let before = view(&(target("to-web", "web") + &route(8080)));

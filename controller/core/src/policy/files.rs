@@ -12,9 +12,13 @@
 //! version in force and the errors are reported with `file:line`. A file that cannot be parsed at
 //! all (the error names no resource) keeps every resource last read from that file. A resource
 //! that is gone from the files, with no error naming it, is removed.
+//!
+//! Every resource in force is given its origin, `file:line` of the document it was read from
+//! (the last good version's), so the problems the index finds in it are located too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
@@ -23,7 +27,7 @@ use tokio::sync::watch;
 use trellis_smi::load::{LoadReport, load_paths};
 use trellis_smi::model::{Policy, ResourceId};
 
-use super::{PolicyProblem, PolicySet, PolicySource};
+use super::{Origin, PolicyProblem, PolicySet, PolicySource};
 
 /// How often the files are checked by default.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -145,18 +149,36 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     out
 }
 
-/// The last good version of every resource, and the file it came from.
+/// The last good version of every resource, and where it came from.
 #[derive(Debug, Default)]
 pub struct LastGood {
-    resources: BTreeMap<ResourceId, (Policy, PathBuf)>,
+    resources: BTreeMap<ResourceId, Kept>,
+}
+
+/// A resource in force: the policy, its file (a file that no longer parses keeps what it held)
+/// and its origin (`file:line` of the document; kept with a last good version, so a problem the
+/// index finds in that version points at where it was read).
+#[derive(Clone, Debug)]
+struct Kept {
+    policy: Policy,
+    file: PathBuf,
+    origin: Origin,
 }
 
 impl LastGood {
     /// Folds a new load into the resources in force and returns the whole set.
     pub fn apply(&mut self, report: LoadReport) -> PolicySet {
-        let mut next: BTreeMap<ResourceId, (Policy, PathBuf)> = BTreeMap::new();
+        let mut next: BTreeMap<ResourceId, Kept> = BTreeMap::new();
         for loaded in report.resources {
-            next.insert(loaded.policy.id(), (loaded.policy, loaded.source.file));
+            let origin: Origin = Arc::from(loaded.source.to_string());
+            next.insert(
+                loaded.policy.id(),
+                Kept {
+                    policy: loaded.policy,
+                    file: loaded.source.file,
+                    origin,
+                },
+            );
         }
         let mut problems = Vec::new();
         let mut unreadable_files: HashMap<PathBuf, ()> = HashMap::new();
@@ -196,14 +218,19 @@ impl LastGood {
             }
         }
         // A document that could not even name its resource: keep what that file held before.
-        for (id, (policy, file)) in &self.resources {
-            if unreadable_files.contains_key(file) && !next.contains_key(id) {
-                next.insert(id.clone(), (policy.clone(), file.clone()));
+        for (id, kept) in &self.resources {
+            if unreadable_files.contains_key(&kept.file) && !next.contains_key(id) {
+                next.insert(id.clone(), kept.clone());
             }
         }
         self.resources = next;
         PolicySet {
-            policies: self.resources.values().map(|(p, _)| p.clone()).collect(),
+            policies: self.resources.values().map(|k| k.policy.clone()).collect(),
+            origins: self
+                .resources
+                .iter()
+                .map(|(id, k)| (id.clone(), k.origin.clone()))
+                .collect(),
             problems,
         }
     }
@@ -246,6 +273,39 @@ spec:
         assert_eq!(problem.resource, "TrafficSplit demo/web");
         assert!(problem.location.starts_with("split.yaml:"), "{problem}");
         assert!(problem.message.contains("last good"), "{problem}");
+    }
+
+    #[test]
+    fn every_resource_in_force_is_located_at_its_document_a_kept_one_at_its_last_good_version() {
+        let origin = |set: &PolicySet, name: &str| {
+            let id = ResourceId {
+                kind: "TrafficSplit".into(),
+                namespace: "demo".into(),
+                name: name.into(),
+            };
+            set.origins.get(&id).map(ToString::to_string)
+        };
+        let api = SPLIT.replace("name: web,", "name: api,");
+        let mut kept = LastGood::default();
+        // web starts on line 3 (after a comment and a blank line), api on line 12 (after `---`).
+        let set = kept.apply(load_str(
+            "dir/splits.yaml",
+            &format!("# shop splits\n\n{SPLIT}---\n{api}"),
+        ));
+        assert!(set.problems.is_empty(), "{:?}", set.problems);
+        assert_eq!(origin(&set, "web").as_deref(), Some("dir/splits.yaml:3"));
+        assert_eq!(origin(&set, "api").as_deref(), Some("dir/splits.yaml:12"));
+
+        // web moves to line 1; api turns bad: its last good version stays, located where it was read.
+        let bad_api = api.replace("weight: 0}", "weight: -5}");
+        let set = kept.apply(load_str(
+            "dir/splits.yaml",
+            &format!("{SPLIT}---\n{bad_api}"),
+        ));
+        assert_eq!(set.problems.len(), 1, "{:?}", set.problems);
+        assert_eq!(origin(&set, "web").as_deref(), Some("dir/splits.yaml:1"));
+        assert_eq!(origin(&set, "api").as_deref(), Some("dir/splits.yaml:12"));
+        assert_eq!(set.origins.len(), set.policies.len());
     }
 
     #[test]
