@@ -321,6 +321,14 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
     const FAST_POLL: Duration = Duration::from_millis(20);
 
+    /// A temporary directory holding `a.yaml`.
+    fn a_file() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, "one").unwrap();
+        (dir, file)
+    }
+
     async fn seen(watch: &mut FileWatch, what: &str) {
         tokio::time::timeout(SEEN, watch.changed())
             .await
@@ -334,9 +342,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_in_place_write_is_seen_by_events_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("a.yaml");
-        std::fs::write(&file, "one").unwrap();
+        let (_dir, file) = a_file();
         let mut watch = FileWatch::new([&file], Options::poll(HOUR));
         quiet(&mut watch, "nothing written yet").await;
         std::fs::write(&file, "two, longer").unwrap();
@@ -346,9 +352,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_atomic_rename_is_seen_by_events_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("a.yaml");
-        std::fs::write(&file, "one").unwrap();
+        let (dir, file) = a_file();
         let mut watch = FileWatch::new([&file], Options::poll(HOUR));
         let tmp = dir.path().join("a.tmp");
         // Same length: only the inode tells the new file from the old one.
@@ -369,9 +373,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_deletion_is_seen() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("a.yaml");
-        std::fs::write(&file, "one").unwrap();
+        let (_dir, file) = a_file();
         let mut watch = FileWatch::new([&file], Options::poll(HOUR));
         std::fs::remove_file(&file).unwrap();
         seen(&mut watch, "deletion").await;
@@ -395,9 +397,7 @@ mod tests {
 
     #[tokio::test]
     async fn other_files_next_to_a_watched_file_and_reads_are_no_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("a.yaml");
-        std::fs::write(&file, "one").unwrap();
+        let (dir, file) = a_file();
         let mut watch = FileWatch::new([&file], Options::poll(FAST_POLL));
         // The directory is watched, so this raises events; the fingerprint says "not ours".
         std::fs::write(dir.path().join("other.yaml"), "x").unwrap();
@@ -407,9 +407,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_poll_alone_sees_changes_when_events_are_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("a.yaml");
-        std::fs::write(&file, "one").unwrap();
+        let (dir, file) = a_file();
         let mut watch = FileWatch::new([&file], Options::poll(FAST_POLL).without_events());
         std::fs::write(&file, "two, longer").unwrap();
         seen(&mut watch, "write, polled").await;
