@@ -130,7 +130,7 @@ spec:
   - { kind: ServiceAccount, name: client, namespace: demo }
 ";
 
-/// Writes atomically (temp file + rename) so the polling readers never see half a file.
+/// Writes atomically (temp file + rename) so the watching readers never see half a file.
 fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;

@@ -1,24 +1,21 @@
 //! Reloading the config file: on SIGHUP and when the file or the identity files it names change
-//! (polled every 500 ms; cheap, and works on every filesystem, including ConfigMap symlink
-//! swaps). A bad edit is logged with its file and line and the running configuration stays.
+//! (watched with [`trellis_file_watch`]: OS change events on their directories, and a stat every
+//! 500 ms as the fallback, which also sees ConfigMap symlink swaps on filesystems without
+//! events). A bad edit is logged with its file and line and the running configuration stays.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::watch;
+use trellis_file_watch::{FileWatch, Options};
 
 use crate::config::Config;
 use crate::server::stopped;
 use crate::state::Shared;
 
-/// How often the file's metadata is checked.
+/// How often the files' metadata is checked without an OS change event (the fallback poll).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
-
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
 
 /// Try to load and apply the file now. Returns whether the new config is in force.
 pub fn reload_now(shared: &Shared, path: &Path) -> bool {
@@ -83,13 +80,13 @@ fn reload_identity(shared: &Shared, config: &Config) -> Result<(), crate::identi
     Ok(())
 }
 
-/// Modification stamps of the config file and the identity files it names.
-fn stamps(path: &Path, shared: &Shared) -> Vec<Option<(SystemTime, u64)>> {
-    let mut all = vec![stamp(path)];
+/// The config file and the identity files the running config names.
+fn watched_paths(path: &Path, shared: &Shared) -> Vec<PathBuf> {
+    let mut all = vec![path.to_owned()];
     if let Some(files) = &shared.table.load().config.identity {
-        all.push(stamp(&files.cert));
-        all.push(stamp(&files.key));
-        all.extend(files.trust_anchors.iter().map(|p| stamp(p)));
+        all.push(files.cert.clone());
+        all.push(files.key.clone());
+        all.extend(files.trust_anchors.iter().cloned());
     }
     all
 }
@@ -100,20 +97,19 @@ fn listeners_differ(a: &Config, b: &Config) -> bool {
 
 /// Watch `path` until `shutdown`; apply changes as they come.
 pub async fn watch_file(shared: Arc<Shared>, path: PathBuf, mut shutdown: watch::Receiver<bool>) {
-    let mut last = stamps(&path, &shared);
+    let mut files = FileWatch::new(watched_paths(&path, &shared), Options::poll(POLL_INTERVAL));
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut tick = tokio::time::interval(POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        let forced = tokio::select! {
-            _ = tick.tick() => false,
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        tokio::select! {
+            () = files.changed() => {}
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {}
             _ = stopped(&mut shutdown) => return,
-        };
-        let now = stamps(&path, &shared);
-        if forced || now != last {
-            reload_now(&shared, &path);
-            last = stamps(&path, &shared);
+        }
+        reload_now(&shared, &path);
+        // The reload may have named other identity files: watch those from now on.
+        let now = watched_paths(&path, &shared);
+        if now != files.paths() {
+            files = FileWatch::new(now, Options::poll(POLL_INTERVAL));
         }
     }
 }

@@ -15,8 +15,8 @@
 //! ```
 //!
 //! - The format is described in [`format`] (and `examples/demo.yaml`, which is also [`DEMO_YAML`]).
-//! - The file is polled (every 250 ms by default, see [`poll`](crate::FileDiscovery::with_poll_interval)
-//!   for why polling rather than inotify); one task per adapter instance serves every watch.
+//! - The file is watched with OS change events and polled every 250 ms as the fallback (see
+//!   [`FileDiscovery::with_poll_interval`]); one task per adapter instance serves every watch.
 //! - A bad edit (invalid YAML, unknown field, bad address, duplicate service...) is yielded as an
 //!   `Err` item whose message says `file:line:column: field path: what`; the last good content stays
 //!   in force. A missing or unreadable file is an `Unavailable` error, the same way. When the file
@@ -50,7 +50,7 @@ use poll::{Published, Shared};
 /// `api-v1`/`api-v2` (a service per version) and a `client`, on loopback.
 pub const DEMO_YAML: &str = include_str!("../examples/demo.yaml");
 
-/// How often the file is checked by default.
+/// How often the file is looked at without an OS change event (the fallback poll), by default.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The adapter as the controller should use it: [`FileDiscovery`] with the version-subset
@@ -79,7 +79,7 @@ impl FileDiscovery {
         Self::with_poll_interval(path, DEFAULT_POLL_INTERVAL)
     }
 
-    /// Watches `path`, checking it every `interval`.
+    /// Watches `path`, with `interval` as the fallback poll (OS change events come first).
     pub fn with_poll_interval(path: impl Into<PathBuf>, interval: Duration) -> Self {
         let path = path.into();
         let source: SourceId = Arc::from(format!("file:{}", path.display()));

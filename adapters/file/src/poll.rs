@@ -1,13 +1,13 @@
 //! The one background task per [`crate::FileDiscovery`] that watches the file and publishes what it
 //! holds: the last good content, and the current error if the last read failed.
 //!
-//! Polling, not inotify: every `interval` (250 ms by default) the task stats the file; when its
-//! modification time, size, inode or change time moved (or every fourth poll, for editors and
-//! filesystems with coarse timestamps) it reads the file, and parses it when the bytes differ from
-//! the last parse. Why polling: it needs no extra dependency tree, and it behaves the same for
-//! in-place writes, atomic renames (editors, Kubernetes ConfigMap symlink swaps), bind mounts and
-//! network filesystems, where inotify misses events; the cost is a stat per interval and up to
-//! one interval of latency, which local mode does not notice.
+//! Watching is [`trellis_file_watch`]: OS change events (inotify) on the file's directory see
+//! in-place writes and atomic renames (editors, Kubernetes ConfigMap symlink swaps) within
+//! milliseconds, and a stat every `interval` (250 ms by default) is the fallback for bind mounts
+//! and network filesystems, where events go missing. On a change of the file's mtime, size, inode
+//! or ctime the task reads the file, and parses it when the bytes differ from the last parse. It
+//! also re-reads every fourth interval without a change (for filesystems with coarse
+//! timestamps), and every interval while the file cannot be read.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use trellis_discovery::{ErrorKind, SourceId};
+use trellis_file_watch::{FileWatch, Options};
 
 use crate::format::{self, Catalog};
 
@@ -64,7 +65,7 @@ impl Shared {
         })
     }
 
-    /// Starts the polling task (once). Called from a stream's first poll, so always in a runtime.
+    /// Starts the watching task (once). Called from a stream's first poll, so always in a runtime.
     pub(crate) fn ensure_started(self: &Arc<Self>) {
         self.started.call_once(|| {
             tokio::spawn(poll_loop(Arc::downgrade(self)));
@@ -72,80 +73,52 @@ impl Shared {
     }
 }
 
-/// What the file looked like at the last stat.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Stat {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-    ctime: i64,
-    ctime_nsec: i64,
-}
-
-fn stat_of(meta: &std::fs::Metadata) -> Stat {
-    use std::os::unix::fs::MetadataExt;
-    Stat {
-        modified: meta.modified().ok(),
-        len: meta.len(),
-        inode: meta.ino(),
-        ctime: meta.ctime(),
-        ctime_nsec: meta.ctime_nsec(),
-    }
-}
-
-/// Re-read at least every this many polls, even when the stat looks unchanged.
+/// Re-read at least every this many intervals, even when no change was seen.
 const REREAD_EVERY: u32 = 4;
 
 struct Poller {
-    last_stat: Option<Stat>,
     /// Hash of the bytes last parsed successfully.
     good_hash: Option<u64>,
-    polls_since_read: u32,
+    /// The last read failed (missing, unreadable file): try again every interval.
+    unreadable: bool,
     seq: u64,
 }
 
 async fn poll_loop(shared: Weak<Shared>) {
+    let Some(mut file) = shared
+        .upgrade()
+        .map(|shared| FileWatch::new([shared.path.clone()], Options::poll(shared.interval)))
+    else {
+        return;
+    };
     let mut poller = Poller {
-        last_stat: None,
         good_hash: None,
-        polls_since_read: 0,
+        unreadable: false,
         seq: 0,
     };
     loop {
-        let interval = {
+        let wait = {
             let Some(shared) = shared.upgrade() else {
                 return; // the adapter and every stream are gone
             };
             poller.poll(&shared).await;
-            shared.interval
+            if poller.unreadable {
+                shared.interval
+            } else {
+                shared.interval * REREAD_EVERY
+            }
         };
-        tokio::time::sleep(interval).await;
+        file.changed_or_after(wait).await;
     }
 }
 
 impl Poller {
     async fn poll(&mut self, shared: &Shared) {
         let path = &shared.path;
-        let stat = match tokio::fs::metadata(path).await {
-            Ok(meta) => stat_of(&meta),
-            Err(e) => {
-                self.last_stat = None;
-                return self.fail(
-                    shared,
-                    ErrorKind::Unavailable,
-                    format!("{}: cannot read: {e}", path.display()),
-                );
-            }
-        };
-        self.polls_since_read += 1;
-        if self.last_stat == Some(stat) && self.polls_since_read < REREAD_EVERY {
-            return;
-        }
-        self.polls_since_read = 0;
         let bytes = match tokio::fs::read(path).await {
             Ok(bytes) => bytes,
             Err(e) => {
-                self.last_stat = None;
+                self.unreadable = true;
                 return self.fail(
                     shared,
                     ErrorKind::Unavailable,
@@ -153,7 +126,7 @@ impl Poller {
                 );
             }
         };
-        self.last_stat = Some(stat);
+        self.unreadable = false;
         let hash = {
             let mut h = DefaultHasher::new();
             bytes.hash(&mut h);

@@ -22,11 +22,13 @@
 //! policy ([`trellis_discovery::Backoff`], 2 s cap) and the consumer keeps the last snapshot.
 //! The RBAC this needs is in `rbac.yaml` next to this crate.
 
+pub mod backoff;
 mod failure;
 mod follow;
 mod reflectors;
 mod snapshot;
 
+pub use backoff::WatchBackoff;
 pub use snapshot::DEFAULT_SERVICE_ACCOUNT;
 
 use std::sync::Arc;

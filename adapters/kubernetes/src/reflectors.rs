@@ -4,12 +4,10 @@
 //! Each reflector keeps its store current and announces what changed on a broadcast channel, so a
 //! service's watch recomputes its snapshot only when an input in its namespace changed. Failures
 //! go out on the same channel; the watcher backs off with the shared discovery policy
-//! ([`trellis_discovery::Backoff`]: 100 ms doubling to a 2 s cap, jittered, forever) rather than
-//! kube's `default_backoff` (800 ms to 30 s), so recovery after an outage comes within one 2 s
-//! backoff period, the same promise as every other adapter.
+//! ([`WatchBackoff`]: 100 ms doubling to a 2 s cap, jittered, forever), so recovery after an
+//! outage comes within one 2 s backoff period, the same promise as every other adapter.
 
 use std::fmt::Debug;
-use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
@@ -23,6 +21,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
+use crate::backoff::WatchBackoff;
 use crate::failure::{Failure, classify};
 
 /// The label EndpointSlices carry to name their Service.
@@ -129,7 +128,7 @@ where
     let plural = K::plural(&()).into_owned();
     let signals = signals.clone();
     let events = watcher(api)
-        .backoff(SharedBackoff::default())
+        .backoff(WatchBackoff::default())
         .modify(strip)
         .reflect(writer);
     let task = tokio::spawn(async move {
@@ -223,27 +222,4 @@ fn strip_replicaset(rs: &mut ReplicaSet) {
     rs.metadata.labels = None;
     rs.spec = Default::default();
     rs.status = None;
-}
-
-/// The shared discovery backoff policy in kube-runtime's `Backoff` shape.
-struct SharedBackoff(trellis_discovery::Backoff);
-
-impl Default for SharedBackoff {
-    fn default() -> Self {
-        Self(trellis_discovery::Backoff::new())
-    }
-}
-
-impl Iterator for SharedBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        Some(self.0.next_delay())
-    }
-}
-
-impl kube::runtime::utils::Backoff for SharedBackoff {
-    fn reset(&mut self) {
-        self.0.reset();
-    }
 }

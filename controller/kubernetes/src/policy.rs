@@ -53,6 +53,7 @@ use trellis_smi::api::{access, specs, split};
 use trellis_smi::convert::{SmiObject, wire_field};
 use trellis_smi::model::{Kind, Policy, ResourceId};
 
+use trellis_adapter_kubernetes::WatchBackoff;
 use trellis_controller_core::policy::{Origin, PolicyProblem, PolicySet, PolicySource};
 
 /// How every location this source gives starts.
@@ -479,24 +480,5 @@ fn to_policy(kind: Kind, object: &DynamicObject) -> Result<Policy, Vec<String>> 
                 )
             })
             .collect())
-    }
-}
-
-/// The discovery backoff policy (100 ms doubling to a 2 s cap, jittered) in kube-runtime's shape:
-/// a policy source must recover as quickly as the discovery adapters after an outage.
-#[derive(Default)]
-struct WatchBackoff(trellis_discovery::Backoff);
-
-impl Iterator for WatchBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        Some(self.0.next_delay())
-    }
-}
-
-impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        self.0.reset();
     }
 }

@@ -1,12 +1,12 @@
 //! A watched directory (or files) of SMI YAML as a [`PolicySource`]: local mode and platforms
 //! without Kubernetes.
 //!
-//! Change events come from the OS (inotify through the `notify` crate) on the directories that
-//! hold the paths, so a change is seen within milliseconds; a poll every 250 ms stays as the
-//! fallback for what events miss (bind mounts, network filesystems, a path that does not exist
-//! yet). Either way a look stats every path (recursively for directories), and only when a
-//! path's mtime/size set changed is everything reloaded with [`trellis_smi::load::load_paths`]:
-//! in-place writes and atomic renames behave the same.
+//! Watching is [`trellis_file_watch`]: OS change events (inotify) on the directories that hold
+//! the paths, so a change is seen within milliseconds, and a poll every 250 ms as the fallback
+//! for what events miss (bind mounts, network filesystems, a path that does not exist yet). Only
+//! when the paths' stat fingerprint (every file's mtime/size/inode, recursively for directories)
+//! changed is everything reloaded with [`trellis_smi::load::load_paths`]: in-place writes and
+//! atomic renames behave the same.
 //!
 //! Last good version per resource: a resource whose new version has errors keeps its previous
 //! version in force and the errors are reported with `file:line`. A file that cannot be parsed at
@@ -17,19 +17,20 @@
 //! (the last good version's), so the problems the index finds in it are located too.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::watch;
+use trellis_file_watch::{FileWatch, Options};
 use trellis_smi::load::{LoadReport, load_paths};
 use trellis_smi::model::{Policy, ResourceId};
 
 use super::{Origin, PolicyProblem, PolicySet, PolicySource};
 
-/// How often the files are checked by default.
+/// How often the files are looked at without an OS change event (the fallback poll), by default.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// SMI YAML files and directories, watched.
@@ -45,7 +46,7 @@ impl FilePolicySource {
         Self::with_poll_interval(paths, DEFAULT_POLL_INTERVAL)
     }
 
-    /// Watches `paths`, checking them every `interval`.
+    /// Watches `paths`, with `interval` as the fallback poll (OS change events come first).
     pub fn with_poll_interval(paths: Vec<PathBuf>, interval: Duration) -> Self {
         Self { paths, interval }
     }
@@ -62,29 +63,17 @@ impl PolicySource for FilePolicySource {
         let paths = self.paths.clone();
         let interval = self.interval;
         tokio::spawn(async move {
-            let (changed_tx, mut changed) = tokio::sync::mpsc::unbounded_channel();
-            // Kept alive for the task's life; None = events unavailable, polling only.
-            let _events = watch_events(&paths, changed_tx);
+            // Before the first load: a change made while loading is seen.
+            let mut files = FileWatch::new(paths.clone(), Options::poll(interval));
             let mut kept = LastGood::default();
-            let mut seen = None;
             loop {
-                let stamp = Some(fingerprint(&paths));
-                if stamp != seen {
-                    seen = stamp;
-                    let set = kept.apply(load_paths(&paths));
-                    if tx.send(Some(set)).is_err() {
-                        return; // every stream dropped
-                    }
-                } else if tx.is_closed() {
-                    return;
+                let set = kept.apply(load_paths(&paths));
+                if tx.send(Some(set)).is_err() {
+                    return; // every stream dropped
                 }
                 tokio::select! {
-                    Some(()) = changed.recv() => {
-                        // Let a burst of events (write + rename + chmod) settle into one look.
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        while changed.try_recv().is_ok() {}
-                    }
-                    () = tokio::time::sleep(interval) => {}
+                    () = files.changed() => {}
+                    () = tx.closed() => return,
                 }
             }
         });
@@ -92,61 +81,6 @@ impl PolicySource for FilePolicySource {
             .filter_map(|set| async move { set })
             .boxed()
     }
-}
-
-/// Starts OS change events for `paths`: each directory recursively, and for a file its parent
-/// directory (an atomic rename replaces the file's inode, which a watch on the file would miss).
-/// Every event only says "look again"; the fingerprint decides whether anything changed. `None`
-/// when no watch could be set up (polling still works).
-fn watch_events(
-    paths: &[PathBuf],
-    changed: tokio::sync::mpsc::UnboundedSender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
-    let mut watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-        let _ = changed.send(());
-    })
-    .map_err(|e| tracing::debug!(error = %e, "policy files: no change events, polling only"))
-    .ok()?;
-    for path in paths {
-        let (target, mode) = if path.is_dir() {
-            (path.as_path(), notify::RecursiveMode::Recursive)
-        } else {
-            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-            (
-                parent.unwrap_or(Path::new(".")),
-                notify::RecursiveMode::NonRecursive,
-            )
-        };
-        if let Err(e) = watcher.watch(target, mode) {
-            tracing::debug!(path = %target.display(), error = %e, "policy files: polling this path only");
-        }
-    }
-    Some(watcher)
-}
-
-/// What the files looked like: every file with its modification time and size.
-fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
-    fn walk(path: &Path, out: &mut Vec<(PathBuf, Option<SystemTime>, u64)>) {
-        match std::fs::metadata(path) {
-            Ok(meta) if meta.is_dir() => {
-                out.push((path.to_owned(), None, 0));
-                if let Ok(entries) = std::fs::read_dir(path) {
-                    for entry in entries.flatten() {
-                        walk(&entry.path(), out);
-                    }
-                }
-            }
-            Ok(meta) => out.push((path.to_owned(), meta.modified().ok(), meta.len())),
-            Err(_) => out.push((path.to_owned(), None, u64::MAX)),
-        }
-    }
-    let mut out = Vec::new();
-    for path in paths {
-        walk(path, &mut out);
-    }
-    out.sort();
-    out
 }
 
 /// The last good version of every resource, and where it came from.

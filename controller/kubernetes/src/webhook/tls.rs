@@ -2,10 +2,11 @@
 //! (what cert-manager or a Kubernetes Secret volume provides) and re-read when the files change.
 //!
 //! [`ReloadingCert`] is a rustls certificate resolver: every handshake gets the current
-//! certificate. [`ReloadingCert::spawn_reloader`] polls the files (a Secret volume update
-//! swaps a symlink, which file-event watchers often miss; a poll of two small files every few
-//! seconds costs nothing) and swaps in a new pair only when it loads and the key matches the
-//! certificate: a half-written or broken pair is reported and the last good one keeps serving.
+//! certificate. [`ReloadingCert::spawn_reloader`] watches the files with [`trellis_file_watch`]
+//! (OS change events on their directory, which also show a Secret volume's symlink swap, and a
+//! poll as the fallback) and swaps in a new pair only when it loads and the key matches the
+//! certificate: a half-written or broken pair is reported, the last good one keeps serving, and
+//! the pair is read again every poll interval until it is good.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use trellis_file_watch::{FileWatch, Options};
 
 /// Why a certificate/key pair could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -109,14 +111,26 @@ impl ReloadingCert {
         Arc::new(config)
     }
 
-    /// Polls the files every `every` and reloads on change, logging a change or a failure
-    /// (once per distinct failure). Stops when the returned task is aborted.
+    /// Watches the files (`every` is the fallback poll) and reloads on change, logging a change
+    /// or a failure (once per distinct failure). Stops when the returned task is aborted.
     pub fn spawn_reloader(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let this = Arc::clone(self);
+        let paths = [self.cert_path.clone(), self.key_path.clone()];
+        // Started here, not in the task: a change right after this call is seen.
+        let mut files = FileWatch::new(paths, Options::poll(every));
         tokio::spawn(async move {
             let mut last_error = None;
+            // The first look is at once: the files may have changed since `load` read them
+            // (`reload` compares the bytes, so an unchanged pair costs two reads).
+            let mut look = true;
             loop {
-                tokio::time::sleep(every).await;
+                if !look {
+                    let changed = files.changed_or_after(every).await;
+                    // Retry while in error: a renewal may be half-written at the first look.
+                    look = changed || last_error.is_some();
+                    continue;
+                }
+                look = false;
                 let cert = Arc::clone(&this);
                 let result = tokio::task::spawn_blocking(move || cert.reload())
                     .await

@@ -42,7 +42,7 @@ pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub struct IdentityOptions {
     pub ca: CaSource,
     pub cert_lifetime: Duration,
-    /// `--bootstrap-tokens`: YAML of `{workload, sha256}` entries, polled.
+    /// `--bootstrap-tokens`: YAML of `{workload, sha256}` entries, watched for changes.
     pub bootstrap_tokens: Option<PathBuf>,
     /// Check ServiceAccount tokens with TokenReview (on with `--platform kubernetes`).
     pub token_review: bool,
@@ -51,7 +51,8 @@ pub struct IdentityOptions {
     /// The client for TokenReview and `--ca-secret`; `None` = `kube::Client::try_default()`
     /// when one is needed.
     pub kube: Option<kube::Client>,
-    /// How often CA files and the tokens file are checked for changes.
+    /// How often CA files and the tokens file are looked at without an OS change event (the
+    /// fallback poll), and how often a file that failed to load is retried.
     pub file_poll: Duration,
     /// How often the CA Secret is read again.
     pub secret_poll: Duration,

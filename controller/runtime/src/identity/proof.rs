@@ -4,8 +4,9 @@
 //! - **Bootstrap tokens** (every platform): a YAML file of `{workload, sha256}` entries the
 //!   operator provisions; the controller keeps only hashes. A proof matches an entry when the
 //!   SHA-256 of the proof (as sent, without its trailing whitespace, or that plus one newline) equals the entry's hash
-//!   (compared in constant time). The file is polled and reloaded on change; a bad file is
-//!   reported with its line and the last good set stays in force.
+//!   (compared in constant time). The file is watched ([`trellis_file_watch`]: OS change events,
+//!   and a poll as the fallback) and reloaded on change; a bad file is reported with its line,
+//!   the last good set stays in force and the file is read again every poll until it is good.
 //! - **TokenReview** (Kubernetes): the proof is a projected ServiceAccount token, sent to the API
 //!   server's TokenReview with the controller's audience; only an authenticated
 //!   `system:serviceaccount:NS:NAME` whose audiences include ours proves `NS/NAME`.
@@ -14,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
@@ -22,6 +23,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tokio::sync::watch;
+use trellis_file_watch::{FileWatch, Options};
 
 /// What a proof showed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,17 +169,11 @@ impl TokenSet {
     }
 }
 
-/// A bootstrap tokens file, polled for changes; the last good set stays in force.
+/// A bootstrap tokens file, watched for changes; the last good set stays in force.
 #[derive(Debug, Clone)]
 pub struct BootstrapTokens {
     current: Arc<ArcSwap<TokenSet>>,
     errors: watch::Receiver<Option<TokensError>>,
-}
-
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
 }
 
 fn read_tokens(path: &Path) -> Result<TokenSet, TokensError> {
@@ -191,25 +187,24 @@ fn read_tokens(path: &Path) -> Result<TokenSet, TokensError> {
 
 impl BootstrapTokens {
     /// Reads `path` (a bad file is an error here: the controller does not start on it), then
-    /// polls it every `every` in the background.
+    /// watches it in the background, with `every` as the fallback poll.
     pub fn start(path: PathBuf, every: Duration) -> Result<Self, TokensError> {
-        // Stamp before reading: a change made while reading is seen by the first poll.
-        let mut seen = stamp(&path);
+        // Watch before reading: a change made while reading is seen.
+        let mut file = FileWatch::new([path.clone()], Options::poll(every));
         let first = read_tokens(&path)?;
         let current = Arc::new(ArcSwap::from_pointee(first));
         let (errors_tx, errors) = watch::channel(None);
         let shared = Arc::downgrade(&current);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
+                let changed = file.changed_or_after(every).await;
                 let Some(current) = shared.upgrade() else {
                     return;
                 };
-                let now = stamp(&path);
-                if now == seen && errors_tx.borrow().is_none() {
+                // Retry while in error: a file caught mid-write may be whole a moment later.
+                if !changed && errors_tx.borrow().is_none() {
                     continue;
                 }
-                seen = now;
                 match read_tokens(&path) {
                     Ok(set) => {
                         tracing::info!(

@@ -1,10 +1,11 @@
-//! Where the CA's material comes from and how it is kept current: PEM files (polled, reloaded on
-//! change), a Kubernetes Secret (`ca.crt`, `tls.crt`, `tls.key`, polled), or generated in memory
-//! for local use.
+//! Where the CA's material comes from and how it is kept current: PEM files (watched with
+//! [`trellis_file_watch`]: OS change events, and a poll as the fallback; reloaded on change), a
+//! Kubernetes Secret (`ca.crt`, `tls.crt`, `tls.key`, polled), or generated in memory for local
+//! use.
 //!
 //! A reload builds a whole new [`Authority`] and swaps it in only when every check passes; a bad
-//! or half-written set of files keeps the last good CA signing (and is retried on every poll, so
-//! the second half of a rotation written a moment later is picked up). Trust-bundle rotation
+//! or half-written set of files keeps the last good CA signing (and is retried on every poll
+//! interval, so the second half of a rotation written a moment later is picked up). Trust-bundle rotation
 //! without downtime: add the new anchor next to the old one (both PEM blocks in the anchor file,
 //! or both keys' certificates in `ca.crt`), then switch the issuer, then drop the old anchor once
 //! every leaf it signed has expired; each step reaches proxies with their next certificate.
@@ -12,11 +13,12 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use k8s_openapi::api::core::v1::Secret;
 use tokio::sync::watch;
+use trellis_file_watch::{FileWatch, Options};
 
 use super::ca::{Authority, CaError, CaMaterial, PemInput, generate};
 
@@ -138,19 +140,6 @@ async fn read_secret(
     ))
 }
 
-type Stamp = Vec<Option<(SystemTime, u64)>>;
-
-fn stamps(paths: &[&Path]) -> Stamp {
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::metadata(p)
-                .ok()
-                .map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()))
-        })
-        .collect()
-}
-
 /// Publishes a reload result: swaps in a good CA, or reports a new error once.
 fn publish(
     current: &ArcSwap<Authority>,
@@ -183,7 +172,8 @@ fn publish(
 }
 
 /// Loads and checks the CA (an error here stops the controller from starting), then keeps it
-/// current in the background: files polled every `file_poll`, a Secret every `secret_poll`.
+/// current in the background: files watched with `file_poll` as the fallback poll, a Secret
+/// polled every `secret_poll`.
 pub async fn start(
     source: &CaSource,
     kube: Option<&kube::Client>,
@@ -212,25 +202,22 @@ pub async fn start(
             let mut paths: Vec<PathBuf> = anchors.clone();
             paths.push(issuer_cert.clone());
             paths.push(issuer_key.clone());
-            let path_refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-            let mut seen = stamps(&path_refs);
+            // Watch before reading: a change made while reading is seen.
+            let mut files = FileWatch::new(paths, Options::poll(file_poll));
             let authority = Authority::new(&read_files(anchors, issuer_cert, issuer_key)?)?;
             let current = Arc::new(ArcSwap::from_pointee(authority));
             let shared = Arc::downgrade(&current);
             let (anchors, cert, key) = (anchors.clone(), issuer_cert.clone(), issuer_key.clone());
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(file_poll).await;
+                    let changed = files.changed_or_after(file_poll).await;
                     let Some(current) = shared.upgrade() else {
                         return;
                     };
-                    let path_refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-                    let now = stamps(&path_refs);
                     // Retry while in error: a rotation may be half-written at the first look.
-                    if now == seen && errors_tx.borrow().is_none() {
+                    if !changed && errors_tx.borrow().is_none() {
                         continue;
                     }
-                    seen = now;
                     let result = read_files(&anchors, &cert, &key).and_then(|m| Authority::new(&m));
                     publish(&current, &errors_tx, result);
                 }
