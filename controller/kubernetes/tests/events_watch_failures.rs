@@ -9,45 +9,11 @@ use serde_json::json;
 use trellis_controller_core::index::{Index, IndexOptions, Status};
 use trellis_controller_core::policy::PolicySource;
 use trellis_controller_kubernetes::policy::KubernetesPolicySource;
-use trellis_kube_fake::{FakeApiServer, ResourceType};
-
-fn split_type() -> ResourceType {
-    ResourceType::new(
-        "split.smi-spec.io",
-        "v1alpha4",
-        "trafficsplits",
-        "TrafficSplit",
-        true,
-    )
-}
-
-fn register_all(server: &FakeApiServer) {
-    server.register(split_type());
-    server.register(ResourceType::new(
-        "access.smi-spec.io",
-        "v1alpha3",
-        "traffictargets",
-        "TrafficTarget",
-        true,
-    ));
-    for (plural, kind) in [
-        ("httproutegroups", "HTTPRouteGroup"),
-        ("tcproutes", "TCPRoute"),
-        ("udproutes", "UDPRoute"),
-    ] {
-        server.register(ResourceType::new(
-            "specs.smi-spec.io",
-            "v1alpha4",
-            plural,
-            kind,
-            true,
-        ));
-    }
-}
+use trellis_kube_fake::FakeApiServer;
+use trellis_testing::{kube_client, register_smi, split_type};
 
 fn index(server: &FakeApiServer) -> Index {
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
-    let source: Arc<dyn PolicySource> = Arc::new(KubernetesPolicySource::new(client));
+    let source: Arc<dyn PolicySource> = Arc::new(KubernetesPolicySource::new(kube_client(server)));
     let discovery = trellis_adapter_kubernetes::KubernetesDiscovery::new(
         kube::Config::new(server.url().parse().unwrap()),
         Default::default(),
@@ -79,7 +45,7 @@ async fn wait_status(index: &Index, what: &str, wanted: impl Fn(&Status) -> bool
 #[tokio::test]
 async fn an_unreachable_api_server_is_a_problem_until_it_answers_again() {
     let server = FakeApiServer::start().await.unwrap();
-    register_all(&server);
+    register_smi(&server);
     server
         .store()
         .apply(
