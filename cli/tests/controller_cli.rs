@@ -1,58 +1,26 @@
 //! `trellis controller` as a real process (file and consul-double platforms), read by
 //! `trellis check` and `trellis get`, and `trellis demo --once` run headlessly.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use trellis_proxy_api::v1::{self, destinations_client::DestinationsClient};
+use trellis_testing::{ControllerProcess, controller_command};
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
-/// A controller process, killed and reaped on drop.
-struct Controller {
-    child: Child,
-    grpc: SocketAddr,
-    admin: SocketAddr,
+fn controller(args: &[&str]) -> ControllerProcess {
+    ControllerProcess::start(TRELLIS, args)
 }
 
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn controller(args: &[&str]) -> Controller {
-    controller_with_env(args, &[])
-}
-
-fn controller_with_env(args: &[&str], env: &[(&str, &str)]) -> Controller {
-    let mut child = Command::new(TRELLIS)
-        .envs(env.iter().copied())
-        .arg("controller")
-        .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addr = |prefix: &str| -> SocketAddr {
-        let line = lines
-            .next()
-            .expect("controller printed its addresses")
-            .unwrap();
-        line.strip_prefix(prefix)
-            .unwrap_or_else(|| panic!("{line:?}"))
-            .parse()
-            .unwrap()
-    };
-    let grpc = addr("grpc listening on ");
-    let admin = addr("admin listening on ");
-    Controller { child, grpc, admin }
+fn controller_with_env(args: &[&str], env: &[(&str, &str)]) -> ControllerProcess {
+    ControllerProcess::spawn(
+        controller_command(TRELLIS)
+            .envs(env.iter().copied())
+            .args(args),
+    )
 }
 
 fn trellis(args: &[&str]) -> Output {
@@ -339,43 +307,16 @@ fn demo_once_moves_traffic_with_the_weights() {
 
 #[test]
 fn controller_on_kubernetes_reads_smi_policy_from_the_api_server() {
-    use trellis_kube_fake::{FakeApiServer, ResourceType};
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let server = runtime.block_on(FakeApiServer::start()).unwrap();
-    let smi = [
-        (
-            "split.smi-spec.io",
-            "v1alpha4",
-            "trafficsplits",
-            "TrafficSplit",
-        ),
-        (
-            "access.smi-spec.io",
-            "v1alpha3",
-            "traffictargets",
-            "TrafficTarget",
-        ),
-        (
-            "specs.smi-spec.io",
-            "v1alpha4",
-            "httproutegroups",
-            "HTTPRouteGroup",
-        ),
-        ("specs.smi-spec.io", "v1alpha4", "tcproutes", "TCPRoute"),
-        ("specs.smi-spec.io", "v1alpha4", "udproutes", "UDPRoute"),
-    ];
-    for (group, version, plural, kind) in smi {
-        server.register(ResourceType::new(group, version, plural, kind, true));
-    }
-    let (group, version, plural, kind) = smi[0];
+    let server = runtime.block_on(trellis_testing::smi_api_server());
     server
         .store()
         .apply(
-            &ResourceType::new(group, version, plural, kind, true),
+            &trellis_testing::split_type(),
             serde_json::json!({
                 "apiVersion": "split.smi-spec.io/v1alpha4",
                 "kind": "TrafficSplit",
@@ -389,16 +330,7 @@ fn controller_on_kubernetes_reads_smi_policy_from_the_api_server() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{}'}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
-             current-context: c\n",
-            server.url()
-        ),
-    )
-    .unwrap();
+    trellis_testing::write_kubeconfig(&server, &kubeconfig).unwrap();
     let ctl = controller_with_env(
         &["--platform", "kubernetes"],
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
