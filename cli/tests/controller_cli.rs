@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use trellis_proxy_api::v1::{self, destinations_client::DestinationsClient};
-use trellis_testing::{ControllerProcess, controller_command};
+use trellis_testing::{ControllerProcess, controller_command, http_get};
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
@@ -25,20 +25,6 @@ fn controller_with_env(args: &[&str], env: &[(&str, &str)]) -> ControllerProcess
 
 fn trellis(args: &[&str]) -> Output {
     Command::new(TRELLIS).args(args).output().unwrap()
-}
-
-/// A plain HTTP/1.0 GET: (status line, body).
-fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    (
-        head.lines().next().unwrap_or_default().to_owned(),
-        body.to_owned(),
-    )
 }
 
 fn stdout(o: &Output) -> String {
@@ -135,10 +121,10 @@ fn controller_on_the_file_platform_with_check_and_get() {
     let check = check_until(ctl.admin, |o| {
         stdout(o).contains("proxy streams: 1 destination")
     });
-    assert!(get(ctl.admin, "/live").0.contains("200"));
-    assert!(get(ctl.admin, "/ready").0.contains("200"));
-    assert!(get(ctl.admin, "/nope").0.contains("404"));
-    let (status, metrics) = get(ctl.admin, "/metrics");
+    assert!(http_get(ctl.admin, "/live").unwrap().0.contains("200"));
+    assert!(http_get(ctl.admin, "/ready").unwrap().0.contains("200"));
+    assert!(http_get(ctl.admin, "/nope").unwrap().0.contains("404"));
+    let (status, metrics) = http_get(ctl.admin, "/metrics").unwrap();
     assert!(status.contains("200"), "{status}");
     assert!(
         metrics.contains("trellis_controller_proxy_streams_destinations 1"),

@@ -11,7 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use trellis_testing::{
-    ControllerProcess, controller_command, kube_client, smi_api_server, split_type,
+    ControllerProcess, controller_command, http_get, kube_client, smi_api_server, split_type,
     write_kubeconfig,
 };
 
@@ -37,12 +37,8 @@ fn check(admin: SocketAddr) -> String {
 
 /// The `trellis_controller_leader` gauge of a controller.
 fn leader_gauge(admin: SocketAddr) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(admin).ok()?;
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response
+    let (_, metrics) = http_get(admin, "/metrics").ok()?;
+    metrics
         .lines()
         .find_map(|l| l.strip_prefix("trellis_controller_leader "))
         .map(str::to_owned)

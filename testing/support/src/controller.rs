@@ -1,12 +1,13 @@
 //! `trellis controller` as a child process, for the CLI's tests and benchmarks: started on
 //! ephemeral ports, its gRPC and admin addresses read from the lines it prints first, killed and
-//! reaped on drop (also when a test panics, so no controller outlives its test).
+//! reaped on drop (also when a test panics, so no controller outlives its test); and
+//! [`http_get`] for its admin port.
 //!
 //! The binary is a parameter because only the package that builds it knows its path
 //! (`env!("CARGO_BIN_EXE_trellis")` in trellis-cli's tests and benches).
 
 use std::ffi::OsStr;
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 
@@ -91,4 +92,19 @@ impl Drop for ControllerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A plain HTTP/1.0 GET of `path` from `addr` (a controller's admin port): its status line and
+/// body. HTTP/1.0 so the server closes the connection and reading to the end is the response,
+/// with no HTTP client to set up in a synchronous test.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    Ok((
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    ))
 }

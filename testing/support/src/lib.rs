@@ -4,7 +4,8 @@
 //! - [`kubernetes`]: the fake API server with every SMI kind registered from `trellis-smi`'s
 //!   generated CRDs ([`smi_api_server`], [`register_smi`], [`smi_type`], [`split_type`]), a
 //!   [`kube_client`] of it and a kubeconfig for a child process ([`write_kubeconfig`]);
-//! - [`controller`]: `trellis controller` as a child process ([`ControllerProcess`]);
+//! - [`controller`]: `trellis controller` as a child process ([`ControllerProcess`]) and a GET
+//!   of its admin port ([`http_get`]);
 //! - percentiles, atomic file writes, the SMI YAML the benchmarks write, and process figures
 //!   from `/proc`.
 
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 pub mod controller;
 pub mod kubernetes;
 
-pub use controller::{ControllerProcess, controller_command};
+pub use controller::{ControllerProcess, controller_command, http_get};
 pub use kubernetes::{
     kube_client, kubeconfig_yaml, register_smi, smi_api_server, smi_type, smi_types, split_type,
     write_kubeconfig,
