@@ -3,6 +3,8 @@
 //! events.k8s.io/v1 Events about the SMI objects at fault: one per (object, problem), counted on
 //! repeats, only from the leader, none for problems from policy files.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
+use support::wait_status;
 use tokio::sync::watch;
 use trellis_controller_core::index::{Index, IndexOptions, Status};
 use trellis_controller_core::policy::PolicySource;
@@ -60,23 +63,9 @@ fn index(
     let objects = source.objects();
     let mut sources: Vec<Arc<dyn PolicySource>> = vec![Arc::new(source)];
     sources.extend(extra);
-    let discovery = trellis_adapter_kubernetes::KubernetesDiscovery::new(
-        kube::Config::new(server.url().parse().unwrap()),
-        Default::default(),
-    )
-    .unwrap();
+    let discovery = support::discovery(server);
     let index = Index::start(sources, Arc::new(discovery), IndexOptions::default());
     (index, objects)
-}
-
-async fn wait_status(index: &Index, what: &str, wanted: impl Fn(&Status) -> bool) {
-    let mut status = index.status();
-    let found = tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| wanted(s))).await;
-    assert!(
-        matches!(found, Ok(Ok(_))),
-        "no status with {what} within 10 s; problems: {:#?}",
-        index.status().borrow().problems
-    );
 }
 
 fn has_problem(status: &Status, resource: &str, words: &str) -> bool {

@@ -2,10 +2,13 @@
 //! visible where people look: as problems in the index's status (`/api/v1/state`, `trellis
 //! check`), with the time they started, and they clear when the watch works again.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use support::wait_status;
 use trellis_controller_core::index::{Index, IndexOptions, Status};
 use trellis_controller_core::policy::PolicySource;
 use trellis_controller_kubernetes::policy::KubernetesPolicySource;
@@ -14,11 +17,7 @@ use trellis_testing::{kube_client, register_smi, split_type};
 
 fn index(server: &FakeApiServer) -> Index {
     let source: Arc<dyn PolicySource> = Arc::new(KubernetesPolicySource::new(kube_client(server)));
-    let discovery = trellis_adapter_kubernetes::KubernetesDiscovery::new(
-        kube::Config::new(server.url().parse().unwrap()),
-        Default::default(),
-    )
-    .unwrap();
+    let discovery = support::discovery(server);
     Index::start(vec![source], Arc::new(discovery), IndexOptions::default())
 }
 
@@ -29,17 +28,6 @@ fn watch_problems(status: &Status) -> Vec<String> {
         .filter(|p| p.location == "kubernetes" && p.message.starts_with("watch failing since "))
         .map(|p| format!("{}: {}", p.resource, p.message))
         .collect()
-}
-
-async fn wait_status(index: &Index, what: &str, wanted: impl Fn(&Status) -> bool) -> Status {
-    let mut status = index.status();
-    match tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| wanted(s))).await {
-        Ok(Ok(s)) => (**s).clone(),
-        _ => panic!(
-            "no status with {what} within 10 s; problems: {:#?}",
-            index.status().borrow().problems
-        ),
-    }
 }
 
 #[tokio::test]

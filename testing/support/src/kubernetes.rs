@@ -1,5 +1,5 @@
 //! The fake Kubernetes API server as the workspace's tests and benchmarks use it: every SMI kind
-//! registered at its stored version, a `kube::Client` of it, and a kubeconfig naming it for a
+//! registered at its stored version, a `kube::Client` (or config) of it, and a kubeconfig naming it for a
 //! child process (`trellis controller --platform kubernetes`).
 //!
 //! The SMI resource types come from the CRDs `trellis-smi` generates, so a new kind or a new
@@ -86,10 +86,15 @@ pub async fn smi_api_server() -> FakeApiServer {
     server
 }
 
+/// A kube config of the fake API server (for what builds its own client, such as the
+/// Kubernetes discovery adapter).
+pub fn kube_config(server: &FakeApiServer) -> kube::Config {
+    kube::Config::new(server.url().parse().expect("fake URL"))
+}
+
 /// A kube client of the fake API server.
 pub fn kube_client(server: &FakeApiServer) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(server.url().parse().expect("fake URL")))
-        .expect("kube client")
+    kube::Client::try_from(kube_config(server)).expect("kube client")
 }
 
 /// A kubeconfig whose current context is the API server at `url`, with no credentials (the

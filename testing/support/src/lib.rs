@@ -19,8 +19,8 @@ pub mod kubernetes;
 
 pub use controller::{ControllerProcess, controller_command, http_get};
 pub use kubernetes::{
-    kube_client, kubeconfig_yaml, register_smi, smi_api_server, smi_type, smi_types, split_type,
-    write_kubeconfig,
+    kube_client, kube_config, kubeconfig_yaml, register_smi, smi_api_server, smi_type, smi_types,
+    split_type, write_kubeconfig,
 };
 pub use trellis_discovery_suite::LatencyStats;
 // Tests name SMI kinds by the model's enum, and get the fake's types from here.
