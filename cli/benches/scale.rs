@@ -17,10 +17,8 @@
 
 use trellis_testing as support;
 
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
@@ -29,7 +27,7 @@ use trellis_proxy_api::v1::{
     self, destinations_client::DestinationsClient, inbound_client::InboundClient,
 };
 
-use support::{MIB, cpu_of, memory_of, write_atomically};
+use support::{ControllerProcess, MIB, controller_command, cpu_of, memory_of, write_atomically};
 
 const NAMESPACE: &str = "scale";
 /// Destination and inbound streams per connection.
@@ -158,57 +156,32 @@ fn layout(root: &Path, args: &Args, inbound: &[usize]) -> Layout {
     l
 }
 
-/// A `trellis controller` child process; killed on drop.
-struct Controller {
-    child: Child,
-    grpc: SocketAddr,
-}
+/// A `trellis controller` child process (killed on drop) and its `/proc` figures.
+struct Controller(ControllerProcess);
 
 impl Controller {
     fn spawn(layout: &Layout, stderr: &Path) -> Controller {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis"))
-            .arg("controller")
-            .arg("--platform")
-            .arg(format!("file={}", layout.mesh.display()))
-            .arg("--policy")
-            .arg(&layout.policy)
-            .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(stderr).expect("stderr file"))
-            .spawn()
-            .expect("starting trellis controller");
-        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let grpc = loop {
-            let line = lines
-                .next()
-                .expect("the controller exited before listening")
-                .expect("reading its stdout");
-            if let Some(addr) = line.strip_prefix("grpc listening on ") {
-                break addr.parse().expect("grpc address");
-            }
-        };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Controller { child, grpc }
+        let stderr = std::fs::File::create(stderr).expect("stderr file");
+        Controller(ControllerProcess::spawn(
+            controller_command(env!("CARGO_BIN_EXE_trellis"))
+                .arg("--platform")
+                .arg(format!("file={}", layout.mesh.display()))
+                .arg("--policy")
+                .arg(&layout.policy)
+                .stderr(stderr),
+        ))
     }
 
-    fn pid(&self) -> u32 {
-        self.child.id()
+    fn grpc(&self) -> SocketAddr {
+        self.0.grpc
     }
 
     fn cpu(&self) -> Duration {
-        cpu_of(self.pid()).expect("/proc/<pid>/stat")
+        cpu_of(self.0.pid()).expect("/proc/<pid>/stat")
     }
 
     fn memory(&self) -> (u64, u64) {
-        memory_of(self.pid()).expect("/proc/<pid>/status")
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        memory_of(self.0.pid()).expect("/proc/<pid>/status")
     }
 }
 
@@ -498,7 +471,7 @@ async fn run(args: Args) {
     let started = Instant::now();
     let ctl = Controller::spawn(&files, &dir.path().join("controller.stderr"));
     let (tx, rx) = mpsc::unbounded_channel();
-    let (watched, total) = connect(ctl.grpc, &args, tx).await;
+    let (watched, total) = connect(ctl.grpc(), &args, tx).await;
     let mut streams = Streams {
         rx,
         holds: vec![None; total],

@@ -1,76 +1,30 @@
 //! `trellis controller` as a real process (file and consul-double platforms), read by
 //! `trellis check` and `trellis get`, and `trellis demo --once` run headlessly.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use trellis_proxy_api::v1::{self, destinations_client::DestinationsClient};
+use trellis_testing::{ControllerProcess, controller_command, http_get};
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
-/// A controller process, killed and reaped on drop.
-struct Controller {
-    child: Child,
-    grpc: SocketAddr,
-    admin: SocketAddr,
+fn controller(args: &[&str]) -> ControllerProcess {
+    ControllerProcess::start(TRELLIS, args)
 }
 
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn controller(args: &[&str]) -> Controller {
-    controller_with_env(args, &[])
-}
-
-fn controller_with_env(args: &[&str], env: &[(&str, &str)]) -> Controller {
-    let mut child = Command::new(TRELLIS)
-        .envs(env.iter().copied())
-        .arg("controller")
-        .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addr = |prefix: &str| -> SocketAddr {
-        let line = lines
-            .next()
-            .expect("controller printed its addresses")
-            .unwrap();
-        line.strip_prefix(prefix)
-            .unwrap_or_else(|| panic!("{line:?}"))
-            .parse()
-            .unwrap()
-    };
-    let grpc = addr("grpc listening on ");
-    let admin = addr("admin listening on ");
-    Controller { child, grpc, admin }
+fn controller_with_env(args: &[&str], env: &[(&str, &str)]) -> ControllerProcess {
+    ControllerProcess::spawn(
+        controller_command(TRELLIS)
+            .envs(env.iter().copied())
+            .args(args),
+    )
 }
 
 fn trellis(args: &[&str]) -> Output {
     Command::new(TRELLIS).args(args).output().unwrap()
-}
-
-/// A plain HTTP/1.0 GET: (status line, body).
-fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    (
-        head.lines().next().unwrap_or_default().to_owned(),
-        body.to_owned(),
-    )
 }
 
 fn stdout(o: &Output) -> String {
@@ -167,10 +121,10 @@ fn controller_on_the_file_platform_with_check_and_get() {
     let check = check_until(ctl.admin, |o| {
         stdout(o).contains("proxy streams: 1 destination")
     });
-    assert!(get(ctl.admin, "/live").0.contains("200"));
-    assert!(get(ctl.admin, "/ready").0.contains("200"));
-    assert!(get(ctl.admin, "/nope").0.contains("404"));
-    let (status, metrics) = get(ctl.admin, "/metrics");
+    assert!(http_get(ctl.admin, "/live").unwrap().0.contains("200"));
+    assert!(http_get(ctl.admin, "/ready").unwrap().0.contains("200"));
+    assert!(http_get(ctl.admin, "/nope").unwrap().0.contains("404"));
+    let (status, metrics) = http_get(ctl.admin, "/metrics").unwrap();
     assert!(status.contains("200"), "{status}");
     assert!(
         metrics.contains("trellis_controller_proxy_streams_destinations 1"),
@@ -339,43 +293,16 @@ fn demo_once_moves_traffic_with_the_weights() {
 
 #[test]
 fn controller_on_kubernetes_reads_smi_policy_from_the_api_server() {
-    use trellis_kube_fake::{FakeApiServer, ResourceType};
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let server = runtime.block_on(FakeApiServer::start()).unwrap();
-    let smi = [
-        (
-            "split.smi-spec.io",
-            "v1alpha4",
-            "trafficsplits",
-            "TrafficSplit",
-        ),
-        (
-            "access.smi-spec.io",
-            "v1alpha3",
-            "traffictargets",
-            "TrafficTarget",
-        ),
-        (
-            "specs.smi-spec.io",
-            "v1alpha4",
-            "httproutegroups",
-            "HTTPRouteGroup",
-        ),
-        ("specs.smi-spec.io", "v1alpha4", "tcproutes", "TCPRoute"),
-        ("specs.smi-spec.io", "v1alpha4", "udproutes", "UDPRoute"),
-    ];
-    for (group, version, plural, kind) in smi {
-        server.register(ResourceType::new(group, version, plural, kind, true));
-    }
-    let (group, version, plural, kind) = smi[0];
+    let server = runtime.block_on(trellis_testing::smi_api_server());
     server
         .store()
         .apply(
-            &ResourceType::new(group, version, plural, kind, true),
+            &trellis_testing::split_type(),
             serde_json::json!({
                 "apiVersion": "split.smi-spec.io/v1alpha4",
                 "kind": "TrafficSplit",
@@ -389,16 +316,7 @@ fn controller_on_kubernetes_reads_smi_policy_from_the_api_server() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{}'}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
-             current-context: c\n",
-            server.url()
-        ),
-    )
-    .unwrap();
+    trellis_testing::write_kubeconfig(&server, &kubeconfig).unwrap();
     let ctl = controller_with_env(
         &["--platform", "kubernetes"],
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],

@@ -20,6 +20,7 @@ use trellis_controller::run::{Options, Running, start_with_identity};
 use trellis_controller_core::index::IndexOptions;
 use trellis_kube_fake::{FakeApiServer, ResourceType};
 use trellis_proxy_api::v1::{self, identity_client::IdentityClient};
+use trellis_testing::{ControllerProcess, controller_command, kube_client};
 use x509_parser::prelude::GeneralName;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -459,7 +460,7 @@ async fn bad_ca_material_stops_the_start_with_the_file_and_the_problem() {
 
 async fn kube_fake() -> (FakeApiServer, kube::Client) {
     let server = FakeApiServer::start().await.unwrap();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
+    let client = kube_client(&server);
     (server, client)
 }
 
@@ -619,71 +620,18 @@ async fn the_ca_can_come_from_a_kubernetes_secret_and_rotate_through_it() {
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
-/// A controller process, killed and reaped on drop.
-struct Process {
-    child: std::process::Child,
-    grpc: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Process {
-    fn start(args: &[&str]) -> Self {
-        use std::io::BufRead as _;
-        let mut child = std::process::Command::new(TRELLIS)
-            .arg("controller")
-            .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+/// `trellis controller ARGS` as a process, its stderr kept for [`ControllerProcess::stop`].
+fn start_process(args: &[&str]) -> ControllerProcess {
+    ControllerProcess::spawn(
+        controller_command(TRELLIS)
             .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut addr = |prefix: &str| {
-            let line = lines
-                .next()
-                .expect("the controller printed its addresses")
-                .unwrap();
-            line.strip_prefix(prefix)
-                .unwrap_or_else(|| panic!("{line:?}"))
-                .parse()
-                .unwrap()
-        };
-        let grpc = addr("grpc listening on ");
-        let admin = addr("admin listening on ");
-        Process { child, grpc, admin }
-    }
-
-    /// Stops the process and returns what it wrote on stderr.
-    fn stop(mut self) -> String {
-        use std::io::Read as _;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut stderr = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
-        stderr
-    }
+            .stderr(std::process::Stdio::piped()),
+    )
 }
 
 /// `trellis controller ARGS` that must fail at start: its stderr.
 fn start_fails(args: &[&str]) -> String {
-    let out = std::process::Command::new(TRELLIS)
-        .arg("controller")
-        .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .args(args)
-        .output()
-        .unwrap();
+    let out = controller_command(TRELLIS).args(args).output().unwrap();
     assert!(!out.status.success(), "{args:?} started");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -702,7 +650,7 @@ async fn the_controller_process_serves_certify_and_reports_the_access_switches()
     let mesh = dir.path().join("mesh.yaml");
     std::fs::write(&mesh, "namespace: shop\nservices: []\n").unwrap();
     let platform = format!("file={}", arg(&mesh));
-    let process = Process::start(&[
+    let process = start_process(&[
         "--platform",
         &platform,
         "--trust-anchor",

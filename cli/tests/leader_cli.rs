@@ -3,51 +3,28 @@
 //! the Event about a split whose weights sum to 0; on SIGTERM it releases the Lease and the other
 //! takes over at once. Both serve proxies' admin and gRPC ports throughout.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
-use trellis_kube_fake::{FakeApiServer, ResourceType};
+use trellis_testing::{
+    ControllerProcess, controller_command, http_get, kube_client, smi_api_server, split_type,
+    write_kubeconfig,
+};
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
-/// A controller process, killed and reaped on drop.
-struct Controller {
-    child: Child,
-    admin: SocketAddr,
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn controller(kubeconfig: &std::path::Path) -> Controller {
-    let mut child = Command::new(TRELLIS)
-        .env("KUBECONFIG", kubeconfig)
-        .args(["controller", "--platform", "kubernetes"])
-        .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        // Short timings: a 2 s lease renewed every 200 ms.
-        .args(["--lease-duration", "2", "--lease-renew", "200"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut next = || lines.next().expect("an address line").unwrap();
-    let _grpc = next();
-    let admin = next()
-        .strip_prefix("admin listening on ")
-        .expect("the admin address")
-        .parse()
-        .unwrap();
-    Controller { child, admin }
+fn controller(kubeconfig: &std::path::Path) -> ControllerProcess {
+    ControllerProcess::spawn(
+        controller_command(TRELLIS)
+            .env("KUBECONFIG", kubeconfig)
+            .args(["--platform", "kubernetes"])
+            // Short timings: a 2 s lease renewed every 200 ms.
+            .args(["--lease-duration", "2", "--lease-renew", "200"]),
+    )
 }
 
 fn check(admin: SocketAddr) -> String {
@@ -60,12 +37,8 @@ fn check(admin: SocketAddr) -> String {
 
 /// The `trellis_controller_leader` gauge of a controller.
 fn leader_gauge(admin: SocketAddr) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(admin).ok()?;
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response
+    let (_, metrics) = http_get(admin, "/metrics").ok()?;
+    metrics
         .lines()
         .find_map(|l| l.strip_prefix("trellis_controller_leader "))
         .map(str::to_owned)
@@ -90,37 +63,11 @@ fn one_of_two_controller_processes_leads_writes_events_and_hands_over_on_sigterm
         .enable_all()
         .build()
         .unwrap();
-    let server = runtime.block_on(FakeApiServer::start()).unwrap();
-    let smi = [
-        (
-            "split.smi-spec.io",
-            "v1alpha4",
-            "trafficsplits",
-            "TrafficSplit",
-        ),
-        (
-            "access.smi-spec.io",
-            "v1alpha3",
-            "traffictargets",
-            "TrafficTarget",
-        ),
-        (
-            "specs.smi-spec.io",
-            "v1alpha4",
-            "httproutegroups",
-            "HTTPRouteGroup",
-        ),
-        ("specs.smi-spec.io", "v1alpha4", "tcproutes", "TCPRoute"),
-        ("specs.smi-spec.io", "v1alpha4", "udproutes", "UDPRoute"),
-    ];
-    for (group, version, plural, kind) in smi {
-        server.register(ResourceType::new(group, version, plural, kind, true));
-    }
-    let (group, version, plural, kind) = smi[0];
+    let server = runtime.block_on(smi_api_server());
     server
         .store()
         .apply(
-            &ResourceType::new(group, version, plural, kind, true),
+            &split_type(),
             serde_json::json!({
                 "apiVersion": "split.smi-spec.io/v1alpha4",
                 "kind": "TrafficSplit",
@@ -131,19 +78,10 @@ fn one_of_two_controller_processes_leads_writes_events_and_hands_over_on_sigterm
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{}'}}}}]\n\
-             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
-             current-context: c\n",
-            server.url()
-        ),
-    )
-    .unwrap();
+    write_kubeconfig(&server, &kubeconfig).unwrap();
     // The kube client's service buffer is spawned on the runtime it is built in.
     let _runtime_context = runtime.enter();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
+    let client = kube_client(&server);
 
     let mut controllers = vec![controller(&kubeconfig), controller(&kubeconfig)];
     let leader = until("a leader", || {
@@ -191,19 +129,19 @@ fn one_of_two_controller_processes_leads_writes_events_and_hands_over_on_sigterm
         Some(leader_identity.as_str())
     );
     assert!(
-        leader_identity.ends_with(&format!("-{}", controllers[leader].child.id())),
+        leader_identity.ends_with(&format!("-{}", controllers[leader].pid())),
         "identity is hostname-pid: {leader_identity}"
     );
 
     // SIGTERM: the leader releases the Lease and the follower takes over without waiting for
     // it to expire.
     let status = Command::new("kill")
-        .args(["-TERM", &controllers[leader].child.id().to_string()])
+        .args(["-TERM", &controllers[leader].pid().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let started = Instant::now();
-    let exit = controllers[leader].child.wait().unwrap();
+    let exit = controllers[leader].wait().unwrap();
     assert!(exit.success(), "{exit:?}");
     until("the follower leading", || {
         check(controllers[follower].admin)

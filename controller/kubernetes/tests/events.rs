@@ -3,6 +3,8 @@
 //! events.k8s.io/v1 Events about the SMI objects at fault: one per (object, problem), counted on
 //! repeats, only from the leader, none for problems from policy files.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
+use support::wait_status;
 use tokio::sync::watch;
 use trellis_controller_core::index::{Index, IndexOptions, Status};
 use trellis_controller_core::policy::PolicySource;
@@ -19,46 +22,7 @@ use trellis_controller_kubernetes::leader::{LeaderOptions, Leadership};
 use trellis_controller_kubernetes::policy::KubernetesPolicySource;
 use trellis_discovery::ServiceKey;
 use trellis_kube_fake::{FakeApiServer, ResourceType};
-
-fn split_type() -> ResourceType {
-    ResourceType::new(
-        "split.smi-spec.io",
-        "v1alpha4",
-        "trafficsplits",
-        "TrafficSplit",
-        true,
-    )
-}
-
-async fn fake() -> FakeApiServer {
-    let server = FakeApiServer::start().await.unwrap();
-    server.register(split_type());
-    server.register(ResourceType::new(
-        "access.smi-spec.io",
-        "v1alpha3",
-        "traffictargets",
-        "TrafficTarget",
-        true,
-    ));
-    for (plural, kind) in [
-        ("httproutegroups", "HTTPRouteGroup"),
-        ("tcproutes", "TCPRoute"),
-        ("udproutes", "UDPRoute"),
-    ] {
-        server.register(ResourceType::new(
-            "specs.smi-spec.io",
-            "v1alpha4",
-            plural,
-            kind,
-            true,
-        ));
-    }
-    server
-}
-
-fn client(server: &FakeApiServer) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap()
-}
+use trellis_testing::{kube_client, smi_api_server, split_type};
 
 fn split(name: &str, root: &str, backends: &[(&str, i64)], groups: &[&str]) -> Value {
     let backends: Vec<Value> = backends
@@ -95,27 +59,13 @@ fn index(
     server: &FakeApiServer,
     extra: Vec<Arc<dyn PolicySource>>,
 ) -> (Index, trellis_controller_kubernetes::policy::ObjectRefs) {
-    let source = KubernetesPolicySource::new(client(server));
+    let source = KubernetesPolicySource::new(kube_client(server));
     let objects = source.objects();
     let mut sources: Vec<Arc<dyn PolicySource>> = vec![Arc::new(source)];
     sources.extend(extra);
-    let discovery = trellis_adapter_kubernetes::KubernetesDiscovery::new(
-        kube::Config::new(server.url().parse().unwrap()),
-        Default::default(),
-    )
-    .unwrap();
+    let discovery = support::discovery(server);
     let index = Index::start(sources, Arc::new(discovery), IndexOptions::default());
     (index, objects)
-}
-
-async fn wait_status(index: &Index, what: &str, wanted: impl Fn(&Status) -> bool) {
-    let mut status = index.status();
-    let found = tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| wanted(s))).await;
-    assert!(
-        matches!(found, Ok(Ok(_))),
-        "no status with {what} within 10 s; problems: {:#?}",
-        index.status().borrow().problems
-    );
 }
 
 fn has_problem(status: &Status, resource: &str, words: &str) -> bool {
@@ -126,7 +76,7 @@ fn has_problem(status: &Status, resource: &str, words: &str) -> bool {
 }
 
 async fn list_events(server: &FakeApiServer) -> Vec<Event> {
-    let api: Api<Event> = Api::namespaced(client(server), "shop");
+    let api: Api<Event> = Api::namespaced(kube_client(server), "shop");
     api.list(&ListParams::default()).await.unwrap().items
 }
 
@@ -183,7 +133,7 @@ fn count_of(events: &[Event], object: &str, reason: &str) -> Option<i32> {
 
 #[tokio::test]
 async fn every_problem_of_an_smi_object_becomes_one_event_from_the_leader_only() {
-    let server = fake().await;
+    let server = smi_api_server().await;
     let store = server.store();
     for (name, port) in [("web", 80), ("web-v1", 80), ("web-v3", 8080), ("api", 80)] {
         store.apply(&service_type(), service(name, port)).unwrap();
@@ -225,7 +175,7 @@ async fn every_problem_of_an_smi_object_becomes_one_event_from_the_leader_only()
 
     let (leader_tx, leader) = watch::channel(false);
     let writer = events::spawn(
-        client(&server),
+        kube_client(&server),
         index.status(),
         objects,
         leader,
@@ -293,7 +243,7 @@ async fn every_problem_of_an_smi_object_becomes_one_event_from_the_leader_only()
         "one Event per problem of an SMI object, none for the file's: {summary:#?}"
     );
     let splits: Api<trellis_smi::api::split::v1alpha4::TrafficSplit> =
-        Api::namespaced(client(&server), "shop");
+        Api::namespaced(kube_client(&server), "shop");
     let web = splits.get("web").await.unwrap().metadata;
     let (web_uid, web_version) = (web.uid, web.resource_version);
     for event in &written {
@@ -366,12 +316,12 @@ fn elector(server: &FakeApiServer, identity: &str) -> Leadership {
     options.identity = identity.into();
     options.lease_duration = Duration::from_secs(2);
     options.retry_period = Duration::from_millis(200);
-    Leadership::spawn(client(server), options)
+    Leadership::spawn(kube_client(server), options)
 }
 
 #[tokio::test]
 async fn two_replicas_write_one_event_and_a_new_leader_counts_on_it() {
-    let server = fake().await;
+    let server = smi_api_server().await;
     server
         .store()
         .apply(&split_type(), split("zero", "api", &[("web-v1", 0)], &[]))
@@ -381,7 +331,7 @@ async fn two_replicas_write_one_event_and_a_new_leader_counts_on_it() {
         let (index, objects) = index(&server, Vec::new());
         let leadership = elector(&server, identity);
         let writer = events::spawn(
-            client(&server),
+            kube_client(&server),
             index.status(),
             objects,
             leadership.is_leader(),

@@ -2,57 +2,22 @@
 //! visible where people look: as problems in the index's status (`/api/v1/state`, `trellis
 //! check`), with the time they started, and they clear when the watch works again.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use support::wait_status;
 use trellis_controller_core::index::{Index, IndexOptions, Status};
 use trellis_controller_core::policy::PolicySource;
 use trellis_controller_kubernetes::policy::KubernetesPolicySource;
-use trellis_kube_fake::{FakeApiServer, ResourceType};
-
-fn split_type() -> ResourceType {
-    ResourceType::new(
-        "split.smi-spec.io",
-        "v1alpha4",
-        "trafficsplits",
-        "TrafficSplit",
-        true,
-    )
-}
-
-fn register_all(server: &FakeApiServer) {
-    server.register(split_type());
-    server.register(ResourceType::new(
-        "access.smi-spec.io",
-        "v1alpha3",
-        "traffictargets",
-        "TrafficTarget",
-        true,
-    ));
-    for (plural, kind) in [
-        ("httproutegroups", "HTTPRouteGroup"),
-        ("tcproutes", "TCPRoute"),
-        ("udproutes", "UDPRoute"),
-    ] {
-        server.register(ResourceType::new(
-            "specs.smi-spec.io",
-            "v1alpha4",
-            plural,
-            kind,
-            true,
-        ));
-    }
-}
+use trellis_kube_fake::FakeApiServer;
+use trellis_testing::{kube_client, register_smi, split_type};
 
 fn index(server: &FakeApiServer) -> Index {
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
-    let source: Arc<dyn PolicySource> = Arc::new(KubernetesPolicySource::new(client));
-    let discovery = trellis_adapter_kubernetes::KubernetesDiscovery::new(
-        kube::Config::new(server.url().parse().unwrap()),
-        Default::default(),
-    )
-    .unwrap();
+    let source: Arc<dyn PolicySource> = Arc::new(KubernetesPolicySource::new(kube_client(server)));
+    let discovery = support::discovery(server);
     Index::start(vec![source], Arc::new(discovery), IndexOptions::default())
 }
 
@@ -70,21 +35,10 @@ fn watch_problems(status: &Status) -> Vec<String> {
         .collect()
 }
 
-async fn wait_status(index: &Index, what: &str, wanted: impl Fn(&Status) -> bool) -> Status {
-    let mut status = index.status();
-    match tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| wanted(s))).await {
-        Ok(Ok(s)) => (**s).clone(),
-        _ => panic!(
-            "no status with {what} within 10 s; problems: {:#?}",
-            index.status().borrow().problems
-        ),
-    }
-}
-
 #[tokio::test]
 async fn an_unreachable_api_server_is_a_problem_until_it_answers_again() {
     let server = FakeApiServer::start().await.unwrap();
-    register_all(&server);
+    register_smi(&server);
     server
         .store()
         .apply(

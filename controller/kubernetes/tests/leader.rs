@@ -10,6 +10,7 @@ use kube::api::{Api, PostParams};
 use tokio::time::Instant;
 use trellis_controller_kubernetes::leader::{LeaderOptions, Leadership};
 use trellis_kube_fake::FakeApiServer;
+use trellis_testing::kube_client;
 
 const NAMESPACE: &str = "trellis-system";
 const LEASE: &str = "trellis-controller";
@@ -17,16 +18,12 @@ const LEASE: &str = "trellis-controller";
 const LEASE_DURATION: Duration = Duration::from_secs(2);
 const RETRY: Duration = Duration::from_millis(200);
 
-fn client(server: &FakeApiServer) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap()
-}
-
 fn elector(server: &FakeApiServer, identity: &str) -> Leadership {
     let mut options = LeaderOptions::new(NAMESPACE, LEASE);
     options.identity = identity.into();
     options.lease_duration = LEASE_DURATION;
     options.retry_period = RETRY;
-    Leadership::spawn(client(server), options)
+    Leadership::spawn(kube_client(server), options)
 }
 
 /// Waits (at most `limit`) until `leadership` says `wanted`; returns how long it took.
@@ -46,7 +43,7 @@ async fn wait_leader(leadership: &Leadership, wanted: bool, limit: Duration) -> 
 }
 
 async fn holder(server: &FakeApiServer) -> Option<String> {
-    let leases: Api<Lease> = Api::namespaced(client(server), NAMESPACE);
+    let leases: Api<Lease> = Api::namespaced(kube_client(server), NAMESPACE);
     leases
         .get(LEASE)
         .await
@@ -125,7 +122,7 @@ async fn a_leader_that_stops_renewing_is_replaced_after_the_lease_expires() {
         "b took over after {took:?}, before the {LEASE_DURATION:?} lease could expire"
     );
     assert_eq!(holder(&server).await.as_deref(), Some("replica-b"));
-    let leases: Api<Lease> = Api::namespaced(client(&server), NAMESPACE);
+    let leases: Api<Lease> = Api::namespaced(kube_client(&server), NAMESPACE);
     let spec = leases.get(LEASE).await.unwrap().spec.unwrap();
     assert_eq!(spec.lease_transitions, Some(1));
     assert_eq!(spec.lease_duration_seconds, Some(2));
@@ -153,7 +150,7 @@ async fn a_write_with_a_stale_resource_version_loses() {
     let server = FakeApiServer::start().await.unwrap();
     let a = elector(&server, "replica-a");
     wait_leader(&a, true, Duration::from_secs(5)).await;
-    let leases: Api<Lease> = Api::namespaced(client(&server), NAMESPACE);
+    let leases: Api<Lease> = Api::namespaced(kube_client(&server), NAMESPACE);
     let read = leases.get(LEASE).await.unwrap();
     let read_version = read.metadata.resource_version.clone();
     // Wait for a's next renewal: what we read is now stale.

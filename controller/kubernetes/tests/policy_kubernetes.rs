@@ -9,48 +9,9 @@ use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use trellis_controller_core::policy::{PolicySet, PolicySource};
 use trellis_controller_kubernetes::policy::KubernetesPolicySource;
-use trellis_kube_fake::{FakeApiServer, ResourceType};
+use trellis_kube_fake::FakeApiServer;
 use trellis_smi::model::{Policy, ResourceId, Weight};
-
-fn split_type() -> ResourceType {
-    ResourceType::new(
-        "split.smi-spec.io",
-        "v1alpha4",
-        "trafficsplits",
-        "TrafficSplit",
-        true,
-    )
-}
-
-async fn fake() -> FakeApiServer {
-    let server = FakeApiServer::start().await.unwrap();
-    server.register(split_type());
-    server.register(ResourceType::new(
-        "access.smi-spec.io",
-        "v1alpha3",
-        "traffictargets",
-        "TrafficTarget",
-        true,
-    ));
-    for (plural, kind) in [
-        ("httproutegroups", "HTTPRouteGroup"),
-        ("tcproutes", "TCPRoute"),
-        ("udproutes", "UDPRoute"),
-    ] {
-        server.register(ResourceType::new(
-            "specs.smi-spec.io",
-            "v1alpha4",
-            plural,
-            kind,
-            true,
-        ));
-    }
-    server
-}
-
-fn client(server: &FakeApiServer) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap()
-}
+use trellis_testing::{Kind, kube_client, smi_api_server, smi_type, split_type};
 
 fn split(name: &str, weights: Value) -> Value {
     json!({
@@ -106,12 +67,12 @@ fn named(name: &str, weights: &[u64]) -> (String, Vec<u64>) {
 
 #[tokio::test]
 async fn creates_updates_and_deletes_become_new_sets() {
-    let server = fake().await;
+    let server = smi_api_server().await;
     let store = server.store();
     store
         .apply(&split_type(), split("web", json!([90, 10])))
         .unwrap();
-    let source = KubernetesPolicySource::new(client(&server));
+    let source = KubernetesPolicySource::new(kube_client(&server));
     assert_eq!(source.name(), "kubernetes");
     let mut sets = source.watch();
 
@@ -144,13 +105,7 @@ async fn creates_updates_and_deletes_become_new_sets() {
     // Other kinds go through the same model.
     store
         .apply(
-            &ResourceType::new(
-                "specs.smi-spec.io",
-                "v1alpha4",
-                "tcproutes",
-                "TCPRoute",
-                true,
-            ),
+            &smi_type(Kind::TcpRoute),
             json!({"apiVersion": "specs.smi-spec.io/v1alpha4", "kind": "TCPRoute",
                    "metadata": {"name": "db", "namespace": "shop"},
                    "spec": {"matches": {"ports": [5432]}}}),
@@ -167,12 +122,12 @@ async fn creates_updates_and_deletes_become_new_sets() {
 
 #[tokio::test]
 async fn a_bad_update_keeps_the_last_good_version_and_is_reported() {
-    let server = fake().await;
+    let server = smi_api_server().await;
     let store = server.store();
     store
         .apply(&split_type(), split("web", json!([90, 10])))
         .unwrap();
-    let mut sets = KubernetesPolicySource::new(client(&server)).watch();
+    let mut sets = KubernetesPolicySource::new(kube_client(&server)).watch();
     wait_for(&mut sets, "the listed split", |s| !s.policies.is_empty()).await;
 
     // Negative weights pass a schema-less fake; the source must refuse them.
@@ -196,13 +151,7 @@ async fn a_bad_update_keeps_the_last_good_version_and_is_reported() {
 
     // A validation failure (a path regex that does not compile) is reported the same way, and a
     // bad resource never seen good contributes nothing.
-    let routes = ResourceType::new(
-        "specs.smi-spec.io",
-        "v1alpha4",
-        "httproutegroups",
-        "HTTPRouteGroup",
-        true,
-    );
+    let routes = smi_type(Kind::HttpRouteGroup);
     store
         .apply(
             &routes,
@@ -256,7 +205,7 @@ async fn a_bad_update_keeps_the_last_good_version_and_is_reported() {
 
 #[tokio::test]
 async fn a_relist_after_410_gone_gives_the_correct_set() {
-    let server = fake().await;
+    let server = smi_api_server().await;
     let store = server.store();
     store
         .apply(&split_type(), split("web", json!([90, 10])))
@@ -264,7 +213,7 @@ async fn a_relist_after_410_gone_gives_the_correct_set() {
     store
         .apply(&split_type(), split("old", json!([1, 1])))
         .unwrap();
-    let mut sets = KubernetesPolicySource::new(client(&server)).watch();
+    let mut sets = KubernetesPolicySource::new(kube_client(&server)).watch();
     wait_for(&mut sets, "both splits", |s| splits(s).len() == 2).await;
     // A bad version while the good one is in force: the relist must keep the good one.
     store
@@ -302,12 +251,12 @@ async fn a_relist_after_410_gone_gives_the_correct_set() {
 
 #[tokio::test]
 async fn an_outage_keeps_the_last_set_and_changes_flow_after_it() {
-    let server = fake().await;
+    let server = smi_api_server().await;
     let store = server.store();
     store
         .apply(&split_type(), split("web", json!([90, 10])))
         .unwrap();
-    let mut sets = KubernetesPolicySource::new(client(&server)).watch();
+    let mut sets = KubernetesPolicySource::new(kube_client(&server)).watch();
     wait_for(&mut sets, "the split", |s| !s.policies.is_empty()).await;
 
     // While the API server is gone the watchers fail and back off; no set that drops policy.
@@ -338,7 +287,7 @@ async fn a_missing_crd_does_not_hold_back_the_set() {
         .store()
         .apply(&split_type(), split("web", json!([1, 1])))
         .unwrap();
-    let mut sets = KubernetesPolicySource::namespaced(client(&server), "shop").watch();
+    let mut sets = KubernetesPolicySource::namespaced(kube_client(&server), "shop").watch();
     let set = wait_for(&mut sets, "the split", |s| !s.policies.is_empty()).await;
     assert_eq!(splits(&set), vec![named("web", &[1000, 1000])]);
 }

@@ -10,7 +10,10 @@
 //! It is generic over resources: objects are JSON stored per (group, version, plural, namespace,
 //! name) with one global resourceVersion counter like etcd; [`ResourceType`]s beyond the
 //! built-ins (Services, Pods, EndpointSlices, ReplicaSets, Deployments, ...) are added with
-//! [`FakeApiServer::register`] (SMI CRDs, for instance).
+//! [`FakeApiServer::register`] (SMI CRDs, for instance). This crate knows nothing of SMI: the
+//! server with every SMI kind registered (from `trellis-smi`'s generated CRDs), a `kube::Client`
+//! of it and a kubeconfig for a child process are in `trellis-testing` (`testing/support`):
+//! `smi_api_server()`, `register_smi`, `smi_type(Kind)`, `kube_client`, `write_kubeconfig`.
 //!
 //! Faults on demand: [`FakeApiServer::compact`] (watches from older versions get 410 and clients
 //! must relist), [`FakeApiServer::close_watches`], [`FakeApiServer::send_bookmarks`], and

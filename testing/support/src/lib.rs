@@ -1,14 +1,31 @@
 //! Test support shared by the workspace's tests and benchmarks (never a dependency of production
-//! code): percentiles, atomic file writes, the SMI YAML they write, the fake API server with the
-//! SMI CRDs, and process figures from `/proc`.
+//! code, only a dev-dependency or a dependency of the crates under `testing/`):
+//!
+//! - [`kubernetes`]: the fake API server with every SMI kind registered from `trellis-smi`'s
+//!   generated CRDs ([`smi_api_server`], [`register_smi`], [`smi_type`], [`split_type`]), a
+//!   [`kube_client`] of it and a kubeconfig for a child process ([`write_kubeconfig`]);
+//! - [`controller`]: `trellis controller` as a child process ([`ControllerProcess`]) and a GET
+//!   of its admin port ([`http_get`]);
+//! - percentiles, atomic file writes, the SMI YAML the benchmarks write, and process figures
+//!   from `/proc`.
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use trellis_kube_fake::{FakeApiServer, ResourceType};
 
+pub mod controller;
+pub mod kubernetes;
+
+pub use controller::{ControllerProcess, controller_command, http_get};
+pub use kubernetes::{
+    kube_client, kube_config, kubeconfig_yaml, register_smi, smi_api_server, smi_type, smi_types,
+    split_type, write_kubeconfig,
+};
 pub use trellis_discovery_suite::LatencyStats;
+// Tests name SMI kinds by the model's enum, and get the fake's types from here.
+pub use trellis_kube_fake::{FakeApiServer, ResourceType};
+pub use trellis_smi::model::Kind;
 
 /// Writes `text` to `path` atomically: a temp file in `scratch` (same filesystem, outside any
 /// watched directory, so the watcher never sees it), then a rename.
@@ -45,52 +62,6 @@ pub fn split_object(namespace: &str, root: &str, w1: u32, w2: u32) -> Value {
             {"service": format!("{root}-v2"), "weight": w2},
         ]},
     })
-}
-
-/// The TrafficSplit resource type at its stored version.
-pub fn split_type() -> ResourceType {
-    ResourceType::new(
-        "split.smi-spec.io",
-        "v1alpha4",
-        "trafficsplits",
-        "TrafficSplit",
-        true,
-    )
-}
-
-/// A fake API server with every SMI CRD registered at its stored version.
-pub async fn smi_api_server() -> FakeApiServer {
-    let server = FakeApiServer::start()
-        .await
-        .expect("starting the fake API server");
-    server.register(split_type());
-    server.register(ResourceType::new(
-        "access.smi-spec.io",
-        "v1alpha3",
-        "traffictargets",
-        "TrafficTarget",
-        true,
-    ));
-    for (plural, kind) in [
-        ("httproutegroups", "HTTPRouteGroup"),
-        ("tcproutes", "TCPRoute"),
-        ("udproutes", "UDPRoute"),
-    ] {
-        server.register(ResourceType::new(
-            "specs.smi-spec.io",
-            "v1alpha4",
-            plural,
-            kind,
-            true,
-        ));
-    }
-    server
-}
-
-/// A kube client of the fake API server.
-pub fn kube_client(server: &FakeApiServer) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(server.url().parse().expect("fake URL")))
-        .expect("kube client")
 }
 
 /// Resident set and its peak of process `pid` (`/proc/<pid>/status`), in bytes.

@@ -188,26 +188,11 @@ impl Platform {
             }
             PlatformKind::Kubernetes => {
                 let fake = trellis_kube_fake::FakeApiServer::start().await?;
-                for (group, version, plural, kind) in SMI_KINDS
-                    .iter()
-                    .chain(&EXTRA_KINDS)
-                    .filter(|(g, v, p, _)| fake.store().resource(g, v, p).is_none())
-                {
-                    fake.register(trellis_kube_fake::ResourceType::new(
-                        group, version, plural, kind, true,
-                    ));
-                }
+                // The SMI kinds; Leases and Events, which a controller writes, are built in.
+                trellis_testing::register_smi(&fake);
                 let kubeconfig = dir.join("kubeconfig");
-                std::fs::write(
-                    &kubeconfig,
-                    format!(
-                        "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{}'}}}}]\n\
-                         users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\n\
-                         current-context: c\n",
-                        fake.url()
-                    ),
-                )?;
-                let client = kube::Client::try_from(kube::Config::new(fake.url().parse()?))?;
+                trellis_testing::write_kubeconfig(&fake, &kubeconfig)?;
+                let client = trellis_testing::kube_client(&fake);
                 Inner::Kubernetes {
                     _fake: Some(fake),
                     client,
@@ -415,36 +400,6 @@ const AWS_REGION: &str = "us-east-1";
 
 /// The audience the controller's TokenReview asks for (its `--token-audience` default).
 pub const TOKEN_AUDIENCE: &str = "trellis";
-
-/// The SMI kinds at their stored versions (what the controller's Kubernetes source watches).
-const SMI_KINDS: [(&str, &str, &str, &str); 5] = [
-    (
-        "split.smi-spec.io",
-        "v1alpha4",
-        "trafficsplits",
-        "TrafficSplit",
-    ),
-    (
-        "access.smi-spec.io",
-        "v1alpha3",
-        "traffictargets",
-        "TrafficTarget",
-    ),
-    (
-        "specs.smi-spec.io",
-        "v1alpha4",
-        "httproutegroups",
-        "HTTPRouteGroup",
-    ),
-    ("specs.smi-spec.io", "v1alpha4", "tcproutes", "TCPRoute"),
-    ("specs.smi-spec.io", "v1alpha4", "udproutes", "UDPRoute"),
-];
-
-/// Kinds a controller may write on Kubernetes (leader Lease, Events), served by the fake too.
-const EXTRA_KINDS: [(&str, &str, &str, &str); 2] = [
-    ("coordination.k8s.io", "v1", "leases", "Lease"),
-    ("", "v1", "events", "Event"),
-];
 
 /// Writes `text` to `path` through a temporary file and a rename, so a watcher never reads half
 /// a file (the temporary name does not end in `.yaml`, so the policy source skips it).
