@@ -281,6 +281,16 @@ impl Mesh {
                     .then(|| line.to_owned())
             })
             .await?;
+        if self.tokens.contains_key(service_account) {
+            // A proxy with an identity serves mTLS only once it holds its certificate; until then
+            // handshakes to it fail closed. Scenarios start after every proxy has one, so the
+            // mTLS row counts no handshake error that is only the mesh still starting.
+            proxy
+                .wait_line("`certificate obtained`", process::START_TIMEOUT, |line| {
+                    line.contains("certificate obtained").then_some(())
+                })
+                .await?;
+        }
         let addr = |key: &str, wanted: bool| -> anyhow::Result<Option<SocketAddr>> {
             match (process::traced_addr(&line, key), wanted) {
                 (Some(a), true) => Ok(Some(a)),
@@ -338,6 +348,22 @@ impl Mesh {
         name: &str,
         labels: &[&str],
     ) -> anyhow::Result<f64> {
+        Ok(self
+            .proxy_series(workload, name, labels)
+            .await?
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// The lines of a metric on a workload's proxy `/metrics` whose labels contain every one of
+    /// `labels`, as exposed (for failure messages that must say which series moved).
+    pub async fn proxy_series(
+        &self,
+        workload: &str,
+        name: &str,
+        labels: &[&str],
+    ) -> anyhow::Result<Vec<String>> {
         let w = self
             .workloads
             .get(workload)
@@ -351,8 +377,8 @@ impl Mesh {
                     && l[name.len()..].starts_with(['{', ' '])
                     && labels.iter().all(|want| l.contains(want))
             })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+            .map(str::to_owned)
+            .collect())
     }
 
     /// Starts a caller outside this mesh's trust: its own controller (file platform, its own

@@ -160,7 +160,11 @@ async fn mutual_tls(mesh: &Mesh) -> anyhow::Result<String> {
         let done = mesh.proxy_counter(workload, HANDSHAKES, &[&label]).await?;
         let errors = mesh.proxy_counter(workload, ERRORS, &[&label]).await?;
         if done < 1.0 || errors > 0.0 {
-            bail!("{workload}: {done} {direction} mTLS handshakes, {errors} errors");
+            let by_reason = mesh.proxy_series(workload, ERRORS, &[&label]).await?;
+            bail!(
+                "{workload}: {done} {direction} mTLS handshakes, {errors} errors ({})",
+                by_reason.join("; ")
+            );
         }
         seen.push(format!("{workload} {direction} {done}"));
     }
