@@ -65,7 +65,8 @@ pub struct FakeApiServer {
     /// ServiceAccount tokens issued for TokenReview.
     tokens: Arc<token_review::Tokens>,
     addr: SocketAddr,
-    listener: Mutex<Option<JoinHandle<()>>>,
+    /// The accept loop and the switch its connections check before each request.
+    listener: Mutex<Option<(JoinHandle<()>, server::Serving)>>,
     bookmarks: Option<JoinHandle<()>>,
 }
 
@@ -88,10 +89,12 @@ impl FakeApiServer {
         let addr = server::local_addr(&listener)?;
         let store = Arc::new(Store::new());
         let tokens = Arc::new(token_review::Tokens::default());
+        let serving = server::Serving::default();
         let serve = tokio::spawn(server::serve(
             listener,
             Arc::clone(&store),
             Arc::clone(&tokens),
+            serving.clone(),
         ));
         let bookmarks = options.bookmark_interval.map(|every| {
             let store = Arc::clone(&store);
@@ -107,7 +110,7 @@ impl FakeApiServer {
             store,
             tokens,
             addr,
-            listener: Mutex::new(Some(serve)),
+            listener: Mutex::new(Some((serve, serving))),
             bookmarks,
         })
     }
@@ -177,8 +180,12 @@ impl FakeApiServer {
     }
 
     /// Stops listening and drops every open connection (clients see refused connections).
+    /// From the moment this returns, no request is answered: aborting the accept loop drops its
+    /// connections only as their tasks are next scheduled, so a connection busy on another
+    /// worker thread could otherwise still answer one request after the outage began.
     pub fn begin_outage(&self) {
-        if let Some(task) = self.lock_listener().take() {
+        if let Some((task, serving)) = self.lock_listener().take() {
+            serving.stop();
             task.abort();
         }
         self.store.close_watches();
@@ -202,22 +209,28 @@ impl FakeApiServer {
                 Err(e) => return Err(e),
             }
         };
-        *self.lock_listener() = Some(tokio::spawn(server::serve(
+        let serving = server::Serving::default();
+        let task = tokio::spawn(server::serve(
             listener,
             Arc::clone(&self.store),
             Arc::clone(&self.tokens),
-        )));
+            serving.clone(),
+        ));
+        *self.lock_listener() = Some((task, serving));
         Ok(())
     }
 
-    fn lock_listener(&self) -> std::sync::MutexGuard<'_, Option<JoinHandle<()>>> {
+    fn lock_listener(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<(JoinHandle<()>, server::Serving)>> {
         self.listener.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
-        if let Some(task) = self.lock_listener().take() {
+        if let Some((task, serving)) = self.lock_listener().take() {
+            serving.stop();
             task.abort();
         }
         if let Some(task) = &self.bookmarks {

@@ -25,9 +25,37 @@ use crate::token_review::Tokens;
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// Whether one accept loop's connections may still answer: cleared when an outage begins, and
+/// checked before every request, so the outage is in force the moment it begins.
+#[derive(Clone, Debug)]
+pub(crate) struct Serving(Arc<std::sync::atomic::AtomicBool>);
+
+impl Default for Serving {
+    fn default() -> Self {
+        Serving(Arc::new(std::sync::atomic::AtomicBool::new(true)))
+    }
+}
+
+impl Serving {
+    pub(crate) fn stop(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_on(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// Accepts connections until the task is aborted; aborting it also drops every open connection
 /// (the JoinSet aborts its tasks when dropped), which is what an outage looks like to a client.
-pub(crate) async fn serve(listener: TcpListener, store: Arc<Store>, tokens: Arc<Tokens>) {
+/// A request that reaches a connection after [`Serving::stop`] is not answered: the connection
+/// closes, as it would if the server had died.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    store: Arc<Store>,
+    tokens: Arc<Tokens>,
+    serving: Serving,
+) {
     let mut connections = JoinSet::new();
     loop {
         let (stream, _) = match listener.accept().await {
@@ -40,11 +68,21 @@ pub(crate) async fn serve(listener: TcpListener, store: Arc<Store>, tokens: Arc<
         while connections.try_join_next().is_some() {}
         let store = Arc::clone(&store);
         let tokens = Arc::clone(&tokens);
+        let serving = serving.clone();
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let store = Arc::clone(&store);
                 let tokens = Arc::clone(&tokens);
-                async move { Ok::<_, Infallible>(handle(&store, &tokens, req).await) }
+                let on = serving.is_on();
+                async move {
+                    if !on {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the fake API server is in an outage",
+                        ));
+                    }
+                    Ok(handle(&store, &tokens, req).await)
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
