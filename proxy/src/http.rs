@@ -4,10 +4,24 @@
 //!
 //! Errors are mapped to responses once, here, each with an `x-trellis-error` header naming the
 //! mesh's reason (see [`Reason`]). There are no retries: a request is sent at most once.
+//!
+//! Request semantics a proxy owes its upstreams (each one a fixed defect, with a raw-socket test
+//! in `proxy/tests/http_correctness.rs`):
+//! - an absolute-form request target wins over `Host`, and the upstream's `Host` is replaced by
+//!   the target's authority (RFC 9112 3.2.2), so the upstream serves the service that was routed to;
+//! - two `Host` fields, or an HTTP/2 `host` that differs from `:authority`, are a bad request (400;
+//!   RFC 9112 3.2, RFC 9113 8.3.1); an HTTP/2 upstream never gets a `host` field, only `:authority`;
+//! - a request body the client framed wrongly (bad chunk sizes, bad chunk ends) is the client's
+//!   fault: 400 `bad-request`, counted as such, and the upstream connection is abandoned, so the
+//!   upstream never receives a complete request;
+//! - only WebSocket upgrades are tunnelled (authorized by the request that opened them); an
+//!   `Upgrade: h2c` is ignored, as RFC 9113 3.1 lets a server do and Envoy does, because an h2c
+//!   tunnel would carry requests the inbound policy never sees.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -35,10 +49,57 @@ use crate::tls::{Alpn, MeshConnector, TlsError, find_tls_error};
 pub const ERROR_HEADER: &str = "x-trellis-error";
 
 /// An upstream client: pooled connections, bodies streamed from the downstream request.
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<HttpConnector, RequestBody>;
 
 /// An upstream client speaking mTLS to one expected identity.
-pub type MeshClient = Client<MeshConnector, Incoming>;
+pub type MeshClient = Client<MeshConnector, RequestBody>;
+
+/// The downstream request body on its way upstream. It remembers whether reading it failed, so
+/// a failed exchange is blamed on the right side: a body the client framed wrongly (or abandoned)
+/// is the client's fault (400), not the upstream's (502).
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Incoming,
+    failed: Arc<AtomicBool>,
+}
+
+impl RequestBody {
+    fn new(inner: Incoming) -> (Self, Arc<AtomicBool>) {
+        let failed = Arc::new(AtomicBool::new(false));
+        (
+            RequestBody {
+                inner,
+                failed: Arc::clone(&failed),
+            },
+            failed,
+        )
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            this.failed.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// The upstream clients: HTTP/1.1 and h2c (prior knowledge) in plaintext, and mTLS clients per
 /// expected peer identity (so pooled connections are keyed by (address, identity)).
@@ -114,6 +175,9 @@ impl Clients {
 /// Why the proxy answered a request itself (the `x-trellis-error` value).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
+    /// The request is malformed: two `Host` fields, an HTTP/2 `host` that is not the
+    /// `:authority`, or a body the client framed wrongly. 400.
+    BadRequest,
     /// No authority in the request (no Host, no absolute URI). 400.
     NoAuthority,
     /// The authority is malformed. 400.
@@ -146,6 +210,7 @@ impl Reason {
     /// Header value.
     pub fn as_str(self) -> &'static str {
         match self {
+            Reason::BadRequest => "bad-request",
             Reason::NoAuthority => "no-authority",
             Reason::InvalidAuthority => "invalid-authority",
             Reason::UnknownDestination => "unknown-destination",
@@ -165,7 +230,9 @@ impl Reason {
     /// Status code.
     pub fn status(self) -> StatusCode {
         match self {
-            Reason::NoAuthority | Reason::InvalidAuthority => StatusCode::BAD_REQUEST,
+            Reason::BadRequest | Reason::NoAuthority | Reason::InvalidAuthority => {
+                StatusCode::BAD_REQUEST
+            }
             Reason::UnknownDestination
             | Reason::ConnectFailed
             | Reason::UpstreamFailed
@@ -274,6 +341,23 @@ fn local(reason: Reason, detail: &str) -> Response<ProxyBody> {
     resp
 }
 
+/// Why a request must be refused before it is routed, if it must: RFC 9112 3.2 (exactly one
+/// Host) and RFC 9113 8.3.1 (an HTTP/2 `host` names the same authority as `:authority`).
+fn malformed(req: &Request<Incoming>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some("two Host header fields");
+    }
+    if req.version() == Version::HTTP_2
+        && let (Some(host), Some(authority)) = (host, req.uri().authority())
+        && host.as_bytes() != authority.as_str().as_bytes()
+    {
+        return Some("the host header differs from :authority");
+    }
+    None
+}
+
 enum Miss {
     NoAuthority,
     Invalid(String),
@@ -309,6 +393,9 @@ async fn outbound(
     mut req: Request<Incoming>,
     started: Instant,
 ) -> Response<ProxyBody> {
+    if let Some(problem) = malformed(&req) {
+        return outbound_error(shared, Reason::BadRequest, problem, started);
+    }
     let dest = match find(shared, fixed, &req) {
         Ok(d) => d,
         Err(Miss::Unknown(key)) if shared.resolver.is_some() => {
@@ -364,20 +451,21 @@ async fn outbound(
     let http2 =
         endpoint.http2 || (req.version() == Version::HTTP_2 && dest.protocol != Protocol::Tcp);
     let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
-    let req = match rewrite(req, endpoint.authority.clone(), http2, upgrade.is_some()) {
-        Ok(r) => r,
-        Err(e) => {
-            return dest_error(
-                shared,
-                &dest,
-                Some(backend),
-                route,
-                Reason::UpstreamFailed,
-                started,
-            )
-            .tap_log(&e);
-        }
-    };
+    let (req, body_failed) =
+        match rewrite(req, endpoint.authority.clone(), http2, upgrade.is_some()) {
+            Ok(r) => r,
+            Err(e) => {
+                return dest_error(
+                    shared,
+                    &dest,
+                    Some(backend),
+                    route,
+                    Reason::UpstreamFailed,
+                    started,
+                )
+                .tap_log(&e);
+            }
+        };
     let in_flight = endpoint.stats.start();
     let sent = match mesh_identity {
         Some(expected) => shared
@@ -407,6 +495,7 @@ async fn outbound(
         Ok(resp) => resp,
         Err(e) => {
             let reason = match find_tls_error(&e) {
+                _ if body_failed.load(Ordering::Relaxed) => Reason::BadRequest,
                 Some(TlsError::NoIdentity) => Reason::NoIdentity,
                 Some(TlsError::IdentityMismatch) => Reason::IdentityMismatch,
                 Some(TlsError::Connect(_)) => Reason::ConnectFailed,
@@ -559,6 +648,7 @@ fn dest_error(
             bname.as_str(),
             dest.key
         ),
+        Reason::BadRequest => "the request body is malformed or was cut short".to_string(),
         _ => format!("backend {} of {} failed", bname.as_str(), dest.key),
     };
     local(reason, &detail)
@@ -587,6 +677,13 @@ async fn inbound(
         response_code: code,
         error,
     };
+    if let Some(problem) = malformed(&req) {
+        shared.metrics.request(
+            &labels(400, Label::from(Reason::BadRequest.as_str())),
+            elapsed_ms(started),
+        );
+        return local(Reason::BadRequest, problem);
+    }
     let info = RequestInfo {
         method: req.method(),
         path: req.uri().path(),
@@ -607,10 +704,11 @@ async fn inbound(
     }
     let http2 = policy.protocol == Protocol::Http2 || req.version() == Version::HTTP_2;
     let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
-    let req = match rewrite(req, policy.app_authority.clone(), http2, upgrade.is_some()) {
-        Ok(r) => r,
-        Err(e) => return local(Reason::UpstreamFailed, "bad request").tap_log(&e),
-    };
+    let (req, body_failed) =
+        match rewrite(req, policy.app_authority.clone(), http2, upgrade.is_some()) {
+            Ok(r) => r,
+            Err(e) => return local(Reason::UpstreamFailed, "bad request").tap_log(&e),
+        };
     let client = if http2 {
         &shared.clients.http2
     } else {
@@ -629,16 +727,21 @@ async fn inbound(
             })
         }
         Err(e) => {
-            let reason = if e.is_connect() {
-                Reason::ConnectFailed
+            let (reason, detail) = if body_failed.load(Ordering::Relaxed) {
+                (
+                    Reason::BadRequest,
+                    "the request body is malformed or was cut short",
+                )
+            } else if e.is_connect() {
+                (Reason::ConnectFailed, "the local application failed")
             } else {
-                Reason::UpstreamFailed
+                (Reason::UpstreamFailed, "the local application failed")
             };
             shared.metrics.request(
                 &labels(reason.status().as_u16(), Label::from(reason.as_str())),
                 elapsed_ms(started),
             );
-            local(reason, "the local application failed")
+            local(reason, detail)
         }
     }
 }
@@ -672,9 +775,16 @@ fn elapsed_ms(started: Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1000.0
 }
 
+/// An HTTP/1.1 WebSocket upgrade, the one upgrade the proxy tunnels. Any other `Upgrade` (h2c
+/// above all) is treated as an ordinary request and its upgrade headers are stripped.
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(UPGRADE)
+        && req.headers().get_all(UPGRADE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+            })
+        })
         && req.headers().get_all(CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|v| {
                 v.split(',')
@@ -683,19 +793,25 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
         })
 }
 
-/// Point the request at `authority`, in the HTTP version the upstream speaks.
+/// Point the request at `authority` (the endpoint connected to), in the HTTP version the
+/// upstream speaks. Returns the request and the flag its body raises if reading it fails.
 fn rewrite(
     req: Request<Incoming>,
     authority: http::uri::Authority,
     http2: bool,
     upgrading: bool,
-) -> Result<Request<Incoming>, http::Error> {
+) -> Result<(Request<RequestBody>, Arc<AtomicBool>), http::Error> {
     let (mut parts, body) = req.into_parts();
-    if !parts.headers.contains_key(HOST)
-        && let Some(a) = parts.uri.authority()
+    if http2 {
+        // HTTP/2 names the authority in `:authority`, built from the URI below; a `host` field
+        // beside it would differ (it names the service, `:authority` the endpoint), which strict
+        // servers refuse (RFC 9113 8.3.1).
+        parts.headers.remove(HOST);
+    } else if let Some(a) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
-        // h2 clients name the authority in `:authority` only; keep it visible to HTTP/1 apps.
+        // The request target's authority (absolute form, or an h2 client's `:authority`) is what
+        // was routed: the upstream's Host must say the same (RFC 9112 3.2.2).
         parts.headers.insert(HOST, v);
     }
     let path = parts
@@ -714,7 +830,8 @@ fn rewrite(
         Version::HTTP_11
     };
     strip_hop_by_hop(&mut parts.headers, upgrading);
-    Ok(Request::from_parts(parts, body))
+    let (body, failed) = RequestBody::new(body);
+    Ok((Request::from_parts(parts, body), failed))
 }
 
 fn finish_response(resp: &mut Response<Incoming>, upgrade: Option<hyper::upgrade::OnUpgrade>) {
@@ -767,6 +884,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
     headers.remove(TRANSFER_ENCODING);
     headers.remove(HeaderName::from_static("keep-alive"));
     headers.remove(HeaderName::from_static("proxy-connection"));
+    // Hop-by-hop by definition (RFC 9113 3.2.1 of the h2c upgrade), listed in Connection or not.
+    headers.remove(HeaderName::from_static("http2-settings"));
     if headers.get(TE).is_some_and(|te| te != "trailers") {
         headers.remove(TE);
     }

@@ -4,23 +4,34 @@
 //! Draining: accept loops stop, every HTTP connection is asked to shut down gracefully (HTTP/1
 //! finishes the request in flight then closes, HTTP/2 sends GOAWAY and finishes open streams),
 //! and [`Connections::wait_idle`] waits until all connections are gone or the bound passes.
+//!
+//! Waiting for requests is bounded by `header_read_timeout` on both HTTP versions, as HAProxy's
+//! `timeout http-request` is: an HTTP/1 head that is still incomplete then gets `408 Request
+//! Timeout` (hyper itself would close silently), an idle keep-alive connection is closed without
+//! a word, and an HTTP/2 connection with no request in progress (which includes a header block
+//! that never ends) gets GOAWAY and is closed.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
 use crate::authz::{Caller, Verdict};
 use crate::config::{Limits, Protocol};
 use crate::detect::{Detected, PrefixedIo, read_prefix};
-use crate::http::{Side, handle};
+use crate::http::{ProxyBody, Side, handle};
 use crate::state::Shared;
 
 /// Counts open connections so a drain can wait for them.
@@ -363,16 +374,19 @@ pub async fn serve_http1<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let side = Arc::new(side);
-    let service = service_fn(move |req| handle(Arc::clone(&shared), Arc::clone(&side), req));
+    let activity = Arc::new(Activity::default());
+    let service = tracked_service(side, shared, Arc::clone(&activity));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout())
+        // `HeadDeadline` enforces the limit (with a 408); hyper's own timer, which would close
+        // without an answer, is only the backstop.
+        .header_read_timeout(limits.header_read_timeout() + Duration::from_secs(1))
         .max_headers(limits.max_headers)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_header_size(limits.max_header_bytes)
         .keep_alive(true);
+    let io = HeadDeadline::new(io, activity, limits.header_read_timeout());
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
@@ -396,8 +410,8 @@ pub async fn serve_http2<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let side = Arc::new(side);
-    let service = service_fn(move |req| handle(Arc::clone(&shared), Arc::clone(&side), req));
+    let activity = Arc::new(Activity::default());
+    let service = tracked_service(side, shared, Arc::clone(&activity));
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -407,12 +421,246 @@ pub async fn serve_http2<IO>(
         .keep_alive_timeout(Duration::from_secs(10));
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let idle_limit = limits.header_read_timeout();
     tokio::select! {
         result = conn.as_mut() => log_conn_end(result),
         _ = stopped(&mut shutdown) => {
             conn.as_mut().graceful_shutdown();
             log_conn_end(conn.await);
         }
+        _ = activity.idle_for(idle_limit) => {
+            // No request in progress for the whole limit (a header block that never ends looks
+            // like this too): GOAWAY, then a bounded wait for the peer to see it.
+            tracing::debug!("closing an idle HTTP/2 connection");
+            conn.as_mut().graceful_shutdown();
+            if let Ok(result) = tokio::time::timeout(idle_limit, conn.as_mut()).await {
+                log_conn_end(result);
+            }
+        }
+    }
+}
+
+/// The requests of one connection: how many are in progress (from the service call to the end
+/// of their response body) and a generation that moves at every start and end, so a watchdog
+/// can tell "idle for the whole limit" from "busy in between".
+#[derive(Debug, Default)]
+struct Activity {
+    open: AtomicUsize,
+    generation: AtomicU64,
+    /// The connection became a tunnel (101 Switching Protocols): no more heads to wait for.
+    upgraded: std::sync::atomic::AtomicBool,
+}
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> RequestGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        RequestGuard(Arc::clone(self))
+    }
+
+    fn busy(&self) -> bool {
+        self.open.load(Ordering::Acquire) > 0 || self.upgraded.load(Ordering::Acquire)
+    }
+
+    /// Completes once no request has been in progress for `limit` (between `limit` and twice
+    /// `limit` after the last one ended).
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let generation = self.generation.load(Ordering::Acquire);
+            let was_idle = !self.busy();
+            tokio::time::sleep(limit).await;
+            if was_idle && !self.busy() && self.generation.load(Ordering::Acquire) == generation {
+                return;
+            }
+        }
+    }
+}
+
+/// One request in progress; dropped when its response body ends or is dropped.
+#[derive(Debug)]
+struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as in progress until it ends.
+#[derive(Debug)]
+struct TrackedBody {
+    body: ProxyBody,
+    _request: RequestGuard,
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The proxy's request handler for one connection, counting its requests in `activity`.
+fn tracked_service(
+    side: Side,
+    shared: Arc<Shared>,
+    activity: Arc<Activity>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<TrackedBody>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<
+        Output = Result<http::Response<TrackedBody>, std::convert::Infallible>,
+    > + Send,
+> + Clone {
+    let side = Arc::new(side);
+    service_fn(move |req| {
+        let request = activity.start();
+        let handled = handle(Arc::clone(&shared), Arc::clone(&side), req);
+        let activity = Arc::clone(&activity);
+        async move {
+            let resp = handled.await?;
+            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                activity.upgraded.store(true, Ordering::Release);
+            }
+            Ok(resp.map(|body| TrackedBody {
+                body,
+                _request: request,
+            }))
+        }
+    })
+}
+
+/// The HTTP/1 request-head deadline, enforced where hyper cannot answer: in the connection's
+/// reads. While no request is in progress, hyper's reads wait for the next head; if it has not
+/// arrived within the limit, a started head is answered `408 Request Timeout` and an idle
+/// keep-alive connection is simply closed. Either way the read fails, so hyper closes the
+/// connection without an answer of its own.
+struct HeadDeadline<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+    limit: Duration,
+    /// The head being waited for: the generation when the wait began, and its deadline.
+    waiting: Option<(u64, Pin<Box<tokio::time::Sleep>>)>,
+    /// Bytes of the awaited head received so far (0: an idle keep-alive connection).
+    head_bytes: usize,
+}
+
+/// What a client whose head did not arrive in time is told (then the connection closes).
+const REQUEST_TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\nx-trellis-error: header-timeout\r\n\r\n";
+
+impl<IO> HeadDeadline<IO> {
+    fn new(io: IO, activity: Arc<Activity>, limit: Duration) -> Self {
+        HeadDeadline {
+            io,
+            activity,
+            limit,
+            waiting: None,
+            head_bytes: 0,
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeadDeadline<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.activity.busy() {
+            // A request is in progress: reads are its body (or a pipelined head, whose wait
+            // starts when the response is done; the generation will have moved by then).
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let generation = this.activity.generation.load(Ordering::Acquire);
+        match &mut this.waiting {
+            Some((g, _)) if *g == generation => {}
+            Some((g, deadline)) => {
+                // A new head is awaited: the same timer, re-armed (no allocation per request).
+                *g = generation;
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + this.limit);
+                this.head_bytes = 0;
+            }
+            None => {
+                this.waiting = Some((generation, Box::pin(tokio::time::sleep(this.limit))));
+                this.head_bytes = 0;
+            }
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.head_bytes += buf.filled().len() - before;
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+        let expired = this
+            .waiting
+            .as_mut()
+            .is_some_and(|(_, deadline)| deadline.as_mut().poll(cx).is_ready());
+        if !expired {
+            return Poll::Pending;
+        }
+        if this.head_bytes > 0 {
+            // Best effort: the socket buffer of a connection waiting for its head is empty.
+            if let Poll::Ready(Ok(n)) = Pin::new(&mut this.io).poll_write(cx, REQUEST_TIMEOUT_408)
+                && n == REQUEST_TIMEOUT_408.len()
+            {
+                let _ = Pin::new(&mut this.io).poll_flush(cx);
+            }
+        }
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "request head not received in time",
+        )))
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for HeadDeadline<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
