@@ -3,6 +3,7 @@
 //! changes and closed at once when it no longer allows them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -14,8 +15,13 @@ use crate::table::Lookup;
 use crate::tls::Alpn;
 
 /// Forward an outbound connection to `destination` (an authority).
-pub async fn forward_outbound<IO>(shared: Arc<Shared>, destination: &str, mut client: IO)
-where
+/// `first_byte`: the client has sent nothing yet and must within this long.
+pub async fn forward_outbound<IO>(
+    shared: Arc<Shared>,
+    destination: &str,
+    mut client: IO,
+    first_byte: Option<Duration>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let dest = {
@@ -97,7 +103,7 @@ where
             match tls {
                 Ok(mut tls) => {
                     count(&shared, dest.label.clone(), backend.name.clone(), "");
-                    copy_with_idle_timeout(&mut client, &mut tls, idle).await
+                    copy_with_idle_timeout(&mut client, &mut tls, idle, first_byte).await
                 }
                 Err(e) => {
                     tracing::info!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "closing TCP connection: mTLS to the endpoint failed");
@@ -113,7 +119,7 @@ where
         }
         None => {
             count(&shared, dest.label.clone(), backend.name.clone(), "");
-            copy_with_idle_timeout(&mut client, &mut upstream, idle).await
+            copy_with_idle_timeout(&mut client, &mut upstream, idle, first_byte).await
         }
     };
     if let Err(e) = ended {
@@ -122,12 +128,14 @@ where
 }
 
 /// Forward an (authorized) inbound connection to the local application, for as long as the
-/// policy keeps allowing `caller`.
+/// policy keeps allowing `caller`. `first_byte`: the client has sent nothing yet and must
+/// within this long.
 pub async fn forward_inbound<IO>(
     shared: Arc<Shared>,
     app: std::net::SocketAddr,
     caller: &Caller,
     mut client: IO,
+    first_byte: Option<Duration>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -153,7 +161,7 @@ pub async fn forward_inbound<IO>(
     });
     let mut changes = shared.table_changes.subscribe();
     tokio::select! {
-        _ = copy_with_idle_timeout(&mut client, &mut upstream, shared.limits.tcp_idle_timeout()) => {}
+        _ = copy_with_idle_timeout(&mut client, &mut upstream, shared.limits.tcp_idle_timeout(), first_byte) => {}
         () = revoked(&shared, caller, &mut changes) => {
             tracing::info!(peer = %caller.peer, identity = ?caller.identity, "closing inbound TCP connection: the policy no longer allows it");
         }
@@ -194,22 +202,30 @@ fn count(shared: &Shared, destination: Label, backend: Label, error: &str) {
 }
 
 /// Copy both ways until either side closes or nothing moves for `idle` (then both are closed).
+/// With `first_from_a`, `a` must also send its first byte within that long (a silent client
+/// kept alive only by the other side's bytes, e.g. a server greeting, is closed).
+/// Used for opaque TCP and for upgraded (101) HTTP connections.
 pub async fn copy_with_idle_timeout<A, B>(
     a: A,
     b: B,
-    idle: std::time::Duration,
+    idle: Duration,
+    first_from_a: Option<Duration>,
 ) -> std::io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let clock = Arc::new(activity::Clock::new());
-    let mut a = activity::Tracked::new(a, Arc::clone(&clock));
-    let mut b = activity::Tracked::new(b, Arc::clone(&clock));
+    let mut a = activity::Tracked::new(a, Arc::clone(&clock), true);
+    let mut b = activity::Tracked::new(b, Arc::clone(&clock), false);
     tokio::select! {
         done = tokio::io::copy_bidirectional(&mut a, &mut b) => done.map(|_| ()),
         () = clock.idle_for(idle) => {
             tracing::debug!(?idle, "closing idle TCP connection");
+            Ok(())
+        }
+        () = clock.silent_for(first_from_a) => {
+            tracing::debug!(bound = ?first_from_a, "closing opaque TCP connection: the client never sent a byte");
             Ok(())
         }
     }
@@ -220,7 +236,7 @@ mod activity {
     use std::io;
     use std::pin::Pin;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::task::{Context, Poll};
     use std::time::Duration;
 
@@ -231,6 +247,8 @@ mod activity {
     pub struct Clock {
         epoch: Instant,
         last_millis: AtomicU64,
+        /// Whether the client side (`a`) has delivered a byte.
+        client_spoke: AtomicBool,
     }
 
     impl Clock {
@@ -238,12 +256,25 @@ mod activity {
             Clock {
                 epoch: Instant::now(),
                 last_millis: AtomicU64::new(0),
+                client_spoke: AtomicBool::new(false),
             }
         }
 
         fn touch(&self) {
             self.last_millis
                 .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+
+        /// Resolves when `bound` is Some and passed without a byte from the client side;
+        /// never otherwise.
+        pub async fn silent_for(&self, bound: Option<Duration>) {
+            let Some(bound) = bound else {
+                return std::future::pending().await;
+            };
+            tokio::time::sleep_until(self.epoch + bound).await;
+            if self.client_spoke.load(Ordering::Relaxed) {
+                std::future::pending().await
+            }
         }
 
         /// Resolves once nothing was touched for `idle`.
@@ -263,11 +294,17 @@ mod activity {
     pub struct Tracked<T> {
         inner: T,
         clock: Arc<Clock>,
+        client: bool,
     }
 
     impl<T> Tracked<T> {
-        pub fn new(inner: T, clock: Arc<Clock>) -> Self {
-            Tracked { inner, clock }
+        /// `client`: reads from this side count as the client speaking.
+        pub fn new(inner: T, clock: Arc<Clock>, client: bool) -> Self {
+            Tracked {
+                inner,
+                clock,
+                client,
+            }
         }
     }
 
@@ -282,6 +319,9 @@ mod activity {
             let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
             if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
                 this.clock.touch();
+                if this.client {
+                    this.clock.client_spoke.store(true, Ordering::Relaxed);
+                }
             }
             polled
         }
