@@ -203,7 +203,8 @@ fn count(shared: &Shared, destination: Label, backend: Label, error: &str) {
 
 /// Copy both ways until either side closes or nothing moves for `idle` (then both are closed).
 /// With `first_from_a`, `a` must also send its first byte within that long (a silent client
-/// kept alive only by the other side's bytes, e.g. a server greeting, is closed).
+/// kept alive only by the other side's bytes, e.g. a server greeting, is closed), and until it
+/// does no copy buffers are allocated.
 /// Used for opaque TCP and for upgraded (101) HTTP connections.
 pub async fn copy_with_idle_timeout<A, B>(
     a: A,
@@ -216,17 +217,62 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let clock = Arc::new(activity::Clock::new());
-    let mut a = activity::Tracked::new(a, Arc::clone(&clock), true);
-    let mut b = activity::Tracked::new(b, Arc::clone(&clock), false);
+    let mut a = activity::Tracked::new(a, Arc::clone(&clock));
+    let mut b = activity::Tracked::new(b, Arc::clone(&clock));
+    if let Some(bound) = first_from_a {
+        let deadline = tokio::time::Instant::now() + bound;
+        match tokio::time::timeout_at(deadline, until_first_byte(&mut a, &mut b)).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                tracing::debug!(
+                    ?bound,
+                    "closing opaque TCP connection: the client never sent a byte"
+                );
+                return Ok(());
+            }
+        }
+    }
     tokio::select! {
         done = tokio::io::copy_bidirectional(&mut a, &mut b) => done.map(|_| ()),
         () = clock.idle_for(idle) => {
             tracing::debug!(?idle, "closing idle TCP connection");
             Ok(())
         }
-        () = clock.silent_for(first_from_a) => {
-            tracing::debug!(bound = ?first_from_a, "closing opaque TCP connection: the client never sent a byte");
-            Ok(())
+    }
+}
+
+/// While the client `a` has said nothing: relay what `b` sends (a server-first greeting) through
+/// a small buffer, and forward the client's first bytes. Returns true once the client spoke,
+/// false when either side closed. Silent clients thus hold 1 KiB here instead of the two 8 KiB
+/// buffers of `copy_bidirectional` (a flood of them cost ~15 KB each).
+async fn until_first_byte<A, B>(a: &mut A, b: &mut B) -> std::io::Result<bool>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut from_client = [0u8; 512];
+    let mut from_server = [0u8; 512];
+    loop {
+        // Both reads are cancel safe: the one not chosen has read nothing.
+        tokio::select! {
+            n = a.read(&mut from_client) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                b.write_all(&from_client[..n]).await?;
+                return Ok(true);
+            }
+            n = b.read(&mut from_server) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                a.write_all(&from_server[..n]).await?;
+            }
         }
     }
 }
@@ -236,7 +282,7 @@ mod activity {
     use std::io;
     use std::pin::Pin;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::task::{Context, Poll};
     use std::time::Duration;
 
@@ -247,8 +293,6 @@ mod activity {
     pub struct Clock {
         epoch: Instant,
         last_millis: AtomicU64,
-        /// Whether the client side (`a`) has delivered a byte.
-        client_spoke: AtomicBool,
     }
 
     impl Clock {
@@ -256,25 +300,12 @@ mod activity {
             Clock {
                 epoch: Instant::now(),
                 last_millis: AtomicU64::new(0),
-                client_spoke: AtomicBool::new(false),
             }
         }
 
         fn touch(&self) {
             self.last_millis
                 .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        }
-
-        /// Resolves when `bound` is Some and passed without a byte from the client side;
-        /// never otherwise.
-        pub async fn silent_for(&self, bound: Option<Duration>) {
-            let Some(bound) = bound else {
-                return std::future::pending().await;
-            };
-            tokio::time::sleep_until(self.epoch + bound).await;
-            if self.client_spoke.load(Ordering::Relaxed) {
-                std::future::pending().await
-            }
         }
 
         /// Resolves once nothing was touched for `idle`.
@@ -294,17 +325,11 @@ mod activity {
     pub struct Tracked<T> {
         inner: T,
         clock: Arc<Clock>,
-        client: bool,
     }
 
     impl<T> Tracked<T> {
-        /// `client`: reads from this side count as the client speaking.
-        pub fn new(inner: T, clock: Arc<Clock>, client: bool) -> Self {
-            Tracked {
-                inner,
-                clock,
-                client,
-            }
+        pub fn new(inner: T, clock: Arc<Clock>) -> Self {
+            Tracked { inner, clock }
         }
     }
 
@@ -319,9 +344,6 @@ mod activity {
             let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
             if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
                 this.clock.touch();
-                if this.client {
-                    this.clock.client_spoke.store(true, Ordering::Relaxed);
-                }
             }
             polled
         }

@@ -264,8 +264,7 @@ async fn the_global_connection_limit_refuses_counts_and_recovers() {
     assert_eq!(h1.get("echo.default", "/").await.1, "v1");
 }
 
-/// Defect 5: listeners were bound by `TcpListener::bind` (backlog 1024, capped to 128 by older
-/// kernels). Now `limits.listen_backlog` (default 4096, as HAProxy). On Linux `ss -ltn` shows a
+/// Defect 5: listeners were bound by `TcpListener::bind` (backlog 128). Now `limits.listen_backlog` (default 4096, as HAProxy). On Linux `ss -ltn` shows a
 /// listening socket's backlog as its Send-Q.
 #[tokio::test]
 async fn listeners_bind_with_the_configured_backlog() {
