@@ -657,5 +657,21 @@ mod tests {
         let size = std::mem::size_of_val(&inbound);
         println!("serve_inbound: {size} bytes");
         assert!(size < BOUND, "serve_inbound: {size} bytes");
+
+        let caller = Caller {
+            peer,
+            identity: None,
+            port: 1,
+        };
+        let (_c, io) = tokio::io::duplex(16);
+        let opaque = forward_inbound_tcp(
+            io,
+            caller,
+            Arc::clone(&shared),
+            Some(Duration::from_secs(1)),
+        );
+        let size = std::mem::size_of_val(&opaque);
+        println!("forward_inbound_tcp: {size} bytes");
+        assert!(size < 2 * BOUND, "forward_inbound_tcp: {size} bytes");
     }
 }
