@@ -1,6 +1,7 @@
 //! The admin listener: `/metrics` (Prometheus text), `/ready`, `/live`, `/config` (JSON of the
 //! configuration currently in force), `/identity` (JSON: the workload identity and its validity;
-//! never the key).
+//! never the key), `/connections` (JSON: open connections by listener kind, the global limit,
+//! refusals by listener kind and reason).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -84,6 +85,14 @@ fn answer(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Resp
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
             }
         }
+        "/connections" => {
+            let mut resp = text(StatusCode::OK, connections_json(shared) + "\n");
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
         "/identity" => {
             let mut resp = text(StatusCode::OK, identity_json(shared) + "\n");
             resp.headers_mut().insert(
@@ -94,9 +103,35 @@ fn answer(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Resp
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "admin endpoints: /metrics /ready /live /config /identity\n".into(),
+            "admin endpoints: /metrics /ready /live /config /identity /connections\n".into(),
         ),
     }
+}
+
+/// `{"open", "max", "by_listener": {kind: n}, "inbound_sources", "refused": {kind: {reason: n}}}`:
+/// client connections open now, the global limit, source IPs with open inbound connections,
+/// and every connection refused since start by listener kind and reason.
+fn connections_json(shared: &Shared) -> String {
+    let c = &shared.connections;
+    let by_listener: serde_json::Map<String, serde_json::Value> = c
+        .by_listener()
+        .map(|(kind, n)| (kind.to_string(), n.into()))
+        .collect();
+    let mut refused = serde_json::Map::new();
+    for ((kind, reason), n) in c.refused() {
+        let entry = refused
+            .entry(kind.to_string())
+            .or_insert_with(|| serde_json::json!({}));
+        entry[reason] = n.into();
+    }
+    serde_json::json!({
+        "open": c.count(),
+        "max": c.max(),
+        "by_listener": by_listener,
+        "inbound_sources": shared.sources.sources(),
+        "refused": refused,
+    })
+    .to_string()
 }
 
 /// `{"configured", "id", "valid", "not_before", "not_after", "anchors"}` (times in Unix seconds).

@@ -335,6 +335,15 @@ pub struct Limits {
     pub max_concurrent_handshakes: usize,
     /// Open inbound connections per source IP; more are closed at once.
     pub max_connections_per_source: usize,
+    /// Open client connections over all listeners; more are closed at once. 0 = derived from
+    /// the file-descriptor limit at start (see [`Limits::effective_max_connections`]).
+    pub max_connections: usize,
+    /// Listen backlog of every listener (the kernel caps it at `net.core.somaxconn`).
+    pub listen_backlog: u32,
+    /// On detect ports, a client that sent nothing before `detect_timeout_ms` is carried as
+    /// opaque TCP (server-first protocols) but must send its first byte within this long after,
+    /// else both sides are closed (a silent client must not pin an app connection), ms.
+    pub opaque_first_byte_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -351,6 +360,9 @@ impl Default for Limits {
             tls_handshake_timeout_ms: 10_000,
             max_concurrent_handshakes: 512,
             max_connections_per_source: 1024,
+            max_connections: 0,
+            listen_backlog: 4096,
+            opaque_first_byte_timeout_ms: 30_000,
         }
     }
 }
@@ -379,6 +391,24 @@ impl Limits {
     /// `drain_timeout_ms` as a Duration.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms)
+    }
+    /// `opaque_first_byte_timeout_ms` as a Duration.
+    pub fn opaque_first_byte_timeout(&self) -> Duration {
+        Duration::from_millis(self.opaque_first_byte_timeout_ms)
+    }
+    /// `max_connections`, or when 0: half the soft `RLIMIT_NOFILE` (a proxied connection holds
+    /// two descriptors, client and upstream) less 64 kept for listeners, the admin port, config
+    /// files and logs; at least 1. Like HAProxy, which derives `maxconn` from `ulimit -n`.
+    pub fn effective_max_connections(&self) -> usize {
+        if self.max_connections > 0 {
+            return self.max_connections;
+        }
+        let soft = rlimit::Resource::NOFILE
+            .get()
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+        (soft.saturating_sub(64) / 2).max(1)
     }
 }
 

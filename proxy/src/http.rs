@@ -508,7 +508,7 @@ async fn outbound(
         }
     };
     in_flight.record_latency();
-    finish_response(&mut resp, upgrade);
+    finish_response(&mut resp, upgrade, shared.limits.tcp_idle_timeout());
     shared.metrics.request(
         &RequestLabels {
             direction: label_outbound(),
@@ -716,7 +716,7 @@ async fn inbound(
     };
     match client.request(req).await {
         Ok(mut resp) => {
-            finish_response(&mut resp, upgrade);
+            finish_response(&mut resp, upgrade, shared.limits.tcp_idle_timeout());
             shared.metrics.request(
                 &labels(resp.status().as_u16(), label_empty()),
                 elapsed_ms(started),
@@ -834,23 +834,33 @@ fn rewrite(
     Ok((Request::from_parts(parts, body), failed))
 }
 
-fn finish_response(resp: &mut Response<Incoming>, upgrade: Option<hyper::upgrade::OnUpgrade>) {
+/// `idle`: an upgraded connection is a tunnel, closed like opaque TCP after this long silent.
+fn finish_response(
+    resp: &mut Response<Incoming>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    idle: Duration,
+) {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_side) = upgrade {
             let upstream_side = hyper::upgrade::on(&mut *resp);
-            tokio::spawn(tunnel(client_side, upstream_side));
+            tokio::spawn(tunnel(client_side, upstream_side, idle));
         }
         return;
     }
     strip_hop_by_hop(resp.headers_mut(), false);
 }
 
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+) {
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            let copied = crate::tcp::copy_with_idle_timeout(&mut client, &mut upstream, idle, None);
+            if let Err(e) = copied.await {
                 tracing::debug!(error = %e, "upgraded connection ended with an error");
             }
         }

@@ -123,11 +123,16 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let connections = Arc::new(Connections::default());
+    let connections = Arc::clone(&shared.connections);
+    tracing::info!(
+        max_connections = connections.max(),
+        listen_backlog = config.limits.listen_backlog,
+        "connection limits"
+    );
+    let backlog = config.limits.listen_backlog;
     let mut tasks = Vec::new();
     let bind = |addr: SocketAddr, what: &'static str| async move {
-        TcpListener::bind(addr)
-            .await
+        server::bind(addr, backlog)
             .with_context(|| format!("binding the {what} listener on {addr}"))
     };
     let mut spawn_listener = |listener: TcpListener, kind: ListenerKind| {

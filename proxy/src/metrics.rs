@@ -10,7 +10,9 @@
 //! | `trellis_tls_handshakes_total` | counter | `direction` (`inbound`, `outbound`): completed mTLS handshakes |
 //! | `trellis_tls_handshake_duration_ms` | histogram | `direction` |
 //! | `trellis_tls_handshake_errors_total` | counter | `direction`, `reason` (`timeout`, `expired`, `unknown-issuer`, `identity-mismatch`, `bad-certificate`, `no-client-certificate`, `no-identity`, `protocol`, `eof`, `io`, ...) |
-//! | `trellis_inbound_connections_refused_total` | counter | `reason` (`per-source-limit`, `handshake-limit`, `no-identity`) |
+//! | `trellis_inbound_connections_refused_total` | counter | `reason` (`per-source-limit`, `handshake-limit`) |
+//! | `trellis_connections_refused_total` | counter | `listener` (`outbound-http`, `outbound-port`, `inbound`), `reason` (`global-limit`, `per-source-limit`, `handshake-limit`): every refusal |
+//! | `trellis_open_connections` | gauge | `listener`: client connections open now |
 //!
 //! `trellis_request_duration_ms` measures from the request's arrival to the response headers
 //! (what clients wait for before bytes flow). Success rate per destination workload for Flagger:
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -115,6 +118,17 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ListenerReasonLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct UpdateLabels {
     source: &'static str,
     result: &'static str,
@@ -133,6 +147,8 @@ pub struct Metrics {
     refused: Family<ReasonLabels, Counter>,
     /// Source labels (this proxy's workload).
     pub source: SourceLabels,
+    open_connections: Family<ListenerLabels, Gauge>,
+    connections_refused: Family<ListenerReasonLabels, Counter>,
 }
 
 /// This proxy's own workload labels.
@@ -202,6 +218,18 @@ impl Metrics {
             "Configuration updates applied or rejected",
             updates.clone(),
         );
+        let open_connections = Family::default();
+        let connections_refused = Family::default();
+        registry.register(
+            "trellis_open_connections",
+            "Client connections open now, by listener kind",
+            open_connections.clone(),
+        );
+        registry.register(
+            "trellis_connections_refused",
+            "Client connections closed before serving, by listener kind and reason",
+            connections_refused.clone(),
+        );
         let source = match workload {
             Some(w) => SourceLabels {
                 namespace: Label::from(w.namespace.as_str()),
@@ -224,6 +252,8 @@ impl Metrics {
             handshake_errors,
             refused,
             source,
+            open_connections,
+            connections_refused,
         }
     }
 
@@ -257,6 +287,27 @@ impl Metrics {
     /// Count one inbound connection refused before it was served.
     pub fn refused(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// One more open connection on a `listener` kind.
+    pub fn connection_opened(&self, listener: &'static str) {
+        self.open_connections
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
+    }
+
+    /// One open connection fewer on a `listener` kind.
+    pub fn connection_closed(&self, listener: &'static str) {
+        self.open_connections
+            .get_or_create(&ListenerLabels { listener })
+            .dec();
+    }
+
+    /// Count one connection of a `listener` kind closed before it was served.
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ListenerReasonLabels { listener, reason })
+            .inc();
     }
 
     /// Count one configuration update.

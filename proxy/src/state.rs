@@ -17,6 +17,7 @@ use crate::config::{Config, Limits};
 use crate::http::Clients;
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
+use crate::server::Connections;
 use crate::table::{RoutingTable, StatsRegistry};
 
 /// Asks the controller about destinations the table does not know yet.
@@ -54,6 +55,8 @@ pub struct Shared {
     pub handshakes: Semaphore,
     /// Open inbound connections per source IP.
     pub sources: Arc<SourceLimiter>,
+    /// Open client connections of every listener (drain, global limit, counts by kind).
+    pub connections: Arc<Connections>,
 }
 
 /// Counts open inbound connections per source IP.
@@ -82,6 +85,13 @@ impl SourceLimiter {
             limiter: Arc::clone(self),
             ip,
         })
+    }
+}
+
+impl SourceLimiter {
+    /// Source IPs with open inbound connections now.
+    pub fn sources(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
@@ -124,11 +134,16 @@ impl Shared {
     ) -> Result<Self, crate::config::Invalid> {
         let stats = StatsRegistry::default();
         let table = RoutingTable::compile(Arc::new(config.clone()), &stats)?;
+        let metrics = Metrics::register(registry, config.workload.as_ref());
+        let connections = Arc::new(Connections::new(
+            config.limits.effective_max_connections(),
+            metrics.clone(),
+        ));
         Ok(Shared {
             table: ArcSwap::from_pointee(table),
             stats,
             clients: Clients::new(&config.limits),
-            metrics: Metrics::register(registry, config.workload.as_ref()),
+            metrics,
             authorizer,
             resolver,
             limits: config.limits.clone(),
@@ -137,6 +152,7 @@ impl Shared {
             table_changes: watch::channel(0).0,
             handshakes: Semaphore::new(config.limits.max_concurrent_handshakes.max(1)),
             sources: Arc::default(),
+            connections,
         })
     }
 

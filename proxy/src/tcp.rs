@@ -3,6 +3,7 @@
 //! changes and closed at once when it no longer allows them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -14,8 +15,13 @@ use crate::table::Lookup;
 use crate::tls::Alpn;
 
 /// Forward an outbound connection to `destination` (an authority).
-pub async fn forward_outbound<IO>(shared: Arc<Shared>, destination: &str, mut client: IO)
-where
+/// `first_byte`: the client has sent nothing yet and must within this long.
+pub async fn forward_outbound<IO>(
+    shared: Arc<Shared>,
+    destination: &str,
+    mut client: IO,
+    first_byte: Option<Duration>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let dest = {
@@ -97,7 +103,7 @@ where
             match tls {
                 Ok(mut tls) => {
                     count(&shared, dest.label.clone(), backend.name.clone(), "");
-                    copy_with_idle_timeout(&mut client, &mut tls, idle).await
+                    copy_with_idle_timeout(&mut client, &mut tls, idle, first_byte).await
                 }
                 Err(e) => {
                     tracing::info!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "closing TCP connection: mTLS to the endpoint failed");
@@ -113,7 +119,7 @@ where
         }
         None => {
             count(&shared, dest.label.clone(), backend.name.clone(), "");
-            copy_with_idle_timeout(&mut client, &mut upstream, idle).await
+            copy_with_idle_timeout(&mut client, &mut upstream, idle, first_byte).await
         }
     };
     if let Err(e) = ended {
@@ -122,12 +128,14 @@ where
 }
 
 /// Forward an (authorized) inbound connection to the local application, for as long as the
-/// policy keeps allowing `caller`.
+/// policy keeps allowing `caller`. `first_byte`: the client has sent nothing yet and must
+/// within this long.
 pub async fn forward_inbound<IO>(
     shared: Arc<Shared>,
     app: std::net::SocketAddr,
     caller: &Caller,
     mut client: IO,
+    first_byte: Option<Duration>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -153,7 +161,7 @@ pub async fn forward_inbound<IO>(
     });
     let mut changes = shared.table_changes.subscribe();
     tokio::select! {
-        _ = copy_with_idle_timeout(&mut client, &mut upstream, shared.limits.tcp_idle_timeout()) => {}
+        _ = copy_with_idle_timeout(&mut client, &mut upstream, shared.limits.tcp_idle_timeout(), first_byte) => {}
         () = revoked(&shared, caller, &mut changes) => {
             tracing::info!(peer = %caller.peer, identity = ?caller.identity, "closing inbound TCP connection: the policy no longer allows it");
         }
@@ -194,10 +202,15 @@ fn count(shared: &Shared, destination: Label, backend: Label, error: &str) {
 }
 
 /// Copy both ways until either side closes or nothing moves for `idle` (then both are closed).
+/// With `first_from_a`, `a` must also send its first byte within that long (a silent client
+/// kept alive only by the other side's bytes, e.g. a server greeting, is closed), and until it
+/// does no copy buffers are allocated.
+/// Used for opaque TCP and for upgraded (101) HTTP connections.
 pub async fn copy_with_idle_timeout<A, B>(
     a: A,
     b: B,
-    idle: std::time::Duration,
+    idle: Duration,
+    first_from_a: Option<Duration>,
 ) -> std::io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -206,11 +219,60 @@ where
     let clock = Arc::new(activity::Clock::new());
     let mut a = activity::Tracked::new(a, Arc::clone(&clock));
     let mut b = activity::Tracked::new(b, Arc::clone(&clock));
+    if let Some(bound) = first_from_a {
+        let deadline = tokio::time::Instant::now() + bound;
+        match tokio::time::timeout_at(deadline, until_first_byte(&mut a, &mut b)).await {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                tracing::debug!(
+                    ?bound,
+                    "closing opaque TCP connection: the client never sent a byte"
+                );
+                return Ok(());
+            }
+        }
+    }
     tokio::select! {
         done = tokio::io::copy_bidirectional(&mut a, &mut b) => done.map(|_| ()),
         () = clock.idle_for(idle) => {
             tracing::debug!(?idle, "closing idle TCP connection");
             Ok(())
+        }
+    }
+}
+
+/// While the client `a` has said nothing: relay what `b` sends (a server-first greeting) through
+/// a small buffer, and forward the client's first bytes. Returns true once the client spoke,
+/// false when either side closed. Silent clients thus hold 1 KiB here instead of the two 8 KiB
+/// buffers of `copy_bidirectional` (a flood of them cost ~15 KB each).
+async fn until_first_byte<A, B>(a: &mut A, b: &mut B) -> std::io::Result<bool>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut from_client = [0u8; 512];
+    let mut from_server = [0u8; 512];
+    loop {
+        // Both reads are cancel safe: the one not chosen has read nothing.
+        tokio::select! {
+            n = a.read(&mut from_client) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                b.write_all(&from_client[..n]).await?;
+                return Ok(true);
+            }
+            n = b.read(&mut from_server) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                a.write_all(&from_server[..n]).await?;
+            }
         }
     }
 }
