@@ -171,6 +171,25 @@ async fn metrics(admin: SocketAddr) -> String {
     .await
 }
 
+/// A proxy whose `raw.default` is a [`RawUpstream`] and `echo.default` an echo app.
+async fn mesh() -> (RawUpstream, App, trellis_proxy::RunningProxy) {
+    let raw = RawUpstream::start().await;
+    let echo = app("echo").await;
+    let proxy = proxy(&config(raw.addr, echo.addr)).await;
+    (raw, echo, proxy)
+}
+
+/// Appends what `s` receives to `out` until the peer closes (or 5 s pass without a byte).
+async fn read_until_closed(s: &mut TcpStream, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 1024];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
 fn config(raw: SocketAddr, echo: SocketAddr) -> String {
     format!(
         "admin: 127.0.0.1:0\noutbound:\n  http: 127.0.0.1:0\n  ports:\n    - listen: 127.0.0.1:0\n      destination: raw.default\nlimits:\n  header_read_timeout_ms: 300\ndestinations:\n{}{}",
@@ -181,9 +200,7 @@ fn config(raw: SocketAddr, echo: SocketAddr) -> String {
 
 #[tokio::test]
 async fn an_absolute_form_target_is_routed_and_becomes_the_upstreams_host() {
-    let raw = RawUpstream::start().await;
-    let echo = app("echo").await;
-    let proxy = proxy(&config(raw.addr, echo.addr)).await;
+    let (raw, echo, proxy) = mesh().await;
     let answer = exchange(
         proxy.http.unwrap(),
         b"GET http://raw.default/abs2 HTTP/1.1\r\nHost: echo.default\r\n\r\n",
@@ -199,9 +216,7 @@ async fn an_absolute_form_target_is_routed_and_becomes_the_upstreams_host() {
 
 #[tokio::test]
 async fn two_host_fields_are_a_bad_request_on_every_listener() {
-    let raw = RawUpstream::start().await;
-    let echo = app("echo").await;
-    let proxy = proxy(&config(raw.addr, echo.addr)).await;
+    let (raw, echo, proxy) = mesh().await;
     for listener in [proxy.http.unwrap(), proxy.ports[0]] {
         let answer = exchange(
             listener,
@@ -227,9 +242,7 @@ async fn two_host_fields_are_a_bad_request_on_every_listener() {
 
 #[tokio::test]
 async fn malformed_chunked_bodies_are_the_clients_fault_and_never_reach_the_upstream_whole() {
-    let raw = RawUpstream::start().await;
-    let echo = app("echo").await;
-    let proxy = proxy(&config(raw.addr, echo.addr)).await;
+    let (raw, echo, proxy) = mesh().await;
     let bodies: [&[u8]; 5] = [
         b"fffffffffffffffff1\r\nabc\r\n0\r\n\r\n",
         b"-1\r\nabc\r\n0\r\n\r\n",
@@ -271,9 +284,7 @@ async fn malformed_chunked_bodies_are_the_clients_fault_and_never_reach_the_upst
 
 #[tokio::test]
 async fn an_h2c_upgrade_is_not_tunnelled() {
-    let raw = RawUpstream::start().await;
-    let echo = app("echo").await;
-    let proxy = proxy(&config(raw.addr, echo.addr)).await;
+    let (raw, echo, proxy) = mesh().await;
     let answer = exchange(
         proxy.http.unwrap(),
         b"GET /denied HTTP/1.1\r\nHost: raw.default\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
@@ -292,9 +303,7 @@ async fn an_h2c_upgrade_is_not_tunnelled() {
 
 #[tokio::test]
 async fn a_request_head_that_does_not_arrive_in_time_gets_408() {
-    let raw = RawUpstream::start().await;
-    let echo = app("echo").await;
-    let proxy = proxy(&config(raw.addr, echo.addr)).await;
+    let (raw, echo, proxy) = mesh().await;
     // A head that starts and stops.
     let started = Instant::now();
     let answer = exchange(
@@ -319,12 +328,7 @@ async fn a_request_head_that_does_not_arrive_in_time_gets_408() {
         .unwrap();
     let mut out = buf[..n].to_vec();
     s.write_all(b"GET / HTT").await.unwrap();
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&buf[..n]);
-    }
+    read_until_closed(&mut s, &mut out).await;
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("HTTP/1.1 408"), "{text}");
@@ -334,12 +338,7 @@ async fn a_request_head_that_does_not_arrive_in_time_gets_408() {
         .await
         .unwrap();
     let mut out = Vec::new();
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&buf[..n]);
-    }
+    read_until_closed(&mut s, &mut out).await;
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(!text.contains("408"), "{text}");
@@ -414,9 +413,7 @@ async fn http2_requests_carry_one_authority() {
 
 #[tokio::test]
 async fn an_http2_header_block_that_never_ends_is_closed_within_the_header_timeout() {
-    let raw = RawUpstream::start().await;
-    let echo = app("echo").await;
-    let proxy = proxy(&config(raw.addr, echo.addr)).await;
+    let (raw, echo, proxy) = mesh().await;
     let mut s = TcpStream::connect(proxy.http.unwrap()).await.unwrap();
     let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     // SETTINGS, empty.
