@@ -242,7 +242,7 @@ async fn two_host_fields_are_a_bad_request_on_every_listener() {
 
 #[tokio::test]
 async fn malformed_chunked_bodies_are_the_clients_fault_and_never_reach_the_upstream_whole() {
-    let (raw, echo, proxy) = mesh().await;
+    let (raw, _echo, proxy) = mesh().await;
     let bodies: [&[u8]; 5] = [
         b"fffffffffffffffff1\r\nabc\r\n0\r\n\r\n",
         b"-1\r\nabc\r\n0\r\n\r\n",
@@ -284,7 +284,7 @@ async fn malformed_chunked_bodies_are_the_clients_fault_and_never_reach_the_upst
 
 #[tokio::test]
 async fn an_h2c_upgrade_is_not_tunnelled() {
-    let (raw, echo, proxy) = mesh().await;
+    let (raw, _echo, proxy) = mesh().await;
     let answer = exchange(
         proxy.http.unwrap(),
         b"GET /denied HTTP/1.1\r\nHost: raw.default\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
@@ -303,7 +303,7 @@ async fn an_h2c_upgrade_is_not_tunnelled() {
 
 #[tokio::test]
 async fn a_request_head_that_does_not_arrive_in_time_gets_408() {
-    let (raw, echo, proxy) = mesh().await;
+    let (_raw, _echo, proxy) = mesh().await;
     // A head that starts and stops.
     let started = Instant::now();
     let answer = exchange(
@@ -413,7 +413,7 @@ async fn http2_requests_carry_one_authority() {
 
 #[tokio::test]
 async fn an_http2_header_block_that_never_ends_is_closed_within_the_header_timeout() {
-    let (raw, echo, proxy) = mesh().await;
+    let (raw, _echo, proxy) = mesh().await;
     let mut s = TcpStream::connect(proxy.http.unwrap()).await.unwrap();
     let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     // SETTINGS, empty.
