@@ -216,8 +216,14 @@ pub fn resolve<'s>(
                     Vec::new()
                 }
                 Some(Snapshot::Endpoints(set)) => {
+                    // A service with no endpoints and no declared ports (Cloud Map takes its
+                    // ports from instances, so a backend scaled to zero has none) is empty, not
+                    // a port mismatch: its share gets no endpoints either way.
+                    let ports_unknown = set.ports.is_empty() && set.endpoints.is_empty();
                     let has_port = match &port {
-                        Some(p) => set.ports.iter().any(|own| own.port == p.port),
+                        Some(p) => {
+                            ports_unknown || set.ports.iter().any(|own| own.port == p.port)
+                        }
                         None => true,
                     };
                     if has_port {
@@ -483,6 +489,37 @@ mod tests {
                 message: "backend demo/web-v2: backend service does not exist (yet): its share gets no endpoints".into(),
             }]
         );
+    }
+
+    #[test]
+    fn a_backend_scaled_to_zero_without_declared_ports_is_empty_not_a_port_mismatch() {
+        // Cloud Map: a canary scaled to zero is a service with no instances, hence no ports.
+        let mut snaps = web_both();
+        snaps[2] = (
+            "web-v2",
+            Snapshot::Endpoints(EndpointSet {
+                service: ServiceKey::new("demo", "web-v2"),
+                ports: vec![],
+                endpoints: vec![],
+            }),
+        );
+        let r = resolve_with(
+            &split("s", "web", &[("web-v1", 1), ("web-v2", 1)], None),
+            snaps,
+        );
+        assert_eq!(r.problems, [], "{:?}", r.problems);
+        let b = backends(&r);
+        assert_eq!(b[1], ("web-v2".into(), 1, vec![]), "{b:?}");
+
+        // The same service with a declared port that is not the root's is still a mismatch.
+        let mut snaps = web_both();
+        snaps[2] = ("web-v2", set("web-v2", 9090, &[]));
+        let r = resolve_with(
+            &split("s", "web", &[("web-v1", 1), ("web-v2", 1)], None),
+            snaps,
+        );
+        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+        assert!(r.problems[0].message.contains("lacks the root's port 8080"));
     }
 
     #[test]
