@@ -221,9 +221,7 @@ pub fn resolve<'s>(
                     // a port mismatch: its share gets no endpoints either way.
                     let ports_unknown = set.ports.is_empty() && set.endpoints.is_empty();
                     let has_port = match &port {
-                        Some(p) => {
-                            ports_unknown || set.ports.iter().any(|own| own.port == p.port)
-                        }
+                        Some(p) => ports_unknown || set.ports.iter().any(|own| own.port == p.port),
                         None => true,
                     };
                     if has_port {
