@@ -44,26 +44,11 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut out = Args {
-        services: 5_000,
-        endpoints_per_service: 10,
-        connections: 100,
-    };
-    let argv: Vec<String> = std::env::args().collect();
-    for pair in argv.windows(2) {
-        let value = || {
-            pair[1]
-                .parse()
-                .unwrap_or_else(|_| panic!("{}: expected a number, got {:?}", pair[0], pair[1]))
-        };
-        match pair[0].as_str() {
-            "--services" => out.services = value(),
-            "--endpoints-per-service" => out.endpoints_per_service = value(),
-            "--connections" => out.connections = value(),
-            _ => {}
-        }
+    Args {
+        services: support::numeric_flag("--services", 5_000),
+        endpoints_per_service: support::numeric_flag("--endpoints-per-service", 10),
+        connections: support::numeric_flag("--connections", 100),
     }
-    out
 }
 
 fn service(i: usize) -> String {

@@ -73,24 +73,10 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut out = Args {
-        proxies: 100,
-        changes: 100,
-    };
-    let argv: Vec<String> = std::env::args().collect();
-    for pair in argv.windows(2) {
-        let value = || {
-            pair[1]
-                .parse()
-                .unwrap_or_else(|_| panic!("{}: expected a number, got {:?}", pair[0], pair[1]))
-        };
-        match pair[0].as_str() {
-            "--proxies" => out.proxies = value(),
-            "--changes" => out.changes = value(),
-            _ => {}
-        }
+    Args {
+        proxies: support::numeric_flag("--proxies", 100),
+        changes: support::numeric_flag("--changes", 100),
     }
-    out
 }
 
 /// What one proxy reports: which proxy, the weights of web-v1/web-v2 it now holds, when.

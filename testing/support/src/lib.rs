@@ -93,3 +93,17 @@ pub const MIB: f64 = 1024.0 * 1024.0;
 pub fn minus_ms(a: Duration, b: Duration) -> f64 {
     (a.as_secs_f64() - b.as_secs_f64()) * 1000.0
 }
+
+/// A benchmark's numeric flag (`--name VALUE` among the process arguments), or `default`.
+/// Panics on a value that is not a number: a benchmark run with a typo should not run at all.
+pub fn numeric_flag(name: &str, default: usize) -> usize {
+    let argv: Vec<String> = std::env::args().collect();
+    argv.windows(2)
+        .rev()
+        .find(|pair| pair[0] == name)
+        .map_or(default, |pair| {
+            pair[1]
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}: expected a number, got {:?}", pair[1]))
+        })
+}
