@@ -1,5 +1,6 @@
 //! The SMI conformance suite on every platform: one mesh of real processes per platform (run
-//! concurrently), every scenario on each, the scenario x platform table printed to stdout and
+//! concurrently; on loopback, or on hosts made of network namespaces for the `*-hosts` and
+//! `mixed` columns), every scenario on each, the scenario x platform table printed to stdout and
 //! written to `<target>/conformance-table.txt`. Fails on any failure; a platform that cannot run
 //! here (no `TRELLIS_MOTO_SERVER`, no `TRELLIS_TEST_KUBECONFIG`) is skipped with its reason.
 //!
@@ -8,7 +9,9 @@
 
 use trellis_conformance::harness::mesh::{Mesh, Security, output_dir};
 use trellis_conformance::harness::platform::PlatformKind;
-use trellis_conformance::scenarios::{self, ACCESS_SCENARIOS, Outcome, SPLIT_SCENARIOS};
+use trellis_conformance::scenarios::{
+    self, ACCESS_SCENARIOS, HOSTS_SCENARIOS, Outcome, SPLIT_SCENARIOS,
+};
 use trellis_conformance::table::Table;
 
 /// What one platform produced: its outcomes and, when something failed, its logs.
@@ -23,6 +26,7 @@ async fn run_platform(kind: PlatformKind, security: Security) -> PlatformRun {
         SPLIT_SCENARIOS
             .iter()
             .chain(&ACCESS_SCENARIOS)
+            .chain(&HOSTS_SCENARIOS)
             .map(|s| (*s, outcome.clone()))
             .collect()
     };
@@ -56,6 +60,7 @@ async fn run_platform(kind: PlatformKind, security: Security) -> PlatformRun {
                 .map(|s| (*s, Outcome::Skip("permissive mesh".into()))),
         ),
     }
+    outcomes.extend(scenarios::hosts_scenarios(&mesh).await);
     let logs = outcomes
         .iter()
         .any(|(_, o)| o.is_fail())
@@ -77,8 +82,14 @@ fn smi_conformance_on_every_platform() {
         .build()
         .unwrap();
     let runs = runtime.block_on(async {
+        // `TRELLIS_CONFORMANCE_ONLY=consul-hosts,mixed` runs only those columns (development).
+        let only = std::env::var("TRELLIS_CONFORMANCE_ONLY").ok();
         let tasks: Vec<_> = PlatformKind::ALL
             .into_iter()
+            .filter(|kind| {
+                only.as_deref()
+                    .is_none_or(|only| only.split(',').any(|name| name == kind.name()))
+            })
             .map(|kind| tokio::spawn(run_platform(kind, security)))
             .collect();
         let mut runs = Vec::new();

@@ -58,7 +58,8 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-/// A running fake API server on `127.0.0.1:<port>`. Dropping it stops it.
+/// A running fake API server on `127.0.0.1:<port>` (or the address of [`Options::listen`]).
+/// Dropping it stops it.
 #[derive(Debug)]
 pub struct FakeApiServer {
     store: Arc<Store>,
@@ -76,6 +77,9 @@ pub struct Options {
     /// Send BOOKMARK events to watches that allow them at this interval (a real server sends
     /// them about once a minute). `None`: only when [`FakeApiServer::send_bookmarks`] is called.
     pub bookmark_interval: Option<Duration>,
+    /// The address to listen on (port 0 = any); `None` = `127.0.0.1:0`. Tests whose clients
+    /// live in other network namespaces give an address those can reach.
+    pub listen: Option<SocketAddr>,
 }
 
 impl FakeApiServer {
@@ -85,7 +89,10 @@ impl FakeApiServer {
     }
 
     pub async fn start_with(options: Options) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listen = options
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let listener = TcpListener::bind(listen).await?;
         let addr = server::local_addr(&listener)?;
         let store = Arc::new(Store::new());
         let tokens = Arc::new(token_review::Tokens::default());
@@ -115,7 +122,7 @@ impl FakeApiServer {
         })
     }
 
-    /// `http://127.0.0.1:<port>`, for `kube::Config::new`.
+    /// `http://<address>:<port>`, for `kube::Config::new`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -12,12 +12,13 @@
 //! (`127.0.<subnet>.<n>`) and all pods share one inbound port.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
+use super::hosts::{Hosts, Network};
 use super::platform::{
     Instance, NAMESPACE, Platform, PlatformKind, ServiceSpec, Started, services_yaml, write_atomic,
 };
@@ -81,7 +82,20 @@ pub struct Mesh {
     tokens: BTreeMap<String, PathBuf>,
     log_dir: PathBuf,
     _dir: tempfile::TempDir,
+    /// Where everything runs; last, so the hosts go after the processes on them.
+    pub network: Network,
 }
+
+/// The hosts of a mesh on hosts: one per role.
+pub const HOSTS: [&str; 7] = [
+    "controller",
+    "registry",
+    "app-a",
+    "app-b",
+    "app-c",
+    "app-d",
+    "outsider",
+];
 
 /// Where the harness writes logs and the table: `<target dir>/conformance`.
 pub fn output_dir() -> PathBuf {
@@ -106,22 +120,33 @@ impl Mesh {
         std::fs::create_dir_all(&log_dir)
             .with_context(|| format!("creating {}", log_dir.display()))?;
         let dir = tempfile::tempdir()?;
-        let platform = match Platform::start(kind, dir.path(), &log_dir).await? {
+        let network = if kind.on_hosts() {
+            match Hosts::create(kind.subnet(), &HOSTS)? {
+                Ok(hosts) => Network::Hosts(hosts),
+                Err(reason) => return Ok(Err(reason)),
+            }
+        } else {
+            Network::Loopback {
+                subnet: kind.subnet(),
+            }
+        };
+        let platform = match Platform::start(kind, dir.path(), &log_dir, &network).await? {
             Started::Ready(p) => *p,
             Started::Skipped(reason) => return Ok(Err(reason)),
         };
 
         let (mut args, env) = platform.controller_args();
+        let place = network.place("controller", None)?;
+        let any_port = SocketAddr::new(place.ip, 0).to_string();
         args.splice(
             0..0,
             [
-                "controller",
-                "--grpc",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-            ]
-            .map(String::from),
+                "controller".into(),
+                "--grpc".into(),
+                any_port.clone(),
+                "--admin".into(),
+                any_port,
+            ],
         );
         let mut tokens = BTreeMap::new();
         match security {
@@ -135,7 +160,8 @@ impl Mesh {
                 }
             }
         }
-        let mut controller = Process::spawn(
+        let mut controller = Process::spawn_in(
+            place.netns.as_deref(),
             "controller",
             &process::binary(process::TRELLIS)?,
             &args,
@@ -164,15 +190,14 @@ impl Mesh {
             tokens,
             log_dir,
             _dir: dir,
+            network,
         };
-        let subnet = kind.subnet();
-        let pod_ip = |n: u8| IpAddr::V4(Ipv4Addr::new(127, 0, subnet, n));
         // Servers first: the first binds a free port, the others take the same port on their
         // own address.
         let mut port = 0;
         for (name, sa, version, n) in SERVERS {
             let echo = mesh.start_echo(name, version).await?;
-            let listen = SocketAddr::new(pod_ip(n), port);
+            let listen = SocketAddr::new(mesh.network.place(name, Some(n))?.ip, port);
             let w = mesh
                 .start_proxy(name, sa, Some((listen, echo.1)), false)
                 .await?;
@@ -219,7 +244,9 @@ impl Mesh {
     }
 
     async fn start_echo(&self, name: &str, version: &str) -> anyhow::Result<(Process, SocketAddr)> {
-        let mut echo = Process::spawn(
+        let place = self.network.place(name, None)?;
+        let mut echo = Process::spawn_in(
+            place.netns.as_deref(),
             &format!("echo-{name}"),
             &process::binary(process::ECHO)?,
             &[
@@ -228,7 +255,7 @@ impl Mesh {
                 "--version".into(),
                 version.into(),
                 "--listen".into(),
-                "127.0.0.1:0".into(),
+                SocketAddr::new(place.ip, 0).to_string(),
             ],
             &[],
             &self.log_dir,
@@ -244,18 +271,20 @@ impl Mesh {
         inbound: Option<(SocketAddr, SocketAddr)>,
         outbound: bool,
     ) -> anyhow::Result<Workload> {
+        let place = self.network.place(name, None)?;
+        let any_port = SocketAddr::new(place.ip, 0).to_string();
         let mut args: Vec<String> = vec![
             "--controller".into(),
             format!("http://{}", self.grpc),
             "--workload".into(),
             format!("{NAMESPACE}/{service_account}"),
             "--admin".into(),
-            "127.0.0.1:0".into(),
+            any_port.clone(),
             "--threads".into(),
             "1".into(),
         ];
         if outbound {
-            args.extend(["--outbound-http".into(), "127.0.0.1:0".into()]);
+            args.extend(["--outbound-http".into(), any_port]);
         }
         if let Some(token) = self.tokens.get(service_account) {
             args.extend([
@@ -268,7 +297,8 @@ impl Mesh {
         if let Some((listen, app)) = inbound {
             args.extend(["--inbound".into(), format!("{listen}={app}")]);
         }
-        let mut proxy = Process::spawn(
+        let mut proxy = Process::spawn_in(
+            place.netns.as_deref(),
             &format!("proxy-{name}"),
             &process::binary(process::PROXY)?,
             &args,
@@ -386,6 +416,8 @@ impl Mesh {
     /// `service-a` to that controller. Its certificate chains to a foreign CA.
     pub async fn start_foreign_caller(&self) -> anyhow::Result<ForeignCaller> {
         use sha2::Digest as _;
+        let place = self.network.place("outsider", None)?;
+        let any_port = SocketAddr::new(place.ip, 0).to_string();
         let dir = tempfile::tempdir()?;
         let services = dir.path().join("services.yaml");
         write_atomic(&services, &services_yaml(&self.services))?;
@@ -402,15 +434,16 @@ impl Mesh {
                 hex::encode(sha2::Sha256::digest(token.as_bytes()))
             ),
         )?;
-        let mut controller = Process::spawn(
+        let mut controller = Process::spawn_in(
+            place.netns.as_deref(),
             "foreign-controller",
             &process::binary(process::TRELLIS)?,
             &[
                 "controller".into(),
                 "--grpc".into(),
-                "127.0.0.1:0".into(),
+                any_port.clone(),
                 "--admin".into(),
-                "127.0.0.1:0".into(),
+                any_port.clone(),
                 "--platform".into(),
                 format!("file={}", services.display()),
                 "--policy".into(),
@@ -428,7 +461,8 @@ impl Mesh {
                 l.strip_prefix("grpc listening on ")?.parse().ok()
             })
             .await?;
-        let mut proxy = Process::spawn(
+        let mut proxy = Process::spawn_in(
+            place.netns.as_deref(),
             "foreign-proxy",
             &process::binary(process::PROXY)?,
             &[
@@ -437,11 +471,11 @@ impl Mesh {
                 "--workload".into(),
                 format!("{NAMESPACE}/service-a"),
                 "--admin".into(),
-                "127.0.0.1:0".into(),
+                any_port.clone(),
                 "--threads".into(),
                 "1".into(),
                 "--outbound-http".into(),
-                "127.0.0.1:0".into(),
+                any_port.clone(),
                 "--identity-token-file".into(),
                 token_file.display().to_string(),
                 "--trust-domain".into(),

@@ -23,6 +23,7 @@ use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
+use super::hosts::Network;
 use super::process::{self, Process};
 use trellis_echo::plain as http;
 
@@ -30,7 +31,8 @@ use trellis_echo::plain as http;
 /// has only `default`, so the same SMI YAML works everywhere with it.
 pub const NAMESPACE: &str = "default";
 
-/// Which platform a mesh discovers its workloads on.
+/// Which platform a mesh discovers its workloads on, and whether it runs on loopback or on
+/// hosts ([`super::hosts`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PlatformKind {
     File,
@@ -39,15 +41,26 @@ pub enum PlatformKind {
     Kubernetes,
     /// A real API server named by `TRELLIS_TEST_KUBECONFIG`.
     KubernetesReal,
+    /// Consul, each workload, the controller and the registry on their own hosts.
+    ConsulHosts,
+    /// Cloud Map (moto), each workload, the controller and the registry on their own hosts.
+    CloudMapHosts,
+    /// One mesh fed by two platforms, on hosts: `app-a` and `app-b` registered in Consul,
+    /// `app-c` and `app-d` on Kubernetes (the fake API server); the root `app-svc` has an
+    /// endpoint in each. SMI policy lives in Kubernetes.
+    Mixed,
 }
 
 impl PlatformKind {
-    pub const ALL: [PlatformKind; 5] = [
+    pub const ALL: [PlatformKind; 8] = [
         PlatformKind::File,
         PlatformKind::Consul,
         PlatformKind::CloudMap,
         PlatformKind::Kubernetes,
         PlatformKind::KubernetesReal,
+        PlatformKind::ConsulHosts,
+        PlatformKind::CloudMapHosts,
+        PlatformKind::Mixed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,22 +70,41 @@ impl PlatformKind {
             PlatformKind::CloudMap => "cloudmap",
             PlatformKind::Kubernetes => "kubernetes",
             PlatformKind::KubernetesReal => "kubernetes-real",
+            PlatformKind::ConsulHosts => "consul-hosts",
+            PlatformKind::CloudMapHosts => "cloudmap-hosts",
+            PlatformKind::Mixed => "mixed",
         }
     }
 
-    /// The pods of this platform's mesh listen on `127.0.<subnet>.<n>`: every pod has its own
-    /// address (as pods do; the Kubernetes adapter keys slice entries by address) and all share
-    /// one port (a split backend gets traffic only on the root's port number), and meshes of
-    /// different platforms never collide.
+    /// On loopback, the pods of this platform's mesh listen on `127.0.<subnet>.<n>`: every pod
+    /// has its own address (as pods do; the Kubernetes adapter keys slice entries by address)
+    /// and all share one port (a split backend gets traffic only on the root's port number), and
+    /// meshes of different platforms never collide. On hosts, the /24 of 198.18.0.0/16 tried
+    /// first.
     pub fn subnet(self) -> u8 {
         match self {
             PlatformKind::File => 10,
-            PlatformKind::Consul => 20,
-            PlatformKind::CloudMap => 30,
+            PlatformKind::Consul | PlatformKind::ConsulHosts => 20,
+            PlatformKind::CloudMap | PlatformKind::CloudMapHosts => 30,
             PlatformKind::Kubernetes => 40,
             PlatformKind::KubernetesReal => 50,
+            PlatformKind::Mixed => 60,
         }
     }
+
+    /// Whether the mesh runs on hosts (network namespaces) rather than one loopback.
+    pub fn on_hosts(self) -> bool {
+        matches!(
+            self,
+            PlatformKind::ConsulHosts | PlatformKind::CloudMapHosts | PlatformKind::Mixed
+        )
+    }
+}
+
+/// In the mixed mesh, whether the workload running as `service_account` is on Kubernetes (else
+/// it is registered in Consul).
+pub fn mixed_on_kubernetes(service_account: &str) -> bool {
+    matches!(service_account, "service-c" | "service-d")
 }
 
 /// One instance of a service: a pod (its proxy's inbound address) and who it runs as.
@@ -129,6 +161,11 @@ enum Inner {
         client: kube::Client,
         kubeconfig: PathBuf,
     },
+    /// Consul and Kubernetes feeding one controller ([`PlatformKind::Mixed`]).
+    Mixed {
+        consul: Box<Inner>,
+        kubernetes: Box<Inner>,
+    },
 }
 
 impl std::fmt::Debug for Platform {
@@ -141,33 +178,31 @@ impl std::fmt::Debug for Platform {
 }
 
 impl Platform {
-    /// Starts `kind` with its scratch files under `dir` and its process logs in `log_dir`.
-    pub async fn start(kind: PlatformKind, dir: &Path, log_dir: &Path) -> anyhow::Result<Started> {
+    /// Starts `kind` with its scratch files under `dir` and its process logs in `log_dir`; its
+    /// registry runs at `network`'s place for `registry`.
+    pub async fn start(
+        kind: PlatformKind,
+        dir: &Path,
+        log_dir: &Path,
+        network: &Network,
+    ) -> anyhow::Result<Started> {
         let policy_dir = dir.join("policy");
         std::fs::create_dir_all(&policy_dir)?;
         let inner = match kind {
             PlatformKind::File => Inner::File {
                 services: dir.join("services.yaml"),
             },
-            PlatformKind::Consul => {
-                let mut p = Process::spawn(
-                    "consul-double",
-                    &process::binary(process::CONSUL_DOUBLE)?,
-                    &["--listen".into(), "127.0.0.1:0".into()],
-                    &[],
-                    log_dir,
-                )?;
-                let addr = p.listening_on().await?;
-                Inner::Consul { _process: p, addr }
+            PlatformKind::Consul | PlatformKind::ConsulHosts => {
+                start_consul(log_dir, network).await?
             }
-            PlatformKind::CloudMap => {
+            PlatformKind::CloudMap | PlatformKind::CloudMapHosts => {
                 let Some(moto) = std::env::var_os("TRELLIS_MOTO_SERVER") else {
                     return Ok(Started::Skipped(
                         "TRELLIS_MOTO_SERVER is unset (scripts/test installs moto[server] and sets it)"
                             .into(),
                     ));
                 };
-                let (moto, url) = start_moto(Path::new(&moto), log_dir).await?;
+                let (moto, url) = start_moto(Path::new(&moto), log_dir, network).await?;
                 let options = trellis_adapter_cloudmap::CloudMapOptions {
                     namespaces: vec![NAMESPACE.into()],
                     endpoint_url: Some(url.clone()),
@@ -186,19 +221,7 @@ impl Platform {
                     namespace_id,
                 }
             }
-            PlatformKind::Kubernetes => {
-                let fake = trellis_kube_fake::FakeApiServer::start().await?;
-                // The SMI kinds; Leases and Events, which a controller writes, are built in.
-                trellis_testing::register_smi(&fake);
-                let kubeconfig = dir.join("kubeconfig");
-                trellis_testing::write_kubeconfig(&fake, &kubeconfig)?;
-                let client = trellis_testing::kube_client(&fake);
-                Inner::Kubernetes {
-                    _fake: Some(fake),
-                    client,
-                    kubeconfig,
-                }
-            }
+            PlatformKind::Kubernetes => start_fake(dir, network).await?,
             PlatformKind::KubernetesReal => {
                 let Some(path) = std::env::var_os("TRELLIS_TEST_KUBECONFIG") else {
                     return Ok(Started::Skipped(
@@ -219,6 +242,10 @@ impl Platform {
                     kubeconfig,
                 }
             }
+            PlatformKind::Mixed => Inner::Mixed {
+                consul: Box::new(start_consul(log_dir, network).await?),
+                kubernetes: Box::new(start_fake(dir, network).await?),
+            },
         };
         Ok(Started::Ready(Box::new(Platform {
             kind,
@@ -236,7 +263,11 @@ impl Platform {
     /// controller's TokenReview asks for), where the platform issues them: the fake API server.
     /// Elsewhere `None`: the workload proves itself with a bootstrap token.
     pub fn service_account_token(&self, service_account: &str) -> Option<String> {
-        match &self.inner {
+        let inner = match &self.inner {
+            Inner::Mixed { kubernetes, .. } if mixed_on_kubernetes(service_account) => kubernetes,
+            inner => inner,
+        };
+        match inner {
             Inner::Kubernetes {
                 _fake: Some(fake), ..
             } => Some(fake.issue_service_account_token(
@@ -250,47 +281,104 @@ impl Platform {
 
     /// The `trellis controller` arguments and environment that select this platform.
     pub fn controller_args(&self) -> (Vec<String>, Vec<(String, String)>) {
-        let policy = vec!["--policy".into(), self.policy_dir.display().to_string()];
+        let policy = || vec!["--policy".into(), self.policy_dir.display().to_string()];
         match &self.inner {
-            Inner::File { services } => (
-                [
-                    vec!["--platform".into(), format!("file={}", services.display())],
-                    policy,
-                ]
-                .concat(),
-                vec![],
-            ),
-            Inner::Consul { addr, .. } => (
-                [vec!["--platform".into(), format!("consul={addr}")], policy].concat(),
-                vec![],
-            ),
-            Inner::CloudMap { url, .. } => (
-                [
-                    vec![
-                        "--platform".into(),
-                        format!("cloudmap={NAMESPACE},endpoint={url}"),
-                    ],
-                    policy,
-                ]
-                .concat(),
-                // moto accepts any keys; nothing here reaches AWS.
-                vec![
-                    ("AWS_ACCESS_KEY_ID".into(), "test".into()),
-                    ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
-                    ("AWS_REGION".into(), AWS_REGION.into()),
-                    ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
-                ],
-            ),
-            Inner::Kubernetes { kubeconfig, .. } => (
-                vec!["--platform".into(), "kubernetes".into()],
-                vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
-            ),
+            // SMI policy lives in Kubernetes: no policy directory.
+            Inner::Mixed { consul, kubernetes } => {
+                let (mut args, mut env) = platform_args(consul);
+                let (more, more_env) = platform_args(kubernetes);
+                args.extend(more);
+                env.extend(more_env);
+                (args, env)
+            }
+            inner @ Inner::Kubernetes { .. } => platform_args(inner),
+            inner => {
+                let (mut args, env) = platform_args(inner);
+                args.extend(policy());
+                (args, env)
+            }
         }
     }
 
     /// Registers every service with its instances.
     pub async fn register(&self, services: &[ServiceSpec]) -> anyhow::Result<()> {
-        match &self.inner {
+        register(&self.inner, services).await
+    }
+
+    /// Removes one instance (`pod`) of `service` from the registry.
+    pub async fn deregister(&self, service: &str, instance: &Instance) -> anyhow::Result<()> {
+        let inner = match &self.inner {
+            Inner::Mixed { kubernetes, .. } if mixed_on_kubernetes(&instance.service_account) => {
+                kubernetes
+            }
+            Inner::Mixed { consul, .. } => consul,
+            inner => inner,
+        };
+        match inner {
+            Inner::File { .. } | Inner::Mixed { .. } => {
+                bail!("deregistering is not done on the {} platform", self.kind.name())
+            }
+            Inner::Consul { addr, .. } => {
+                let body = json!({"Node": instance.pod, "ServiceID": format!("{service}-{}", instance.pod)});
+                let reply = http::request(
+                    *addr,
+                    http::Method::PUT,
+                    "/v1/catalog/deregister",
+                    Some(serde_json::to_vec(&body)?),
+                )
+                .await?;
+                if reply.status != 200 {
+                    bail!("consul deregister: HTTP {}: {}", reply.status, reply.text());
+                }
+                Ok(())
+            }
+            Inner::CloudMap {
+                client,
+                namespace_id,
+                ..
+            } => {
+                let services = client
+                    .list_services()
+                    .filters(
+                        aws_sdk_servicediscovery::types::ServiceFilter::builder()
+                            .name(aws_sdk_servicediscovery::types::ServiceFilterName::NamespaceId)
+                            .values(namespace_id)
+                            .build()?,
+                    )
+                    .send()
+                    .await
+                    .context("ListServices")?;
+                let id = services
+                    .services()
+                    .iter()
+                    .find(|s| s.name() == Some(service))
+                    .and_then(|s| s.id())
+                    .with_context(|| format!("no Cloud Map service {service}"))?;
+                client
+                    .deregister_instance()
+                    .service_id(id)
+                    .instance_id(&instance.pod)
+                    .send()
+                    .await
+                    .with_context(|| format!("DeregisterInstance {} of {service}", instance.pod))?;
+                Ok(())
+            }
+            Inner::Kubernetes { client, .. } => {
+                delete(
+                    client,
+                    &resource("discovery.k8s.io/v1", "EndpointSlice", "endpointslices"),
+                    &format!("{service}-{}", instance.pod),
+                )
+                .await
+            }
+        }
+    }
+}
+
+/// Registers `services` on one platform.
+async fn register(inner: &Inner, services: &[ServiceSpec]) -> anyhow::Result<()> {
+    {
+        match inner {
             Inner::File { services: path } => write_atomic(path, &services_yaml(services)),
             Inner::Consul { addr, .. } => {
                 for service in services {
@@ -311,14 +399,110 @@ impl Platform {
                 Ok(())
             }
             Inner::Kubernetes { client, .. } => kube_register(client, services).await,
+            Inner::Mixed { consul, kubernetes } => {
+                let on = |kubernetes: bool| -> Vec<ServiceSpec> {
+                    services
+                        .iter()
+                        .map(|s| ServiceSpec {
+                            name: s.name.clone(),
+                            instances: s
+                                .instances
+                                .iter()
+                                .filter(|i| mixed_on_kubernetes(&i.service_account) == kubernetes)
+                                .cloned()
+                                .collect(),
+                        })
+                        .filter(|s| !s.instances.is_empty())
+                        .collect()
+                };
+                Box::pin(register(consul, &on(false))).await?;
+                Box::pin(register(kubernetes, &on(true))).await
+            }
+        }
+    }
+}
+
+/// The `--platform` arguments and environment of one platform.
+fn platform_args(inner: &Inner) -> (Vec<String>, Vec<(String, String)>) {
+    match inner {
+        Inner::File { services } => (
+            vec!["--platform".into(), format!("file={}", services.display())],
+            vec![],
+        ),
+        Inner::Consul { addr, .. } => (vec!["--platform".into(), format!("consul={addr}")], vec![]),
+        Inner::CloudMap { url, .. } => (
+            vec![
+                "--platform".into(),
+                format!("cloudmap={NAMESPACE},endpoint={url}"),
+            ],
+            // moto accepts any keys; nothing here reaches AWS.
+            vec![
+                ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+                ("AWS_REGION".into(), AWS_REGION.into()),
+                ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+            ],
+        ),
+        Inner::Kubernetes { kubeconfig, .. } => (
+            vec!["--platform".into(), "kubernetes".into()],
+            vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+        ),
+        Inner::Mixed { .. } => unreachable!("a mixed platform's parts are single platforms"),
+    }
+}
+
+/// The Consul double as a process at the registry's place.
+async fn start_consul(log_dir: &Path, network: &Network) -> anyhow::Result<Inner> {
+    let place = network.place("registry", None)?;
+    let mut p = Process::spawn_in(
+        place.netns.as_deref(),
+        "consul-double",
+        &process::binary(process::CONSUL_DOUBLE)?,
+        &["--listen".into(), SocketAddr::new(place.ip, 0).to_string()],
+        &[],
+        log_dir,
+    )?;
+    let addr = p.listening_on().await?;
+    Ok(Inner::Consul { _process: p, addr })
+}
+
+/// The fake API server in this process, with the SMI kinds (Leases and Events, which a
+/// controller writes, are built in), reachable from the mesh's hosts, and its kubeconfig.
+async fn start_fake(dir: &Path, network: &Network) -> anyhow::Result<Inner> {
+    let fake = trellis_kube_fake::FakeApiServer::start_with(trellis_kube_fake::Options {
+        listen: Some(SocketAddr::new(network.test_ip(), 0)),
+        ..Default::default()
+    })
+    .await?;
+    trellis_testing::register_smi(&fake);
+    let kubeconfig = dir.join("kubeconfig");
+    trellis_testing::write_kubeconfig(&fake, &kubeconfig)?;
+    let client = trellis_testing::kube_client(&fake);
+    Ok(Inner::Kubernetes {
+        _fake: Some(fake),
+        client,
+        kubeconfig,
+    })
+}
+
+impl Platform {
+    /// The Kubernetes client, when SMI policy lives in Kubernetes.
+    fn policy_client(&self) -> Option<&kube::Client> {
+        match &self.inner {
+            Inner::Kubernetes { client, .. } => Some(client),
+            Inner::Mixed { kubernetes, .. } => match kubernetes.as_ref() {
+                Inner::Kubernetes { client, .. } => Some(client),
+                _ => None,
+            },
+            _ => None,
         }
     }
 
     /// Puts the SMI documents of `yaml` in force under `name`, replacing what `name` held before
     /// (objects `name` no longer holds are deleted).
     pub async fn apply_policy(&self, name: &str, yaml: &str) -> anyhow::Result<()> {
-        match &self.inner {
-            Inner::Kubernetes { client, .. } => {
+        match self.policy_client() {
+            Some(client) => {
                 let mut objects = Vec::new();
                 for value in yaml_documents(yaml).with_context(|| format!("policy {name}"))? {
                     let (resource, object) = smi_object(&value)?;
@@ -341,14 +525,14 @@ impl Platform {
                 }
                 Ok(())
             }
-            _ => write_atomic(&self.policy_dir.join(format!("{name}.yaml")), yaml),
+            None => write_atomic(&self.policy_dir.join(format!("{name}.yaml")), yaml),
         }
     }
 
     /// Removes what `name` holds.
     pub async fn delete_policy(&self, name: &str) -> anyhow::Result<()> {
-        match &self.inner {
-            Inner::Kubernetes { client, .. } => {
+        match self.policy_client() {
+            Some(client) => {
                 let old = self
                     .applied
                     .lock()
@@ -360,7 +544,7 @@ impl Platform {
                 }
                 Ok(())
             }
-            _ => {
+            None => {
                 let path = self.policy_dir.join(format!("{name}.yaml"));
                 match std::fs::remove_file(&path) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -470,25 +654,32 @@ async fn consul_register(addr: SocketAddr, service: &str, i: &Instance) -> anyho
 }
 
 /// Starts moto on a free port (retried on a collision) and waits until it answers.
-async fn start_moto(exe: &Path, log_dir: &Path) -> anyhow::Result<(Process, String)> {
+async fn start_moto(
+    exe: &Path,
+    log_dir: &Path,
+    network: &Network,
+) -> anyhow::Result<(Process, String)> {
+    let place = network.place("registry", None)?;
     let mut last = String::new();
     for attempt in 0..5 {
+        // A port free here; on a host of its own, every port is.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let mut moto = Process::spawn(
+        let mut moto = Process::spawn_in(
+            place.netns.as_deref(),
             &format!("moto-{attempt}"),
             exe,
             &[
                 "-H".into(),
-                "127.0.0.1".into(),
+                place.ip.to_string(),
                 "-p".into(),
                 port.to_string(),
             ],
             &[],
             log_dir,
         )?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let addr = SocketAddr::new(place.ip, port);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if !moto.is_running() {

@@ -63,6 +63,27 @@ impl Process {
         env: &[(String, String)],
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
+        Self::spawn_in(None, name, program, args, env, log_dir)
+    }
+
+    /// Like [`Process::spawn`], in the network namespace `netns` when one is given (a host of
+    /// [`super::hosts::Hosts`]).
+    pub fn spawn_in(
+        netns: Option<&str>,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let (program, args) = match netns {
+            Some(netns) => {
+                let (ip, args) = super::hosts::in_netns(netns, &program.to_string_lossy(), args);
+                (PathBuf::from(ip), args)
+            }
+            None => (program.to_path_buf(), args.to_vec()),
+        };
+        let (program, args) = (program.as_path(), args.as_slice());
         let log = log_dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log)
             .with_context(|| format!("creating the log file {}", log.display()))?;

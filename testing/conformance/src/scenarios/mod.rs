@@ -6,11 +6,15 @@
 //! - [`split`]: TrafficSplit (weights, HTTPRouteGroup matches, no split).
 //! - [`access`]: TrafficTarget under default deny (TCPRoute, HTTPRouteGroup paths and methods,
 //!   sources, ports, revocation on an open connection, plaintext callers).
+//! - [`hosts`]: on meshes on hosts only: steady load across a split move, TrafficSplit
+//!   propagation p50/p99, the controller's and the registry's host unplugged.
 
 pub mod access;
+pub mod hosts;
 pub mod split;
 
 pub use access::{ACCESS_SCENARIOS, access_scenarios};
+pub use hosts::{HOSTS_SCENARIOS, hosts_scenarios};
 pub use split::{SPLIT_SCENARIOS, split_scenarios};
 
 use std::fmt;
