@@ -10,13 +10,15 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
-use super::split::{allow_a_yaml, split_yaml};
-use super::{B, C, CALLER, Outcome, all_ok, count, ms, seen, until};
+use super::split::{allow_a_yaml, allow_yaml, split_yaml};
+use super::{B, C, CALLER, Outcome, all_denied, all_ok, count, ms, seen, until};
 use crate::harness::mesh::{Call, Mesh, ROOT};
+use crate::harness::platform::{PlatformKind, mixed_on_kubernetes};
 use trellis_echo::client::CallReport;
 
 /// The scenarios, in the order they run.
-pub const HOSTS_SCENARIOS: [&str; 4] = [
+pub const HOSTS_SCENARIOS: [&str; 5] = [
+    "hosts: a TrafficTarget decides a call across hosts (and platforms) by identity",
     "hosts: split moved b to c under steady load, 0 failed",
     "hosts: split change reaches a proxy on another host (p50/p99)",
     "hosts: controller host unplugged, traffic flows; change applies after",
@@ -53,6 +55,7 @@ pub async fn hosts_scenarios(mesh: &Mesh) -> Vec<(&'static str, Outcome)> {
             .collect();
     }
     let results = [
+        across(mesh).await,
         steady_move(mesh).await,
         propagation(mesh).await,
         controller_unplugged(mesh).await,
@@ -65,6 +68,39 @@ pub async fn hosts_scenarios(mesh: &Mesh) -> Vec<(&'static str, Outcome)> {
         .zip(results)
         .map(|(name, result)| (*name, Outcome::of(result)))
         .collect()
+}
+
+/// `app-a` calls `app-c` on another host (in `mixed`, a Consul workload calling a Kubernetes
+/// one): refused while only b is allowed, let through once a TrafficTarget names c.
+async fn across(mesh: &Mesh) -> anyhow::Result<String> {
+    let where_ = |sa: &str| {
+        if mesh.platform.kind() != PlatformKind::Mixed {
+            mesh.platform.kind().name()
+        } else if mixed_on_kubernetes(sa) {
+            "Kubernetes"
+        } else {
+            "Consul"
+        }
+    };
+    mesh.platform
+        .apply_policy(ALLOW_POLICY, &allow_yaml("service-a", &["service-b"]))
+        .await?;
+    let to_c = Call::get("app-c", "/echo", 5);
+    let denied = until(mesh, CALLER, &to_c, "a->c denied", |r| all_denied(r, 5)).await?;
+    mesh.platform
+        .apply_policy(ALLOW_POLICY, &allow_a_yaml())
+        .await?;
+    let allowed = until(mesh, CALLER, &to_c, "a->c allowed", |r| {
+        all_ok(r, 5) && count(r, C) == 5
+    })
+    .await?;
+    Ok(format!(
+        "service-a ({}) -> app-c ({}): 403 without a TrafficTarget for service-c (in {}), 200 with one (in {})",
+        where_("service-a"),
+        where_("service-c"),
+        ms(denied),
+        ms(allowed)
+    ))
 }
 
 /// Puts the split `b:c` in force and waits until every probe goes to `to`.

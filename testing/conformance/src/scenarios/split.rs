@@ -97,6 +97,11 @@ const ALLOW_POLICY: &str = "allow-a";
 
 /// TrafficTargets from `service-a` to `service-b` and to `service-c`, every port.
 pub fn allow_a_yaml() -> String {
+    allow_yaml("service-a", &["service-b", "service-c"])
+}
+
+/// TrafficTargets from the ServiceAccount `from` to each of `to`, every port.
+pub fn allow_yaml(from: &str, to: &[&str]) -> String {
     let mut yaml = String::from(
         "apiVersion: specs.smi-spec.io/v1alpha4
 kind: TCPRoute
@@ -106,7 +111,7 @@ spec:
     ports: []
 ",
     );
-    for to in ["service-b", "service-c"] {
+    for to in to {
         yaml.push_str(&format!(
             "---
 apiVersion: access.smi-spec.io/v1alpha3
@@ -117,7 +122,7 @@ spec:
   rules:
   - {{ kind: TCPRoute, name: all-ports }}
   sources:
-  - {{ kind: ServiceAccount, name: service-a, namespace: default }}
+  - {{ kind: ServiceAccount, name: {from}, namespace: default }}
 "
         ));
     }
