@@ -212,6 +212,70 @@ fn controller_on_the_consul_double_answers_from_consul() {
     );
 }
 
+/// A services file with `web` in namespace `demo` at `endpoints` (address, port).
+fn web_at(endpoints: &[(&str, u16)]) -> String {
+    let mut yaml = String::from(
+        "namespace: demo\nservices:\n  - name: web\n    ports: [{ name: http, port: 8080, protocol: http }]\n    endpoints:\n",
+    );
+    for (address, port) in endpoints {
+        yaml.push_str(&format!(
+            "      - {{ address: {address}, port: {port}, service_account: web }}\n"
+        ));
+    }
+    yaml
+}
+
+#[test]
+fn an_address_in_two_platforms_and_a_stray_loopback_one_are_reported_by_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.yaml");
+    let second = dir.path().join("second.yaml");
+    std::fs::write(&first, web_at(&[("10.1.0.5", 8080)])).unwrap();
+    std::fs::write(&second, web_at(&[("10.1.0.5", 8080), ("127.0.0.1", 9000)])).unwrap();
+    let ctl = controller(&[
+        "--platform",
+        &format!("file={}", first.display()),
+        "--platform",
+        &format!("file={}", second.display()),
+    ]);
+    // Registrations are merged (and checked) for the services proxies ask for.
+    let grpc = ctl.grpc;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _watch = runtime.block_on(async move {
+        let mut client = DestinationsClient::connect(format!("http://{grpc}"))
+            .await
+            .unwrap();
+        let mut stream = client
+            .watch(v1::DestinationRequest {
+                target: "web.demo".into(),
+                source_workload: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+        assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
+        stream
+    });
+    let out = check_until(ctl.admin, |o| stdout(o).contains("problems: 2"));
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let conflict = format!(
+        "10.1.0.5:8080 is registered by both file:{} and file:{}: file:{}'s registration is used",
+        first.display(),
+        second.display(),
+        first.display()
+    );
+    assert!(text.contains(&conflict), "{text}");
+    assert!(
+        text.contains("Service demo/web: endpoint 127.0.0.1 from file:"),
+        "{text}"
+    );
+}
+
 #[test]
 fn bad_platforms_are_refused_with_what_is_expected() {
     let out = trellis(&["controller", "--platform", "nomad=x"]);

@@ -40,7 +40,10 @@ mod subsets;
 pub use backoff::{BACKOFF_CAP, BACKOFF_INITIAL, Backoff, backoff};
 
 pub use error::{DiscoveryError, ErrorKind};
-pub use merge::{DEFAULT_SETTLE, Merged, SourceFreshness, merge_snapshots};
+pub use merge::{
+    DEFAULT_SETTLE, Merged, RegistrationProblem, SourceFreshness, merge_snapshots,
+    registration_problems,
+};
 pub use model::{
     Endpoint, EndpointPort, EndpointSet, OwnerRef, ProtocolHint, Provenance, Readiness,
     ServiceCatalog, ServiceKey, ServicePort, Snapshot, SourceId, WorkloadIdentity,

@@ -15,11 +15,22 @@
 //! - An error from one source never erases anything: it is passed on as an `Err` item (naming that
 //!   source: that is the staleness report) and that source's last good snapshot stays in the union.
 //!
+//! - An endpoint whose address no proxy can connect to (unspecified `0.0.0.0`/`::`, multicast,
+//!   broadcast) is dropped: connecting to `0.0.0.0` reaches the caller's own host, which is
+//!   never the registered workload.
+//!
+//! # What is reported ([`Merged::problems`], shown by `trellis check`)
+//! - the same address+port registered by two sources (which one was used, by the rule above);
+//! - a dropped unusable address;
+//! - a loopback endpoint in a service whose other endpoints are on the network: only a proxy on
+//!   the registering host can reach it, every other host's calls to it would fail (it is kept:
+//!   the proxies of its own host can use it).
+//!
 //! Endpoints keep their own [`crate::Provenance`], so the merged set still says which source
 //! reported each endpoint. Per-source freshness (last good answer, last error) across every watch
 //! and catalog of this `Merged` is available from [`Merged::freshness`] (for `trellis check`).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -53,12 +64,21 @@ impl SourceFreshness {
     }
 }
 
+/// A registration the merged view reports (module docs, "What is reported").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistrationProblem {
+    pub service: ServiceKey,
+    pub message: String,
+}
+
 /// Several adapters as one [`Discovery`], with the precedence in the module docs.
 #[derive(Clone)]
 pub struct Merged {
     id: SourceId,
     sources: Vec<Arc<dyn Discovery>>,
     freshness: Arc<Mutex<Vec<SourceFreshness>>>,
+    /// The problems of each watched service's latest merge.
+    problems: Arc<Mutex<BTreeMap<ServiceKey, Vec<String>>>>,
     settle: Duration,
 }
 
@@ -94,6 +114,7 @@ impl Merged {
             id: Arc::from(id),
             sources,
             freshness: Arc::new(Mutex::new(freshness)),
+            problems: Arc::default(),
             settle: DEFAULT_SETTLE,
         }
     }
@@ -110,6 +131,21 @@ impl Merged {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
+    }
+
+    /// The registration problems of every watched service, by service.
+    pub fn problems(&self) -> Vec<RegistrationProblem> {
+        self.problems
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .flat_map(|(service, messages)| {
+                messages.iter().map(|message| RegistrationProblem {
+                    service: service.clone(),
+                    message: message.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Every source's stream of `open(source)`, tagged with the source's index, plus one
@@ -224,7 +260,7 @@ fn merge_sets(key: &ServiceKey, sets: &[&EndpointSet]) -> EndpointSet {
                 merged.ports.push(port.clone());
             }
         }
-        for endpoint in &set.endpoints {
+        for endpoint in set.endpoints.iter().filter(|e| usable(e.address)) {
             let mut ports: Vec<u16> = endpoint.ports.iter().map(|p| p.port).collect();
             if ports.is_empty() {
                 ports.push(0);
@@ -240,6 +276,76 @@ fn merge_sets(key: &ServiceKey, sets: &[&EndpointSet]) -> EndpointSet {
         }
     }
     merged
+}
+
+/// Whether a proxy can connect to `address` at all (module docs).
+fn usable(address: IpAddr) -> bool {
+    !(address.is_unspecified()
+        || address.is_multicast()
+        || address == IpAddr::V4(std::net::Ipv4Addr::BROADCAST))
+}
+
+/// The problems of one service's snapshots, in precedence order with their sources' ids (module
+/// docs, "What is reported").
+pub fn registration_problems(sources: &[SourceId], snapshots: &[Option<Snapshot>]) -> Vec<String> {
+    let mut out = Vec::new();
+    let sets: Vec<(&SourceId, &EndpointSet)> = sources
+        .iter()
+        .zip(snapshots)
+        .filter_map(|(id, s)| match s {
+            Some(Snapshot::Endpoints(set)) => Some((id, set)),
+            _ => None,
+        })
+        .collect();
+    let addr = |e: &crate::Endpoint, port: u16| match port {
+        0 => e.address.to_string(),
+        port => std::net::SocketAddr::new(e.address, port).to_string(),
+    };
+    // (address, port) -> the first source that claimed it.
+    let mut first: HashMap<(IpAddr, u16), &SourceId> = HashMap::new();
+    let mut reported: HashSet<(IpAddr, u16)> = HashSet::new();
+    for (id, set) in &sets {
+        for e in &set.endpoints {
+            if !usable(e.address) {
+                out.push(format!(
+                    "endpoint {} from {id} is not an address a proxy can connect to; it gets no traffic",
+                    e.address
+                ));
+                continue;
+            }
+            let ports: Vec<u16> = match e.ports.iter().map(|p| p.port).collect::<Vec<_>>() {
+                ports if ports.is_empty() => vec![0],
+                ports => ports,
+            };
+            for port in ports {
+                match first.get(&(e.address, port)) {
+                    Some(winner) if *winner != *id && reported.insert((e.address, port)) => {
+                        out.push(format!(
+                            "{} is registered by both {winner} and {id}: {winner}'s registration is used (the first platform listed wins)",
+                            addr(e, port)
+                        ))
+                    }
+                    Some(_) => {}
+                    None => {
+                        first.insert((e.address, port), id);
+                    }
+                }
+            }
+        }
+    }
+    let all = || {
+        sets.iter()
+            .flat_map(|(id, set)| set.endpoints.iter().map(move |e| (*id, e)))
+    };
+    if all().any(|(_, e)| usable(e.address) && !e.address.is_loopback()) {
+        for (id, e) in all().filter(|(_, e)| e.address.is_loopback()) {
+            out.push(format!(
+                "endpoint {} from {id} is on loopback while the service's other endpoints are on the network: only proxies on the host that registered it can reach it",
+                e.address
+            ));
+        }
+    }
+    out
 }
 
 impl Discovery for Merged {
@@ -312,11 +418,24 @@ impl Discovery for Merged {
     fn watch(&self, key: ServiceKey) -> BoxStream<'static, Result<Snapshot, DiscoveryError>> {
         let mut sent: Option<Snapshot> = None;
         let open_key = key.clone();
+        let ids: Vec<SourceId> = self.sources.iter().map(|s| s.source_id()).collect();
+        let problems = self.problems.clone();
         self.events(move |s| s.watch(open_key.clone()))
             .scan(Latest::new(self.sources.len()), move |latest, event| {
                 let mut out = Vec::new();
                 if let Some(e) = latest.apply(event) {
                     out.push(Err(e));
+                }
+                if latest.ready() {
+                    // Every answer can change what is reported, even one that leaves the merged
+                    // set as it was (a duplicate withdrawn by the source that lost).
+                    let found = registration_problems(&ids, &latest.values);
+                    let mut all = problems.lock().unwrap_or_else(|p| p.into_inner());
+                    if found.is_empty() {
+                        all.remove(&key);
+                    } else {
+                        all.insert(key.clone(), found);
+                    }
                 }
                 if latest.ready()
                     && let Some(merged) = merge_snapshots(&key, &latest.values)
@@ -592,5 +711,97 @@ mod tests {
             None
         );
         assert_eq!(merge_snapshots(&key, &[]), Some(Snapshot::NotFound));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_in_two_platforms_is_reported_with_the_one_used() {
+        let (a, b, merged) = two();
+        let key = ServiceKey::new("ns", "web");
+        let mut watch = merged.watch(key.clone());
+        a.send(
+            &key,
+            set(&key, 80, vec![endpoint("a", "10.0.0.1", 80, &[])]),
+        );
+        b.send(
+            &key,
+            set(
+                &key,
+                80,
+                vec![
+                    endpoint("b", "10.0.0.1", 80, &[]),
+                    endpoint("b", "10.0.0.2", 80, &[]),
+                ],
+            ),
+        );
+        let Snapshot::Endpoints(seen) = next(&mut watch).await.expect("ok") else {
+            panic!("endpoints expected");
+        };
+        let sources: Vec<&str> = seen
+            .endpoints
+            .iter()
+            .map(|e| &*e.provenance.source)
+            .collect();
+        assert_eq!(sources, ["a", "b"], "a's 10.0.0.1 wins, b's 10.0.0.2 stays");
+        let problems = merged.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].service, key);
+        assert_eq!(
+            problems[0].message,
+            "10.0.0.1:80 is registered by both a and b: a's registration is used (the first platform listed wins)"
+        );
+
+        // Fixed at the source: the report goes away, although the merged set is unchanged (so
+        // nothing new is yielded).
+        b.send(
+            &key,
+            set(&key, 80, vec![endpoint("b", "10.0.0.2", 80, &[])]),
+        );
+        assert!(timeout(QUIET, watch.next()).await.is_err());
+        assert!(merged.problems().is_empty(), "{:?}", merged.problems());
+    }
+
+    #[test]
+    fn unusable_addresses_are_dropped_and_loopback_among_network_endpoints_is_reported() {
+        let key = ServiceKey::new("ns", "web");
+        let ids: Vec<SourceId> = vec![Arc::from("consul")];
+        let snapshot = set(
+            &key,
+            80,
+            vec![
+                endpoint("consul", "0.0.0.0", 80, &[]),
+                endpoint("consul", "127.0.0.1", 80, &[]),
+                endpoint("consul", "10.0.0.7", 80, &[]),
+            ],
+        );
+        let problems = registration_problems(&ids, &[Some(snapshot.clone())]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with("endpoint 0.0.0.0 from consul is not an address"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("endpoint 127.0.0.1 from consul is on loopback"),
+            "{problems:?}"
+        );
+        let Some(Snapshot::Endpoints(merged)) = merge_snapshots(&key, &[Some(snapshot)]) else {
+            panic!("endpoints expected");
+        };
+        let kept: Vec<String> = merged
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
+        assert_eq!(kept, ["127.0.0.1", "10.0.0.7"]);
+
+        // A mesh all on one host's loopback (the demo, the tests) has nothing to report.
+        let local = set(
+            &key,
+            80,
+            vec![
+                endpoint("consul", "127.0.0.1", 80, &[]),
+                endpoint("consul", "127.0.0.2", 80, &[]),
+            ],
+        );
+        assert!(registration_problems(&ids, &[Some(local)]).is_empty());
     }
 }

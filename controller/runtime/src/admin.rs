@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use trellis_discovery::Merged;
 
-use trellis_controller_core::index::{Index, Status};
+use trellis_controller_core::index::{Index, ProblemLine, Status};
 use trellis_controller_grpc::StreamCounts;
 use trellis_controller_kubernetes::leader::LeaderStatus;
 
@@ -156,8 +156,22 @@ impl Admin {
                 inbound: self.counts.inbound.load(Ordering::Relaxed),
             },
             leader: self.leader.as_ref().map(|l| l.borrow().clone()),
-            index: (**self.index.status().borrow()).clone(),
+            index: self.index_with_registration_problems(),
         }
+    }
+
+    /// The index's status with the discovery's registration problems (an address in two
+    /// platforms, an unusable or loopback address) added to its problems.
+    fn index_with_registration_problems(&self) -> Status {
+        let mut status = (**self.index.status().borrow()).clone();
+        status
+            .problems
+            .extend(self.discovery.problems().into_iter().map(|p| ProblemLine {
+                resource: format!("Service {}/{}", p.service.namespace, p.service.name),
+                location: "discovery".into(),
+                message: p.message,
+            }));
+        status
     }
 
     fn metrics(&self) -> String {

@@ -107,10 +107,22 @@ impl Hosts {
             ip(&["netns", "add", &host.netns])?;
             topology.hosts.push(host.clone());
             ip(&[
-                "link", "add", "eth0", "netns", &host.netns, "type", "veth", "peer", "name",
-                &host.port, "netns", &switch,
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &host.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &host.port,
+                "netns",
+                &switch,
             ])?;
-            ip(&["-n", &switch, "link", "set", &host.port, "master", "br0", "up"])?;
+            ip(&[
+                "-n", &switch, "link", "set", &host.port, "master", "br0", "up",
+            ])?;
             ip(&[
                 "-n",
                 &host.netns,
@@ -256,9 +268,9 @@ impl Network {
         Ok(match self {
             Network::Loopback { subnet } => Place {
                 netns: None,
-                ip: IpAddr::V4(pod.map_or(Ipv4Addr::LOCALHOST, |n| {
-                    Ipv4Addr::new(127, 0, *subnet, n)
-                })),
+                ip: IpAddr::V4(
+                    pod.map_or(Ipv4Addr::LOCALHOST, |n| Ipv4Addr::new(127, 0, *subnet, n)),
+                ),
             },
             Network::Hosts(hosts) => {
                 let host = hosts.host(role)?;
@@ -302,6 +314,9 @@ mod tests {
     fn a_process_on_a_host_is_started_through_ip_netns_exec() {
         let (program, args) = in_netns("trellis-1-20-app-a", "/bin/echo", &["hi".into()]);
         assert_eq!(program, "ip");
-        assert_eq!(args, ["netns", "exec", "trellis-1-20-app-a", "/bin/echo", "hi"]);
+        assert_eq!(
+            args,
+            ["netns", "exec", "trellis-1-20-app-a", "/bin/echo", "hi"]
+        );
     }
 }

@@ -316,7 +316,10 @@ impl Platform {
         };
         match inner {
             Inner::File { .. } | Inner::Mixed { .. } => {
-                bail!("deregistering is not done on the {} platform", self.kind.name())
+                bail!(
+                    "deregistering is not done on the {} platform",
+                    self.kind.name()
+                )
             }
             Inner::Consul { addr, .. } => {
                 let body = json!({"Node": instance.pod, "ServiceID": format!("{service}-{}", instance.pod)});

@@ -177,7 +177,10 @@ async fn steady_move(mesh: &Mesh) -> anyhow::Result<String> {
         bail!("{sent} requests under load, not all 200: {}", seen(&total));
     }
     if count(&total, B) == 0 || count(&total, C) == 0 {
-        bail!("the walk should have sent traffic to both: {}", seen(&total));
+        bail!(
+            "the walk should have sent traffic to both: {}",
+            seen(&total)
+        );
     }
     // The last state must hold: everything to c.
     let after = mesh.call(CALLER, &Call::get(ROOT, "/echo", 20)).await?;
@@ -205,7 +208,10 @@ async fn propagation(mesh: &Mesh) -> anyhow::Result<String> {
                 break;
             }
             if start.elapsed() > Duration::from_secs(10) {
-                bail!("change {i} (all to {to}) not seen within 10 s: {}", seen(&r));
+                bail!(
+                    "change {i} (all to {to}) not seen within 10 s: {}",
+                    seen(&r)
+                );
             }
         }
     }
@@ -290,7 +296,11 @@ async fn registry_unplugged(mesh: &Mesh) -> anyhow::Result<String> {
         .services
         .iter()
         .find(|s| s.name == ROOT)
-        .and_then(|s| s.instances.iter().find(|i| i.service_account == "service-b"))
+        .and_then(|s| {
+            s.instances
+                .iter()
+                .find(|i| i.service_account == "service-b")
+        })
         .context("the root has no b instance")?
         .clone();
     mesh.platform.deregister(ROOT, &b).await?;
