@@ -191,6 +191,7 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
         Options {
             policy_paths: args.policy.clone(),
             platforms: args.platform.clone(),
+            adapters: Default::default(),
             grpc: args.grpc,
             admin: Some(args.admin),
             index: IndexOptions {

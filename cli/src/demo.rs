@@ -11,6 +11,10 @@
 //!   hop is mTLS; a TrafficTarget lets `demo/client` call `web` on every port (TCPRoute
 //!   `ports: []`), and no rule names the stranger.
 //!
+//! With `--platform consul|cloudmap|mixed` the two versions of `web` are registered in a local
+//! stand-in instead of the services file (the Consul double, moto's Cloud Map, or one in each):
+//! see [`registry`].
+//!
 //! It then steps the TrafficSplit's weights (100/0 -> 50/50 -> 0/100) by rewriting the policy
 //! file, showing per-version traffic on one refreshing line; then the stranger calls `web` (one
 //! `denied:` line: 403 with `x-trellis-error: forbidden`, and what the apps recorded from it), and
@@ -32,10 +36,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod registry;
+
 use anyhow::Context as _;
+pub use registry::DemoPlatform;
+use registry::Registry;
 use trellis_controller::discovery::Platform;
 use trellis_controller::identity::IdentityOptions;
-use trellis_controller::run::{Options, Running, start_with_identity};
+use trellis_controller::run::{Adapters, Options, Running, start_with_identity};
 use trellis_controller_core::index::IndexOptions;
 use trellis_echo::client::{CallPlan, CallReport, run as call};
 use trellis_echo::echo::{Counts, EchoServer, Identity};
@@ -71,6 +79,10 @@ pub struct Args {
     /// Requests counted per step with --once.
     #[arg(long, default_value_t = 100)]
     pub requests: u32,
+    /// Where web's two versions are registered: the services file, the Consul double, Cloud Map
+    /// on moto, or v1 in Consul and v2 in Cloud Map (one mesh over both).
+    #[arg(long, value_enum, default_value_t = DemoPlatform::File)]
+    pub platform: DemoPlatform,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -292,6 +304,7 @@ struct Web {
 
 struct Mesh {
     dir: tempfile::TempDir,
+    registry: Registry,
     split_file: PathBuf,
     controller: Running,
     web: [Web; 2],
@@ -299,8 +312,9 @@ struct Mesh {
     stranger: Sidecar,
 }
 
-async fn mesh() -> anyhow::Result<Mesh> {
+async fn mesh(platform: DemoPlatform) -> anyhow::Result<Mesh> {
     let loopback: SocketAddr = "127.0.0.1:0".parse()?;
+    let registry = Registry::start(platform).await?;
     let dir = tempfile::tempdir()?;
     let (bootstrap, tokens) = write_tokens(dir.path(), &["client", "stranger", "web"])?;
     let policy = dir.path().join("policy");
@@ -312,10 +326,17 @@ async fn mesh() -> anyhow::Result<Mesh> {
     // file: it starts with the embedded endpoints and is rewritten once the proxies are bound.
     let services = dir.path().join("demo.yaml");
     write(&services, &services_yaml(None)?)?;
+    let adapters = registry.adapters().await?;
     let controller = start_with_identity(
         Options {
             policy_paths: vec![policy],
-            platforms: vec![Platform::File(services.clone())],
+            // The stand-ins' adapters when there are some; the services file otherwise.
+            platforms: if adapters.is_empty() {
+                vec![Platform::File(services.clone())]
+            } else {
+                Vec::new()
+            },
+            adapters: Adapters(adapters),
             grpc: loopback,
             admin: Some(loopback),
             // Default deny: only the TrafficTarget lets anyone in.
@@ -364,10 +385,16 @@ async fn mesh() -> anyhow::Result<Mesh> {
     let web: [Web; 2] = web
         .try_into()
         .map_err(|_| anyhow::anyhow!("two versions"))?;
-    write(
-        &services,
-        &services_yaml(Some([web[0].sidecar.inbound(), web[1].sidecar.inbound()]))?,
-    )?;
+    let mut registered = true;
+    for w in &web {
+        registered &= registry.register(w.version, w.sidecar.inbound()).await?;
+    }
+    if !registered {
+        write(
+            &services,
+            &services_yaml(Some([web[0].sidecar.inbound(), web[1].sidecar.inbound()]))?,
+        )?;
+    }
 
     let caller = |account: &'static str| {
         let mut base = Config::default();
@@ -378,6 +405,7 @@ async fn mesh() -> anyhow::Result<Mesh> {
     let stranger = caller("stranger").await?;
     let mesh = Mesh {
         dir,
+        registry,
         split_file,
         controller,
         web,
@@ -503,7 +531,8 @@ impl Mesh {
             .unwrap_or_default();
         let certified = |s: &Sidecar| s.certified().unwrap_or_default();
         println!(
-            "trellis demo: a local mesh on loopback, mTLS on every hop, default deny (files in {})",
+            "trellis demo: a local mesh on loopback ({}), mTLS on every hop, default deny (files in {})",
+            self.registry.platform_text(),
             self.dir.path().display()
         );
         println!(
@@ -513,6 +542,9 @@ impl Mesh {
         println!(
             "  tokens      bootstrap-tokens.yaml (SHA-256 only); the tokens in tokens/, one per workload"
         );
+        for line in self.registry.describe() {
+            println!("{line}");
+        }
         for web in &self.web {
             println!(
                 "  web {}      app {} <- inbound proxy {}  {}  admin {}",
@@ -743,7 +775,7 @@ fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
 // The two modes.
 
 async fn demo(args: &Args) -> anyhow::Result<ExitCode> {
-    let mesh = mesh().await?;
+    let mesh = mesh(args.platform).await?;
     if args.once {
         return once(&mesh, args.requests).await;
     }

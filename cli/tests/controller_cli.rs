@@ -285,8 +285,57 @@ fn bad_platforms_are_refused_with_what_is_expected() {
 
 #[test]
 fn demo_once_moves_traffic_with_the_weights() {
+    demo_once("file");
+}
+
+#[test]
+fn demo_once_on_the_consul_double() {
+    let text = demo_once("consul");
+    assert!(
+        text.contains("  consul      the Consul double at http://127.0.0.1:"),
+        "{text}"
+    );
+}
+
+/// Why the Cloud Map demos cannot run here, if they cannot.
+fn without_moto() -> Option<&'static str> {
+    std::env::var_os("TRELLIS_MOTO_SERVER")
+        .is_none()
+        .then_some("TRELLIS_MOTO_SERVER is unset (scripts/test installs moto[server] and sets it)")
+}
+
+#[test]
+fn demo_once_on_cloud_map() {
+    if let Some(reason) = without_moto() {
+        println!("skipped: {reason}");
+        return;
+    }
+    let text = demo_once("cloudmap");
+    assert!(
+        text.contains("  cloudmap    moto at http://127.0.0.1:"),
+        "{text}"
+    );
+}
+
+#[test]
+fn demo_once_on_consul_and_cloud_map_at_once() {
+    if let Some(reason) = without_moto() {
+        println!("skipped: {reason}");
+        return;
+    }
+    let text = demo_once("mixed");
+    assert!(
+        text.contains("  consul      the Consul double at")
+            && text.contains("  cloudmap    moto at"),
+        "{text}"
+    );
+}
+
+/// `trellis demo --once --platform <platform>`: its checks passed and its lines say so; its
+/// output.
+fn demo_once(platform: &str) -> String {
     let out = Command::new(TRELLIS)
-        .args(["demo", "--once", "--requests", "40"])
+        .args(["demo", "--once", "--requests", "40", "--platform", platform])
         .output()
         .unwrap();
     let text = stdout(&out);
@@ -353,6 +402,7 @@ fn demo_once_moves_traffic_with_the_weights() {
         ),
         "{text}"
     );
+    text
 }
 
 #[test]

@@ -236,6 +236,7 @@ async fn controller(mesh: PathBuf, source: Arc<dyn PolicySource>) -> Running {
         Options {
             policy_paths: Vec::new(),
             platforms: vec![Platform::File(mesh)],
+            adapters: Default::default(),
             grpc: "127.0.0.1:0".parse().expect("address"),
             admin: None,
             index: IndexOptions::default(),

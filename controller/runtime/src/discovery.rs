@@ -132,12 +132,17 @@ impl Platform {
     }
 }
 
-/// Every platform as one [`Merged`] view (the first listed wins an address conflict).
-pub async fn connect_all(platforms: &[Platform]) -> anyhow::Result<Merged> {
+/// Every platform, then the ready-made `adapters`, as one [`Merged`] view (the first listed wins
+/// an address conflict).
+pub async fn connect_all(
+    platforms: &[Platform],
+    adapters: &[Arc<dyn Discovery>],
+) -> anyhow::Result<Merged> {
     let mut sources = Vec::new();
     for platform in platforms {
         sources.push(platform.connect().await?);
     }
+    sources.extend(adapters.iter().cloned());
     Ok(Merged::new(sources))
 }
 

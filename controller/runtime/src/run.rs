@@ -24,11 +24,26 @@ pub struct Options {
     /// Kubernetes platform, the SMI CRDs are a policy source too.
     pub policy_paths: Vec<PathBuf>,
     pub platforms: Vec<Platform>,
+    /// Discovery adapters built by the embedding program, merged after `platforms` (the demo's
+    /// adapters for its local stand-ins of Consul and Cloud Map).
+    pub adapters: Adapters,
     /// gRPC listen address for proxies (port 0 = any).
     pub grpc: SocketAddr,
     /// Admin listen address (port 0 = any); `None` = no admin port.
     pub admin: Option<SocketAddr>,
     pub index: IndexOptions,
+}
+
+/// Discovery adapters handed over ready-made (see [`Options::adapters`]).
+#[derive(Clone, Default)]
+pub struct Adapters(pub Vec<Arc<dyn trellis_discovery::Discovery>>);
+
+impl std::fmt::Debug for Adapters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|a| a.source_id()))
+            .finish()
+    }
 }
 
 /// A started controller.
@@ -76,7 +91,7 @@ pub async fn start_full(
     extra_sources: Vec<Arc<dyn PolicySource>>,
 ) -> anyhow::Result<Running> {
     use anyhow::Context as _;
-    if options.platforms.is_empty() {
+    if options.platforms.is_empty() && options.adapters.0.is_empty() {
         anyhow::bail!("no platform: give at least one --platform");
     }
     // The CA first: bad CA material stops the start before anything is watched or written.
@@ -99,7 +114,7 @@ pub async fn start_full(
         sources.push(Arc::new(source));
     }
     sources.extend(extra_sources);
-    let discovery = connect_all(&options.platforms).await?;
+    let discovery = connect_all(&options.platforms, &options.adapters.0).await?;
     let index = Index::start(sources, Arc::new(discovery.clone()), options.index.clone());
     let leader = match (&kubernetes, leader) {
         (Some((client, _)), Some(leader)) => Leadership::spawn(client.clone(), leader),
