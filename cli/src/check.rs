@@ -1,6 +1,7 @@
 //! `trellis check`: is the controller up, which platforms and how fresh, how many proxies are
 //! connected, which policies are in force, and any problems. Exit 1 when the controller cannot
-//! be reached or reports problems.
+//! be reached, reports problems, or a platform is stale (its latest word was an error: the mesh
+//! keeps serving its last good endpoints, which may be out of date).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -25,7 +26,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
     };
     print!("{}", render(&state));
-    Ok(if list(&state, "problems").is_empty() {
+    let stale = list(&state, "platforms")
+        .iter()
+        .any(|p| p["stale"].as_bool() == Some(true));
+    Ok(if list(&state, "problems").is_empty() && !stale {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

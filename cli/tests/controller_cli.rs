@@ -192,12 +192,15 @@ fn controller_on_the_consul_double_answers_from_consul() {
             .await
             .unwrap()
             .into_inner();
-        tokio::time::timeout(Duration::from_secs(10), stream.next())
+        let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
             .await
             .unwrap()
             .unwrap()
-            .unwrap()
+            .unwrap();
+        // Kept open: the controller watches Consul for the services proxies ask about.
+        (first, stream)
     });
+    let (answer, _watch) = answer;
     match answer.kind {
         Some(v1::destination_update::Kind::NotFound(n)) => {
             assert!(n.reason.contains("default/web"), "{n:?}")
@@ -210,6 +213,22 @@ fn controller_on_the_consul_double_answers_from_consul() {
         "{}",
         stdout(&out)
     );
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+
+    // Consul goes away (every connection cut, new ones refused): check names the source, says
+    // why, and fails; when it is back, check is clean again.
+    double.stop();
+    let out = check_until(ctl.admin, |o| stdout(o).contains("STALE"));
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("platform consul:"))
+        .unwrap_or_default();
+    assert!(line.contains("STALE: "), "{text}");
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    runtime.block_on(double.restart()).unwrap();
+    let out = check_until(ctl.admin, |o| o.status.code() == Some(0));
+    assert!(!stdout(&out).contains("STALE"), "{}", stdout(&out));
 }
 
 /// A services file with `web` in namespace `demo` at `endpoints` (address, port).

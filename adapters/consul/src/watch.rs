@@ -43,6 +43,10 @@ struct LoopControl {
     backoff: Backoff,
     pause: Option<Duration>,
     wait: Duration,
+    /// The last query failed: the next one does not block, so a Consul that is back is
+    /// confirmed at once (a blocking query on an unchanged index would hang for `wait`, and the
+    /// source would look stale all that time).
+    recovering: bool,
 }
 
 impl LoopControl {
@@ -53,6 +57,7 @@ impl LoopControl {
             backoff: Backoff::new(),
             pause: None,
             wait: config.wait,
+            recovering: false,
         }
     }
 
@@ -63,14 +68,17 @@ impl LoopControl {
         }
         self.bucket.acquire().await;
         let index = self.index.next();
-        (index > 0).then_some(Block {
+        (index > 0 && !self.recovering).then_some(Block {
             index,
             wait: self.wait,
         })
     }
 
-    fn succeeded(&mut self, what: &dyn std::fmt::Display, index: u64) {
+    /// Records a good answer; `true` when it ends a run of failures (the answer must then be
+    /// passed on even when nothing changed: it is what says the source is back).
+    fn succeeded(&mut self, what: &dyn std::fmt::Display, index: u64) -> bool {
         self.backoff.reset();
+        let recovered = std::mem::take(&mut self.recovering);
         match self.index.observe(index) {
             IndexEvent::Advanced => {}
             IndexEvent::WentBackwards => {
@@ -80,10 +88,15 @@ impl LoopControl {
                 tracing::warn!(%what, "Consul returned index 0; blocking on 1 instead")
             }
         }
+        if recovered {
+            tracing::info!(%what, "Consul answers again");
+        }
+        recovered
     }
 
     fn failed(&mut self, error: ClientError, source: &SourceId) -> DiscoveryError {
         let error = error.into_discovery(source);
+        self.recovering = true;
         self.pause = Some(if error.temporary {
             self.backoff.next_delay()
         } else {
@@ -212,7 +225,9 @@ impl ServiceWatch {
             );
             Snapshot::Endpoints(set)
         };
-        self.control.succeeded(&self.key, reply.index);
+        if self.control.succeeded(&self.key, reply.index) {
+            self.last_sent_at = None;
+        }
         let sent = self.offer(snapshot);
         self.report(&reply, sent);
     }
@@ -327,8 +342,12 @@ impl CatalogWatch {
             }
         };
         let namespace = config.catalog_namespace();
-        self.control
-            .succeeded(&format_args!("catalog of {namespace}"), reply.index);
+        if self
+            .control
+            .succeeded(&format_args!("catalog of {namespace}"), reply.index)
+        {
+            self.last_sent_at = None;
+        }
         let services: Vec<ServiceKey> = reply
             .value
             .keys()
