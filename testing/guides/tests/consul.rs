@@ -103,8 +103,58 @@ async fn settled(
     }
 }
 
+/// Which Consul the guide's hosts talk to.
+enum Consul {
+    /// The double, started by the test: every host's agent, web's node at 127.0.0.1.
+    Double,
+    /// A real local agent (`consul agent -dev`), already running at this address.
+    Agent(SocketAddr),
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consul_guide_gives_a_mesh_that_allows_client_and_denies_batch() -> anyhow::Result<()> {
+    follow_the_guide(Consul::Double).await
+}
+
+/// The same against a real agent named by `TRELLIS_TEST_CONSUL_ADDR` (`http://127.0.0.1:8500`;
+/// a local one: its checks call the proxies on 127.0.0.1, and its node address is where callers
+/// connect). Its web-1 registration is removed before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consul_guide_works_against_a_real_agent() -> anyhow::Result<()> {
+    let Ok(url) = std::env::var("TRELLIS_TEST_CONSUL_ADDR") else {
+        println!(
+            "skipped: TRELLIS_TEST_CONSUL_ADDR is not set (no real Consul agent to test against)"
+        );
+        return Ok(());
+    };
+    if std::env::var_os("TRELLIS_TEST_CONSUL_TOKEN").is_some() {
+        println!(
+            "skipped: TRELLIS_TEST_CONSUL_TOKEN is set, and `trellis controller --platform consul=` cannot be given an ACL token yet"
+        );
+        return Ok(());
+    }
+    let addr: SocketAddr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .with_context(|| format!("TRELLIS_TEST_CONSUL_ADDR {url:?}: expected http://IP:PORT"))?;
+    let deregister = async || {
+        http::request(
+            addr,
+            "PUT",
+            "/v1/agent/service/deregister/web-1",
+            "127.0.0.1",
+            "",
+        )
+        .await
+    };
+    deregister().await?;
+    let result = follow_the_guide(Consul::Agent(addr)).await;
+    deregister().await?;
+    result
+}
+
+async fn follow_the_guide(consul_kind: Consul) -> anyhow::Result<()> {
     guide::require_tool("openssl", "the guide makes the CA and the tokens with it")?;
     let bin = bin_dir()?;
     let double = binary("trellis-consul-double", "trellis-consul-double")?;
@@ -136,25 +186,35 @@ async fn the_consul_guide_gives_a_mesh_that_allows_client_and_denies_batch() -> 
     hosts.name(&grpc.ip().to_string(), "controller");
     let consul: SocketAddr = var(&written, "TRELLIS_CONSUL")?.parse()?;
 
-    // Consul: one double plays every host's agent (web registers on its node, at web's address).
-    let agent = hosts.at("controller", consul.port());
+    // Consul: one double plays every host's agent (web registers on its node, at web's address),
+    // or a real local agent does.
+    let (agent, _consul_process) = match consul_kind {
+        Consul::Double => {
+            let agent = hosts.at("controller", consul.port());
+            let mut process = Process::spawn(
+                "consul",
+                &double,
+                &[
+                    "--listen".into(),
+                    agent.to_string(),
+                    "--node-name".into(),
+                    "web-host".into(),
+                    "--node-address".into(),
+                    Ipv4Addr::LOCALHOST.to_string(),
+                ],
+                &[],
+                scratch,
+                &scratch.join("logs"),
+            )?;
+            process.wait_for("listening on").await?;
+            (agent, Some(process))
+        }
+        Consul::Agent(addr) => {
+            hosts.place("controller", consul.port(), addr);
+            (addr, None)
+        }
+    };
     hosts.place("web", consul.port(), agent);
-    let mut consul_process = Process::spawn(
-        "consul",
-        &double,
-        &[
-            "--listen".into(),
-            agent.to_string(),
-            "--node-name".into(),
-            "web-host".into(),
-            "--node-address".into(),
-            Ipv4Addr::LOCALHOST.to_string(),
-        ],
-        &[],
-        scratch,
-        &scratch.join("logs"),
-    )?;
-    consul_process.wait_for("listening on").await?;
 
     // Step 4: the controller, as trellis-controller.service runs it.
     std::fs::write(
