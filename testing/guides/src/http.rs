@@ -65,6 +65,29 @@ pub async fn get(to: SocketAddr, path: &str) -> anyhow::Result<Response> {
     request(to, "GET", path, &to.to_string(), "").await
 }
 
+/// Calls until the answer is not a "not there yet" one (no answer, or the proxy's
+/// `unknown-destination`, `no-endpoints`, `no-identity`, `connect-failed` while endpoints and
+/// certificates arrive), at most 20 s; returns the last answer.
+pub async fn settled(
+    mut call: impl AsyncFnMut() -> anyhow::Result<Response>,
+) -> anyhow::Result<Response> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let last = call().await;
+        let waiting = match &last {
+            Ok(r) => matches!(
+                r.header("x-trellis-error"),
+                Some("unknown-destination" | "no-endpoints" | "no-identity" | "connect-failed")
+            ),
+            Err(_) => true,
+        };
+        if !waiting || tokio::time::Instant::now() > deadline {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn parse(raw: &str) -> anyhow::Result<Response> {
     let (head, body) = raw
         .split_once("\r\n\r\n")

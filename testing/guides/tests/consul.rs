@@ -1,6 +1,6 @@
 //! The Consul hosts guide (`docs/guides/consul.md`) followed as written, on loopback: its marked
 //! blocks make the CA, the tokens and the policy directory with `openssl` and the shell; the
-//! Consul double plays the agents; the controller and the three proxies run the commands their
+//! Consul double plays the agents (or a real local agent, `TRELLIS_TEST_CONSUL_ADDR`); the controller and the three proxies run the commands their
 //! systemd units would run, with `deploy/consul/`'s env files; web is registered with the
 //! agent API from `services/web.json`. The files change only where a test must: `/etc/trellis`
 //! is a temporary directory, `/usr/local/bin` the workspace build, and every host's addresses
@@ -8,7 +8,6 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use trellis_guides::hosts::Hosts;
@@ -79,28 +78,6 @@ fn web_definition(hosts: &mut Hosts) -> anyhow::Result<String> {
     definition["Port"] = hosts.at("web", port).port().into();
     let rewritten = hosts.rewrite("web", &definition.to_string())?;
     Ok(rewritten)
-}
-
-/// Calls until the answer is not a "not there yet" one (the first endpoints and certificates
-/// take a moment), at most 20 s.
-async fn settled(
-    mut call: impl AsyncFnMut() -> anyhow::Result<http::Response>,
-) -> anyhow::Result<http::Response> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let last = call().await;
-        let waiting = match &last {
-            Ok(r) => matches!(
-                r.header("x-trellis-error"),
-                Some("unknown-destination" | "no-endpoints" | "no-identity" | "connect-failed")
-            ),
-            Err(_) => true,
-        };
-        if !waiting || tokio::time::Instant::now() > deadline {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Which Consul the guide's hosts talk to.
@@ -278,7 +255,7 @@ async fn follow_the_guide(consul_kind: Consul) -> anyhow::Result<()> {
     // Step 6: client calls web through its HTTP proxy and its fixed port; batch is refused.
     let client_http = hosts.at("client", 15080);
     let via_proxy =
-        settled(async || http::get_via_proxy(client_http, "http://web.default/hello").await)
+        http::settled(async || http::get_via_proxy(client_http, "http://web.default/hello").await)
             .await?;
     ensure!(via_proxy.status == 200, "client -> web: {via_proxy:?}");
     ensure!(

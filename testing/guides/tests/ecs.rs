@@ -209,28 +209,6 @@ fn flag<'a>(call: &'a [String], name: &str) -> anyhow::Result<&'a str> {
         .with_context(|| format!("{name} in {call:?}"))
 }
 
-/// Calls until the answer is not a "not there yet" one (Cloud Map is polled every second), at
-/// most 20 s.
-async fn settled(
-    mut call: impl AsyncFnMut() -> anyhow::Result<http::Response>,
-) -> anyhow::Result<http::Response> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let last = call().await;
-        let waiting = match &last {
-            Ok(r) => matches!(
-                r.header("x-trellis-error"),
-                Some("unknown-destination" | "no-endpoints" | "no-identity" | "connect-failed")
-            ),
-            Err(_) => true,
-        };
-        if !waiting || tokio::time::Instant::now() > deadline {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ecs_guide_gives_a_mesh_of_tasks_found_in_cloud_map() -> anyhow::Result<()> {
     let Some(moto_exe) = std::env::var_os("TRELLIS_MOTO_SERVER") else {
@@ -477,7 +455,8 @@ async fn the_ecs_guide_gives_a_mesh_of_tasks_found_in_cloud_map() -> anyhow::Res
     // client calls web through its HTTP proxy and its fixed port; web calling itself is refused.
     let client_http = hosts.at("client-task", 15080);
     let via_proxy =
-        settled(async || http::get_via_proxy(client_http, "http://web.shop/hello").await).await?;
+        http::settled(async || http::get_via_proxy(client_http, "http://web.shop/hello").await)
+            .await?;
     ensure!(via_proxy.status == 200, "client -> web: {via_proxy:?}");
     ensure!(
         via_proxy.body.contains(r#""service":"web""#),
