@@ -1,10 +1,11 @@
 //! The Consul hosts guide (`docs/guides/consul.md`) followed as written, on loopback: its marked
 //! blocks make the CA, the tokens and the policy directory with `openssl` and the shell; the
-//! Consul double plays the agents (or a real local agent, `TRELLIS_TEST_CONSUL_ADDR`); the controller and the three proxies run the commands their
-//! systemd units would run, with `deploy/consul/`'s env files; web is registered with the
-//! agent API from `services/web.json`. The files change only where a test must: `/etc/trellis`
-//! is a temporary directory, `/usr/local/bin` the workspace build, and every host's addresses
-//! are free ports on 127.0.0.1 (the same port everywhere a file names it).
+//! Consul double plays the agents (or a real local agent, `TRELLIS_TEST_CONSUL_ADDR`); the
+//! controller and the three proxies run the commands their systemd units would run, with
+//! `deploy/consul/`'s env files; web is registered with the agent API from `services/web.json`.
+//! The files change only where a test must: `/etc/trellis` is a temporary directory,
+//! `/usr/local/bin` the workspace build, and every host's addresses are free ports on 127.0.0.1
+//! (the same port everywhere a file names it).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
