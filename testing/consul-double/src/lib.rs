@@ -1,4 +1,5 @@
-//! A double of Consul's catalog and health HTTP API, blocking queries included: test support for
+//! A double of Consul's catalog and health HTTP API (blocking queries included) and of the local
+//! agent's service registration API: test support for
 //! the Consul discovery adapter (and, as the `trellis-consul-double` binary, for the conformance
 //! harness).
 //!
@@ -8,6 +9,10 @@
 //!   instance with its checks, or a whole node);
 //! - `GET /v1/catalog/services` and `GET /v1/health/service/:service` (`passing`, `tag`, `ns`,
 //!   `stale`, `index`, `wait`, `token`), `GET /v1/status/leader`;
+//! - the local agent's service API, the way hosts register their services:
+//!   `PUT /v1/agent/service/register` (an instance on the double's own node,
+//!   [`DoubleConfig::agent`], whose HTTP, TCP and TTL checks the double runs),
+//!   `PUT /v1/agent/service/deregister/:id`, `PUT /v1/agent/check/{pass,warn,fail}/:id`;
 //! - blocking queries: `index` + `wait` (Go duration, capped at 10 min, default 5 min, plus up to
 //!   wait/16 random jitter), `X-Consul-Index` per service (the last write touching that service's
 //!   instances, checks or nodes), `X-Consul-KnownLeader`, `X-Consul-LastContact`;
@@ -37,6 +42,7 @@ pub mod wire;
 
 pub use duration::parse_go_duration;
 pub use server::{
-    ConsulDouble, DEFAULT_WAIT, DoubleConfig, JITTER_FRACTION, MAX_WAIT, RecordedRequest,
+    AgentConfig, ConsulDouble, DEFAULT_CHECK_TIMEOUT, DEFAULT_WAIT, DoubleConfig, JITTER_FRACTION,
+    MAX_WAIT, RecordedRequest, SERF_HEALTH,
 };
 pub use state::{DEFAULT_NAMESPACE, VALID_STATUSES, WriteError};

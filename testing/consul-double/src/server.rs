@@ -1,7 +1,11 @@
 //! The double as a server: its configuration, the test controls, and a listener that can be
-//! stopped and brought back at the same port. Request handling lives in [`routes`].
+//! stopped and brought back at the same port. Request handling lives in [`routes`], the local
+//! agent's service API and its check runs in [`agent`].
 
+mod agent;
 mod routes;
+
+pub use agent::{AgentConfig, DEFAULT_CHECK_TIMEOUT, SERF_HEALTH};
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -19,7 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::{State, WriteError};
-use crate::wire::{DeregisterRequest, RegisterRequest};
+use crate::wire::{AgentServiceRegistration, DeregisterRequest, RegisterRequest};
 
 /// Consul's cap on `wait`.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
@@ -40,6 +44,8 @@ pub struct DoubleConfig {
     /// 403 "ACL not found", requests without a token (anonymous) see empty reads and get 403
     /// "Permission denied" on writes.
     pub acl_token: Option<String>,
+    /// The node the agent API (`/v1/agent/...`) registers services on.
+    pub agent: AgentConfig,
 }
 
 impl Default for DoubleConfig {
@@ -48,6 +54,7 @@ impl Default for DoubleConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             datacenter: "dc1".to_owned(),
             acl_token: None,
+            agent: AgentConfig::default(),
         }
     }
 }
@@ -101,6 +108,11 @@ struct Shared {
     hang: watch::Sender<bool>,
     requests: Mutex<VecDeque<RecordedRequest>>,
     running: Mutex<Option<CancellationToken>>,
+    /// The agent's checks in flight, by check ID.
+    agent_checks: Mutex<std::collections::HashMap<String, agent::RunningCheck>>,
+    /// Cancelled when the double is dropped: ends the agent's check runs (which, unlike the
+    /// listener, keep going through a simulated outage, as a real agent's do).
+    shutdown: CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -139,6 +151,8 @@ impl ConsulDouble {
             hang: watch::Sender::new(false),
             requests: Mutex::new(VecDeque::new()),
             running: Mutex::new(None),
+            agent_checks: Mutex::new(std::collections::HashMap::new()),
+            shutdown: CancellationToken::new(),
         });
         Shared::serve(&shared, listener);
         Ok(Self { shared })
@@ -172,6 +186,22 @@ impl ConsulDouble {
 
     pub fn deregister(&self, req: &DeregisterRequest) -> Result<(), WriteError> {
         self.shared.write(|s| s.deregister(req))
+    }
+
+    /// Registers as `PUT /v1/agent/service/register` does: an instance on the agent's node
+    /// ([`DoubleConfig::agent`]) whose checks the double runs.
+    pub fn agent_register(&self, reg: &AgentServiceRegistration) -> Result<(), WriteError> {
+        self.shared.agent_register(reg, false).map_err(|e| match e {
+            agent::AgentError::Invalid(e) => e,
+            agent::AgentError::NotFound(m) | agent::AgentError::NotTtl(m) => WriteError(m),
+        })
+    }
+
+    /// A check's current status and output, on any node.
+    pub fn check_status(&self, node: &str, check_id: &str) -> Option<(String, String)> {
+        lock(&self.shared.state)
+            .check(node, check_id)
+            .map(|c| (c.status.clone(), c.output.clone()))
     }
 
     /// Sets a check's status (`passing`, `warning`, `critical`), as a check run would.
@@ -238,6 +268,7 @@ impl ConsulDouble {
 impl Drop for ConsulDouble {
     fn drop(&mut self) {
         self.shared.stop();
+        self.shared.shutdown.cancel();
     }
 }
 

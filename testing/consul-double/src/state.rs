@@ -42,7 +42,8 @@ fn check_namespace(
     .map_or_else(|| DEFAULT_NAMESPACE.to_owned(), str::to_owned)
 }
 
-fn ns_or_default(ns: &str) -> String {
+/// `ns`, or Consul's `default` when empty.
+pub(crate) fn ns_or_default(ns: &str) -> String {
     if ns.is_empty() {
         DEFAULT_NAMESPACE.to_owned()
     } else {
@@ -272,6 +273,17 @@ impl State {
         check_id: &str,
         status: &str,
     ) -> Result<(), WriteError> {
+        self.update_check(node, check_id, status, None)
+    }
+
+    /// Sets one check's status, and its output when given (a check run's result).
+    pub fn update_check(
+        &mut self,
+        node: &str,
+        check_id: &str,
+        status: &str,
+        output: Option<&str>,
+    ) -> Result<(), WriteError> {
         if !VALID_STATUSES.contains(&status) {
             return Err(WriteError(format!("Invalid check status: {status:?}")));
         }
@@ -284,6 +296,9 @@ impl State {
         let index = self.next_index();
         let check = self.checks.get_mut(&key).expect("checked above");
         check.status = status.to_owned();
+        if let Some(output) = output {
+            check.output = output.to_owned();
+        }
         check.modify_index = index;
         let (ns, name) = (check.namespace.clone(), check.service_name.clone());
         self.touch_for_check(node, &ns, &name, index);
@@ -434,6 +449,30 @@ impl State {
             c.create_index = c.create_index.min(to);
             c.modify_index = c.modify_index.min(to);
         }
+    }
+
+    pub fn has_node(&self, node: &str) -> bool {
+        self.nodes.contains_key(node)
+    }
+
+    pub fn has_service(&self, node: &str, ns: &str, service_id: &str) -> bool {
+        self.services
+            .contains_key(&(node.to_owned(), ns_or_default(ns), service_id.to_owned()))
+    }
+
+    /// The IDs of the checks of one service instance.
+    pub fn service_check_ids(&self, node: &str, ns: &str, service_id: &str) -> Vec<String> {
+        let ns = ns_or_default(ns);
+        self.checks
+            .range((node.to_owned(), String::new())..)
+            .take_while(|((n, _), _)| n == node)
+            .filter(|(_, c)| c.service_id == service_id && c.namespace == ns)
+            .map(|((_, id), _)| id.clone())
+            .collect()
+    }
+
+    pub fn check(&self, node: &str, check_id: &str) -> Option<&CheckOut> {
+        self.checks.get(&(node.to_owned(), check_id.to_owned()))
     }
 
     pub fn instance_count(&self) -> usize {

@@ -1,8 +1,8 @@
 //! Consul's JSON shapes for the endpoints the double serves, with Consul's PascalCase field names.
 //!
-//! Request types accept what `/v1/catalog/register` and `/v1/catalog/deregister` accept (unknown
-//! fields are ignored, as Consul does); response types carry the fields Consul documents for
-//! `/v1/health/service/:service`.
+//! Request types accept what `/v1/catalog/register`, `/v1/catalog/deregister` and
+//! `/v1/agent/service/register` accept (unknown fields are ignored, as Consul does); response types
+//! carry the fields Consul documents for `/v1/health/service/:service`.
 
 use std::collections::BTreeMap;
 
@@ -156,4 +156,64 @@ pub struct CheckOut {
     pub namespace: String,
     pub create_index: u64,
     pub modify_index: u64,
+}
+
+/// Body of `PUT /v1/agent/service/register`: a service definition as the local agent takes it
+/// (Consul's "Register Service" agent endpoint). `Name` is the service, `ID` defaults to it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct AgentServiceRegistration {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub name: String,
+    pub tags: Vec<String>,
+    /// Empty: the agent's node address is used, as in Consul.
+    pub address: String,
+    pub tagged_addresses: BTreeMap<String, ServiceAddress>,
+    pub meta: BTreeMap<String, String>,
+    pub port: u16,
+    pub weights: Option<Weights>,
+    pub enable_tag_override: bool,
+    pub namespace: String,
+    pub check: Option<AgentCheck>,
+    pub checks: Vec<AgentCheck>,
+}
+
+/// A check of an agent service definition. The double runs `HTTP`, `TCP` and `TTL` checks; the
+/// other kinds are fields here only so that a definition using them is refused by name instead
+/// of silently never running.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct AgentCheck {
+    #[serde(rename = "CheckID")]
+    pub check_id: String,
+    pub name: String,
+    pub notes: String,
+    /// Initial status; empty = `critical`, as in Consul.
+    pub status: String,
+    #[serde(rename = "HTTP")]
+    pub http: String,
+    pub method: String,
+    pub header: BTreeMap<String, Vec<String>>,
+    #[serde(rename = "TCP")]
+    pub tcp: String,
+    #[serde(rename = "TTL")]
+    pub ttl: String,
+    /// Go duration (`10s`): how often HTTP and TCP checks run.
+    pub interval: String,
+    /// Go duration; Consul's default is 10 s.
+    pub timeout: String,
+    /// Accepted and ignored: the double never reaps critical services.
+    pub deregister_critical_service_after: String,
+    // Check kinds the double does not run.
+    pub args: Vec<String>,
+    #[serde(rename = "GRPC")]
+    pub grpc: String,
+    #[serde(rename = "H2PING")]
+    pub h2ping: String,
+    #[serde(rename = "UDP")]
+    pub udp: String,
+    #[serde(rename = "DockerContainerID")]
+    pub docker_container_id: String,
+    pub alias_service: String,
 }

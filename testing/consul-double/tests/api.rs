@@ -1,70 +1,14 @@
 //! The double's HTTP API as a client sees it: real requests over loopback with a plain HTTP/1.1
 //! client, checking the behaviours the Consul adapter relies on.
 
-use std::collections::BTreeMap;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::call;
 use tokio::net::TcpStream;
 use trellis_consul_double::{ConsulDouble, DoubleConfig};
-
-/// A response: status, lower-cased headers, body.
-struct Resp {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: String,
-}
-
-impl Resp {
-    fn index(&self) -> u64 {
-        self.headers["x-consul-index"].parse().unwrap()
-    }
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-}
-
-/// One request on a fresh connection (Connection: close), so tests see exactly what was sent.
-async fn call(
-    double: &ConsulDouble,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-    token: Option<&str>,
-) -> Resp {
-    let mut stream = TcpStream::connect(double.addr()).await.expect("connect");
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let token = token
-        .map(|t| format!("X-Consul-Token: {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{token}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
-        .collect();
-    Resp {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
-}
 
 fn instance(node: &str, id: &str, service: &str, port: u16) -> Value {
     json!({

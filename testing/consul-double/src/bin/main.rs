@@ -1,12 +1,16 @@
-//! `trellis-consul-double --listen 127.0.0.1:0 [--token TOKEN] [--datacenter dc1]`: runs the
-//! Consul API double as a process and prints `listening on http://ADDR` once it accepts connections.
+//! `trellis-consul-double --listen 127.0.0.1:0 [--token TOKEN] [--datacenter dc1]
+//! [--node-name NAME] [--node-address IP]`: runs the Consul API double as a process and prints
+//! `listening on http://ADDR` once it accepts connections. The node flags name the node its agent
+//! API registers services on (Consul's `-node` and `-advertise`).
 
 use std::net::SocketAddr;
 
 use trellis_consul_double::{ConsulDouble, DoubleConfig};
 
 fn usage() -> ! {
-    eprintln!("usage: trellis-consul-double [--listen ADDR] [--token ACL_TOKEN] [--datacenter DC]");
+    eprintln!(
+        "usage: trellis-consul-double [--listen ADDR] [--token ACL_TOKEN] [--datacenter DC] [--node-name NAME] [--node-address IP]"
+    );
     std::process::exit(2)
 }
 
@@ -26,6 +30,15 @@ async fn main() {
             }
             "--token" => config.acl_token = Some(value()),
             "--datacenter" => config.datacenter = value(),
+            "--node-name" => config.agent.node_name = value(),
+            "--node-address" => {
+                let v = value();
+                if v.parse::<std::net::IpAddr>().is_err() {
+                    eprintln!("--node-address {v:?}: not an IP address");
+                    std::process::exit(2)
+                }
+                config.agent.node_address = v;
+            }
             "-h" | "--help" => usage(),
             other => {
                 eprintln!("unknown argument {other:?}");

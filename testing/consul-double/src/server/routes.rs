@@ -1,5 +1,5 @@
-//! Request handling: routing, blocking reads, writes, ACL and leadership checks, failure
-//! injection, and the `/_double/` control API.
+//! Request handling: routing, blocking reads, writes (catalog and local agent), ACL and
+//! leadership checks, failure injection, and the `/_double/` control API.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,13 +10,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde::Serialize;
 
+use super::agent::AgentError;
 use super::{
     ConsulDoubleRef, DEFAULT_WAIT, JITTER_FRACTION, MAX_WAIT, REQUEST_LOG_CAP, RecordedRequest,
     Shared, lock,
 };
 use crate::duration::parse_go_duration;
 use crate::state::{State, WriteError};
-use crate::wire::{DeregisterRequest, RegisterRequest};
+use crate::wire::{AgentServiceRegistration, DeregisterRequest, RegisterRequest};
 
 type Body = Full<Bytes>;
 
@@ -58,6 +59,9 @@ impl Query {
         self.get(key).is_some_and(|v| v != "false" && v != "0")
     }
 }
+
+/// A request refused before it touched the catalog: the status and message to answer.
+type Refusal = (StatusCode, String);
 
 enum Access {
     Full,
@@ -163,15 +167,90 @@ impl Shared {
                 let body = req.into_body().collect().await.map(|b| b.to_bytes());
                 self.http_write(access, body, |s, r: DeregisterRequest| s.deregister(&r))
             }
+            (Method::PUT, "/v1/agent/service/register") => {
+                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                let replace = query.flag("replace-existing-checks");
+                match self.parse_write::<AgentServiceRegistration>(access, body, false) {
+                    Ok(reg) => agent_reply(self.agent_register(&reg, replace)),
+                    Err((status, message)) => text(status, message),
+                }
+            }
+            (Method::PUT, p) if p.starts_with("/v1/agent/service/deregister/") => {
+                let id = percent_decode(&p["/v1/agent/service/deregister/".len()..]);
+                match self.write_allowed(access, false) {
+                    Ok(()) => agent_reply(self.agent_deregister(&id, &ns)),
+                    Err((status, message)) => text(status, message),
+                }
+            }
+            (Method::PUT, p) if p.starts_with("/v1/agent/check/") => {
+                let rest = &p["/v1/agent/check/".len()..];
+                let (verb, id) = rest.split_once('/').unwrap_or((rest, ""));
+                let status = match verb {
+                    "pass" => "passing",
+                    "warn" => "warning",
+                    "fail" => "critical",
+                    _ => return text(StatusCode::NOT_FOUND, ""),
+                };
+                let id = percent_decode(id);
+                let note = query.get("note").unwrap_or("").to_owned();
+                match self.write_allowed(access, false) {
+                    Ok(()) => agent_reply(self.agent_check_update(&id, status, &note)),
+                    Err((status, message)) => text(status, message),
+                }
+            }
             (
                 _,
                 "/v1/catalog/register"
                 | "/v1/catalog/deregister"
                 | "/v1/catalog/services"
-                | "/v1/status/leader",
+                | "/v1/status/leader"
+                | "/v1/agent/service/register",
             ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            (_, p)
+                if p.starts_with("/v1/agent/service/deregister/")
+                    || p.starts_with("/v1/agent/check/") =>
+            {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
             _ => text(StatusCode::NOT_FOUND, ""),
         }
+    }
+
+    /// Whether a write may go ahead: catalog writes need a leader (`needs_leader`); the local
+    /// agent takes its writes without one, as Consul's agent does. `Err` is the refusal to send.
+    fn write_allowed(&self, access: Access, needs_leader: bool) -> Result<(), Refusal> {
+        if needs_leader && !lock(&self.controls).leader_known {
+            return Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "No cluster leader".into(),
+            ));
+        }
+        if matches!(access, Access::Anonymous) {
+            return Err((StatusCode::FORBIDDEN, "Permission denied".into()));
+        }
+        Ok(())
+    }
+
+    /// The checks of a write, then its JSON body.
+    fn parse_write<T: serde::de::DeserializeOwned>(
+        &self,
+        access: Access,
+        body: Result<Bytes, hyper::Error>,
+        needs_leader: bool,
+    ) -> Result<T, Refusal> {
+        self.write_allowed(access, needs_leader)?;
+        let body = body.map_err(|e| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("Request body read failed: {e}"),
+            )
+        })?;
+        serde_json::from_slice(&body).map_err(|e| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("Request decode failed: {e}"),
+            )
+        })
     }
 
     fn http_write<T: serde::de::DeserializeOwned>(
@@ -180,29 +259,9 @@ impl Shared {
         body: Result<Bytes, hyper::Error>,
         apply: impl FnOnce(&mut State, T) -> Result<(), WriteError>,
     ) -> Response<Body> {
-        if !lock(&self.controls).leader_known {
-            return text(StatusCode::INTERNAL_SERVER_ERROR, "No cluster leader");
-        }
-        if matches!(access, Access::Anonymous) {
-            return text(StatusCode::FORBIDDEN, "Permission denied");
-        }
-        let body = match body {
-            Ok(b) => b,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!("Request body read failed: {e}"),
-                );
-            }
-        };
-        let parsed: T = match serde_json::from_slice(&body) {
+        let parsed: T = match self.parse_write(access, body, true) {
             Ok(p) => p,
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!("Request decode failed: {e}"),
-                );
-            }
+            Err((status, message)) => return text(status, message),
         };
         match self.write(|s| apply(s, parsed)) {
             Ok(()) => {
@@ -364,6 +423,16 @@ impl Shared {
             _ => return text(StatusCode::NOT_FOUND, format!("unknown control {what:?}")),
         }
         text(StatusCode::OK, "ok")
+    }
+}
+
+/// An agent endpoint's answer: 200 with an empty body, as Consul's agent answers.
+fn agent_reply(result: Result<(), AgentError>) -> Response<Body> {
+    match result {
+        Ok(()) => text(StatusCode::OK, ""),
+        Err(AgentError::Invalid(e)) => text(StatusCode::BAD_REQUEST, e.0),
+        Err(AgentError::NotFound(m)) => text(StatusCode::NOT_FOUND, m),
+        Err(AgentError::NotTtl(m)) => text(StatusCode::INTERNAL_SERVER_ERROR, m),
     }
 }
 
