@@ -379,7 +379,7 @@ pub async fn run_certifier(
         let wait = match certify_once(&channel, &options).await {
             Ok(credentials) => {
                 let renew_at = credentials.renew_at(SystemTime::now());
-                tracing::info!(id = %credentials.id, not_after = ?credentials.not_after, "certificate obtained");
+                tracing::info!(id = %credentials.id, not_after = %humantime::format_rfc3339_seconds(credentials.not_after), "certificate obtained");
                 if let Err(e) = store.publish(credentials) {
                     tracing::error!(error = %e, "the new certificate cannot be used; keeping the current one");
                     backoff.next().unwrap_or(options.max_backoff)
@@ -395,7 +395,7 @@ pub async fn run_certifier(
                 let delay = backoff.next().unwrap_or(options.max_backoff);
                 match store.latest() {
                     Some(g) if g.credentials.valid_at(SystemTime::now()) => {
-                        tracing::warn!(error = %e, retry_in = ?delay, not_after = ?g.credentials.not_after, "certificate renewal failed; serving with the current certificate")
+                        tracing::warn!(error = %e, retry_in = ?delay, not_after = %humantime::format_rfc3339_seconds(g.credentials.not_after), "certificate renewal failed; serving with the current certificate")
                     }
                     _ => {
                         tracing::warn!(error = %e, retry_in = ?delay, "no valid certificate; mTLS fails closed until one is obtained")

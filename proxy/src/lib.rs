@@ -113,7 +113,7 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
     } = options;
     if let Some(files) = &config.identity {
         let credentials = identity::load_static(files).context("loading the static identity")?;
-        tracing::info!(id = %credentials.id, not_after = ?credentials.not_after, "static identity loaded");
+        tracing::info!(id = %credentials.id, not_after = %humantime::format_rfc3339_seconds(credentials.not_after), "static identity loaded");
         identity
             .publish(credentials)
             .context("using the static identity")?;

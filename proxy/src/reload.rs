@@ -65,7 +65,7 @@ fn reload_identity(shared: &Shared, config: &Config) -> Result<(), crate::identi
                     && g.credentials.anchors == credentials.anchors
             });
             if !unchanged {
-                tracing::info!(id = %credentials.id, not_after = ?credentials.not_after, "static identity reloaded");
+                tracing::info!(id = %credentials.id, not_after = %humantime::format_rfc3339_seconds(credentials.not_after), "static identity reloaded");
                 shared.identity.publish(credentials)?;
             }
         }
