@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use trellis_controller::discovery::Platform;
 use trellis_controller::grpc_tls::GrpcTlsOptions;
-use trellis_controller::identity::{CaSource, Certifier, IdentityOptions};
-use trellis_controller::run::{Options, start_full};
+use trellis_controller::identity::{CaSource, IdentityOptions};
+use trellis_controller::run::{Options, Running, start_full};
 use trellis_controller_core::index::IndexOptions;
 use trellis_controller_core::index::inbound::AccessSwitches;
 use trellis_controller_core::leader::LeaderOptions;
@@ -201,7 +201,13 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
     for line in args.access_warnings() {
         eprintln!("trellis controller: {line}");
     }
-    if args.grpc_tls_name.is_empty() && !running.grpc.ip().is_loopback() {
+    if !args.grpc_tls_name.is_empty() {
+        eprintln!(
+            "trellis controller: gRPC over TLS for {}: certificate from the mesh CA, renewed at 2/3 of its {} lifetime",
+            args.grpc_tls_name.join(", "),
+            humantime::format_duration(args.grpc_tls_lifetime)
+        );
+    } else if !running.grpc.ip().is_loopback() {
         eprintln!(
             "trellis controller: gRPC on {} is plaintext: bootstrap tokens and configuration cross the network in clear (give --grpc-tls-name to serve TLS)",
             running.grpc
@@ -212,7 +218,7 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
             "trellis controller: CA generated in memory for local use (give --trust-anchor/--issuer-cert/--issuer-key or --ca-secret to use your own)"
         );
     }
-    let identity_report = report_identity_errors(&running.identity);
+    let identity_report = report_identity_errors(&running);
     let mut status = running.index.status();
     let report = tokio::spawn(async move {
         let mut shown = Vec::new();
@@ -234,9 +240,9 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints CA and bootstrap token reload errors on stderr as they appear (the last good
+/// Prints CA, bootstrap token and gRPC serving certificate errors on stderr as they appear (the last good
 /// material stays in force).
-fn report_identity_errors(identity: &Certifier) -> Vec<tokio::task::JoinHandle<()>> {
+fn report_identity_errors(running: &Running) -> Vec<tokio::task::JoinHandle<()>> {
     fn report<E: std::fmt::Display + Clone + Send + Sync + 'static>(
         mut errors: tokio::sync::watch::Receiver<Option<E>>,
         what: &'static str,
@@ -249,8 +255,15 @@ fn report_identity_errors(identity: &Certifier) -> Vec<tokio::task::JoinHandle<(
             }
         })
     }
+    let identity = &running.identity;
     let mut tasks = vec![report(identity.ca().errors(), "CA")];
     tasks.extend(identity.token_errors().map(|t| report(t, "identity")));
+    tasks.extend(
+        running
+            .grpc_tls
+            .as_ref()
+            .map(|tls| report(tls.errors(), "gRPC serving certificate")),
+    );
     tasks
 }
 

@@ -393,6 +393,24 @@ async fn a_controller_whose_certificate_does_not_verify_is_refused_and_the_proxy
         "{line}"
     );
     assert_eq!(wrong_name.count("certificate obtained"), 0);
+    // The controller counts the refused handshakes (each after the proxy has seen it fail).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, metrics) = trellis_testing::http_get(ctl.admin, "/metrics").unwrap();
+        let failures = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("trellis_controller_grpc_tls_handshake_failures_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{metrics}"));
+        if failures >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{failures} handshake failures counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // https:// without anchors, and anchors with http://: clear errors at start.
     for (url, anchors, expected) in [
@@ -415,6 +433,40 @@ async fn a_controller_whose_certificate_does_not_verify_is_refused_and_the_proxy
             assert!(Instant::now() < deadline, "{url}: {}", proxy.log());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+#[test]
+fn bad_tls_flags_stop_the_controller_with_the_reason() {
+    let mesh = mesh("127.0.0.1:9".parse().unwrap());
+    let services = format!("file={}", arg(&mesh.services));
+    for (args, expected) in [
+        (
+            vec!["--grpc-tls-name", "localhost"],
+            "a CA generated in memory has none they can read",
+        ),
+        (
+            vec![
+                "--grpc-tls-name",
+                "localhost:8090",
+                "--trust-anchor",
+                arg(&mesh.ca.anchors),
+                "--issuer-cert",
+                arg(&mesh.ca.issuer_cert),
+                "--issuer-key",
+                arg(&mesh.ca.issuer_key),
+            ],
+            "--grpc-tls-name \"localhost:8090\": not a DNS name or an IP address",
+        ),
+    ] {
+        let out = controller_command(TRELLIS)
+            .args(["--platform", &services])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
 

@@ -119,6 +119,7 @@ pub struct ServingInfo {
 struct Metrics {
     renewals: Counter,
     expiry: Gauge,
+    handshake_failures: Counter,
 }
 
 /// The serving certificate, renewed in the background while any clone lives.
@@ -126,6 +127,7 @@ struct Metrics {
 pub struct ServingCert {
     current: Arc<ArcSwap<CertifiedKey>>,
     info: tokio::sync::watch::Receiver<ServingInfo>,
+    errors: tokio::sync::watch::Receiver<Option<String>>,
     metrics: Metrics,
 }
 
@@ -203,9 +205,11 @@ impl ServingCert {
         metrics.expiry.set(unix(info.not_after));
         let current = Arc::new(ArcSwap::from_pointee(key));
         let (info_tx, info_rx) = tokio::sync::watch::channel(info);
+        let (errors_tx, errors) = tokio::sync::watch::channel(None);
         let renewer = Renewer {
             current: Arc::downgrade(&current),
             info: info_tx,
+            errors: errors_tx,
             ca,
             sans,
             lifetime: options.lifetime,
@@ -216,8 +220,15 @@ impl ServingCert {
         Ok(Self {
             current,
             info: info_rx,
+            errors,
             metrics,
         })
+    }
+
+    /// Why the last renewal failed (`None` once one succeeds); the current certificate keeps
+    /// serving meanwhile. `trellis controller` prints these on stderr.
+    pub fn errors(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.errors.clone()
     }
 
     /// The certificate in force; changes with every renewal.
@@ -236,6 +247,11 @@ impl ServingCert {
             "trellis_controller_grpc_tls_expiry_seconds",
             "When the gRPC serving certificate in force expires (Unix seconds)",
             self.metrics.expiry.clone(),
+        );
+        registry.register(
+            "trellis_controller_grpc_tls_handshake_failures",
+            "gRPC TLS handshakes that failed or timed out (e.g. a proxy that does not trust this CA)",
+            self.metrics.handshake_failures.clone(),
         );
     }
 
@@ -267,6 +283,7 @@ impl ResolvesServerCert for Resolver {
 struct Renewer {
     current: std::sync::Weak<ArcSwap<CertifiedKey>>,
     info: tokio::sync::watch::Sender<ServingInfo>,
+    errors: tokio::sync::watch::Sender<Option<String>>,
     ca: CaHandle,
     sans: Vec<SanType>,
     lifetime: Duration,
@@ -276,7 +293,6 @@ struct Renewer {
 
 impl Renewer {
     async fn run(mut self) {
-        let mut last_error: Option<String> = None;
         loop {
             tokio::time::sleep(TICK).await;
             let Some(current) = self.current.upgrade() else {
@@ -311,65 +327,77 @@ impl Renewer {
                     self.metrics.renewals.inc();
                     self.info.send_replace(info);
                     self.issued_at = issued_at;
-                    last_error = None;
+                    self.errors.send_if_modified(|e| e.take().is_some());
                 }
                 Err(e) => {
-                    let e = format!("{e:#}");
-                    if last_error.as_ref() != Some(&e) {
-                        tracing::error!(
-                            "renewing the gRPC serving certificate failed: {e}; the current one keeps serving, retrying every {TICK:?}"
-                        );
-                        last_error = Some(e);
-                    }
+                    let e = format!(
+                        "renewing failed: {e:#}; the current certificate keeps serving, retrying every {TICK:?}"
+                    );
+                    self.errors.send_if_modified(|old| {
+                        if old.as_ref() == Some(&e) {
+                            return false;
+                        }
+                        tracing::error!("gRPC serving certificate: {e}");
+                        *old = Some(e);
+                        true
+                    });
                 }
             }
         }
     }
 }
 
-/// The TLS connections of `listener`, for tonic's `serve_with_incoming`: each handshake runs in
-/// its own task (bounded by [`HANDSHAKE_TIMEOUT`]); failed ones are logged with the peer and
-/// the reason (a proxy that does not trust this certificate shows up here) and dropped.
-pub fn incoming(
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static {
-    let acceptor = TlsAcceptor::from(config);
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause rather than spin.
-                    tracing::warn!("gRPC accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+impl ServingCert {
+    /// The TLS connections of `listener`, for tonic's `serve_with_incoming`: each handshake runs
+    /// in its own task (bounded by [`HANDSHAKE_TIMEOUT`]); failed ones are counted, logged with
+    /// the peer and the reason (a proxy that does not trust this certificate shows up here) and
+    /// dropped.
+    pub fn incoming(
+        &self,
+        listener: TcpListener,
+    ) -> impl tokio_stream::Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static
+    {
+        let acceptor = TlsAcceptor::from(self.server_config());
+        let failures = self.metrics.handshake_failures.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause rather than spin.
+                        tracing::warn!("gRPC accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if tx.is_closed() {
+                    // tonic stopped serving.
+                    return;
                 }
-            };
-            let _ = tcp.set_nodelay(true);
-            if tx.is_closed() {
-                // tonic stopped serving.
-                return;
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, sender, failures) = (acceptor.clone(), tx.clone(), failures.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = sender.send(Ok(tls)).await;
+                        }
+                        Ok(Err(e)) => {
+                            failures.inc();
+                            tracing::info!("gRPC TLS handshake from {peer} failed: {e}");
+                        }
+                        Err(_) => {
+                            failures.inc();
+                            tracing::info!(
+                                "gRPC TLS handshake from {peer} did not finish within {HANDSHAKE_TIMEOUT:?}"
+                            );
+                        }
+                    }
+                });
             }
-            let acceptor = acceptor.clone();
-            let sender = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = sender.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::info!("gRPC TLS handshake from {peer} failed: {e}");
-                    }
-                    Err(_) => tracing::info!(
-                        "gRPC TLS handshake from {peer} did not finish within {HANDSHAKE_TIMEOUT:?}"
-                    ),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
 }
 
 #[cfg(test)]

@@ -158,7 +158,7 @@ async fn serve_grpc(
     };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let incoming = crate::grpc_tls::incoming(listener, tls.server_config());
+    let incoming = tls.incoming(listener);
     tokio::spawn(async move {
         if let Err(e) = api.serve_incoming(incoming, std::future::pending()).await {
             tracing::error!("gRPC server stopped: {e}");
