@@ -31,38 +31,55 @@ use trellis_testing::{ControllerProcess, controller_command, workspace_binary};
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
 
-/// A trust anchor and an issuer it signed, as PEM files in `dir/NAME-*.pem`.
+/// A trust anchor and an issuer it signed, as PEM files in `dir/NAME-*.pem`; the anchor's
+/// signer, to make another issuer.
 struct CaFiles {
     anchors: PathBuf,
     issuer_cert: PathBuf,
     issuer_key: PathBuf,
+    anchor: Issuer<'static, KeyPair>,
+}
+
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p
 }
 
 fn ca_files(dir: &Path, name: &str) -> CaFiles {
-    let params = |cn: &str| {
-        let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p
-    };
     let anchor_key = KeyPair::generate().unwrap();
-    let anchor_params = params(&format!("{name} anchor"));
+    let anchor_params = ca_params(&format!("{name} anchor"));
     let anchor = anchor_params.self_signed(&anchor_key).unwrap();
-    let anchor_issuer = Issuer::new(anchor_params, anchor_key);
-    let issuer_key = KeyPair::generate().unwrap();
-    let issuer = params(&format!("{name} issuer"))
-        .signed_by(&issuer_key, &anchor_issuer)
-        .unwrap();
     let files = CaFiles {
         anchors: dir.join(format!("{name}-anchors.pem")),
         issuer_cert: dir.join(format!("{name}-issuer.pem")),
         issuer_key: dir.join(format!("{name}-issuer.key")),
+        anchor: Issuer::new(anchor_params, anchor_key),
     };
     std::fs::write(&files.anchors, anchor.pem()).unwrap();
-    std::fs::write(&files.issuer_cert, issuer.pem()).unwrap();
-    std::fs::write(&files.issuer_key, issuer_key.serialize_pem()).unwrap();
+    files.new_issuer(&format!("{name} issuer"));
     files
+}
+
+impl CaFiles {
+    /// Writes a new issuer signed by the anchor (certificate and key, each file replaced
+    /// atomically); returns its DER.
+    fn new_issuer(&self, cn: &str) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let cert = ca_params(cn).signed_by(&key, &self.anchor).unwrap();
+        replace(&self.issuer_key, &key.serialize_pem());
+        replace(&self.issuer_cert, &cert.pem());
+        cert.der().to_vec()
+    }
+}
+
+/// Replaces `path` with `text` atomically (a watcher never sees half a file).
+fn replace(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 fn arg(path: &Path) -> &str {
@@ -320,9 +337,7 @@ async fn a_proxy_with_the_mesh_anchors_gets_its_certificate_and_config_over_tls(
         &mesh.web_token,
         &["--inbound", &format!("127.0.0.1:0={}", app.addr())],
     );
-    let scratch = mesh.dir.path().join("services.tmp");
-    std::fs::write(&scratch, services_yaml(web.listener("inbound"))).unwrap();
-    std::fs::rename(&scratch, &mesh.services).unwrap();
+    replace(&mesh.services, &services_yaml(web.listener("inbound")));
     let proxy = Proxy::start(&url, Some(&mesh.ca.anchors), &mesh.token);
     // Identity.Certify went over the TLS link, for both...
     proxy.wait_line("certificate obtained", Duration::from_secs(15));
@@ -380,6 +395,12 @@ async fn a_controller_whose_certificate_does_not_verify_is_refused_and_the_proxy
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(stranger.count("certificate obtained"), 0);
+    // Its anchors file now holds the mesh's: the next connection verifies, with no restart.
+    replace(
+        &other.anchors,
+        &std::fs::read_to_string(&mesh.ca.anchors).unwrap(),
+    );
+    stranger.wait_line("certificate obtained", Duration::from_secs(20));
 
     // The right anchors but a host the certificate does not name.
     let wrong_name = Proxy::start(
@@ -470,8 +491,8 @@ fn bad_tls_flags_stop_the_controller_with_the_reason() {
     }
 }
 
-/// A TLS client connection to `addr` for `host`, verified against `anchors`: the certificate
-/// the controller served, and the stream.
+/// A TLS client connection to `addr` for `host`, verified against `anchors`: the leaf
+/// certificate the controller served, and the stream.
 async fn tls_connect(
     addr: SocketAddr,
     host: &str,
@@ -596,4 +617,31 @@ async fn the_serving_certificate_renews_and_open_streams_keep_working() {
         metrics.contains("trellis_controller_grpc_tls_renewals_total"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_ca_issuer_signs_the_serving_certificate_at_once() {
+    let mesh = mesh("127.0.0.1:9".parse().unwrap());
+    // The default lifetime (24 h): only the CA change can renew it within the test.
+    let ctl = mesh.controller(&["localhost"], &[]);
+    let issuer_of = |tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
+        tls.get_ref().1.peer_certificates().unwrap()[1].to_vec()
+    };
+    let (old_leaf, tls) = tls_connect(ctl.grpc, "localhost", &mesh.ca.anchors).await;
+    let old_issuer = issuer_of(&tls);
+    let new_issuer = mesh.ca.new_issuer("mesh issuer 2");
+    assert_ne!(old_issuer, new_issuer);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (leaf, tls) = tls_connect(ctl.grpc, "localhost", &mesh.ca.anchors).await;
+        if issuer_of(&tls) == new_issuer {
+            assert_ne!(leaf, old_leaf);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the serving certificate is not from the new issuer within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

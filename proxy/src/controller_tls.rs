@@ -175,3 +175,81 @@ impl tower::Service<http::Uri> for Connector {
         Box::pin(self.clone().connect(uri))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::controller::{Controller, ControllerOptions};
+
+    #[test]
+    fn unusable_anchor_files_say_which_file_and_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = load_anchors(&missing).unwrap_err().to_string();
+        assert!(
+            e.contains("--controller-ca") && e.contains("missing.pem") && e.contains("cannot read"),
+            "{e}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = load_anchors(&empty).unwrap_err().to_string();
+        assert!(e.contains("no CERTIFICATE block"), "{e}");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::default()
+            .self_signed(&key)
+            .unwrap();
+        let good = dir.path().join("anchors.pem");
+        std::fs::write(&good, ca.pem()).unwrap();
+        assert_eq!(load_anchors(&good).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn https_needs_anchors_and_anchors_need_https() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let anchors = dir.path().join("anchors.pem");
+        std::fs::write(
+            &anchors,
+            rcgen::CertificateParams::default()
+                .self_signed(&key)
+                .unwrap()
+                .pem(),
+        )
+        .unwrap();
+        let tls = || {
+            Some(ControllerTls {
+                anchors: anchors.clone(),
+            })
+        };
+        let attempt = |url: &str, tls: Option<ControllerTls>| {
+            let mut options = ControllerOptions::new(url, "shop/web");
+            options.tls = tls;
+            Controller::new(options, Config::default()).map(|_| ())
+        };
+        // Channels are lazy: building one needs no runtime and no controller.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        attempt("https://controller.mesh:8090", tls()).unwrap();
+        attempt("http://127.0.0.1:8090", None).unwrap();
+        for (url, tls, expected) in [
+            (
+                "https://controller.mesh:8090",
+                None,
+                "https needs --controller-ca FILE",
+            ),
+            (
+                "http://controller.mesh:8090",
+                tls(),
+                "the URL is http://, which would be plaintext",
+            ),
+            ("ftp://controller.mesh", None, "scheme \"ftp\""),
+        ] {
+            let e = attempt(url, tls).unwrap_err().to_string();
+            assert!(e.contains(url) && e.contains(expected), "{url}: {e}");
+        }
+    }
+}
