@@ -6,11 +6,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use trellis_controller::discovery::Platform;
-use trellis_controller::identity::{CaSource, Certifier, IdentityOptions};
-use trellis_controller::run::{Options, start_full};
+use trellis_controller::grpc_tls::GrpcTlsOptions;
+use trellis_controller::identity::{CaSource, IdentityOptions};
+use trellis_controller::run::{Options, Running, start_full};
 use trellis_controller_core::index::IndexOptions;
 use trellis_controller_core::index::inbound::AccessSwitches;
-use trellis_controller_kubernetes::leader::LeaderOptions;
+use trellis_controller_core::leader::LeaderOptions;
+
+/// The Kubernetes flags; without the `kubernetes` feature, none (one module or the other).
+#[cfg_attr(not(feature = "kubernetes"), path = "controller/without_kubernetes.rs")]
+mod kubernetes;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -23,6 +28,14 @@ pub struct Args {
     /// gRPC listen address for proxies.
     #[arg(long, default_value = "127.0.0.1:8090")]
     pub grpc: SocketAddr,
+    /// Serve gRPC over TLS with a certificate from the mesh CA valid for this DNS name or IP
+    /// address (repeatable); proxies connect with https://NAME:PORT and --controller-ca. Without
+    /// it gRPC is plaintext: for loopback or a single host only.
+    #[arg(long = "grpc-tls-name", value_name = "NAME")]
+    pub grpc_tls_name: Vec<String>,
+    /// Lifetime of the gRPC serving certificate (renewed at 2/3 of it).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, hide = true)]
+    pub grpc_tls_lifetime: std::time::Duration,
     /// Admin listen address (/metrics, /ready, /live, /api/v1/state).
     #[arg(long, default_value = "127.0.0.1:9990")]
     pub admin: SocketAddr,
@@ -42,59 +55,30 @@ pub struct Args {
     #[arg(long = "plaintext-namespace", value_name = "NS")]
     pub plaintext_namespace: Vec<String>,
     /// CA trust anchor, PEM (repeatable; every certificate in every file is trusted: rotation).
-    #[arg(
-        long = "trust-anchor",
-        value_name = "FILE",
-        conflicts_with = "ca_secret"
-    )]
+    #[arg(long = "trust-anchor", value_name = "FILE")]
     pub trust_anchor: Vec<PathBuf>,
     /// Issuer certificate, PEM: signs workload certificates, chains to a trust anchor.
-    #[arg(long, value_name = "FILE", conflicts_with = "ca_secret")]
+    #[arg(long, value_name = "FILE")]
     pub issuer_cert: Option<PathBuf>,
     /// Issuer private key, PEM PKCS#8.
-    #[arg(long, value_name = "FILE", conflicts_with = "ca_secret")]
+    #[arg(long, value_name = "FILE")]
     pub issuer_key: Option<PathBuf>,
-    /// Kubernetes Secret holding the CA: `ca.crt` (anchors), `tls.crt` (issuer), `tls.key`.
-    #[arg(long, value_name = "NAMESPACE/NAME")]
-    pub ca_secret: Option<String>,
     /// Lifetime of workload certificates (e.g. 24h, 90m).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub cert_lifetime: std::time::Duration,
     /// Bootstrap tokens (YAML: tokens: [{workload: ns/name, sha256: HEX}]), reloaded on change.
     #[arg(long, value_name = "FILE")]
     pub bootstrap_tokens: Option<PathBuf>,
-    /// Audience ServiceAccount tokens must be bound to (TokenReview, `--platform kubernetes`).
-    #[arg(long, default_value = "trellis")]
-    pub token_audience: String,
-    /// Elect a leader with a Lease before writing to Kubernetes (Events). On by default with
-    /// `--platform kubernetes`; `--leader-elect=false` makes this replica always write.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub leader_elect: Option<bool>,
-    /// Namespace of the leader election Lease.
-    #[arg(long, default_value = "trellis-system")]
-    pub lease_namespace: String,
-    /// Name of the leader election Lease.
-    #[arg(long, default_value = "trellis-controller")]
-    pub lease_name: String,
-    /// Lease duration (whole seconds); the leader renews every `--lease-renew`.
-    #[arg(long, default_value = "15", value_name = "SECONDS", hide = true)]
-    pub lease_duration: u64,
-    /// How often the leader renews (and followers retry), in milliseconds.
-    #[arg(long, default_value = "2000", value_name = "MILLIS", hide = true)]
-    pub lease_renew: u64,
+    /// `--ca-secret`, `--token-audience`, `--leader-elect`, `--lease-*` (the `kubernetes` feature).
+    #[command(flatten)]
+    pub kubernetes: kubernetes::KubernetesArgs,
 }
 
 impl Args {
     /// The leader election to run, if any.
     fn leader(&self) -> Option<LeaderOptions> {
-        let kubernetes = self.platform.contains(&Platform::Kubernetes);
-        if !self.leader_elect.unwrap_or(kubernetes) {
-            return None;
-        }
-        let mut options = LeaderOptions::new(&self.lease_namespace, &self.lease_name);
-        options.lease_duration = std::time::Duration::from_secs(self.lease_duration.max(1));
-        options.retry_period = std::time::Duration::from_millis(self.lease_renew.max(10));
-        Some(options)
+        self.kubernetes
+            .leader(self.platform.contains(&Platform::Kubernetes))
     }
 }
 
@@ -116,23 +100,12 @@ impl Args {
     /// The CA and proof checks.
     fn identity(&self) -> anyhow::Result<IdentityOptions> {
         let ca = match (
-            &self.ca_secret,
+            self.kubernetes.ca_secret()?,
             self.trust_anchor.is_empty(),
             &self.issuer_cert,
             &self.issuer_key,
         ) {
-            (Some(secret), ..) => {
-                let (namespace, name) = secret
-                    .split_once('/')
-                    .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("--ca-secret {secret:?}: expected NAMESPACE/NAME")
-                    })?;
-                CaSource::Secret {
-                    namespace: namespace.into(),
-                    name: name.into(),
-                }
-            }
+            (Some(secret), ..) => secret,
             (None, true, None, None) => CaSource::Generated,
             (None, false, Some(cert), Some(key)) => CaSource::Files {
                 anchors: self.trust_anchor.clone(),
@@ -143,13 +116,30 @@ impl Args {
                 "a CA from files needs --trust-anchor (at least one), --issuer-cert and --issuer-key together"
             ),
         };
+        let grpc_tls = if self.grpc_tls_name.is_empty() {
+            None
+        } else if ca == CaSource::Generated {
+            anyhow::bail!(
+                "--grpc-tls-name needs the mesh CA from --trust-anchor, --issuer-cert and --issuer-key (or --ca-secret): proxies verify the controller with its anchors (--controller-ca), and a CA generated in memory has none they can read"
+            );
+        } else {
+            Some(GrpcTlsOptions {
+                names: self.grpc_tls_name.clone(),
+                lifetime: self.grpc_tls_lifetime,
+            })
+        };
+        let defaults = IdentityOptions::default();
         Ok(IdentityOptions {
+            grpc_tls,
             ca,
             cert_lifetime: self.cert_lifetime,
             bootstrap_tokens: self.bootstrap_tokens.clone(),
             token_review: self.platform.contains(&Platform::Kubernetes),
-            token_audience: self.token_audience.clone(),
-            ..IdentityOptions::default()
+            token_audience: self
+                .kubernetes
+                .token_audience()
+                .unwrap_or(defaults.token_audience.clone()),
+            ..defaults
         })
     }
 
@@ -212,12 +202,24 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
     for line in args.access_warnings() {
         eprintln!("trellis controller: {line}");
     }
+    if !args.grpc_tls_name.is_empty() {
+        eprintln!(
+            "trellis controller: gRPC over TLS for {}: certificate from the mesh CA, renewed at 2/3 of its {} lifetime",
+            args.grpc_tls_name.join(", "),
+            humantime::format_duration(args.grpc_tls_lifetime)
+        );
+    } else if !running.grpc.ip().is_loopback() {
+        eprintln!(
+            "trellis controller: gRPC on {} is plaintext: bootstrap tokens and configuration cross the network in clear (give --grpc-tls-name to serve TLS)",
+            running.grpc
+        );
+    }
     if matches!(args.identity()?.ca, CaSource::Generated) {
         eprintln!(
             "trellis controller: CA generated in memory for local use (give --trust-anchor/--issuer-cert/--issuer-key or --ca-secret to use your own)"
         );
     }
-    let identity_report = report_identity_errors(&running.identity);
+    let identity_report = report_identity_errors(&running);
     let mut status = running.index.status();
     let report = tokio::spawn(async move {
         let mut shown = Vec::new();
@@ -239,9 +241,9 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints CA and bootstrap token reload errors on stderr as they appear (the last good
+/// Prints CA, bootstrap token and gRPC serving certificate errors on stderr as they appear (the last good
 /// material stays in force).
-fn report_identity_errors(identity: &Certifier) -> Vec<tokio::task::JoinHandle<()>> {
+fn report_identity_errors(running: &Running) -> Vec<tokio::task::JoinHandle<()>> {
     fn report<E: std::fmt::Display + Clone + Send + Sync + 'static>(
         mut errors: tokio::sync::watch::Receiver<Option<E>>,
         what: &'static str,
@@ -254,8 +256,15 @@ fn report_identity_errors(identity: &Certifier) -> Vec<tokio::task::JoinHandle<(
             }
         })
     }
+    let identity = &running.identity;
     let mut tasks = vec![report(identity.ca().errors(), "CA")];
     tasks.extend(identity.token_errors().map(|t| report(t, "identity")));
+    tasks.extend(
+        running
+            .grpc_tls
+            .as_ref()
+            .map(|tls| report(tls.errors(), "gRPC serving certificate")),
+    );
     tasks
 }
 

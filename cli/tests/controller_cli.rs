@@ -15,6 +15,7 @@ fn controller(args: &[&str]) -> ControllerProcess {
     ControllerProcess::start(TRELLIS, args)
 }
 
+#[cfg(feature = "kubernetes")]
 fn controller_with_env(args: &[&str], env: &[(&str, &str)]) -> ControllerProcess {
     ControllerProcess::spawn(
         controller_command(TRELLIS)
@@ -424,6 +425,7 @@ fn demo_once(platform: &str) -> String {
     text
 }
 
+#[cfg(feature = "kubernetes")]
 #[test]
 fn controller_on_kubernetes_reads_smi_policy_from_the_api_server() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -465,4 +467,32 @@ fn controller_on_kubernetes_reads_smi_policy_from_the_api_server() {
         text.contains("TrafficSplit shop/web: root web -> web-v1 90, web-v2 10"),
         "{text}"
     );
+}
+
+/// Built without the `kubernetes` feature (`--no-default-features`): `--platform kubernetes`
+/// still parses and stops the start saying how to get it; the Kubernetes-only flags are gone.
+#[cfg(not(feature = "kubernetes"))]
+#[test]
+fn without_the_kubernetes_feature_kubernetes_is_refused_with_the_reason() {
+    let out = controller_command(TRELLIS)
+        .args(["--platform", "kubernetes"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "--platform kubernetes: this trellis was built without the `kubernetes` feature; rebuild with default features"
+        ),
+        "{stderr}"
+    );
+    for flag in ["--ca-secret=ns/ca", "--leader-elect", "--token-audience=x"] {
+        let out = controller_command(TRELLIS)
+            .args(["--platform", "file=/dev/null", flag])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("unexpected argument"), "{flag}: {stderr}");
+    }
 }

@@ -18,9 +18,8 @@ use trellis_controller::discovery::Platform;
 use trellis_controller::identity::{CaSource, Certifier, IdentityOptions};
 use trellis_controller::run::{Options, Running, start_with_identity};
 use trellis_controller_core::index::IndexOptions;
-use trellis_kube_fake::{FakeApiServer, ResourceType};
 use trellis_proxy_api::v1::{self, identity_client::IdentityClient};
-use trellis_testing::{ControllerProcess, controller_command, kube_client};
+use trellis_testing::{ControllerProcess, controller_command};
 use x509_parser::prelude::GeneralName;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -459,160 +458,169 @@ async fn bad_ca_material_stops_the_start_with_the_file_and_the_problem() {
     );
 }
 
-async fn kube_fake() -> (FakeApiServer, kube::Client) {
-    let server = FakeApiServer::start().await.unwrap();
-    let client = kube_client(&server);
-    (server, client)
-}
+/// TokenReview and the CA Secret: the parts that need the `kubernetes` feature (and the fake
+/// API server).
+#[cfg(feature = "kubernetes")]
+mod kubernetes {
+    use super::*;
+    use trellis_kube_fake::{FakeApiServer, ResourceType};
+    use trellis_testing::kube_client;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn service_account_tokens_are_checked_with_token_review() {
-    let dir = tempfile::tempdir().unwrap();
-    let (fake, kube) = kube_fake().await;
-    let running = controller(
-        dir.path(),
-        IdentityOptions {
-            token_review: true,
-            kube: Some(kube),
-            ..IdentityOptions::default()
-        },
-    )
-    .await;
-    let mut client = client(&running).await;
-    let web = fake.issue_service_account_token("shop", "web", &["trellis"]);
-    let response = certify(&mut client, WEB, &[WEB], web.as_bytes())
-        .await
-        .unwrap();
-    verify(&response, WEB, Duration::from_secs(24 * 3600));
-
-    let db = fake.issue_service_account_token("shop", "db", &["trellis"]);
-    let status = certify(&mut client, WEB, &[WEB], db.as_bytes())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert!(status.message().contains("shop/db"), "{status:?}");
-
-    let other_audience = fake.issue_service_account_token("shop", "web", &["vault"]);
-    let status = certify(&mut client, WEB, &[WEB], other_audience.as_bytes())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(status.message().contains("audiences"), "{status:?}");
-
-    fake.revoke_service_account_token(&web);
-    let status = certify(&mut client, WEB, &[WEB], web.as_bytes())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
-    assert!(
-        !status.message().contains(&web),
-        "the token is never echoed"
-    );
-
-    // The API server away: UNAVAILABLE, so the proxy retries (and keeps its certificate).
-    fake.begin_outage();
-    let status = certify(&mut client, WEB, &[WEB], db.as_bytes())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-}
-
-/// The CA Secret as cert-manager lays it out.
-fn secret_with(anchors_pem: &str, issuer: &Ca) -> k8s_openapi::api::core::v1::Secret {
-    let data = [
-        ("ca.crt", anchors_pem),
-        ("tls.crt", issuer.cert_pem.as_str()),
-        ("tls.key", issuer.key_pem.as_str()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.as_bytes().to_vec())))
-    .collect();
-    k8s_openapi::api::core::v1::Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("trellis-ca".into()),
-            namespace: Some("trellis-system".into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(data),
-        ..Default::default()
+    async fn kube_fake() -> (FakeApiServer, kube::Client) {
+        let server = FakeApiServer::start().await.unwrap();
+        let client = kube_client(&server);
+        (server, client)
     }
-}
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ca_can_come_from_a_kubernetes_secret_and_rotate_through_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (fake, kube) = kube_fake().await;
-    fake.register(ResourceType::of::<k8s_openapi::api::core::v1::Secret>(true));
-    let (anchor, issuer) = anchor_and_issuer("secret");
-    let secret = secret_with(&anchor.cert_pem, &issuer);
-    fake.put(&secret).unwrap();
-    let tokens = dir.path().join("tokens.yaml");
-    write(&tokens, &tokens_yaml(&[("shop/web", "t")]));
-    let running = controller(
-        dir.path(),
-        IdentityOptions {
-            ca: CaSource::Secret {
-                namespace: "trellis-system".into(),
-                name: "trellis-ca".into(),
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn service_account_tokens_are_checked_with_token_review() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, kube) = kube_fake().await;
+        let running = controller(
+            dir.path(),
+            IdentityOptions {
+                token_review: true,
+                kube: Some(kube),
+                ..IdentityOptions::default()
             },
-            kube: Some(kube),
-            bootstrap_tokens: Some(tokens),
-            secret_poll: Duration::from_millis(50),
-            ..IdentityOptions::default()
-        },
-    )
-    .await;
-    let mut client = client(&running).await;
-    let response = certify(&mut client, WEB, &[WEB], b"t").await.unwrap();
-    assert_eq!(response.trust_anchors_der, vec![anchor.der.clone()]);
-    assert_eq!(response.chain_der[1], issuer.der);
-    verify(&response, WEB, Duration::from_secs(24 * 3600));
+        )
+        .await;
+        let mut client = client(&running).await;
+        let web = fake.issue_service_account_token("shop", "web", &["trellis"]);
+        let response = certify(&mut client, WEB, &[WEB], web.as_bytes())
+            .await
+            .unwrap();
+        verify(&response, WEB, Duration::from_secs(24 * 3600));
 
-    // Rotation through the Secret: a second anchor in ca.crt and a new issuer.
-    let (new_anchor, new_issuer) = anchor_and_issuer("secret-new");
-    let rotated = secret_with(
-        &format!("{}{}", anchor.cert_pem, new_anchor.cert_pem),
-        &new_issuer,
-    );
-    fake.put(&rotated).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let response = certify(&mut client, WEB, &[WEB], b"t").await.unwrap();
-        if response.chain_der.get(1) == Some(&new_issuer.der) {
-            assert_eq!(
-                response.trust_anchors_der,
-                vec![anchor.der.clone(), new_anchor.der.clone()]
-            );
-            verify(&response, WEB, Duration::from_secs(24 * 3600));
-            break;
-        }
+        let db = fake.issue_service_account_token("shop", "db", &["trellis"]);
+        let status = certify(&mut client, WEB, &[WEB], db.as_bytes())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("shop/db"), "{status:?}");
+
+        let other_audience = fake.issue_service_account_token("shop", "web", &["vault"]);
+        let status = certify(&mut client, WEB, &[WEB], other_audience.as_bytes())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains("audiences"), "{status:?}");
+
+        fake.revoke_service_account_token(&web);
+        let status = certify(&mut client, WEB, &[WEB], web.as_bytes())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
         assert!(
-            Instant::now() < deadline,
-            "the Secret's new issuer is not used within 10 s"
+            !status.message().contains(&web),
+            "the token is never echoed"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        // The API server away: UNAVAILABLE, so the proxy retries (and keeps its certificate).
+        fake.begin_outage();
+        let status = certify(&mut client, WEB, &[WEB], db.as_bytes())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     }
 
-    // A Secret without the key is refused at start, naming the Secret and the key.
-    let err = Certifier::start(
-        &IdentityOptions {
-            ca: CaSource::Secret {
-                namespace: "trellis-system".into(),
-                name: "missing".into(),
+    /// The CA Secret as cert-manager lays it out.
+    fn secret_with(anchors_pem: &str, issuer: &Ca) -> k8s_openapi::api::core::v1::Secret {
+        let data = [
+            ("ca.crt", anchors_pem),
+            ("tls.crt", issuer.cert_pem.as_str()),
+            ("tls.key", issuer.key_pem.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.as_bytes().to_vec())))
+        .collect();
+        k8s_openapi::api::core::v1::Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("trellis-ca".into()),
+                namespace: Some("trellis-system".into()),
+                ..Default::default()
             },
-            kube: Some(kube_fake().await.1),
-            ..IdentityOptions::default()
-        },
-        "cluster.local",
-    )
-    .await
-    .map(|_| ())
-    .unwrap_err();
-    assert!(
-        format!("{err:#}").contains("Secret trellis-system/missing"),
-        "{err:#}"
-    );
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(data),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_ca_can_come_from_a_kubernetes_secret_and_rotate_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, kube) = kube_fake().await;
+        fake.register(ResourceType::of::<k8s_openapi::api::core::v1::Secret>(true));
+        let (anchor, issuer) = anchor_and_issuer("secret");
+        let secret = secret_with(&anchor.cert_pem, &issuer);
+        fake.put(&secret).unwrap();
+        let tokens = dir.path().join("tokens.yaml");
+        write(&tokens, &tokens_yaml(&[("shop/web", "t")]));
+        let running = controller(
+            dir.path(),
+            IdentityOptions {
+                ca: CaSource::Secret {
+                    namespace: "trellis-system".into(),
+                    name: "trellis-ca".into(),
+                },
+                kube: Some(kube),
+                bootstrap_tokens: Some(tokens),
+                secret_poll: Duration::from_millis(50),
+                ..IdentityOptions::default()
+            },
+        )
+        .await;
+        let mut client = client(&running).await;
+        let response = certify(&mut client, WEB, &[WEB], b"t").await.unwrap();
+        assert_eq!(response.trust_anchors_der, vec![anchor.der.clone()]);
+        assert_eq!(response.chain_der[1], issuer.der);
+        verify(&response, WEB, Duration::from_secs(24 * 3600));
+
+        // Rotation through the Secret: a second anchor in ca.crt and a new issuer.
+        let (new_anchor, new_issuer) = anchor_and_issuer("secret-new");
+        let rotated = secret_with(
+            &format!("{}{}", anchor.cert_pem, new_anchor.cert_pem),
+            &new_issuer,
+        );
+        fake.put(&rotated).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let response = certify(&mut client, WEB, &[WEB], b"t").await.unwrap();
+            if response.chain_der.get(1) == Some(&new_issuer.der) {
+                assert_eq!(
+                    response.trust_anchors_der,
+                    vec![anchor.der.clone(), new_anchor.der.clone()]
+                );
+                verify(&response, WEB, Duration::from_secs(24 * 3600));
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Secret's new issuer is not used within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // A Secret without the key is refused at start, naming the Secret and the key.
+        let err = Certifier::start(
+            &IdentityOptions {
+                ca: CaSource::Secret {
+                    namespace: "trellis-system".into(),
+                    name: "missing".into(),
+                },
+                kube: Some(kube_fake().await.1),
+                ..IdentityOptions::default()
+            },
+            "cluster.local",
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("Secret trellis-system/missing"),
+            "{err:#}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 //! leads (shown by `trellis check`, `/api/v1/state` and `trellis_controller_leader`) and writes
 //! the Event about a split whose weights sum to 0; on SIGTERM it releases the Lease and the other
 //! takes over at once. Both serve proxies' admin and gRPC ports throughout.
+#![cfg(feature = "kubernetes")]
 
 use std::net::SocketAddr;
 use std::process::{Command, Output};

@@ -23,13 +23,17 @@ use trellis_proxy_api::v1::destinations_client::DestinationsClient;
 use trellis_proxy_api::v1::inbound_client::InboundClient;
 
 use crate::config::{self, Config};
+use crate::controller_tls::{Connector, ControllerTls};
 use crate::state::{Resolve, Shared};
 
 /// How to reach the controller.
 #[derive(Debug, Clone)]
 pub struct ControllerOptions {
-    /// gRPC URL, e.g. `http://127.0.0.1:8090`.
+    /// gRPC URL, e.g. `http://127.0.0.1:8090`, or `https://HOST:PORT` with [`Self::tls`].
     pub url: String,
+    /// Verify an `https://` controller against these trust anchors (`--controller-ca`);
+    /// required with `https://`, refused with `http://`.
+    pub tls: Option<ControllerTls>,
     /// This proxy's workload as `namespace/name`.
     pub workload: String,
     /// How long a request for an unknown destination waits for the controller's first answer.
@@ -45,6 +49,7 @@ impl ControllerOptions {
     pub fn new(url: impl Into<String>, workload: impl Into<String>) -> Self {
         ControllerOptions {
             url: url.into(),
+            tls: None,
             workload: workload.into(),
             first_answer_wait: Duration::from_secs(2),
             min_backoff: Duration::from_millis(100),
@@ -53,12 +58,12 @@ impl ControllerOptions {
     }
 }
 
-/// A controller URL that cannot be used.
+/// A controller URL (with its TLS settings) that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid controller URL {url:?}: {source}")]
+#[error("controller URL {url:?}: {problem}")]
 pub struct InvalidUrl {
     url: String,
-    source: tonic::transport::Error,
+    problem: String,
 }
 
 #[derive(Debug, Default)]
@@ -84,14 +89,38 @@ impl Controller {
     /// A client for `options.url`; `base` holds listeners, workload and limits (its
     /// destinations are ignored: they come from the controller). Nothing connects until used.
     pub fn new(options: ControllerOptions, base: Config) -> Result<Arc<Self>, InvalidUrl> {
+        let invalid = |problem: String| InvalidUrl {
+            url: options.url.clone(),
+            problem,
+        };
         let endpoint = tonic::transport::Endpoint::from_shared(options.url.clone())
-            .map_err(|source| InvalidUrl {
-                url: options.url.clone(),
-                source,
-            })?
+            .map_err(|e| invalid(format!("invalid: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
+        let scheme = endpoint.uri().scheme_str().unwrap_or_default().to_owned();
+        // Plaintext only when asked for plainly: an https URL never falls back to http, and
+        // anchors given with an http URL would protect nothing.
+        let channel = match (scheme.as_str(), &options.tls) {
+            ("https", Some(tls)) => endpoint.connect_with_connector_lazy(
+                Connector::new(tls.clone()).map_err(|e| invalid(e.to_string()))?,
+            ),
+            ("https", None) => {
+                return Err(invalid(
+                    "https needs --controller-ca FILE (the mesh's trust anchors, PEM) to verify the controller's certificate".into(),
+                ));
+            }
+            ("http", None) => endpoint.connect_lazy(),
+            ("http", Some(_)) => {
+                return Err(invalid(
+                    "--controller-ca is set but the URL is http://, which would be plaintext: use https://".into(),
+                ));
+            }
+            (other, _) => {
+                return Err(invalid(format!(
+                    "scheme {other:?}: expected http:// (loopback, one host) or https://"
+                )));
+            }
+        };
         Ok(Arc::new_cyclic(|me| Controller {
             me: me.clone(),
             options,

@@ -15,7 +15,9 @@
 //! * [`server`]: listeners, hyper connections with limits, draining.
 //! * [`admin`], [`metrics`]: the admin port and Prometheus metrics (registry passed in).
 //! * [`reload`]: config file reload (SIGHUP + change polling).
-//! * [`controller`]: live config from the controller over `trellis-proxy-api`.
+//! * [`controller`]: live config from the controller over `trellis-proxy-api`;
+//!   [`controller_tls`]: that channel over TLS, verified against the mesh's anchors and the
+//!   controller's host name.
 //! * [`identity`]: the workload certificate (controller `Identity.Certify` with renewal at 70% of
 //!   the lifetime, or static PEM files), published atomically in an [`identity::IdentityStore`].
 //! * [`tls`]: mTLS with rustls (TLS 1.3, ALPN h2/http/1.1): client certificates verified to the
@@ -27,6 +29,7 @@ pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod controller;
+pub mod controller_tls;
 pub mod detect;
 pub mod http;
 pub mod identity;

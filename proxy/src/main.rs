@@ -1,5 +1,6 @@
 //! trellis-proxy binary: `trellis-proxy --config FILE` (static YAML, reloaded on change/SIGHUP)
-//! or `trellis-proxy --controller http://ADDR --workload NS/NAME ...` (live from the controller).
+//! or `trellis-proxy --controller http://ADDR --workload NS/NAME ...` (live from the controller;
+//! `--controller https://HOST:PORT --controller-ca ANCHORS.pem` over TLS).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use trellis_proxy::config::{Config, Inbound, PortForward, Workload};
 use trellis_proxy::controller::{Controller, ControllerOptions};
+use trellis_proxy::controller_tls::ControllerTls;
 use trellis_proxy::identity::{self, CertifierOptions, IdentityStore};
 use trellis_proxy::{ProxyOptions, reload};
 use trellis_proxy_api::spiffe::SpiffeId;
@@ -27,9 +29,19 @@ struct Cli {
     /// Static YAML configuration (reloaded on change and on SIGHUP).
     #[arg(long, env = "TRELLIS_PROXY_CONFIG", conflicts_with = "controller")]
     config: Option<PathBuf>,
-    /// Controller gRPC URL (live configuration), e.g. http://127.0.0.1:8090.
+    /// Controller gRPC URL (live configuration): http://127.0.0.1:8090 on one host, or
+    /// https://HOST:PORT with --controller-ca across a network.
     #[arg(long, env = "TRELLIS_PROXY_CONTROLLER", requires = "workload")]
     controller: Option<String>,
+    /// Trust anchors (PEM: the mesh CA's) that an https:// controller's certificate must chain
+    /// to; its host name (or IP) must match too. Re-read for every new connection.
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_CONTROLLER_CA",
+        value_name = "FILE",
+        requires = "controller"
+    )]
+    controller_ca: Option<PathBuf>,
     /// This proxy's workload as NAMESPACE/NAME (controller mode).
     #[arg(long, env = "TRELLIS_PROXY_WORKLOAD")]
     workload: Option<String>,
@@ -174,7 +186,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let mut base = controller_base(&cli)?;
         apply_limit_flags(&cli, &mut base);
         let workload = cli.workload.clone().unwrap_or_default();
-        let controller = Controller::new(ControllerOptions::new(url, workload), base)?;
+        let mut controller_options = ControllerOptions::new(url, workload);
+        controller_options.tls = cli
+            .controller_ca
+            .clone()
+            .map(|anchors| ControllerTls { anchors });
+        let controller = Controller::new(controller_options, base)?;
         let config = controller.initial_config();
         let drain = config.limits.drain_timeout();
         let mut options = ProxyOptions::new(config);

@@ -109,12 +109,34 @@ impl ProxyApi {
         self
     }
 
-    /// Serves on `listener` until `shutdown` completes.
+    /// Serves on `listener` (plaintext) until `shutdown` completes.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
+        self.serve_incoming(TcpListenerStream::new(listener), shutdown)
+            .await
+    }
+
+    /// Serves the connections `incoming` yields until `shutdown` completes. The caller accepts
+    /// them, so it can put TLS in front (the controller's runtime does, with its CA's serving
+    /// certificate) without this crate knowing of certificates.
+    pub async fn serve_incoming<I, IO, IE>(
+        self,
+        incoming: I,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error>
+    where
+        I: futures::Stream<Item = Result<IO, IE>>,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let identity = self
             .identity
             .clone()
@@ -123,7 +145,7 @@ impl ProxyApi {
             .add_service(destinations_server::DestinationsServer::new(self.clone()))
             .add_service(inbound_server::InboundServer::new(self))
             .add_optional_service(identity)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await
     }
 }

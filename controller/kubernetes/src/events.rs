@@ -123,7 +123,7 @@ impl Writer {
         loop {
             tokio::select! {
                 changed = status.changed() => if changed.is_err() { return },
-                // A closed leader channel keeps its last value (see `Leadership`).
+                // A closed leader channel keeps its last value (see `leader::Leadership`).
                 Ok(()) = leader.changed() => {}
                 _ = tick.tick() => {}
             }

@@ -26,102 +26,30 @@
 //! - On shutdown ([`Leadership::release`]) the holder steps down first, then clears
 //!   `holderIdentity` so another replica takes over at its next tick instead of waiting for the
 //!   lease to expire. A crash (or [`Leadership::abandon`]) leaves the Lease to expire.
+//!
+//! The handle ([`Leadership`]), its status and the options are `trellis-controller-core`'s
+//! (re-exported here), so a controller built without Kubernetes has them too; this module is
+//! the election behind [`elect`].
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::api::{Api, ObjectMeta, PostParams};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use trellis_controller_core::leader::Election;
 
-/// Which Lease, who we are, and the timings.
-#[derive(Clone, Debug)]
-pub struct LeaderOptions {
-    pub namespace: String,
-    pub name: String,
-    /// This replica's `holderIdentity` (default: hostname-pid).
-    pub identity: String,
-    /// How long a Lease stays valid after its last renewal (`leaseDurationSeconds`, whole
-    /// seconds on the wire, at least 1).
-    pub lease_duration: Duration,
-    /// How often a replica tries to acquire or renew; also the time limit of one attempt.
-    pub retry_period: Duration,
-}
+pub use trellis_controller_core::leader::{
+    LeaderOptions, LeaderStatus, Leadership, default_identity,
+};
 
-impl LeaderOptions {
-    /// The Lease `namespace/name` with the default timings (15 s lease, renewed every 2 s) and
-    /// identity.
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-            identity: default_identity(),
-            lease_duration: Duration::from_secs(15),
-            retry_period: Duration::from_secs(2),
-        }
-    }
-
-    fn lease_seconds(&self) -> i32 {
-        i32::try_from(self.lease_duration.as_secs())
-            .unwrap_or(i32::MAX)
-            .max(1)
-    }
-}
-
-/// `hostname-pid`: unique per replica (a pod's hostname is its name) and per process on one host.
-/// The hostname is `$HOSTNAME` (set in every container), else the kernel's.
-pub fn default_identity() -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown-host".into());
-    format!("{host}-{}", std::process::id())
-}
-
-/// The election as `/api/v1/state` and `trellis check` show it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaderStatus {
-    /// Leader election runs (`--leader-elect`); without it this replica always writes.
-    pub elect: bool,
-    /// This replica may write now.
-    pub leader: bool,
-    pub identity: String,
-    /// `namespace/name` of the Lease (empty without election).
-    pub lease: String,
-    /// The Lease's holder as last read (`None` = free or not read yet).
-    pub holder: Option<String>,
-    /// Seconds since the Unix epoch of this replica's last successful acquire or renewal.
-    pub last_renew_unix: Option<u64>,
-    /// Why the last attempt failed, if it did.
-    pub last_error: Option<String>,
-}
-
-/// "Am I leader", shared by every part of the controller that writes. Cheap to clone; the
-/// election task stops when the last clone is dropped (without releasing the Lease).
-#[derive(Clone)]
-pub struct Leadership {
-    is_leader: watch::Receiver<bool>,
-    status: watch::Receiver<LeaderStatus>,
-    control: Option<Arc<Control>>,
-    /// Without election: the senders, kept so the receivers never report "closed".
-    _fixed: Option<Arc<(watch::Sender<bool>, watch::Sender<LeaderStatus>)>>,
-}
-
-impl std::fmt::Debug for Leadership {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Leadership")
-            .field("status", &*self.status.borrow())
-            .finish_non_exhaustive()
-    }
-}
-
+/// The running election behind a [`Leadership`] handle. Dropped with the last handle: the task
+/// stops then (without releasing the Lease, like a crash).
 struct Control {
     is_leader: Arc<watch::Sender<bool>>,
     status: Arc<watch::Sender<LeaderStatus>>,
@@ -146,89 +74,55 @@ impl Drop for Control {
     }
 }
 
-impl Leadership {
-    /// No election: this replica is always the leader (one controller, or no Kubernetes).
-    pub fn always(identity: impl Into<String>) -> Self {
-        let (leader_tx, is_leader) = watch::channel(true);
-        let (status_tx, status) = watch::channel(LeaderStatus {
-            elect: false,
-            leader: true,
-            identity: identity.into(),
-            ..LeaderStatus::default()
-        });
-        Self {
-            is_leader,
-            status,
-            control: None,
-            _fixed: Some(Arc::new((leader_tx, status_tx))),
-        }
+impl Election for Control {
+    /// Steps down, then clears `holderIdentity` so another replica takes over at once (waits at
+    /// most one `retry_period` for the API server).
+    fn release(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.stop.send_replace(true);
+            let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(task) = task {
+                let _ = task.await;
+            }
+        })
     }
 
-    /// Starts electing on the current Tokio runtime.
-    pub fn spawn(client: Client, options: LeaderOptions) -> Self {
-        let (leader_tx, is_leader) = watch::channel(false);
-        let leader_tx = Arc::new(leader_tx);
-        let (status_tx, status) = watch::channel(LeaderStatus {
-            elect: true,
-            identity: options.identity.clone(),
-            lease: format!("{}/{}", options.namespace, options.name),
-            ..LeaderStatus::default()
-        });
-        let status_tx = Arc::new(status_tx);
-        let (stop, stop_rx) = watch::channel(false);
-        let elector = Elector {
-            api: Api::namespaced(client, &options.namespace),
-            options,
-            observed: None,
-            is_leader: Arc::clone(&leader_tx),
-            status: Arc::clone(&status_tx),
-        };
-        let task = tokio::spawn(elector.run(stop_rx));
-        Self {
-            is_leader,
-            status,
-            control: Some(Arc::new(Control {
-                is_leader: leader_tx,
-                status: status_tx,
-                stop,
-                task: Mutex::new(Some(task)),
-            })),
-            _fixed: None,
-        }
+    /// Stops renewing without releasing the Lease: another replica takes over once it expires.
+    fn abandon(&self) {
+        self.abort();
     }
+}
 
-    /// `true` while this replica may write. Watch it with `changed()`.
-    pub fn is_leader(&self) -> watch::Receiver<bool> {
-        self.is_leader.clone()
-    }
-
-    /// The election's state for people.
-    pub fn status(&self) -> watch::Receiver<LeaderStatus> {
-        self.status.clone()
-    }
-
-    /// Clean shutdown: step down, then clear `holderIdentity` so another replica takes over at
-    /// once (waits at most one `retry_period` for the API server).
-    pub async fn release(&self) {
-        let Some(control) = &self.control else { return };
-        control.stop.send_replace(true);
-        let task = control
-            .task
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
-    }
-
-    /// Stops renewing without releasing the Lease, like a crash: another replica takes over
-    /// once the Lease expires. This replica stops being leader at once.
-    pub fn abandon(&self) {
-        if let Some(control) = &self.control {
-            control.abort();
-        }
-    }
+/// Starts electing with the Lease `options` names, on the current Tokio runtime.
+pub fn elect(client: Client, options: LeaderOptions) -> Leadership {
+    let (leader_tx, is_leader) = watch::channel(false);
+    let leader_tx = Arc::new(leader_tx);
+    let (status_tx, status) = watch::channel(LeaderStatus {
+        elect: true,
+        identity: options.identity.clone(),
+        lease: format!("{}/{}", options.namespace, options.name),
+        ..LeaderStatus::default()
+    });
+    let status_tx = Arc::new(status_tx);
+    let (stop, stop_rx) = watch::channel(false);
+    let elector = Elector {
+        api: Api::namespaced(client, &options.namespace),
+        options,
+        observed: None,
+        is_leader: Arc::clone(&leader_tx),
+        status: Arc::clone(&status_tx),
+    };
+    let task = tokio::spawn(elector.run(stop_rx));
+    Leadership::elected(
+        is_leader,
+        status,
+        Arc::new(Control {
+            is_leader: leader_tx,
+            status: status_tx,
+            stop,
+            task: Mutex::new(Some(task)),
+        }),
+    )
 }
 
 /// What the last attempt found.

@@ -316,7 +316,7 @@ fn elector(server: &FakeApiServer, identity: &str) -> Leadership {
     options.identity = identity.into();
     options.lease_duration = Duration::from_secs(2);
     options.retry_period = Duration::from_millis(200);
-    Leadership::spawn(kube_client(server), options)
+    trellis_controller_kubernetes::leader::elect(kube_client(server), options)
 }
 
 #[tokio::test]

@@ -23,7 +23,7 @@ fn elector(server: &FakeApiServer, identity: &str) -> Leadership {
     options.identity = identity.into();
     options.lease_duration = LEASE_DURATION;
     options.retry_period = RETRY;
-    Leadership::spawn(kube_client(server), options)
+    trellis_controller_kubernetes::leader::elect(kube_client(server), options)
 }
 
 /// Waits (at most `limit`) until `leadership` says `wanted`; returns how long it took.

@@ -18,8 +18,8 @@ use tokio::net::TcpListener;
 use trellis_discovery::Merged;
 
 use trellis_controller_core::index::{Index, ProblemLine, Status};
+use trellis_controller_core::leader::LeaderStatus;
 use trellis_controller_grpc::StreamCounts;
-use trellis_controller_kubernetes::leader::LeaderStatus;
 
 /// One discovery source as `trellis check` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -3,6 +3,9 @@
 //! repeatable), built into one [`Merged`] view. Non-Kubernetes adapters are wrapped in
 //! [`VersionSubsets`] (a backend `web-v2` is the `web` instances labelled `version=v2` when no
 //! service `web-v2` exists); Kubernetes has a Service per version.
+//!
+//! `kubernetes` parses in every build; a build without the `kubernetes` feature refuses it when
+//! connecting, saying so ([`crate::kubernetes::NOT_BUILT`]).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -116,18 +119,7 @@ impl Platform {
                     .with_context(|| format!("platform {self}"))?;
                 Arc::new(VersionSubsets::new(adapter))
             }
-            Platform::Kubernetes => {
-                let config = kube::Config::infer()
-                    .await
-                    .with_context(|| format!("platform {self}: reading the kubeconfig"))?;
-                Arc::new(
-                    trellis_adapter_kubernetes::KubernetesDiscovery::new(
-                        config,
-                        trellis_adapter_kubernetes::Options::default(),
-                    )
-                    .with_context(|| format!("platform {self}"))?,
-                )
-            }
+            Platform::Kubernetes => crate::kubernetes::discovery(&self.to_string()).await?,
         })
     }
 }

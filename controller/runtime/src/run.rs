@@ -10,12 +10,13 @@ use prometheus_client::registry::Registry;
 
 use crate::admin::Admin;
 use crate::discovery::{Platform, connect_all};
+use crate::grpc_tls::ServingCert;
 use crate::identity::{Certifier, IdentityOptions};
 use trellis_controller_core::index::{Index, IndexOptions};
+use trellis_controller_core::leader::{LeaderOptions, Leadership, default_identity};
 use trellis_controller_core::policy::PolicySource;
 use trellis_controller_core::policy::files::FilePolicySource;
 use trellis_controller_grpc::{ProxyApi, StreamCounts};
-use trellis_controller_kubernetes::leader::Leadership;
 
 /// What to start.
 #[derive(Clone, Debug)]
@@ -56,6 +57,8 @@ pub struct Running {
     pub identity: Certifier,
     /// Whether this replica may write to Kubernetes; `leader.release()` on shutdown.
     pub leader: Leadership,
+    /// The gRPC port's serving certificate when it serves TLS (`IdentityOptions::grpc_tls`).
+    pub grpc_tls: Option<ServingCert>,
 }
 
 /// Starts everything in the background on the current Tokio runtime.
@@ -82,17 +85,21 @@ pub async fn start_with_identity(
 }
 
 /// Like [`start_with_identity`], with Lease-based leader election for what the controller writes
-/// to Kubernetes (Events; `crate::leader`, `crate::events`). `leader: None` = this replica always
-/// writes. Every replica serves proxies either way.
+/// to Kubernetes (Events; `trellis_controller_kubernetes::{leader, events}`). `leader: None` =
+/// this replica always writes. Every replica serves proxies either way.
 pub async fn start_full(
     options: Options,
     identity: IdentityOptions,
-    leader: Option<trellis_controller_kubernetes::leader::LeaderOptions>,
+    leader: Option<LeaderOptions>,
     extra_sources: Vec<Arc<dyn PolicySource>>,
 ) -> anyhow::Result<Running> {
     use anyhow::Context as _;
     if options.platforms.is_empty() && options.adapters.0.is_empty() {
         anyhow::bail!("no platform: give at least one --platform");
+    }
+    // A build without Kubernetes says so before anything starts (not as a kubeconfig error).
+    if options.platforms.contains(&Platform::Kubernetes) {
+        crate::kubernetes::available("--platform kubernetes")?;
     }
     // The CA first: bad CA material stops the start before anything is watched or written.
     let certifier = Certifier::start(&identity, &options.index.trust_domain).await?;
@@ -105,37 +112,33 @@ pub async fn start_full(
     let mut kubernetes = None;
     if options.platforms.contains(&Platform::Kubernetes) {
         // On Kubernetes the SMI CRDs are a policy source too (after the files).
-        let client = kube::Client::try_default()
-            .await
-            .context("kubernetes policy source: reading the kubeconfig")?;
-        let source =
-            trellis_controller_kubernetes::policy::KubernetesPolicySource::new(client.clone());
-        kubernetes = Some((client, source.objects()));
-        sources.push(Arc::new(source));
+        let (source, writers) = crate::kubernetes::policy_source().await?;
+        kubernetes = Some(writers);
+        sources.push(source);
     }
     sources.extend(extra_sources);
     let discovery = connect_all(&options.platforms, &options.adapters.0).await?;
     let index = Index::start(sources, Arc::new(discovery.clone()), options.index.clone());
-    let leader = match (&kubernetes, leader) {
-        (Some((client, _)), Some(leader)) => Leadership::spawn(client.clone(), leader),
-        _ => Leadership::always(trellis_controller_kubernetes::leader::default_identity()),
+    // Only Kubernetes has something to elect with (a Lease) and to write (Events).
+    let leader = match kubernetes {
+        Some(writers) => writers.start(index.status(), leader),
+        None => Leadership::always(default_identity()),
     };
-    if let Some((client, objects)) = kubernetes {
-        let identity = leader.status().borrow().identity.clone();
-        trellis_controller_kubernetes::events::spawn(
-            client,
-            index.status(),
-            objects,
-            leader.is_leader(),
-            trellis_controller_kubernetes::events::EventOptions::new(identity),
-        );
-    }
     let mut registry = Registry::default();
     certifier.register_metrics(&mut registry);
+    // The serving certificate comes from the CA just loaded; without it, plaintext.
+    let grpc_tls = match &identity.grpc_tls {
+        Some(tls) => {
+            let serving = ServingCert::start(certifier.ca().clone(), tls)?;
+            serving.register_metrics(&mut registry);
+            Some(serving)
+        }
+        None => None,
+    };
     let counts = Arc::new(StreamCounts::default());
     let api =
         ProxyApi::new(index.clone(), counts.clone()).with_identity(Arc::new(certifier.clone()));
-    let grpc = trellis_controller_grpc::spawn(api, options.grpc)
+    let grpc = serve_grpc(api, options.grpc, grpc_tls.as_ref())
         .await
         .with_context(|| format!("binding the gRPC listener on {}", options.grpc))?;
     let admin = match options.admin {
@@ -154,5 +157,27 @@ pub async fn start_full(
         index,
         identity: certifier,
         leader,
+        grpc_tls,
     })
+}
+
+/// Binds `addr` and serves the proxy API in the background, over TLS when `tls` is given;
+/// returns the bound address.
+async fn serve_grpc(
+    api: ProxyApi,
+    addr: SocketAddr,
+    tls: Option<&ServingCert>,
+) -> std::io::Result<SocketAddr> {
+    let Some(tls) = tls else {
+        return trellis_controller_grpc::spawn(api, addr).await;
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let incoming = tls.incoming(listener);
+    tokio::spawn(async move {
+        if let Err(e) = api.serve_incoming(incoming, std::future::pending()).await {
+            tracing::error!("gRPC server stopped: {e}");
+        }
+    });
+    Ok(bound)
 }

@@ -108,3 +108,27 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(String, String
         body.to_owned(),
     ))
 }
+
+/// The path of a workspace binary `name` (built by `package`), found next to the running test
+/// executable (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`). Tests of one
+/// package get only their own binaries from cargo (`CARGO_BIN_EXE_*`); another package's is
+/// built by `cargo nextest run --workspace` (scripts/test). Panics saying how to build it when
+/// it is missing.
+pub fn workspace_binary(name: &str, package: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("locating the test executable");
+    let mut dir = exe
+        .parent()
+        .expect("the test executable has a directory")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "binary {name} (package {package}) not found at {}: build it with `cargo build -p {package}` \
+         (`cargo nextest run --workspace` builds every binary)",
+        path.display()
+    );
+    path
+}

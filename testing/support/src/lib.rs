@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 pub mod controller;
 pub mod kubernetes;
 
-pub use controller::{ControllerProcess, controller_command, http_get};
+pub use controller::{ControllerProcess, controller_command, http_get, workspace_binary};
 pub use kubernetes::{
     kube_client, kube_config, kubeconfig_yaml, register_smi, smi_api_server, smi_type, smi_types,
     split_type, write_kubeconfig,

@@ -6,7 +6,13 @@
 //! - the control plane never links the data plane (`trellis-proxy`);
 //! - the controller's core and its gRPC API build without a Kubernetes client (`kube`,
 //!   `kube-client`, `kube-runtime`); `kube-core` (types only, through the SMI CRD types) is fine;
-//! - the proxy links neither the controller, the adapters, `smi` nor any `kube` crate.
+//! - the proxy links neither the controller, the adapters, `smi` nor any `kube` crate;
+//! - `trellis-cli` built with `--no-default-features` (no `kubernetes` feature) links no
+//!   Kubernetes client and none of our Kubernetes crates (README, "Building without
+//!   Kubernetes"). `cargo metadata --no-default-features` resolves every member without its
+//!   default features, which for trellis-cli's closure is what `cargo build -p trellis-cli
+//!   --no-default-features` builds (trellis-controller's `kubernetes` feature is only ever turned
+//!   on by trellis-cli's).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -18,16 +24,24 @@ use serde_json::Value;
 /// (non-dev, non-build) dependency edges between package ids.
 struct Graph {
     names: BTreeMap<String, String>,
+    /// The features each package is resolved with.
+    features: BTreeMap<String, Vec<String>>,
     manifests: BTreeMap<String, String>,
     normal: BTreeMap<String, Vec<String>>,
     members: Vec<String>,
 }
 
 fn graph() -> Graph {
+    graph_with(&[])
+}
+
+/// The graph with extra `cargo metadata` flags (feature selection).
+fn graph_with(flags: &[&str]) -> Graph {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let output = Command::new(cargo)
         .args(["metadata", "--format-version", "1", "--locked"])
+        .args(flags)
         .current_dir(&root)
         .output()
         .expect("cargo metadata runs");
@@ -45,7 +59,17 @@ fn graph() -> Graph {
         manifests.insert(id, package["manifest_path"].as_str().unwrap().to_owned());
     }
     let mut normal = BTreeMap::new();
+    let mut features = BTreeMap::new();
     for node in metadata["resolve"]["nodes"].as_array().unwrap() {
+        features.insert(
+            node["id"].as_str().unwrap().to_owned(),
+            node["features"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_owned())
+                .collect(),
+        );
         let deps = node["deps"]
             .as_array()
             .unwrap()
@@ -69,6 +93,7 @@ fn graph() -> Graph {
         .collect();
     Graph {
         names,
+        features,
         manifests,
         normal,
         members,
@@ -96,6 +121,10 @@ impl Graph {
             }
         }
         seen.into_iter().map(|id| self.names[&id].clone()).collect()
+    }
+
+    fn features(&self, name: &str) -> &[String] {
+        &self.features[&self.id(name)]
     }
 
     fn is_test_support(&self, id: &str) -> bool {
@@ -219,4 +248,58 @@ fn the_proxy_links_no_control_plane_code() {
         ],
     );
     assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// What a Kubernetes-less `trellis` must not link.
+const KUBERNETES: &[&str] = &[
+    "kube",
+    "kube-client",
+    "kube-runtime",
+    "trellis-controller-kubernetes",
+    "trellis-adapter-kubernetes",
+];
+
+#[test]
+fn trellis_cli_without_default_features_links_no_kubernetes_client() {
+    let graph = graph_with(&["--no-default-features"]);
+    // The rule would pass vacuously if the flag were not applied to trellis-cli and the runtime.
+    for name in ["trellis-cli", "trellis-controller"] {
+        assert!(
+            !graph.features(name).iter().any(|f| f == "kubernetes"),
+            "{name} is resolved with {:?}",
+            graph.features(name)
+        );
+    }
+    let violations = forbidden(&graph, "trellis-cli", KUBERNETES);
+    assert!(violations.is_empty(), "{violations:#?}");
+    // The Kubernetes-free build still has the controller and the other platforms.
+    let linked = graph.closure("trellis-cli");
+    for needed in [
+        "trellis-controller",
+        "trellis-adapter-consul",
+        "trellis-adapter-cloudmap",
+        "trellis-adapter-file",
+    ] {
+        assert!(linked.contains(needed), "trellis-cli links {needed}");
+    }
+}
+
+#[test]
+fn trellis_cli_with_default_features_links_kubernetes() {
+    // The other side of the rule above: the feature is what brings the client in.
+    let graph = graph();
+    assert!(
+        graph
+            .features("trellis-cli")
+            .iter()
+            .any(|f| f == "kubernetes"),
+        "kubernetes is a default feature of trellis-cli"
+    );
+    let linked = graph.closure("trellis-cli");
+    for name in KUBERNETES {
+        assert!(
+            linked.contains(*name),
+            "trellis-cli links {name} by default"
+        );
+    }
 }

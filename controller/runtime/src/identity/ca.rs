@@ -277,6 +277,41 @@ impl Authority {
         uri: &str,
         lifetime: Duration,
     ) -> Result<Issued, rcgen::Error> {
+        let (mut params, not_after) = self.leaf_params(lifetime);
+        params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+        // An empty subject (SPIFFE X.509-SVID): rcgen then marks the SAN extension critical.
+        params.distinguished_name.remove(DnType::CommonName);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        csr.params = params;
+        let leaf = csr.signed_by(&self.issuer)?;
+        Ok(self.issued(leaf.der().to_vec(), not_after))
+    }
+
+    /// Signs the controller's own serving certificate for `names` (DNS names and IP addresses,
+    /// the SANs proxies check against the host of their `--controller` URL) with `key`, a key
+    /// the controller made for it. serverAuth only: it proves the controller to proxies and
+    /// nothing else. Valid from [`CLOCK_SKEW`] ago for `lifetime`, never past the issuer.
+    pub fn sign_server(
+        &self,
+        key: &KeyPair,
+        names: &[SanType],
+        lifetime: Duration,
+    ) -> Result<Issued, rcgen::Error> {
+        let (mut params, not_after) = self.leaf_params(lifetime);
+        params.subject_alt_names = names.to_vec();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "trellis controller");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf = params.signed_by(key, &self.issuer)?;
+        Ok(self.issued(leaf.der().to_vec(), not_after))
+    }
+
+    /// What every leaf shares: validity, a fresh serial, not a CA, the key usage TLS 1.3 needs.
+    fn leaf_params(&self, lifetime: Duration) -> (CertificateParams, SystemTime) {
         let now = SystemTime::now();
         let not_after = (now + lifetime).min(self.issuer_not_after);
         let mut params = CertificateParams::default();
@@ -286,29 +321,25 @@ impl Authority {
         let mut serial: [u8; 16] = rand::random();
         serial[0] &= 0x7f;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
-        params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
-        // An empty subject (SPIFFE X.509-SVID): rcgen then marks the SAN extension critical.
-        params.distinguished_name.remove(DnType::CommonName);
         params.is_ca = IsCa::ExplicitNoCa;
         // TLS 1.3 only signs with the leaf key.
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
         params.use_authority_key_identifier_extension = true;
-        csr.params = params;
-        let leaf = csr.signed_by(&self.issuer)?;
-        let mut chain_der = vec![leaf.der().to_vec()];
+        (params, not_after)
+    }
+
+    /// `leaf` with the rest of its chain and the anchors.
+    fn issued(&self, leaf: Vec<u8>, not_after: SystemTime) -> Issued {
+        let mut chain_der = vec![leaf];
         if !self.issuer_is_anchor {
             chain_der.push(self.issuer_der.clone());
         }
-        Ok(Issued {
+        Issued {
             chain_der,
             not_after,
             anchors_der: self.anchors_der.clone(),
             version: self.version.clone(),
-        })
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! - [`ca`]: the checks on trust anchors and issuer, and signing leaves (rcgen).
 //! - [`source`]: where the CA comes from (files, a Kubernetes Secret, generated) and reloading it.
 //! - [`csr`]: what a CSR may ask for (exactly the SPIFFE id asked, not a CA).
-//! - [`proof`]: bootstrap tokens and Kubernetes TokenReview.
+//! - [`proof`]: bootstrap tokens, and Kubernetes TokenReview (`crate::kubernetes`).
 //! - this module: [`Certifier`], the gRPC service, with its metrics.
 //!
 //! A request is answered in this order, the cheap checks first: the identity must be a SPIFFE
@@ -31,7 +31,8 @@ use tonic::Status;
 use trellis_proxy_api::spiffe::SpiffeId;
 use trellis_proxy_api::v1;
 
-use proof::{BootstrapTokens, Proven, Prover, TokenReviewer};
+use crate::kubernetes::TokenReviewer;
+use proof::{BootstrapTokens, Proven, Prover};
 pub use source::{CaHandle, CaSource};
 
 /// Default lifetime of a workload certificate.
@@ -48,14 +49,17 @@ pub struct IdentityOptions {
     pub token_review: bool,
     /// The audience TokenReview asks for (`--token-audience`).
     pub token_audience: String,
-    /// The client for TokenReview and `--ca-secret`; `None` = `kube::Client::try_default()`
-    /// when one is needed.
-    pub kube: Option<kube::Client>,
+    /// The client for TokenReview and `--ca-secret`; `None` = the kubeconfig's (or in-cluster)
+    /// when one is needed. Always `None` in a build without the `kubernetes` feature.
+    pub kube: Option<crate::kubernetes::Client>,
     /// How often CA files and the tokens file are looked at without an OS change event (the
     /// fallback poll), and how often a file that failed to load is retried.
     pub file_poll: Duration,
     /// How often the CA Secret is read again.
     pub secret_poll: Duration,
+    /// Serve the proxies' gRPC port over TLS with a certificate from this CA
+    /// (`--grpc-tls-name`); `None` = plaintext, for loopback or a single host.
+    pub grpc_tls: Option<crate::grpc_tls::GrpcTlsOptions>,
 }
 
 impl Default for IdentityOptions {
@@ -69,6 +73,7 @@ impl Default for IdentityOptions {
             kube: None,
             file_poll: Duration::from_secs(1),
             secret_poll: Duration::from_secs(10),
+            grpc_tls: None,
         }
     }
 }
@@ -82,6 +87,7 @@ impl std::fmt::Debug for IdentityOptions {
             .field("token_review", &self.token_review)
             .field("token_audience", &self.token_audience)
             .field("kube", &self.kube.is_some())
+            .field("grpc_tls", &self.grpc_tls)
             .finish_non_exhaustive()
     }
 }
@@ -135,6 +141,9 @@ impl Certifier {
     /// Loads and checks the CA and the proof sources; errors say which file or Secret is wrong.
     pub async fn start(options: &IdentityOptions, trust_domain: &str) -> anyhow::Result<Self> {
         use anyhow::Context as _;
+        if let CaSource::Secret { .. } = &options.ca {
+            crate::kubernetes::available(&format!("--ca-secret ({})", options.ca))?;
+        }
         if options.cert_lifetime < Duration::from_secs(60) {
             anyhow::bail!(
                 "--cert-lifetime {:?} is too short (at least 1m)",
@@ -144,11 +153,9 @@ impl Certifier {
         let needs_kube = options.token_review || matches!(options.ca, CaSource::Secret { .. });
         let kube = match (&options.kube, needs_kube) {
             (Some(client), _) => Some(client.clone()),
-            (None, true) => Some(
-                kube::Client::try_default()
-                    .await
-                    .context("identity (TokenReview / --ca-secret): reading the kubeconfig")?,
-            ),
+            (None, true) => {
+                Some(crate::kubernetes::client("identity (TokenReview / --ca-secret)").await?)
+            }
             (None, false) => None,
         };
         let ca = source::start(

@@ -9,7 +9,8 @@
 //!   the last good set stays in force and the file is read again every poll until it is good.
 //! - **TokenReview** (Kubernetes): the proof is a projected ServiceAccount token, sent to the API
 //!   server's TokenReview with the controller's audience; only an authenticated
-//!   `system:serviceaccount:NS:NAME` whose audiences include ours proves `NS/NAME`.
+//!   `system:serviceaccount:NS:NAME` whose audiences include ours proves `NS/NAME`
+//!   ([`TokenReviewer`], in `crate::kubernetes` with the rest of what needs a client).
 //!
 //! Proofs are secrets: they are never logged and never part of an error message.
 
@@ -18,12 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tokio::sync::watch;
 use trellis_file_watch::{FileWatch, Options};
+
+use crate::kubernetes::TokenReviewer;
 
 /// What a proof showed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,78 +240,6 @@ impl BootstrapTokens {
     /// The error of the last reload (`None` once a reload succeeds).
     pub fn errors(&self) -> watch::Receiver<Option<TokensError>> {
         self.errors.clone()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// TokenReview
-// ---------------------------------------------------------------------------------------------
-
-/// Checks ServiceAccount tokens with the API server's TokenReview.
-#[derive(Clone)]
-pub struct TokenReviewer {
-    client: kube::Client,
-    audience: String,
-}
-
-impl std::fmt::Debug for TokenReviewer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenReviewer")
-            .field("audience", &self.audience)
-            .finish_non_exhaustive()
-    }
-}
-
-const SA_PREFIX: &str = "system:serviceaccount:";
-
-impl TokenReviewer {
-    pub fn new(client: kube::Client, audience: String) -> Self {
-        Self { client, audience }
-    }
-
-    /// What the API server says `token` proves.
-    pub async fn review(&self, token: &str) -> Result<Proven, Unavailable> {
-        let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
-        let request = TokenReview {
-            spec: TokenReviewSpec {
-                token: token.to_owned(),
-                audiences: Some(vec![self.audience.clone()]),
-            },
-            ..Default::default()
-        };
-        let answer = api
-            .create(&kube::api::PostParams::default(), &request)
-            .await
-            .map_err(|e| Unavailable(format!("TokenReview failed: {e}")))?;
-        let status = answer.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            return Ok(Proven::Nothing(format!(
-                "the API server did not authenticate the token{}",
-                status.error.map(|e| format!(": {e}")).unwrap_or_default()
-            )));
-        }
-        if !status
-            .audiences
-            .unwrap_or_default()
-            .contains(&self.audience)
-        {
-            return Ok(Proven::Nothing(format!(
-                "the token is not meant for audience {:?}",
-                self.audience
-            )));
-        }
-        let username = status.user.and_then(|u| u.username).unwrap_or_default();
-        match username
-            .strip_prefix(SA_PREFIX)
-            .and_then(|rest| rest.split_once(':'))
-        {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains(':') => {
-                Ok(Proven::Workload(format!("{ns}/{name}")))
-            }
-            _ => Ok(Proven::Nothing(format!(
-                "the token belongs to {username:?}, not a ServiceAccount"
-            ))),
-        }
     }
 }
 

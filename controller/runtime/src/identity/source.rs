@@ -1,6 +1,6 @@
 //! Where the CA's material comes from and how it is kept current: PEM files (watched with
 //! [`trellis_file_watch`]: OS change events, and a poll as the fallback; reloaded on change), a
-//! Kubernetes Secret (`ca.crt`, `tls.crt`, `tls.key`, polled), or generated in memory for local
+//! Kubernetes Secret (`ca.crt`, `tls.crt`, `tls.key`, polled; read by `crate::kubernetes`), or generated in memory for local
 //! use.
 //!
 //! A reload builds a whole new [`Authority`] and swaps it in only when every check passes; a bad
@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use k8s_openapi::api::core::v1::Secret;
 use tokio::sync::watch;
 use trellis_file_watch::{FileWatch, Options};
 
@@ -66,8 +65,8 @@ impl fmt::Display for CaSource {
 /// The CA in force and its reload errors.
 #[derive(Clone)]
 pub struct CaHandle {
-    current: Arc<ArcSwap<Authority>>,
-    errors: watch::Receiver<Option<CaError>>,
+    pub(crate) current: Arc<ArcSwap<Authority>>,
+    pub(crate) errors: watch::Receiver<Option<CaError>>,
 }
 
 impl fmt::Debug for CaHandle {
@@ -104,44 +103,8 @@ fn read_files(anchors: &[PathBuf], cert: &Path, key: &Path) -> Result<CaMaterial
     })
 }
 
-/// The material in a Secret, and its resourceVersion (to skip unchanged polls).
-async fn read_secret(
-    client: &kube::Client,
-    namespace: &str,
-    name: &str,
-) -> Result<(CaMaterial, Option<String>), CaError> {
-    let origin = format!("Secret {namespace}/{name}");
-    let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
-    let secret = api
-        .get(name)
-        .await
-        .map_err(|e| CaError::new(&origin, format!("cannot read it: {e}")))?;
-    let data = secret.data.unwrap_or_default();
-    let key = |k: &str| {
-        data.get(k)
-            .map(|v| PemInput {
-                origin: format!("{origin} key {k}"),
-                pem: v.0.clone(),
-            })
-            .ok_or_else(|| {
-                CaError::new(
-                    &origin,
-                    format!("has no key {k:?} (expected ca.crt, tls.crt and tls.key)"),
-                )
-            })
-    };
-    Ok((
-        CaMaterial {
-            anchors: vec![key("ca.crt")?],
-            issuer_cert: key("tls.crt")?,
-            issuer_key: key("tls.key")?,
-        },
-        secret.metadata.resource_version,
-    ))
-}
-
 /// Publishes a reload result: swaps in a good CA, or reports a new error once.
-fn publish(
+pub(crate) fn publish(
     current: &ArcSwap<Authority>,
     errors: &watch::Sender<Option<CaError>>,
     result: Result<Authority, CaError>,
@@ -176,13 +139,13 @@ fn publish(
 /// polled every `secret_poll`.
 pub async fn start(
     source: &CaSource,
-    kube: Option<&kube::Client>,
+    kube: Option<&crate::kubernetes::Client>,
     file_poll: Duration,
     secret_poll: Duration,
 ) -> anyhow::Result<CaHandle> {
-    let (errors_tx, errors) = watch::channel(None);
     match source {
         CaSource::Generated => {
+            let (_, errors) = watch::channel(None);
             let material = generate()?;
             let authority = Authority::new(&material)?;
             tracing::info!(
@@ -199,6 +162,7 @@ pub async fn start(
             issuer_cert,
             issuer_key,
         } => {
+            let (errors_tx, errors) = watch::channel(None);
             let mut paths: Vec<PathBuf> = anchors.clone();
             paths.push(issuer_cert.clone());
             paths.push(issuer_key.clone());
@@ -225,35 +189,7 @@ pub async fn start(
             Ok(CaHandle { current, errors })
         }
         CaSource::Secret { namespace, name } => {
-            let client = kube
-                .ok_or_else(|| anyhow::anyhow!("--ca-secret needs a Kubernetes client"))?
-                .clone();
-            let (material, mut version) = read_secret(&client, namespace, name).await?;
-            let current = Arc::new(ArcSwap::from_pointee(Authority::new(&material)?));
-            let shared = Arc::downgrade(&current);
-            let (namespace, name) = (namespace.clone(), name.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(secret_poll).await;
-                    let Some(current) = shared.upgrade() else {
-                        return;
-                    };
-                    let result = match read_secret(&client, &namespace, &name).await {
-                        Ok((_, v))
-                            if v.is_some() && v == version && errors_tx.borrow().is_none() =>
-                        {
-                            continue;
-                        }
-                        Ok((material, v)) => {
-                            version = v;
-                            Authority::new(&material)
-                        }
-                        Err(e) => Err(e),
-                    };
-                    publish(&current, &errors_tx, result);
-                }
-            });
-            Ok(CaHandle { current, errors })
+            crate::kubernetes::ca_from_secret(kube, namespace, name, secret_poll).await
         }
     }
 }

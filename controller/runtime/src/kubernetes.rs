@@ -1,0 +1,254 @@
+//! Everything of the runtime that needs a Kubernetes client, in one place so that it is gated
+//! once (the `kubernetes` feature, on by default): the `--platform kubernetes` adapter, the SMI
+//! CRDs as a policy source with the Lease election and Events behind them, the CA read from a
+//! Secret, and TokenReview.
+//!
+//! A build without the feature compiles `without_kubernetes.rs` as this module instead: the same
+//! names, each failing with [`NOT_BUILT`] where a Kubernetes client would be needed, so the rest
+//! of the runtime calls them with no `cfg` of its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Secret;
+use tokio::sync::watch;
+use trellis_controller_core::index::Status;
+use trellis_controller_core::leader::{LeaderOptions, Leadership, default_identity};
+use trellis_controller_core::policy::PolicySource;
+use trellis_controller_kubernetes::policy::{KubernetesPolicySource, ObjectRefs};
+use trellis_discovery::Discovery;
+
+use crate::identity::CaHandle;
+use crate::identity::ca::{Authority, CaError, CaMaterial, PemInput};
+use crate::identity::proof::{Proven, Unavailable};
+use crate::identity::source::publish;
+
+/// What a build without the `kubernetes` feature answers when asked for Kubernetes (here for
+/// the docs and the tests; this build has it).
+pub const NOT_BUILT: &str =
+    "this trellis was built without the `kubernetes` feature; rebuild with default features";
+
+/// The client every Kubernetes part of the controller uses.
+pub type Client = kube::Client;
+
+/// Checks that `what` (a flag, a platform) can be used by this build: always, with the feature.
+pub fn available(_what: &str) -> anyhow::Result<()> {
+    Ok(())
+}
+
+/// The client from the kubeconfig or the in-cluster service account; `what` says who needs it.
+pub async fn client(what: &str) -> anyhow::Result<Client> {
+    Client::try_default()
+        .await
+        .with_context(|| format!("{what}: reading the kubeconfig"))
+}
+
+/// The `--platform kubernetes` adapter (Services, EndpointSlices, Pods). `platform` is how the
+/// flag was written, for errors.
+pub async fn discovery(platform: &str) -> anyhow::Result<Arc<dyn Discovery>> {
+    let config = kube::Config::infer()
+        .await
+        .with_context(|| format!("platform {platform}: reading the kubeconfig"))?;
+    Ok(Arc::new(
+        trellis_adapter_kubernetes::KubernetesDiscovery::new(
+            config,
+            trellis_adapter_kubernetes::Options::default(),
+        )
+        .with_context(|| format!("platform {platform}"))?,
+    ))
+}
+
+/// What writes to Kubernetes once the index runs: the Events about SMI objects with problems,
+/// written by the leader only.
+pub struct Writers {
+    client: Client,
+    objects: ObjectRefs,
+}
+
+impl std::fmt::Debug for Writers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writers").finish_non_exhaustive()
+    }
+}
+
+/// The SMI CRDs as a policy source, and the writers that report on the objects it reads.
+pub async fn policy_source() -> anyhow::Result<(Arc<dyn PolicySource>, Writers)> {
+    let client = client("kubernetes policy source").await?;
+    let source = KubernetesPolicySource::new(client.clone());
+    let objects = source.objects();
+    Ok((Arc::new(source), Writers { client, objects }))
+}
+
+impl Writers {
+    /// Starts the Lease election (`leader`; `None` = this replica always writes) and the Events
+    /// writer on the index's `status`; returns the election's handle.
+    pub fn start(
+        self,
+        status: watch::Receiver<Arc<Status>>,
+        leader: Option<LeaderOptions>,
+    ) -> Leadership {
+        let leadership = match leader {
+            Some(options) => {
+                trellis_controller_kubernetes::leader::elect(self.client.clone(), options)
+            }
+            None => Leadership::always(default_identity()),
+        };
+        let identity = leadership.status().borrow().identity.clone();
+        trellis_controller_kubernetes::events::spawn(
+            self.client,
+            status,
+            self.objects,
+            leadership.is_leader(),
+            trellis_controller_kubernetes::events::EventOptions::new(identity),
+        );
+        leadership
+    }
+}
+
+/// The CA from the Secret `namespace/name`, checked (an error stops the start), then read again
+/// every `poll` and swapped in when it changed and passes every check (see `identity::source`).
+pub async fn ca_from_secret(
+    client: Option<&Client>,
+    namespace: &str,
+    name: &str,
+    poll: Duration,
+) -> anyhow::Result<CaHandle> {
+    let client = client
+        .ok_or_else(|| anyhow::anyhow!("--ca-secret needs a Kubernetes client"))?
+        .clone();
+    let (errors_tx, errors) = watch::channel(None);
+    let (material, mut version) = read_ca_secret(&client, namespace, name).await?;
+    let current = Arc::new(ArcSwap::from_pointee(Authority::new(&material)?));
+    let shared = Arc::downgrade(&current);
+    let (namespace, name) = (namespace.to_owned(), name.to_owned());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(poll).await;
+            let Some(current) = shared.upgrade() else {
+                return;
+            };
+            let result = match read_ca_secret(&client, &namespace, &name).await {
+                // Unchanged (same resourceVersion) and nothing to retry.
+                Ok((_, v)) if v.is_some() && v == version && errors_tx.borrow().is_none() => {
+                    continue;
+                }
+                Ok((material, v)) => {
+                    version = v;
+                    Authority::new(&material)
+                }
+                Err(e) => Err(e),
+            };
+            publish(&current, &errors_tx, result);
+        }
+    });
+    Ok(CaHandle { current, errors })
+}
+
+/// The CA material in the Secret `namespace/name` (`ca.crt`, `tls.crt`, `tls.key`), and its
+/// resourceVersion (to skip unchanged polls).
+async fn read_ca_secret(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(CaMaterial, Option<String>), CaError> {
+    let origin = format!("Secret {namespace}/{name}");
+    let api: kube::Api<Secret> = kube::Api::namespaced(client.clone(), namespace);
+    let secret = api
+        .get(name)
+        .await
+        .map_err(|e| CaError::new(&origin, format!("cannot read it: {e}")))?;
+    let data = secret.data.unwrap_or_default();
+    let key = |k: &str| {
+        data.get(k)
+            .map(|v| PemInput {
+                origin: format!("{origin} key {k}"),
+                pem: v.0.clone(),
+            })
+            .ok_or_else(|| {
+                CaError::new(
+                    &origin,
+                    format!("has no key {k:?} (expected ca.crt, tls.crt and tls.key)"),
+                )
+            })
+    };
+    Ok((
+        CaMaterial {
+            anchors: vec![key("ca.crt")?],
+            issuer_cert: key("tls.crt")?,
+            issuer_key: key("tls.key")?,
+        },
+        secret.metadata.resource_version,
+    ))
+}
+
+/// Checks ServiceAccount tokens with the API server's TokenReview: only an authenticated
+/// `system:serviceaccount:NS:NAME` whose audiences include ours proves `NS/NAME`.
+#[derive(Clone)]
+pub struct TokenReviewer {
+    client: Client,
+    audience: String,
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenReviewer")
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+const SA_PREFIX: &str = "system:serviceaccount:";
+
+impl TokenReviewer {
+    pub fn new(client: Client, audience: String) -> Self {
+        Self { client, audience }
+    }
+
+    /// What the API server says `token` proves.
+    pub async fn review(&self, token: &str) -> Result<Proven, Unavailable> {
+        let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+        let request = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_owned(),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let answer = api
+            .create(&kube::api::PostParams::default(), &request)
+            .await
+            .map_err(|e| Unavailable(format!("TokenReview failed: {e}")))?;
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Ok(Proven::Nothing(format!(
+                "the API server did not authenticate the token{}",
+                status.error.map(|e| format!(": {e}")).unwrap_or_default()
+            )));
+        }
+        if !status
+            .audiences
+            .unwrap_or_default()
+            .contains(&self.audience)
+        {
+            return Ok(Proven::Nothing(format!(
+                "the token is not meant for audience {:?}",
+                self.audience
+            )));
+        }
+        let username = status.user.and_then(|u| u.username).unwrap_or_default();
+        match username
+            .strip_prefix(SA_PREFIX)
+            .and_then(|rest| rest.split_once(':'))
+        {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains(':') => {
+                Ok(Proven::Workload(format!("{ns}/{name}")))
+            }
+            _ => Ok(Proven::Nothing(format!(
+                "the token belongs to {username:?}, not a ServiceAccount"
+            ))),
+        }
+    }
+}
