@@ -195,9 +195,21 @@ async fn follow_the_guide(consul_kind: Consul) -> anyhow::Result<()> {
     hosts.place("web", consul.port(), agent);
 
     // Step 4: the controller, as trellis-controller.service runs it.
+    // The certificate's name is the controller host's address, moved with the host (a bare
+    // address, which the ADDR:PORT rewrite does not see).
+    let tls_name = var(&written, "TRELLIS_GRPC_TLS_NAME")?;
+    ensure!(
+        tls_name == grpc.ip().to_string(),
+        "the guide's TLS name {tls_name} should be the controller's address {}",
+        grpc.ip()
+    );
+    let moved = hosts.at("controller", grpc.port()).ip().to_string();
     std::fs::write(
         etc.join("controller.env"),
-        hosts.rewrite("controller", &controller_env_text)?,
+        hosts.rewrite("controller", &controller_env_text)?.replace(
+            &format!("TRELLIS_GRPC_TLS_NAME={tls_name}"),
+            &format!("TRELLIS_GRPC_TLS_NAME={moved}"),
+        ),
     )?;
     let unit = Unit::parse(&read(&format!(
         "{DEPLOY}/systemd/trellis-controller.service"
