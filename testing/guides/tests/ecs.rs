@@ -300,7 +300,7 @@ async fn the_ecs_guide_gives_a_mesh_of_tasks_found_in_cloud_map() -> anyhow::Res
         .and_then(|e| e["value"].as_str())
         .context("TRELLIS_PROXY_CONTROLLER")?;
     let controller_host = controller_url
-        .trim_start_matches("http://")
+        .trim_start_matches("https://")
         .split(':')
         .next()
         .context("the controller's host name")?;
@@ -308,8 +308,15 @@ async fn the_ecs_guide_gives_a_mesh_of_tasks_found_in_cloud_map() -> anyhow::Res
 
     // The controller task: its command; EFS and Cloud Map's endpoint moved.
     let mut command = Vec::new();
+    // The serving certificate's name is the controller's DNS name, which the test moves to the
+    // controller host's loopback address (what the proxies' rewritten URLs say).
+    let controller_ip = hosts.at("controller", 8090).ip().to_string();
     for word in strings(&controller["command"]) {
-        let word = hosts.rewrite("controller", &word)?;
+        let word = if word == controller_host {
+            controller_ip.clone()
+        } else {
+            hosts.rewrite("controller", &word)?
+        };
         let word = word.replace(guide::ETC_TRELLIS, &efs.display().to_string());
         command.push(if word == format!("cloudmap={NAMESPACE}") {
             format!("{word},endpoint={moto_url}")
@@ -360,19 +367,30 @@ async fn the_ecs_guide_gives_a_mesh_of_tasks_found_in_cloud_map() -> anyhow::Res
             "TRELLIS_PROXY_IDENTITY_TOKEN_FILE",
             token_file.display().to_string(),
         );
+        let anchors_file = scratch.join(format!("{task_name}-anchors.pem"));
+        set(
+            &mut env,
+            "TRELLIS_PROXY_CONTROLLER_CA",
+            anchors_file.display().to_string(),
+        );
         for secret in proxy["secrets"].as_array().into_iter().flatten() {
             let name = secret["name"].as_str().context("secret name")?;
-            ensure!(
-                secret["valueFrom"]
-                    .as_str()
-                    .is_some_and(|v| v.ends_with(&format!("/{NAMESPACE}/{workload}"))),
-                "{task_name}'s token secret: {secret}"
-            );
-            set(
-                &mut env,
-                name,
-                std::fs::read_to_string(efs.join(format!("{workload}.token")))?,
-            );
+            let from = secret["valueFrom"].as_str().unwrap_or_default();
+            // The mesh's trust anchors (an SSM parameter) or the workload's token.
+            let value = if name == "TRELLIS_CONTROLLER_ANCHORS" {
+                ensure!(
+                    from.ends_with(&format!(":parameter/trellis/{NAMESPACE}/anchors")),
+                    "{task_name}'s anchors parameter: {secret}"
+                );
+                std::fs::read_to_string(efs.join("ca/anchors.pem"))?
+            } else {
+                ensure!(
+                    from.ends_with(&format!("/{NAMESPACE}/{workload}")),
+                    "{task_name}'s token secret: {secret}"
+                );
+                std::fs::read_to_string(efs.join(format!("{workload}.token")))?
+            };
+            set(&mut env, name, value);
         }
         let command = container_command(proxy, &mut hosts, task_name)?;
         let mut process = start_container(
