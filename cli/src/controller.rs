@@ -22,7 +22,8 @@ pub struct Args {
     /// SMI YAML file or directory to watch (repeatable).
     #[arg(long = "policy", value_name = "DIR")]
     pub policy: Vec<PathBuf>,
-    /// Discovery platform: file=PATH, consul=ADDR, cloudmap=NAMESPACE[,endpoint=URL], kubernetes (repeatable).
+    /// Discovery platform: file=PATH, consul=ADDR[,token-file=PATH][,datacenter=DC][,namespace=NS],
+    /// cloudmap=NAMESPACE[,endpoint=URL], kubernetes (repeatable).
     #[arg(long = "platform", value_name = "PLATFORM", required = true)]
     pub platform: Vec<Platform>,
     /// gRPC listen address for proxies.

@@ -232,6 +232,101 @@ fn controller_on_the_consul_double_answers_from_consul() {
     assert!(!stdout(&out).contains("STALE"), "{}", stdout(&out));
 }
 
+/// The first update of a Destinations watch of `target` on the controller at `grpc`.
+async fn first_update(grpc: SocketAddr, target: &str) -> v1::DestinationUpdate {
+    let mut client = DestinationsClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let mut stream = client
+        .watch(v1::DestinationRequest {
+            target: target.into(),
+            source_workload: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an update within 10 s")
+        .expect("the stream stays open")
+        .expect("an update, not an error")
+}
+
+#[test]
+fn controller_reads_a_consul_with_acls_using_a_token_from_a_file() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let double = runtime
+        .block_on(trellis_consul_double::ConsulDouble::start_with(
+            trellis_consul_double::DoubleConfig {
+                acl_token: Some("s3cret-token".into()),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let registration = serde_json::from_value(serde_json::json!({
+        "Node": "web-host", "Address": "10.2.0.7",
+        "Service": {"ID": "web-1", "Service": "web", "Port": 15001,
+                    "Meta": {"service-account": "web", "version": "v1"}},
+        "Check": {"CheckID": "service:web-1", "Name": "ready", "Status": "passing", "ServiceID": "web-1"},
+    }))
+    .unwrap();
+    double.register(&registration).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("consul.token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+
+    // With the token (and Consul OSS's services mapped into the mesh namespace `shop`).
+    let ctl = controller(&[
+        "--platform",
+        &format!(
+            "consul={},token-file={},namespace=shop",
+            double.addr(),
+            token.display()
+        ),
+    ]);
+    let update = runtime.block_on(first_update(ctl.grpc, "web.shop"));
+    let Some(v1::destination_update::Kind::Profile(profile)) = update.kind else {
+        panic!("expected web.shop's profile, got {update:?}");
+    };
+    let endpoints: Vec<&str> = profile
+        .backends
+        .iter()
+        .flat_map(|b| b.endpoints.iter().map(|e| e.address.as_str()))
+        .collect();
+    assert_eq!(endpoints, ["10.2.0.7:15001"], "{profile:?}");
+    drop(ctl);
+
+    // Without it: Consul filters everything out; check says the source is stale and why.
+    let ctl = controller(&["--platform", &format!("consul={}", double.addr())]);
+    let _ = runtime.block_on(first_update(ctl.grpc, "web.default"));
+    let out = check_until(ctl.admin, |o| stdout(o).contains("STALE"));
+    let text = stdout(&out);
+    assert!(text.contains("STALE"), "{text}");
+    assert!(text.to_lowercase().contains("acl"), "{text}");
+    assert_eq!(out.status.code(), Some(1), "{text}");
+
+    // A missing token file stops the start with the path.
+    let out = trellis(&[
+        "controller",
+        "--platform",
+        &format!(
+            "consul={},token-file=/nonexistent/consul.token",
+            double.addr()
+        ),
+        "--grpc",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("/nonexistent/consul.token"), "{stderr}");
+}
+
 /// A services file with `web` in namespace `demo` at `endpoints` (address, port).
 fn web_at(endpoints: &[(&str, u16)]) -> String {
     let mut yaml = String::from(

@@ -1,6 +1,6 @@
 //! The platforms the controller discovers endpoints on, chosen on the command line
-//! (`--platform file=PATH`, `consul=ADDR`, `cloudmap=NAMESPACE[,endpoint=URL]`, `kubernetes`,
-//! repeatable), built into one [`Merged`] view. Non-Kubernetes adapters are wrapped in
+//! (`--platform file=PATH`, `consul=ADDR[,token-file=PATH][,datacenter=DC][,namespace=NS]`,
+//! `cloudmap=NAMESPACE[,endpoint=URL]`, `kubernetes`, repeatable), built into one [`Merged`] view. Non-Kubernetes adapters are wrapped in
 //! [`VersionSubsets`] (a backend `web-v2` is the `web` instances labelled `version=v2` when no
 //! service `web-v2` exists); Kubernetes has a Service per version.
 //!
@@ -18,7 +18,7 @@ use trellis_discovery::{Discovery, Merged, VersionSubsets};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Platform {
     File(PathBuf),
-    Consul(String),
+    Consul(ConsulPlatform),
     CloudMap {
         namespace: String,
         endpoint: Option<String>,
@@ -26,10 +26,57 @@ pub enum Platform {
     Kubernetes,
 }
 
+/// `consul=ADDR[,token-file=PATH][,datacenter=DC][,namespace=NS]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsulPlatform {
+    /// The local agent's HTTP API.
+    pub addr: String,
+    /// A file holding the ACL token the catalog is read with (read when the controller starts;
+    /// a token on the command line would show in `ps`). Absent: Consul's anonymous token.
+    pub token_file: Option<PathBuf>,
+    /// The datacenter to read; absent: the agent's.
+    pub datacenter: Option<String>,
+    /// The mesh namespace Consul OSS's services live in (default `default`).
+    pub namespace: Option<String>,
+}
+
+impl ConsulPlatform {
+    /// Defaults for an agent at `addr`.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            token_file: None,
+            datacenter: None,
+            namespace: None,
+        }
+    }
+
+    fn config(&self) -> anyhow::Result<trellis_adapter_consul::ConsulConfig> {
+        use anyhow::Context as _;
+        let mut config = trellis_adapter_consul::ConsulConfig::new(self.addr.clone());
+        if let Some(path) = &self.token_file {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the Consul ACL token {}", path.display()))?;
+            let token = token.trim();
+            anyhow::ensure!(
+                !token.is_empty(),
+                "the Consul ACL token file {} is empty",
+                path.display()
+            );
+            config.token = Some(trellis_adapter_consul::AclToken::new(token));
+        }
+        config.datacenter = self.datacenter.clone();
+        if let Some(namespace) = &self.namespace {
+            config.default_namespace = namespace.clone();
+        }
+        Ok(config)
+    }
+}
+
 /// A `--platform` value that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "--platform {value:?}: {message} (expected file=PATH, consul=ADDR, cloudmap=NAMESPACE[,endpoint=URL] or kubernetes)"
+    "--platform {value:?}: {message} (expected file=PATH, consul=ADDR[,token-file=PATH][,datacenter=DC][,namespace=NS], cloudmap=NAMESPACE[,endpoint=URL] or kubernetes)"
 )]
 pub struct PlatformError {
     value: String,
@@ -49,7 +96,25 @@ impl FromStr for Platform {
             "kubernetes" if rest.is_empty() => Ok(Platform::Kubernetes),
             "kubernetes" => Err(error("kubernetes takes no value (it reads the kubeconfig)")),
             "file" if !rest.is_empty() => Ok(Platform::File(rest.into())),
-            "consul" if !rest.is_empty() => Ok(Platform::Consul(rest.to_owned())),
+            "consul" if !rest.is_empty() => {
+                let mut parts = rest.split(',');
+                let mut consul = ConsulPlatform::new(parts.next().unwrap_or_default());
+                for part in parts {
+                    match part.split_once('=') {
+                        Some(("token-file", path)) if !path.is_empty() => {
+                            consul.token_file = Some(path.into())
+                        }
+                        Some(("datacenter", dc)) if !dc.is_empty() => {
+                            consul.datacenter = Some(dc.to_owned())
+                        }
+                        Some(("namespace", ns)) if !ns.is_empty() => {
+                            consul.namespace = Some(ns.to_owned())
+                        }
+                        _ => return Err(error(&format!("unknown consul option {part:?}"))),
+                    }
+                }
+                Ok(Platform::Consul(consul))
+            }
             "cloudmap" if !rest.is_empty() => {
                 let mut parts = rest.split(',');
                 let namespace = parts.next().unwrap_or_default().to_owned();
@@ -77,7 +142,19 @@ impl fmt::Display for Platform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Platform::File(path) => write!(f, "file={}", path.display()),
-            Platform::Consul(addr) => write!(f, "consul={addr}"),
+            Platform::Consul(consul) => {
+                write!(f, "consul={}", consul.addr)?;
+                if let Some(path) = &consul.token_file {
+                    write!(f, ",token-file={}", path.display())?;
+                }
+                if let Some(dc) = &consul.datacenter {
+                    write!(f, ",datacenter={dc}")?;
+                }
+                if let Some(ns) = &consul.namespace {
+                    write!(f, ",namespace={ns}")?;
+                }
+                Ok(())
+            }
             Platform::CloudMap {
                 namespace,
                 endpoint: None,
@@ -99,9 +176,11 @@ impl Platform {
         use anyhow::Context as _;
         Ok(match self {
             Platform::File(path) => Arc::new(trellis_adapter_file::file_discovery(path.clone())),
-            Platform::Consul(addr) => Arc::new(
+            Platform::Consul(consul) => Arc::new(
                 trellis_adapter_consul::ConsulDiscovery::with_version_subsets(
-                    trellis_adapter_consul::ConsulConfig::new(addr.clone()),
+                    consul
+                        .config()
+                        .with_context(|| format!("platform {self}"))?,
                 )
                 .with_context(|| format!("platform {self}"))?,
             ),
@@ -150,7 +229,7 @@ mod tests {
         );
         assert_eq!(
             "consul=127.0.0.1:8500".parse::<Platform>().unwrap(),
-            Platform::Consul("127.0.0.1:8500".into())
+            Platform::Consul(ConsulPlatform::new("127.0.0.1:8500"))
         );
         assert_eq!(
             "cloudmap=demo,endpoint=http://127.0.0.1:5000"
@@ -165,7 +244,31 @@ mod tests {
             "kubernetes".parse::<Platform>().unwrap(),
             Platform::Kubernetes
         );
-        for bad in ["file=", "nomad=x", "cloudmap=demo,region=x", "kubernetes=x"] {
+        let consul: Platform =
+            "consul=127.0.0.1:8500,token-file=/etc/trellis/consul.token,datacenter=dc2,namespace=shop"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            consul,
+            Platform::Consul(ConsulPlatform {
+                addr: "127.0.0.1:8500".into(),
+                token_file: Some("/etc/trellis/consul.token".into()),
+                datacenter: Some("dc2".into()),
+                namespace: Some("shop".into()),
+            })
+        );
+        assert_eq!(
+            consul.to_string(),
+            "consul=127.0.0.1:8500,token-file=/etc/trellis/consul.token,datacenter=dc2,namespace=shop"
+        );
+        for bad in [
+            "file=",
+            "nomad=x",
+            "cloudmap=demo,region=x",
+            "kubernetes=x",
+            "consul=127.0.0.1:8500,token=secret",
+            "consul=127.0.0.1:8500,token-file=",
+        ] {
             let e = bad.parse::<Platform>().unwrap_err().to_string();
             assert!(e.contains(bad) && e.contains("expected"), "{e}");
         }
