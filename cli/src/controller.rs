@@ -19,6 +19,10 @@ mod kubernetes;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Log filter for the controller's diagnostics on stderr (tracing EnvFilter syntax, e.g.
+    /// `info`, `warn,trellis_adapter_consul=debug`).
+    #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
+    pub log: String,
     /// SMI YAML file or directory to watch (repeatable).
     #[arg(long = "policy", value_name = "DIR")]
     pub policy: Vec<PathBuf>,
@@ -169,6 +173,15 @@ impl Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
+    // The libraries report through `tracing` (an adapter's failed query, a TLS handshake a proxy
+    // could not complete, a reload): without a subscriber those would be lost. Stderr, so the
+    // address lines on stdout stay machine-readable.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(serve(args))
 }

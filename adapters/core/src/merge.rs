@@ -278,6 +278,21 @@ fn merge_sets(key: &ServiceKey, sets: &[&EndpointSet]) -> EndpointSet {
     merged
 }
 
+/// Removes a service's registration problems when its merged watch is dropped.
+struct ForgetOnDrop {
+    problems: Arc<Mutex<BTreeMap<ServiceKey, Vec<String>>>>,
+    key: ServiceKey,
+}
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        self.problems
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// Whether a proxy can connect to `address` at all (module docs).
 fn usable(address: IpAddr) -> bool {
     !(address.is_unspecified()
@@ -420,8 +435,15 @@ impl Discovery for Merged {
         let open_key = key.clone();
         let ids: Vec<SourceId> = self.sources.iter().map(|s| s.source_id()).collect();
         let problems = self.problems.clone();
+        // A service nobody watches any more has nothing to report: its entry goes with the
+        // stream (the guard lives in the closure, which the stream owns).
+        let forget = ForgetOnDrop {
+            problems: problems.clone(),
+            key: key.clone(),
+        };
         self.events(move |s| s.watch(open_key.clone()))
             .scan(Latest::new(self.sources.len()), move |latest, event| {
+                let _owned = &forget;
                 let mut out = Vec::new();
                 if let Some(e) = latest.apply(event) {
                     out.push(Err(e));
@@ -745,6 +767,7 @@ mod tests {
         let problems = merged.problems();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].service, key);
+
         assert_eq!(
             problems[0].message,
             "10.0.0.1:80 is registered by both a and b: a's registration is used (the first platform listed wins)"
@@ -757,6 +780,16 @@ mod tests {
             set(&key, 80, vec![endpoint("b", "10.0.0.2", 80, &[])]),
         );
         assert!(timeout(QUIET, watch.next()).await.is_err());
+        assert!(merged.problems().is_empty(), "{:?}", merged.problems());
+
+        // Reported again, then nobody watches: nothing is left to report.
+        b.send(
+            &key,
+            set(&key, 80, vec![endpoint("b", "10.0.0.1", 80, &[])]),
+        );
+        assert!(timeout(QUIET, watch.next()).await.is_err());
+        assert_eq!(merged.problems().len(), 1);
+        drop(watch);
         assert!(merged.problems().is_empty(), "{:?}", merged.problems());
     }
 
