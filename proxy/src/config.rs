@@ -37,6 +37,23 @@ pub struct Config {
     /// controller provides one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<StaticIdentity>,
+    /// Other meshes' metric names and labels to expose as well, for tools whose queries expect
+    /// them (Flagger's `osm`, `linkerd` and `smi:*` providers). Read at start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_compat: Vec<MetricsCompat>,
+}
+
+/// A set of compatibility series ([`Config::metrics_compat`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsCompat {
+    /// `osm_request_total`, `osm_request_duration_ms` (Flagger provider `osm`).
+    Osm,
+    /// `response_total`, `response_latency_ms` (Flagger provider `linkerd`).
+    Linkerd,
+    /// `istio_requests_total`, `istio_request_duration_milliseconds` (what Flagger's `smi:*`
+    /// providers query).
+    Istio,
 }
 
 /// A workload identity from PEM files (operators with their own PKI, benchmarks). Relative

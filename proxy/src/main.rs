@@ -42,12 +42,31 @@ struct Cli {
         requires = "controller"
     )]
     controller_ca: Option<PathBuf>,
-    /// This proxy's workload as NAMESPACE/NAME (controller mode).
+    /// This proxy's workload as NAMESPACE/NAME (controller mode): NAME is its ServiceAccount,
+    /// the identity it proves and is authorized as.
     #[arg(long, env = "TRELLIS_PROXY_WORKLOAD")]
     workload: Option<String>,
     /// Workload kind for metric labels (controller mode).
-    #[arg(long, default_value = "deployment")]
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_WORKLOAD_KIND",
+        default_value = "deployment"
+    )]
     workload_kind: String,
+    /// The workload's name in metric labels (controller mode): its Deployment (StatefulSet,
+    /// DaemonSet...) as users know it, so a primary and its canary, which share a
+    /// ServiceAccount, are told apart. Default: the ServiceAccount of --workload.
+    #[arg(long, env = "TRELLIS_PROXY_WORKLOAD_NAME", value_name = "NAME")]
+    workload_name: Option<String>,
+    /// Also expose other meshes' metric names and labels, for tools whose built-in queries
+    /// expect them (Flagger): osm, linkerd, istio (comma-separated or repeated).
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_METRICS_COMPAT",
+        value_enum,
+        value_delimiter = ','
+    )]
+    metrics_compat: Vec<trellis_proxy::config::MetricsCompat>,
     /// Admin listener (controller mode).
     #[arg(long, default_value = "127.0.0.1:9901")]
     admin: SocketAddr,
@@ -140,9 +159,10 @@ fn controller_base(cli: &Cli) -> anyhow::Result<Config> {
         admin: Some(cli.admin),
         workload: Some(Workload {
             kind: cli.workload_kind.clone(),
-            name: name.into(),
+            name: cli.workload_name.clone().unwrap_or_else(|| name.into()),
             namespace: namespace.into(),
         }),
+        metrics_compat: cli.metrics_compat.clone(),
         ..Config::default()
     };
     config.outbound.http = cli.outbound_http;

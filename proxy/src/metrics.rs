@@ -4,7 +4,7 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `trellis_request_total` | counter | [`RequestLabels`] |
-//! | `trellis_request_duration_ms` | histogram (ms: 1,5,10,25,50,100,250,500,1000,5000,...) | [`RequestLabels`] |
+//! | `trellis_request_duration_ms` | histogram (ms: [`LATENCY_BUCKETS_MS`]) | [`RequestLabels`] |
 //! | `trellis_tcp_connections_total` | counter | [`TcpLabels`] |
 //! | `trellis_config_updates_total` | counter | `source` (`file`, `controller`), `result` (`applied`, `rejected`) |
 //! | `trellis_tls_handshakes_total` | counter | `direction` (`inbound`, `outbound`): completed mTLS handshakes |
@@ -14,10 +14,23 @@
 //! | `trellis_connections_refused_total` | counter | `listener` (`outbound-http`, `outbound-port`, `inbound`), `reason` (`global-limit`, `per-source-limit`, `handshake-limit`): every refusal |
 //! | `trellis_open_connections` | gauge | `listener`: client connections open now |
 //!
+//! With `--metrics-compat` (config `metrics_compat`), the inbound side also counts its requests
+//! under other meshes' names, for tools whose built-in queries expect them (Flagger):
+//!
+//! | `--metrics-compat` | counter | histogram (ms) | labels |
+//! |---|---|---|---|
+//! | `osm` | `osm_request_total` | `osm_request_duration_ms` | `destination_namespace`, `destination_kind` (`Deployment`...), `destination_name`, `response_code` |
+//! | `linkerd` | `response_total` | `response_latency_ms` | `namespace`, `deployment`, `direction="inbound"`, `classification` (`failure` for 5xx) |
+//! | `istio` | `istio_requests_total` | `istio_request_duration_milliseconds` | `reporter="destination"`, `destination_workload_namespace`, `destination_workload`, `response_code` |
+//!
+//! The workload in every label is this proxy's (`--workload-name`, its Deployment), so a canary
+//! and its primary are separate series.
+//!
 //! `trellis_request_duration_ms` measures from the request's arrival to the response headers
 //! (what clients wait for before bytes flow). Success rate per destination workload for Flagger:
-//! `sum(rate(trellis_request_total{destination_workload="X",response_code!~"5.."}[1m])) /
-//! sum(rate(trellis_request_total{destination_workload="X"}[1m]))`.
+//! `sum(rate(trellis_request_total{direction="inbound",destination_workload="X",response_code!~"5.."}[1m])) /
+//! sum(rate(trellis_request_total{direction="inbound",destination_workload="X"}[1m]))`
+//! (the MetricTemplates in deploy/flagger).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -29,11 +42,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::config::Workload;
+use crate::config::{MetricsCompat, Workload};
 
-/// Latency buckets in milliseconds.
-pub const LATENCY_BUCKETS_MS: [f64; 14] = [
-    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+/// Latency buckets in milliseconds. `histogram_quantile` is exact at bucket edges, so edges sit
+/// where canary thresholds usually do (100, 250, 300, 500, 1000 ms); 1 and 2 ms resolve
+/// sub-millisecond meshes, 60 s bounds the slowest finite bucket.
+pub const LATENCY_BUCKETS_MS: [f64; 16] = [
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 300.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0, 60000.0,
 ];
 
 /// A cheaply clonable label value.
@@ -149,6 +165,8 @@ pub struct Metrics {
     pub source: SourceLabels,
     open_connections: Family<ListenerLabels, Gauge>,
     connections_refused: Family<ListenerReasonLabels, Counter>,
+    /// The series other meshes' names and labels that Flagger's built-in queries read.
+    compat: Option<Arc<compat::Compat>>,
 }
 
 /// This proxy's own workload labels.
@@ -168,7 +186,11 @@ fn latency_histogram() -> Histogram {
 
 impl Metrics {
     /// Register the proxy's metrics in `registry`.
-    pub fn register(registry: &mut Registry, workload: Option<&Workload>) -> Self {
+    pub fn register(
+        registry: &mut Registry,
+        workload: Option<&Workload>,
+        compat: &[MetricsCompat],
+    ) -> Self {
         let requests = Family::default();
         let durations = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let tcp = Family::default();
@@ -254,6 +276,8 @@ impl Metrics {
             source,
             open_connections,
             connections_refused,
+            compat: (!compat.is_empty())
+                .then(|| Arc::new(compat::Compat::register(registry, workload, compat))),
         }
     }
 
@@ -261,6 +285,11 @@ impl Metrics {
     pub fn request(&self, labels: &RequestLabels, elapsed_ms: f64) {
         self.requests.get_or_create(labels).inc();
         self.durations.get_or_create(labels).observe(elapsed_ms);
+        if let Some(compat) = &self.compat
+            && labels.direction.as_str() == "inbound"
+        {
+            compat.inbound(labels.response_code, elapsed_ms);
+        }
     }
 
     /// Count one TCP connection.
@@ -327,4 +356,270 @@ pub fn render(registry: &Registry) -> String {
         let _ = writeln!(out, "# metrics encoding failed");
     }
     out
+}
+
+/// The compatibility series (`--metrics-compat`): the names and labels of the OSM, Linkerd and
+/// Istio data planes, exactly what Flagger's built-in queries for those providers select
+/// (../shared/flagger/CONTRACT.md section 3.2), counted by the inbound (server-side) proxy for
+/// its own workload. Every label but the status is this proxy's workload, so the label sets are
+/// built once and a request only picks the one for its status code.
+mod compat {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct OsmLabels {
+        destination_namespace: Label,
+        destination_kind: Label,
+        destination_name: Label,
+        response_code: Label,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct OsmDurationLabels {
+        destination_namespace: Label,
+        destination_kind: Label,
+        destination_name: Label,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct LinkerdLabels {
+        namespace: Label,
+        deployment: Label,
+        direction: Label,
+        classification: Label,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct LinkerdDurationLabels {
+        namespace: Label,
+        deployment: Label,
+        direction: Label,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct IstioLabels {
+        reporter: Label,
+        destination_workload_namespace: Label,
+        destination_workload: Label,
+        response_code: Label,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct IstioDurationLabels {
+        reporter: Label,
+        destination_workload_namespace: Label,
+        destination_workload: Label,
+    }
+
+    type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+    /// Registers a histogram family and returns its one series, `labels`.
+    fn histogram<L>(registry: &mut Registry, metric: &str, help: &str, labels: &L) -> Histogram
+    where
+        L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let family: Histograms<L> =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(metric, help, family.clone());
+        family.get_or_create(labels).clone()
+    }
+
+    pub(super) struct Compat {
+        namespace: Label,
+        kind: Label,
+        name: Label,
+        osm: Option<Family<OsmLabels, Counter>>,
+        linkerd: Option<Family<LinkerdLabels, Counter>>,
+        istio: Option<Family<IstioLabels, Counter>>,
+        /// Every enabled family's histogram of this workload (one label set each).
+        durations: Vec<Histogram>,
+        /// The counters of each status code seen, resolved once.
+        by_status: Mutex<HashMap<u16, Arc<[Counter]>>>,
+    }
+
+    impl std::fmt::Debug for Compat {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Compat")
+                .field("osm", &self.osm.is_some())
+                .field("linkerd", &self.linkerd.is_some())
+                .field("istio", &self.istio.is_some())
+                .finish_non_exhaustive()
+        }
+    }
+
+    /// `deployment` -> `Deployment`, as Kubernetes spells kinds (OSM's queries say
+    /// `destination_kind="Deployment"`).
+    pub(super) fn kind_name(kind: &str) -> String {
+        match kind.to_ascii_lowercase().as_str() {
+            "deployment" => "Deployment".into(),
+            "statefulset" => "StatefulSet".into(),
+            "daemonset" => "DaemonSet".into(),
+            "replicaset" => "ReplicaSet".into(),
+            "pod" => "Pod".into(),
+            _ => {
+                let mut chars = kind.chars();
+                chars
+                    .next()
+                    .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+                    .unwrap_or_default()
+            }
+        }
+    }
+
+    impl Compat {
+        pub(super) fn register(
+            registry: &mut Registry,
+            workload: Option<&Workload>,
+            which: &[MetricsCompat],
+        ) -> Self {
+            let (namespace, kind, name) = workload
+                .map_or((String::new(), String::new(), String::new()), |w| {
+                    (w.namespace.clone(), kind_name(&w.kind), w.name.clone())
+                });
+            let namespace = Label::from(namespace.as_str());
+            let kind = Label::from(kind.as_str());
+            let name = Label::from(name.as_str());
+            let mut compat = Compat {
+                namespace: namespace.clone(),
+                kind: kind.clone(),
+                name: name.clone(),
+                osm: None,
+                linkerd: None,
+                istio: None,
+                durations: Vec::new(),
+                by_status: Mutex::new(HashMap::new()),
+            };
+            for which in which {
+                match which {
+                    MetricsCompat::Osm if compat.osm.is_none() => {
+                        let requests = Family::default();
+                        registry.register(
+                            "osm_request",
+                            "Inbound HTTP requests (OSM's name, for Flagger's osm provider)",
+                            requests.clone(),
+                        );
+                        let durations = histogram(
+                            registry,
+                            "osm_request_duration_ms",
+                            "Inbound request duration, ms (OSM's name)",
+                            &OsmDurationLabels {
+                                destination_namespace: namespace.clone(),
+                                destination_kind: kind.clone(),
+                                destination_name: name.clone(),
+                            },
+                        );
+                        compat.osm = Some(requests);
+                        compat.durations.push(durations);
+                    }
+                    MetricsCompat::Linkerd if compat.linkerd.is_none() => {
+                        let requests = Family::default();
+                        registry.register(
+                            "response",
+                            "Inbound HTTP responses (Linkerd's name, for Flagger's linkerd provider)",
+                            requests.clone(),
+                        );
+                        let durations = histogram(
+                            registry,
+                            "response_latency_ms",
+                            "Inbound response latency, ms (Linkerd's name)",
+                            &LinkerdDurationLabels {
+                                namespace: namespace.clone(),
+                                deployment: name.clone(),
+                                direction: Label::from("inbound"),
+                            },
+                        );
+                        compat.linkerd = Some(requests);
+                        compat.durations.push(durations);
+                    }
+                    MetricsCompat::Istio if compat.istio.is_none() => {
+                        let requests = Family::default();
+                        registry.register(
+                            "istio_requests",
+                            "Inbound HTTP requests (Istio's name, what Flagger's smi providers query)",
+                            requests.clone(),
+                        );
+                        let durations = histogram(
+                            registry,
+                            "istio_request_duration_milliseconds",
+                            "Inbound request duration, ms (Istio's name)",
+                            &IstioDurationLabels {
+                                reporter: Label::from("destination"),
+                                destination_workload_namespace: namespace.clone(),
+                                destination_workload: name.clone(),
+                            },
+                        );
+                        compat.istio = Some(requests);
+                        compat.durations.push(durations);
+                    }
+                    _ => {}
+                }
+            }
+            compat
+        }
+
+        /// The counters of `status`, created on first use.
+        fn counters(&self, status: u16) -> Arc<[Counter]> {
+            let mut cache = self.by_status.lock().unwrap_or_else(|p| p.into_inner());
+            cache
+                .entry(status)
+                .or_insert_with(|| {
+                    let code = Label::from(status.to_string().as_str());
+                    // Linkerd's classification: a 5xx is a failure.
+                    let classification =
+                        Label::from(if status >= 500 { "failure" } else { "success" });
+                    let mut counters = Vec::new();
+                    if let Some(family) = &self.osm {
+                        counters.push(
+                            family
+                                .get_or_create(&OsmLabels {
+                                    destination_namespace: self.namespace.clone(),
+                                    destination_kind: self.kind.clone(),
+                                    destination_name: self.name.clone(),
+                                    response_code: code.clone(),
+                                })
+                                .clone(),
+                        );
+                    }
+                    if let Some(family) = &self.linkerd {
+                        counters.push(
+                            family
+                                .get_or_create(&LinkerdLabels {
+                                    namespace: self.namespace.clone(),
+                                    deployment: self.name.clone(),
+                                    direction: Label::from("inbound"),
+                                    classification,
+                                })
+                                .clone(),
+                        );
+                    }
+                    if let Some(family) = &self.istio {
+                        counters.push(
+                            family
+                                .get_or_create(&IstioLabels {
+                                    reporter: Label::from("destination"),
+                                    destination_workload_namespace: self.namespace.clone(),
+                                    destination_workload: self.name.clone(),
+                                    response_code: code,
+                                })
+                                .clone(),
+                        );
+                    }
+                    Arc::from(counters)
+                })
+                .clone()
+        }
+
+        /// Counts one inbound request answered with `status` after `elapsed_ms`.
+        pub(super) fn inbound(&self, status: u16, elapsed_ms: f64) {
+            for counter in self.counters(status).iter() {
+                counter.inc();
+            }
+            for histogram in &self.durations {
+                histogram.observe(elapsed_ms);
+            }
+        }
+    }
 }

@@ -134,7 +134,7 @@ impl Shared {
     ) -> Result<Self, crate::config::Invalid> {
         let stats = StatsRegistry::default();
         let table = RoutingTable::compile(Arc::new(config.clone()), &stats)?;
-        let metrics = Metrics::register(registry, config.workload.as_ref());
+        let metrics = Metrics::register(registry, config.workload.as_ref(), &config.metrics_compat);
         let connections = Arc::new(Connections::new(
             config.limits.effective_max_connections(),
             metrics.clone(),

@@ -4,7 +4,9 @@
 //! received per caller and per path, and can call other services (through a mesh proxy) on
 //! request, so a harness can drive "A calls B" scenarios and then ask B what it saw.
 //!
-//! - any path outside `/_echo/`: `200` with an [`EchoReply`] JSON body, counted.
+//! - any path outside `/_echo/`: `200` with an [`EchoReply`] JSON body, counted. Query parameters
+//!   shape the answer, so a test can make known failures and latency: `status=CODE` answers with
+//!   that status (same body), `delay_ms=N` answers after N ms (at most 60 s).
 //! - `GET /_echo/counts`: the [`Counts`] seen since start or the last reset (not counted).
 //! - `POST /_echo/reset`: zero the counts.
 //! - `POST /_echo/call` with a [`CallPlan`] body: make the calls and answer a [`CallReport`].
@@ -143,10 +145,14 @@ async fn handle(
                 *counts.by_caller.entry(caller.clone()).or_default() += 1;
                 *counts.by_path.entry(path.clone()).or_default() += 1;
             }
+            let (status, delay) = shaping(req.uri().query());
             // Drain the request body so keep-alive connections stay usable.
             let _ = req.into_body().collect().await;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             json(
-                StatusCode::OK,
+                status,
                 &EchoReply {
                     service: state.identity.service.clone(),
                     version: state.identity.version.clone(),
@@ -158,6 +164,32 @@ async fn handle(
         }
     };
     Ok(reply)
+}
+
+/// The `status` and `delay_ms` query parameters (unknown or bad values are ignored).
+fn shaping(query: Option<&str>) -> (StatusCode, std::time::Duration) {
+    let mut status = StatusCode::OK;
+    let mut delay = std::time::Duration::ZERO;
+    for pair in query.unwrap_or_default().split('&') {
+        match pair.split_once('=') {
+            Some(("status", code)) => {
+                if let Some(code) = code
+                    .parse::<u16>()
+                    .ok()
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                {
+                    status = code;
+                }
+            }
+            Some(("delay_ms", ms)) => {
+                if let Ok(ms) = ms.parse::<u64>() {
+                    delay = std::time::Duration::from_millis(ms.min(60_000));
+                }
+            }
+            _ => {}
+        }
+    }
+    (status, delay)
 }
 
 async fn call(req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -190,4 +222,29 @@ fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
         .header(http::header::CONTENT_TYPE, "text/plain")
         .body(Full::new(Bytes::from(message)))
         .expect("valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_and_delay_come_from_the_query() {
+        assert_eq!(
+            shaping(Some("status=503&delay_ms=40")),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                std::time::Duration::from_millis(40)
+            )
+        );
+        assert_eq!(
+            shaping(Some("x=1&status=abc&delay_ms=-3")),
+            (StatusCode::OK, std::time::Duration::ZERO)
+        );
+        assert_eq!(shaping(None), (StatusCode::OK, std::time::Duration::ZERO));
+        assert_eq!(
+            shaping(Some("delay_ms=999999")).1,
+            std::time::Duration::from_secs(60)
+        );
+    }
 }

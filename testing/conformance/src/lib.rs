@@ -7,9 +7,11 @@
 //!   real API server).
 //! - [`scenarios`]: the SMI scenarios, the same SMI YAML on every platform.
 //! - [`table`]: the scenario x platform table the conformance test prints.
+//! - [`prometheus`]: a real Prometheus for the tests that run Flagger's queries.
 //!
 //! The test `tests/smi.rs` runs every scenario on every platform and fails on any failure.
 
 pub mod harness;
+pub mod prometheus;
 pub mod scenarios;
 pub mod table;

@@ -1,0 +1,136 @@
+//! A real Prometheus (Debian's `prometheus` package) for tests: started on 127.0.0.1 with a
+//! generated configuration that scrapes the given targets every second, queried through its HTTP
+//! API as Flagger queries it, stopped when dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::harness::process::Process;
+use trellis_echo::plain as http;
+
+/// Where the binary is: `TRELLIS_PROMETHEUS`, else `prometheus` on `PATH`; `None` when neither.
+pub fn binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("TRELLIS_PROMETHEUS") {
+        return Some(PathBuf::from(path));
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join("prometheus"))
+        .find(|p| p.is_file())
+}
+
+/// A running Prometheus.
+#[derive(Debug)]
+pub struct Prometheus {
+    _process: Process,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Starts `exe` scraping `targets` (job `trellis-proxies`, `/metrics`, every 1 s).
+    pub async fn start(exe: &Path, targets: &[SocketAddr], log_dir: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("prometheus.yml");
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: trellis-proxies\n    metrics_path: /metrics\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let process = Process::spawn(
+            "prometheus",
+            exe,
+            &[
+                format!("--config.file={}", config.display()),
+                format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+                format!("--web.listen-address={addr}"),
+            ],
+            &[],
+            log_dir,
+        )?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(reply) = http::request(addr, http::Method::GET, "/-/ready", None).await
+                && reply.status == 200
+            {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "prometheus did not become ready on {addr} within 30 s; its log: {}",
+                    process.tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(Self {
+            _process: process,
+            addr,
+            _dir: dir,
+        })
+    }
+
+    /// The value Flagger would take from `query` (`GET /api/v1/query`, the last element of the
+    /// vector), or `None` when the result is empty or NaN (Flagger's "no values found").
+    /// Whitespace runs are collapsed to one space first, as Flagger does.
+    pub async fn flagger_value(&self, query: &str) -> anyhow::Result<Option<f64>> {
+        let collapsed = query.split_whitespace().collect::<Vec<_>>().join(" ");
+        let path = format!(
+            "/api/v1/query?query={}",
+            percent_encode(&format!(" {collapsed}"))
+        );
+        let reply = http::request(self.addr, http::Method::GET, &path, None).await?;
+        let body: serde_json::Value = serde_json::from_slice(&reply.body)
+            .with_context(|| format!("prometheus answered {}: {}", reply.status, reply.text()))?;
+        if body["status"] != "success" {
+            bail!("query {collapsed:?} failed: {body}");
+        }
+        if body["data"]["resultType"] != "vector" {
+            bail!("query {collapsed:?}: not a vector: {body}");
+        }
+        let value = body["data"]["result"]
+            .as_array()
+            .and_then(|r| r.last())
+            .and_then(|last| last["value"][1].as_str())
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| !v.is_nan());
+        Ok(value)
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_are_percent_encoded_whole() {
+        assert_eq!(
+            percent_encode(r#" sum(rate(x{a="b",c!~"5.*"}[1m]))"#),
+            "%20sum%28rate%28x%7Ba%3D%22b%22%2Cc%21~%225.%2A%22%7D%5B1m%5D%29%29"
+        );
+    }
+}

@@ -1,0 +1,279 @@
+//! Flagger's built-in metric queries, exactly as Flagger sends them (../shared/flagger/CONTRACT.md
+//! section 3.2: providers `osm`, `linkerd`, and the Istio-shaped queries the `smi:*` providers
+//! get), run through a real Prometheus scraping real proxies, must give the right answers.
+//!
+//! A canary (`Deployment/podinfo`) and its primary (`Deployment/podinfo-primary`) share the
+//! ServiceAccount `podinfo`, each app behind its own inbound `trellis-proxy`
+//! (`--workload test/podinfo --workload-name <deployment> --metrics-compat osm,linkerd,istio`).
+//! The canary gets 10% 500s and 5% requests delayed by 60 ms, steadily for about 10 s; the
+//! primary only fast 200s. The
+//! queries for target `podinfo` must read the canary alone: success rate 90 +/- 1, p99 at least
+//! the injected delay.
+//!
+//! Skipped, with the reason, when Prometheus is not installed (`scripts/test` installs Debian's
+//! package when it can).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use trellis_conformance::harness::process::{self, Process};
+use trellis_conformance::prometheus::{self, Prometheus};
+use trellis_echo::client::{CallPlan, run as call};
+
+/// The canary is `podinfo` in namespace `test`, as in Flagger's own examples.
+const NAMESPACE: &str = "test";
+
+fn queries(target: &str) -> [(&'static str, String, String); 3] {
+    let ns = NAMESPACE;
+    [
+        (
+            "osm",
+            format!(
+                r#"sum( rate( osm_request_total{{ destination_namespace="{ns}", destination_kind="Deployment", destination_name="{target}", response_code!~"5.*" }}[1m] ) ) / sum( rate( osm_request_total{{ destination_namespace="{ns}", destination_kind="Deployment", destination_name="{target}" }}[1m] ) ) * 100"#
+            ),
+            format!(
+                r#"histogram_quantile( 0.99, sum( rate( osm_request_duration_ms_bucket{{ destination_namespace="{ns}", destination_kind="Deployment", destination_name="{target}" }}[30s] ) ) by (le) )"#
+            ),
+        ),
+        (
+            "linkerd",
+            format!(
+                r#"sum( rate( response_total{{ namespace="{ns}", deployment=~"{target}", classification!="failure", direction="inbound" }}[1m] ) ) / sum( rate( response_total{{ namespace="{ns}", deployment=~"{target}", direction="inbound" }}[1m] ) ) * 100"#
+            ),
+            format!(
+                r#"histogram_quantile( 0.99, sum( rate( response_latency_ms_bucket{{ namespace="{ns}", deployment=~"{target}", direction="inbound" }}[30s] ) ) by (le) )"#
+            ),
+        ),
+        (
+            "istio (smi:*)",
+            format!(
+                r#"sum( rate( istio_requests_total{{ reporter="destination", destination_workload_namespace="{ns}", destination_workload=~"{target}", response_code!~"5.*" }}[1m] ) ) / sum( rate( istio_requests_total{{ reporter="destination", destination_workload_namespace="{ns}", destination_workload=~"{target}" }}[1m] ) ) * 100"#
+            ),
+            format!(
+                r#"histogram_quantile( 0.99, sum( rate( istio_request_duration_milliseconds_bucket{{ reporter="destination", destination_workload_namespace="{ns}", destination_workload=~"{target}" }}[30s] ) ) by (le) )"#
+            ),
+        ),
+    ]
+}
+
+/// One app behind its inbound proxy.
+struct Pod {
+    _app: Process,
+    _proxy: Process,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+}
+
+async fn pod(deployment: &str, grpc: SocketAddr, log_dir: &std::path::Path) -> anyhow::Result<Pod> {
+    let mut app = Process::spawn(
+        &format!("app-{deployment}"),
+        &process::binary(process::ECHO)?,
+        &[
+            "--service".into(),
+            "podinfo".into(),
+            "--version".into(),
+            deployment.into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ],
+        &[],
+        log_dir,
+    )?;
+    let app_addr = app.listening_on().await?;
+    let mut proxy = Process::spawn(
+        &format!("proxy-{deployment}"),
+        &process::binary(process::PROXY)?,
+        &[
+            "--controller".into(),
+            format!("http://{grpc}"),
+            "--workload".into(),
+            format!("{NAMESPACE}/podinfo"),
+            "--workload-name".into(),
+            deployment.into(),
+            "--metrics-compat".into(),
+            "osm,linkerd,istio".into(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+            "--inbound".into(),
+            format!("127.0.0.1:0={app_addr}"),
+            "--threads".into(),
+            "1".into(),
+        ],
+        &[],
+        log_dir,
+    )?;
+    let line = proxy
+        .wait_line("`trellis-proxy started`", process::START_TIMEOUT, |l| {
+            l.contains("trellis-proxy started").then(|| l.to_owned())
+        })
+        .await?;
+    Ok(Pod {
+        inbound: process::traced_addr(&line, "inbound").context("inbound address")?,
+        admin: process::traced_addr(&line, "admin").context("admin address")?,
+        _app: app,
+        _proxy: proxy,
+    })
+}
+
+/// `count` GETs of `path` straight to a pod's inbound proxy (plaintext; the mesh is permissive).
+async fn send(pod: &Pod, path: &str, count: u32) -> anyhow::Result<()> {
+    let report = call(&CallPlan {
+        url: format!("http://{}{path}", pod.inbound),
+        count,
+        method: "GET".into(),
+        caller: Some("loadtester".into()),
+        headers: Default::default(),
+        proxy: None,
+        timeout_ms: Some(5000),
+    })
+    .await?;
+    if report.failed > 0 {
+        bail!("{} of {count} requests to {path} failed", report.failed);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaggers_builtin_queries_read_the_canary_through_a_real_prometheus() -> anyhow::Result<()>
+{
+    let Some(exe) = prometheus::binary() else {
+        println!(
+            "skipped: no prometheus binary (TRELLIS_PROMETHEUS or `prometheus` on PATH; scripts/test installs Debian's package)"
+        );
+        return Ok(());
+    };
+    let scratch = tempfile::tempdir()?;
+    let log_dir = scratch.path().join("logs");
+    std::fs::create_dir_all(&log_dir)?;
+    let services = scratch.path().join("services.yaml");
+    std::fs::write(&services, format!("namespace: {NAMESPACE}\nservices: []\n"))?;
+    let mut controller = Process::spawn(
+        "controller",
+        &process::binary(process::TRELLIS)?,
+        &[
+            "controller".into(),
+            "--platform".into(),
+            format!("file={}", services.display()),
+            "--permissive".into(),
+            "--grpc".into(),
+            "127.0.0.1:0".into(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+        ],
+        &[],
+        &log_dir,
+    )?;
+    let grpc: SocketAddr = controller
+        .wait_line("`grpc listening on ADDR`", process::START_TIMEOUT, |l| {
+            l.strip_prefix("grpc listening on ")?.parse().ok()
+        })
+        .await?;
+    let canary = pod("podinfo", grpc, &log_dir).await?;
+    let primary = pod("podinfo-primary", grpc, &log_dir).await?;
+    // Steady traffic, as a canary analysis sees it. A round: the canary answers 20 requests, 2
+    // of them 500 and 1 after 60 ms (10% failures, 5% slow); the primary 20 fast 200s. One round
+    // before Prometheus starts creates every series, so each counter's first scrape is a baseline
+    // with the same mix (`rate` ignores what a series held at its first sample).
+    let round = || async {
+        send(&canary, "/api", 8).await?;
+        send(&canary, "/api?status=500", 1).await?;
+        send(&canary, "/api", 9).await?;
+        send(&canary, "/api?status=500", 1).await?;
+        send(&canary, "/api?delay_ms=60", 1).await?;
+        send(&primary, "/api", 20).await?;
+        anyhow::Ok(())
+    };
+    round().await?;
+    let prometheus = Prometheus::start(&exe, &[canary.admin, primary.admin], &log_dir).await?;
+    for _ in 0..20 {
+        round().await?;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let mut seen = Vec::new();
+    for (provider, success, latency) in queries("podinfo") {
+        // Scrapes land every second; wait until Prometheus has two samples of the last round.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let (rate, p99) = loop {
+            let rate = prometheus.flagger_value(&success).await?;
+            let p99 = prometheus.flagger_value(&latency).await?;
+            if let (Some(rate), Some(p99)) = (rate, p99) {
+                break (rate, p99);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{provider}: no values within 20 s (rate {rate:?}, p99 {p99:?}):\n{success}\n{latency}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        seen.push(format!(
+            "{provider}: success rate {rate:.2}%, p99 {p99:.1} ms"
+        ));
+        assert!(
+            (89.0..=91.0).contains(&rate),
+            "{provider}: success rate {rate} (expected 90 +/- 1: the canary alone)\n{success}"
+        );
+        // Flagger truncates to integer ms and compares with `max`.
+        assert!(
+            p99.trunc() >= 60.0 && p99 < 100.0,
+            "{provider}: p99 {p99} ms (expected at least the injected 60 ms, within its bucket)\n{latency}"
+        );
+    }
+    // The MetricTemplates shipped for Trellis's own series (deploy/flagger), rendered as Flagger
+    // renders them for this Canary, give the same answers.
+    let templates = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/flagger/metric-templates.yaml"),
+    )?;
+    for doc in serde_yaml_ng::Deserializer::from_str(&templates) {
+        let doc: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+        let name = doc["metadata"]["name"]
+            .as_str()
+            .context("template name")?
+            .to_owned();
+        let interval = if name.contains("latency") {
+            "30s"
+        } else {
+            "1m"
+        };
+        let query = doc["spec"]["query"]
+            .as_str()
+            .context("template query")?
+            .replace("{{ namespace }}", NAMESPACE)
+            .replace("{{ target }}", "podinfo")
+            .replace("{{ interval }}", interval);
+        assert!(
+            !query.contains("{{"),
+            "{name}: unrendered template: {query}"
+        );
+        let value = prometheus
+            .flagger_value(&query)
+            .await?
+            .with_context(|| format!("MetricTemplate {name}: no value"))?;
+        seen.push(format!("MetricTemplate {name}: {value:.2}"));
+        if name.contains("latency") {
+            assert!(
+                value.trunc() >= 60.0 && value < 100.0,
+                "{name}: {value}\n{query}"
+            );
+        } else {
+            assert!((89.0..=91.0).contains(&value), "{name}: {value}\n{query}");
+        }
+    }
+    // The primary is its own series: its queries see no failures.
+    for (provider, success, _) in queries("podinfo-primary") {
+        let rate = prometheus
+            .flagger_value(&success)
+            .await?
+            .with_context(|| format!("{provider}: no value for podinfo-primary"))?;
+        assert!(
+            rate > 99.9,
+            "{provider}: podinfo-primary success rate {rate}, expected 100 (no 500s sent to it)"
+        );
+    }
+    println!("{}", seen.join("\n"));
+    Ok(())
+}
