@@ -592,7 +592,11 @@ async fn the_serving_certificate_renews_and_open_streams_keep_working() {
     assert_ne!(old_serial, new_serial);
     assert!(new_expiry > old_expiry, "{new_expiry} > {old_expiry}");
 
-    // The stream opened before the renewal still carries updates, on its first connection.
+    // The stream opened before the renewal still carries updates, on its first connection: a
+    // v2 endpoint appears and the split gives it half (a backend with no endpoints gets none).
+    let mut both = services_yaml("127.0.0.1:9".parse().unwrap());
+    both.push_str("      - { address: 127.0.0.2, port: 9, labels: { version: v2 } }\n");
+    std::fs::write(&mesh.services, both).unwrap();
     std::fs::write(mesh.policy.join("split.yaml"), split_yaml(1, 1)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

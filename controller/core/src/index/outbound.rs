@@ -6,8 +6,10 @@
 //! - A split: its backends with their weights as exact relative shares (milli-units reduced by
 //!   their gcd); weight 0 gets nothing. A backend that does not exist yet has no endpoints
 //!   (reported). A backend gets traffic only on the root's port if it has that port number too;
-//!   otherwise its weight is 0 (reported). Not hierarchical: a backend that is itself a split
-//!   root is not resolved again.
+//!   otherwise its weight is 0 (reported). A backend with no ready endpoints gives its share to
+//!   the backends that have some (weights renormalised over them; Flagger scales a canary to
+//!   zero in the same tick as it zeroes its weight); only when none has any do the weights stay.
+//!   Not hierarchical: a backend that is itself a split root is not resolved again.
 //! - A split with `matches`: one HTTP route per route group (its matches ORed) sending matching
 //!   requests by the split's weights; every other request goes to the root service.
 //! - Ports: a destination is the root's first service port (authorities are normalized without
@@ -243,6 +245,21 @@ pub fn resolve<'s>(
         };
         backends.push((key, weight, eps));
     }
+    // A weighted backend with no ready endpoints (a canary scaled to zero, a version whose pods
+    // all went away) gives its share to the backends that can serve it, so its requests do not
+    // fail with 503 no-endpoints; only when none can serve do the weights stay as written.
+    // Flagger's rollback zeroes the canary's weight and scales it to zero in the same tick: the
+    // endpoints may go first (CONTRACT.md, timing).
+    if backends
+        .iter()
+        .any(|(_, weight, eps)| *weight > 0 && !eps.is_empty())
+    {
+        for (_, weight, eps) in &mut backends {
+            if eps.is_empty() {
+                *weight = 0;
+            }
+        }
+    }
     let milli: Vec<u64> = backends.iter().map(|(_, w, _)| *w).collect();
     let shares = shares(&milli);
     if split.matches.is_empty() {
@@ -477,7 +494,8 @@ mod tests {
             snaps,
         );
         let b = backends(&r);
-        assert_eq!(b[1], ("web-v2".into(), 1, vec![]));
+        // No endpoints: its share goes to web-v1.
+        assert_eq!(b[1], ("web-v2".into(), 0, vec![]));
         // Located at the split (its document starts on line 2 of test.yaml).
         assert_eq!(
             r.problems,
@@ -507,7 +525,8 @@ mod tests {
         );
         assert_eq!(r.problems, [], "{:?}", r.problems);
         let b = backends(&r);
-        assert_eq!(b[1], ("web-v2".into(), 1, vec![]), "{b:?}");
+        // Empty, so its share goes to web-v1.
+        assert_eq!(b[1], ("web-v2".into(), 0, vec![]), "{b:?}");
 
         // The same service with a declared port that is not the root's is still a mismatch.
         let mut snaps = web_both();
@@ -518,6 +537,40 @@ mod tests {
         );
         assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
         assert!(r.problems[0].message.contains("lacks the root's port 8080"));
+    }
+
+    #[test]
+    fn a_backend_without_ready_endpoints_gives_its_share_to_those_that_have_some() {
+        // Flagger's rollback: canary weight 0 and canary scaled to zero in the same tick; here
+        // the endpoints went first, while the split still says 50/50.
+        let mut snaps = web_both();
+        snaps[2] = (
+            "web-v2",
+            set("web-v2", 8080, &[("10.0.0.2", 82, Readiness::NotReady)]),
+        );
+        let r = resolve_with(
+            &split("s", "web", &[("web-v1", 500), ("web-v2", 500)], None),
+            snaps,
+        );
+        assert_eq!(r.problems, [], "a canary scaled to zero is no problem");
+        assert_eq!(
+            backends(&r),
+            vec![
+                ("web-v1".into(), 1, vec!["10.0.0.1:81".into()]),
+                ("web-v2".into(), 0, vec![]),
+            ]
+        );
+
+        // Nobody can serve: the weights stay as written (requests get 503 no-endpoints).
+        let mut snaps = web_both();
+        snaps[1] = ("web-v1", set("web-v1", 8080, &[]));
+        snaps[2] = ("web-v2", set("web-v2", 8080, &[]));
+        let r = resolve_with(
+            &split("s", "web", &[("web-v1", 500), ("web-v2", 500)], None),
+            snaps,
+        );
+        let weights: Vec<u32> = backends(&r).iter().map(|b| b.1).collect();
+        assert_eq!(weights, [1, 1]);
     }
 
     #[test]
