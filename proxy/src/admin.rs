@@ -57,10 +57,13 @@ fn answer(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Resp
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".into()),
-        "/ready" if shared.is_draining() => {
-            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
-        }
-        "/ready" => text(StatusCode::OK, "ready\n".into()),
+        "/ready" => match shared.not_ready().as_slice() {
+            [] => text(StatusCode::OK, "ready\n".into()),
+            why => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {}\n", why.join(", ")),
+            ),
+        },
         "/metrics" => {
             let mut resp = text(StatusCode::OK, crate::metrics::render(registry));
             resp.headers_mut().insert(

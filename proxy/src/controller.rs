@@ -73,6 +73,9 @@ struct Dynamic {
     inbound_protocol: Option<config::Protocol>,
 }
 
+/// What `/ready` waits for until the controller's first inbound policy arrives.
+const INBOUND_POLICY: &str = "no inbound policy from the controller yet";
+
 /// The controller client: watches destinations on demand and the inbound policy.
 #[derive(Debug)]
 pub struct Controller {
@@ -150,6 +153,8 @@ impl Controller {
     pub fn attach(&self, shared: &Arc<Shared>, inbound_port: Option<u16>) {
         let _ = self.shared.set(Arc::downgrade(shared));
         if let (Some(port), Some(me)) = (inbound_port, self.me.upgrade()) {
+            // Until the first policy arrives the inbound listener refuses everyone: not ready.
+            shared.wait_for(INBOUND_POLICY);
             tokio::spawn(me.watch_inbound(port));
         }
         for port in &self.base.outbound.ports {
@@ -297,6 +302,7 @@ impl Controller {
                             state.policy = Some(policy_from_proto(policy));
                         }
                         self.publish(&shared, "inbound policy");
+                        shared.passed(INBOUND_POLICY);
                         backoff = self.backoff();
                     }
                     tracing::warn!("inbound policy watch ended; keeping the last policy");

@@ -47,6 +47,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Set when draining (readiness turns false).
     pub draining: AtomicBool,
+    /// What `/ready` still waits for ([`Shared::wait_for`]).
+    pending: Mutex<std::collections::BTreeSet<&'static str>>,
     /// This proxy's workload identity (mTLS), if it has a source.
     pub identity: Arc<IdentityStore>,
     /// Bumped on every table swap (open opaque TCP connections re-check their authorization).
@@ -148,6 +150,7 @@ impl Shared {
             resolver,
             limits: config.limits.clone(),
             draining: AtomicBool::new(false),
+            pending: Mutex::default(),
             identity,
             table_changes: watch::channel(0).0,
             handshakes: Semaphore::new(config.limits.max_concurrent_handshakes.max(1)),
@@ -167,5 +170,42 @@ impl Shared {
     /// Whether a drain has started.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Holds `/ready` at 503 until [`Shared::passed`] is called with the same `what` (e.g. the
+    /// controller's first inbound policy: until then the inbound listener refuses everyone, and a
+    /// registry that sent traffic here would see 403s).
+    pub fn wait_for(&self, what: &'static str) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(what);
+    }
+
+    /// Releases the hold of [`Shared::wait_for`].
+    pub fn passed(&self, what: &'static str) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(what);
+    }
+
+    /// Why this proxy should not get traffic yet (empty = ready): draining, a first piece of
+    /// configuration not yet received, or an identity configured but no valid certificate.
+    pub fn not_ready(&self) -> Vec<&'static str> {
+        let mut why: Vec<&'static str> = Vec::new();
+        if self.is_draining() {
+            why.push("draining");
+        }
+        why.extend(
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter(),
+        );
+        if self.identity.is_configured() && self.identity.current().is_none() {
+            why.push("no valid certificate yet");
+        }
+        why
     }
 }

@@ -8,9 +8,11 @@
 //! - [`scenarios`]: the SMI scenarios, the same SMI YAML on every platform.
 //! - [`table`]: the scenario x platform table the conformance test prints.
 //! - [`prometheus`]: a real Prometheus for the tests that run Flagger's queries.
+//! - [`canary`]: a Flagger-style canary's processes and files (controller, pods, caller, splits).
 //!
 //! The test `tests/smi.rs` runs every scenario on every platform and fails on any failure.
 
+pub mod canary;
 pub mod harness;
 pub mod prometheus;
 pub mod scenarios;

@@ -1,6 +1,7 @@
 //! A real Prometheus (Debian's `prometheus` package) for tests: started on 127.0.0.1 with a
-//! generated configuration that scrapes the given targets every second, queried through its HTTP
-//! API as Flagger queries it, stopped when dropped.
+//! generated configuration that scrapes the given targets every second (a file-based service
+//! discovery file, so targets can change while it runs, as pods come and go), queried through its
+//! HTTP API as Flagger queries it, stopped when dropped.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ pub fn binary() -> Option<PathBuf> {
 pub struct Prometheus {
     _process: Process,
     pub addr: SocketAddr,
+    targets: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -36,12 +38,13 @@ impl Prometheus {
     pub async fn start(exe: &Path, targets: &[SocketAddr], log_dir: &Path) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("prometheus.yml");
-        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let targets_file = dir.path().join("targets.json");
+        write_targets(&targets_file, targets)?;
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: trellis-proxies\n    metrics_path: /metrics\n    static_configs:\n      - targets: [{}]\n",
-                targets.join(", ")
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: trellis-proxies\n    metrics_path: /metrics\n    file_sd_configs:\n      - files: ['{}']\n        refresh_interval: 1s\n",
+                targets_file.display()
             ),
         )?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -77,8 +80,14 @@ impl Prometheus {
         Ok(Self {
             _process: process,
             addr,
+            targets: targets_file,
             _dir: dir,
         })
+    }
+
+    /// Replaces what is scraped (picked up within about a second).
+    pub fn set_targets(&self, targets: &[SocketAddr]) -> anyhow::Result<()> {
+        write_targets(&self.targets, targets)
     }
 
     /// The value Flagger would take from `query` (`GET /api/v1/query`, the last element of the
@@ -107,6 +116,16 @@ impl Prometheus {
             .filter(|v| !v.is_nan());
         Ok(value)
     }
+}
+
+/// The file-based service discovery file for `targets`, written whole (temp file + rename).
+fn write_targets(path: &Path, targets: &[SocketAddr]) -> anyhow::Result<()> {
+    let list: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+    let body = serde_json::json!([{ "targets": list }]).to_string();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 /// Percent-encodes everything but unreserved characters (RFC 3986).

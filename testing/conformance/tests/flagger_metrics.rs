@@ -13,16 +13,11 @@
 //! Skipped, with the reason, when Prometheus is not installed (`scripts/test` installs Debian's
 //! package when it can).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use trellis_conformance::harness::process::{self, Process};
+use trellis_conformance::canary::{Controller, NAMESPACE, Pod, send_direct as send};
 use trellis_conformance::prometheus::{self, Prometheus};
-use trellis_echo::client::{CallPlan, run as call};
-
-/// The canary is `podinfo` in namespace `test`, as in Flagger's own examples.
-const NAMESPACE: &str = "test";
 
 fn queries(target: &str) -> [(&'static str, String, String); 3] {
     let ns = NAMESPACE;
@@ -57,83 +52,6 @@ fn queries(target: &str) -> [(&'static str, String, String); 3] {
     ]
 }
 
-/// One app behind its inbound proxy.
-struct Pod {
-    _app: Process,
-    _proxy: Process,
-    inbound: SocketAddr,
-    admin: SocketAddr,
-}
-
-async fn pod(deployment: &str, grpc: SocketAddr, log_dir: &std::path::Path) -> anyhow::Result<Pod> {
-    let mut app = Process::spawn(
-        &format!("app-{deployment}"),
-        &process::binary(process::ECHO)?,
-        &[
-            "--service".into(),
-            "podinfo".into(),
-            "--version".into(),
-            deployment.into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-        ],
-        &[],
-        log_dir,
-    )?;
-    let app_addr = app.listening_on().await?;
-    let mut proxy = Process::spawn(
-        &format!("proxy-{deployment}"),
-        &process::binary(process::PROXY)?,
-        &[
-            "--controller".into(),
-            format!("http://{grpc}"),
-            "--workload".into(),
-            format!("{NAMESPACE}/podinfo"),
-            "--workload-name".into(),
-            deployment.into(),
-            "--metrics-compat".into(),
-            "osm,linkerd,istio".into(),
-            "--admin".into(),
-            "127.0.0.1:0".into(),
-            "--inbound".into(),
-            format!("127.0.0.1:0={app_addr}"),
-            "--threads".into(),
-            "1".into(),
-        ],
-        &[],
-        log_dir,
-    )?;
-    let line = proxy
-        .wait_line("`trellis-proxy started`", process::START_TIMEOUT, |l| {
-            l.contains("trellis-proxy started").then(|| l.to_owned())
-        })
-        .await?;
-    Ok(Pod {
-        inbound: process::traced_addr(&line, "inbound").context("inbound address")?,
-        admin: process::traced_addr(&line, "admin").context("admin address")?,
-        _app: app,
-        _proxy: proxy,
-    })
-}
-
-/// `count` GETs of `path` straight to a pod's inbound proxy (plaintext; the mesh is permissive).
-async fn send(pod: &Pod, path: &str, count: u32) -> anyhow::Result<()> {
-    let report = call(&CallPlan {
-        url: format!("http://{}{path}", pod.inbound),
-        count,
-        method: "GET".into(),
-        caller: Some("loadtester".into()),
-        headers: Default::default(),
-        proxy: None,
-        timeout_ms: Some(5000),
-    })
-    .await?;
-    if report.failed > 0 {
-        bail!("{} of {count} requests to {path} failed", report.failed);
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flaggers_builtin_queries_read_the_canary_through_a_real_prometheus() -> anyhow::Result<()>
 {
@@ -146,31 +64,17 @@ async fn flaggers_builtin_queries_read_the_canary_through_a_real_prometheus() ->
     let scratch = tempfile::tempdir()?;
     let log_dir = scratch.path().join("logs");
     std::fs::create_dir_all(&log_dir)?;
-    let services = scratch.path().join("services.yaml");
-    std::fs::write(&services, format!("namespace: {NAMESPACE}\nservices: []\n"))?;
-    let mut controller = Process::spawn(
-        "controller",
-        &process::binary(process::TRELLIS)?,
-        &[
-            "controller".into(),
-            "--platform".into(),
-            format!("file={}", services.display()),
-            "--permissive".into(),
-            "--grpc".into(),
-            "127.0.0.1:0".into(),
-            "--admin".into(),
-            "127.0.0.1:0".into(),
-        ],
-        &[],
+    let controller = Controller::start(scratch.path(), &log_dir).await?;
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let canary = Pod::start("podinfo", "6.0.1", loopback, controller.grpc, &log_dir).await?;
+    let primary = Pod::start(
+        "podinfo-primary",
+        "6.0.0",
+        loopback,
+        controller.grpc,
         &log_dir,
-    )?;
-    let grpc: SocketAddr = controller
-        .wait_line("`grpc listening on ADDR`", process::START_TIMEOUT, |l| {
-            l.strip_prefix("grpc listening on ")?.parse().ok()
-        })
-        .await?;
-    let canary = pod("podinfo", grpc, &log_dir).await?;
-    let primary = pod("podinfo-primary", grpc, &log_dir).await?;
+    )
+    .await?;
     // Steady traffic, as a canary analysis sees it. A round: the canary answers 20 requests, 2
     // of them 500 and 1 after 60 ms (10% failures, 5% slow); the primary 20 fast 200s. One round
     // before Prometheus starts creates every series, so each counter's first scrape is a baseline
