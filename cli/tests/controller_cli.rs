@@ -87,26 +87,11 @@ fn controller_on_the_file_platform_with_check_and_get() {
         .enable_all()
         .build()
         .unwrap();
-    let grpc = ctl.grpc;
-    let _stream = runtime.block_on(async move {
-        let mut client = DestinationsClient::connect(format!("http://{grpc}"))
-            .await
-            .unwrap();
-        let mut stream = client
-            .watch(v1::DestinationRequest {
-                target: "web.demo".into(),
-                source_workload: "demo/client".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let first = stream.next().await.unwrap().unwrap();
-        assert!(
-            matches!(first.kind, Some(v1::destination_update::Kind::Profile(_))),
-            "{first:?}"
-        );
-        stream
-    });
+    let (first, _stream) = runtime.block_on(first_update(ctl.grpc, "web.demo"));
+    assert!(
+        matches!(first.kind, Some(v1::destination_update::Kind::Profile(_))),
+        "{first:?}"
+    );
     let services_out = trellis(&["get", "services", "--admin", &admin]);
     let table = stdout(&services_out);
     assert!(table.starts_with("DESTINATION"), "{table}");
@@ -180,28 +165,7 @@ fn controller_on_the_consul_double_answers_from_consul() {
         .block_on(trellis_consul_double::ConsulDouble::start())
         .unwrap();
     let ctl = controller(&["--platform", &format!("consul={}", double.addr())]);
-    let grpc = ctl.grpc;
-    let answer = runtime.block_on(async move {
-        let mut client = DestinationsClient::connect(format!("http://{grpc}"))
-            .await
-            .unwrap();
-        let mut stream = client
-            .watch(v1::DestinationRequest {
-                target: "web.default".into(),
-                source_workload: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        // Kept open: the controller watches Consul for the services proxies ask about.
-        (first, stream)
-    });
-    let (answer, _watch) = answer;
+    let (answer, _watch) = runtime.block_on(first_update(ctl.grpc, "web.default"));
     match answer.kind {
         Some(v1::destination_update::Kind::NotFound(n)) => {
             assert!(n.reason.contains("default/web"), "{n:?}")
@@ -232,8 +196,15 @@ fn controller_on_the_consul_double_answers_from_consul() {
     assert!(!stdout(&out).contains("STALE"), "{}", stdout(&out));
 }
 
-/// The first update of a Destinations watch of `target` on the controller at `grpc`.
-async fn first_update(grpc: SocketAddr, target: &str) -> v1::DestinationUpdate {
+/// A Destinations watch of `target` on the controller at `grpc`: its first update, and the
+/// stream (kept open, the controller keeps watching the platform for it).
+async fn first_update(
+    grpc: SocketAddr,
+    target: &str,
+) -> (
+    v1::DestinationUpdate,
+    tonic::Streaming<v1::DestinationUpdate>,
+) {
     let mut client = DestinationsClient::connect(format!("http://{grpc}"))
         .await
         .unwrap();
@@ -245,11 +216,12 @@ async fn first_update(grpc: SocketAddr, target: &str) -> v1::DestinationUpdate {
         .await
         .unwrap()
         .into_inner();
-    tokio::time::timeout(Duration::from_secs(10), stream.next())
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
         .expect("an update within 10 s")
         .expect("the stream stays open")
-        .expect("an update, not an error")
+        .expect("an update, not an error");
+    (first, stream)
 }
 
 #[test]
@@ -288,7 +260,7 @@ fn controller_reads_a_consul_with_acls_using_a_token_from_a_file() {
             token.display()
         ),
     ]);
-    let update = runtime.block_on(first_update(ctl.grpc, "web.shop"));
+    let (update, _watch) = runtime.block_on(first_update(ctl.grpc, "web.shop"));
     let Some(v1::destination_update::Kind::Profile(profile)) = update.kind else {
         panic!("expected web.shop's profile, got {update:?}");
     };
@@ -302,7 +274,7 @@ fn controller_reads_a_consul_with_acls_using_a_token_from_a_file() {
 
     // Without it: Consul filters everything out; check says the source is stale and why.
     let ctl = controller(&["--platform", &format!("consul={}", double.addr())]);
-    let _ = runtime.block_on(first_update(ctl.grpc, "web.default"));
+    let (_, _watch) = runtime.block_on(first_update(ctl.grpc, "web.default"));
     let out = check_until(ctl.admin, |o| stdout(o).contains("STALE"));
     let text = stdout(&out);
     assert!(text.contains("STALE"), "{text}");
@@ -354,27 +326,11 @@ fn an_address_in_two_platforms_and_a_stray_loopback_one_are_reported_by_check() 
         &format!("file={}", second.display()),
     ]);
     // Registrations are merged (and checked) for the services proxies ask for.
-    let grpc = ctl.grpc;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let _watch = runtime.block_on(async move {
-        let mut client = DestinationsClient::connect(format!("http://{grpc}"))
-            .await
-            .unwrap();
-        let mut stream = client
-            .watch(v1::DestinationRequest {
-                target: "web.demo".into(),
-                source_workload: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let first = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
-        assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
-        stream
-    });
+    let _watch = runtime.block_on(first_update(ctl.grpc, "web.demo"));
     let out = check_until(ctl.admin, |o| stdout(o).contains("problems: 2"));
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
