@@ -68,16 +68,22 @@ struct Cli {
     )]
     metrics_compat: Vec<trellis_proxy::config::MetricsCompat>,
     /// Admin listener (controller mode).
-    #[arg(long, default_value = "127.0.0.1:9901")]
+    #[arg(long, env = "TRELLIS_PROXY_ADMIN", default_value = "127.0.0.1:9901")]
     admin: SocketAddr,
     /// Outbound HTTP listener (controller mode).
-    #[arg(long)]
+    #[arg(long, env = "TRELLIS_PROXY_OUTBOUND_HTTP")]
     outbound_http: Option<SocketAddr>,
-    /// Per-upstream port LISTEN=AUTHORITY, repeatable (controller mode).
-    #[arg(long = "port", value_name = "LISTEN=AUTHORITY")]
+    /// Per-upstream port LISTEN=AUTHORITY, repeatable (controller mode; in the environment,
+    /// comma-separated).
+    #[arg(
+        long = "port",
+        value_name = "LISTEN=AUTHORITY",
+        env = "TRELLIS_PROXY_PORTS",
+        value_delimiter = ','
+    )]
     ports: Vec<String>,
     /// Inbound listener LISTEN=APP (controller mode).
-    #[arg(long, value_name = "LISTEN=APP")]
+    #[arg(long, value_name = "LISTEN=APP", env = "TRELLIS_PROXY_INBOUND")]
     inbound: Option<String>,
     /// Trust domain of this proxy's SPIFFE id (controller mode).
     #[arg(

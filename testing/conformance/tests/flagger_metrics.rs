@@ -132,6 +132,7 @@ async fn flaggers_builtin_queries_read_the_canary_through_a_real_prometheus() ->
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../deploy/flagger/metric-templates.yaml"),
     )?;
+    let mut rendered = Vec::new();
     for doc in serde_yaml_ng::Deserializer::from_str(&templates) {
         let doc: serde_json::Value = serde::Deserialize::deserialize(doc)?;
         let name = doc["metadata"]["name"]
@@ -153,6 +154,7 @@ async fn flaggers_builtin_queries_read_the_canary_through_a_real_prometheus() ->
             !query.contains("{{"),
             "{name}: unrendered template: {query}"
         );
+        rendered.push(query.clone());
         let value = prometheus
             .flagger_value(&query)
             .await?
@@ -166,6 +168,37 @@ async fn flaggers_builtin_queries_read_the_canary_through_a_real_prometheus() ->
         } else {
             assert!((89.0..=91.0).contains(&value), "{name}: {value}\n{query}");
         }
+    }
+    // promtool parses every query Flagger would send, written as recording rules (the form a
+    // rule file or a dashboard check takes).
+    let promtool = exe.with_file_name("promtool");
+    if promtool.is_file() {
+        let mut rules = String::from("groups:\n- name: trellis-flagger\n  rules:\n");
+        let builtin = queries("podinfo")
+            .into_iter()
+            .flat_map(|(_, success, latency)| [success, latency]);
+        for (i, expr) in builtin.chain(rendered).enumerate() {
+            rules.push_str(&format!(
+                "  - record: trellis:flagger_query_{i}\n    expr: {}\n",
+                serde_json::to_string(&expr)?
+            ));
+        }
+        let file = scratch.path().join("rules.yml");
+        std::fs::write(&file, rules)?;
+        let out = std::process::Command::new(&promtool)
+            .args(["check", "rules"])
+            .arg(&file)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "promtool check rules: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen.push(format!(
+            "promtool check rules: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        ));
     }
     // The primary is its own series: its queries see no failures.
     for (provider, success, _) in queries("podinfo-primary") {
