@@ -10,6 +10,7 @@ mod controller;
 mod crds;
 mod demo;
 mod get;
+mod stat;
 mod state;
 mod validate;
 
@@ -35,6 +36,9 @@ enum Command {
     Check(check::Args),
     /// The controller's resolved view: splits, targets, routes or services.
     Get(get::Args),
+    /// Per workload (or TrafficSplit backend): requests per second, success rate, p50/p95/p99,
+    /// from the Prometheus that scrapes the proxies.
+    Stat(stat::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Command::Controller(args) => controller::run(&args),
         Command::Check(args) => check::run(&args),
         Command::Get(args) => get::run(&args),
+        Command::Stat(args) => stat::run(&args),
     };
     match result {
         Ok(code) => code,

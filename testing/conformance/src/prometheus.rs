@@ -95,10 +95,9 @@ impl Prometheus {
     /// Whitespace runs are collapsed to one space first, as Flagger does.
     pub async fn flagger_value(&self, query: &str) -> anyhow::Result<Option<f64>> {
         let collapsed = query.split_whitespace().collect::<Vec<_>>().join(" ");
-        let path = format!(
-            "/api/v1/query?query={}",
-            percent_encode(&format!(" {collapsed}"))
-        );
+        let encoded: String =
+            form_urlencoded::byte_serialize(format!(" {collapsed}").as_bytes()).collect();
+        let path = format!("/api/v1/query?query={encoded}");
         let reply = http::request(self.addr, http::Method::GET, &path, None).await?;
         let body: serde_json::Value = serde_json::from_slice(&reply.body)
             .with_context(|| format!("prometheus answered {}: {}", reply.status, reply.text()))?;
@@ -126,30 +125,4 @@ fn write_targets(path: &Path, targets: &[SocketAddr]) -> anyhow::Result<()> {
     std::fs::write(&tmp, body)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
-}
-
-/// Percent-encodes everything but unreserved characters (RFC 3986).
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() * 3);
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queries_are_percent_encoded_whole() {
-        assert_eq!(
-            percent_encode(r#" sum(rate(x{a="b",c!~"5.*"}[1m]))"#),
-            "%20sum%28rate%28x%7Ba%3D%22b%22%2Cc%21~%225.%2A%22%7D%5B1m%5D%29%29"
-        );
-    }
 }

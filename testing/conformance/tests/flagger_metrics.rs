@@ -200,6 +200,45 @@ async fn flaggers_builtin_queries_read_the_canary_through_a_real_prometheus() ->
             String::from_utf8_lossy(&out.stdout).trim()
         ));
     }
+    // `trellis stat` reads the same series: the canary at 90% with its slow tail, the primary
+    // clean.
+    let out = std::process::Command::new(trellis_conformance::harness::process::binary(
+        trellis_conformance::harness::process::TRELLIS,
+    )?)
+    .args([
+        "stat",
+        "--prometheus",
+        &format!("http://{}", prometheus.addr),
+    ])
+    .args(["--namespace", NAMESPACE, "--output", "json"])
+    .output()?;
+    assert!(
+        out.status.success(),
+        "trellis stat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let row = |name: &str| {
+        rows.as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["name"] == name)
+            .cloned()
+            .with_context(|| format!("trellis stat has no row {name}: {rows}"))
+    };
+    let (canary_row, primary_row) = (row("podinfo")?, row("podinfo-primary")?);
+    let rate = canary_row["success_rate"].as_f64().unwrap_or_default();
+    let p99 = canary_row["p99_ms"].as_f64().unwrap_or_default();
+    assert!((89.0..=91.0).contains(&rate), "trellis stat: {canary_row}");
+    assert!((60.0..100.0).contains(&p99), "trellis stat: {canary_row}");
+    assert!(
+        primary_row["success_rate"].as_f64().unwrap_or_default() > 99.9,
+        "trellis stat: {primary_row}"
+    );
+    seen.push(format!(
+        "trellis stat: podinfo {rate:.2}% p99 {p99:.1} ms; podinfo-primary {:.2}%",
+        primary_row["success_rate"].as_f64().unwrap_or_default()
+    ));
     // The primary is its own series: its queries see no failures.
     for (provider, success, _) in queries("podinfo-primary") {
         let rate = prometheus
