@@ -254,6 +254,8 @@ impl Pod {
 pub struct Caller {
     _proxy: Process,
     pub outbound: SocketAddr,
+    /// Its admin listener (`/metrics`: the callers' side of every split).
+    pub admin: SocketAddr,
 }
 
 impl Caller {
@@ -276,14 +278,18 @@ impl Caller {
             &[],
             log_dir,
         )?;
-        let outbound = proxy
+        let (outbound, admin) = proxy
             .wait_line("`trellis-proxy started`", process::START_TIMEOUT, |l| {
-                process::traced_addr(l, "http")
+                Some((
+                    process::traced_addr(l, "http")?,
+                    process::traced_addr(l, "admin")?,
+                ))
             })
             .await?;
         Ok(Self {
             _proxy: proxy,
             outbound,
+            admin,
         })
     }
 

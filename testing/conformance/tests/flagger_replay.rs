@@ -101,6 +101,50 @@ async fn share(caller: &Caller, canary: &Pod, primary: &Pod, batch: u32) -> anyh
     Ok(100.0 * c as f64 / (c + p).max(1) as f64)
 }
 
+/// `trellis stat --by backend -o json` on the test's Prometheus: the canary and primary
+/// backends of `podinfo` both carried traffic, all of it successful.
+async fn stat_by_backend(prometheus: &Prometheus) -> anyhow::Result<String> {
+    let binary = trellis_conformance::harness::process::binary(
+        trellis_conformance::harness::process::TRELLIS,
+    )?;
+    let out = tokio::process::Command::new(binary)
+        .args([
+            "stat",
+            "--by",
+            "backend",
+            "--namespace",
+            "test",
+            "-o",
+            "json",
+        ])
+        .args(["--prometheus", &format!("http://{}", prometheus.addr)])
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "trellis stat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut seen = Vec::new();
+    for backend in ["podinfo-canary", "podinfo-primary"] {
+        let row = rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["backend"] == backend)
+            .ok_or_else(|| anyhow::anyhow!("trellis stat --by backend has no {backend}: {rows}"))?;
+        let rps = row["requests_per_second"].as_f64().unwrap_or_default();
+        let success = row["success_rate"].as_f64().unwrap_or_default();
+        ensure!(
+            rps > 0.0 && success > 99.9,
+            "trellis stat --by backend: {row}"
+        );
+        seen.push(format!("{backend} {rps:.1} rps {success:.1}%"));
+    }
+    Ok(format!("trellis stat --by backend: {}", seen.join(", ")))
+}
+
 async fn replay(
     version: SplitVersion,
     subnet: u8,
@@ -142,7 +186,7 @@ async fn replay(
     // 2. New revision, scaled up; the loadtester's steady load starts.
     let canary = Pod::start("podinfo", "6.0.1", ip(2), grpc, &log_dir).await?;
     controller.services(&[&primary], &[&canary])?;
-    prometheus.set_targets(&[primary.admin, canary.admin])?;
+    prometheus.set_targets(&[primary.admin, canary.admin, caller.admin])?;
     let (stop_health, stop) = watch::channel(false);
     let health = load(&caller, "/", stop);
     let run = async {
@@ -203,6 +247,10 @@ async fn replay(
                 converged.as_millis()
             ));
         }
+
+        // `trellis stat --by backend`: the callers' side of the split, both backends healthy.
+        let stat = stat_by_backend(&prometheus).await?;
+        notes.push(stat);
 
         // 4. Promotion: the primary rolls to 6.0.1 while carrying 50%.
         let promoted = Pod::start("podinfo-primary", "6.0.1", ip(3), grpc, &log_dir).await?;
