@@ -60,3 +60,68 @@ pub fn var<'a>(vars: &'a [(String, String)], key: &str) -> anyhow::Result<&'a st
         .map(|(_, v)| v.as_str())
         .ok_or_else(|| anyhow::anyhow!("{key} is not set"))
 }
+
+/// What both guides' examples must show once running: the client reaches web through its
+/// outbound proxy and its fixed port, a caller no TrafficTarget names is refused with 403
+/// `forbidden`, web's app saw exactly the client's two calls, and web's proxy took them over mTLS.
+#[derive(Debug)]
+pub struct ExampleMesh<'a> {
+    /// The client's outbound HTTP proxy listener.
+    pub client_http: std::net::SocketAddr,
+    /// The client's fixed port for web.
+    pub client_port: std::net::SocketAddr,
+    /// web's URL as apps call it (`http://web.default/hello`).
+    pub url: &'a str,
+    /// The outbound proxy of a caller that must be refused, and why it must be.
+    pub refused: (std::net::SocketAddr, &'a str),
+    /// web's app itself (its counts).
+    pub app: std::net::SocketAddr,
+    /// web's proxy's admin listener (its metrics).
+    pub web_admin: std::net::SocketAddr,
+    /// The inbound mTLS handshakes web's proxy must have completed at least.
+    pub min_handshakes: u64,
+}
+
+impl ExampleMesh<'_> {
+    /// Makes the calls and checks what the mesh did with them.
+    pub async fn check(&self) -> anyhow::Result<()> {
+        use anyhow::{Context as _, ensure};
+        let via_proxy =
+            http::settled(async || http::get_via_proxy(self.client_http, self.url).await).await?;
+        ensure!(via_proxy.status == 200, "client -> web: {via_proxy:?}");
+        ensure!(
+            via_proxy.body.contains(r#""service":"web""#)
+                && via_proxy.body.contains(r#""path":"/hello""#),
+            "{via_proxy:?}"
+        );
+        let via_port = http::get(self.client_port, "/port").await?;
+        ensure!(
+            via_port.status == 200,
+            "client -> web on its fixed port: {via_port:?}"
+        );
+        let (proxy, why) = self.refused;
+        let refused = http::get_via_proxy(proxy, self.url).await?;
+        ensure!(
+            refused.status == 403 && refused.header("x-trellis-error") == Some("forbidden"),
+            "{why}: {refused:?}"
+        );
+        let counts = http::get(self.app, "/_echo/counts").await?;
+        ensure!(
+            counts.body.contains(r#""total":2"#),
+            "web app counts: {counts:?}"
+        );
+        let metrics = http::get(self.web_admin, "/metrics").await?.body;
+        let handshakes: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"trellis_tls_handshakes_total{direction="inbound"} "#))
+            .context("web's proxy reports inbound handshakes")?
+            .trim()
+            .parse()?;
+        ensure!(
+            handshakes >= self.min_handshakes,
+            "web's proxy completed {handshakes} mTLS handshakes (expected at least {})",
+            self.min_handshakes
+        );
+        Ok(())
+    }
+}

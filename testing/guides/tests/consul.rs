@@ -267,42 +267,18 @@ async fn follow_the_guide(consul_kind: Consul) -> anyhow::Result<()> {
 
     // Step 6: client calls web through its HTTP proxy and its fixed port; batch is refused.
     let client_http = hosts.at("client", 15080);
-    let via_proxy =
-        http::settled(async || http::get_via_proxy(client_http, "http://web.default/hello").await)
-            .await?;
-    ensure!(via_proxy.status == 200, "client -> web: {via_proxy:?}");
-    ensure!(
-        via_proxy.body.contains(r#""service":"web""#)
-            && via_proxy.body.contains(r#""path":"/hello""#),
-        "{via_proxy:?}"
-    );
-    let via_port = http::get(hosts.at("client", 15081), "/port").await?;
-    ensure!(
-        via_port.status == 200,
-        "client -> web on 15081: {via_port:?}"
-    );
-    let batch = http::get_via_proxy(hosts.at("batch", 15080), "http://web.default/hello").await?;
-    ensure!(
-        batch.status == 403 && batch.header("x-trellis-error") == Some("forbidden"),
-        "batch -> web must be refused: {batch:?}"
-    );
     // The app saw client's two calls and nothing of batch's; web's proxy took them over mTLS.
-    let counts = http::get(app, "/_echo/counts").await?;
-    ensure!(
-        counts.body.contains(r#""total":2"#),
-        "web app counts: {counts:?}"
-    );
-    let metrics = http::get(hosts.at("web", 15000), "/metrics").await?.body;
-    let handshakes: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(r#"trellis_tls_handshakes_total{direction="inbound"} "#))
-        .context("web's proxy reports inbound handshakes")?
-        .trim()
-        .parse()?;
-    ensure!(
-        handshakes >= 2,
-        "web's proxy completed {handshakes} mTLS handshakes"
-    );
+    trellis_guides::ExampleMesh {
+        client_http,
+        client_port: hosts.at("client", 15081),
+        url: "http://web.default/hello",
+        refused: (hosts.at("batch", 15080), "batch -> web must be refused"),
+        app,
+        web_admin: hosts.at("web", 15000),
+        min_handshakes: 2,
+    }
+    .check()
+    .await?;
     let identity = http::get(hosts.at("client", 15000), "/identity")
         .await?
         .body;

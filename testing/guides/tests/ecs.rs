@@ -20,7 +20,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use trellis_guides::hosts::{Hosts, free_port};
 use trellis_guides::process::{Process, bin_dir, binary, terminate};
-use trellis_guides::{guide, http, read, workspace_root};
+use trellis_guides::{guide, read, workspace_root};
 
 const GUIDE: &str = "docs/guides/ecs.md";
 const DEPLOY: &str = "deploy/ecs";
@@ -472,38 +472,20 @@ async fn the_ecs_guide_gives_a_mesh_of_tasks_found_in_cloud_map() -> anyhow::Res
 
     // client calls web through its HTTP proxy and its fixed port; web calling itself is refused.
     let client_http = hosts.at("client-task", 15080);
-    let via_proxy =
-        http::settled(async || http::get_via_proxy(client_http, "http://web.shop/hello").await)
-            .await?;
-    ensure!(via_proxy.status == 200, "client -> web: {via_proxy:?}");
-    ensure!(
-        via_proxy.body.contains(r#""service":"web""#),
-        "{via_proxy:?}"
-    );
-    let via_port = http::get(hosts.at("client-task", 15081), "/port").await?;
-    ensure!(
-        via_port.status == 200,
-        "client -> web on 15081: {via_port:?}"
-    );
-    let own = http::get_via_proxy(hosts.at("web-task", 15080), "http://web.shop/hello").await?;
-    ensure!(
-        own.status == 403 && own.header("x-trellis-error") == Some("forbidden"),
-        "web -> web has no TrafficTarget: {own:?}"
-    );
-    let counts = http::get(app, "/_echo/counts").await?;
-    ensure!(
-        counts.body.contains(r#""total":2"#),
-        "web app counts: {counts:?}"
-    );
-    let metrics = http::get(hosts.at("web-task", 15000), "/metrics")
-        .await?
-        .body;
-    ensure!(
-        metrics.lines().any(|l| l
-            .starts_with(r#"trellis_tls_handshakes_total{direction="inbound"} "#)
-            && !l.ends_with(" 0")),
-        "web's proxy took the calls over mTLS"
-    );
+    trellis_guides::ExampleMesh {
+        client_http,
+        client_port: hosts.at("client-task", 15081),
+        url: "http://web.shop/hello",
+        refused: (
+            hosts.at("web-task", 15080),
+            "web -> web has no TrafficTarget",
+        ),
+        app,
+        web_admin: hosts.at("web-task", 15000),
+        min_handshakes: 1,
+    }
+    .check()
+    .await?;
     let check = std::process::Command::new(bin.join("trellis"))
         .args(["check", "--admin", &admin])
         .output()?;
