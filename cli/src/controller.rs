@@ -203,6 +203,7 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
                 permissive: args.permissive,
                 access: args.access(),
             },
+            webhooks: args.kubernetes.webhooks()?,
         },
         args.identity()?,
         leader,
@@ -212,6 +213,10 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
     println!("grpc listening on {}", running.grpc);
     if let Some(admin) = running.admin {
         println!("admin listening on {admin}");
+    }
+    #[cfg(feature = "kubernetes")]
+    if let Some(webhooks) = &running.webhooks {
+        println!("webhooks listening on {}", webhooks.addr);
     }
     for line in args.access_warnings() {
         eprintln!("trellis controller: {line}");

@@ -337,6 +337,7 @@ async fn mesh(platform: DemoPlatform) -> anyhow::Result<Mesh> {
                 Vec::new()
             },
             adapters: Adapters(adapters),
+            webhooks: None,
             grpc: loopback,
             admin: Some(loopback),
             // Default deny: only the TrafficTarget lets anyone in.

@@ -110,6 +110,7 @@ async fn controller(dir: &Path, identity: IdentityOptions) -> Running {
             policy_paths: Vec::new(),
             platforms: vec![Platform::File(mesh)],
             adapters: Default::default(),
+            webhooks: None,
             grpc: "127.0.0.1:0".parse().unwrap(),
             admin: Some("127.0.0.1:0".parse().unwrap()),
             index: IndexOptions::default(),

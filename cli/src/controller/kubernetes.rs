@@ -1,9 +1,10 @@
 //! `trellis controller`'s Kubernetes flags (the `kubernetes` feature): the CA from a Secret,
-//! TokenReview's audience, and the Lease election. Without the feature,
+//! TokenReview's audience, the Lease election, and the webhooks (conversion, injection). Without the feature,
 //! `without_kubernetes.rs` stands in with no flags (and `--platform kubernetes` fails at start
 //! saying the build lacks it).
 
 use trellis_controller::identity::CaSource;
+use trellis_controller::webhooks::{InjectorOptions, WebhookEndpoint, WebhookOptions};
 use trellis_controller_core::leader::LeaderOptions;
 
 #[derive(Debug, clap::Args)]
@@ -34,6 +35,37 @@ pub struct KubernetesArgs {
     /// How often the leader renews (and followers retry), in milliseconds.
     #[arg(long, default_value = "2000", value_name = "MILLIS", hide = true)]
     pub lease_renew: u64,
+    /// Serve the CRD conversion webhook (/convert) and the sidecar injector (/inject) over HTTPS
+    /// on this address, with a certificate from the mesh CA; the leader writes the caBundle.
+    #[arg(long, value_name = "LISTEN")]
+    pub webhook: Option<std::net::SocketAddr>,
+    /// The Service the API server calls the webhooks through (port 443); the serving
+    /// certificate is valid for NAME.NAMESPACE.svc[.cluster.local].
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        default_value = "trellis-system/trellis-controller",
+        requires = "webhook"
+    )]
+    pub webhook_service: String,
+    /// A controller outside the cluster: the API server calls https://HOST:PORT/convert and
+    /// /inject (clientConfig.url) and the certificate is valid for HOST.
+    #[arg(long, value_name = "URL", requires = "webhook")]
+    pub webhook_url: Option<String>,
+    /// Lifetime of the webhook serving certificate (renewed at 2/3 of it).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, hide = true)]
+    pub webhook_tls_lifetime: std::time::Duration,
+    /// The sidecar injector's MutatingWebhookConfiguration; serving /inject needs --proxy-image.
+    #[arg(long, value_name = "NAME", default_value = "trellis-proxy-injector")]
+    pub injector_name: String,
+    /// The image of injected proxies (and of their `trellis-init` container). Without it, no
+    /// injection is served.
+    #[arg(long, value_name = "IMAGE", requires = "webhook")]
+    pub proxy_image: Option<String>,
+    /// The controller URL injected proxies dial (default: https://NAME.NAMESPACE.svc:8090 of
+    /// --webhook-service).
+    #[arg(long, value_name = "URL", requires = "proxy_image")]
+    pub inject_controller_url: Option<String>,
 }
 
 impl KubernetesArgs {
@@ -60,6 +92,41 @@ impl KubernetesArgs {
         Ok(Some(CaSource::Secret {
             namespace: namespace.into(),
             name: name.into(),
+        }))
+    }
+
+    /// `--webhook` and friends, checked.
+    pub fn webhooks(&self) -> anyhow::Result<Option<WebhookOptions>> {
+        let Some(listen) = self.webhook else {
+            return Ok(None);
+        };
+        let service = WebhookEndpoint::service(&self.webhook_service)?;
+        let endpoint = match &self.webhook_url {
+            Some(url) => WebhookEndpoint::url(url)?,
+            None => service.clone(),
+        };
+        let injector = self.proxy_image.as_ref().map(|image| {
+            let controller_url =
+                self.inject_controller_url
+                    .clone()
+                    .unwrap_or_else(|| match &service {
+                        WebhookEndpoint::Service {
+                            namespace, name, ..
+                        } => format!("https://{name}.{namespace}.svc:8090"),
+                        WebhookEndpoint::Url { url, .. } => url.clone(),
+                    });
+            InjectorOptions {
+                configuration: self.injector_name.clone(),
+                proxy_image: image.clone(),
+                controller_url,
+            }
+        });
+        Ok(Some(WebhookOptions {
+            listen,
+            endpoint,
+            injector,
+            lifetime: self.webhook_tls_lifetime,
+            retry: std::time::Duration::from_secs(2),
         }))
     }
 

@@ -1,5 +1,5 @@
 //! `trellis controller` without the `kubernetes` feature: no Kubernetes flags (`--ca-secret`,
-//! `--token-audience`, `--leader-elect`, `--lease-*`), so a flag that needs a client cannot be
+//! `--token-audience`, `--leader-elect`, `--lease-*`, `--webhook*`), so a flag that needs a client cannot be
 //! given to a binary that has none. `--platform kubernetes` still parses and stops the start
 //! with the runtime's "built without the `kubernetes` feature" message.
 
@@ -17,6 +17,11 @@ impl KubernetesArgs {
 
     /// No `--ca-secret` in this build.
     pub fn ca_secret(&self) -> anyhow::Result<Option<CaSource>> {
+        Ok(None)
+    }
+
+    /// No webhooks in this build (they are the API server's).
+    pub fn webhooks(&self) -> anyhow::Result<Option<trellis_controller::webhooks::WebhookOptions>> {
         Ok(None)
     }
 

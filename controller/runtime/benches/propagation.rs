@@ -237,6 +237,7 @@ async fn controller(mesh: PathBuf, source: Arc<dyn PolicySource>) -> Running {
             policy_paths: Vec::new(),
             platforms: vec![Platform::File(mesh)],
             adapters: Default::default(),
+            webhooks: None,
             grpc: "127.0.0.1:0".parse().expect("address"),
             admin: None,
             index: IndexOptions::default(),

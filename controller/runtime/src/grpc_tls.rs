@@ -125,6 +125,8 @@ struct Metrics {
 /// The serving certificate, renewed in the background while any clone lives.
 #[derive(Clone)]
 pub struct ServingCert {
+    /// What it serves, for logs and metric names: `grpc` or `webhook`.
+    purpose: &'static str,
     current: Arc<ArcSwap<CertifiedKey>>,
     info: tokio::sync::watch::Receiver<ServingInfo>,
     errors: tokio::sync::watch::Receiver<Option<String>>,
@@ -182,9 +184,19 @@ fn unix(t: SystemTime) -> i64 {
 }
 
 impl ServingCert {
-    /// Issues the first certificate (an error here stops the controller from starting: bad
-    /// names, a CA that cannot sign) and starts renewing it.
+    /// Issues the first certificate of the gRPC port (an error here stops the controller from
+    /// starting: bad names, a CA that cannot sign) and starts renewing it.
     pub fn start(ca: CaHandle, options: &GrpcTlsOptions) -> anyhow::Result<Self> {
+        Self::start_for("grpc", ca, options)
+    }
+
+    /// Like [`ServingCert::start`] for another server of the controller (`purpose`, e.g.
+    /// `webhook`: its logs and metric names say so).
+    pub fn start_for(
+        purpose: &'static str,
+        ca: CaHandle,
+        options: &GrpcTlsOptions,
+    ) -> anyhow::Result<Self> {
         if options.lifetime < MIN_LIFETIME {
             anyhow::bail!(
                 "--grpc-tls-lifetime {:?} is too short (at least {MIN_LIFETIME:?})",
@@ -194,10 +206,10 @@ impl ServingCert {
         let sans = options.sans()?;
         let issued_at = SystemTime::now();
         let (key, info) = issue(&ca.current(), &sans, options.lifetime)
-            .map_err(|e| e.context("issuing the gRPC serving certificate"))?;
+            .map_err(|e| e.context(format!("issuing the {purpose} serving certificate")))?;
         tracing::info!(
             names = ?options.names,
-            "gRPC serving certificate issued by the mesh CA (version {}), valid until {}",
+            "{purpose} serving certificate issued by the mesh CA (version {}), valid until {}",
             info.ca_version,
             humantime::format_rfc3339_seconds(info.not_after)
         );
@@ -207,6 +219,7 @@ impl ServingCert {
         let (info_tx, info_rx) = tokio::sync::watch::channel(info);
         let (errors_tx, errors) = tokio::sync::watch::channel(None);
         let renewer = Renewer {
+            purpose,
             current: Arc::downgrade(&current),
             info: info_tx,
             errors: errors_tx,
@@ -218,6 +231,7 @@ impl ServingCert {
         };
         tokio::spawn(renewer.run());
         Ok(Self {
+            purpose,
             current,
             info: info_rx,
             errors,
@@ -236,27 +250,37 @@ impl ServingCert {
         self.info.clone()
     }
 
-    /// Registers the serving certificate's metrics in `registry`.
+    /// Registers the serving certificate's metrics in `registry`
+    /// (`trellis_controller_<purpose>_tls_*`).
     pub fn register_metrics(&self, registry: &mut Registry) {
+        let purpose = self.purpose;
         registry.register(
-            "trellis_controller_grpc_tls_renewals",
-            "gRPC serving certificates issued after the first",
+            format!("trellis_controller_{purpose}_tls_renewals"),
+            format!("{purpose} serving certificates issued after the first"),
             self.metrics.renewals.clone(),
         );
         registry.register(
-            "trellis_controller_grpc_tls_expiry_seconds",
-            "When the gRPC serving certificate in force expires (Unix seconds)",
+            format!("trellis_controller_{purpose}_tls_expiry_seconds"),
+            format!("When the {purpose} serving certificate in force expires (Unix seconds)"),
             self.metrics.expiry.clone(),
         );
         registry.register(
-            "trellis_controller_grpc_tls_handshake_failures",
-            "gRPC TLS handshakes that failed or timed out (e.g. a proxy that does not trust this CA)",
+            format!("trellis_controller_{purpose}_tls_handshake_failures"),
+            format!(
+                "{purpose} TLS handshakes that failed or timed out (e.g. a client that does not trust this CA)"
+            ),
             self.metrics.handshake_failures.clone(),
         );
     }
 
     /// The rustls configuration that serves the current certificate: TLS 1.3, HTTP/2 (gRPC).
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.server_config_with_alpn(vec![b"h2".to_vec()])
+    }
+
+    /// Like [`ServingCert::server_config`] offering the ALPN protocols `alpn` (the webhooks:
+    /// `h2` and `http/1.1`, as the API server may use either).
+    pub fn server_config_with_alpn(&self, alpn: Vec<Vec<u8>>) -> Arc<rustls::ServerConfig> {
         let resolver = Arc::new(Resolver(Arc::clone(&self.current)));
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -265,7 +289,7 @@ impl ServingCert {
         .expect("ring supports TLS 1.3")
         .with_no_client_auth()
         .with_cert_resolver(resolver);
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn;
         Arc::new(config)
     }
 }
@@ -281,6 +305,7 @@ impl ResolvesServerCert for Resolver {
 }
 
 struct Renewer {
+    purpose: &'static str,
     current: std::sync::Weak<ArcSwap<CertifiedKey>>,
     info: tokio::sync::watch::Sender<ServingInfo>,
     errors: tokio::sync::watch::Sender<Option<String>>,
@@ -313,7 +338,8 @@ impl Renewer {
             match issue(&authority, &self.sans, self.lifetime) {
                 Ok((key, info)) => {
                     tracing::info!(
-                        "gRPC serving certificate renewed ({}; CA version {}), valid until {}",
+                        "{} serving certificate renewed ({}; CA version {}), valid until {}",
+                        self.purpose,
                         if ca_changed {
                             "the CA changed"
                         } else {
@@ -337,7 +363,7 @@ impl Renewer {
                         if old.as_ref() == Some(&e) {
                             return false;
                         }
-                        tracing::error!("gRPC serving certificate: {e}");
+                        tracing::error!("{} serving certificate: {e}", self.purpose);
                         *old = Some(e);
                         true
                     });

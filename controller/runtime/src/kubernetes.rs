@@ -252,3 +252,91 @@ impl TokenReviewer {
         }
     }
 }
+
+/// The webhooks running: their address, serving certificate and caBundle writes.
+#[derive(Clone, Debug)]
+pub struct Webhooks {
+    pub addr: std::net::SocketAddr,
+    pub serving: crate::grpc_tls::ServingCert,
+    /// The leader's last caBundle write.
+    pub published:
+        watch::Receiver<trellis_controller_kubernetes::webhook::client_config::Published>,
+}
+
+/// Starts the webhooks of `options` (see [`crate::webhooks`]): issues the serving certificate
+/// from `ca`, binds the listener, serves `/convert` (and `/inject` when configured), and has the
+/// leader (`is_leader`) keep the targets' client configs pointed here with the mesh's anchors.
+pub async fn start_webhooks(
+    options: &crate::webhooks::WebhookOptions,
+    ca: CaHandle,
+    is_leader: watch::Receiver<bool>,
+    registry: &mut prometheus_client::registry::Registry,
+) -> anyhow::Result<Webhooks> {
+    use trellis_controller_kubernetes::webhook::{self, client_config};
+
+    let client = client("--webhook").await?;
+    let serving = crate::grpc_tls::ServingCert::start_for("webhook", ca.clone(), &options.tls())?;
+    serving.register_metrics(registry);
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("--webhook: binding {}", options.listen))?;
+    let addr = listener.local_addr()?;
+    let tls = serving.server_config_with_alpn(vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+    tokio::spawn(webhook::serve_with(listener, Some(tls), Vec::new()));
+    tracing::info!(%addr, "webhooks served over HTTPS: {}", webhook::PATH);
+
+    // The bundle: the anchors in force, recomputed after every renewal of the serving
+    // certificate (which follows every change of the CA).
+    let (bundle_tx, bundle) = watch::channel(anchors_pem(&ca));
+    let mut renewals = serving.info();
+    tokio::spawn(async move {
+        while renewals.changed().await.is_ok() {
+            bundle_tx.send_if_modified(|current| {
+                let pem = anchors_pem(&ca);
+                let changed = *current != pem;
+                *current = pem;
+                changed
+            });
+        }
+    });
+    let endpoint = match &options.endpoint {
+        crate::webhooks::WebhookEndpoint::Service {
+            namespace,
+            name,
+            port,
+        } => client_config::Endpoint::Service {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port: *port,
+        },
+        crate::webhooks::WebhookEndpoint::Url { url, .. } => {
+            client_config::Endpoint::Url(url.clone())
+        }
+    };
+    let targets = client_config::Targets::smi(
+        endpoint,
+        options.injector.as_ref().map(|i| i.configuration.clone()),
+    );
+    let (_task, published) =
+        client_config::spawn(client, targets, bundle, is_leader, options.retry);
+    Ok(Webhooks {
+        addr,
+        serving,
+        published,
+    })
+}
+
+/// The CA's trust anchors as PEM (what the API server checks the webhook certificate against).
+fn anchors_pem(ca: &CaHandle) -> Vec<u8> {
+    ca.current()
+        .anchors_der()
+        .iter()
+        .map(|der| {
+            pem::encode_config(
+                &pem::Pem::new("CERTIFICATE", der.clone()),
+                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+            )
+        })
+        .collect::<String>()
+        .into_bytes()
+}

@@ -7,6 +7,7 @@
 //! - the single-writer index (`trellis-controller-core`), streamed to proxies by the gRPC API
 //!   (`trellis-controller-grpc`), which also serves the CA's `Identity.Certify` ([`identity`]),
 //!   over TLS with a serving certificate from the same CA when asked ([`grpc_tls`]);
+//! - [`webhooks`]: the CRD conversion and sidecar injection webhooks over HTTPS (Kubernetes);
 //! - [`admin`]: `/metrics`, `/ready`, `/live` and `/api/v1/state`.
 //!
 //! Built without the `kubernetes` feature it links no Kubernetes client; `--platform
@@ -24,3 +25,4 @@ pub mod identity;
 #[cfg_attr(not(feature = "kubernetes"), path = "without_kubernetes.rs")]
 pub mod kubernetes;
 pub mod run;
+pub mod webhooks;

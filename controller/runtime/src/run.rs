@@ -12,6 +12,7 @@ use crate::admin::Admin;
 use crate::discovery::{Platform, connect_all};
 use crate::grpc_tls::ServingCert;
 use crate::identity::{Certifier, IdentityOptions};
+use crate::webhooks::WebhookOptions;
 use trellis_controller_core::index::{Index, IndexOptions};
 use trellis_controller_core::leader::{LeaderOptions, Leadership, default_identity};
 use trellis_controller_core::policy::PolicySource;
@@ -33,6 +34,8 @@ pub struct Options {
     /// Admin listen address (port 0 = any); `None` = no admin port.
     pub admin: Option<SocketAddr>,
     pub index: IndexOptions,
+    /// The conversion and injection webhooks (Kubernetes only); `None` = not served.
+    pub webhooks: Option<WebhookOptions>,
 }
 
 /// Discovery adapters handed over ready-made (see [`Options::adapters`]).
@@ -59,6 +62,8 @@ pub struct Running {
     pub leader: Leadership,
     /// The gRPC port's serving certificate when it serves TLS (`IdentityOptions::grpc_tls`).
     pub grpc_tls: Option<ServingCert>,
+    /// The webhooks, when `Options::webhooks` asked for them.
+    pub webhooks: Option<crate::kubernetes::Webhooks>,
 }
 
 /// Starts everything in the background on the current Tokio runtime.
@@ -101,6 +106,9 @@ pub async fn start_full(
     if options.platforms.contains(&Platform::Kubernetes) {
         crate::kubernetes::available("--platform kubernetes")?;
     }
+    if options.webhooks.is_some() {
+        crate::kubernetes::available("--webhook")?;
+    }
     // The CA first: bad CA material stops the start before anything is watched or written.
     let certifier = Certifier::start(&identity, &options.index.trust_domain).await?;
     let mut sources: Vec<Arc<dyn PolicySource>> = Vec::new();
@@ -135,6 +143,18 @@ pub async fn start_full(
         }
         None => None,
     };
+    let webhooks = match &options.webhooks {
+        Some(webhooks) => Some(
+            crate::kubernetes::start_webhooks(
+                webhooks,
+                certifier.ca().clone(),
+                leader.is_leader(),
+                &mut registry,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let counts = Arc::new(StreamCounts::default());
     let api =
         ProxyApi::new(index.clone(), counts.clone()).with_identity(Arc::new(certifier.clone()));
@@ -158,6 +178,7 @@ pub async fn start_full(
         identity: certifier,
         leader,
         grpc_tls,
+        webhooks,
     })
 }
 

@@ -81,3 +81,17 @@ impl TokenReviewer {
         match *self {}
     }
 }
+
+/// Never made in this build.
+#[derive(Clone, Debug)]
+pub enum Webhooks {}
+
+/// Fails: the webhooks are the API server's.
+pub async fn start_webhooks(
+    _options: &crate::webhooks::WebhookOptions,
+    _ca: CaHandle,
+    _is_leader: watch::Receiver<bool>,
+    _registry: &mut prometheus_client::registry::Registry,
+) -> anyhow::Result<Webhooks> {
+    anyhow::bail!("--webhook: {NOT_BUILT}")
+}

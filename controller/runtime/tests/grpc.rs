@@ -87,6 +87,7 @@ async fn controller(dir: &Path, v1: SocketAddr, v2: SocketAddr) -> Running {
         policy_paths: vec![policy],
         platforms: vec![Platform::File(mesh)],
         adapters: Default::default(),
+        webhooks: None,
         grpc: "127.0.0.1:0".parse().unwrap(),
         admin: Some("127.0.0.1:0".parse().unwrap()),
         index: IndexOptions::default(),

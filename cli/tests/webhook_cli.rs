@@ -1,0 +1,354 @@
+//! The webhooks served by the running `trellis controller` binary, as the API server uses them:
+//! `--webhook 127.0.0.1:PORT --webhook-url https://127.0.0.1:PORT` against the fake API server.
+//!
+//! - the leader writes the mesh's trust anchors as `caBundle`, and the URL, into the five SMI
+//!   CRDs' conversion settings and the injector's MutatingWebhookConfiguration;
+//! - an HTTPS client that trusts exactly that `caBundle` (as the API server does) posts
+//!   ConversionReviews of Flagger's TrafficSplit shapes in every version to every version and
+//!   gets them back converted; a malformed review gets a 400 that says what is wrong;
+//! - the serving certificate is renewed (short `--webhook-tls-lifetime`) and still chains to the
+//!   bundle; a new trust anchor added to the anchors file is written into every bundle.
+#![cfg(feature = "kubernetes")]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::Api;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use trellis_kube_fake::ResourceType;
+use trellis_testing::{
+    ControllerProcess, controller_command, kube_client, smi_api_server, write_kubeconfig,
+};
+
+const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
+
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p
+}
+
+/// Writes a self-signed anchor and an issuer it signed into `dir`; returns the anchor's PEM.
+fn write_ca(dir: &Path) -> String {
+    let anchor_key = KeyPair::generate().unwrap();
+    let anchor_params = ca_params("webhook test anchor");
+    let anchor = anchor_params.self_signed(&anchor_key).unwrap();
+    let signer = Issuer::new(anchor_params, anchor_key);
+    let issuer_key = KeyPair::generate().unwrap();
+    let issuer = ca_params("webhook test issuer")
+        .signed_by(&issuer_key, &signer)
+        .unwrap();
+    std::fs::write(dir.join("anchors.pem"), anchor.pem()).unwrap();
+    std::fs::write(dir.join("issuer.pem"), issuer.pem()).unwrap();
+    std::fs::write(dir.join("issuer.key"), issuer_key.serialize_pem()).unwrap();
+    anchor.pem()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn crd_type() -> ResourceType {
+    ResourceType::of::<CustomResourceDefinition>(false)
+}
+
+fn injector_type() -> ResourceType {
+    ResourceType::of::<MutatingWebhookConfiguration>(false)
+}
+
+/// What `trellis install` renders for the injector, minus the client config the controller owns.
+fn injector_object() -> Value {
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "trellis-proxy-injector"},
+        "webhooks": [{
+            "name": "inject.trellis.io",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Ignore",
+            "clientConfig": {"service": {"namespace": "trellis-system", "name": "trellis-controller", "path": "/inject", "port": 443}},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+        }],
+    })
+}
+
+/// Polls `f` until it gives `Some` (at most `secs`).
+fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "no {what} within {secs} s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One HTTPS POST trusting exactly `bundle` (PEM) for `127.0.0.1`; returns the status, the body
+/// and the leaf the server presented.
+async fn post(
+    addr: SocketAddr,
+    bundle: &[u8],
+    path: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Bytes, CertificateDer<'static>) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(bundle) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = connector
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .expect("the served certificate chains to the caBundle and names 127.0.0.1");
+    let presented = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, body, presented)
+}
+
+/// Flagger's TrafficSplit at `version` (CONTRACT.md §2: canary first, then primary), with the
+/// metadata the API server adds.
+fn flagger_split(version: &str, index: usize) -> Value {
+    let backends = if version == "split.smi-spec.io/v1alpha1" {
+        json!([{"service": "podinfo-canary", "weight": "10"}, {"service": "podinfo-primary", "weight": "90"}])
+    } else {
+        json!([{"service": "podinfo-canary", "weight": 10}, {"service": "podinfo-primary", "weight": 90}])
+    };
+    json!({
+        "apiVersion": version,
+        "kind": "TrafficSplit",
+        "metadata": {
+            "name": format!("podinfo-{index}"), "namespace": "test",
+            "uid": format!("00000000-0000-0000-0000-00000000000{index}"),
+            "resourceVersion": "7", "generation": 1,
+            "creationTimestamp": "2026-12-06T10:00:00Z",
+            "ownerReferences": [{"apiVersion": "flagger.app/v1beta1", "kind": "Canary", "name": "podinfo", "uid": "11111111-1111-1111-1111-111111111111", "controller": true, "blockOwnerDeletion": true}],
+        },
+        "spec": {"service": "podinfo", "backends": backends},
+    })
+}
+
+const VERSIONS: [&str; 4] = [
+    "split.smi-spec.io/v1alpha1",
+    "split.smi-spec.io/v1alpha2",
+    "split.smi-spec.io/v1alpha3",
+    "split.smi-spec.io/v1alpha4",
+];
+
+fn review(desired: &str, objects: Vec<Value>) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "ConversionReview",
+        "request": {"uid": "5a3c2d1e-0000-4000-8000-000000000001", "desiredAPIVersion": desired, "objects": objects},
+    }))
+    .unwrap()
+}
+
+#[test]
+fn the_controller_serves_conversion_over_https_and_keeps_every_ca_bundle_current() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime.block_on(smi_api_server());
+    server.register(crd_type());
+    server.register(injector_type());
+    for generated in trellis_smi::crd::generate() {
+        server
+            .store()
+            .apply(&crd_type(), serde_json::to_value(&generated.crd).unwrap())
+            .unwrap();
+    }
+    server
+        .store()
+        .apply(&injector_type(), injector_object())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let anchor = write_ca(dir.path());
+    let kubeconfig = dir.path().join("kubeconfig");
+    write_kubeconfig(&server, &kubeconfig).unwrap();
+    let _runtime_context = runtime.enter();
+    let client = kube_client(&server);
+
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let controller = ControllerProcess::spawn(
+        controller_command(TRELLIS)
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["--platform", "kubernetes", "--leader-elect=false"])
+            .args(["--trust-anchor", &path("anchors.pem")])
+            .args(["--issuer-cert", &path("issuer.pem")])
+            .args(["--issuer-key", &path("issuer.key")])
+            .args(["--webhook", &format!("127.0.0.1:{port}")])
+            .args(["--webhook-url", &url])
+            .args(["--webhook-tls-lifetime", "3s"])
+            .args(["--proxy-image", "example.invalid/trellis-proxy:test"])
+            .stderr(std::process::Stdio::piped()),
+    );
+
+    // 1. The bundle and URL land in every CRD and in the injector.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let injectors: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let bundle_of = |crd: &CustomResourceDefinition| {
+        let config = crd
+            .spec
+            .conversion
+            .as_ref()?
+            .webhook
+            .as_ref()?
+            .client_config
+            .clone()?;
+        Some((config.url?, config.ca_bundle?.0, config.service.is_none()))
+    };
+    let names: Vec<String> = trellis_smi::crd::generate()
+        .into_iter()
+        .filter_map(|g| g.crd.metadata.name)
+        .collect();
+    for name in &names {
+        let (crd_url, bundle, no_service) = until(&format!("{name}'s caBundle"), 15, || {
+            let crd = runtime.block_on(crds.get(name)).ok()?;
+            bundle_of(&crd)
+        });
+        assert_eq!(crd_url, format!("{url}/convert"), "{name}");
+        assert_eq!(String::from_utf8(bundle).unwrap(), anchor, "{name}");
+        assert!(
+            no_service,
+            "{name}: the Service reference was replaced by the URL"
+        );
+    }
+    let injector = until("the injector's caBundle", 15, || {
+        let config = runtime
+            .block_on(injectors.get("trellis-proxy-injector"))
+            .ok()?;
+        let webhook = config.webhooks?.into_iter().next()?;
+        webhook.client_config.ca_bundle.is_some().then_some(webhook)
+    });
+    assert_eq!(
+        injector.client_config.url.as_deref(),
+        Some(format!("{url}/inject").as_str())
+    );
+    assert!(injector.client_config.service.is_none());
+    assert_eq!(
+        injector.failure_policy.as_deref(),
+        Some("Ignore"),
+        "the rest is kept"
+    );
+
+    // 2. Conversions through the running binary, trusting only the written bundle.
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let bundle = anchor.clone().into_bytes();
+    for from in VERSIONS {
+        for to in VERSIONS {
+            let objects = vec![flagger_split(from, 1), flagger_split(from, 2)];
+            let (status, body, _) =
+                runtime.block_on(post(addr, &bundle, "/convert", review(to, objects.clone())));
+            assert_eq!(status, StatusCode::OK, "{from} -> {to}");
+            let answer: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                answer["response"]["result"]["status"], "Success",
+                "{from} -> {to}: {answer}"
+            );
+            let converted = answer["response"]["convertedObjects"].as_array().unwrap();
+            assert_eq!(converted.len(), 2);
+            for (sent, got) in objects.iter().zip(converted) {
+                assert_eq!(got["apiVersion"], to);
+                assert_eq!(got["metadata"]["uid"], sent["metadata"]["uid"]);
+                assert_eq!(got["spec"]["service"], "podinfo");
+                let backends = got["spec"]["backends"].as_array().unwrap();
+                assert_eq!(backends[0]["service"], "podinfo-canary", "order kept");
+                let weight = &backends[0]["weight"];
+                assert!(weight == &json!(10) || weight == &json!("10"), "{weight}");
+                // And back: the object sent, exactly.
+                let (_, back, _) = runtime.block_on(post(
+                    addr,
+                    &bundle,
+                    "/convert",
+                    review(from, vec![got.clone()]),
+                ));
+                let back: Value = serde_json::from_slice(&back).unwrap();
+                assert_eq!(
+                    &back["response"]["convertedObjects"][0], sent,
+                    "{from} -> {to} -> {from}"
+                );
+            }
+        }
+    }
+    let (status, body, first_leaf) =
+        runtime.block_on(post(addr, &bundle, "/convert", b"{\"kind\":".to_vec()));
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let message = String::from_utf8_lossy(&body);
+    assert!(message.contains("not a ConversionReview"), "{message}");
+
+    // 3. Renewal (3 s lifetime: renewed after 2 s): another leaf, same chain.
+    let renewed = until("a renewed serving certificate", 10, || {
+        let (_, _, leaf) =
+            runtime.block_on(post(addr, &bundle, "/convert", review(VERSIONS[3], vec![])));
+        (leaf != first_leaf).then_some(leaf)
+    });
+    assert_ne!(renewed, first_leaf);
+
+    // 4. A second trust anchor (CA rotation, step one): every bundle gets both.
+    let second = tempfile::tempdir().unwrap();
+    let new_anchor = write_ca(second.path());
+    let both = format!("{anchor}{new_anchor}");
+    let tmp = dir.path().join("anchors.tmp");
+    std::fs::write(&tmp, &both).unwrap();
+    std::fs::rename(&tmp, dir.path().join("anchors.pem")).unwrap();
+    for name in &names {
+        until(&format!("{name}'s bundle with both anchors"), 20, || {
+            let crd = runtime.block_on(crds.get(name)).ok()?;
+            let (_, bundle, _) = bundle_of(&crd)?;
+            (String::from_utf8(bundle).ok()? == both).then_some(())
+        });
+    }
+    until("the injector's bundle with both anchors", 20, || {
+        let config = runtime
+            .block_on(injectors.get("trellis-proxy-injector"))
+            .ok()?;
+        let bundle = config.webhooks?[0].client_config.ca_bundle.clone()?;
+        (String::from_utf8(bundle.0).ok()? == both).then_some(())
+    });
+    let log = controller.stop();
+    assert!(log.contains("webhook serving certificate"), "{log}");
+}
