@@ -83,6 +83,7 @@ pub fn render(state: &Value) -> String {
         ));
     }
     out.push_str(&leader_line(&state["leader"]));
+    out.push_str(&webhooks_line(&state["webhooks"]));
     out.push_str(&format!(
         "proxy streams: {} destination, {} inbound\n",
         state["streams"]["destinations"], state["streams"]["inbound"]
@@ -111,6 +112,28 @@ pub fn render(state: &Value) -> String {
         ));
     }
     out
+}
+
+/// `webhooks: ...` from the state's `webhooks` object (nothing when not served).
+fn webhooks_line(webhooks: &Value) -> String {
+    if !webhooks.is_object() {
+        return String::new();
+    }
+    let served = if webhooks["injection"].as_bool() == Some(true) {
+        "conversion, injection"
+    } else {
+        "conversion"
+    };
+    let bundle = if webhooks["ca_bundle_written"].as_bool() == Some(true) {
+        "caBundle written"
+    } else {
+        "caBundle NOT written yet (see problems; only the leader writes it)"
+    };
+    format!(
+        "webhooks: {served} on {}, called at {}; {bundle}\n",
+        text(&webhooks["listen"]),
+        text(&webhooks["endpoint"])
+    )
 }
 
 /// `leader: ...` from the state's `leader` object (nothing for controllers without it).

@@ -37,6 +37,26 @@ pub struct StreamState {
     pub inbound: usize,
 }
 
+/// The webhooks (`--webhook`) as `trellis check` shows them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WebhookState {
+    /// Where they listen.
+    pub listen: String,
+    /// Where the API server calls them: `service NAMESPACE/NAME` or the URL.
+    pub endpoint: String,
+    /// `/inject` is served too.
+    pub injection: bool,
+    /// When the serving certificate in force expires (Unix seconds).
+    pub certificate_not_after_unix: u64,
+    /// The leader wrote the current caBundle into every target.
+    pub ca_bundle_written: bool,
+    /// Why the last write was incomplete (this replica's last attempt as leader).
+    pub problems: Vec<String>,
+}
+
+/// Reads the webhooks' state when asked.
+pub type WebhookStateFn = Arc<dyn Fn() -> WebhookState + Send + Sync>;
+
 /// The JSON of `/api/v1/state`.
 #[derive(Clone, Debug, Serialize)]
 pub struct State {
@@ -44,6 +64,8 @@ pub struct State {
     pub streams: StreamState,
     /// Leader election (`None` when the admin port was not told about it).
     pub leader: Option<LeaderStatus>,
+    /// The webhooks, when served.
+    pub webhooks: Option<WebhookState>,
     #[serde(flatten)]
     pub index: Status,
 }
@@ -57,6 +79,7 @@ pub struct Admin {
     registry: Arc<Registry>,
     gauges: Gauges,
     leader: Option<tokio::sync::watch::Receiver<LeaderStatus>>,
+    webhooks: Option<WebhookStateFn>,
 }
 
 #[derive(Clone, Default)]
@@ -123,7 +146,14 @@ impl Admin {
             registry: Arc::new(registry),
             gauges,
             leader: None,
+            webhooks: None,
         }
+    }
+
+    /// Shows the webhooks in the state; their problems are problems (location `webhooks`).
+    pub fn with_webhooks(mut self, state: WebhookStateFn) -> Self {
+        self.webhooks = Some(state);
+        self
     }
 
     /// Shows the leader election in the state and the `trellis_controller_leader` gauge.
@@ -156,6 +186,7 @@ impl Admin {
                 inbound: self.counts.inbound.load(Ordering::Relaxed),
             },
             leader: self.leader.as_ref().map(|l| l.borrow().clone()),
+            webhooks: self.webhooks.as_ref().map(|state| state()),
             index: self.index_with_registration_problems(),
         }
     }
@@ -171,6 +202,15 @@ impl Admin {
                 location: "discovery".into(),
                 message: p.message,
             }));
+        if let Some(webhooks) = &self.webhooks {
+            status
+                .problems
+                .extend(webhooks().problems.into_iter().map(|message| ProblemLine {
+                    resource: "caBundle".into(),
+                    location: "webhooks".into(),
+                    message,
+                }));
+        }
         status
     }
 

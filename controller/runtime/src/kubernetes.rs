@@ -263,6 +263,40 @@ pub struct Webhooks {
         watch::Receiver<trellis_controller_kubernetes::webhook::client_config::Published>,
 }
 
+impl Webhooks {
+    /// What the admin port shows (`/api/v1/state` `webhooks`, `trellis check`).
+    pub fn state_fn(
+        &self,
+        options: &crate::webhooks::WebhookOptions,
+    ) -> crate::admin::WebhookStateFn {
+        let (serving, published) = (self.serving.clone(), self.published.clone());
+        let listen = self.addr.to_string();
+        let endpoint = match &options.endpoint {
+            crate::webhooks::WebhookEndpoint::Service {
+                namespace,
+                name,
+                port,
+            } => format!("service {namespace}/{name}:{port}"),
+            crate::webhooks::WebhookEndpoint::Url { url, .. } => url.clone(),
+        };
+        let injection = options.injector.is_some();
+        Arc::new(move || {
+            let published = published.borrow().clone();
+            let not_after = serving.info().borrow().not_after;
+            crate::admin::WebhookState {
+                listen: listen.clone(),
+                endpoint: endpoint.clone(),
+                injection,
+                certificate_not_after_unix: not_after
+                    .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                ca_bundle_written: published.passes > 0 && published.problems.is_empty(),
+                problems: published.problems,
+            }
+        })
+    }
+}
+
 /// Starts the webhooks of `options` (see [`crate::webhooks`]): issues the serving certificate
 /// from `ca`, binds the listener, serves `/convert` (and `/inject` when configured), and has the
 /// leader (`is_leader`) keep the targets' client configs pointed here with the mesh's anchors.

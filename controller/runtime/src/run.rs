@@ -162,13 +162,17 @@ pub async fn start_full(
         .await
         .with_context(|| format!("binding the gRPC listener on {}", options.grpc))?;
     let admin = match options.admin {
-        Some(addr) => Some(
-            Admin::new(index.clone(), discovery, counts, registry)
-                .with_leader(leader.status())
+        Some(addr) => Some({
+            let mut admin =
+                Admin::new(index.clone(), discovery, counts, registry).with_leader(leader.status());
+            if let (Some(running), Some(options)) = (&webhooks, &options.webhooks) {
+                admin = admin.with_webhooks(running.state_fn(options));
+            }
+            admin
                 .spawn(addr)
                 .await
-                .with_context(|| format!("binding the admin listener on {addr}"))?,
-        ),
+                .with_context(|| format!("binding the admin listener on {addr}"))?
+        }),
         None => None,
     };
     Ok(Running {

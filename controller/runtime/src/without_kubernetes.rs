@@ -86,6 +86,12 @@ impl TokenReviewer {
 #[derive(Clone, Debug)]
 pub enum Webhooks {}
 
+impl Webhooks {
+    pub fn state_fn(&self, _: &crate::webhooks::WebhookOptions) -> crate::admin::WebhookStateFn {
+        match *self {}
+    }
+}
+
 /// Fails: the webhooks are the API server's.
 pub async fn start_webhooks(
     _options: &crate::webhooks::WebhookOptions,
