@@ -10,6 +10,8 @@ pub struct ApiError {
     /// `NotFound`, `AlreadyExists`, `Conflict`, `BadRequest`, `Expired`, `Gone`, ...
     pub reason: &'static str,
     pub message: String,
+    /// `Status.details` (name, group, kind and the field causes of a 422 `Invalid`).
+    pub details: Option<Value>,
 }
 
 impl ApiError {
@@ -18,6 +20,7 @@ impl ApiError {
             code,
             reason,
             message: message.into(),
+            details: None,
         }
     }
 
@@ -40,7 +43,7 @@ impl ApiError {
 
     /// The `Status` object a real API server sends with this error.
     pub fn to_status(&self) -> Value {
-        json!({
+        let mut status = json!({
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
@@ -48,6 +51,10 @@ impl ApiError {
             "message": self.message,
             "reason": self.reason,
             "code": self.code,
-        })
+        });
+        if let Some(details) = &self.details {
+            status["details"] = details.clone();
+        }
+        status
     }
 }

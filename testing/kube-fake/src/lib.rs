@@ -34,8 +34,13 @@
 //! Simplifications (see README.md): paged lists are not a consistent snapshot across pages (later
 //! pages show the current state; the following watch replays every change after the first page's
 //! version, so clients converge anyway), `resourceVersionMatch=Exact` only for the current
-//! version, no admission, defaulting, validation beyond names and namespaces, garbage collection
-//! or authentication of its own clients.
+//! version, no admission, schema validation of custom resources, garbage collection or
+//! authentication of its own clients.
+//!
+//! Validation: every write is validated as a real API server validates it (metadata of every
+//! kind, EndpointSlices, Pods, Services; module [`validation`]) and a refused one answers the real
+//! 422 `Invalid` status with its `details.causes`, so a test cannot pass here and fail on a real
+//! server for a reason the fake ignored.
 
 mod error;
 mod resources;
@@ -43,6 +48,7 @@ mod selector;
 mod server;
 mod store;
 mod token_review;
+pub mod validation;
 
 pub use error::ApiError;
 pub use resources::{ResourceType, builtin};

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use crate::error::ApiError;
 use crate::resources::{self, ResourceType};
 use crate::selector::Selector;
+use crate::validation;
 
 /// (resource type id, namespace (empty for cluster-scoped), name).
 type ObjectKey = (String, String, String);
@@ -159,6 +160,8 @@ struct Inner {
     /// Changes at or below this version are forgotten; watches from older versions get 410.
     compacted: u64,
     next_uid: u64,
+    /// Counter behind `generateName` suffixes.
+    next_generated: u64,
     objects: BTreeMap<ObjectKey, Arc<Value>>,
     history: VecDeque<Change>,
     watchers: Vec<Watcher>,
@@ -185,6 +188,7 @@ impl Store {
                 resource_version: 1,
                 compacted: 0,
                 next_uid: 1,
+                next_generated: 0,
                 objects: BTreeMap::new(),
                 history: VecDeque::new(),
                 watchers: Vec::new(),
@@ -256,8 +260,10 @@ impl Store {
         namespace: Option<&str>,
         object: Value,
     ) -> Result<Value, ApiError> {
+        let mut inner = self.lock();
+        let object = inner.generate_name(object);
         let (key, object) = prepare(resource, namespace, object)?;
-        self.lock().create_locked(resource, key, object)
+        inner.create_locked(resource, key, object)
     }
 
     /// PUT: replaces an existing object; 404 if absent, 409 Conflict if the body carries a
@@ -521,12 +527,41 @@ impl Store {
 }
 
 impl Inner {
+    /// `metadata.generateName` without a name: the prefix and five characters, from the same
+    /// alphabet as the real server's (no vowels, no look-alike digits), here from a counter so
+    /// names never collide within one server.
+    fn generate_name(&mut self, mut object: Value) -> Value {
+        const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+        let prefix = object
+            .pointer("/metadata/generateName")
+            .and_then(Value::as_str)
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned);
+        let named = object
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
+        if let (Some(prefix), false) = (prefix, named) {
+            self.next_generated += 1;
+            let mut n = self.next_generated;
+            let mut suffix = String::new();
+            for _ in 0..5 {
+                suffix.push(char::from(ALPHABET[(n % ALPHABET.len() as u64) as usize]));
+                n /= ALPHABET.len() as u64;
+            }
+            metadata_mut(&mut object).insert("name".into(), json!(format!("{prefix}{suffix}")));
+        }
+        object
+    }
+
     fn create_locked(
         &mut self,
         resource: &ResourceType,
         key: ObjectKey,
         mut object: Value,
     ) -> Result<Value, ApiError> {
+        // A real server validates before storage finds a name taken.
+        validation::validate(resource, &object, None)?;
         if self.objects.contains_key(&key) {
             return Err(ApiError::new(
                 409,
@@ -559,6 +594,7 @@ impl Inner {
         let Some(current) = self.objects.get(&key).cloned() else {
             return Err(ApiError::not_found(&resource.kind, &key.2));
         };
+        validation::validate(resource, &object, Some(&current))?;
         let sent_rv = object
             .pointer("/metadata/resourceVersion")
             .and_then(Value::as_str)
@@ -640,13 +676,6 @@ fn prepare(
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_owned();
-    if name.is_empty() {
-        return Err(ApiError::new(
-            422,
-            "Invalid",
-            format!("{}: metadata.name: Required value", resource.kind),
-        ));
-    }
     let body_ns = meta
         .get("namespace")
         .and_then(Value::as_str)
@@ -667,6 +696,12 @@ fn prepare(
         meta.remove("namespace");
         String::new()
     };
+    validation::apply_defaults(resource, &mut object);
+    if name.is_empty() {
+        // The real server answers with every error of the object, the missing name among them.
+        validation::validate(resource, &object, None)?;
+        return Err(ApiError::bad_request("metadata.name is required"));
+    }
     Ok(((resource.id(), ns, name), object))
 }
 
