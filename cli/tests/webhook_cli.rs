@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::Api;
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -183,6 +183,88 @@ fn review(desired: &str, objects: Vec<Value>) -> Vec<u8> {
     .unwrap()
 }
 
+/// The dynamic API of TrafficSplits at `api_version`.
+fn splits(client: &kube::Client, api_version: &str) -> Api<DynamicObject> {
+    let (group, version) = api_version.split_once('/').unwrap();
+    let resource = ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: api_version.into(),
+        kind: "TrafficSplit".into(),
+        plural: "trafficsplits".into(),
+    };
+    Api::namespaced_with(client.clone(), "test", &resource)
+}
+
+/// The spec Flagger writes at `version` with the canary at `weight` (CONTRACT.md §2).
+fn flagger_spec(version: &str, canary: u32) -> Value {
+    let weight = |w: u32| {
+        if version == VERSIONS[0] {
+            json!(w.to_string())
+        } else {
+            json!(w)
+        }
+    };
+    json!({"service": "podinfo", "backends": [
+        {"service": "podinfo-canary", "weight": weight(canary)},
+        {"service": "podinfo-primary", "weight": weight(100 - canary)},
+    ]})
+}
+
+/// Creates `podinfo-INDEX` at `version` (0/100), then GET and a full PUT of 10/90, as Flagger
+/// does; then reads it at every version: the written version gives back exactly what was
+/// written, the others the same backends in the same order with the same weights.
+async fn flagger_writes_and_reads_back(client: &kube::Client, version: &str, index: usize) {
+    let api = splits(client, version);
+    let name = format!("podinfo-{index}");
+    let object: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": version, "kind": "TrafficSplit",
+        "metadata": {"name": name, "namespace": "test"},
+        "spec": flagger_spec(version, 0),
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &object)
+        .await
+        .unwrap_or_else(|e| panic!("creating {name} at {version}: {e}"));
+    let mut current = api.get(&name).await.unwrap();
+    current.data["spec"] = flagger_spec(version, 10);
+    api.replace(&name, &PostParams::default(), &current)
+        .await
+        .unwrap_or_else(|e| panic!("replacing {name} at {version}: {e}"));
+    for read_at in VERSIONS {
+        let read = splits(client, read_at)
+            .get(&name)
+            .await
+            .unwrap_or_else(|e| panic!("reading {name} (written at {version}) at {read_at}: {e}"));
+        assert_eq!(read.types.as_ref().unwrap().api_version, read_at);
+        if read_at == version {
+            assert_eq!(
+                read.data["spec"],
+                flagger_spec(version, 10),
+                "{name} at {read_at}"
+            );
+        } else {
+            let backends = read.data["spec"]["backends"].as_array().unwrap();
+            let names: Vec<&str> = backends
+                .iter()
+                .map(|b| b["service"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                names,
+                ["podinfo-canary", "podinfo-primary"],
+                "{name} at {read_at}"
+            );
+            let weight = |b: &Value| {
+                b["weight"]
+                    .as_u64()
+                    .or_else(|| b["weight"].as_str()?.parse().ok())
+            };
+            assert_eq!(weight(&backends[0]), Some(10), "{name} at {read_at}");
+            assert_eq!(weight(&backends[1]), Some(90), "{name} at {read_at}");
+        }
+    }
+}
+
 #[test]
 fn the_controller_serves_conversion_over_https_and_keeps_every_ca_bundle_current() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -319,6 +401,27 @@ fn the_controller_serves_conversion_over_https_and_keeps_every_ca_bundle_current
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let message = String::from_utf8_lossy(&body);
     assert!(message.contains("not a ConversionReview"), "{message}");
+
+    // 2b. Through the API server: Flagger's writes at v1alpha1, v1alpha2 and v1alpha3 (create,
+    // then GET and a full PUT) read back identically at every version, and the controller (which
+    // reads the stored v1alpha4) puts the written weights in force.
+    for (index, version) in VERSIONS[..3].iter().enumerate() {
+        runtime.block_on(flagger_writes_and_reads_back(&client, version, index));
+    }
+    until("the three splits in force", 10, || {
+        let check = std::process::Command::new(TRELLIS)
+            .args(["check", "--admin", &controller.admin.to_string()])
+            .output()
+            .ok()?;
+        let check = String::from_utf8_lossy(&check.stdout).into_owned();
+        (0..3)
+            .all(|i| check.contains(&format!("TrafficSplit test/podinfo-{i}: root podinfo -> podinfo-canary 10, podinfo-primary 90")))
+            .then_some(())
+            .or_else(|| {
+                eprintln!("{check}");
+                None
+            })
+    });
 
     // 3. Renewal (3 s lifetime: renewed after 2 s): another leaf, same chain.
     let renewed = until("a renewed serving certificate", 10, || {

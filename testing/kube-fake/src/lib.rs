@@ -35,13 +35,18 @@
 //! pages show the current state; the following watch replays every change after the first page's
 //! version, so clients converge anyway), `resourceVersionMatch=Exact` only for the current
 //! version, no admission, schema validation of custom resources, garbage collection or
-//! authentication of its own clients.
+//! authentication of its own clients; watches of a converted CRD at its storage version only.
+//!
+//! CRDs: storing a CustomResourceDefinition establishes its served versions; requests at a
+//! version other than its storage version are converted through its conversion webhook over
+//! HTTPS (`clientConfig.url` and `caBundle`), as the API server does (`conversion.rs`).
 //!
 //! Validation: every write is validated as a real API server validates it (metadata of every
 //! kind, EndpointSlices, Pods, Services; module [`validation`]) and a refused one answers the real
 //! 422 `Invalid` status with its `details.causes`, so a test cannot pass here and fail on a real
 //! server for a reason the fake ignored.
 
+mod conversion;
 mod error;
 mod resources;
 mod selector;

@@ -17,6 +17,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::conversion;
 use crate::error::ApiError;
 use crate::resources::{self, ResourceType};
 use crate::selector::Selector;
@@ -213,8 +214,18 @@ async fn route(store: &Store, req: Request<Incoming>) -> Result<Response<Body>, 
     };
     let param = |key: &str| query.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let method = req.method().clone();
+    // A CRD version other than its storage version: stored converted (conversion.rs).
+    let conversion = conversion::lookup(store, &target.resource);
+    let stored = conversion.as_ref().map_or(&target.resource, |c| &c.storage);
     match (method, &target.name) {
         (Method::GET, None) if param("watch").is_some_and(|w| w == "true" || w == "1") => {
+            if let Some(conversion) = &conversion {
+                return Err(ApiError::bad_request(format!(
+                    "the fake API server watches {} only at its storage version {} (a simplification: see conversion.rs)",
+                    target.resource.plural,
+                    conversion.storage.api_version()
+                )));
+            }
             watch(store, &target, &param)
         }
         (Method::GET, None) => {
@@ -232,28 +243,34 @@ async fn route(store: &Store, req: Request<Incoming>) -> Result<Response<Body>, 
                 resource_version: param("resourceVersion"),
                 exact: param("resourceVersionMatch").as_deref() == Some("Exact"),
             };
-            Ok(json_response(
-                StatusCode::OK,
-                &store.list(&target.resource, &list)?,
-            ))
+            let mut list = store.list(stored, &list)?;
+            if let Some(conversion) = &conversion {
+                let items = match list.get_mut("items") {
+                    Some(Value::Array(items)) => std::mem::take(items),
+                    _ => Vec::new(),
+                };
+                list["items"] =
+                    Value::Array(conversion.convert(items, &conversion.requested).await?);
+                list["apiVersion"] = Value::String(conversion.requested.clone());
+            }
+            Ok(json_response(StatusCode::OK, &list))
         }
         (Method::GET, Some(name)) => {
-            let obj = store.get(
-                &target.resource,
-                target.namespace.as_deref().unwrap_or(""),
-                name,
-            )?;
+            let obj = store.get(stored, target.namespace.as_deref().unwrap_or(""), name)?;
+            let obj = out(conversion.as_ref(), obj).await?;
             Ok(json_response(StatusCode::OK, &obj))
         }
         (Method::POST, None) => {
-            let body = read_json(req).await?;
-            let obj = store.create(&target.resource, target.namespace.as_deref(), body)?;
+            let body = into(conversion.as_ref(), read_json(req).await?).await?;
+            let obj = store.create(stored, target.namespace.as_deref(), body)?;
+            let obj = out(conversion.as_ref(), obj).await?;
             Ok(json_response(StatusCode::CREATED, &obj))
         }
         (Method::PUT, Some(name)) => {
             let name = name.clone();
-            let body = read_json(req).await?;
-            let obj = store.replace(&target.resource, target.namespace.as_deref(), &name, body)?;
+            let body = into(conversion.as_ref(), read_json(req).await?).await?;
+            let obj = store.replace(stored, target.namespace.as_deref(), &name, body)?;
+            let obj = out(conversion.as_ref(), obj).await?;
             Ok(json_response(StatusCode::OK, &obj))
         }
         (Method::PATCH, Some(name)) => {
@@ -274,11 +291,27 @@ async fn route(store: &Store, req: Request<Incoming>) -> Result<Response<Body>, 
                 ));
             }
             let body = read_json(req).await?;
-            let obj = store.patch(&target.resource, target.namespace.as_deref(), &name, &body)?;
+            let obj = match &conversion {
+                None => store.patch(stored, target.namespace.as_deref(), &name, &body)?,
+                Some(conversion) => {
+                    // Patched at the version the client speaks, as the real server does.
+                    let current =
+                        store.get(stored, target.namespace.as_deref().unwrap_or(""), &name)?;
+                    let mut object = conversion.one(current, &conversion.requested).await?;
+                    crate::store::merge_patch(&mut object, &body);
+                    let object = conversion
+                        .one(object, &conversion.storage.api_version())
+                        .await?;
+                    let stored_object =
+                        store.replace(stored, target.namespace.as_deref(), &name, object)?;
+                    conversion.one(stored_object, &conversion.requested).await?
+                }
+            };
             Ok(json_response(StatusCode::OK, &obj))
         }
         (Method::DELETE, Some(name)) => {
-            let obj = store.delete(&target.resource, target.namespace.as_deref(), name)?;
+            let obj = store.delete(stored, target.namespace.as_deref(), name)?;
+            let obj = out(conversion.as_ref(), obj).await?;
             Ok(json_response(StatusCode::OK, &obj))
         }
         (method, _) => Err(ApiError::new(
@@ -287,6 +320,41 @@ async fn route(store: &Store, req: Request<Incoming>) -> Result<Response<Body>, 
             format!("{method} is not supported on {path}"),
         )),
     }
+}
+
+/// A stored object as the client asked for it.
+async fn out(
+    conversion: Option<&conversion::Conversion>,
+    object: Value,
+) -> Result<Value, ApiError> {
+    match conversion {
+        Some(conversion) => conversion.one(object, &conversion.requested).await,
+        None => Ok(object),
+    }
+}
+
+/// A client's object as it is stored. Its apiVersion must be the one of the URL (else 400, as
+/// the real server answers).
+async fn into(
+    conversion: Option<&conversion::Conversion>,
+    object: Value,
+) -> Result<Value, ApiError> {
+    let Some(conversion) = conversion else {
+        return Ok(object);
+    };
+    let sent = object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if sent != conversion.requested {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({sent}) does not match the expected API version ({})",
+            conversion.requested
+        )));
+    }
+    conversion
+        .one(object, &conversion.storage.api_version())
+        .await
 }
 
 fn discovery(

@@ -527,6 +527,39 @@ impl Store {
 }
 
 impl Inner {
+    /// A CustomResourceDefinition written: its served versions become resource types, as a real
+    /// server establishes a CRD (versions no longer served stay registered: a simplification).
+    fn establish_crd(&mut self, resource: &ResourceType, object: &Value) {
+        if resource.group != "apiextensions.k8s.io"
+            || resource.plural != "customresourcedefinitions"
+        {
+            return;
+        }
+        let text = |pointer: &str| object.pointer(pointer).and_then(Value::as_str);
+        let (Some(group), Some(plural), Some(kind)) = (
+            text("/spec/group"),
+            text("/spec/names/plural"),
+            text("/spec/names/kind"),
+        ) else {
+            return;
+        };
+        let namespaced = text("/spec/scope") != Some("Cluster");
+        let versions = object
+            .pointer("/spec/versions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten();
+        for version in versions {
+            let served = version.get("served").and_then(Value::as_bool) == Some(true);
+            if let (true, Some(name)) = (served, version.get("name").and_then(Value::as_str)) {
+                let established = ResourceType::new(group, name, plural, kind, namespaced);
+                if !self.types.contains(&established) {
+                    self.types.push(established);
+                }
+            }
+        }
+    }
+
     /// `metadata.generateName` without a name: the prefix and five characters, from the same
     /// alphabet as the real server's (no vowels, no look-alike digits), here from a counter so
     /// names never collide within one server.
@@ -581,6 +614,7 @@ impl Inner {
             json!(rfc3339(SystemTime::now())),
         );
         meta.entry("generation").or_insert(json!(1));
+        self.establish_crd(resource, &object);
         Ok(self.write(key, EventType::Added, object, None))
     }
 
@@ -620,6 +654,7 @@ impl Inner {
                 meta.insert(field.into(), v.clone());
             }
         }
+        self.establish_crd(resource, &object);
         Ok(self.write(key, EventType::Modified, object, Some(current)))
     }
 
@@ -733,7 +768,7 @@ fn parse_continue(token: &str) -> Result<(u64, (String, String)), ApiError> {
 }
 
 /// RFC 7386: objects merge recursively, `null` deletes, anything else replaces.
-fn merge_patch(target: &mut Value, patch: &Value) {
+pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(patch) = patch else {
         *target = patch.clone();
         return;
