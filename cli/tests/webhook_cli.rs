@@ -184,7 +184,7 @@ fn review(desired: &str, objects: Vec<Value>) -> Vec<u8> {
 }
 
 /// The dynamic API of TrafficSplits at `api_version`.
-fn splits(client: &kube::Client, api_version: &str) -> Api<DynamicObject> {
+fn splits(client: &kube::Client, namespace: &str, api_version: &str) -> Api<DynamicObject> {
     let (group, version) = api_version.split_once('/').unwrap();
     let resource = ApiResource {
         group: group.into(),
@@ -193,7 +193,7 @@ fn splits(client: &kube::Client, api_version: &str) -> Api<DynamicObject> {
         kind: "TrafficSplit".into(),
         plural: "trafficsplits".into(),
     };
-    Api::namespaced_with(client.clone(), "test", &resource)
+    Api::namespaced_with(client.clone(), namespace, &resource)
 }
 
 /// The spec Flagger writes at `version` with the canary at `weight` (CONTRACT.md §2).
@@ -214,12 +214,17 @@ fn flagger_spec(version: &str, canary: u32) -> Value {
 /// Creates `podinfo-INDEX` at `version` (0/100), then GET and a full PUT of 10/90, as Flagger
 /// does; then reads it at every version: the written version gives back exactly what was
 /// written, the others the same backends in the same order with the same weights.
-async fn flagger_writes_and_reads_back(client: &kube::Client, version: &str, index: usize) {
-    let api = splits(client, version);
+async fn flagger_writes_and_reads_back(
+    client: &kube::Client,
+    namespace: &str,
+    version: &str,
+    index: usize,
+) {
+    let api = splits(client, namespace, version);
     let name = format!("podinfo-{index}");
     let object: DynamicObject = serde_json::from_value(json!({
         "apiVersion": version, "kind": "TrafficSplit",
-        "metadata": {"name": name, "namespace": "test"},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": flagger_spec(version, 0),
     }))
     .unwrap();
@@ -232,7 +237,7 @@ async fn flagger_writes_and_reads_back(client: &kube::Client, version: &str, ind
         .await
         .unwrap_or_else(|e| panic!("replacing {name} at {version}: {e}"));
     for read_at in VERSIONS {
-        let read = splits(client, read_at)
+        let read = splits(client, namespace, read_at)
             .get(&name)
             .await
             .unwrap_or_else(|e| panic!("reading {name} (written at {version}) at {read_at}: {e}"));
@@ -406,7 +411,9 @@ fn the_controller_serves_conversion_over_https_and_keeps_every_ca_bundle_current
     // then GET and a full PUT) read back identically at every version, and the controller (which
     // reads the stored v1alpha4) puts the written weights in force.
     for (index, version) in VERSIONS[..3].iter().enumerate() {
-        runtime.block_on(flagger_writes_and_reads_back(&client, version, index));
+        runtime.block_on(flagger_writes_and_reads_back(
+            &client, "test", version, index,
+        ));
     }
     until("the three splits in force", 10, || {
         let check = std::process::Command::new(TRELLIS)
@@ -454,4 +461,123 @@ fn the_controller_serves_conversion_over_https_and_keeps_every_ca_bundle_current
     });
     let log = controller.stop();
     assert!(log.contains("webhook serving certificate"), "{log}");
+}
+
+/// The address this machine uses to reach the API server of `config` (where a webhook served
+/// here can be reached from it, as a guess): `TRELLIS_TEST_WEBHOOK_HOST` wins.
+fn webhook_host(config: &kube::Config) -> String {
+    if let Ok(host) = std::env::var("TRELLIS_TEST_WEBHOOK_HOST") {
+        return host;
+    }
+    let uri = &config.cluster_url;
+    let host = uri
+        .host()
+        .unwrap_or("127.0.0.1")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(443);
+    let server = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .expect("resolving the API server's address");
+    let probe = std::net::UdpSocket::bind(if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .unwrap();
+    probe.connect(server).unwrap();
+    let local = probe.local_addr().unwrap().ip();
+    if local.is_loopback() {
+        eprintln!(
+            "the API server is reached over loopback: if it runs in a container or VM it cannot call {local}; set TRELLIS_TEST_WEBHOOK_HOST to an address of this machine it can reach"
+        );
+    }
+    match local {
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    }
+}
+
+/// On a real API server (`TRELLIS_TEST_KUBECONFIG`): the SMI CRDs applied (server-side apply),
+/// `trellis controller --webhook ... --webhook-url https://HOST:PORT` running here, and Flagger's
+/// writes at v1alpha1, v1alpha2 and v1alpha3 read back identically at every version through the
+/// API server's calls to the controller's conversion webhook. The CRDs stay installed (they are
+/// cluster-wide); the test's namespace is deleted.
+#[test]
+fn on_a_real_api_server_flagger_writes_convert_through_the_running_controller() {
+    let Some(kubeconfig) = std::env::var_os("TRELLIS_TEST_KUBECONFIG") else {
+        eprintln!(
+            "skipped: TRELLIS_TEST_KUBECONFIG is unset (a kubeconfig for a real API server that can reach this machine; TRELLIS_TEST_WEBHOOK_HOST names this machine's address for it)"
+        );
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _context = runtime.enter();
+    let config = runtime
+        .block_on(kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig)
+                .expect("reading TRELLIS_TEST_KUBECONFIG"),
+            &kube::config::KubeConfigOptions::default(),
+        ))
+        .expect("a usable kubeconfig");
+    let host = webhook_host(&config);
+    let client = kube::Client::try_from(config).unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for generated in trellis_smi::crd::generate() {
+        let name = generated.crd.metadata.name.clone().unwrap();
+        runtime
+            .block_on(crds.patch(
+                &name,
+                &kube::api::PatchParams::apply("trellis-test").force(),
+                &kube::api::Patch::Apply(&generated.crd),
+            ))
+            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+    }
+    let namespace = format!("trellis-webhook-test-{}", std::process::id());
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    runtime
+        .block_on(namespaces.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
+        ))
+        .expect("creating the test namespace");
+    struct DeleteNamespace<'a>(
+        &'a Api<k8s_openapi::api::core::v1::Namespace>,
+        &'a str,
+        &'a tokio::runtime::Runtime,
+    );
+    impl Drop for DeleteNamespace<'_> {
+        fn drop(&mut self) {
+            let _ = self.2.block_on(self.0.delete(self.1, &Default::default()));
+        }
+    }
+    let _cleanup = DeleteNamespace(&namespaces, &namespace, &runtime);
+
+    let port = free_port();
+    let url = format!("https://{host}:{port}");
+    let controller = ControllerProcess::spawn(
+        controller_command(TRELLIS)
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["--platform", "kubernetes", "--leader-elect=false"])
+            .args(["--webhook", &format!("0.0.0.0:{port}")])
+            .args(["--webhook-url", &url]),
+    );
+    let names: Vec<String> = trellis_smi::crd::generate()
+        .into_iter()
+        .filter_map(|g| g.crd.metadata.name)
+        .collect();
+    for name in &names {
+        until(&format!("{name} pointed at {url}"), 30, || {
+            let crd = runtime.block_on(crds.get(name)).ok()?;
+            let config = crd.spec.conversion?.webhook?.client_config?;
+            (config.url? == format!("{url}/convert") && config.ca_bundle.is_some()).then_some(())
+        });
+    }
+    for (index, version) in VERSIONS[..3].iter().enumerate() {
+        runtime.block_on(flagger_writes_and_reads_back(
+            &client, &namespace, version, index,
+        ));
+    }
+    drop(controller);
 }
