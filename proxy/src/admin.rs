@@ -1,7 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus text), `/ready`, `/live`, `/config` (JSON of the
 //! configuration currently in force), `/identity` (JSON: the workload identity and its validity;
 //! never the key), `/connections` (JSON: open connections by listener kind, the global limit,
-//! refusals by listener kind and reason).
+//! refusals by listener kind and reason), `/app-probe/<container>/<kind>` (the app's own probes,
+//! run from inside the pod: [`crate::app_probe`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::app_probe::{self, AppProbes};
 use crate::server::stopped;
 use crate::state::Shared;
 
@@ -25,6 +27,7 @@ pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     registry: Arc<Registry>,
+    app_probes: Arc<AppProbes>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -37,10 +40,23 @@ pub async fn serve(
         };
         let shared = Arc::clone(&shared);
         let registry = Arc::clone(&registry);
+        let app_probes = Arc::clone(&app_probes);
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let response = answer(&shared, &registry, &req);
-                async move { Ok::<_, Infallible>(response) }
+            let service = service_fn(move |req: Request<Incoming>| {
+                // App probes wait on the app; everything else answers at once.
+                let is_probe = req.uri().path().starts_with(app_probe::PATH_PREFIX)
+                    && (req.method() == Method::GET || req.method() == Method::HEAD);
+                let work = if is_probe {
+                    Err((Arc::clone(&app_probes), req.uri().path().to_owned()))
+                } else {
+                    Ok(answer(&shared, &registry, &req))
+                };
+                async move {
+                    Ok::<_, Infallible>(match work {
+                        Ok(response) => response,
+                        Err((probes, path)) => app_probe::answer(&probes, &path).await,
+                    })
+                }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -106,7 +122,7 @@ fn answer(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Resp
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "admin endpoints: /metrics /ready /live /config /identity /connections\n".into(),
+            "admin endpoints: /metrics /ready /live /config /identity /connections /app-probe/...\n".into(),
         ),
     }
 }

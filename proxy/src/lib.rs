@@ -14,6 +14,8 @@
 //! * [`authz`]: the inbound authorization hook ([`authz::Authorizer`]) and the policy evaluator.
 //! * [`server`]: listeners, hyper connections with limits, draining.
 //! * [`admin`], [`metrics`]: the admin port and Prometheus metrics (registry passed in).
+//! * [`app_probe`]: the app's own probes run from inside the pod for the kubelet
+//!   (`/app-probe/...` on the admin port, set up by the sidecar injector).
 //! * [`reload`]: config file reload (SIGHUP + change polling).
 //! * [`controller`]: live config from the controller over `trellis-proxy-api`;
 //!   [`controller_tls`]: that channel over TLS, verified against the mesh's anchors and the
@@ -25,6 +27,7 @@
 //!   the anchors AND to the endpoint's expected SPIFFE id.
 
 pub mod admin;
+pub mod app_probe;
 pub mod authz;
 pub mod balance;
 pub mod config;
@@ -71,6 +74,8 @@ pub struct ProxyOptions {
     /// config names static `identity` files; controller mode passes
     /// [`IdentityStore::expecting`] and runs [`identity::run_certifier`] on it.
     pub identity: Arc<IdentityStore>,
+    /// The app's probes served on the admin port as `/app-probe/...` (`--app-probes`).
+    pub app_probes: Arc<app_probe::AppProbes>,
 }
 
 impl ProxyOptions {
@@ -82,6 +87,7 @@ impl ProxyOptions {
             authorizer: Arc::new(PolicyAuthorizer),
             resolver: None,
             identity: Arc::new(IdentityStore::new()),
+            app_probes: Arc::default(),
         }
     }
 }
@@ -113,6 +119,7 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         authorizer,
         resolver,
         identity,
+        app_probes,
     } = options;
     if let Some(files) = &config.identity {
         let credentials = identity::load_static(files).context("loading the static identity")?;
@@ -179,6 +186,7 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
             l,
             Arc::clone(&shared),
             Arc::new(registry),
+            app_probes,
             shutdown_rx.clone(),
         )));
     }

@@ -112,6 +112,10 @@ struct Cli {
     /// Tokio worker threads (default: number of cores; 1 = a single-threaded runtime).
     #[arg(long, env = "TRELLIS_PROXY_THREADS")]
     threads: Option<usize>,
+    /// The app's probes to serve on the admin port as /app-probe/CONTAINER/KIND (JSON written by
+    /// the sidecar injector: path -> {port, path, scheme, headers} or {tcp: port}).
+    #[arg(long, env = "TRELLIS_PROXY_APP_PROBES", value_name = "JSON")]
+    app_probes: Option<String>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "TRELLIS_PROXY_LOG", default_value = "info")]
     log: String,
@@ -222,6 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let config = controller.initial_config();
         let drain = config.limits.drain_timeout();
         let mut options = ProxyOptions::new(config);
+        options.app_probes = app_probes(&cli)?;
         options.resolver = Some(controller.clone() as Arc<dyn trellis_proxy::state::Resolve>);
         let certifier = match &cli.identity_token_file {
             Some(token_file) => {
@@ -256,7 +261,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let mut config = Config::load(&path)?;
         apply_limit_flags(&cli, &mut config);
         let drain = config.limits.drain_timeout();
-        let proxy = trellis_proxy::start(ProxyOptions::new(config)).await?;
+        let mut options = ProxyOptions::new(config);
+        options.app_probes = app_probes(&cli)?;
+        let proxy = trellis_proxy::start(options).await?;
         tokio::spawn(reload::watch_file(
             proxy.shared.clone(),
             path,
@@ -270,6 +277,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let left = proxy.drain(drain).await;
     tracing::info!(left, "stopped");
     Ok(())
+}
+
+/// `--app-probes`, parsed (none given: no app probes).
+fn app_probes(cli: &Cli) -> anyhow::Result<Arc<trellis_proxy::app_probe::AppProbes>> {
+    Ok(Arc::new(match &cli.app_probes {
+        Some(json) => trellis_proxy::app_probe::parse(json)?,
+        None => Default::default(),
+    }))
 }
 
 fn identity_of(cli: &Cli) -> anyhow::Result<SpiffeId> {

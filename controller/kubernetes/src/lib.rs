@@ -5,11 +5,14 @@
 //! - [`leader`]: Lease-based leader election for what the controller writes.
 //! - [`events`]: events.k8s.io/v1 Warnings about SMI objects, written by the leader only.
 //! - [`webhook`]: the CRD conversion webhook (`POST /convert`) and its reloading certificate.
+//! - [`inject`]: the sidecar injection webhook (`POST /inject`): an AdmissionReview of a Pod in,
+//!   the JSON Patch that adds the interception init container and the proxy out.
 //!
 //! The core and the gRPC API build without this crate; `trellis-controller` links it for
 //! `--platform kubernetes`.
 
 pub mod events;
+pub mod inject;
 pub mod leader;
 pub mod policy;
 pub mod webhook;
