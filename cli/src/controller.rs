@@ -203,7 +203,7 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
                 permissive: args.permissive,
                 access: args.access(),
             },
-            webhooks: args.kubernetes.webhooks()?,
+            webhooks: args.kubernetes.webhooks(&args.trust_domain)?,
         },
         args.identity()?,
         leader,

@@ -6,6 +6,12 @@
 //! - an HTTPS client that trusts exactly that `caBundle` (as the API server does) posts
 //!   ConversionReviews of Flagger's TrafficSplit shapes in every version to every version and
 //!   gets them back converted; a malformed review gets a 400 that says what is wrong;
+//! - Flagger's writes at v1alpha1/2/3 through the fake API server (which converts through the
+//!   CRDs' webhook, as a real one does) read back identically at every version and come into
+//!   force;
+//! - `/inject` on the same port: a Deployment's pod gets the init container and the proxy (with
+//!   the controller's URL and the mesh's anchors inline); a hostNetwork pod is admitted unchanged
+//!   and an Event says why;
 //! - the serving certificate is renewed (short `--webhook-tls-lifetime`) and still chains to the
 //!   bundle; a new trust anchor added to the anchors file is written into every bundle.
 #![cfg(feature = "kubernetes")]
@@ -429,6 +435,90 @@ fn the_controller_serves_conversion_over_https_and_keeps_every_ca_bundle_current
                 None
             })
     });
+
+    // 2c. Injection through the same port: a Deployment's pod gets the init container and the
+    // proxy with the controller, the anchors and its workload; a hostNetwork pod is admitted
+    // unchanged and an Event says why.
+    let fixture = |name: &str| {
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../controller/kubernetes/tests/inject")
+                .join(name),
+        )
+        .unwrap()
+    };
+    let (status, body, _) = runtime.block_on(post(
+        addr,
+        &bundle,
+        "/inject",
+        fixture("deployment-pod.request.json"),
+    ));
+    assert_eq!(status, StatusCode::OK);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert_eq!(answer["response"]["patchType"], "JSONPatch");
+    // kube-rs sends the patch bytes as a JSON array of numbers, which the API server's Go
+    // decoder reads into []byte as it reads base64; accept either.
+    let patch = &answer["response"]["patch"];
+    let patch: Vec<u8> = match patch.as_str() {
+        Some(_) => {
+            serde_json::from_value::<k8s_openapi::ByteString>(patch.clone())
+                .unwrap()
+                .0
+        }
+        None => serde_json::from_value(patch.clone()).unwrap(),
+    };
+    let patch = String::from_utf8(patch).unwrap();
+    for wanted in [
+        "trellis-init",
+        "example.invalid/trellis-proxy:test",
+        "TRELLIS_PROXY_CONTROLLER_CA_PEM",
+        "https://trellis-controller.trellis-system.svc:8090",
+        "TRELLIS_PROXY_OUTBOUND_TRANSPARENT",
+    ] {
+        assert!(patch.contains(wanted), "the patch lacks {wanted}: {patch}");
+    }
+    let anchors_in_patch = serde_json::to_string(&anchor).unwrap();
+    assert!(
+        patch.contains(anchors_in_patch.trim_matches('"')),
+        "the proxy gets the mesh's anchors inline: {patch}"
+    );
+    let (status, body, _) = runtime.block_on(post(
+        addr,
+        &bundle,
+        "/inject",
+        fixture("host-network.request.json"),
+    ));
+    assert_eq!(status, StatusCode::OK);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "shop");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let event = loop {
+        let list = runtime.block_on(events.list(&Default::default())).unwrap();
+        if let Some(event) = list
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("NotInjected"))
+        {
+            break event;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "no NotInjected Event within 10 s; the controller's log:\n{}",
+                controller.stop()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        event.note.as_deref().unwrap_or("").contains("hostNetwork"),
+        "{event:?}"
+    );
+    let (status, body, _) = runtime.block_on(post(addr, &bundle, "/inject", b"[]".to_vec()));
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(String::from_utf8_lossy(&body).contains("AdmissionReview"));
 
     // 3. Renewal (3 s lifetime: renewed after 2 s): another leaf, same chain.
     let renewed = until("a renewed serving certificate", 10, || {

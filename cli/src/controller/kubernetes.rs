@@ -96,7 +96,7 @@ impl KubernetesArgs {
     }
 
     /// `--webhook` and friends, checked.
-    pub fn webhooks(&self) -> anyhow::Result<Option<WebhookOptions>> {
+    pub fn webhooks(&self, trust_domain: &str) -> anyhow::Result<Option<WebhookOptions>> {
         let Some(listen) = self.webhook else {
             return Ok(None);
         };
@@ -119,6 +119,8 @@ impl KubernetesArgs {
                 configuration: self.injector_name.clone(),
                 proxy_image: image.clone(),
                 controller_url,
+                trust_domain: trust_domain.to_owned(),
+                token_audience: self.token_audience.clone(),
             }
         });
         Ok(Some(WebhookOptions {

@@ -21,7 +21,10 @@ impl KubernetesArgs {
     }
 
     /// No webhooks in this build (they are the API server's).
-    pub fn webhooks(&self) -> anyhow::Result<Option<trellis_controller::webhooks::WebhookOptions>> {
+    pub fn webhooks(
+        &self,
+        _trust_domain: &str,
+    ) -> anyhow::Result<Option<trellis_controller::webhooks::WebhookOptions>> {
         Ok(None)
     }
 

@@ -6,13 +6,16 @@
 //! - [`events`]: events.k8s.io/v1 Warnings about SMI objects, written by the leader only.
 //! - [`webhook`]: the CRD conversion webhook (`POST /convert`) and its reloading certificate.
 //! - [`inject`]: the sidecar injection webhook (`POST /inject`): an AdmissionReview of a Pod in,
-//!   the JSON Patch that adds the interception init container and the proxy out.
+//!   the JSON Patch that adds the interception init container and the proxy out;
+//!   [`injector`]: that handler as the controller serves it (options of the moment, Events for
+//!   pods admitted without a proxy).
 //!
 //! The core and the gRPC API build without this crate; `trellis-controller` links it for
 //! `--platform kubernetes`.
 
 pub mod events;
 pub mod inject;
+pub mod injector;
 pub mod leader;
 pub mod policy;
 pub mod webhook;

@@ -316,8 +316,33 @@ pub async fn start_webhooks(
         .with_context(|| format!("--webhook: binding {}", options.listen))?;
     let addr = listener.local_addr()?;
     let tls = serving.server_config_with_alpn(vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
-    tokio::spawn(webhook::serve_with(listener, Some(tls), Vec::new()));
-    tracing::info!(%addr, "webhooks served over HTTPS: {}", webhook::PATH);
+    let mut others: Vec<Arc<dyn webhook::Handler>> = Vec::new();
+    if let Some(injector) = &options.injector {
+        let (settings, ca) = (injector.clone(), ca.clone());
+        let options: trellis_controller_kubernetes::injector::OptionsFn = Arc::new(move || {
+            let anchors = String::from_utf8(anchors_pem(&ca)).unwrap_or_default();
+            let mut options = trellis_controller_kubernetes::inject::InjectOptions::new(
+                settings.proxy_image.clone(),
+                settings.controller_url.clone(),
+                anchors,
+            );
+            options.trust_domain = settings.trust_domain.clone();
+            options.token_audience = settings.token_audience.clone();
+            options
+        });
+        others.push(Arc::new(
+            trellis_controller_kubernetes::injector::Injector::new(
+                options,
+                Some(client.clone()),
+                default_identity(),
+            ),
+        ));
+    }
+    let paths: Vec<&str> = std::iter::once(webhook::PATH)
+        .chain(others.iter().map(|h| h.path()))
+        .collect();
+    tracing::info!(%addr, "webhooks served over HTTPS: {}", paths.join(", "));
+    tokio::spawn(webhook::serve_with(listener, Some(tls), others));
 
     // The bundle: the anchors in force, recomputed after every renewal of the serving
     // certificate (which follows every change of the CA).

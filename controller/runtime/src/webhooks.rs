@@ -99,6 +99,11 @@ pub struct InjectorOptions {
     pub proxy_image: String,
     /// What injected proxies dial (`https://trellis-controller.trellis-system.svc:8090`).
     pub controller_url: String,
+    /// The trust domain of injected proxies' SPIFFE ids (the controller's `--trust-domain`).
+    pub trust_domain: String,
+    /// The audience of their projected ServiceAccount token (the controller's
+    /// `--token-audience`).
+    pub token_audience: String,
 }
 
 /// `--webhook` and friends.
