@@ -16,7 +16,7 @@ pub const DEFAULT_NAMESPACE: &str = "trellis-system";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What stderr and the Secret's comment say about `--generate-ca`.
-pub const GENERATED_CA_WARNING: &str = "FOR TRIALS ONLY: --generate-ca made a CA whose private key is in the output (the Secret trellis-ca); whoever reads it can mint mesh identities, and nothing rotates its anchor. For anything else give your own with --trust-anchor, --issuer-cert and --issuer-key (or --existing-ca-secret).";
+pub const GENERATED_CA_WARNING: &str = "FOR TRIALS ONLY: --generate-ca made a CA whose private key is in the Secret trellis-ca (and in the printed install); whoever reads it can mint mesh identities, and nothing rotates its anchor. For anything else give your own with --trust-anchor, --issuer-cert and --issuer-key (or --existing-ca-secret).";
 
 /// Where the CA comes from: exactly one of the three ways (checked by clap and by
 /// [`Settings::from_args`]).
