@@ -28,6 +28,8 @@ macro_rules! objects {
             $($variant($ty)),*
         }
 
+        // Without the `kubernetes` feature only `--apply` (absent) and the tests name objects.
+        #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
         impl Object {
             pub fn metadata(&self) -> &ObjectMeta {
                 match self {
@@ -103,6 +105,7 @@ objects! {
     MutatingWebhookConfiguration(MutatingWebhookConfiguration),
 }
 
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 impl Object {
     pub fn name(&self) -> &str {
         self.metadata().name.as_deref().unwrap_or_default()

@@ -3,12 +3,10 @@
 //! accepted by `trellis controller`'s own parser, RBAC names what the install creates, the
 //! injector never selects the excluded namespaces, and the uninstall is the reverse.
 
-use clap::Parser as _;
-
 use super::document::{self, Format, Object};
 use super::settings::{CaFlags, Settings};
 use super::webhook::FailurePolicy;
-use super::{Args, render, workload};
+use super::{Args, render};
 
 fn args(namespace: &str, webhook_url: Option<&str>) -> Args {
     Args {
@@ -58,98 +56,108 @@ fn every_object_reads_back_as_its_type_in_both_formats() {
     }
 }
 
-/// Flags `trellis controller` is getting in parallel with this install (issue #11, part 1:
-/// the webhooks in the running controller). Until its parser knows one, that flag is set aside
-/// here and named in the test's output; once it does, it is parsed like every other. Empty
-/// this list when they have landed.
-const FLAGS_BEING_ADDED: &[&str] = &[
-    "--webhook",
-    "--webhook-service",
-    "--webhook-url",
-    "--injector-name",
-    "--proxy-image",
-    "--inject-controller-url",
-];
+// The Deployment runs a Kubernetes build: `--ca-secret`, `--leader-elect` and `--lease-*` exist
+// only with the `kubernetes` feature.
+#[cfg(feature = "kubernetes")]
+mod controller_args {
+    use clap::Parser as _;
 
-#[derive(Debug, clap::Parser)]
-struct ControllerCommand {
-    #[command(flatten)]
-    args: crate::controller::Args,
-}
+    use super::*;
+    use crate::install::workload;
 
-fn parse_controller(args: &[String]) -> crate::controller::Args {
-    let mut args = args.to_vec();
-    loop {
-        let argv = std::iter::once("trellis-controller".to_owned()).chain(args.iter().cloned());
-        match ControllerCommand::try_parse_from(argv) {
-            Ok(parsed) => return parsed.args,
-            Err(e) if e.kind() == clap::error::ErrorKind::UnknownArgument => {
-                let unknown = e
-                    .get(clap::error::ContextKind::InvalidArg)
-                    .map(|v| v.to_string())
-                    .unwrap_or_default();
-                let flag = unknown.split('=').next().unwrap_or_default().to_owned();
-                assert!(
-                    FLAGS_BEING_ADDED.contains(&flag.as_str()),
-                    "trellis controller does not accept {unknown:?} from the Deployment:\n{e}"
-                );
-                println!("not yet a flag of trellis controller, set aside: {unknown}");
-                let before = args.len();
-                args.retain(|a| a.split('=').next() != Some(flag.as_str()));
-                assert!(args.len() < before, "{flag} was removed");
+    /// Flags `trellis controller` is getting in parallel with this install (issue #11, part 1:
+    /// the webhooks in the running controller). Until its parser knows one, that flag is set aside
+    /// here and named in the test's output; once it does, it is parsed like every other. Empty
+    /// this list when they have landed.
+    const FLAGS_BEING_ADDED: &[&str] = &[
+        "--webhook",
+        "--webhook-service",
+        "--webhook-url",
+        "--injector-name",
+        "--proxy-image",
+        "--inject-controller-url",
+    ];
+
+    #[derive(Debug, clap::Parser)]
+    struct ControllerCommand {
+        #[command(flatten)]
+        args: crate::controller::Args,
+    }
+
+    fn parse_controller(args: &[String]) -> crate::controller::Args {
+        let mut args = args.to_vec();
+        loop {
+            let argv = std::iter::once("trellis-controller".to_owned()).chain(args.iter().cloned());
+            match ControllerCommand::try_parse_from(argv) {
+                Ok(parsed) => return parsed.args,
+                Err(e) if e.kind() == clap::error::ErrorKind::UnknownArgument => {
+                    let unknown = e
+                        .get(clap::error::ContextKind::InvalidArg)
+                        .map(|v| v.to_string())
+                        .unwrap_or_default();
+                    let flag = unknown.split('=').next().unwrap_or_default().to_owned();
+                    assert!(
+                        FLAGS_BEING_ADDED.contains(&flag.as_str()),
+                        "trellis controller does not accept {unknown:?} from the Deployment:\n{e}"
+                    );
+                    println!("not yet a flag of trellis controller, set aside: {unknown}");
+                    let before = args.len();
+                    args.retain(|a| a.split('=').next() != Some(flag.as_str()));
+                    assert!(args.len() < before, "{flag} was removed");
+                }
+                Err(e) => panic!("trellis controller refuses the Deployment's arguments:\n{e}"),
             }
-            Err(e) => panic!("trellis controller refuses the Deployment's arguments:\n{e}"),
         }
     }
-}
 
-#[test]
-fn the_deployment_arguments_are_accepted_by_trellis_controller() {
-    for (settings, webhook_flag) in [
-        (
-            settings("trellis-system", None),
-            "--webhook-service=trellis-system/trellis-controller",
-        ),
-        (
-            settings("mesh-b", Some("https://192.0.2.7:9443")),
-            "--webhook-url=https://192.0.2.7:9443",
-        ),
-    ] {
-        let rendered = workload::controller_args(&settings);
-        assert!(rendered.iter().any(|a| a == webhook_flag), "{rendered:?}");
-        // The container's command is `trellis controller`: what follows is these arguments.
-        let Some(Object::Deployment(deployment)) = objects(&settings)
-            .into_iter()
-            .find(|o| matches!(o, Object::Deployment(_)))
-        else {
-            panic!("a Deployment")
-        };
-        let container = &deployment.spec.template.spec.as_ref().unwrap().containers[0];
-        assert_eq!(
-            container.command.as_deref(),
-            Some(&["trellis".to_owned(), "controller".to_owned()][..])
-        );
-        assert_eq!(container.args.as_ref(), Some(&rendered));
-        let parsed = parse_controller(&rendered);
-        let ns = &settings.names.namespace;
-        assert_eq!(parsed.platform.len(), 1);
-        assert_eq!(parsed.grpc.port(), workload::GRPC_PORT as u16);
-        assert_eq!(parsed.admin.port(), workload::ADMIN_PORT as u16);
-        assert_eq!(
-            parsed.grpc_tls_name,
-            [format!("trellis-controller.{ns}.svc")]
-        );
-        assert_eq!(parsed.trust_domain, "cluster.local");
-        #[cfg(feature = "kubernetes")]
-        {
-            let k = &parsed.kubernetes;
+    #[test]
+    fn the_deployment_arguments_are_accepted_by_trellis_controller() {
+        for (settings, webhook_flag) in [
+            (
+                settings("trellis-system", None),
+                "--webhook-service=trellis-system/trellis-controller",
+            ),
+            (
+                settings("mesh-b", Some("https://192.0.2.7:9443")),
+                "--webhook-url=https://192.0.2.7:9443",
+            ),
+        ] {
+            let rendered = workload::controller_args(&settings);
+            assert!(rendered.iter().any(|a| a == webhook_flag), "{rendered:?}");
+            // The container's command is `trellis controller`: what follows is these arguments.
+            let Some(Object::Deployment(deployment)) = objects(&settings)
+                .into_iter()
+                .find(|o| matches!(o, Object::Deployment(_)))
+            else {
+                panic!("a Deployment")
+            };
+            let container = &deployment.spec.template.spec.as_ref().unwrap().containers[0];
             assert_eq!(
-                k.ca_secret.as_deref(),
-                Some(format!("{ns}/trellis-ca").as_str())
+                container.command.as_deref(),
+                Some(&["trellis".to_owned(), "controller".to_owned()][..])
             );
-            assert_eq!(k.leader_elect, Some(true));
-            assert_eq!(k.lease_namespace, *ns);
-            assert_eq!(k.lease_name, "trellis-controller");
+            assert_eq!(container.args.as_ref(), Some(&rendered));
+            let parsed = parse_controller(&rendered);
+            let ns = &settings.names.namespace;
+            assert_eq!(parsed.platform.len(), 1);
+            assert_eq!(parsed.grpc.port(), workload::GRPC_PORT as u16);
+            assert_eq!(parsed.admin.port(), workload::ADMIN_PORT as u16);
+            assert_eq!(
+                parsed.grpc_tls_name,
+                [format!("trellis-controller.{ns}.svc")]
+            );
+            assert_eq!(parsed.trust_domain, "cluster.local");
+            #[cfg(feature = "kubernetes")]
+            {
+                let k = &parsed.kubernetes;
+                assert_eq!(
+                    k.ca_secret.as_deref(),
+                    Some(format!("{ns}/trellis-ca").as_str())
+                );
+                assert_eq!(k.leader_elect, Some(true));
+                assert_eq!(k.lease_namespace, *ns);
+                assert_eq!(k.lease_name, "trellis-controller");
+            }
         }
     }
 }
