@@ -10,6 +10,7 @@ mod controller;
 mod crds;
 mod demo;
 mod get;
+mod install;
 mod stat;
 mod state;
 mod validate;
@@ -39,6 +40,11 @@ enum Command {
     /// Per workload (or TrafficSplit backend): requests per second, success rate, p50/p95/p99,
     /// from the Prometheus that scrapes the proxies.
     Stat(stat::Args),
+    /// Print (or --apply) the Kubernetes install: Namespace, SMI CRDs, RBAC, CA Secret,
+    /// controller Deployment, Service, PodDisruptionBudget and the sidecar injector.
+    Install(Box<install::Args>),
+    /// Print (or --apply) the removal of an install, in reverse order, the SMI CRDs last.
+    Uninstall(install::UninstallArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +57,8 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Get(args) => get::run(&args),
         Command::Stat(args) => stat::run(&args),
+        Command::Install(args) => install::run(&args),
+        Command::Uninstall(args) => install::run_uninstall(&args),
     };
     match result {
         Ok(code) => code,

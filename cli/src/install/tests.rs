@@ -1,0 +1,385 @@
+//! The install's objects checked against each other and against the parsers that consume
+//! them: every object reads back as its k8s-openapi type, the Deployment's arguments are
+//! accepted by `trellis controller`'s own parser, RBAC names what the install creates, the
+//! injector never selects the excluded namespaces, and the uninstall is the reverse.
+
+use super::document::{self, Format, Object};
+use super::settings::{CaFlags, Settings};
+use super::webhook::FailurePolicy;
+use super::{Args, render};
+
+fn args(namespace: &str, webhook_url: Option<&str>) -> Args {
+    Args {
+        namespace: namespace.to_owned(),
+        controller_image: super::DEFAULT_CONTROLLER_IMAGE.to_owned(),
+        proxy_image: super::DEFAULT_PROXY_IMAGE.to_owned(),
+        tag: None,
+        replicas: 2,
+        webhook_url: webhook_url.map(str::to_owned),
+        injection_failure_policy: FailurePolicy::Fail,
+        trust_domain: "cluster.local".to_owned(),
+        ca: CaFlags {
+            generate_ca: true,
+            ..Default::default()
+        },
+        output: Format::Yaml,
+        apply: false,
+        dry_run: false,
+        rbac_only: None,
+    }
+}
+
+fn settings(namespace: &str, webhook_url: Option<&str>) -> Settings {
+    Settings::from_args(&args(namespace, webhook_url)).unwrap()
+}
+
+fn objects(settings: &Settings) -> Vec<Object> {
+    render::install(settings)
+        .into_iter()
+        .map(|d| d.object)
+        .collect()
+}
+
+#[test]
+fn every_object_reads_back_as_its_type_in_both_formats() {
+    for settings in [
+        settings("trellis-system", None),
+        settings("mesh-a", Some("https://192.0.2.7:9443")),
+    ] {
+        let documents = render::install(&settings);
+        for format in [Format::Yaml, Format::Json] {
+            let text = document::render(&documents, format, "# header\n");
+            let parsed = document::parse(&text).unwrap_or_else(|e| panic!("{format:?}: {e:#}"));
+            let expected: Vec<Object> = documents.iter().map(|d| d.object.clone()).collect();
+            assert_eq!(parsed, expected, "{format:?}");
+        }
+    }
+}
+
+// The Deployment runs a Kubernetes build: `--ca-secret`, `--leader-elect` and `--lease-*` exist
+// only with the `kubernetes` feature.
+#[cfg(feature = "kubernetes")]
+mod controller_args {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::install::workload;
+
+    /// Flags `trellis controller` is getting in parallel with this install (issue #11, part 1:
+    /// the webhooks in the running controller). Until its parser knows one, that flag is set aside
+    /// here and named in the test's output; once it does, it is parsed like every other. Empty
+    /// this list when they have landed.
+    const FLAGS_BEING_ADDED: &[&str] = &[
+        "--webhook",
+        "--webhook-service",
+        "--webhook-url",
+        "--injector-name",
+        "--proxy-image",
+        "--inject-controller-url",
+    ];
+
+    #[derive(Debug, clap::Parser)]
+    struct ControllerCommand {
+        #[command(flatten)]
+        args: crate::controller::Args,
+    }
+
+    fn parse_controller(args: &[String]) -> crate::controller::Args {
+        let mut args = args.to_vec();
+        loop {
+            let argv = std::iter::once("trellis-controller".to_owned()).chain(args.iter().cloned());
+            match ControllerCommand::try_parse_from(argv) {
+                Ok(parsed) => return parsed.args,
+                Err(e) if e.kind() == clap::error::ErrorKind::UnknownArgument => {
+                    let unknown = e
+                        .get(clap::error::ContextKind::InvalidArg)
+                        .map(|v| v.to_string())
+                        .unwrap_or_default();
+                    let flag = unknown.split('=').next().unwrap_or_default().to_owned();
+                    assert!(
+                        FLAGS_BEING_ADDED.contains(&flag.as_str()),
+                        "trellis controller does not accept {unknown:?} from the Deployment:\n{e}"
+                    );
+                    println!("not yet a flag of trellis controller, set aside: {unknown}");
+                    let before = args.len();
+                    args.retain(|a| a.split('=').next() != Some(flag.as_str()));
+                    assert!(args.len() < before, "{flag} was removed");
+                }
+                Err(e) => panic!("trellis controller refuses the Deployment's arguments:\n{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_deployment_arguments_are_accepted_by_trellis_controller() {
+        for (settings, webhook_flag) in [
+            (
+                settings("trellis-system", None),
+                "--webhook-service=trellis-system/trellis-controller",
+            ),
+            (
+                settings("mesh-b", Some("https://192.0.2.7:9443")),
+                "--webhook-url=https://192.0.2.7:9443",
+            ),
+        ] {
+            let rendered = workload::controller_args(&settings);
+            assert!(rendered.iter().any(|a| a == webhook_flag), "{rendered:?}");
+            // The container's command is `trellis controller`: what follows is these arguments.
+            let Some(Object::Deployment(deployment)) = objects(&settings)
+                .into_iter()
+                .find(|o| matches!(o, Object::Deployment(_)))
+            else {
+                panic!("a Deployment")
+            };
+            let container = &deployment.spec.template.spec.as_ref().unwrap().containers[0];
+            assert_eq!(
+                container.command.as_deref(),
+                Some(&["trellis".to_owned(), "controller".to_owned()][..])
+            );
+            assert_eq!(container.args.as_ref(), Some(&rendered));
+            let parsed = parse_controller(&rendered);
+            let ns = &settings.names.namespace;
+            assert_eq!(parsed.platform.len(), 1);
+            assert_eq!(parsed.grpc.port(), workload::GRPC_PORT as u16);
+            assert_eq!(parsed.admin.port(), workload::ADMIN_PORT as u16);
+            assert_eq!(
+                parsed.grpc_tls_name,
+                [format!("trellis-controller.{ns}.svc")]
+            );
+            assert_eq!(parsed.trust_domain, "cluster.local");
+            #[cfg(feature = "kubernetes")]
+            {
+                let k = &parsed.kubernetes;
+                assert_eq!(
+                    k.ca_secret.as_deref(),
+                    Some(format!("{ns}/trellis-ca").as_str())
+                );
+                assert_eq!(k.leader_elect, Some(true));
+                assert_eq!(k.lease_namespace, *ns);
+                assert_eq!(k.lease_name, "trellis-controller");
+            }
+        }
+    }
+}
+
+#[test]
+fn rbac_names_exactly_what_the_install_creates() {
+    for settings in [settings("trellis-system", None), settings("mesh-c", None)] {
+        let objects = objects(&settings);
+        let names_of = |kind: &str| -> Vec<String> {
+            objects
+                .iter()
+                .filter(|o| o.kind() == kind)
+                .map(|o| o.name().to_owned())
+                .collect()
+        };
+        let mut granted = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for object in &objects {
+            let rules = match object {
+                Object::ClusterRole(r) => r.rules.clone().unwrap_or_default(),
+                Object::Role(r) => r.rules.clone().unwrap_or_default(),
+                _ => continue,
+            };
+            for rule in rules {
+                for resource in rule.resources.unwrap_or_default() {
+                    granted
+                        .entry(resource)
+                        .or_default()
+                        .extend(rule.resource_names.clone().unwrap_or_default());
+                }
+            }
+        }
+        assert_eq!(
+            granted["customresourcedefinitions"],
+            names_of("CustomResourceDefinition")
+        );
+        assert_eq!(
+            granted["mutatingwebhookconfigurations"],
+            names_of("MutatingWebhookConfiguration")
+        );
+        assert_eq!(granted["secrets"], names_of("Secret"));
+        assert_eq!(granted["leases"], ["trellis-controller"]);
+        // Bindings name the roles and the ServiceAccount the Deployment runs as.
+        for object in &objects {
+            let (role, subjects) = match object {
+                Object::ClusterRoleBinding(b) => (&b.role_ref, &b.subjects),
+                Object::RoleBinding(b) => (&b.role_ref, &b.subjects),
+                _ => continue,
+            };
+            assert!(names_of(&role.kind).contains(&role.name), "{role:?}");
+            let subject = &subjects.as_ref().unwrap()[0];
+            assert_eq!(
+                subject.namespace.as_deref(),
+                Some(settings.names.namespace.as_str())
+            );
+            assert_eq!(
+                names_of("ServiceAccount").as_slice(),
+                std::slice::from_ref(&subject.name)
+            );
+        }
+    }
+}
+
+#[test]
+fn webhooks_point_at_the_service_or_the_url_and_never_at_excluded_namespaces() {
+    let by_service = objects(&settings("mesh-d", None));
+    let by_url = objects(&settings("mesh-d", Some("https://192.0.2.7:9443/")));
+    for (objects, url) in [(by_service, None), (by_url, Some("https://192.0.2.7:9443"))] {
+        let mut crds = 0;
+        for object in &objects {
+            match object {
+                Object::CustomResourceDefinition(crd) => {
+                    crds += 1;
+                    let config = crd
+                        .spec
+                        .conversion
+                        .as_ref()
+                        .unwrap()
+                        .webhook
+                        .as_ref()
+                        .unwrap()
+                        .client_config
+                        .as_ref()
+                        .unwrap();
+                    assert_eq!(config.ca_bundle, None, "the leader writes it");
+                    match url {
+                        Some(url) => assert_eq!(
+                            config.url.as_deref(),
+                            Some(format!("{url}/convert").as_str())
+                        ),
+                        None => {
+                            let service = config.service.as_ref().unwrap();
+                            assert_eq!(
+                                (service.namespace.as_str(), service.name.as_str()),
+                                ("mesh-d", "trellis-controller")
+                            );
+                            assert_eq!(
+                                (service.path.as_deref(), service.port),
+                                (Some("/convert"), Some(443))
+                            );
+                        }
+                    }
+                }
+                Object::MutatingWebhookConfiguration(mwc) => {
+                    assert_eq!(
+                        mwc.metadata.name.as_deref(),
+                        Some("trellis-proxy-injector-mesh-d")
+                    );
+                    let webhooks = mwc.webhooks.as_ref().unwrap();
+                    assert_eq!(webhooks.len(), 2);
+                    for webhook in webhooks {
+                        assert_eq!(webhook.client_config.ca_bundle, None);
+                        match url {
+                            Some(url) => assert_eq!(
+                                webhook.client_config.url.as_deref(),
+                                Some(format!("{url}/inject").as_str())
+                            ),
+                            None => assert_eq!(
+                                webhook
+                                    .client_config
+                                    .service
+                                    .as_ref()
+                                    .unwrap()
+                                    .path
+                                    .as_deref(),
+                                Some("/inject")
+                            ),
+                        }
+                        assert_eq!(webhook.side_effects, "None");
+                        assert_eq!(webhook.admission_review_versions, ["v1"]);
+                        assert_eq!(webhook.failure_policy.as_deref(), Some("Fail"));
+                        let excluded = webhook
+                            .namespace_selector
+                            .as_ref()
+                            .unwrap()
+                            .match_expressions
+                            .as_ref()
+                            .unwrap()
+                            .iter()
+                            .find(|r| r.key == "kubernetes.io/metadata.name")
+                            .expect("excludes namespaces by name");
+                        assert_eq!(excluded.operator, "NotIn");
+                        assert_eq!(
+                            excluded.values.as_deref().unwrap(),
+                            ["kube-system", "kube-public", "kube-node-lease", "mesh-d"]
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(crds, 5);
+    }
+}
+
+#[test]
+fn the_crds_are_trellis_crds_with_only_the_webhook_target_changed() {
+    let objects = objects(&settings("mesh-e", Some("https://192.0.2.7:9443")));
+    let rendered: Vec<_> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::CustomResourceDefinition(crd) => Some(crd.clone()),
+            _ => None,
+        })
+        .collect();
+    let generated = trellis_smi::crd::generate();
+    assert_eq!(rendered.len(), generated.len());
+    for (mut ours, theirs) in rendered.into_iter().zip(generated) {
+        ours.metadata.labels = None;
+        ours.spec
+            .conversion
+            .as_mut()
+            .unwrap()
+            .webhook
+            .as_mut()
+            .unwrap()
+            .client_config = None;
+        let mut theirs = theirs.crd;
+        theirs
+            .spec
+            .conversion
+            .as_mut()
+            .unwrap()
+            .webhook
+            .as_mut()
+            .unwrap()
+            .client_config = None;
+        assert_eq!(ours, theirs);
+    }
+}
+
+#[test]
+fn the_uninstall_is_the_install_reversed_with_the_crds_last() {
+    let settings = Settings::for_uninstall("trellis-system").unwrap();
+    let install: Vec<String> = objects(&settings).iter().map(Object::describe).collect();
+    let uninstall: Vec<String> = render::uninstall(&settings, false)
+        .iter()
+        .map(|d| d.object.describe())
+        .collect();
+    assert_eq!(
+        uninstall[0],
+        "MutatingWebhookConfiguration trellis-proxy-injector"
+    );
+    assert!(
+        uninstall[..uninstall.len() - 5]
+            .last()
+            .unwrap()
+            .starts_with("Namespace ")
+    );
+    assert!(
+        uninstall[uninstall.len() - 5..]
+            .iter()
+            .all(|d| d.starts_with("CustomResourceDefinition "))
+    );
+    // Everything the install makes (and the CA Secret, however it was made) goes.
+    for object in &install {
+        assert!(uninstall.contains(object), "{object}");
+    }
+    assert!(uninstall.contains(&"Secret trellis-system/trellis-ca".to_owned()));
+    let kept = render::uninstall(&settings, true);
+    assert!(
+        kept.iter()
+            .all(|d| !matches!(d.object, Object::CustomResourceDefinition(_)))
+    );
+    assert_eq!(kept.len(), uninstall.len() - 5);
+}
