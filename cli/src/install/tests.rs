@@ -65,48 +65,18 @@ mod controller_args {
     use super::*;
     use crate::install::workload;
 
-    /// Flags `trellis controller` is getting in parallel with this install (issue #11, part 1:
-    /// the webhooks in the running controller). Until its parser knows one, that flag is set aside
-    /// here and named in the test's output; once it does, it is parsed like every other. Empty
-    /// this list when they have landed.
-    const FLAGS_BEING_ADDED: &[&str] = &[
-        "--webhook",
-        "--webhook-service",
-        "--webhook-url",
-        "--injector-name",
-        "--proxy-image",
-        "--inject-controller-url",
-    ];
-
     #[derive(Debug, clap::Parser)]
     struct ControllerCommand {
         #[command(flatten)]
         args: crate::controller::Args,
     }
 
+    /// The Deployment's arguments parsed by `trellis controller`'s own parser.
     fn parse_controller(args: &[String]) -> crate::controller::Args {
-        let mut args = args.to_vec();
-        loop {
-            let argv = std::iter::once("trellis-controller".to_owned()).chain(args.iter().cloned());
-            match ControllerCommand::try_parse_from(argv) {
-                Ok(parsed) => return parsed.args,
-                Err(e) if e.kind() == clap::error::ErrorKind::UnknownArgument => {
-                    let unknown = e
-                        .get(clap::error::ContextKind::InvalidArg)
-                        .map(|v| v.to_string())
-                        .unwrap_or_default();
-                    let flag = unknown.split('=').next().unwrap_or_default().to_owned();
-                    assert!(
-                        FLAGS_BEING_ADDED.contains(&flag.as_str()),
-                        "trellis controller does not accept {unknown:?} from the Deployment:\n{e}"
-                    );
-                    println!("not yet a flag of trellis controller, set aside: {unknown}");
-                    let before = args.len();
-                    args.retain(|a| a.split('=').next() != Some(flag.as_str()));
-                    assert!(args.len() < before, "{flag} was removed");
-                }
-                Err(e) => panic!("trellis controller refuses the Deployment's arguments:\n{e}"),
-            }
+        let argv = std::iter::once("trellis-controller".to_owned()).chain(args.iter().cloned());
+        match ControllerCommand::try_parse_from(argv) {
+            Ok(parsed) => parsed.args,
+            Err(e) => panic!("trellis controller refuses the Deployment's arguments:\n{e}"),
         }
     }
 
@@ -157,6 +127,17 @@ mod controller_args {
                 assert_eq!(k.leader_elect, Some(true));
                 assert_eq!(k.lease_namespace, *ns);
                 assert_eq!(k.lease_name, "trellis-controller");
+                let webhooks = k
+                    .webhooks(&parsed.trust_domain)
+                    .expect("the webhook flags are consistent")
+                    .expect("--webhook is given");
+                assert_eq!(i32::from(webhooks.listen.port()), workload::WEBHOOK_PORT);
+                let injector = webhooks.injector.expect("--proxy-image serves /inject");
+                assert_eq!(injector.proxy_image, settings.proxy_image);
+                assert_eq!(
+                    injector.controller_url,
+                    format!("https://trellis-controller.{ns}.svc:8090")
+                );
             }
         }
     }
