@@ -20,6 +20,9 @@
 //!   controller's host name.
 //! * [`identity`]: the workload certificate (controller `Identity.Certify` with renewal at 70% of
 //!   the lifetime, or static PEM files), published atomically in an [`identity::IdentityStore`].
+//! * [`transparent`]: transparent mode: connections redirected by the interception rules, routed
+//!   by their original destination (outbound) or authorized per original port (inbound), with
+//!   the loop guard.
 //! * [`tls`]: mTLS with rustls (TLS 1.3, ALPN h2/http/1.1): client certificates verified to the
 //!   trust anchors with the caller's SPIFFE id taken from them; upstream certificates verified to
 //!   the anchors AND to the endpoint's expected SPIFFE id.
@@ -40,6 +43,7 @@ pub mod state;
 pub mod table;
 pub mod tcp;
 pub mod tls;
+pub mod transparent;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -99,6 +103,10 @@ pub struct RunningProxy {
     pub ports: Vec<SocketAddr>,
     /// Inbound listener address.
     pub inbound: Option<SocketAddr>,
+    /// Transparent outbound listener address.
+    pub outbound_transparent: Option<SocketAddr>,
+    /// Transparent inbound listener address.
+    pub inbound_transparent: Option<SocketAddr>,
     connections: Arc<Connections>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -171,6 +179,20 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         inbound = Some(l.local_addr()?);
         spawn_listener(l, ListenerKind::Inbound);
     }
+    let mut outbound_transparent = None;
+    if let Some(addr) = config.transparent.outbound {
+        let l = bind(addr, "transparent outbound").await?;
+        let listen = l.local_addr()?;
+        outbound_transparent = Some(listen);
+        spawn_listener(l, ListenerKind::OutboundTransparent { listen });
+    }
+    let mut inbound_transparent = None;
+    if let Some(addr) = config.transparent.inbound {
+        let l = bind(addr, "transparent inbound").await?;
+        let listen = l.local_addr()?;
+        inbound_transparent = Some(listen);
+        spawn_listener(l, ListenerKind::InboundTransparent { listen });
+    }
     let mut admin = None;
     if let Some(addr) = config.admin {
         let l = bind(addr, "admin").await?;
@@ -188,6 +210,8 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         http: running_http,
         ports,
         inbound,
+        outbound_transparent,
+        inbound_transparent,
         connections,
         shutdown,
         tasks,

@@ -29,15 +29,22 @@
 //! (`PolicyView::origins`); a resource that only moved counts as changed, so its problems
 //! follow it. Discovery errors are located at `discovery`.
 //!
+//! Intercepted connections name only an address: [`Index::address`] answers `IP:PORT` by
+//! following who holds the IP in discovery (see the `address` module): a service's virtual
+//! address gets that service's destination channel, a pod IP its one endpoint, anything else
+//! "not found" (the proxy forwards it unchanged).
+//!
 //! Nothing is published before every policy source has answered once (a first profile without
 //! the split would send traffic the wrong way), and a destination waits for its root's first
 //! discovery answer, so the first message a proxy gets is complete.
 
+mod address;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -175,6 +182,9 @@ enum Input {
     DestinationUnwatched(ServiceKey),
     /// The last receiver of an inbound channel went away.
     InboundUnwatched((ServiceKey, u16)),
+    WatchAddress(SocketAddr, oneshot::Sender<DestinationRx>),
+    /// The follower of an address ended: nobody held its channel (someone may again since).
+    AddressUnwatched(SocketAddr),
 }
 
 /// A handle to the index task. Cheap to clone; the task stops when every handle is dropped.
@@ -229,6 +239,15 @@ impl Index {
         rx.await.ok()
     }
 
+    /// The channel of the destination at `address` (an intercepted connection's original
+    /// destination): a service's virtual address and port, an endpoint, or "not found". `None`
+    /// only when the index has stopped.
+    pub async fn address(&self, address: SocketAddr) -> Option<DestinationRx> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Input::WatchAddress(address, reply)).ok()?;
+        rx.await.ok()
+    }
+
     /// The state for people, updated after every change.
     pub fn status(&self) -> watch::Receiver<Arc<Status>> {
         self.status.clone()
@@ -266,6 +285,8 @@ struct Writer {
     /// Service -> destinations reading it.
     readers: HashMap<ServiceKey, HashSet<ServiceKey>>,
     watches: HashMap<ServiceKey, JoinHandle<()>>,
+    /// Destinations by address, each fed by its follower task (`address::follow`).
+    addresses: HashMap<SocketAddr, watch::Sender<Option<v1::DestinationUpdate>>>,
     work: Work,
 }
 
@@ -294,6 +315,7 @@ impl Writer {
             discovery_errors: HashMap::new(),
             readers: HashMap::new(),
             watches: HashMap::new(),
+            addresses: HashMap::new(),
             work: Work::default(),
         }
     }
@@ -413,6 +435,30 @@ impl Writer {
                 self.set_inputs(&service, &[]);
                 self.destinations.remove(&service);
             }
+            Input::WatchAddress(address, reply) => {
+                let rx = match self.addresses.get(&address) {
+                    Some(tx) => tx.subscribe(),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        self.follow_address(address, tx.clone());
+                        self.addresses.insert(address, tx);
+                        rx
+                    }
+                };
+                let _ = reply.send(rx);
+            }
+            Input::AddressUnwatched(address) => {
+                let Some(tx) = self.addresses.get(&address) else {
+                    return;
+                };
+                if tx.receiver_count() > 0 {
+                    // Asked for again between the follower's end and now: follow again.
+                    let tx = tx.clone();
+                    self.follow_address(address, tx);
+                } else {
+                    self.addresses.remove(&address);
+                }
+            }
             Input::InboundUnwatched(key) => {
                 let Some(i) = self.inbound.get(&key) else {
                     return;
@@ -425,6 +471,23 @@ impl Writer {
                 self.inbound.remove(&key);
             }
         }
+    }
+
+    /// Starts the follower of `address` (it ends when nobody holds `tx`'s channel).
+    fn follow_address(
+        &self,
+        address: SocketAddr,
+        tx: watch::Sender<Option<v1::DestinationUpdate>>,
+    ) {
+        let me = self.me.clone();
+        let discovery = self.discovery.clone();
+        let trust_domain = self.options.trust_domain.clone();
+        tokio::spawn(async move {
+            address::follow(address, discovery, me.clone(), tx, trust_domain).await;
+            if let Some(me) = me.upgrade() {
+                let _ = me.send(Input::AddressUnwatched(address));
+            }
+        });
     }
 
     /// Sends `input` to the index once every receiver of `tx` is gone.
