@@ -10,8 +10,8 @@
 //!                                    └── pod-d        (client; proxy as service-d, not allowed)
 //! ```
 //!
-//! Every pod gets the init container's rules (nat: its outbound TCP but UID 1337's to 15001,
-//! inbound TCP but the admin port's to 15006) and a proxy running as UID 1337 with
+//! Every pod gets the init container's rules (`trellis-init` with `InterceptRules::args()`; nat:
+//! its outbound TCP but UID 1337's to 15001, inbound TCP but the admin port's to 15006) and a proxy running as UID 1337 with
 //! `--outbound-transparent 127.0.0.1:15001 --inbound-transparent 0.0.0.0:15006`. The client is
 //! `curl http://<virtual address>:80/`: it knows nothing of any proxy. Checked: the TrafficSplit
 //! (0:100 then 100:0), the TrafficTarget (service-a 200, service-d 403), an address the mesh
@@ -28,6 +28,7 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use trellis_conformance::harness::hosts::Hosts;
 use trellis_conformance::harness::process::{self, Process};
+use trellis_intercept::InterceptRules;
 
 const TRUST_DOMAIN: &str = "cluster.local";
 const PROXY_UID: u32 = 1337;
@@ -51,53 +52,27 @@ const PODS: [(&str, &str, Option<&str>); 4] = [
     ("pod-d", "service-d", None),
 ];
 
-/// The rules `trellis-init` installs with its defaults (`InterceptRules::default()`): the same
-/// text, IPv4. A local copy until the `trellis-intercept` crate is merged (then its binary runs).
-fn intercept_rules() -> String {
-    format!(
-        "*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:TRELLIS_INBOUND - [0:0]
-:TRELLIS_IN_REDIRECT - [0:0]
-:TRELLIS_OUTPUT - [0:0]
-:TRELLIS_REDIRECT - [0:0]
--A PREROUTING -p tcp -j TRELLIS_INBOUND
--A OUTPUT -p tcp -j TRELLIS_OUTPUT
--A TRELLIS_INBOUND -p tcp --dport {ADMIN_PORT} -j RETURN
--A TRELLIS_INBOUND -p tcp -j TRELLIS_IN_REDIRECT
--A TRELLIS_IN_REDIRECT -p tcp -j REDIRECT --to-ports {INBOUND_PORT}
--A TRELLIS_OUTPUT -m owner --uid-owner {PROXY_UID} -j RETURN
--A TRELLIS_OUTPUT -o lo -j RETURN
--A TRELLIS_OUTPUT -d 127.0.0.1/32 -j RETURN
--A TRELLIS_OUTPUT -p tcp -j TRELLIS_REDIRECT
--A TRELLIS_REDIRECT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}
-COMMIT
-"
-    )
-}
-
-/// Installs the interception rules in `netns`.
+/// The init container's rules: `trellis-init` itself, run in the pod's namespace with the
+/// arguments the injector writes (`InterceptRules::args`), the defaults: proxy UID 1337, outbound
+/// 15001, inbound 15006, the admin port 15020 skipped.
 fn install_rules(netns: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", netns, "iptables-restore"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running iptables-restore (scripts/test installs iptables)")?;
-    child
-        .stdin
-        .take()
-        .context("iptables-restore stdin")?
-        .write_all(intercept_rules().as_bytes())?;
-    let out = child.wait_with_output()?;
+    let rules = InterceptRules::default();
+    assert_eq!(
+        (rules.proxy_uid, rules.outbound_port, rules.inbound_port),
+        (PROXY_UID, OUTBOUND_PORT, INBOUND_PORT),
+        "the test's ports are the rules' defaults"
+    );
+    assert!(rules.skip_inbound_ports.contains(&ADMIN_PORT));
+    let init = process::binary(("trellis-init", "trellis-intercept"))?;
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(&init)
+        .args(rules.args())
+        .output()
+        .context("running trellis-init")?;
     if !out.status.success() {
         bail!(
-            "iptables-restore in {netns}: {}{}",
+            "trellis-init in {netns}: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );

@@ -1251,14 +1251,15 @@ spec:
         what: &str,
         pred: impl Fn(&v1::destination_update::Kind) -> bool,
     ) -> v1::destination_update::Kind {
-        let update = tokio::time::timeout(
+        let waited = tokio::time::timeout(
             Duration::from_secs(5),
             rx.wait_for(|u| u.as_ref().and_then(|u| u.kind.as_ref()).is_some_and(&pred)),
         )
         .await
-        .unwrap_or_else(|_| panic!("{what}: not within 5 s; last {:?}", rx.borrow()))
-        .unwrap()
-        .clone();
+        .map(|r| r.unwrap().clone());
+        let Ok(update) = waited else {
+            panic!("{what}: not within 5 s; last {:?}", rx.borrow());
+        };
         update.and_then(|u| u.kind).unwrap()
     }
 
