@@ -640,6 +640,36 @@ destinations:
     }
 
     #[test]
+    fn transparent_ports_compile_per_port_and_are_unique() {
+        let yaml = "transparent:
+  outbound: 127.0.0.1:15001
+  inbound: 0.0.0.0:15006
+  inbound_ports:
+    - port: 8080
+      policy: { default_action: allow }
+    - port: 9090
+      protocol: tcp
+";
+        let config = Config::parse(yaml, Path::new("t.yaml")).expect("valid");
+        let table = crate::table::RoutingTable::compile(
+            std::sync::Arc::new(config),
+            &crate::table::StatsRegistry::default(),
+        )
+        .unwrap();
+        let app = |port: u16| table.transparent_inbound[&port].app;
+        assert_eq!(app(8080), "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(table.transparent_inbound[&9090].protocol, Protocol::Tcp);
+        let twice = yaml.replace("port: 9090", "port: 8080");
+        let err = Config::parse(&twice, Path::new("t.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("transparent.inbound_ports[1].port") && err.contains("configured twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_fields_are_rejected_with_their_line() {
         let bad = BENCH_SHAPE.replace("balancer: ewma", "balancr: ewma");
         let err = Config::parse(&bad, Path::new("c.yaml"))
