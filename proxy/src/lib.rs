@@ -179,19 +179,47 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         inbound = Some(l.local_addr()?);
         spawn_listener(l, ListenerKind::Inbound);
     }
-    let mut outbound_transparent = None;
-    if let Some(addr) = config.transparent.outbound {
-        let l = bind(addr, "transparent outbound").await?;
-        let listen = l.local_addr()?;
-        outbound_transparent = Some(listen);
-        spawn_listener(l, ListenerKind::OutboundTransparent { listen });
+    // Transparent listeners, each with its IPv6 twin when the host has IPv6 (the rules redirect
+    // both families; see `transparent`).
+    let mut transparent_listeners = Vec::new();
+    for (addr, what, outbound) in [
+        (config.transparent.outbound, "transparent outbound", true),
+        (config.transparent.inbound, "transparent inbound", false),
+    ] {
+        let Some(addr) = addr else { continue };
+        let l = bind(addr, what).await?;
+        let a = l.local_addr()?;
+        let mut bound = vec![(l, a)];
+        if let Some(twin) = transparent::ipv6_twin(addr) {
+            match transparent::bind_v6_only(twin, backlog) {
+                Ok(l6) => {
+                    let a = l6.local_addr()?;
+                    bound.push((l6, a));
+                }
+                Err(e) => {
+                    tracing::info!(%twin, error = %e, "no IPv6 {what} listener (no IPv6 here?)")
+                }
+            }
+        }
+        transparent_listeners.push((outbound, bound));
     }
+    let mut outbound_transparent = None;
     let mut inbound_transparent = None;
-    if let Some(addr) = config.transparent.inbound {
-        let l = bind(addr, "transparent inbound").await?;
-        let listen = l.local_addr()?;
-        inbound_transparent = Some(listen);
-        spawn_listener(l, ListenerKind::InboundTransparent { listen });
+    for (outbound, bound) in transparent_listeners {
+        for (i, (l, listen)) in bound.into_iter().enumerate() {
+            let kind = if outbound {
+                if i == 0 {
+                    outbound_transparent = Some(listen);
+                }
+                ListenerKind::OutboundTransparent { listen }
+            } else {
+                if i == 0 {
+                    inbound_transparent = Some(listen);
+                }
+                ListenerKind::InboundTransparent { listen }
+            };
+            spawn_listener(l, kind);
+        }
     }
     let mut admin = None;
     if let Some(addr) = config.admin {

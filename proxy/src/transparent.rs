@@ -21,6 +21,9 @@
 //!   The proxy's own upstream connections are not redirected again because the rules skip its
 //!   UID.
 //!
+//! An IPv4 listener on loopback or the unspecified address gets an IPv6 twin (`[::1]:P`,
+//! `[::]:P`, IPv6-only) when the host has IPv6, since the rules redirect IPv6 connections as well.
+//!
 //! Cost per connection: one `getsockopt` (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` on an
 //! IPv6 listener) and a hash lookup in the routing table.
 
@@ -54,6 +57,36 @@ pub fn original_destination(stream: &TcpStream, listen: SocketAddr) -> io::Resul
     address
         .as_socket()
         .ok_or_else(|| io::Error::other("the original destination is not an IP address"))
+}
+
+/// The IPv6 twin of an IPv4 transparent listener address: `127.0.0.1:P` -> `[::1]:P`,
+/// `0.0.0.0:P` -> `[::]:P`; `None` for other addresses. The interception rules redirect IPv6
+/// connections too (ip6tables `REDIRECT` sends them to `[::1]:P` or the pod's IPv6 address), so
+/// an IPv4-only listener would leave the application's IPv6 connections refused.
+pub fn ipv6_twin(listen: SocketAddr) -> Option<SocketAddr> {
+    let SocketAddr::V4(v4) = listen else {
+        return None;
+    };
+    let ip = if v4.ip().is_loopback() {
+        std::net::Ipv6Addr::LOCALHOST
+    } else if v4.ip().is_unspecified() {
+        std::net::Ipv6Addr::UNSPECIFIED
+    } else {
+        return None;
+    };
+    Some(SocketAddr::new(ip.into(), listen.port()))
+}
+
+/// Binds an IPv6-only listener on `addr` (so `[::]:P` does not collide with `0.0.0.0:P`).
+pub fn bind_v6_only(addr: SocketAddr, backlog: u32) -> io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    socket.set_only_v6(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 /// Whether `original` is the listener itself (no redirect happened: forwarding would loop).
@@ -195,6 +228,15 @@ pub(crate) async fn inbound(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_listeners_have_ipv6_twins() {
+        let twin = |a: &str| ipv6_twin(a.parse().unwrap()).map(|t| t.to_string());
+        assert_eq!(twin("127.0.0.1:15001").as_deref(), Some("[::1]:15001"));
+        assert_eq!(twin("0.0.0.0:15006").as_deref(), Some("[::]:15006"));
+        assert_eq!(twin("10.0.0.1:15001"), None);
+        assert_eq!(twin("[::1]:15001"), None);
+    }
 
     #[test]
     fn the_listener_itself_is_a_loop() {

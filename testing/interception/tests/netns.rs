@@ -41,6 +41,9 @@ const SERVICE_PORT: u16 = 80;
 const APP_PORT: u16 = 8080;
 /// The port of the server outside the mesh.
 const PLAIN_PORT: u16 = 9000;
+/// The IPv6 prefix of the pods that also get an IPv6 address (a ULA; held by this test's
+/// namespaces only): the IPv6 rules and `IP6T_SO_ORIGINAL_DST` are exercised too.
+const V6_PREFIX: &str = "fd7e:7472:656c::";
 /// Last octet of the service's virtual address on the topology's /24 (held by `services`).
 const VIP_OCTET: u8 = 200;
 
@@ -109,6 +112,7 @@ async fn curl(netns: &str, urls: &[String]) -> anyhow::Result<Vec<Answer>> {
         netns,
         "curl",
         "-sS",
+        "-g",
         "--max-time",
         "10",
         "-H",
@@ -307,6 +311,22 @@ async fn start(hosts: Hosts, dir: tempfile::TempDir) -> anyhow::Result<Mesh> {
         "eth0",
     ])?;
     let (plain_ns, plain) = host("plain")?;
+    // IPv6 on the client pod and the server outside the mesh (no duplicate address detection:
+    // usable at once).
+    for name in ["pod-a", "plain"] {
+        let (netns, addr) = host(name)?;
+        let v6 = format!("{V6_PREFIX}{}", addr.octets()[3]);
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+    }
     let (pod_b, pod_b_addr) = host("pod-b")?;
     let (_, pod_c_addr) = host("pod-c")?;
     let _ = pod_b;
@@ -399,7 +419,8 @@ services:
             "--service".into(),
             "plain".into(),
             "--listen".into(),
-            SocketAddr::from((plain, PLAIN_PORT)).to_string(),
+            // Both families (an IPv6 socket takes IPv4 connections as mapped addresses).
+            format!("[::]:{PLAIN_PORT}"),
         ],
         &[],
         &log_dir,
@@ -603,6 +624,20 @@ async fn scenarios(mesh: &Mesh) -> anyhow::Result<()> {
     calls += 3;
     anyhow::ensure!(all_from(&r, "plain"), "unknown address {plain}: {r:#?}");
     println!("unknown address {plain}: 3/3 reached unchanged");
+
+    // The same over IPv6: redirected by the IPv6 rules to the listener's IPv6 twin, the original
+    // destination read with IP6T_SO_ORIGINAL_DST, forwarded unchanged.
+    let plain6 = format!(
+        "http://[{V6_PREFIX}{}]:{PLAIN_PORT}/outside-v6",
+        mesh.plain.octets()[3]
+    );
+    let r = curl(&mesh.pod("pod-a").netns, &vec![plain6.clone(); 3]).await?;
+    calls += 3;
+    anyhow::ensure!(
+        all_from(&r, "plain"),
+        "unknown IPv6 address {plain6}: {r:#?}"
+    );
+    println!("unknown address {plain6}: 3/3 reached unchanged (IPv6)");
 
     // A caller without mesh identity (the test process) at a pod: refused by its proxy.
     let pod_b = SocketAddr::from((mesh.pod("pod-b").addr, APP_PORT));
