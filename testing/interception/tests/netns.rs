@@ -46,6 +46,8 @@ const PLAIN_PORT: u16 = 9000;
 const V6_PREFIX: &str = "fd7e:7472:656c::";
 /// Last octet of the service's virtual address on the topology's /24 (held by `services`).
 const VIP_OCTET: u8 = 200;
+/// Last octet of the virtual address of a service created (and deleted) while the mesh runs.
+const LATE_VIP_OCTET: u8 = 201;
 
 /// Pods: (host, service account, echo service it runs, if any).
 const PODS: [(&str, &str, Option<&str>); 4] = [
@@ -137,7 +139,9 @@ async fn curl(netns: &str, urls: &[String]) -> anyhow::Result<Vec<Answer>> {
         let after = &rest[i + MARK.len()..];
         let end = after.find("@@").context("curl output: unterminated code")?;
         let status = after[..end].parse().unwrap_or(0);
-        rest = after[end + 2..].trim_start_matches('\n');
+        // Exactly the `-w` format's own newline: the next body may be empty.
+        let tail = &after[end + 2..];
+        rest = tail.strip_prefix('\n').unwrap_or(tail);
         let service = serde_json::from_str::<trellis_echo::echo::EchoReply>(&body)
             .ok()
             .map(|r| r.service);
@@ -206,6 +210,11 @@ struct Mesh {
     _plain: Process,
     vip: Ipv4Addr,
     plain: Ipv4Addr,
+    late_vip: Ipv4Addr,
+    /// The file platform's file, its content, and the service added to it later.
+    services_file: PathBuf,
+    services: String,
+    late_service: String,
 }
 
 impl Mesh {
@@ -223,6 +232,14 @@ impl Mesh {
 
     fn logs(&self) -> String {
         logs(&self.log_dir)
+    }
+
+    /// Rewrites the file platform's file (write and rename: never read half-written).
+    fn write_services(&self, yaml: &str) -> anyhow::Result<()> {
+        let tmp = self.services_file.with_extension("tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &self.services_file)?;
+        Ok(())
     }
 }
 
@@ -300,16 +317,20 @@ async fn start(hosts: Hosts, dir: tempfile::TempDir) -> anyhow::Result<Mesh> {
     let (services_ns, services_addr) = host("services")?;
     let [a, b, c, _] = services_addr.octets();
     let vip = Ipv4Addr::new(a, b, c, VIP_OCTET);
-    // The virtual address is held by a namespace of this test (nothing else answers for it).
-    ip(&[
-        "-n",
-        &services_ns,
-        "addr",
-        "add",
-        &format!("{vip}/32"),
-        "dev",
-        "eth0",
-    ])?;
+    let late_vip = Ipv4Addr::new(a, b, c, LATE_VIP_OCTET);
+    // The virtual addresses are held by a namespace of this test (nothing else answers for
+    // them; nothing listens there either, so a connection forwarded unchanged is refused).
+    for address in [vip, late_vip] {
+        ip(&[
+            "-n",
+            &services_ns,
+            "addr",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            "eth0",
+        ])?;
+    }
     let (plain_ns, plain) = host("plain")?;
     // IPv6 on the client pod and the server outside the mesh (no duplicate address detection:
     // usable at once).
@@ -350,7 +371,14 @@ services:
 "
     );
     let services_file = dir.path().join("services.yaml");
-    std::fs::write(&services_file, services)?;
+    std::fs::write(&services_file, &services)?;
+    let late_service = format!(
+        "  - name: late
+    addresses: [{late_vip}]
+    ports: [{{ port: {SERVICE_PORT} }}]
+    endpoints: [{{ address: {pod_b_addr}, port: {APP_PORT}, service_account: service-b }}]
+"
+    );
     std::fs::write(policy.join("access.yaml"), ACCESS_YAML)?;
 
     // One bootstrap token per workload.
@@ -507,6 +535,10 @@ services:
         _plain: plain_server,
         vip,
         plain,
+        late_vip,
+        services_file,
+        services,
+        late_service,
     };
     // Every proxy has its certificate (the admin port is not intercepted).
     for (name, pod) in &mesh.pods {
@@ -638,6 +670,45 @@ async fn scenarios(mesh: &Mesh) -> anyhow::Result<()> {
         "unknown IPv6 address {plain6}: {r:#?}"
     );
     println!("unknown address {plain6}: 3/3 reached unchanged (IPv6)");
+
+    // A pod's own address: that pod, mutual TLS to its identity.
+    let pod_c = format!("http://{}:{APP_PORT}/direct", mesh.pod("pod-c").addr);
+    let r = curl(&mesh.pod("pod-a").netns, &vec![pod_c.clone(); 5]).await?;
+    calls += 5;
+    anyhow::ensure!(all_from(&r, "app-c"), "pod address {pod_c}: {r:#?}");
+    println!("pod address {pod_c}: 5/5 answered by app-c through the mesh");
+
+    // A service created after the first ask of its address: forwarded unchanged (refused: nothing
+    // listens there) until it exists, then routed; deleted, forwarded unchanged again.
+    let late = format!("http://{}:{SERVICE_PORT}/", mesh.late_vip);
+    let r = curl(&mesh.pod("pod-a").netns, std::slice::from_ref(&late)).await?;
+    calls += 1;
+    anyhow::ensure!(r[0].status == 0, "{late} before its service exists: {r:#?}");
+    mesh.write_services(&format!("{}{}", mesh.services, mesh.late_service))?;
+    until(
+        mesh,
+        "pod-a",
+        &late,
+        5,
+        "the late service is found",
+        |r| all_from(r, "app-b"),
+        &mut calls,
+    )
+    .await?;
+    mesh.write_services(&mesh.services)?;
+    until(
+        mesh,
+        "pod-a",
+        &late,
+        3,
+        "the deleted service is forwarded unchanged",
+        |r| r.iter().all(|a| a.status == 0),
+        &mut calls,
+    )
+    .await?;
+    println!(
+        "{late}: forwarded unchanged, then routed once its service was created, then unchanged again once deleted"
+    );
 
     // A caller without mesh identity (the test process) at a pod: refused by its proxy.
     let pod_b = SocketAddr::from((mesh.pod("pod-b").addr, APP_PORT));
