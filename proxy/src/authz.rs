@@ -30,8 +30,12 @@ pub struct Caller {
     pub peer: SocketAddr,
     /// The peer's verified SPIFFE id (None for plaintext callers).
     pub identity: Option<String>,
-    /// The local port the connection arrived on.
+    /// The local port the connection arrived on; for a transparent inbound connection, the
+    /// port the caller addressed (its original destination's), which is what policies name.
     pub port: u16,
+    /// The connection came through the transparent inbound listener: its policy is the one of
+    /// `port` there, not the inbound listener's.
+    pub transparent: bool,
 }
 
 /// An HTTP request as far as authorization is concerned.
@@ -163,6 +167,7 @@ mod tests {
             peer: peer.parse().unwrap(),
             identity: identity.map(str::to_string),
             port,
+            transparent: false,
         }
     }
 

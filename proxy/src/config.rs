@@ -27,6 +27,9 @@ pub struct Config {
     /// Inbound listener in front of the local application.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<Inbound>,
+    /// Transparent listeners for connections redirected by the interception rules (iptables).
+    #[serde(default, skip_serializing_if = "Transparent::is_empty")]
+    pub transparent: Transparent,
     /// Destinations this proxy can reach.
     #[serde(default)]
     pub destinations: Vec<Destination>,
@@ -114,6 +117,49 @@ pub struct PortForward {
     /// Override the destination's protocol on this port (e.g. `tcp` for a server-first protocol).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
+}
+
+/// Transparent mode: listeners for connections the pod's interception rules (iptables nat
+/// REDIRECT, installed by `trellis-init`) sent to the proxy, each read for its original
+/// destination (`SO_ORIGINAL_DST`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transparent {
+    /// Redirected outbound connections (e.g. `127.0.0.1:15001`): routed by their original
+    /// destination `IP:PORT` as the destination of that key (a Service's virtual address, a pod,
+    /// or, unknown to the mesh, forwarded unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<SocketAddr>,
+    /// Redirected inbound connections (e.g. `0.0.0.0:15006`): authorized with the policy of
+    /// their original port, then delivered to the application on `127.0.0.1:<original port>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<SocketAddr>,
+    /// The inbound policy of each original port. A port not listed refuses every connection
+    /// (fail safe); in controller mode the list is filled on demand, per port, from the
+    /// controller's `Inbound.Watch`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbound_ports: Vec<TransparentPort>,
+}
+
+impl Transparent {
+    /// Nothing transparent is configured.
+    pub fn is_empty(&self) -> bool {
+        self.outbound.is_none() && self.inbound.is_none() && self.inbound_ports.is_empty()
+    }
+}
+
+/// The inbound policy of one original port of a transparent inbound listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentPort {
+    /// The port the caller addressed (the application listens on it, on 127.0.0.1).
+    pub port: u16,
+    /// How the application speaks on it (`detect` by default).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Who may call it. Absent = deny everything.
+    #[serde(default)]
+    pub policy: InboundPolicy,
 }
 
 /// The inbound listener.
@@ -591,6 +637,36 @@ destinations:
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("c.yaml:23:"), "{err}");
+    }
+
+    #[test]
+    fn transparent_ports_compile_per_port_and_are_unique() {
+        let yaml = "transparent:
+  outbound: 127.0.0.1:15001
+  inbound: 0.0.0.0:15006
+  inbound_ports:
+    - port: 8080
+      policy: { default_action: allow }
+    - port: 9090
+      protocol: tcp
+";
+        let config = Config::parse(yaml, Path::new("t.yaml")).expect("valid");
+        let table = crate::table::RoutingTable::compile(
+            std::sync::Arc::new(config),
+            &crate::table::StatsRegistry::default(),
+        )
+        .unwrap();
+        let app = |port: u16| table.transparent_inbound[&port].app;
+        assert_eq!(app(8080), "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(table.transparent_inbound[&9090].protocol, Protocol::Tcp);
+        let twice = yaml.replace("port: 9090", "port: 8080");
+        let err = Config::parse(&twice, Path::new("t.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("transparent.inbound_ports[1].port") && err.contains("configured twice"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,6 +10,12 @@
 //! replaces what it held. Until the inbound policy arrives, the inbound side denies everything
 //! (fail safe). A request for a destination not yet known waits for the controller's first
 //! answer at most [`ControllerOptions::first_answer_wait`].
+//!
+//! Transparent mode: an intercepted outbound connection asks about its original destination
+//! `IP:PORT` the same way (one watch per key, cached like a name); the transparent inbound
+//! listener watches the inbound policy of each original port on its first connection (the
+//! controller's `Inbound.Watch` is per port), and a connection waits for the first answer at
+//! most `first_answer_wait`, refused if none came (fail safe).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -71,6 +77,9 @@ struct Dynamic {
     destinations: BTreeMap<String, config::Destination>,
     policy: Option<config::InboundPolicy>,
     inbound_protocol: Option<config::Protocol>,
+    /// The inbound policy (and protocol) of each original port the transparent inbound listener
+    /// has seen, as the controller last said.
+    transparent: BTreeMap<u16, config::TransparentPort>,
 }
 
 /// What `/ready` waits for until the controller's first inbound policy arrives.
@@ -86,6 +95,8 @@ pub struct Controller {
     shared: OnceLock<Weak<Shared>>,
     state: Mutex<Dynamic>,
     watches: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// Transparent inbound ports watched so far, each with "the controller has answered".
+    inbound_watches: Mutex<HashMap<u16, watch::Receiver<bool>>>,
 }
 
 impl Controller {
@@ -135,6 +146,7 @@ impl Controller {
             shared: OnceLock::new(),
             state: Mutex::new(Dynamic::default()),
             watches: Mutex::new(HashMap::new()),
+            inbound_watches: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -155,7 +167,7 @@ impl Controller {
         if let (Some(port), Some(me)) = (inbound_port, self.me.upgrade()) {
             // Until the first policy arrives the inbound listener refuses everyone: not ready.
             shared.wait_for(INBOUND_POLICY);
-            tokio::spawn(me.watch_inbound(port));
+            tokio::spawn(me.watch_inbound(port, None));
         }
         for port in &self.base.outbound.ports {
             if let Ok(a) = trellis_proxy_api::authority::normalize(&port.destination) {
@@ -189,6 +201,7 @@ impl Controller {
                     inbound.protocol = p;
                 }
             }
+            config.transparent.inbound_ports = state.transparent.values().cloned().collect();
             config
         };
         match shared.apply(config) {
@@ -281,7 +294,10 @@ impl Controller {
         }
     }
 
-    async fn watch_inbound(self: Arc<Self>, port: u16) {
+    /// Watches the inbound policy of `port`: the inbound listener's (`answered` is `None`), or
+    /// an original port of the transparent inbound listener (`answered` turns true at the first
+    /// answer).
+    async fn watch_inbound(self: Arc<Self>, port: u16, answered: Option<watch::Sender<bool>>) {
         let mut backoff = self.backoff();
         loop {
             let request = v1::InboundRequest {
@@ -298,17 +314,35 @@ impl Controller {
                         let Some(shared) = self.shared() else { return };
                         {
                             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                            state.inbound_protocol = protocol_from_proto(policy.protocol);
-                            state.policy = Some(policy_from_proto(policy));
+                            let protocol = protocol_from_proto(policy.protocol);
+                            let policy = policy_from_proto(policy);
+                            if answered.is_some() {
+                                state.transparent.insert(
+                                    port,
+                                    config::TransparentPort {
+                                        port,
+                                        protocol: protocol.unwrap_or_default(),
+                                        policy,
+                                    },
+                                );
+                            } else {
+                                state.inbound_protocol = protocol;
+                                state.policy = Some(policy);
+                            }
                         }
                         self.publish(&shared, "inbound policy");
-                        shared.passed(INBOUND_POLICY);
+                        match &answered {
+                            Some(answered) => {
+                                answered.send_replace(true);
+                            }
+                            None => shared.passed(INBOUND_POLICY),
+                        }
                         backoff = self.backoff();
                     }
-                    tracing::warn!("inbound policy watch ended; keeping the last policy");
+                    tracing::warn!(port, "inbound policy watch ended; keeping the last policy");
                 }
                 Err(status) => {
-                    tracing::warn!(%status, "controller unreachable; keeping the last inbound policy")
+                    tracing::warn!(port, %status, "controller unreachable; keeping the last inbound policy")
                 }
             }
             if self.shared().is_none() {
@@ -330,6 +364,33 @@ impl Resolve for Controller {
                     watches.insert(key.to_string(), rx.clone());
                     if let Some(me) = self.me.upgrade() {
                         tokio::spawn(me.watch_destination(key.to_string(), tx));
+                    }
+                    rx
+                }
+            }
+        };
+        let wait = self.options.first_answer_wait;
+        Box::pin(async move {
+            let _ = tokio::time::timeout(wait, async {
+                rx.wait_for(|answered| *answered).await.is_ok()
+            })
+            .await;
+        })
+    }
+
+    fn inbound(&self, port: u16) -> BoxFuture<'static, ()> {
+        let mut rx = {
+            let mut watches = self
+                .inbound_watches
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match watches.get(&port) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(false);
+                    watches.insert(port, rx.clone());
+                    if let Some(me) = self.me.upgrade() {
+                        tokio::spawn(me.watch_inbound(port, Some(tx)));
                     }
                     rx
                 }

@@ -12,6 +12,9 @@
 //! retries like any unreachable controller: every watch backs off and the proxy keeps its last
 //! configuration meanwhile.
 //!
+//! The anchors may also be given inline (`--controller-ca-pem PEM`, what the injector puts in a
+//! pod's environment); those are fixed for the life of the process.
+//!
 //! TLS 1.3 only, ALPN `h2`, crypto from [`crate::tls::provider`] (ring, the workspace's one).
 
 use std::path::{Path, PathBuf};
@@ -32,26 +35,62 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The controller's TLS settings: where its trust anchors are.
 #[derive(Debug, Clone)]
 pub struct ControllerTls {
-    /// PEM file with the mesh's trust anchors (`--controller-ca`).
-    pub anchors: PathBuf,
+    /// The mesh's trust anchors.
+    pub anchors: Anchors,
 }
 
-/// An anchors file that cannot be used.
+/// Where the controller's trust anchors come from.
+#[derive(Debug, Clone)]
+pub enum Anchors {
+    /// A PEM file (`--controller-ca`), re-read for every new connection (rotation).
+    File(PathBuf),
+    /// PEM text given inline (`--controller-ca-pem`, what the injector puts in a pod's
+    /// environment); fixed for the life of the process.
+    Pem(Arc<str>),
+}
+
+impl Anchors {
+    fn load(&self) -> Result<RootCertStore, AnchorsError> {
+        match self {
+            Anchors::File(path) => load_anchors(path),
+            Anchors::Pem(pem) => parse_anchors(pem.as_bytes(), "--controller-ca-pem".into()),
+        }
+    }
+
+    /// How the flags name these anchors, for errors.
+    fn describe(&self) -> String {
+        match self {
+            Anchors::File(path) => format!("--controller-ca {}", path.display()),
+            Anchors::Pem(_) => "--controller-ca-pem".into(),
+        }
+    }
+}
+
+/// Anchors that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("--controller-ca {}: {problem}", path.display())]
+#[error("{what}: {problem}")]
 pub struct AnchorsError {
-    path: PathBuf,
+    what: String,
     problem: String,
 }
 
 /// The certificates of the PEM file at `path` as a root store.
 pub fn load_anchors(path: &Path) -> Result<RootCertStore, AnchorsError> {
+    let what = format!("--controller-ca {}", path.display());
+    let pem = std::fs::read(path).map_err(|e| AnchorsError {
+        what: what.clone(),
+        problem: format!("cannot read: {e}"),
+    })?;
+    parse_anchors(&pem, what)
+}
+
+/// The certificates of `pem` as a root store; `what` names the source in errors.
+fn parse_anchors(pem: &[u8], what: String) -> Result<RootCertStore, AnchorsError> {
     let error = |problem: String| AnchorsError {
-        path: path.to_owned(),
+        what: what.clone(),
         problem,
     };
-    let pem = std::fs::read(path).map_err(|e| error(format!("cannot read: {e}")))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| error(format!("not PEM: {e}")))?;
     if certs.is_empty() {
@@ -84,7 +123,7 @@ struct Inner {
 impl Connector {
     /// Reads the anchors once: an unusable file is a startup error.
     pub fn new(tls: ControllerTls) -> Result<Self, AnchorsError> {
-        let roots = Arc::new(load_anchors(&tls.anchors)?);
+        let roots = Arc::new(tls.anchors.load()?);
         Ok(Self {
             inner: Arc::new(Inner {
                 tls,
@@ -95,12 +134,22 @@ impl Connector {
 
     /// The anchors as the file holds them now (rotation), else the last good ones.
     fn anchors(&self) -> Arc<RootCertStore> {
+        if let Anchors::Pem(_) = &self.inner.tls.anchors {
+            // Inline anchors never change: no need to parse them again.
+            return Arc::clone(
+                &self
+                    .inner
+                    .last_good
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+        }
         let mut last = self
             .inner
             .last_good
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        match load_anchors(&self.inner.tls.anchors) {
+        match self.inner.tls.anchors.load() {
             Ok(roots) => *last = Arc::new(roots),
             Err(e) => tracing::warn!("{e}; using the anchors read before"),
         }
@@ -138,8 +187,8 @@ impl Connector {
             Ok(Ok(tls)) => Ok(TokioIo::new(tls)),
             Ok(Err(e)) => {
                 let message = format!(
-                    "controller {host}:{port}: TLS handshake failed: {e} (the controller's certificate must chain to --controller-ca {} and name {host:?})",
-                    self.inner.tls.anchors.display()
+                    "controller {host}:{port}: TLS handshake failed: {e} (the controller's certificate must chain to {} and name {host:?})",
+                    self.inner.tls.anchors.describe()
                 );
                 tracing::error!(
                     "{message}; retrying with backoff, the last configuration stays in force"
@@ -219,7 +268,7 @@ mod tests {
         .unwrap();
         let tls = || {
             Some(ControllerTls {
-                anchors: anchors.clone(),
+                anchors: Anchors::File(anchors.clone()),
             })
         };
         let attempt = |url: &str, tls: Option<ControllerTls>| {
@@ -234,6 +283,20 @@ mod tests {
             .unwrap();
         let _guard = rt.enter();
         attempt("https://controller.mesh:8090", tls()).unwrap();
+        let inline = std::fs::read_to_string(&anchors).unwrap();
+        let pem = |pem: &str| {
+            Some(ControllerTls {
+                anchors: Anchors::Pem(Arc::from(pem)),
+            })
+        };
+        attempt("https://controller.mesh:8090", pem(&inline)).unwrap();
+        let e = attempt("https://controller.mesh:8090", pem("garbage"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--controller-ca-pem: no CERTIFICATE block"),
+            "{e}"
+        );
         attempt("http://127.0.0.1:8090", None).unwrap();
         for (url, tls, expected) in [
             (

@@ -660,7 +660,7 @@ async fn inbound(
     mut req: Request<Incoming>,
     started: Instant,
 ) -> Response<ProxyBody> {
-    let Some(policy) = shared.table.load().inbound.clone() else {
+    let Some(policy) = shared.table.load().inbound_for(caller).cloned() else {
         return local(Reason::NoInbound, "no inbound listener is configured");
     };
     let labels = |code: u16, error: Label| RequestLabels {

@@ -22,6 +22,9 @@
 //!   controller's host name.
 //! * [`identity`]: the workload certificate (controller `Identity.Certify` with renewal at 70% of
 //!   the lifetime, or static PEM files), published atomically in an [`identity::IdentityStore`].
+//! * [`transparent`]: transparent mode: connections redirected by the interception rules, routed
+//!   by their original destination (outbound) or authorized per original port (inbound), with
+//!   the loop guard.
 //! * [`tls`]: mTLS with rustls (TLS 1.3, ALPN h2/http/1.1): client certificates verified to the
 //!   trust anchors with the caller's SPIFFE id taken from them; upstream certificates verified to
 //!   the anchors AND to the endpoint's expected SPIFFE id.
@@ -43,6 +46,7 @@ pub mod state;
 pub mod table;
 pub mod tcp;
 pub mod tls;
+pub mod transparent;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -105,6 +109,10 @@ pub struct RunningProxy {
     pub ports: Vec<SocketAddr>,
     /// Inbound listener address.
     pub inbound: Option<SocketAddr>,
+    /// Transparent outbound listener address.
+    pub outbound_transparent: Option<SocketAddr>,
+    /// Transparent inbound listener address.
+    pub inbound_transparent: Option<SocketAddr>,
     connections: Arc<Connections>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -178,6 +186,48 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         inbound = Some(l.local_addr()?);
         spawn_listener(l, ListenerKind::Inbound);
     }
+    // Transparent listeners, each with its IPv6 twin when the host has IPv6 (the rules redirect
+    // both families; see `transparent`).
+    let mut transparent_listeners = Vec::new();
+    for (addr, what, outbound) in [
+        (config.transparent.outbound, "transparent outbound", true),
+        (config.transparent.inbound, "transparent inbound", false),
+    ] {
+        let Some(addr) = addr else { continue };
+        let l = bind(addr, what).await?;
+        let a = l.local_addr()?;
+        let mut bound = vec![(l, a)];
+        if let Some(twin) = transparent::ipv6_twin(addr) {
+            match transparent::bind_v6_only(twin, backlog) {
+                Ok(l6) => {
+                    let a = l6.local_addr()?;
+                    bound.push((l6, a));
+                }
+                Err(e) => {
+                    tracing::info!(%twin, error = %e, "no IPv6 {what} listener (no IPv6 here?)")
+                }
+            }
+        }
+        transparent_listeners.push((outbound, bound));
+    }
+    let mut outbound_transparent = None;
+    let mut inbound_transparent = None;
+    for (outbound, bound) in transparent_listeners {
+        for (i, (l, listen)) in bound.into_iter().enumerate() {
+            let kind = if outbound {
+                if i == 0 {
+                    outbound_transparent = Some(listen);
+                }
+                ListenerKind::OutboundTransparent { listen }
+            } else {
+                if i == 0 {
+                    inbound_transparent = Some(listen);
+                }
+                ListenerKind::InboundTransparent { listen }
+            };
+            spawn_listener(l, kind);
+        }
+    }
     let mut admin = None;
     if let Some(addr) = config.admin {
         let l = bind(addr, "admin").await?;
@@ -196,6 +246,8 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         http: running_http,
         ports,
         inbound,
+        outbound_transparent,
+        inbound_transparent,
         connections,
         shutdown,
         tasks,

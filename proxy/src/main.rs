@@ -1,6 +1,7 @@
 //! trellis-proxy binary: `trellis-proxy --config FILE` (static YAML, reloaded on change/SIGHUP)
 //! or `trellis-proxy --controller http://ADDR --workload NS/NAME ...` (live from the controller;
-//! `--controller https://HOST:PORT --controller-ca ANCHORS.pem` over TLS).
+//! `--controller https://HOST:PORT --controller-ca ANCHORS.pem` over TLS; `--outbound-transparent`
+//! and `--inbound-transparent` for connections redirected by the pod's interception rules).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use trellis_proxy::config::{Config, Inbound, PortForward, Workload};
 use trellis_proxy::controller::{Controller, ControllerOptions};
-use trellis_proxy::controller_tls::ControllerTls;
+use trellis_proxy::controller_tls::{Anchors, ControllerTls};
 use trellis_proxy::identity::{self, CertifierOptions, IdentityStore};
 use trellis_proxy::{ProxyOptions, reload};
 use trellis_proxy_api::spiffe::SpiffeId;
@@ -42,6 +43,16 @@ struct Cli {
         requires = "controller"
     )]
     controller_ca: Option<PathBuf>,
+    /// The same trust anchors given inline as PEM text (what the injector puts in a pod's
+    /// environment), instead of --controller-ca FILE.
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_CONTROLLER_CA_PEM",
+        value_name = "PEM",
+        requires = "controller",
+        conflicts_with = "controller_ca"
+    )]
+    controller_ca_pem: Option<String>,
     /// This proxy's workload as NAMESPACE/NAME (controller mode): NAME is its ServiceAccount,
     /// the identity it proves and is authorized as.
     #[arg(long, env = "TRELLIS_PROXY_WORKLOAD")]
@@ -82,6 +93,20 @@ struct Cli {
         value_delimiter = ','
     )]
     ports: Vec<String>,
+    /// Transparent outbound listener (controller mode), e.g. 127.0.0.1:15001: connections the
+    /// interception rules redirected, routed by their original destination (a Service's virtual
+    /// address, a pod, or forwarded unchanged when the mesh does not know it).
+    #[arg(
+        long,
+        value_name = "LISTEN",
+        env = "TRELLIS_PROXY_OUTBOUND_TRANSPARENT"
+    )]
+    outbound_transparent: Option<SocketAddr>,
+    /// Transparent inbound listener (controller mode), e.g. 0.0.0.0:15006: redirected inbound
+    /// connections, authorized with the policy of their original port and delivered to the
+    /// application on 127.0.0.1:<original port>.
+    #[arg(long, value_name = "LISTEN", env = "TRELLIS_PROXY_INBOUND_TRANSPARENT")]
+    inbound_transparent: Option<SocketAddr>,
     /// Inbound listener LISTEN=APP (controller mode).
     #[arg(long, value_name = "LISTEN=APP", env = "TRELLIS_PROXY_INBOUND")]
     inbound: Option<String>,
@@ -176,6 +201,8 @@ fn controller_base(cli: &Cli) -> anyhow::Result<Config> {
         ..Config::default()
     };
     config.outbound.http = cli.outbound_http;
+    config.transparent.outbound = cli.outbound_transparent;
+    config.transparent.inbound = cli.inbound_transparent;
     for p in &cli.ports {
         let (listen, destination) = split_pair("--port", p)?;
         config.outbound.ports.push(PortForward {
@@ -218,10 +245,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         apply_limit_flags(&cli, &mut base);
         let workload = cli.workload.clone().unwrap_or_default();
         let mut controller_options = ControllerOptions::new(url, workload);
-        controller_options.tls = cli
-            .controller_ca
-            .clone()
-            .map(|anchors| ControllerTls { anchors });
+        controller_options.tls = match (&cli.controller_ca, &cli.controller_ca_pem) {
+            (Some(file), _) => Some(ControllerTls {
+                anchors: Anchors::File(file.clone()),
+            }),
+            (None, Some(pem)) => Some(ControllerTls {
+                anchors: Anchors::Pem(Arc::from(pem.as_str())),
+            }),
+            (None, None) => None,
+        };
         let controller = Controller::new(controller_options, base)?;
         let config = controller.initial_config();
         let drain = config.limits.drain_timeout();
@@ -271,7 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ));
         (proxy, drain)
     };
-    tracing::info!(admin = ?proxy.admin, http = ?proxy.http, ports = ?proxy.ports, inbound = ?proxy.inbound, "trellis-proxy started");
+    tracing::info!(admin = ?proxy.admin, http = ?proxy.http, ports = ?proxy.ports, inbound = ?proxy.inbound, outbound_transparent = ?proxy.outbound_transparent, inbound_transparent = ?proxy.inbound_transparent, "trellis-proxy started");
     wait_for_termination().await?;
     tracing::info!(open = proxy.open_connections(), "draining");
     let left = proxy.drain(drain).await;

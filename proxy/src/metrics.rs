@@ -11,8 +11,9 @@
 //! | `trellis_tls_handshake_duration_ms` | histogram | `direction` |
 //! | `trellis_tls_handshake_errors_total` | counter | `direction`, `reason` (`timeout`, `expired`, `unknown-issuer`, `identity-mismatch`, `bad-certificate`, `no-client-certificate`, `no-identity`, `protocol`, `eof`, `io`, ...) |
 //! | `trellis_inbound_connections_refused_total` | counter | `reason` (`per-source-limit`, `handshake-limit`) |
-//! | `trellis_connections_refused_total` | counter | `listener` (`outbound-http`, `outbound-port`, `inbound`), `reason` (`global-limit`, `per-source-limit`, `handshake-limit`): every refusal |
+//! | `trellis_connections_refused_total` | counter | `listener` (`outbound-http`, `outbound-port`, `inbound`, `outbound-transparent`, `inbound-transparent`), `reason` (`global-limit`, `per-source-limit`, `handshake-limit`; transparent: `no-original-destination`, `loop`, `no-policy`): every refusal |
 //! | `trellis_open_connections` | gauge | `listener`: client connections open now |
+//! | `trellis_accepted_connections_total` | counter | `listener`: client connections accepted (within the global limit) |
 //!
 //! With `--metrics-compat` (config `metrics_compat`), the inbound side also counts its requests
 //! under other meshes' names, for tools whose built-in queries expect them (Flagger):
@@ -164,6 +165,7 @@ pub struct Metrics {
     /// Source labels (this proxy's workload).
     pub source: SourceLabels,
     open_connections: Family<ListenerLabels, Gauge>,
+    accepted_connections: Family<ListenerLabels, Counter>,
     connections_refused: Family<ListenerReasonLabels, Counter>,
     /// The series other meshes' names and labels that Flagger's built-in queries read.
     compat: Option<Arc<compat::Compat>>,
@@ -241,7 +243,13 @@ impl Metrics {
             updates.clone(),
         );
         let open_connections = Family::default();
+        let accepted_connections = Family::default();
         let connections_refused = Family::default();
+        registry.register(
+            "trellis_accepted_connections",
+            "Client connections accepted, by listener kind",
+            accepted_connections.clone(),
+        );
         registry.register(
             "trellis_open_connections",
             "Client connections open now, by listener kind",
@@ -275,6 +283,7 @@ impl Metrics {
             refused,
             source,
             open_connections,
+            accepted_connections,
             connections_refused,
             compat: (!compat.is_empty())
                 .then(|| Arc::new(compat::Compat::register(registry, workload, compat))),
@@ -321,6 +330,9 @@ impl Metrics {
     /// One more open connection on a `listener` kind.
     pub fn connection_opened(&self, listener: &'static str) {
         self.open_connections
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
+        self.accepted_connections
             .get_or_create(&ListenerLabels { listener })
             .inc();
     }

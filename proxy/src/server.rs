@@ -54,7 +54,13 @@ pub struct Connections {
 }
 
 /// Label values of the listener kinds, in [`ListenerKind::index`] order.
-pub const LISTENERS: [&str; 3] = ["outbound-http", "outbound-port", "inbound"];
+pub const LISTENERS: [&str; 5] = [
+    "outbound-http",
+    "outbound-port",
+    "inbound",
+    "outbound-transparent",
+    "inbound-transparent",
+];
 
 /// At most one "connection limit reached" warning this often.
 const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
@@ -208,6 +214,16 @@ pub enum ListenerKind {
     },
     /// The inbound listener.
     Inbound,
+    /// Redirected outbound connections (transparent mode): routed by original destination.
+    OutboundTransparent {
+        /// The listener's own address (the loop guard compares original destinations to it).
+        listen: SocketAddr,
+    },
+    /// Redirected inbound connections (transparent mode): authorized per original port.
+    InboundTransparent {
+        /// The listener's own address.
+        listen: SocketAddr,
+    },
 }
 
 impl ListenerKind {
@@ -217,11 +233,26 @@ impl ListenerKind {
             ListenerKind::OutboundHttp => 0,
             ListenerKind::OutboundPort { .. } => 1,
             ListenerKind::Inbound => 2,
+            ListenerKind::OutboundTransparent { .. } => OUTBOUND_TRANSPARENT,
+            ListenerKind::InboundTransparent { .. } => INBOUND_TRANSPARENT,
         }
     }
 }
 
 const INBOUND: usize = 2;
+/// Index of the transparent outbound listener in [`LISTENERS`].
+pub(crate) const OUTBOUND_TRANSPARENT: usize = 3;
+/// Index of the transparent inbound listener in [`LISTENERS`].
+pub(crate) const INBOUND_TRANSPARENT: usize = 4;
+
+/// The [`LISTENERS`] index of an inbound connection's listener.
+fn inbound_index(transparent: bool) -> usize {
+    if transparent {
+        INBOUND_TRANSPARENT
+    } else {
+        INBOUND
+    }
+}
 
 /// Accept connections until `shutdown` turns true.
 pub async fn accept_loop(
@@ -260,7 +291,8 @@ pub async fn accept_loop(
     }
 }
 
-async fn serve_connection(
+/// Serve one accepted connection as its listener `kind` says.
+pub(crate) async fn serve_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
@@ -270,6 +302,20 @@ async fn serve_connection(
     let local_port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
     let limits = shared.limits.clone();
     let (protocol, side) = match &kind {
+        ListenerKind::OutboundTransparent { listen } => {
+            // Boxed: the original destination decides what follows (a per-destination
+            // connection like a per-upstream port's, or bytes copied unchanged).
+            return Box::pin(crate::transparent::outbound(
+                stream, peer, *listen, shared, shutdown,
+            ))
+            .await;
+        }
+        ListenerKind::InboundTransparent { listen } => {
+            return Box::pin(crate::transparent::inbound(
+                stream, peer, *listen, shared, shutdown,
+            ))
+            .await;
+        }
         ListenerKind::OutboundHttp => (Protocol::Http, Side::Outbound { fixed: None }),
         ListenerKind::OutboundPort {
             destination,
@@ -292,7 +338,10 @@ async fn serve_connection(
         ListenerKind::Inbound => {
             // Boxed: the task of a connection still in detection stays small (its future is
             // as large as its largest state, and the TLS and HTTP states are large).
-            return Box::pin(serve_inbound(stream, peer, local_port, shared, shutdown)).await;
+            return Box::pin(serve_inbound(
+                stream, peer, local_port, false, shared, shutdown,
+            ))
+            .await;
         }
     };
     if protocol == Protocol::Tcp {
@@ -334,10 +383,11 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// The inbound listener: per-source limit, TLS-or-plaintext detection, mTLS handshake (the
 /// caller's SPIFFE id from its certificate), then HTTP or opaque TCP to the application.
-async fn serve_inbound(
+pub(crate) async fn serve_inbound(
     mut stream: TcpStream,
     peer: SocketAddr,
     port: u16,
+    transparent: bool,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -348,16 +398,23 @@ async fn serve_inbound(
     else {
         tracing::debug!(%peer, "inbound connection refused: too many from this source");
         shared.metrics.refused("per-source-limit");
-        shared.connections.refuse(INBOUND, "per-source-limit");
-        return;
-    };
-    let Some(policy) = shared.table.load().inbound.clone() else {
+        shared
+            .connections
+            .refuse(inbound_index(transparent), "per-source-limit");
         return;
     };
     let caller = Caller {
         peer,
         identity: None,
         port,
+        transparent,
+    };
+    let Some(policy) = shared.table.load().inbound_for(&caller).cloned() else {
+        // A transparent port without a policy: refused (fail safe).
+        shared
+            .connections
+            .refuse(inbound_index(transparent), "no-policy");
+        return;
     };
     let mtls = shared.identity.is_configured();
     if !mtls && policy.protocol == Protocol::Tcp {
@@ -410,7 +467,9 @@ async fn serve_inbound_tls(
     let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, shared.handshakes.acquire()).await
     else {
         shared.metrics.refused("handshake-limit");
-        shared.connections.refuse(INBOUND, "handshake-limit");
+        shared
+            .connections
+            .refuse(inbound_index(caller.transparent), "handshake-limit");
         return;
     };
     let started = std::time::Instant::now();
@@ -472,7 +531,7 @@ async fn serve_inbound_stream<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(policy) = shared.table.load().inbound.clone() else {
+    let Some(policy) = shared.table.load().inbound_for(&caller).cloned() else {
         return;
     };
     let limits = shared.limits.clone();
@@ -520,7 +579,7 @@ async fn forward_inbound_tcp<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(policy) = shared.table.load().inbound.clone() else {
+    let Some(policy) = shared.table.load().inbound_for(&caller).cloned() else {
         return;
     };
     if shared.authorizer.authorize_connection(&policy, &caller) == Verdict::Deny {
@@ -541,7 +600,13 @@ async fn forward_tcp<IO: AsyncRead + AsyncWrite + Unpin>(
         (ListenerKind::OutboundPort { destination, .. }, _) => {
             crate::tcp::forward_outbound(shared, destination, io, first_byte).await
         }
-        (ListenerKind::Inbound | ListenerKind::OutboundHttp, _) => {}
+        (
+            ListenerKind::Inbound
+            | ListenerKind::OutboundHttp
+            | ListenerKind::OutboundTransparent { .. }
+            | ListenerKind::InboundTransparent { .. },
+            _,
+        ) => {}
     }
 }
 
@@ -901,7 +966,14 @@ mod tests {
             .await
             .unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
-        let inbound = serve_inbound(stream, peer, 1, Arc::clone(&shared), shutdown.clone());
+        let inbound = serve_inbound(
+            stream,
+            peer,
+            1,
+            false,
+            Arc::clone(&shared),
+            shutdown.clone(),
+        );
         let size = std::mem::size_of_val(&inbound);
         println!("serve_inbound: {size} bytes");
         assert!(size < BOUND, "serve_inbound: {size} bytes");
@@ -910,6 +982,7 @@ mod tests {
             peer,
             identity: None,
             port: 1,
+            transparent: false,
         };
         let (_c, io) = tokio::io::duplex(16);
         let opaque = forward_inbound_tcp(

@@ -25,6 +25,14 @@ pub trait Resolve: Send + Sync + fmt::Debug + 'static {
     /// Start watching `key` (a normalized authority) if not already, and complete once the
     /// controller has answered (found or not) or a bounded wait passed.
     fn resolve(&self, key: &str) -> BoxFuture<'static, ()>;
+
+    /// Start watching the inbound policy of `port` for the transparent inbound listener if not
+    /// already, and complete once the controller has answered or a bounded wait passed. The
+    /// default (no controller) completes at once: only configured ports have a policy.
+    fn inbound(&self, port: u16) -> BoxFuture<'static, ()> {
+        let _ = port;
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Everything a connection handler needs.

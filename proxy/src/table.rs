@@ -52,6 +52,9 @@ pub struct RoutingTable {
     destinations: HashMap<String, Arc<DestinationTable>>,
     /// Compiled inbound policy, when there is an inbound listener.
     pub inbound: Option<Arc<InboundTable>>,
+    /// Compiled inbound policy per original port of the transparent inbound listener (the
+    /// application on `127.0.0.1:<port>`).
+    pub transparent_inbound: HashMap<u16, Arc<InboundTable>>,
 }
 
 /// Result of looking a destination up.
@@ -72,6 +75,7 @@ impl RoutingTable {
             config: Arc::new(Config::default()),
             destinations: HashMap::new(),
             inbound: None,
+            transparent_inbound: HashMap::new(),
         }
     }
 
@@ -94,11 +98,50 @@ impl RoutingTable {
             Some(inbound) => Some(Arc::new(InboundTable::compile(inbound)?)),
             None => None,
         };
+        let mut transparent_inbound = HashMap::new();
+        for (i, port) in config.transparent.inbound_ports.iter().enumerate() {
+            let as_inbound = config::Inbound {
+                listen: config
+                    .transparent
+                    .inbound
+                    .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+                app: std::net::SocketAddr::from(([127, 0, 0, 1], port.port)),
+                protocol: port.protocol,
+                policy: port.policy.clone(),
+            };
+            let table = InboundTable::compile(&as_inbound).map_err(|mut e| {
+                e.field =
+                    e.field
+                        .replacen("inbound.", &format!("transparent.inbound_ports[{i}]."), 1);
+                e
+            })?;
+            if transparent_inbound
+                .insert(port.port, Arc::new(table))
+                .is_some()
+            {
+                return Err(invalid(
+                    format!("transparent.inbound_ports[{i}].port"),
+                    &port.port.to_string(),
+                    format!("port {} is configured twice", port.port),
+                ));
+            }
+        }
         Ok(RoutingTable {
             config,
             destinations,
             inbound,
+            transparent_inbound,
         })
+    }
+
+    /// The inbound policy that applies to `caller`'s connection: the inbound listener's, or for
+    /// a transparent one the policy of the port it addressed (`None`: refuse, fail safe).
+    pub fn inbound_for(&self, caller: &crate::authz::Caller) -> Option<&Arc<InboundTable>> {
+        if caller.transparent {
+            self.transparent_inbound.get(&caller.port)
+        } else {
+            self.inbound.as_ref()
+        }
     }
 
     /// Check a file configuration without keeping the result.

@@ -179,7 +179,7 @@ async fn revoked(
     loop {
         let allowed = {
             let table = shared.table.load();
-            table.inbound.as_ref().is_some_and(|policy| {
+            table.inbound_for(caller).is_some_and(|policy| {
                 shared.authorizer.authorize_connection(policy, caller) == Verdict::Allow
             })
         };

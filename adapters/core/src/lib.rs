@@ -28,6 +28,12 @@
 //! - [`Merged`]: several adapters as one view per [`ServiceKey`]: union of endpoints, the source
 //!   listed first wins an address+port conflict, `NotFound` only when every source says so, errors
 //!   passed on without erasing anything, per-source freshness for `trellis check`.
+//!
+//! # Addresses (transparent mode)
+//! [`Discovery::watch_address`] maps an IP back to the mesh ([`AddressOwner`]): a service's
+//! virtual address (Kubernetes ClusterIPs, file `addresses`), an endpoint (a pod IP), or
+//! `Unknown` (the default for sources without virtual addresses). [`Merged`] answers with the
+//! first source, in source order, that knows the address.
 
 mod backoff;
 mod error;
@@ -41,15 +47,16 @@ pub use backoff::{BACKOFF_CAP, BACKOFF_INITIAL, Backoff, backoff};
 
 pub use error::{DiscoveryError, ErrorKind};
 pub use merge::{
-    DEFAULT_SETTLE, Merged, RegistrationProblem, SourceFreshness, merge_snapshots,
+    DEFAULT_SETTLE, Merged, RegistrationProblem, SourceFreshness, merge_owners, merge_snapshots,
     registration_problems,
 };
 pub use model::{
-    Endpoint, EndpointPort, EndpointSet, OwnerRef, ProtocolHint, Provenance, Readiness,
-    ServiceCatalog, ServiceKey, ServicePort, Snapshot, SourceId, WorkloadIdentity,
+    AddressOwner, Endpoint, EndpointPort, EndpointSet, OwnerRef, ProtocolHint, Provenance,
+    Readiness, ServiceCatalog, ServiceKey, ServicePort, Snapshot, SourceId, WorkloadIdentity,
 };
 pub use subsets::{VersionSubsets, resolve_subset, split_version, version_subset};
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use futures::stream::BoxStream;
@@ -108,4 +115,25 @@ pub trait Discovery: Send + Sync + 'static {
     /// The membership of one service: the current snapshot first, then one per change. Never ends
     /// on its own; drop the stream to stop watching.
     fn watch(&self, service: ServiceKey) -> BoxStream<'static, Result<Snapshot, DiscoveryError>>;
+
+    /// Who holds `address`: a service's virtual address, an endpoint's address, or nobody. The
+    /// current answer first, then one per change (a service created later is found; deleted, the
+    /// answer goes back to [`AddressOwner::Unknown`]); never ends on its own, failures are `Err`
+    /// items as for [`Discovery::watch`].
+    ///
+    /// Adapters answer from an index they keep anyway (a lookup is not a scan per caller: the
+    /// controller asks once per address, and proxies cache per `IP:PORT`). The default is for
+    /// sources without virtual addresses that cannot cheaply map an address to an endpoint
+    /// (Consul, Cloud Map): always `Unknown`, so an intercepted connection to such an address is
+    /// forwarded unchanged.
+    fn watch_address(
+        &self,
+        address: IpAddr,
+    ) -> BoxStream<'static, Result<AddressOwner, DiscoveryError>> {
+        let _ = address;
+        futures::StreamExt::boxed(futures::StreamExt::chain(
+            futures::stream::once(async { Ok(AddressOwner::Unknown) }),
+            futures::stream::pending(),
+        ))
+    }
 }

@@ -39,8 +39,8 @@ use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 
 use crate::{
-    Capabilities, ChangeDelivery, Discovery, DiscoveryError, EndpointSet, IdentitySource,
-    ServiceCatalog, ServiceKey, Snapshot, SourceId,
+    AddressOwner, Capabilities, ChangeDelivery, Discovery, DiscoveryError, EndpointSet,
+    IdentitySource, ServiceCatalog, ServiceKey, Snapshot, SourceId,
 };
 
 /// How fresh one source is, across every watch and catalog stream of a [`Merged`].
@@ -471,6 +471,43 @@ impl Discovery for Merged {
             .flatten()
             .boxed()
     }
+
+    /// The first source, in source order, that knows `address` decides; `Unknown` when none
+    /// does. Answered once every source has (or the settle delay passed: a source that has not
+    /// answered by then counts as not knowing the address, which only means "forward unchanged").
+    fn watch_address(
+        &self,
+        address: IpAddr,
+    ) -> BoxStream<'static, Result<AddressOwner, DiscoveryError>> {
+        let mut sent: Option<AddressOwner> = None;
+        self.events(move |s| s.watch_address(address))
+            .scan(Latest::new(self.sources.len()), move |latest, event| {
+                let mut out = Vec::new();
+                if let Some(e) = latest.apply(event) {
+                    out.push(Err(e));
+                }
+                if latest.ready() {
+                    let owner = merge_owners(&latest.values);
+                    if sent.as_ref() != Some(&owner) {
+                        sent = Some(owner.clone());
+                        out.push(Ok(owner));
+                    }
+                }
+                futures::future::ready(Some(stream::iter(out)))
+            })
+            .flatten()
+            .boxed()
+    }
+}
+
+/// The owner of an address across sources, in precedence order (`None`: no answer yet).
+pub fn merge_owners(owners: &[Option<AddressOwner>]) -> AddressOwner {
+    owners
+        .iter()
+        .flatten()
+        .find(|o| !matches!(o, AddressOwner::Unknown))
+        .cloned()
+        .unwrap_or(AddressOwner::Unknown)
 }
 
 #[cfg(test)]
@@ -836,5 +873,28 @@ mod tests {
             ],
         );
         assert!(registration_problems(&ids, &[Some(local)]).is_empty());
+    }
+
+    #[test]
+    fn the_first_source_that_knows_an_address_decides() {
+        let web = ServiceKey::new("shop", "web");
+        let api = ServiceKey::new("shop", "api");
+        let svc = |service: &ServiceKey| AddressOwner::Service {
+            service: service.clone(),
+            ports: Vec::new(),
+        };
+        assert_eq!(merge_owners(&[None, None]), AddressOwner::Unknown);
+        assert_eq!(
+            merge_owners(&[Some(AddressOwner::Unknown), Some(svc(&web))]),
+            svc(&web)
+        );
+        assert_eq!(merge_owners(&[Some(svc(&api)), Some(svc(&web))]), svc(&api));
+    }
+
+    #[tokio::test]
+    async fn sources_without_addresses_answer_unknown_once_merged() {
+        let (_a, _b, merged) = two();
+        let mut owners = merged.watch_address("10.0.0.1".parse().unwrap());
+        assert_eq!(next(&mut owners).await.unwrap(), AddressOwner::Unknown);
     }
 }

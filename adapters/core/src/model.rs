@@ -205,3 +205,25 @@ pub struct ServiceCatalog {
     pub services: Vec<ServiceKey>,
     pub observed_at: SystemTime,
 }
+
+/// Who holds an IP address, as one source (or the merge of several) sees it now: what
+/// [`crate::Discovery::watch_address`] yields. Intercepted connections (transparent mode) name
+/// only an address; this maps it back to the mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AddressOwner {
+    /// No service and no endpoint of this source has the address: traffic to it leaves the mesh
+    /// unchanged.
+    Unknown,
+    /// A service's virtual address (Kubernetes `spec.clusterIPs`, a file service's `addresses`),
+    /// with the ports clients address the service on.
+    Service {
+        service: ServiceKey,
+        ports: Vec<ServicePort>,
+    },
+    /// An endpoint's own address (a pod IP). When several services select the endpoint, the
+    /// first by [`ServiceKey`] order is named (the endpoint, its identity and ports, is the same).
+    Endpoint {
+        service: ServiceKey,
+        endpoint: Box<Endpoint>,
+    },
+}

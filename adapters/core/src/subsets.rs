@@ -122,6 +122,14 @@ impl<D: Discovery> Discovery for VersionSubsets<D> {
         self.inner.services()
     }
 
+    /// Addresses are the platform's: no version convention applies to them.
+    fn watch_address(
+        &self,
+        address: std::net::IpAddr,
+    ) -> BoxStream<'static, Result<crate::AddressOwner, DiscoveryError>> {
+        self.inner.watch_address(address)
+    }
+
     fn watch(&self, key: ServiceKey) -> BoxStream<'static, Result<Snapshot, DiscoveryError>> {
         let Some((base, version)) = split_version(&key.name) else {
             return self.inner.watch(key);

@@ -4,6 +4,9 @@
 //! namespace: demo                 # default namespace of every service (default: "default")
 //! services:
 //!   - name: web                   # required; `namespace:` here overrides the default
+//!     addresses: [10.96.0.10]     # optional: the service's virtual addresses (like a Kubernetes
+//!                                 # ClusterIP): a connection to 10.96.0.10:8080 intercepted by a
+//!                                 # proxy in transparent mode goes to this service's port 8080
 //!     ports:                      # the ports clients address the service on
 //!       - { name: http, port: 8080, protocol: http }   # name and protocol optional
 //!     endpoints:
@@ -20,6 +23,11 @@
 //!         protocol: http          # default: the service's protocol when it has exactly one port
 //! ```
 //!
+//! Virtual addresses (`addresses`) must be unicast and not unspecified, each held by one service
+//! only, and never also an endpoint's address (an intercepted connection to it would be
+//! ambiguous). Any endpoint address is also found by address: a connection to `10.0.0.1:18080`
+//! goes to that endpoint (see [`Catalog::owner`]).
+//!
 //! Unknown fields are errors (a typo must not silently drop a setting). Every error carries the
 //! line and column (serde_yaml_ng reports the position of the offending value, also for the checks
 //! below, which run while the document is read) and the field path.
@@ -33,8 +41,8 @@ use std::time::SystemTime;
 
 use serde::Deserialize;
 use trellis_discovery::{
-    Endpoint, EndpointPort, EndpointSet, OwnerRef, ProtocolHint, Provenance, Readiness, ServiceKey,
-    ServicePort, SourceId, WorkloadIdentity,
+    AddressOwner, Endpoint, EndpointPort, EndpointSet, OwnerRef, ProtocolHint, Provenance,
+    Readiness, ServiceKey, ServicePort, SourceId, WorkloadIdentity,
 };
 
 /// The namespace of services that name none, when the file names no default either.
@@ -56,6 +64,35 @@ pub struct ParseError {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Catalog {
     pub services: BTreeMap<ServiceKey, Arc<EndpointSet>>,
+    /// Virtual address -> the service that declared it (`addresses`).
+    pub virtual_addresses: BTreeMap<IpAddr, ServiceKey>,
+    /// Endpoint address -> the first service (by key) that lists it. Built once per read, so a
+    /// lookup by address is one map lookup, not a scan.
+    pub endpoint_addresses: BTreeMap<IpAddr, ServiceKey>,
+}
+
+impl Catalog {
+    /// Who holds `address` in this file: a service's virtual address, an endpoint, or nobody.
+    pub fn owner(&self, address: IpAddr) -> AddressOwner {
+        if let Some(key) = self.virtual_addresses.get(&address)
+            && let Some(set) = self.services.get(key)
+        {
+            return AddressOwner::Service {
+                service: key.clone(),
+                ports: set.ports.clone(),
+            };
+        }
+        if let Some(key) = self.endpoint_addresses.get(&address)
+            && let Some(set) = self.services.get(key)
+            && let Some(endpoint) = set.endpoints.iter().find(|e| e.address == address)
+        {
+            return AddressOwner::Endpoint {
+                service: key.clone(),
+                endpoint: Box::new(endpoint.clone()),
+            };
+        }
+        AddressOwner::Unknown
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +110,8 @@ struct ServiceSpec {
     #[serde(default)]
     namespace: Option<String>,
     name: NonEmpty,
+    #[serde(default)]
+    addresses: Vec<VirtualAddress>,
     #[serde(default)]
     ports: Vec<PortSpec>,
     #[serde(default)]
@@ -201,6 +240,28 @@ impl<'de> Deserialize<'de> for NonEmpty {
     }
 }
 
+/// A service's virtual address: an IP a proxy can be asked to reach (unicast, specified).
+#[derive(Clone, Copy, Debug)]
+struct VirtualAddress(IpAddr);
+
+impl<'de> Deserialize<'de> for VirtualAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(Checked("an IP address", |s: &str| {
+            let ip: IpAddr = s
+                .trim()
+                .parse()
+                .map_err(|_| format!("{s:?} is not an IP address (e.g. 10.96.0.10 or fd00::10)"))?;
+            let broadcast = ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST);
+            if ip.is_unspecified() || ip.is_multicast() || broadcast {
+                return Err(format!(
+                    "{ip} cannot be a service address: no connection is ever made to an unspecified, multicast or broadcast address"
+                ));
+            }
+            Ok(VirtualAddress(ip))
+        }))
+    }
+}
+
 /// A port number 1..=65535.
 #[derive(Clone, Copy, Debug)]
 struct PortNumber(u16);
@@ -306,6 +367,8 @@ pub fn parse(
         .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
     let mut catalog = Catalog::default();
     let mut seen = HashSet::new();
+    // Service -> its index in the file, to locate problems found after the loop.
+    let mut order: BTreeMap<ServiceKey, usize> = BTreeMap::new();
     for (i, service) in spec.services.into_iter().enumerate() {
         let namespace = service
             .namespace
@@ -319,6 +382,7 @@ pub fn parse(
                 format!("services[{i}]: service {key} is listed twice"),
             ));
         }
+        let addresses: Vec<IpAddr> = service.addresses.iter().map(|a| a.0).collect();
         let set = service_set(&key, service, source, loaded_at).map_err(|message| {
             error(
                 line_of_service(yaml, i),
@@ -326,7 +390,39 @@ pub fn parse(
                 format!("services[{i}] ({key}): {message}"),
             )
         })?;
+        for (j, address) in addresses.into_iter().enumerate() {
+            if let Some(other) = catalog.virtual_addresses.insert(address, key.clone()) {
+                let message = if other == key {
+                    format!("services[{i}].addresses[{j}]: {address} is listed twice")
+                } else {
+                    format!(
+                        "services[{i}].addresses[{j}]: {address} is already the address of service {other}"
+                    )
+                };
+                return Err(error(line_of_service(yaml, i), None, message));
+            }
+        }
+        order.insert(key.clone(), i);
         catalog.services.insert(key, Arc::new(set));
+    }
+    // Endpoint addresses, first service by key wins; none may be a virtual address.
+    for (key, set) in &catalog.services {
+        for e in &set.endpoints {
+            if let Some(owner) = catalog.virtual_addresses.get(&e.address) {
+                return Err(error(
+                    order.get(owner).and_then(|i| line_of_service(yaml, *i)),
+                    None,
+                    format!(
+                        "service {owner}: address {} is also an endpoint of service {key}; a virtual address must be held by the service alone",
+                        e.address
+                    ),
+                ));
+            }
+            catalog
+                .endpoint_addresses
+                .entry(e.address)
+                .or_insert_with(|| key.clone());
+        }
     }
     Ok(catalog)
 }
@@ -662,6 +758,69 @@ services:
                 .expect("valid")
                 .services
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn virtual_addresses_and_endpoint_addresses_name_their_service() {
+        let yaml = "\
+namespace: shop
+services:
+  - name: web
+    addresses: [10.96.0.10, \"fd00::10\"]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: 10.0.0.1, port: 8080, service_account: web-sa }]
+";
+        let catalog = parse_str(yaml).expect("valid");
+        let web = ServiceKey::new("shop", "web");
+        for ip in ["10.96.0.10", "fd00::10"] {
+            match catalog.owner(ip.parse().unwrap()) {
+                AddressOwner::Service { service, ports } => {
+                    assert_eq!(service, web);
+                    assert_eq!(ports[0].port, 80);
+                }
+                other => panic!("{ip}: {other:?}"),
+            }
+        }
+        match catalog.owner("10.0.0.1".parse().unwrap()) {
+            AddressOwner::Endpoint { service, endpoint } => {
+                assert_eq!(service, web);
+                assert_eq!(endpoint.identity.service_account, "web-sa");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            catalog.owner("10.0.0.2".parse().unwrap()),
+            AddressOwner::Unknown
+        );
+    }
+
+    #[test]
+    fn bad_virtual_addresses_are_located_errors() {
+        let e = error("services:\n  - name: a\n    addresses: [not-an-ip]\n");
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(e.message.contains("is not an IP address"), "{e}");
+
+        let e = error("services:\n  - name: a\n    addresses: [0.0.0.0]\n");
+        assert!(e.message.contains("cannot be a service address"), "{e}");
+
+        let e = error(
+            "services:\n  - name: a\n    addresses: [10.96.0.1]\n  - name: b\n    addresses: [10.96.0.1]\n",
+        );
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(
+            e.message
+                .contains("10.96.0.1 is already the address of service default/a"),
+            "{e}"
+        );
+
+        let e = error(
+            "services:\n  - name: a\n    addresses: [10.0.0.1]\n  - name: b\n    endpoints: [{ address: 10.0.0.1, port: 80 }]\n",
+        );
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(
+            e.message.contains("also an endpoint of service default/b"),
+            "{e}"
         );
     }
 }

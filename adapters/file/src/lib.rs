@@ -25,6 +25,9 @@
 //! - An empty file is an error, not an empty catalog: it is most likely caught mid-write.
 //! - Identity: the endpoint's `service_account`, else the service name; namespace = the service's.
 //!   Owner: as written, else `Service/<name>`. Provenance: `file:<path>`, confirmed when read.
+//! - Addresses (transparent mode): a service may declare `addresses: [IP, ...]`, its virtual
+//!   addresses; [`Discovery::watch_address`] maps them (and every endpoint's address) back to the
+//!   service, see [`format`].
 //! - Version subsets: [`file_discovery`] wraps the adapter in [`VersionSubsets`] (a watch of `web-v2`
 //!   is the service `web-v2` if the file has it, else the `web` endpoints labelled `version: v2`).
 
@@ -39,8 +42,8 @@ use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 use tokio::sync::watch;
 use trellis_discovery::{
-    Capabilities, ChangeDelivery, Discovery, DiscoveryError, IdentitySource, ServiceCatalog,
-    ServiceKey, Snapshot, SourceId, VersionSubsets,
+    AddressOwner, Capabilities, ChangeDelivery, Discovery, DiscoveryError, IdentitySource,
+    ServiceCatalog, ServiceKey, Snapshot, SourceId, VersionSubsets,
 };
 
 pub use format::{Catalog, DEFAULT_NAMESPACE, ParseError, parse};
@@ -211,5 +214,14 @@ impl Discovery for FileDiscovery {
                 })
             })
             .boxed()
+    }
+
+    /// From the index built when the file is read ([`Catalog::owner`]): one map lookup per
+    /// change of the file, whatever the number of services.
+    fn watch_address(
+        &self,
+        address: std::net::IpAddr,
+    ) -> BoxStream<'static, Result<AddressOwner, DiscoveryError>> {
+        self.follow(move |p| p.good.as_ref().map(|c| c.owner(address)))
     }
 }

@@ -16,6 +16,10 @@
 //!   unknown: fail safe); a slice entry with no pod (selectorless Service) has the service's name
 //!   as identity and the Service as owner.
 //!
+//! Addresses (transparent mode, [`Discovery::watch_address`]): a Service's `spec.clusterIPs`
+//! (headless `None` is no address) name the Service and its ports; an EndpointSlice address
+//! names that endpoint (identity from its pod, as above).
+//!
 //! A new snapshot is emitted whenever any input changes (a pod's service account or labels, a
 //! ReplicaSet's owner, a slice, the Service). Watcher failures are yielded as `Err` items (kind and
 //! temporary flag; 410 Gone is a relist, not a failure); the watcher backs off with the shared
@@ -38,8 +42,8 @@ use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use trellis_discovery::{
-    Capabilities, ChangeDelivery, Discovery, DiscoveryError, ErrorKind, IdentitySource,
-    ServiceCatalog, ServiceKey, Snapshot, SourceId,
+    AddressOwner, Capabilities, ChangeDelivery, Discovery, DiscoveryError, ErrorKind,
+    IdentitySource, ServiceCatalog, ServiceKey, Snapshot, SourceId,
 };
 
 use crate::follow::Follower;
@@ -176,6 +180,35 @@ impl Discovery for KubernetesDiscovery {
                 snapshot::compute(&shared.stores, &key, &shared.source)
             }),
             |s| snapshot::stamp(s, SystemTime::now()),
+        )
+        .into_stream()
+    }
+
+    /// Service `spec.clusterIPs` first, then EndpointSlice addresses (with the pod's identity,
+    /// as in the service's snapshot). Recomputed from the shared stores when a Service,
+    /// EndpointSlice or Pod changes, and yielded only when the answer changed: the cost is per
+    /// store change and watched address, never per connection (the controller asks once per
+    /// address, proxies cache per `IP:PORT`).
+    fn watch_address(
+        &self,
+        address: std::net::IpAddr,
+    ) -> BoxStream<'static, Result<AddressOwner, DiscoveryError>> {
+        Follower::new(
+            Arc::clone(&self.shared),
+            Box::new(|c| c.kind != Kind::ReplicaSet || c.namespace.is_none()),
+            Box::new(move |shared: &Shared| {
+                snapshot::address_owner(&shared.stores, address, &shared.source)
+            }),
+            |owner| match owner {
+                AddressOwner::Endpoint {
+                    service,
+                    mut endpoint,
+                } => {
+                    endpoint.provenance.confirmed_at = SystemTime::now();
+                    AddressOwner::Endpoint { service, endpoint }
+                }
+                other => other,
+            },
         )
         .into_stream()
     }

@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 use kube::runtime::reflector::ObjectRef;
 use trellis_discovery::{
-    Endpoint, EndpointPort, EndpointSet, OwnerRef, ProtocolHint, Provenance, Readiness, ServiceKey,
-    ServicePort, Snapshot, SourceId, WorkloadIdentity,
+    AddressOwner, Endpoint, EndpointPort, EndpointSet, OwnerRef, ProtocolHint, Provenance,
+    Readiness, ServiceKey, ServicePort, Snapshot, SourceId, WorkloadIdentity,
 };
 
 use crate::reflectors::{SERVICE_NAME_LABEL, Stores};
@@ -43,6 +43,76 @@ pub(crate) fn compute(stores: &Stores, key: &ServiceKey, source: &SourceId) -> S
         ports,
         endpoints: endpoints.into_values().collect(),
     })
+}
+
+/// Who holds `address` as the stores hold it now: a Service whose `spec.clusterIPs` (or
+/// `clusterIP`) has it, else the first Service (by namespace/name) with an EndpointSlice
+/// endpoint at it, else nobody. Provenance times are left at the epoch (see [`compute`]).
+pub(crate) fn address_owner(stores: &Stores, address: IpAddr, source: &SourceId) -> AddressOwner {
+    let mut services: Vec<ServiceKey> = Vec::new();
+    for service in stores.services.state() {
+        let Some(spec) = service.spec.as_ref() else {
+            continue;
+        };
+        let holds = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .any(|ip| ip.parse::<IpAddr>().ok() == Some(address));
+        if holds {
+            services.push(ServiceKey::new(
+                service.metadata.namespace.clone().unwrap_or_default(),
+                service.metadata.name.clone().unwrap_or_default(),
+            ));
+        }
+    }
+    services.sort();
+    if let Some(key) = services.into_iter().next() {
+        let service_ref = ObjectRef::<Service>::new(&key.name).within(&key.namespace);
+        let ports = stores
+            .services
+            .get(&service_ref)
+            .map(|s| service_ports(&s))
+            .unwrap_or_default();
+        return AddressOwner::Service {
+            service: key,
+            ports,
+        };
+    }
+    let spelled = address.to_string();
+    let mut selecting: Vec<ServiceKey> = stores
+        .slices
+        .state()
+        .iter()
+        .filter(|slice| {
+            slice.endpoints.iter().flatten().any(|e| {
+                e.addresses
+                    .iter()
+                    .any(|a| *a == spelled || a.parse::<IpAddr>().ok() == Some(address))
+            })
+        })
+        .filter_map(|slice| {
+            let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+            Some(ServiceKey::new(
+                slice.metadata.namespace.clone().unwrap_or_default(),
+                name.clone(),
+            ))
+        })
+        .collect();
+    selecting.sort();
+    selecting.dedup();
+    for key in selecting {
+        if let Snapshot::Endpoints(set) = compute(stores, &key, source)
+            && let Some(endpoint) = set.endpoints.into_iter().find(|e| e.address == address)
+        {
+            return AddressOwner::Endpoint {
+                service: key,
+                endpoint: Box::new(endpoint),
+            };
+        }
+    }
+    AddressOwner::Unknown
 }
 
 /// Sets every endpoint's `confirmed_at` to `at`.

@@ -463,3 +463,60 @@ async fn wait_for_watches(fake: &FakeApiServer, n: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The next answer of an address watch (within 5 s).
+async fn next_owner(
+    w: &mut BoxStream<'static, Result<trellis_discovery::AddressOwner, DiscoveryError>>,
+) -> trellis_discovery::AddressOwner {
+    match tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+        Ok(Some(Ok(owner))) => owner,
+        other => panic!("no address answer: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_address_is_a_services_cluster_ip_or_an_endpoint_and_follows_changes() {
+    use trellis_discovery::AddressOwner;
+    let (harness, fake) = start().await;
+    fake.put(&pod("a", Some("sa-a"), None)).unwrap();
+    fake.put(&slice(
+        "web-1",
+        "web",
+        &[("10.2.0.1", "a", true, true, false, None)],
+    ))
+    .unwrap();
+    let adapter = harness.adapter();
+    let vip: IpAddr = "10.96.0.10".parse().unwrap();
+    let mut by_vip = adapter.watch_address(vip);
+    let mut by_pod = adapter.watch_address("10.2.0.1".parse().unwrap());
+    assert_eq!(next_owner(&mut by_vip).await, AddressOwner::Unknown);
+
+    // A Service created after the first ask, holding the address: found, with its ports.
+    let mut web = service("web");
+    web.spec.as_mut().unwrap().cluster_ip = Some(vip.to_string());
+    web.spec.as_mut().unwrap().cluster_ips = Some(vec![vip.to_string()]);
+    fake.put(&web).unwrap();
+    match next_owner(&mut by_vip).await {
+        AddressOwner::Service { service, ports } => {
+            assert_eq!(service, ServiceKey::new(NS, "web"));
+            assert_eq!(ports.iter().map(|p| p.port).collect::<Vec<_>>(), [80, 9000]);
+        }
+        other => panic!("want the Service, got {other:?}"),
+    }
+    // A pod IP: that endpoint, with its pod's identity.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, by_pod.next()).await {
+            Ok(Some(Ok(AddressOwner::Endpoint { service, endpoint }))) => {
+                assert_eq!(service, ServiceKey::new(NS, "web"));
+                assert_eq!(endpoint.identity.service_account, "sa-a");
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no endpoint answer for the pod IP: {other:?}"),
+        }
+    }
+    // Deleted: unknown again.
+    fake.delete::<Service>(Some(NS), "web").unwrap();
+    assert_eq!(next_owner(&mut by_vip).await, AddressOwner::Unknown);
+}

@@ -7,6 +7,10 @@
 //! sends the first complete answer as soon as the index has one, then every change. Streams read
 //! only `watch` channels, never a registry, and several quick changes collapse into the latest
 //! (a proxy needs the current state, not every intermediate one). Knows nothing of Kubernetes.
+//!
+//! `Destinations.Watch` takes a name (`web.shop`) or, for connections a proxy intercepted, an
+//! original destination `IP:PORT`, answered by [`Index::address`] (a service's virtual address
+//! gets its profile, a pod IP its endpoint, an unknown address "not found": forwarded unchanged).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -184,31 +188,45 @@ impl destinations_server::Destinations for ProxyApi {
         let target = &request.get_ref().target;
         let authority = normalize(target)
             .map_err(|e| Status::invalid_argument(format!("target {target:?}: {e}")))?;
-        let service = match (authority.is_ip, service_of(&authority.name)) {
-            (false, Some(service)) => service,
-            _ => {
-                // Addresses (intercepted connections) are not mapped back to services yet.
-                let update = v1::DestinationUpdate {
-                    version: "0".into(),
-                    kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
-                        reason: format!(
-                            "{} names no service (expected name.namespace)",
-                            authority.key()
-                        ),
-                    })),
-                };
-                return Ok(Response::new(
-                    futures::stream::once(async { Ok(update) })
-                        .chain(futures::stream::pending())
-                        .boxed(),
-                ));
-            }
+        let not_found = |reason: String| {
+            let update = v1::DestinationUpdate {
+                version: "0".into(),
+                kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
+                    reason,
+                })),
+            };
+            Response::new(
+                futures::stream::once(async { Ok(update) })
+                    .chain(futures::stream::pending())
+                    .boxed(),
+            )
         };
-        let rx = self
-            .index
-            .destination(service)
-            .await
-            .ok_or_else(|| Status::unavailable("the controller's index has stopped"))?;
+        let rx = if authority.is_ip {
+            // An intercepted connection's original destination: mapped back to the mesh by
+            // address (a service's virtual address, an endpoint, or not found).
+            let Some(port) = authority.port else {
+                return Ok(not_found(format!(
+                    "{} is an address without a port (expected IP:PORT)",
+                    authority.key()
+                )));
+            };
+            let ip: std::net::IpAddr = authority
+                .name
+                .parse()
+                .map_err(|e| Status::invalid_argument(format!("target {target:?}: {e}")))?;
+            self.index
+                .address(std::net::SocketAddr::new(ip, port))
+                .await
+        } else {
+            let Some(service) = service_of(&authority.name) else {
+                return Ok(not_found(format!(
+                    "{} names no service (expected name.namespace)",
+                    authority.key()
+                )));
+            };
+            self.index.destination(service).await
+        }
+        .ok_or_else(|| Status::unavailable("the controller's index has stopped"))?;
         let guard = Connected::new(&self.counts, false);
         Ok(Response::new(
             WatchStream::new(rx)

@@ -232,6 +232,7 @@ impl Request {
                 peer: SocketAddr::new(spec.peer.0, spec.peer.1),
                 identity: spec.identity.as_ref().map(IdentitySpec::id),
                 port: spec.port,
+                transparent: false,
             },
             authority: spec.authority.clone(),
         })

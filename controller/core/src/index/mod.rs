@@ -29,15 +29,22 @@
 //! (`PolicyView::origins`); a resource that only moved counts as changed, so its problems
 //! follow it. Discovery errors are located at `discovery`.
 //!
+//! Intercepted connections name only an address: [`Index::address`] answers `IP:PORT` by
+//! following who holds the IP in discovery (see the `address` module): a service's virtual
+//! address gets that service's destination channel, a pod IP its one endpoint, anything else
+//! "not found" (the proxy forwards it unchanged).
+//!
 //! Nothing is published before every policy source has answered once (a first profile without
 //! the split would send traffic the wrong way), and a destination waits for its root's first
 //! discovery answer, so the first message a proxy gets is complete.
 
+mod address;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -175,6 +182,9 @@ enum Input {
     DestinationUnwatched(ServiceKey),
     /// The last receiver of an inbound channel went away.
     InboundUnwatched((ServiceKey, u16)),
+    WatchAddress(SocketAddr, oneshot::Sender<DestinationRx>),
+    /// The follower of an address ended: nobody held its channel (someone may again since).
+    AddressUnwatched(SocketAddr),
 }
 
 /// A handle to the index task. Cheap to clone; the task stops when every handle is dropped.
@@ -229,6 +239,15 @@ impl Index {
         rx.await.ok()
     }
 
+    /// The channel of the destination at `address` (an intercepted connection's original
+    /// destination): a service's virtual address and port, an endpoint, or "not found". `None`
+    /// only when the index has stopped.
+    pub async fn address(&self, address: SocketAddr) -> Option<DestinationRx> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Input::WatchAddress(address, reply)).ok()?;
+        rx.await.ok()
+    }
+
     /// The state for people, updated after every change.
     pub fn status(&self) -> watch::Receiver<Arc<Status>> {
         self.status.clone()
@@ -266,6 +285,8 @@ struct Writer {
     /// Service -> destinations reading it.
     readers: HashMap<ServiceKey, HashSet<ServiceKey>>,
     watches: HashMap<ServiceKey, JoinHandle<()>>,
+    /// Destinations by address, each fed by its follower task (`address::follow`).
+    addresses: HashMap<SocketAddr, watch::Sender<Option<v1::DestinationUpdate>>>,
     work: Work,
 }
 
@@ -294,6 +315,7 @@ impl Writer {
             discovery_errors: HashMap::new(),
             readers: HashMap::new(),
             watches: HashMap::new(),
+            addresses: HashMap::new(),
             work: Work::default(),
         }
     }
@@ -413,6 +435,30 @@ impl Writer {
                 self.set_inputs(&service, &[]);
                 self.destinations.remove(&service);
             }
+            Input::WatchAddress(address, reply) => {
+                let rx = match self.addresses.get(&address) {
+                    Some(tx) => tx.subscribe(),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        self.follow_address(address, tx.clone());
+                        self.addresses.insert(address, tx);
+                        rx
+                    }
+                };
+                let _ = reply.send(rx);
+            }
+            Input::AddressUnwatched(address) => {
+                let Some(tx) = self.addresses.get(&address) else {
+                    return;
+                };
+                if tx.receiver_count() > 0 {
+                    // Asked for again between the follower's end and now: follow again.
+                    let tx = tx.clone();
+                    self.follow_address(address, tx);
+                } else {
+                    self.addresses.remove(&address);
+                }
+            }
             Input::InboundUnwatched(key) => {
                 let Some(i) = self.inbound.get(&key) else {
                     return;
@@ -425,6 +471,23 @@ impl Writer {
                 self.inbound.remove(&key);
             }
         }
+    }
+
+    /// Starts the follower of `address` (it ends when nobody holds `tx`'s channel).
+    fn follow_address(
+        &self,
+        address: SocketAddr,
+        tx: watch::Sender<Option<v1::DestinationUpdate>>,
+    ) {
+        let me = self.me.clone();
+        let discovery = self.discovery.clone();
+        let trust_domain = self.options.trust_domain.clone();
+        tokio::spawn(async move {
+            address::follow(address, discovery, me.clone(), tx, trust_domain).await;
+            if let Some(me) = me.upgrade() {
+                let _ = me.send(Input::AddressUnwatched(address));
+            }
+        });
     }
 
     /// Sends `input` to the index once every receiver of `tx` is gone.
@@ -1129,5 +1192,180 @@ spec:
             )),
             "{rest:#?}"
         );
+    }
+
+    /// The registry, plus who holds which address (edited by the test).
+    #[derive(Clone)]
+    struct Addressed {
+        registry: Registry,
+        owners: Arc<watch::Sender<HashMap<std::net::IpAddr, trellis_discovery::AddressOwner>>>,
+    }
+
+    impl Discovery for Addressed {
+        fn source_id(&self) -> trellis_discovery::SourceId {
+            self.registry.source_id()
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            self.registry.capabilities()
+        }
+
+        fn services(
+            &self,
+        ) -> futures::stream::BoxStream<
+            'static,
+            Result<trellis_discovery::ServiceCatalog, trellis_discovery::DiscoveryError>,
+        > {
+            self.registry.services()
+        }
+
+        fn watch(
+            &self,
+            service: ServiceKey,
+        ) -> futures::stream::BoxStream<'static, Result<Snapshot, trellis_discovery::DiscoveryError>>
+        {
+            self.registry.watch(service)
+        }
+
+        fn watch_address(
+            &self,
+            address: std::net::IpAddr,
+        ) -> futures::stream::BoxStream<
+            'static,
+            Result<trellis_discovery::AddressOwner, trellis_discovery::DiscoveryError>,
+        > {
+            WatchStream::new(self.owners.subscribe())
+                .map(move |owners| {
+                    Ok(owners
+                        .get(&address)
+                        .cloned()
+                        .unwrap_or(trellis_discovery::AddressOwner::Unknown))
+                })
+                .boxed()
+        }
+    }
+
+    /// Waits until the channel holds an update `pred` accepts; returns its kind.
+    async fn until_kind(
+        rx: &mut DestinationRx,
+        what: &str,
+        pred: impl Fn(&v1::destination_update::Kind) -> bool,
+    ) -> v1::destination_update::Kind {
+        let waited = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|u| u.as_ref().and_then(|u| u.kind.as_ref()).is_some_and(&pred)),
+        )
+        .await
+        .map(|r| r.unwrap().clone());
+        let Ok(update) = waited else {
+            panic!("{what}: not within 5 s; last {:?}", rx.borrow());
+        };
+        update.and_then(|u| u.kind).unwrap()
+    }
+
+    fn profile_endpoints(kind: &v1::destination_update::Kind) -> Option<Vec<(String, String)>> {
+        let v1::destination_update::Kind::Profile(p) = kind else {
+            return None;
+        };
+        Some(
+            p.backends
+                .iter()
+                .flat_map(|b| b.endpoints.iter())
+                .map(|e| (e.address.clone(), e.identity.clone()))
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_address_is_its_service_its_endpoint_or_not_found_and_follows_discovery() {
+        use trellis_discovery::AddressOwner;
+        let registry = Registry::default();
+        registry.set("web", &["10.0.0.1"]);
+        let (owners, _) = watch::channel(HashMap::new());
+        let discovery = Addressed {
+            registry: registry.clone(),
+            owners: Arc::new(owners),
+        };
+        let index = Index::start(vec![], Arc::new(discovery.clone()), IndexOptions::default());
+        let not_found = |k: &v1::destination_update::Kind| {
+            matches!(k, v1::destination_update::Kind::NotFound(_))
+        };
+        let vip: std::net::IpAddr = "10.96.0.10".parse().unwrap();
+        let mut by_vip = index.address((vip, 8080).into()).await.unwrap();
+        until_kind(&mut by_vip, "unknown address", not_found).await;
+
+        // The service appears on the address after the first ask: found.
+        let ports = vec![ServicePort {
+            name: None,
+            port: 8080,
+            protocol: None,
+        }];
+        discovery.owners.send_modify(|o| {
+            o.insert(
+                vip,
+                AddressOwner::Service {
+                    service: key("web"),
+                    ports: ports.clone(),
+                },
+            );
+        });
+        let kind = until_kind(&mut by_vip, "the service's profile", |k| {
+            profile_endpoints(k).is_some()
+        })
+        .await;
+        let v1::destination_update::Kind::Profile(profile) = &kind else {
+            unreachable!()
+        };
+        assert_eq!(profile.authority, "10.96.0.10:8080");
+        assert_eq!(
+            profile_endpoints(&kind).unwrap(),
+            vec![(
+                "10.0.0.1:8080".to_string(),
+                "spiffe://cluster.local/ns/demo/sa/web".to_string()
+            )]
+        );
+        // Endpoint changes of the service follow.
+        registry.set("web", &["10.0.0.1", "10.0.0.2"]);
+        until_kind(&mut by_vip, "the new endpoint", |k| {
+            profile_endpoints(k).is_some_and(|e| e.len() == 2)
+        })
+        .await;
+
+        // Another port of the address: not the service's.
+        let mut other_port = index.address((vip, 9999).into()).await.unwrap();
+        let kind = until_kind(&mut other_port, "a port the service lacks", not_found).await;
+        assert!(format!("{kind:?}").contains("has no port 9999"), "{kind:?}");
+
+        // A pod IP: that endpoint alone, with its identity.
+        let Snapshot::Endpoints(set) = endpoints("web", &["10.0.0.1"]) else {
+            unreachable!()
+        };
+        discovery.owners.send_modify(|o| {
+            o.insert(
+                "10.0.0.1".parse().unwrap(),
+                AddressOwner::Endpoint {
+                    service: key("web"),
+                    endpoint: Box::new(set.endpoints[0].clone()),
+                },
+            );
+        });
+        let mut pod = index
+            .address(("10.0.0.1".parse::<std::net::IpAddr>().unwrap(), 8080).into())
+            .await
+            .unwrap();
+        let kind = until_kind(&mut pod, "the pod", |k| profile_endpoints(k).is_some()).await;
+        assert_eq!(
+            profile_endpoints(&kind).unwrap(),
+            vec![(
+                "10.0.0.1:8080".to_string(),
+                "spiffe://cluster.local/ns/demo/sa/web".to_string()
+            )]
+        );
+
+        // The service is deleted: not found again (the proxy forwards unchanged).
+        discovery.owners.send_modify(|o| {
+            o.remove(&vip);
+        });
+        until_kind(&mut by_vip, "deleted", not_found).await;
     }
 }

@@ -70,7 +70,7 @@ fn shares(milli: &[u64]) -> Vec<u32> {
         .collect()
 }
 
-fn protocol(hint: Option<ProtocolHint>) -> v1::Protocol {
+pub(super) fn protocol(hint: Option<ProtocolHint>) -> v1::Protocol {
     match hint {
         Some(ProtocolHint::Http) => v1::Protocol::Http,
         Some(ProtocolHint::Http2 | ProtocolHint::Grpc) => v1::Protocol::Http2,
