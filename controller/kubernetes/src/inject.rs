@@ -897,3 +897,101 @@ fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
         .body(Full::new(Bytes::from(message + "\n")))
         .expect("a valid response")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(
+        owner: Option<(&str, &str)>,
+        hash: Option<&str>,
+        name: Option<&str>,
+        generate: Option<&str>,
+    ) -> Pod {
+        let metadata = json!({
+            "name": name,
+            "generateName": generate,
+            "labels": hash.map(|h| json!({"pod-template-hash": h})),
+            "ownerReferences": owner.map(|(kind, name)| json!([
+                {"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "u", "controller": true}
+            ])),
+        });
+        serde_json::from_value(json!({"metadata": metadata})).unwrap()
+    }
+
+    #[test]
+    fn the_workload_is_the_pods_owner_as_users_know_it() {
+        let cases = [
+            (
+                pod(
+                    Some(("ReplicaSet", "web-7d9f8c6b5")),
+                    Some("7d9f8c6b5"),
+                    None,
+                    Some("web-7d9f8c6b5-"),
+                ),
+                ("deployment", "web"),
+            ),
+            // A ReplicaSet of its own (no Deployment's hash in its name) stays one.
+            (
+                pod(
+                    Some(("ReplicaSet", "web-manual")),
+                    Some("7d9f8c6b5"),
+                    None,
+                    Some("web-manual-"),
+                ),
+                ("replicaset", "web-manual"),
+            ),
+            (
+                pod(
+                    Some(("ReplicaSet", "web-7d9f8c6b5")),
+                    None,
+                    None,
+                    Some("web-7d9f8c6b5-"),
+                ),
+                ("replicaset", "web-7d9f8c6b5"),
+            ),
+            (
+                pod(Some(("StatefulSet", "db")), None, Some("db-0"), None),
+                ("statefulset", "db"),
+            ),
+            (
+                pod(Some(("DaemonSet", "agent")), None, None, Some("agent-")),
+                ("daemonset", "agent"),
+            ),
+            (
+                pod(
+                    Some(("Job", "migrate-29140")),
+                    None,
+                    None,
+                    Some("migrate-29140-"),
+                ),
+                ("job", "migrate-29140"),
+            ),
+            (pod(None, None, Some("debug"), None), ("pod", "debug")),
+            (pod(None, None, None, Some("scratch-")), ("pod", "scratch")),
+        ];
+        for (pod, (kind, name)) in cases {
+            assert_eq!(
+                workload(&pod),
+                (kind.to_owned(), name.to_owned()),
+                "{:?}",
+                pod.metadata
+            );
+        }
+    }
+
+    #[test]
+    fn skip_annotations_accept_spaces_and_refuse_zero_ranges_and_names() {
+        let options = InjectOptions::new("p", "https://c", "");
+        let with = |key: &str, value: &str| BTreeMap::from([(key.to_owned(), value.to_owned())]);
+        let parsed = rules(&with(SKIP_OUTBOUND_PORTS, " 5432 , 6379,"), &options).unwrap();
+        assert_eq!(parsed.skip_outbound_ports, [5432, 6379]);
+        for bad in ["0", "80-90", "http", "65536"] {
+            let error = rules(&with(SKIP_INBOUND_PORTS, bad), &options).unwrap_err();
+            assert!(
+                error.contains(SKIP_INBOUND_PORTS) && error.contains(bad),
+                "{error}"
+            );
+        }
+    }
+}
