@@ -29,11 +29,20 @@ const KERNEL_IPV6: &str = "/proc/net/if_inet6";
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.dry_run {
+        let mut text = String::new();
         for family in [Family::V4, Family::V6] {
-            println!("# {} input:", family.restore_command());
-            print!("{}", cli.rules.restore_script(family));
+            text += &format!("# {} input:\n", family.restore_command());
+            text += &cli.rules.restore_script(family);
         }
-        return ExitCode::SUCCESS;
+        // Written, not print!ed: a closed pipe (`| head`) ends the output without a panic.
+        return match std::io::stdout().write_all(text.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("trellis-init: writing the scripts: {error}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Err(message) = apply(&cli.rules, Family::V4) {
         eprintln!("trellis-init: {message}");
