@@ -302,7 +302,7 @@ fn endpoint_slice(slice: &Value) -> Vec<FieldError> {
                         errs.extend(invalid_each(&path, address, rules::endpoint_ip(text)));
                     }
                     "IPv6" => {
-                        if !ip.is_some_and(|ip| !rules::is_v4(ip)) {
+                        if ip.is_none_or(rules::is_v4) {
                             errs.push(FieldError::invalid(
                                 &path,
                                 address,
