@@ -319,7 +319,10 @@ impl Mesh {
         if self.tokens.contains_key(service_account) {
             // A proxy with an identity serves mTLS only once it holds its certificate; until then
             // handshakes to it fail closed. Scenarios start after every proxy has one, so the
-            // mTLS row counts no handshake error that is only the mesh still starting.
+            // mTLS row counts no handshake error that is only the mesh still starting. The proxy
+            // prints the line once the certificate is in force (published), not merely received:
+            // printed earlier, a server proxy still publishing refused the caller's first
+            // handshake (`app-a: 2 outbound mTLS handshakes, 1 errors`, the row's old flake).
             proxy
                 .wait_line("`certificate obtained`", process::START_TIMEOUT, |line| {
                     line.contains("certificate obtained").then_some(())
