@@ -379,11 +379,14 @@ pub async fn run_certifier(
         let wait = match certify_once(&channel, &options).await {
             Ok(credentials) => {
                 let renew_at = credentials.renew_at(SystemTime::now());
-                tracing::info!(id = %credentials.id, not_after = %humantime::format_rfc3339_seconds(credentials.not_after), "certificate obtained");
+                let (id, not_after) = (credentials.id.clone(), credentials.not_after);
                 if let Err(e) = store.publish(credentials) {
                     tracing::error!(error = %e, "the new certificate cannot be used; keeping the current one");
                     backoff.next().unwrap_or(options.max_backoff)
                 } else {
+                    // Only once published: from this line on the proxy serves and makes mTLS
+                    // with it (tests and operators wait for this line before sending traffic).
+                    tracing::info!(%id, not_after = %humantime::format_rfc3339_seconds(not_after), "certificate obtained");
                     backoff = new_backoff();
                     renew_at
                         .duration_since(SystemTime::now())

@@ -96,7 +96,7 @@ async fn a_loopback_endpoint_address_is_refused_as_a_real_server_refuses_it() {
     );
     let mut changed = created.clone();
     changed.address_type = "IPv6".into();
-    changed.endpoints[0].addresses = vec!["::1".into()];
+    changed.endpoints.as_mut().unwrap()[0].addresses = vec!["::1".into()];
     let s = status(
         api.replace("app-svc-app-b-0", &PostParams::default(), &changed)
             .await,
@@ -120,7 +120,7 @@ async fn a_loopback_endpoint_address_is_refused_as_a_real_server_refuses_it() {
         ]
     );
     let stored = api.get("app-svc-app-b-0").await.unwrap();
-    assert_eq!(stored.endpoints[0].addresses, ["198.18.40.5"]);
+    assert_eq!(stored.endpoints.unwrap()[0].addresses, ["198.18.40.5"]);
 }
 
 #[tokio::test]

@@ -282,6 +282,15 @@ impl Network {
         })
     }
 
+    /// The test process's own place: its namespace (the root one) and the address the mesh's
+    /// processes reach it at.
+    pub fn test_place(&self) -> Place {
+        Place {
+            netns: None,
+            ip: self.test_ip(),
+        }
+    }
+
     /// The address the test process itself is reachable at from the mesh's processes.
     pub fn test_ip(&self) -> IpAddr {
         match self {

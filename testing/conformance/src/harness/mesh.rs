@@ -1,4 +1,4 @@
-//! One conformance mesh on loopback: a platform, the controller process reading it, and the
+//! One conformance mesh, on loopback or on hosts ([`super::hosts`]): a platform, the controller process reading it, and the
 //! workloads of the SMI conformance suite, each a real process behind its own `trellis-proxy`.
 //!
 //! ```text
@@ -8,8 +8,9 @@
 //!
 //! Services: `app-svc` (the root: the b and c pods), `app-b`, `app-c`. Every pod runs as its own
 //! ServiceAccount (`service-a`, `service-b`, `service-c`, `service-d`), so the root's endpoints
-//! carry the same identity as the backend's. Each pod has its own loopback address
-//! (`127.0.<subnet>.<n>`) and all pods share one inbound port.
+//! carry the same identity as the backend's. Each pod has its own address (on loopback
+//! `127.0.<subnet>.<n>`, on hosts its namespace's `198.18.<subnet>.<n>`) and all pods share one
+//! inbound port.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -136,7 +137,11 @@ impl Mesh {
         };
 
         let (mut args, env) = platform.controller_args();
-        let place = network.place("controller", None)?;
+        let place = if kind.controller_in_test_namespace() {
+            network.test_place()
+        } else {
+            network.place("controller", None)?
+        };
         let any_port = SocketAddr::new(place.ip, 0).to_string();
         args.splice(
             0..0,
@@ -314,7 +319,10 @@ impl Mesh {
         if self.tokens.contains_key(service_account) {
             // A proxy with an identity serves mTLS only once it holds its certificate; until then
             // handshakes to it fail closed. Scenarios start after every proxy has one, so the
-            // mTLS row counts no handshake error that is only the mesh still starting.
+            // mTLS row counts no handshake error that is only the mesh still starting. The proxy
+            // prints the line once the certificate is in force (published), not merely received:
+            // printed earlier, a server proxy still publishing refused the caller's first
+            // handshake (`app-a: 2 outbound mTLS handshakes, 1 errors`, the row's old flake).
             proxy
                 .wait_line("`certificate obtained`", process::START_TIMEOUT, |line| {
                     line.contains("certificate obtained").then_some(())

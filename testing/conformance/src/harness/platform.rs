@@ -7,7 +7,9 @@
 //!   created through the real AWS SDK (`--platform cloudmap=NAMESPACE,endpoint=URL`);
 //! - **kubernetes**: the fake API server in the test process with the SMI CRDs registered, or a
 //!   real cluster (`TRELLIS_TEST_KUBECONFIG`); Services, Pods and EndpointSlices (one per pod)
-//!   created through the API, and the SMI policy applied as Kubernetes objects.
+//!   created through the API, and the SMI policy applied as Kubernetes objects. Both run on hosts
+//!   (the pods' addresses are their namespaces' 198.18.x.y: an API server refuses loopback
+//!   endpoint addresses); the fake validates every write as a real server does.
 //!
 //! Off Kubernetes the SMI policy is a watched directory of the same YAML documents (`--policy`).
 
@@ -77,10 +79,9 @@ impl PlatformKind {
     }
 
     /// On loopback, the pods of this platform's mesh listen on `127.0.<subnet>.<n>`: every pod
-    /// has its own address (as pods do; the Kubernetes adapter keys slice entries by address)
-    /// and all share one port (a split backend gets traffic only on the root's port number), and
-    /// meshes of different platforms never collide. On hosts, the /24 of 198.18.0.0/16 tried
-    /// first.
+    /// has its own address (the adapters key endpoints by address) and all share one port (a
+    /// split backend gets traffic only on the root's port number), and meshes of different
+    /// platforms never collide. On hosts, the /24 of 198.18.0.0/16 tried first.
     pub fn subnet(self) -> u8 {
         match self {
             PlatformKind::File => 10,
@@ -93,11 +94,40 @@ impl PlatformKind {
     }
 
     /// Whether the mesh runs on hosts (network namespaces) rather than one loopback.
+    ///
+    /// Both Kubernetes columns do: a real API server refuses EndpointSlice addresses in
+    /// 127.0.0.0/8 (`may not be in the loopback range`), and so does the fake, so their pods
+    /// need addresses a network namespace holds, as real pods have.
     pub fn on_hosts(self) -> bool {
         matches!(
             self,
-            PlatformKind::ConsulHosts | PlatformKind::CloudMapHosts | PlatformKind::Mixed
+            PlatformKind::Kubernetes
+                | PlatformKind::KubernetesReal
+                | PlatformKind::ConsulHosts
+                | PlatformKind::CloudMapHosts
+                | PlatformKind::Mixed
         )
+    }
+
+    /// Whether the controller runs in the test's own (root) namespace, on the test's address on
+    /// the bridge, rather than on the `controller` host. `kubernetes-real` only: hosts have no
+    /// route beyond their bridge, and its controller must reach the real API server.
+    pub fn controller_in_test_namespace(self) -> bool {
+        self == PlatformKind::KubernetesReal
+    }
+
+    /// Why the `hosts:` scenario that takes the registry or the controller off the network
+    /// cannot run on this platform (`None`: it can).
+    pub fn cannot_unplug(self, role: &str) -> Option<&'static str> {
+        match (self, role) {
+            (PlatformKind::KubernetesReal, "controller") => Some(
+                "the controller runs in the test's namespace (it must reach the real API server), so it has no switch port to pull",
+            ),
+            (PlatformKind::KubernetesReal, "registry") => {
+                Some("the registry is the real API server, not a host of this test")
+            }
+            _ => None,
+        }
     }
 }
 
@@ -489,6 +519,34 @@ async fn start_fake(dir: &Path, network: &Network) -> anyhow::Result<Inner> {
 }
 
 impl Platform {
+    /// Starts an outage of the registry when it is the fake API server in this process (the
+    /// `kubernetes` column): it stops listening and drops every connection. `false` when the
+    /// registry is elsewhere (a process on the registry host: unplug that instead).
+    pub fn begin_api_outage(&self) -> bool {
+        match &self.inner {
+            Inner::Kubernetes {
+                _fake: Some(fake), ..
+            } => {
+                fake.begin_outage();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends what [`Platform::begin_api_outage`] began.
+    pub async fn end_api_outage(&self) -> anyhow::Result<()> {
+        if let Inner::Kubernetes {
+            _fake: Some(fake), ..
+        } = &self.inner
+        {
+            fake.end_outage()
+                .await
+                .context("the fake API server listening again")?;
+        }
+        Ok(())
+    }
+
     /// The Kubernetes client, when SMI policy lives in Kubernetes.
     fn policy_client(&self) -> Option<&kube::Client> {
         match &self.inner {

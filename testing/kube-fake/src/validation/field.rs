@@ -239,7 +239,12 @@ mod tests {
     #[test]
     fn the_status_has_the_real_shape() {
         let one = FieldError::invalid("metadata.name", &json!("A"), "bad");
-        let e = invalid("discovery.k8s.io", "EndpointSlice", "A", &[one.clone()]);
+        let e = invalid(
+            "discovery.k8s.io",
+            "EndpointSlice",
+            "A",
+            std::slice::from_ref(&one),
+        );
         assert_eq!(e.code, 422);
         assert_eq!(
             e.message,
