@@ -592,8 +592,9 @@ fn webhook_host(config: &kube::Config) -> String {
 /// On a real API server (`TRELLIS_TEST_KUBECONFIG`): the SMI CRDs applied (server-side apply),
 /// `trellis controller --webhook ... --webhook-url https://HOST:PORT` running here, and Flagger's
 /// writes at v1alpha1, v1alpha2 and v1alpha3 read back identically at every version through the
-/// API server's calls to the controller's conversion webhook. The CRDs stay installed (they are
-/// cluster-wide); the test's namespace is deleted.
+/// API server's calls to the controller's conversion webhook; with the install's injector
+/// applied, a Pod created in the opted-in test namespace comes back injected. The CRDs stay
+/// installed (they are cluster-wide); the injector and the test's namespace are deleted.
 #[test]
 fn on_a_real_api_server_flagger_writes_convert_through_the_running_controller() {
     let Some(kubeconfig) = std::env::var_os("TRELLIS_TEST_KUBECONFIG") else {
@@ -629,7 +630,10 @@ fn on_a_real_api_server_flagger_writes_convert_through_the_running_controller() 
     runtime
         .block_on(namespaces.create(
             &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": namespace, "labels": {"trellis.io/inject": "enabled"}}}),
+            )
+            .unwrap(),
         ))
         .expect("creating the test namespace");
     struct DeleteNamespace<'a>(
@@ -646,13 +650,65 @@ fn on_a_real_api_server_flagger_writes_convert_through_the_running_controller() 
 
     let port = free_port();
     let url = format!("https://{host}:{port}");
+    // The injector exactly as `trellis install` renders it for an install in `namespace`.
+    let rendered = std::process::Command::new(TRELLIS)
+        .args(["install", "--existing-ca-secret", "-o", "json"])
+        .args(["--namespace", &namespace, "--webhook-url", &url])
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{rendered:?}");
+    let rendered: Value = serde_json::from_slice(&rendered.stdout).unwrap();
+    let injector: MutatingWebhookConfiguration = serde_json::from_value(
+        rendered["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+            .cloned()
+            .expect("the install has an injector"),
+    )
+    .unwrap();
+    let injector_name = injector.metadata.name.clone().unwrap();
+    let injectors: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    runtime
+        .block_on(injectors.patch(
+            &injector_name,
+            &kube::api::PatchParams::apply("trellis-test").force(),
+            &kube::api::Patch::Apply(&injector),
+        ))
+        .expect("applying the injector");
+    struct DeleteInjector<'a>(
+        &'a Api<MutatingWebhookConfiguration>,
+        String,
+        &'a tokio::runtime::Runtime,
+    );
+    impl Drop for DeleteInjector<'_> {
+        fn drop(&mut self) {
+            let _ = self.2.block_on(self.0.delete(&self.1, &Default::default()));
+        }
+    }
+    let _delete_injector = DeleteInjector(&injectors, injector_name.clone(), &runtime);
     let controller = ControllerProcess::spawn(
         controller_command(TRELLIS)
             .env("KUBECONFIG", &kubeconfig)
             .args(["--platform", "kubernetes", "--leader-elect=false"])
             .args(["--webhook", &format!("0.0.0.0:{port}")])
-            .args(["--webhook-url", &url]),
+            .args(["--webhook-url", &url])
+            .args(["--injector-name", &injector_name])
+            .args(["--proxy-image", "example.invalid/trellis-proxy:test"]),
     );
+    until("the injector pointed here", 30, || {
+        let config = runtime.block_on(injectors.get(&injector_name)).ok()?;
+        let wanted = format!("{url}/inject");
+        config
+            .webhooks?
+            .iter()
+            .all(|w| {
+                w.client_config.ca_bundle.is_some()
+                    && w.client_config.url.as_deref() == Some(wanted.as_str())
+            })
+            .then_some(())
+    });
     let names: Vec<String> = trellis_smi::crd::generate()
         .into_iter()
         .filter_map(|g| g.crd.metadata.name)
@@ -669,5 +725,34 @@ fn on_a_real_api_server_flagger_writes_convert_through_the_running_controller() 
             &client, &namespace, version, index,
         ));
     }
+
+    // Injection: the install's MutatingWebhookConfiguration (for this namespace's install),
+    // pointed here by the controller; a Pod created in the opted-in test namespace comes back
+    // with trellis-init and the proxy.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &namespace);
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "web", "image": "example.invalid/web:1", "ports": [{"containerPort": 8080}]}]},
+    }))
+    .unwrap();
+    let created = runtime
+        .block_on(pods.create(&PostParams::default(), &pod))
+        .expect("creating a pod in the opted-in namespace");
+    let init: Vec<String> = created
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(init, ["trellis-init", "trellis-proxy"], "{created:?}");
+    assert!(
+        created
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("trellis.io/injected")
+    );
     drop(controller);
 }
