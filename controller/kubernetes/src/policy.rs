@@ -253,7 +253,10 @@ struct Tracker {
 impl Tracker {
     /// Applies one watcher event; true when the set changed.
     fn handle(&mut self, kind: Kind, event: watcher::Result<Event<DynamicObject>>) -> bool {
-        let recovered = event.is_ok() && self.watch_errors.remove(&kind).is_some();
+        // `Init` comes before every (re)list, also the one about to fail again (a CRD that is
+        // not installed): only an answer of the API server proves the watch works.
+        let answered = matches!(&event, Ok(e) if !matches!(e, Event::Init));
+        let recovered = answered && self.watch_errors.remove(&kind).is_some();
         recovered | self.apply(kind, event)
     }
 
