@@ -122,7 +122,7 @@ pub struct WebhookOptions {
 
 impl WebhookOptions {
     /// The serving certificate's options.
-    pub(crate) fn tls(&self) -> GrpcTlsOptions {
+    pub fn tls(&self) -> GrpcTlsOptions {
         GrpcTlsOptions {
             names: self.endpoint.certificate_names(),
             lifetime: self.lifetime,
