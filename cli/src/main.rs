@@ -9,10 +9,12 @@ mod check;
 mod controller;
 mod crds;
 mod demo;
+mod edges;
 mod get;
 mod install;
 mod stat;
 mod state;
+mod top;
 mod validate;
 
 /// Trellis: a service mesh that implements the whole SMI on every platform.
@@ -40,6 +42,12 @@ enum Command {
     /// Per workload (or TrafficSplit backend): requests per second, success rate, p50/p95/p99,
     /// from the Prometheus that scrapes the proxies.
     Stat(stat::Args),
+    /// A live table of workloads by requests per second, with success rate and p99 (`--once`:
+    /// one frame), from the Prometheus that scrapes the proxies.
+    Top(top::Args),
+    /// Who calls whom: source -> destination workload (and identity), requests per second,
+    /// success rate, mTLS, from the Prometheus that scrapes the proxies.
+    Edges(edges::Args),
     /// Print (or --apply) the Kubernetes install: Namespace, SMI CRDs, RBAC, CA Secret,
     /// controller Deployment, Service, PodDisruptionBudget and the sidecar injector.
     Install(Box<install::Args>),
@@ -57,6 +65,8 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Get(args) => get::run(&args),
         Command::Stat(args) => stat::run(&args),
+        Command::Top(args) => top::run(&args),
+        Command::Edges(args) => edges::run(&args),
         Command::Install(args) => install::run(&args),
         Command::Uninstall(args) => install::run_uninstall(&args),
     };

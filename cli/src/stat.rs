@@ -78,7 +78,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
 }
 
 /// The Prometheus address of `url` (`http://HOST:PORT`).
-fn address(url: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) fn address(url: &str) -> anyhow::Result<SocketAddr> {
     let Some(rest) = url.strip_prefix("http://") else {
         bail!("--prometheus {url:?}: expected http://HOST:PORT");
     };
@@ -109,7 +109,7 @@ fn selection(args: &Args) -> (String, &'static str) {
     }
 }
 
-async fn rows(args: &Args) -> anyhow::Result<Vec<Row>> {
+pub(crate) async fn rows(args: &Args) -> anyhow::Result<Vec<Row>> {
     let prometheus = address(&args.prometheus)?;
     let (matchers, by) = selection(args);
     let window = &args.window;
@@ -180,7 +180,10 @@ async fn rows(args: &Args) -> anyhow::Result<Vec<Row>> {
 }
 
 /// An instant query's vector: each element's labels and value.
-async fn query(prometheus: SocketAddr, promql: &str) -> anyhow::Result<Vec<(Value, f64)>> {
+pub(crate) async fn query(
+    prometheus: SocketAddr,
+    promql: &str,
+) -> anyhow::Result<Vec<(Value, f64)>> {
     let encoded: String = form_urlencoded::byte_serialize(promql.as_bytes()).collect();
     let reply = request(
         prometheus,
