@@ -60,6 +60,11 @@ pub struct Args {
     /// reached: `fail` refuses the pod (it never runs unmeshed), `ignore` admits it unmeshed.
     #[arg(long, value_enum, default_value_t = webhook::FailurePolicy::Fail)]
     pub injection_failure_policy: webhook::FailurePolicy,
+    /// Injected proxies also expose these meshes' metric names, so Flagger's built-in queries
+    /// for that provider work (`osm`, `linkerd`, `istio`; comma-separated). A pod's
+    /// `trellis.io/metrics-compat` annotation overrides it.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = ["osm", "linkerd", "istio"])]
+    pub metrics_compat: Vec<String>,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,

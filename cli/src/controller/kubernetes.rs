@@ -66,6 +66,11 @@ pub struct KubernetesArgs {
     /// --webhook-service).
     #[arg(long, value_name = "URL", requires = "proxy_image")]
     pub inject_controller_url: Option<String>,
+    /// Injected proxies also expose these meshes' metric names, for Flagger's built-in queries
+    /// (`osm`, `linkerd`, `istio`, comma-separated); a pod's `trellis.io/metrics-compat`
+    /// annotation overrides it.
+    #[arg(long, value_name = "LIST", default_value = "", requires = "proxy_image")]
+    pub inject_metrics_compat: String,
 }
 
 impl KubernetesArgs {
@@ -121,6 +126,7 @@ impl KubernetesArgs {
                 controller_url,
                 trust_domain: trust_domain.to_owned(),
                 token_audience: self.token_audience.clone(),
+                metrics_compat: self.inject_metrics_compat.clone(),
             }
         });
         Ok(Some(WebhookOptions {

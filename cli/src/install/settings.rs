@@ -127,6 +127,8 @@ pub struct Settings {
     pub replicas: u16,
     pub webhook: WebhookTarget,
     pub failure_policy: FailurePolicy,
+    /// `--metrics-compat` of injected proxies (empty: none).
+    pub metrics_compat: Vec<String>,
     pub trust_domain: String,
     pub ca: Ca,
 }
@@ -155,6 +157,7 @@ impl Settings {
             replicas: args.replicas,
             webhook,
             failure_policy: args.injection_failure_policy,
+            metrics_compat: args.metrics_compat.clone(),
             trust_domain: args.trust_domain.clone(),
             ca,
         })
@@ -169,6 +172,7 @@ impl Settings {
             replicas: 2,
             webhook: WebhookTarget::Service,
             failure_policy: FailurePolicy::Fail,
+            metrics_compat: Vec::new(),
             trust_domain: "cluster.local".to_owned(),
             ca: Ca::Existing,
         })

@@ -17,6 +17,7 @@ fn args(namespace: &str, webhook_url: Option<&str>) -> Args {
         replicas: 2,
         webhook_url: webhook_url.map(str::to_owned),
         injection_failure_policy: FailurePolicy::Fail,
+        metrics_compat: vec!["osm".to_owned()],
         trust_domain: "cluster.local".to_owned(),
         ca: CaFlags {
             generate_ca: true,
@@ -134,6 +135,7 @@ mod controller_args {
                 assert_eq!(i32::from(webhooks.listen.port()), workload::WEBHOOK_PORT);
                 let injector = webhooks.injector.expect("--proxy-image serves /inject");
                 assert_eq!(injector.proxy_image, settings.proxy_image);
+                assert_eq!(injector.metrics_compat, "osm");
                 assert_eq!(
                     injector.controller_url,
                     format!("https://trellis-controller.{ns}.svc:8090")

@@ -81,6 +81,12 @@ pub fn controller_args(settings: &Settings) -> Vec<String> {
         WebhookTarget::Service => format!("--webhook-service={ns}/{}", names.controller),
         WebhookTarget::Url(url) => format!("--webhook-url={url}"),
     });
+    if !settings.metrics_compat.is_empty() {
+        args.push(format!(
+            "--inject-metrics-compat={}",
+            settings.metrics_compat.join(",")
+        ));
+    }
     args.extend([
         format!("--injector-name={}", names.injector),
         format!("--proxy-image={}", settings.proxy_image),

@@ -70,6 +70,9 @@ pub const SKIP_INBOUND_PORTS: &str = "trellis.io/skip-inbound-ports";
 pub const SKIP_OUTBOUND_PORTS: &str = "trellis.io/skip-outbound-ports";
 /// Annotation: outbound networks not redirected to the proxy (comma-separated CIDRs).
 pub const SKIP_OUTBOUND_CIDRS: &str = "trellis.io/skip-outbound-cidrs";
+/// Pod annotation: the proxy's `--metrics-compat` for this pod (e.g. `osm` for Flagger's `osm`
+/// provider), overriding the injector's default.
+pub const METRICS_COMPAT: &str = "trellis.io/metrics-compat";
 /// The injector's version, written in [`INJECTED`].
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -145,6 +148,10 @@ pub struct InjectOptions {
     pub token_audience: String,
     /// The proxy's log filter (`TRELLIS_PROXY_LOG`).
     pub proxy_log: String,
+    /// Other meshes' metric names the proxies also expose (`osm`, `linkerd`, `istio`: what
+    /// Flagger's built-in queries for those providers read), comma-separated; empty = none. A
+    /// pod's annotation [`METRICS_COMPAT`] overrides it.
+    pub metrics_compat: String,
     pub resources: Resources,
     pub ports: Ports,
 }
@@ -166,6 +173,7 @@ impl InjectOptions {
             trust_domain: "cluster.local".into(),
             token_audience: "trellis".into(),
             proxy_log: "info".into(),
+            metrics_compat: String::new(),
             resources: Resources::default(),
             ports: Ports::default(),
         }
@@ -316,7 +324,28 @@ fn decide(request: &AdmissionRequest<DynamicObject>, options: &InjectOptions) ->
         Ok(rules) => rules,
         Err(message) => return Decision::Deny(message),
     };
+    if let Some(list) = annotations.get(METRICS_COMPAT)
+        && let Err(message) = metrics_compat(list)
+    {
+        return Decision::Deny(format!("annotation {METRICS_COMPAT}: {message}"));
+    }
     Decision::Patch(patch(&pod, &rules, options))
+}
+
+/// The metric name sets the proxy knows (`trellis-proxy --metrics-compat`).
+pub const METRICS_COMPAT_NAMES: [&str; 3] = ["osm", "linkerd", "istio"];
+
+/// Checks a comma-separated `--metrics-compat` list; the error names the unknown item.
+pub fn metrics_compat(list: &str) -> Result<(), String> {
+    for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        if !METRICS_COMPAT_NAMES.contains(&item) {
+            return Err(format!(
+                "{item:?} is not a metric name set; expected comma-separated {}",
+                METRICS_COMPAT_NAMES.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The pod's name, or its generateName while it has none.

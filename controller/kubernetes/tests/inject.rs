@@ -424,3 +424,51 @@ async fn handle_answers_post_inject_and_refuses_the_rest() {
     .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
 }
+
+/// Reviews the `deployment-pod` request with `annotation` set to `value` on the pod, under
+/// `options`.
+fn review_with_metrics_compat(value: Option<&str>, options: &InjectOptions) -> Value {
+    let mut review: Value = serde_json::from_slice(&request("deployment-pod")).unwrap();
+    if let Some(value) = value {
+        review["request"]["object"]["metadata"]["annotations"][inject::METRICS_COMPAT] =
+            Value::String(value.to_owned());
+    }
+    let injected = inject::review(&serde_json::to_vec(&review).unwrap(), options).unwrap();
+    let answer = response(&injected);
+    if answer["allowed"] == false {
+        return answer;
+    }
+    let mut pod = review["request"]["object"].clone();
+    let patch: json_patch::Patch = serde_json::from_value(answer["patch"].clone()).unwrap();
+    json_patch::patch(&mut pod, &patch).unwrap();
+    init_containers(&pod)[1].clone()
+}
+
+#[test]
+fn metrics_compat_comes_from_the_injector_or_the_pods_annotation_and_bad_names_are_refused() {
+    let mut with_default = options();
+    with_default.metrics_compat = "linkerd".into();
+    // None by default: no variable.
+    let proxy = review_with_metrics_compat(None, &options());
+    assert_eq!(env_of(&proxy, "TRELLIS_PROXY_METRICS_COMPAT"), None);
+    // The injector's setting...
+    let proxy = review_with_metrics_compat(None, &with_default);
+    assert_eq!(
+        env_of(&proxy, "TRELLIS_PROXY_METRICS_COMPAT").as_deref(),
+        Some("linkerd")
+    );
+    // ...and a pod's annotation over it.
+    let proxy = review_with_metrics_compat(Some("osm,istio"), &with_default);
+    assert_eq!(
+        env_of(&proxy, "TRELLIS_PROXY_METRICS_COMPAT").as_deref(),
+        Some("osm,istio")
+    );
+    // An unknown name denies the pod, naming annotation and item (the proxy would not start).
+    let answer = review_with_metrics_compat(Some("osm,prometheus"), &with_default);
+    assert_eq!(answer["allowed"], false);
+    let message = answer["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(inject::METRICS_COMPAT) && message.contains("\"prometheus\""),
+        "{message}"
+    );
+}

@@ -308,6 +308,10 @@ pub async fn start_webhooks(
 ) -> anyhow::Result<Webhooks> {
     use trellis_controller_kubernetes::webhook::{self, client_config};
 
+    if let Some(injector) = &options.injector {
+        trellis_controller_kubernetes::inject::metrics_compat(&injector.metrics_compat)
+            .map_err(|e| anyhow::anyhow!("--inject-metrics-compat: {e}"))?;
+    }
     let client = client("--webhook").await?;
     let serving = crate::grpc_tls::ServingCert::start_for("webhook", ca.clone(), &options.tls())?;
     serving.register_metrics(registry);
@@ -328,6 +332,7 @@ pub async fn start_webhooks(
             );
             options.trust_domain = settings.trust_domain.clone();
             options.token_audience = settings.token_audience.clone();
+            options.metrics_compat = settings.metrics_compat.clone();
             options
         });
         others.push(Arc::new(

@@ -104,6 +104,8 @@ pub struct InjectorOptions {
     /// The audience of their projected ServiceAccount token (the controller's
     /// `--token-audience`).
     pub token_audience: String,
+    /// `--inject-metrics-compat`: other meshes' metric names injected proxies also expose.
+    pub metrics_compat: String,
 }
 
 /// `--webhook` and friends.

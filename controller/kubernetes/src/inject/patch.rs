@@ -336,6 +336,16 @@ fn proxy_container(pod: &Pod, probes: &AppProbes, options: &InjectOptions) -> Co
         env("TRELLIS_PROXY_TRUST_DOMAIN", &options.trust_domain),
         env("TRELLIS_PROXY_LOG", &options.proxy_log),
     ];
+    let metrics_compat = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(super::METRICS_COMPAT))
+        .unwrap_or(&options.metrics_compat);
+    if !metrics_compat.is_empty() {
+        // The proxy checks the names (an unknown one stops it with the list of known ones).
+        env.push(self::env("TRELLIS_PROXY_METRICS_COMPAT", metrics_compat.as_str()));
+    }
     if !probes.is_empty() {
         env.push(self::env(
             "TRELLIS_PROXY_APP_PROBES",
