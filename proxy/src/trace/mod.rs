@@ -116,63 +116,25 @@ impl Tracer {
     }
 
     /// Read the incoming context of `req` and open this proxy's hop. Inbound, the decision is
-    /// made and the context written for the application now.
-    pub fn begin<B>(self: &Arc<Self>, side: &Side, req: &mut Request<B>) -> Hop {
-        let parent = propagation::extract(req.headers());
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
-        let mut attributes = vec![
-            KeyValue::new("http.request.method", req.method().as_str().to_string()),
-            // The path only: a query string may carry credentials.
-            KeyValue::new("url.path", req.uri().path().to_string()),
-            KeyValue::new("server.address", authority),
-        ];
-        let (kind, direction) = match side {
-            Side::Outbound { .. } => (SpanKind::Client, "outbound"),
-            Side::Inbound { .. } => (SpanKind::Server, "inbound"),
-        };
-        attributes.push(KeyValue::new("trellis.direction", direction));
+    /// made and the context written for the application now. Cheap for a request that ends
+    /// up unsampled: the request head is kept by reference counts, attributes are built only
+    /// for a span that is recorded.
+    pub fn begin<B>(self: &Arc<Self>, side: &Arc<Side>, req: &mut Request<B>) -> Hop {
         let mut hop = Hop {
             tracer: Arc::clone(self),
-            parent,
-            kind,
+            parent: propagation::extract(req.headers()),
+            side: Arc::clone(side),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            host: req.headers().get(http::header::HOST).cloned(),
             start: SystemTime::now(),
-            attributes,
+            attributes: Vec::new(),
+            route: None,
             span: None,
             decided: false,
-            name: req.method().as_str().to_string(),
         };
-        match side {
-            Side::Outbound { .. } => {
-                if let Some(id) = self.own_identity() {
-                    hop.attr("trellis.source.identity", id);
-                }
-                if let Some(w) = &self.workload {
-                    hop.attr("trellis.source.workload", workload(w));
-                }
-            }
-            Side::Inbound { caller } => {
-                if let Some(id) = &caller.identity {
-                    hop.attr("trellis.source.identity", id.clone());
-                }
-                hop.attr("client.address", caller.peer.ip().to_string());
-                if let Some(id) = self.own_identity() {
-                    hop.attr("trellis.destination.identity", id);
-                }
-                if let Some(w) = &self.workload {
-                    hop.attr("trellis.destination.workload", workload(w));
-                }
-                hop.decide(None, Some(req.headers_mut()));
-            }
+        if let Side::Inbound { .. } = **side {
+            hop.decide(None, Some(req.headers_mut()));
         }
         hop
     }
@@ -192,13 +154,17 @@ fn workload(w: &WorkloadLabels) -> String {
 pub struct Hop {
     tracer: Arc<Tracer>,
     parent: Option<Parent>,
-    kind: SpanKind,
+    side: Arc<Side>,
+    method: http::Method,
+    uri: http::Uri,
+    host: Option<http::HeaderValue>,
     start: SystemTime,
+    /// What only the outbound side learns on the way ([`Hop::upstream`]).
     attributes: Vec<KeyValue>,
+    route: Option<String>,
     /// This hop's span context, when sampled.
     span: Option<SpanContext>,
     decided: bool,
-    name: String,
 }
 
 impl Hop {
@@ -265,8 +231,7 @@ impl Hop {
             self.attr("trellis.destination.identity", id.clone());
         }
         if !route.as_str().is_empty() {
-            self.attr("http.route", route.as_str().to_string());
-            self.name = format!("{} {}", self.name, route.as_str());
+            self.route = Some(route.as_str().to_string());
         }
     }
 
@@ -276,6 +241,52 @@ impl Hop {
         self.decide(None, None);
         let Some(context) = self.span.take() else {
             return;
+        };
+        let authority = match (self.uri.authority(), &self.host) {
+            (Some(a), _) => a.as_str().to_string(),
+            (None, Some(h)) => String::from_utf8_lossy(h.as_bytes()).into_owned(),
+            (None, None) => String::new(),
+        };
+        let own_identity = self.tracer.own_identity();
+        let own_workload = self.tracer.workload.as_ref().map(workload);
+        let (kind, direction) = match &*self.side {
+            Side::Outbound { .. } => (SpanKind::Client, "outbound"),
+            Side::Inbound { .. } => (SpanKind::Server, "inbound"),
+        };
+        self.attr("trellis.direction", direction);
+        self.attr("http.request.method", self.method.as_str().to_string());
+        // The path only: a query string may carry credentials.
+        self.attr("url.path", self.uri.path().to_string());
+        self.attr("server.address", authority);
+        let side = Arc::clone(&self.side);
+        match &*side {
+            Side::Outbound { .. } => {
+                if let Some(id) = own_identity {
+                    self.attr("trellis.source.identity", id);
+                }
+                if let Some(w) = own_workload {
+                    self.attr("trellis.source.workload", w);
+                }
+            }
+            Side::Inbound { caller } => {
+                if let Some(id) = caller.identity.clone() {
+                    self.attr("trellis.source.identity", id);
+                }
+                self.attr("client.address", caller.peer.ip().to_string());
+                if let Some(id) = own_identity {
+                    self.attr("trellis.destination.identity", id);
+                }
+                if let Some(w) = own_workload {
+                    self.attr("trellis.destination.workload", w);
+                }
+            }
+        }
+        let name = match self.route.take() {
+            Some(route) => {
+                self.attr("http.route", route.clone());
+                format!("{direction} {} {route}", self.method)
+            }
+            None => format!("{direction} {}", self.method),
         };
         let status = resp.status();
         self.attr("http.response.status_code", i64::from(status.as_u16()));
@@ -303,16 +314,12 @@ impl Hop {
             Some(p) => (p.context.span_id(), true),
             None => (SpanId::INVALID, false),
         };
-        let kind_name = match self.kind {
-            SpanKind::Client => "outbound",
-            _ => "inbound",
-        };
         self.tracer.queue.push(SpanData {
             span_context: context,
             parent_span_id,
             parent_span_is_remote,
-            span_kind: self.kind.clone(),
-            name: Cow::Owned(format!("{kind_name} {}", self.name)),
+            span_kind: kind,
+            name: Cow::Owned(name),
             start_time: self.start,
             end_time: SystemTime::now(),
             attributes: self.attributes,
