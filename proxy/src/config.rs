@@ -275,6 +275,10 @@ pub struct Destination {
     /// Per-request timeout in milliseconds (0 or absent = none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_timeout_ms: Option<u64>,
+    /// Share of new traces sampled for requests to this destination (0.0 to 1.0), instead of
+    /// the proxy's `--trace-sampling`. An incoming trace's own decision always wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_sampling: Option<f64>,
 }
 
 fn default_http() -> Protocol {

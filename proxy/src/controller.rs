@@ -490,6 +490,8 @@ pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::D
             .collect(),
         workload: workload_from_proto(p.workload),
         request_timeout_ms: Some(p.request_timeout_ms).filter(|t| *t > 0),
+        // Not in the controller's contract (yet): the proxy's --trace-sampling applies.
+        trace_sampling: None,
     }
 }
 

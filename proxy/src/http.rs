@@ -318,13 +318,20 @@ pub enum Side {
 pub async fn handle(
     shared: Arc<Shared>,
     side: Arc<Side>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
-    Ok(match &*side {
-        Side::Outbound { fixed } => outbound(&shared, fixed.as_deref(), req, started).await,
+    let mut hop = shared.tracer.as_ref().map(|t| t.begin(&side, &mut req));
+    let resp = match &*side {
+        Side::Outbound { fixed } => {
+            outbound(&shared, fixed.as_deref(), req, started, hop.as_mut()).await
+        }
         Side::Inbound { caller } => inbound(&shared, caller, req, started).await,
-    })
+    };
+    if let Some(hop) = hop {
+        hop.finish(&resp);
+    }
+    Ok(resp)
 }
 
 fn local(reason: Reason, detail: &str) -> Response<ProxyBody> {
@@ -392,6 +399,7 @@ async fn outbound(
     fixed: Option<&str>,
     mut req: Request<Incoming>,
     started: Instant,
+    hop: Option<&mut crate::trace::Hop>,
 ) -> Response<ProxyBody> {
     if let Some(problem) = malformed(&req) {
         return outbound_error(shared, Reason::BadRequest, problem, started);
@@ -447,6 +455,9 @@ async fn outbound(
             Reason::NoIdentity,
             started,
         );
+    }
+    if let Some(hop) = hop {
+        hop.upstream(&dest, backend, endpoint, &route, req.headers_mut());
     }
     let http2 =
         endpoint.http2 || (req.version() == Version::HTTP_2 && dest.protocol != Protocol::Tcp);

@@ -14,6 +14,7 @@
 //! * [`authz`]: the inbound authorization hook ([`authz::Authorizer`]) and the policy evaluator.
 //! * [`server`]: listeners, hyper connections with limits, draining.
 //! * [`admin`], [`metrics`]: the admin port and Prometheus metrics (registry passed in).
+//! * [`trace`]: distributed tracing (W3C and B3 propagation, a span per request, OTLP export).
 //! * [`app_probe`]: the app's own probes run from inside the pod for the kubelet
 //!   (`/app-probe/...` on the admin port, set up by the sidecar injector).
 //! * [`reload`]: config file reload (SIGHUP + change polling).
@@ -46,6 +47,7 @@ pub mod state;
 pub mod table;
 pub mod tcp;
 pub mod tls;
+pub mod trace;
 pub mod transparent;
 
 use std::net::SocketAddr;
@@ -80,6 +82,8 @@ pub struct ProxyOptions {
     pub identity: Arc<IdentityStore>,
     /// The app's probes served on the admin port as `/app-probe/...` (`--app-probes`).
     pub app_probes: Arc<app_probe::AppProbes>,
+    /// Distributed tracing (`--trace-collector`); None = off.
+    pub trace: Option<trace::TraceOptions>,
 }
 
 impl ProxyOptions {
@@ -92,6 +96,7 @@ impl ProxyOptions {
             resolver: None,
             identity: Arc::new(IdentityStore::new()),
             app_probes: Arc::default(),
+            trace: None,
         }
     }
 }
@@ -128,6 +133,7 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         resolver,
         identity,
         app_probes,
+        trace,
     } = options;
     if let Some(files) = &config.identity {
         let credentials = identity::load_static(files).context("loading the static identity")?;
@@ -136,10 +142,20 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
             .publish(credentials)
             .context("using the static identity")?;
     }
-    let shared = Arc::new(
-        Shared::with_identity(&config, &mut registry, authorizer, resolver, identity)
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
+    let mut shared = Shared::with_identity(&config, &mut registry, authorizer, resolver, identity)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(t) = &trace {
+        shared.tracer = Some(
+            trace::Tracer::start(
+                t,
+                &mut registry,
+                config.workload.as_ref(),
+                Arc::clone(&shared.identity),
+            )
+            .context("starting the trace exporter")?,
+        );
+    }
+    let shared = Arc::new(shared);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let connections = Arc::clone(&shared.connections);
     tracing::info!(

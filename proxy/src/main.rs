@@ -141,6 +141,19 @@ struct Cli {
     /// the sidecar injector: path -> {port, path, scheme, headers} or {tcp: port}).
     #[arg(long, env = "TRELLIS_PROXY_APP_PROBES", value_name = "JSON")]
     app_probes: Option<String>,
+    /// OTLP/gRPC collector for request spans, http://HOST:4317 (proxy/README.md, "Tracing").
+    /// Without it nothing is traced and trace headers pass through untouched.
+    #[arg(long, env = "TRELLIS_PROXY_TRACE_COLLECTOR", value_name = "URL")]
+    trace_collector: Option<String>,
+    /// Share of new traces sampled, 0.0 to 1.0 (a caller's decision always wins; a
+    /// destination's `trace_sampling` overrides it).
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_TRACE_SAMPLING",
+        default_value_t = 0.01,
+        requires = "trace_collector"
+    )]
+    trace_sampling: f64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "TRELLIS_PROXY_LOG", default_value = "info")]
     log: String,
@@ -259,6 +272,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let drain = config.limits.drain_timeout();
         let mut options = ProxyOptions::new(config);
         options.app_probes = app_probes(&cli)?;
+        options.trace = trace_options(&cli);
         options.resolver = Some(controller.clone() as Arc<dyn trellis_proxy::state::Resolve>);
         let certifier = match &cli.identity_token_file {
             Some(token_file) => {
@@ -295,6 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let drain = config.limits.drain_timeout();
         let mut options = ProxyOptions::new(config);
         options.app_probes = app_probes(&cli)?;
+        options.trace = trace_options(&cli);
         let proxy = trellis_proxy::start(options).await?;
         tokio::spawn(reload::watch_file(
             proxy.shared.clone(),
@@ -312,6 +327,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `--app-probes`, parsed (none given: no app probes).
+fn trace_options(cli: &Cli) -> Option<trellis_proxy::trace::TraceOptions> {
+    cli.trace_collector.as_ref().map(|url| {
+        let mut t = trellis_proxy::trace::TraceOptions::new(url.clone());
+        t.sampling = cli.trace_sampling;
+        t
+    })
+}
+
 fn app_probes(cli: &Cli) -> anyhow::Result<Arc<trellis_proxy::app_probe::AppProbes>> {
     Ok(Arc::new(match &cli.app_probes {
         Some(json) => trellis_proxy::app_probe::parse(json)?,

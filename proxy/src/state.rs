@@ -67,6 +67,8 @@ pub struct Shared {
     pub sources: Arc<SourceLimiter>,
     /// Open client connections of every listener (drain, global limit, counts by kind).
     pub connections: Arc<Connections>,
+    /// Distributed tracing, when a collector is configured ([`crate::trace`]).
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 /// Counts open inbound connections per source IP.
@@ -164,6 +166,7 @@ impl Shared {
             handshakes: Semaphore::new(config.limits.max_concurrent_handshakes.max(1)),
             sources: Arc::default(),
             connections,
+            tracer: None,
         })
     }
 

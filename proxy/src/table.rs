@@ -212,6 +212,8 @@ pub struct DestinationTable {
     pub protocol: Protocol,
     /// Per-request timeout.
     pub request_timeout: Option<Duration>,
+    /// Share of new traces sampled towards this destination (None = the proxy's default).
+    pub trace_sampling: Option<f64>,
     /// Backends, referenced by index from splits.
     pub backends: Vec<BackendTable>,
     /// Label value naming the destination on metrics.
@@ -274,7 +276,17 @@ impl DestinationTable {
                 &index,
             )?);
         }
+        if let Some(r) = d.trace_sampling
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(invalid(
+                format!("{field}.trace_sampling"),
+                &r.to_string(),
+                "must be between 0.0 and 1.0".to_string(),
+            ));
+        }
         Ok(DestinationTable {
+            trace_sampling: d.trace_sampling,
             label: Label::from(key.as_str()),
             key,
             protocol: d.protocol,
