@@ -14,6 +14,8 @@
 //! * [`authz`]: the inbound authorization hook ([`authz::Authorizer`]) and the policy evaluator.
 //! * [`server`]: listeners, hyper connections with limits, draining.
 //! * [`admin`], [`metrics`]: the admin port and Prometheus metrics (registry passed in).
+//! * [`observe`]: one record per finished request or TCP connection, for the access log and
+//!   the admin port's live `/tap` (free when neither is on).
 //! * [`app_probe`]: the app's own probes run from inside the pod for the kubelet
 //!   (`/app-probe/...` on the admin port, set up by the sidecar injector).
 //! * [`reload`]: config file reload (SIGHUP + change polling).
@@ -40,6 +42,7 @@ pub mod detect;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod observe;
 pub mod reload;
 pub mod server;
 pub mod state;
@@ -140,6 +143,12 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         Shared::with_identity(&config, &mut registry, authorizer, resolver, identity)
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
+    if let Some(target) = &config.access_log {
+        shared
+            .observe
+            .enable_access_log(target, config.access_log_buffer)
+            .context("starting the access log")?;
+    }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let connections = Arc::clone(&shared.connections);
     tracing::info!(

@@ -67,6 +67,8 @@ pub struct Shared {
     pub sources: Arc<SourceLimiter>,
     /// Open client connections of every listener (drain, global limit, counts by kind).
     pub connections: Arc<Connections>,
+    /// Per-request records for the access log and taps (off until a consumer attaches).
+    pub observe: Arc<crate::observe::Observe>,
 }
 
 /// Counts open inbound connections per source IP.
@@ -145,6 +147,15 @@ impl Shared {
         let stats = StatsRegistry::default();
         let table = RoutingTable::compile(Arc::new(config.clone()), &stats)?;
         let metrics = Metrics::register(registry, config.workload.as_ref(), &config.metrics_compat);
+        let observe = Arc::new(crate::observe::Observe::new(
+            registry,
+            config
+                .workload
+                .as_ref()
+                .map(|w| format!("{}/{}", w.namespace, w.name))
+                .unwrap_or_default(),
+            Arc::clone(&identity),
+        ));
         let connections = Arc::new(Connections::new(
             config.limits.effective_max_connections(),
             metrics.clone(),
@@ -164,6 +175,7 @@ impl Shared {
             handshakes: Semaphore::new(config.limits.max_concurrent_handshakes.max(1)),
             sources: Arc::default(),
             connections,
+            observe,
         })
     }
 

@@ -125,6 +125,10 @@ pub fn resolve(
         } else {
             v1::DefaultAction::Deny
         } as i32,
+        access_log: options
+            .access_log_namespaces
+            .iter()
+            .any(|ns| ns == namespace),
     };
     (policy, problems)
 }
