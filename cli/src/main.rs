@@ -13,6 +13,7 @@ mod get;
 mod install;
 mod stat;
 mod state;
+mod tap;
 mod validate;
 
 /// Trellis: a service mesh that implements the whole SMI on every platform.
@@ -40,6 +41,9 @@ enum Command {
     /// Per workload (or TrafficSplit backend): requests per second, success rate, p50/p95/p99,
     /// from the Prometheus that scrapes the proxies.
     Stat(stat::Args),
+    /// A live, filtered stream of the requests a proxy finishes, from its admin port's /tap
+    /// (loopback only: run it beside the proxy).
+    Tap(tap::Args),
     /// Print (or --apply) the Kubernetes install: Namespace, SMI CRDs, RBAC, CA Secret,
     /// controller Deployment, Service, PodDisruptionBudget and the sidecar injector.
     Install(Box<install::Args>),
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Get(args) => get::run(&args),
         Command::Stat(args) => stat::run(&args),
+        Command::Tap(args) => tap::run(&args),
         Command::Install(args) => install::run(&args),
         Command::Uninstall(args) => install::run_uninstall(&args),
     };

@@ -402,6 +402,20 @@ spec:
     }
 
     #[test]
+    fn access_logs_are_asked_of_the_listed_namespaces_only() {
+        let options = IndexOptions {
+            access_log_namespaces: vec!["demo".into()],
+            ..IndexOptions::default()
+        };
+        let (p, _) = resolve(&view(""), "demo", "web", 8080, &options);
+        assert!(p.access_log);
+        let (p, _) = resolve(&view(""), "other", "web", 8080, &options);
+        assert!(!p.access_log);
+        let (p, _) = resolve_for("", 8080, false);
+        assert!(!p.access_log, "off unless asked for");
+    }
+
+    #[test]
     fn targets_are_ored_each_one_authorization() {
         let yaml = format!(
             "{ROUTES}{}---
