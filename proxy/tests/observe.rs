@@ -724,3 +724,57 @@ async fn the_controllers_namespace_switch_turns_the_log_on_without_the_flag() {
         "requests before the switch are not logged"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_records_carry_the_grpc_status_from_trailers_and_trailers_only_answers() {
+    use common::echo::EchoMessage;
+    use common::echo::echo_client::EchoClient;
+    let dir = tempfile::tempdir().unwrap();
+    let grpc = grpc_app("g").await;
+    let (admin, port, inbound) = (free_port(), free_port(), free_port());
+    let log = dir.path().join("grpc.log");
+    let _proxy = spawn(
+        dir.path(),
+        "grpc",
+        admin,
+        &format!(
+            "outbound:\n  ports: [{{listen: \"127.0.0.1:{port}\", destination: grpc.shop}}]\ndestinations:\n  - authority: grpc.shop\n    protocol: http2\n    backends: [{{name: g, endpoints: [{{address: \"{grpc}\"}}]}}]\ninbound:\n  listen: 127.0.0.1:{inbound}\n  app: \"{grpc}\"\n  protocol: detect\n  policy:\n    authorizations:\n      - unauthenticated: true\n        routes: [{{path_regex: \"/trellis.test.echo.Echo/Bidi\"}}]\naccess_log: \"{}\"\n",
+            log.display()
+        ),
+        &[],
+    )
+    .await;
+    // Allowed, outbound: grpc-status 0 arrives in the trailers.
+    let mut out = EchoClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let reply = out.unary(EchoMessage { text: "hi".into() }).await.unwrap();
+    assert_eq!(reply.into_inner().text, "g:hi");
+    // Denied, inbound: a trailers-only answer (grpc-status 7 in the headers, empty body).
+    let mut inb = EchoClient::connect(format!("http://127.0.0.1:{inbound}"))
+        .await
+        .unwrap();
+    let denied = inb
+        .unary(EchoMessage { text: "no".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+
+    let records = lines(&log, 2).await;
+    let ok = find(&records, |r| r["direction"] == "outbound", "outbound gRPC");
+    assert_eq!(ok["protocol"], "grpc");
+    assert_eq!(ok["method"], "POST");
+    assert_eq!(ok["path"], "/trellis.test.echo.Echo/Unary");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["grpc_status"], 0);
+    assert_eq!(ok["error"], "");
+    assert!(ok["bytes_in"].as_u64().unwrap() > 0 && ok["bytes_out"].as_u64().unwrap() > 0);
+    let no = find(&records, |r| r["direction"] == "inbound", "inbound gRPC");
+    assert_eq!(no["protocol"], "grpc");
+    assert_eq!(no["status"], 200);
+    assert_eq!(no["grpc_status"], 7);
+    assert_eq!(
+        no["error"], "forbidden",
+        "a trailers-only answer is not a cancellation"
+    );
+}

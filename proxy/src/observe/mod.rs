@@ -528,9 +528,9 @@ impl HttpPending {
 
 impl Drop for HttpPending {
     fn drop(&mut self) {
-        if !self.done && self.record.error.is_empty() && self.record.status != 0 {
-            // The body was dropped before its end: the client went away or the upstream failed
-            // mid-body. The record still says so.
+        if !self.done && self.record.error.is_empty() {
+            // Dropped before the response body's end (or before a response at all, status 0):
+            // the client went away, or the upstream failed mid-body. The record still says so.
             self.record.error = "cancelled".into();
         }
         self.emit();
@@ -574,6 +574,16 @@ fn grpc_status(headers: &HeaderMap) -> Option<u32> {
 pub struct ObservedBody {
     inner: ProxyBody,
     pending: Box<HttpPending>,
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        // A body that is empty from the start (a trailers-only gRPC answer, a 204, a HEAD) is
+        // never polled: dropped at its end is a normal end, not a cancellation.
+        if self.inner.is_end_stream() {
+            self.pending.emit();
+        }
+    }
 }
 
 impl Body for ObservedBody {
