@@ -3,8 +3,9 @@
 //!
 //! The request path only calls in here through a few hooks ([`Observe::begin_http`] and
 //! [`HttpPending::finish`] in `http::handle`, [`Tally::choose`] where an endpoint is picked,
-//! [`Observe::begin_tcp`] in `tcp` and the transparent passthrough). With no consumer attached each hook is one relaxed atomic
-//! load and returns `None`: nothing is allocated, nothing is measured. With a consumer, a record
+//! [`Observe::begin_tcp`] in `tcp` and the transparent passthrough). With no consumer attached
+//! each hook is one relaxed atomic load and returns `None`: nothing is allocated, nothing is
+//! measured. With a consumer, a record
 //! is built (fields truncated to [`MAX_FIELD`]) and handed to each consumer through a bounded
 //! channel with `try_send`: a full channel drops the record and counts it, so a slow log or a
 //! slow tap client never slows a request.
