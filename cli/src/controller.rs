@@ -59,6 +59,10 @@ pub struct Args {
     /// Plaintext (no mTLS) callers from anywhere may call workloads in this namespace (repeatable).
     #[arg(long = "plaintext-namespace", value_name = "NS")]
     pub plaintext_namespace: Vec<String>,
+    /// Proxies of workloads in this namespace write access logs, one JSON line per request, to
+    /// their stderr (repeatable; sent with their inbound policy).
+    #[arg(long = "access-log-namespace", value_name = "NS")]
+    pub access_log_namespace: Vec<String>,
     /// CA trust anchor, PEM (repeatable; every certificate in every file is trusted: rotation).
     #[arg(long = "trust-anchor", value_name = "FILE")]
     pub trust_anchor: Vec<PathBuf>,
@@ -202,6 +206,7 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
                 trust_domain: args.trust_domain.clone(),
                 permissive: args.permissive,
                 access: args.access(),
+                access_log_namespaces: args.access_log_namespace.clone(),
             },
             webhooks: args.kubernetes.webhooks(&args.trust_domain)?,
         },

@@ -14,6 +14,7 @@ mod get;
 mod install;
 mod stat;
 mod state;
+mod tap;
 mod top;
 mod validate;
 
@@ -48,6 +49,9 @@ enum Command {
     /// Who calls whom: source -> destination workload (and identity), requests per second,
     /// success rate, mTLS, from the Prometheus that scrapes the proxies.
     Edges(edges::Args),
+    /// A live, filtered stream of the requests a proxy finishes, from its admin port's /tap
+    /// (loopback only: run it beside the proxy).
+    Tap(tap::Args),
     /// Print (or --apply) the Kubernetes install: Namespace, SMI CRDs, RBAC, CA Secret,
     /// controller Deployment, Service, PodDisruptionBudget and the sidecar injector.
     Install(Box<install::Args>),
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Command::Stat(args) => stat::run(&args),
         Command::Top(args) => top::run(&args),
         Command::Edges(args) => edges::run(&args),
+        Command::Tap(args) => tap::run(&args),
         Command::Install(args) => install::run(&args),
         Command::Uninstall(args) => install::run_uninstall(&args),
     };

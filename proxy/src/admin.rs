@@ -2,14 +2,15 @@
 //! configuration currently in force), `/identity` (JSON: the workload identity and its validity;
 //! never the key), `/connections` (JSON: open connections by listener kind, the global limit,
 //! refusals by listener kind and reason), `/app-probe/<container>/<kind>` (the app's own probes,
-//! run from inside the pod: [`crate::app_probe`]).
+//! run from inside the pod: [`crate::app_probe`]), `/tap?...` (a live stream of finished
+//! requests as JSON lines, loopback callers only: [`crate::observe::tap`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -33,11 +34,12 @@ pub async fn serve(
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
+                Ok(accepted) => accepted,
                 Err(_) => continue,
             },
             _ = stopped(&mut shutdown) => return,
         };
+        let (stream, peer) = stream;
         let shared = Arc::clone(&shared);
         let registry = Arc::clone(&registry);
         let app_probes = Arc::clone(&app_probes);
@@ -48,13 +50,21 @@ pub async fn serve(
                     && (req.method() == Method::GET || req.method() == Method::HEAD);
                 let work = if is_probe {
                     Err((Arc::clone(&app_probes), req.uri().path().to_owned()))
+                } else if req.uri().path() == "/tap" && req.method() == Method::GET {
+                    Ok(crate::observe::tap::answer(
+                        &shared.observe,
+                        peer,
+                        req.uri().query().unwrap_or(""),
+                    ))
                 } else {
-                    Ok(answer(&shared, &registry, &req))
+                    Ok(answer(&shared, &registry, &req).map(BodyExt::boxed))
                 };
                 async move {
                     Ok::<_, Infallible>(match work {
                         Ok(response) => response,
-                        Err((probes, path)) => app_probe::answer(&probes, &path).await,
+                        Err((probes, path)) => {
+                            app_probe::answer(&probes, &path).await.map(BodyExt::boxed)
+                        }
                     })
                 }
             });
@@ -122,7 +132,7 @@ fn answer(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Resp
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "admin endpoints: /metrics /ready /live /config /identity /connections /app-probe/...\n".into(),
+            "admin endpoints: /metrics /ready /live /config /identity /connections /tap /app-probe/...\n".into(),
         ),
     }
 }

@@ -44,6 +44,25 @@ pub struct Config {
     /// them (Flagger's `osm`, `linkerd` and `smi:*` providers). Read at start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics_compat: Vec<MetricsCompat>,
+    /// Write an access log (one JSON line per request or TCP connection) to `stderr`, `stdout`
+    /// or this file (appended). Read at start; the controller can also turn it on (to stderr).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<String>,
+    /// Records the access log may hold before new ones are dropped (and counted); 0 = the
+    /// default (4096).
+    #[serde(
+        default = "default_access_log_buffer",
+        skip_serializing_if = "is_default_access_log_buffer"
+    )]
+    pub access_log_buffer: usize,
+}
+
+fn default_access_log_buffer() -> usize {
+    crate::observe::access_log::DEFAULT_BUFFER
+}
+
+fn is_default_access_log_buffer(n: &usize) -> bool {
+    *n == 0 || *n == default_access_log_buffer()
 }
 
 /// A set of compatibility series ([`Config::metrics_compat`]).

@@ -312,6 +312,15 @@ impl Controller {
                     let mut stream = response.into_inner();
                     while let Ok(Some(policy)) = stream.message().await {
                         let Some(shared) = self.shared() else { return };
+                        if policy.access_log && !shared.observe.access_log_on() {
+                            // Asked for by the controller (`--access-log-namespace`).
+                            if let Err(e) = shared
+                                .observe
+                                .enable_access_log("stderr", self.base.access_log_buffer)
+                            {
+                                tracing::warn!(error = %e, "could not start the access log the controller asked for");
+                            }
+                        }
                         {
                             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                             let protocol = protocol_from_proto(policy.protocol);

@@ -61,15 +61,18 @@ pub type MeshClient = Client<MeshConnector, RequestBody>;
 pub struct RequestBody {
     inner: Incoming,
     failed: Arc<AtomicBool>,
+    /// Request bytes counted for the access log / tap (observed requests only).
+    tally: Option<Arc<crate::observe::Tally>>,
 }
 
 impl RequestBody {
-    fn new(inner: Incoming) -> (Self, Arc<AtomicBool>) {
+    fn new(inner: Incoming, tally: Option<Arc<crate::observe::Tally>>) -> (Self, Arc<AtomicBool>) {
         let failed = Arc::new(AtomicBool::new(false));
         (
             RequestBody {
                 inner,
                 failed: Arc::clone(&failed),
+                tally,
             },
             failed,
         )
@@ -86,8 +89,14 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            this.failed.store(true, Ordering::Relaxed);
+        match &polled {
+            Poll::Ready(Some(Err(_))) => this.failed.store(true, Ordering::Relaxed),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(t), Some(d)) = (&this.tally, frame.data_ref()) {
+                    t.received(d.len() as u64);
+                }
+            }
+            _ => {}
         }
         polled
     }
@@ -260,6 +269,8 @@ pub enum ProxyBody {
     },
     /// Produced by the proxy.
     Local(Option<Bytes>),
+    /// Either of the above, observed for the access log / tap ([`crate::observe`]).
+    Observed(Box<crate::observe::ObservedBody>),
 }
 
 impl Body for ProxyBody {
@@ -279,6 +290,7 @@ impl Body for ProxyBody {
                 polled
             }
             ProxyBody::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Observed(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -286,6 +298,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream { body, .. } => body.is_end_stream(),
             ProxyBody::Local(data) => data.is_none(),
+            ProxyBody::Observed(body) => body.is_end_stream(),
         }
     }
 
@@ -295,6 +308,7 @@ impl Body for ProxyBody {
             ProxyBody::Local(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            ProxyBody::Observed(body) => body.size_hint(),
         }
     }
 }
@@ -322,6 +336,8 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let mut hop = shared.tracer.as_ref().map(|t| t.begin(&side, &mut req));
+    // One atomic load when no access log or tap listens.
+    let observed = shared.observe.begin_http(&side, &mut req, started);
     let resp = match &*side {
         Side::Outbound { fixed } => {
             outbound(&shared, fixed.as_deref(), req, started, hop.as_mut()).await
@@ -331,7 +347,10 @@ pub async fn handle(
     if let Some(hop) = hop {
         hop.finish(&resp);
     }
-    Ok(resp)
+    Ok(match observed {
+        Some(pending) => pending.finish(resp),
+        None => resp,
+    })
 }
 
 fn local(reason: Reason, detail: &str) -> Response<ProxyBody> {
@@ -440,6 +459,16 @@ async fn outbound(
             started,
         );
     };
+    if let Some(tally) = crate::observe::Tally::of(&req) {
+        tally.choose(
+            endpoint.authority.as_str(),
+            endpoint.identity.as_deref(),
+            Some((
+                backend.workload.namespace.as_str(),
+                backend.workload.name.as_str(),
+            )),
+        );
+    }
     // mTLS when the endpoint has an identity and this proxy has an identity source; without a
     // source the proxy is outside the mesh and talks plaintext.
     let mesh_identity = endpoint
@@ -713,6 +742,9 @@ async fn inbound(
             "the inbound policy does not allow this request",
         );
     }
+    if let Some(tally) = crate::observe::Tally::of(&req) {
+        tally.choose(policy.app_authority.as_str(), None, None);
+    }
     let http2 = policy.protocol == Protocol::Http2 || req.version() == Version::HTTP_2;
     let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
     let (req, body_failed) =
@@ -841,7 +873,11 @@ fn rewrite(
         Version::HTTP_11
     };
     strip_hop_by_hop(&mut parts.headers, upgrading);
-    let (body, failed) = RequestBody::new(body);
+    let tally = parts
+        .extensions
+        .get::<Arc<crate::observe::Tally>>()
+        .cloned();
+    let (body, failed) = RequestBody::new(body, tally);
     Ok((Request::from_parts(parts, body), failed))
 }
 

@@ -15,6 +15,8 @@
 //! * [`server`]: listeners, hyper connections with limits, draining.
 //! * [`admin`], [`metrics`]: the admin port and Prometheus metrics (registry passed in).
 //! * [`trace`]: distributed tracing (W3C and B3 propagation, a span per request, OTLP export).
+//! * [`observe`]: one record per finished request or TCP connection, for the access log and
+//!   the admin port's live `/tap` (free when neither is on).
 //! * [`app_probe`]: the app's own probes run from inside the pod for the kubelet
 //!   (`/app-probe/...` on the admin port, set up by the sidecar injector).
 //! * [`reload`]: config file reload (SIGHUP + change polling).
@@ -41,6 +43,7 @@ pub mod detect;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod observe;
 pub mod reload;
 pub mod server;
 pub mod state;
@@ -156,6 +159,12 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         );
     }
     let shared = Arc::new(shared);
+    if let Some(target) = &config.access_log {
+        shared
+            .observe
+            .enable_access_log(target, config.access_log_buffer)
+            .context("starting the access log")?;
+    }
     let (shutdown, shutdown_rx) = watch::channel(false);
     let connections = Arc::clone(&shared.connections);
     tracing::info!(

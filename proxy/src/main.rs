@@ -154,6 +154,18 @@ struct Cli {
         requires = "trace_collector"
     )]
     trace_sampling: f64,
+    /// Write an access log, one JSON line per request or TCP connection: `stderr`, `stdout` or a
+    /// file path (appended). Overrides the config file's `access_log`.
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_ACCESS_LOG",
+        value_name = "PATH|stderr|stdout"
+    )]
+    access_log: Option<String>,
+    /// Access log records queued before new ones are dropped (and counted in
+    /// trellis_access_log_dropped_total). Overrides the config file's `access_log_buffer`.
+    #[arg(long, env = "TRELLIS_PROXY_ACCESS_LOG_BUFFER", value_name = "RECORDS")]
+    access_log_buffer: Option<usize>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "TRELLIS_PROXY_LOG", default_value = "info")]
     log: String,
@@ -249,6 +261,12 @@ fn apply_limit_flags(cli: &Cli, config: &mut Config) {
     }
     if let Some(v) = cli.max_connections_per_source {
         limits.max_connections_per_source = v;
+    }
+    if let Some(target) = &cli.access_log {
+        config.access_log = Some(target.clone());
+    }
+    if let Some(n) = cli.access_log_buffer {
+        config.access_log_buffer = n;
     }
 }
 

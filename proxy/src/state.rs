@@ -69,6 +69,8 @@ pub struct Shared {
     pub connections: Arc<Connections>,
     /// Distributed tracing, when a collector is configured ([`crate::trace`]).
     pub tracer: Option<Arc<crate::trace::Tracer>>,
+    /// Per-request records for the access log and taps (off until a consumer attaches).
+    pub observe: Arc<crate::observe::Observe>,
 }
 
 /// Counts open inbound connections per source IP.
@@ -147,6 +149,15 @@ impl Shared {
         let stats = StatsRegistry::default();
         let table = RoutingTable::compile(Arc::new(config.clone()), &stats)?;
         let metrics = Metrics::register(registry, config.workload.as_ref(), &config.metrics_compat);
+        let observe = Arc::new(crate::observe::Observe::new(
+            registry,
+            config
+                .workload
+                .as_ref()
+                .map(|w| format!("{}/{}", w.namespace, w.name))
+                .unwrap_or_default(),
+            Arc::clone(&identity),
+        ));
         let connections = Arc::new(Connections::new(
             config.limits.effective_max_connections(),
             metrics.clone(),
@@ -167,6 +178,7 @@ impl Shared {
             sources: Arc::default(),
             connections,
             tracer: None,
+            observe,
         })
     }
 

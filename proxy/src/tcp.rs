@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 
 use crate::authz::{Caller, Verdict};
 use crate::metrics::{Label, TcpLabels};
+use crate::observe::{Counted, Direction, TcpPending};
 use crate::state::Shared;
 use crate::table::Lookup;
 use crate::tls::Alpn;
@@ -19,11 +20,17 @@ use crate::tls::Alpn;
 pub async fn forward_outbound<IO>(
     shared: Arc<Shared>,
     destination: &str,
-    mut client: IO,
+    client: IO,
     first_byte: Option<Duration>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
+    // Access log / tap: None (and a plain pass-through wrapper) when nobody listens; the
+    // record is emitted when `rec` drops, at the connection's end.
+    let mut rec = shared
+        .observe
+        .begin_tcp(Direction::Outbound, destination, None);
+    let mut client = Counted::new(client, rec.as_ref().map(|r| r.tally()));
     let dest = {
         let table = shared.table.load();
         match table.lookup(destination) {
@@ -45,6 +52,7 @@ pub async fn forward_outbound<IO>(
                 _ => {
                     tracing::info!(destination, "closing TCP connection: unknown destination");
                     count(
+                        &mut rec,
                         &shared,
                         Label::from(destination),
                         Label::from(""),
@@ -56,11 +64,18 @@ pub async fn forward_outbound<IO>(
         }
     };
     let Some(backend) = dest.route_connection() else {
-        count(&shared, dest.label.clone(), Label::from(""), "no-backends");
+        count(
+            &mut rec,
+            &shared,
+            dest.label.clone(),
+            Label::from(""),
+            "no-backends",
+        );
         return;
     };
     let Some(endpoint) = backend.pick() else {
         count(
+            &mut rec,
             &shared,
             dest.label.clone(),
             backend.name.clone(),
@@ -68,12 +83,23 @@ pub async fn forward_outbound<IO>(
         );
         return;
     };
+    if let Some(r) = &rec {
+        r.tally().choose(
+            endpoint.authority.as_str(),
+            endpoint.identity.as_deref(),
+            Some((
+                backend.workload.namespace.as_str(),
+                backend.workload.name.as_str(),
+            )),
+        );
+    }
     let _in_flight = endpoint.stats.start();
     let connect = TcpStream::connect(endpoint.authority.as_str());
     let mut upstream = match tokio::time::timeout(shared.limits.connect_timeout(), connect).await {
         Ok(Ok(s)) => s,
         _ => {
             count(
+                &mut rec,
                 &shared,
                 dest.label.clone(),
                 backend.name.clone(),
@@ -102,12 +128,19 @@ pub async fn forward_outbound<IO>(
             .await;
             match tls {
                 Ok(mut tls) => {
-                    count(&shared, dest.label.clone(), backend.name.clone(), "");
+                    count(
+                        &mut rec,
+                        &shared,
+                        dest.label.clone(),
+                        backend.name.clone(),
+                        "",
+                    );
                     copy_with_idle_timeout(&mut client, &mut tls, idle, first_byte).await
                 }
                 Err(e) => {
                     tracing::info!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "closing TCP connection: mTLS to the endpoint failed");
                     count(
+                        &mut rec,
                         &shared,
                         dest.label.clone(),
                         backend.name.clone(),
@@ -118,7 +151,13 @@ pub async fn forward_outbound<IO>(
             }
         }
         None => {
-            count(&shared, dest.label.clone(), backend.name.clone(), "");
+            count(
+                &mut rec,
+                &shared,
+                dest.label.clone(),
+                backend.name.clone(),
+                "",
+            );
             copy_with_idle_timeout(&mut client, &mut upstream, idle, first_byte).await
         }
     };
@@ -134,15 +173,22 @@ pub async fn forward_inbound<IO>(
     shared: Arc<Shared>,
     app: std::net::SocketAddr,
     caller: &Caller,
-    mut client: IO,
+    client: IO,
     first_byte: Option<Duration>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut rec = shared
+        .observe
+        .begin_tcp(Direction::Inbound, &app.to_string(), Some(caller));
+    let mut client = Counted::new(client, rec.as_ref().map(|r| r.tally()));
     let connect = TcpStream::connect(app);
     let mut upstream = match tokio::time::timeout(shared.limits.connect_timeout(), connect).await {
         Ok(Ok(s)) => s,
         _ => {
+            if let Some(r) = &mut rec {
+                r.error("connect-failed");
+            }
             shared.metrics.tcp(&TcpLabels {
                 direction: Label::from("inbound"),
                 destination: Label::from(""),
@@ -164,6 +210,9 @@ pub async fn forward_inbound<IO>(
         _ = copy_with_idle_timeout(&mut client, &mut upstream, shared.limits.tcp_idle_timeout(), first_byte) => {}
         () = revoked(&shared, caller, &mut changes) => {
             tracing::info!(peer = %caller.peer, identity = ?caller.identity, "closing inbound TCP connection: the policy no longer allows it");
+            if let Some(r) = &mut rec {
+                r.error("forbidden");
+            }
         }
     }
 }
@@ -192,7 +241,16 @@ async fn revoked(
     }
 }
 
-fn count(shared: &Shared, destination: Label, backend: Label, error: &str) {
+fn count(
+    rec: &mut Option<TcpPending>,
+    shared: &Shared,
+    destination: Label,
+    backend: Label,
+    error: &str,
+) {
+    if let Some(r) = rec {
+        r.error(error);
+    }
     shared.metrics.tcp(&TcpLabels {
         direction: Label::from("outbound"),
         destination,

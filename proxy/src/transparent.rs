@@ -166,7 +166,17 @@ pub(crate) async fn outbound(
 
 /// Copies an outbound connection's bytes unchanged to its original destination (outside the
 /// mesh). The proxy's own connection is not redirected again: the rules skip its UID.
-async fn passthrough(mut client: TcpStream, original: SocketAddr, shared: &Shared) {
+async fn passthrough(client: TcpStream, original: SocketAddr, shared: &Shared) {
+    // Access log / tap (None when nobody listens): emitted when `rec` drops.
+    let mut rec = shared.observe.begin_tcp(
+        crate::observe::Direction::Outbound,
+        &original.to_string(),
+        None,
+    );
+    if let Some(r) = &rec {
+        r.tally().choose(&original.to_string(), None, None);
+    }
+    let mut client = crate::observe::Counted::new(client, rec.as_ref().map(|r| r.tally()));
     let labels = |error: &str| TcpLabels {
         direction: Label::from("outbound"),
         // One label value for every address outside the mesh (bounded cardinality).
@@ -180,11 +190,17 @@ async fn passthrough(mut client: TcpStream, original: SocketAddr, shared: &Share
         Ok(Err(e)) => {
             tracing::debug!(%original, error = %e, "passthrough connection failed");
             shared.metrics.tcp(&labels("connect-failed"));
+            if let Some(r) = &mut rec {
+                r.error("connect-failed");
+            }
             return;
         }
         Err(_) => {
             tracing::debug!(%original, "passthrough connection timed out");
             shared.metrics.tcp(&labels("connect-failed"));
+            if let Some(r) = &mut rec {
+                r.error("connect-failed");
+            }
             return;
         }
     };

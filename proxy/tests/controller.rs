@@ -368,6 +368,7 @@ async fn not_found_deltas_and_inbound_policy_come_from_the_controller() {
             ..Default::default()
         }],
         default_action: v1::DefaultAction::Deny as i32,
+        ..Default::default()
     });
     let deadline = Instant::now() + Duration::from_secs(5);
     while inbound.get("local", "/").await.1 != "local" {

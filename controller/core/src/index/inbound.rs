@@ -125,6 +125,10 @@ pub fn resolve(
         } else {
             v1::DefaultAction::Deny
         } as i32,
+        access_log: options
+            .access_log_namespaces
+            .iter()
+            .any(|ns| ns == namespace),
     };
     (policy, problems)
 }
@@ -395,6 +399,20 @@ spec:
             access,
             ..IndexOptions::default()
         }
+    }
+
+    #[test]
+    fn access_logs_are_asked_of_the_listed_namespaces_only() {
+        let options = IndexOptions {
+            access_log_namespaces: vec!["demo".into()],
+            ..IndexOptions::default()
+        };
+        let (p, _) = resolve(&view(""), "demo", "web", 8080, &options);
+        assert!(p.access_log);
+        let (p, _) = resolve(&view(""), "other", "web", 8080, &options);
+        assert!(!p.access_log);
+        let (p, _) = resolve_for("", 8080, false);
+        assert!(!p.access_log, "off unless asked for");
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct IndexOptions {
     pub permissive: bool,
     /// Per-namespace permissive mode and plaintext callers (`inbound::AccessSwitches`).
     pub access: inbound::AccessSwitches,
+    /// `--access-log-namespace`: proxies of workloads in these namespaces write access logs
+    /// (sent as `InboundPolicy.access_log`).
+    pub access_log_namespaces: Vec<String>,
 }
 
 impl Default for IndexOptions {
@@ -77,6 +80,7 @@ impl Default for IndexOptions {
             trust_domain: "cluster.local".into(),
             permissive: false,
             access: inbound::AccessSwitches::default(),
+            access_log_namespaces: Vec::new(),
         }
     }
 }
