@@ -69,7 +69,12 @@ pub struct KubernetesArgs {
     /// Injected proxies also expose these meshes' metric names, for Flagger's built-in queries
     /// (`osm`, `linkerd`, `istio`, comma-separated); a pod's `trellis.io/metrics-compat`
     /// annotation overrides it.
-    #[arg(long, value_name = "LIST", default_value = "", requires = "proxy_image")]
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "",
+        requires = "proxy_image"
+    )]
     pub inject_metrics_compat: String,
 }
 

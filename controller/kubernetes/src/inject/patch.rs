@@ -344,7 +344,10 @@ fn proxy_container(pod: &Pod, probes: &AppProbes, options: &InjectOptions) -> Co
         .unwrap_or(&options.metrics_compat);
     if !metrics_compat.is_empty() {
         // The proxy checks the names (an unknown one stops it with the list of known ones).
-        env.push(self::env("TRELLIS_PROXY_METRICS_COMPAT", metrics_compat.as_str()));
+        env.push(self::env(
+            "TRELLIS_PROXY_METRICS_COMPAT",
+            metrics_compat.as_str(),
+        ));
     }
     if !probes.is_empty() {
         env.push(self::env(
