@@ -4,12 +4,12 @@
 //! caller labels), with its requests per second, success rate and whether the caller's proxy
 //! speaks mTLS.
 //!
-//! Identities: the request series name workloads, not identities. When they also carry
-//! `source_identity` / `destination_identity` labels they are shown; otherwise the column shows
-//! `-` (JSON `null`). mTLS: the series carry no per-request TLS label, so it is read per source
-//! proxy (`trellis_tls_handshakes_total{direction="outbound"}` on the same scrape target as the
-//! edge's series): `yes` when that proxy has completed outbound mTLS handshakes, `no` when it
-//! has none.
+//! Identities: the `source_identity` / `destination_identity` labels of the edge's requests
+//! that went over mTLS (`tls="true"`): the caller's own SPIFFE id and the one the callee's
+//! certificate had to name. Plaintext edges show `-` (JSON `null`). mTLS: `yes` when every
+//! request of the edge that an upstream answered went over mutual TLS, `no` when some went in
+//! plaintext, `-` when no request was answered in the window (or the proxies predate the `tls`
+//! label).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::ExitCode;
@@ -54,7 +54,7 @@ pub struct Edge {
     pub requests_per_second: f64,
     /// Percent of calls that were not 5xx; `None` without traffic.
     pub success_rate: Option<f64>,
-    /// Whether the source's proxy completed outbound mTLS handshakes; `None` when unknown.
+    /// Whether the edge's answered requests all went over mutual TLS; `None` when unknown.
     pub mtls: Option<bool>,
 }
 
@@ -70,21 +70,20 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The grouping of an edge; the identity labels group nothing away when absent.
-const BY: &str = "source_namespace,source_workload,source_identity,destination_namespace,destination_kind,destination_workload,destination_identity";
+/// The grouping of an edge: both ends' workloads.
+const BY: &str =
+    "source_namespace,source_workload,destination_namespace,destination_kind,destination_workload";
 
-type Key = (String, String, String, String, String, String, String);
+type Key = (String, String, String, String, String);
 
 fn key(labels: &Value) -> Key {
     let text = |k: &str| labels[k].as_str().unwrap_or_default().to_owned();
     (
         text("source_namespace"),
         text("source_workload"),
-        text("source_identity"),
         text("destination_namespace"),
         text("destination_kind"),
         text("destination_workload"),
-        text("destination_identity"),
     )
 }
 
@@ -99,25 +98,24 @@ async fn edges(args: &Args) -> anyhow::Result<Vec<Edge>> {
         "sum by ({BY}) (rate(trellis_request_total{{{matchers},response_code!~\"5..\"}}[{window}])) / {rate} * 100"
     );
     let mut edges: BTreeMap<Key, Edge> = BTreeMap::new();
-    let optional = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     for (labels, value) in query(prometheus, &rate).await? {
         let k = key(&labels);
         if let Some(ns) = &args.namespace
             && &k.0 != ns
-            && &k.3 != ns
+            && &k.2 != ns
         {
             continue;
         }
         edges.insert(
             k.clone(),
             Edge {
-                source_namespace: k.0.clone(),
-                source_workload: k.1.clone(),
-                source_identity: optional(&k.2),
-                destination_namespace: k.3.clone(),
-                destination_kind: k.4.clone(),
-                destination_workload: k.5.clone(),
-                destination_identity: optional(&k.6),
+                source_namespace: k.0,
+                source_workload: k.1,
+                source_identity: None,
+                destination_namespace: k.2,
+                destination_kind: k.3,
+                destination_workload: k.4,
+                destination_identity: None,
                 requests_per_second: value,
                 // Traffic but no success series: every answer was a 5xx.
                 success_rate: (value > 0.0).then_some(0.0),
@@ -130,31 +128,53 @@ async fn edges(args: &Args) -> anyhow::Result<Vec<Edge>> {
             edge.success_rate = value.is_finite().then_some(value);
         }
     }
-    // mTLS per source proxy: which scrape targets carry which source workload, and which of
-    // them completed outbound handshakes (a family without samples exposes no series: none).
-    let sources = format!(
-        "group by (instance,source_namespace,source_workload) (trellis_request_total{{{matchers}}})"
+    // The identities the mTLS requests of each edge carried (every request over mTLS names
+    // both ends; several when an edge's calls went to several identities).
+    let identities = format!(
+        "group by ({BY},source_identity,destination_identity) (trellis_request_total{{{matchers},tls=\"true\"}})"
     );
-    let mut instances: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
-    for (labels, _) in query(prometheus, &sources).await? {
-        let text = |k: &str| labels[k].as_str().unwrap_or_default().to_owned();
-        instances
-            .entry((text("source_namespace"), text("source_workload")))
-            .or_default()
-            .insert(text("instance"));
+    let mut seen: BTreeMap<Key, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+    for (labels, _) in query(prometheus, &identities).await? {
+        let entry = seen.entry(key(&labels)).or_default();
+        for (set, label) in [
+            (&mut entry.0, "source_identity"),
+            (&mut entry.1, "destination_identity"),
+        ] {
+            if let Some(id) = labels[label].as_str().filter(|id| !id.is_empty()) {
+                set.insert(id.to_owned());
+            }
+        }
     }
-    let handshakes = r#"sum by (instance) (trellis_tls_handshakes_total{direction="outbound"})"#;
-    let with_mtls: BTreeSet<String> = query(prometheus, handshakes)
-        .await?
-        .into_iter()
-        .filter(|(_, v)| *v > 0.0)
-        .filter_map(|(labels, _)| labels["instance"].as_str().map(str::to_owned))
-        .collect();
-    for edge in edges.values_mut() {
-        let source = (edge.source_namespace.clone(), edge.source_workload.clone());
-        edge.mtls = instances
-            .get(&source)
-            .map(|set| set.iter().any(|i| with_mtls.contains(i)));
+    let joined = |set: &BTreeSet<String>| {
+        (!set.is_empty()).then(|| set.iter().cloned().collect::<Vec<_>>().join(","))
+    };
+    // mTLS per edge, from the requests an upstream answered (`error=""`; the ones the proxy
+    // answered itself, say for no endpoints, never left it): yes when none of them went in
+    // plaintext, no when some did, unknown without answered requests.
+    let by_tls = format!(
+        "sum by ({BY},tls) (rate(trellis_request_total{{{matchers},error=\"\"}}[{window}]))"
+    );
+    let mut answered: BTreeMap<Key, (f64, f64)> = BTreeMap::new();
+    for (labels, value) in query(prometheus, &by_tls).await? {
+        let entry = answered.entry(key(&labels)).or_default();
+        match labels["tls"].as_str() {
+            Some("true") => entry.0 += value,
+            Some("false") => entry.1 += value,
+            _ => {}
+        }
+    }
+    for (k, edge) in &mut edges {
+        if let Some((sources, destinations)) = seen.get(k) {
+            edge.source_identity = joined(sources);
+            edge.destination_identity = joined(destinations);
+        }
+        edge.mtls = answered.get(k).and_then(|&(mtls, plain)| {
+            if plain > 0.0 {
+                Some(false)
+            } else {
+                (mtls > 0.0).then_some(true)
+            }
+        });
     }
     Ok(edges.into_values().collect())
 }

@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use http::{HeaderMap, Method};
 
 use crate::config::DefaultAction;
+use crate::metrics::Label;
 use crate::table::{AuthorizationTable, InboundTable};
 
 /// Who is calling.
@@ -29,7 +30,7 @@ pub struct Caller {
     /// The peer's socket address.
     pub peer: SocketAddr,
     /// The peer's verified SPIFFE id (None for plaintext callers).
-    pub identity: Option<String>,
+    pub identity: Option<Label>,
     /// The local port the connection arrived on; for a transparent inbound connection, the
     /// port the caller addressed (its original destination's), which is what policies name.
     pub port: u16,
@@ -80,7 +81,7 @@ fn identity_matches(rule: &AuthorizationTable, caller: &Caller) -> bool {
         || caller.identity.as_ref().is_some_and(|id| {
             rule.identities
                 .iter()
-                .any(|allowed| allowed == "*" || allowed == id)
+                .any(|allowed| allowed == "*" || allowed == id.as_str())
         })
 }
 
@@ -165,7 +166,7 @@ mod tests {
     fn caller_from(identity: Option<&str>, port: u16, peer: &str) -> Caller {
         Caller {
             peer: peer.parse().unwrap(),
-            identity: identity.map(str::to_string),
+            identity: identity.map(Label::from),
             port,
             transparent: false,
         }

@@ -44,6 +44,12 @@ pub struct Config {
     /// them (Flagger's `osm`, `linkerd` and `smi:*` providers). Read at start.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics_compat: Vec<MetricsCompat>,
+    /// Do not count requests in `trellis_request_total` / `trellis_request_duration_ms` (nor the
+    /// compatibility series). Default false (counted); true measures what they cost (the
+    /// benchmark's `trellis-nometrics`) or spares a proxy whose metrics nobody scrapes. The
+    /// other series (connections, TLS, config updates) stay. Read at start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_request_metrics: bool,
     /// Write an access log (one JSON line per request or TCP connection) to `stderr`, `stdout`
     /// or this file (appended). Read at start; the controller can also turn it on (to stderr).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -447,7 +447,15 @@ async fn outbound(
     let decision = dest.route(req.method(), req.uri().path(), req.headers());
     let route = decision.route.clone();
     let Some(backend) = decision.backend else {
-        return dest_error(shared, &dest, None, route, Reason::NoBackends, started);
+        return dest_error(
+            shared,
+            &dest,
+            None,
+            route,
+            Reason::NoBackends,
+            started,
+            None,
+        );
     };
     let Some(endpoint) = backend.pick() else {
         return dest_error(
@@ -457,6 +465,7 @@ async fn outbound(
             route,
             Reason::NoEndpoints,
             started,
+            None,
         );
     };
     if let Some(tally) = crate::observe::Tally::of(&req) {
@@ -473,7 +482,7 @@ async fn outbound(
     // source the proxy is outside the mesh and talks plaintext.
     let mesh_identity = endpoint
         .identity
-        .as_deref()
+        .as_ref()
         .filter(|_| shared.identity.is_configured());
     if mesh_identity.is_some() && shared.identity.current().is_none() {
         return dest_error(
@@ -483,6 +492,7 @@ async fn outbound(
             route,
             Reason::NoIdentity,
             started,
+            mesh_identity,
         );
     }
     if let Some(hop) = hop {
@@ -502,6 +512,7 @@ async fn outbound(
                     route,
                     Reason::UpstreamFailed,
                     started,
+                    mesh_identity,
                 )
                 .tap_log(&e);
             }
@@ -526,6 +537,7 @@ async fn outbound(
                     route,
                     Reason::Timeout,
                     started,
+                    mesh_identity,
                 );
             }
         },
@@ -544,7 +556,15 @@ async fn outbound(
                 None => Reason::UpstreamFailed,
             };
             tracing::debug!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "upstream request failed");
-            return dest_error(shared, &dest, Some(backend), route, reason, started);
+            return dest_error(
+                shared,
+                &dest,
+                Some(backend),
+                route,
+                reason,
+                started,
+                mesh_identity,
+            );
         }
     };
     in_flight.record_latency();
@@ -563,6 +583,9 @@ async fn outbound(
             route,
             response_code: resp.status().as_u16(),
             error: label_empty(),
+            source_identity: own_identity(shared, mesh_identity.is_some()),
+            destination_identity: mesh_identity.cloned().unwrap_or_else(label_empty),
+            tls: label_bool(mesh_identity.is_some()),
         },
         started.elapsed().as_secs_f64() * 1000.0,
     );
@@ -590,6 +613,21 @@ fn label_inbound() -> Label {
     static L: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label::from("inbound"));
     L.clone()
 }
+/// `true` / `false` without an allocation per request.
+fn label_bool(value: bool) -> Label {
+    static TRUE: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label::from("true"));
+    static FALSE: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label::from("false"));
+    if value { TRUE.clone() } else { FALSE.clone() }
+}
+
+/// This proxy's SPIFFE id as a label when the request went over mTLS, else empty.
+fn own_identity(shared: &Shared, mtls: bool) -> Label {
+    mtls.then(|| shared.identity.current())
+        .flatten()
+        .map(|generation| generation.identity_label.clone())
+        .unwrap_or_else(label_empty)
+}
+
 fn label_empty() -> Label {
     static L: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Label::from(""));
     L.clone()
@@ -616,6 +654,9 @@ fn outbound_error(
             route: label_empty(),
             response_code: reason.status().as_u16(),
             error: Label::from(reason.as_str()),
+            source_identity: label_empty(),
+            destination_identity: label_empty(),
+            tls: label_bool(false),
         },
         started.elapsed().as_secs_f64() * 1000.0,
     );
@@ -633,6 +674,7 @@ fn dest_error(
     route: Label,
     reason: Reason,
     started: Instant,
+    mesh_identity: Option<&Label>,
 ) -> Response<ProxyBody> {
     let (ns, kind, name, bname) = match backend {
         Some(b) => (
@@ -657,6 +699,9 @@ fn dest_error(
             route,
             response_code: reason.status().as_u16(),
             error: Label::from(reason.as_str()),
+            source_identity: own_identity(shared, mesh_identity.is_some()),
+            destination_identity: mesh_identity.cloned().unwrap_or_else(label_empty),
+            tls: label_bool(mesh_identity.is_some()),
         },
         started.elapsed().as_secs_f64() * 1000.0,
     );
@@ -716,6 +761,9 @@ async fn inbound(
         route: label_empty(),
         response_code: code,
         error,
+        source_identity: caller.identity.clone().unwrap_or_else(label_empty),
+        destination_identity: own_identity(shared, caller.identity.is_some()),
+        tls: label_bool(caller.identity.is_some()),
     };
     if let Some(problem) = malformed(&req) {
         shared.metrics.request(

@@ -78,6 +78,10 @@ struct Cli {
         value_delimiter = ','
     )]
     metrics_compat: Vec<trellis_proxy::config::MetricsCompat>,
+    /// Do not count requests in `trellis_request_*` (nor the compatibility series): what the
+    /// benchmark uses to measure their cost. Other series stay.
+    #[arg(long, env = "TRELLIS_PROXY_NO_REQUEST_METRICS")]
+    no_request_metrics: bool,
     /// Admin listener (controller mode).
     #[arg(long, env = "TRELLIS_PROXY_ADMIN", default_value = "127.0.0.1:9901")]
     admin: SocketAddr,
@@ -264,6 +268,9 @@ fn apply_limit_flags(cli: &Cli, config: &mut Config) {
     }
     if let Some(target) = &cli.access_log {
         config.access_log = Some(target.clone());
+    }
+    if cli.no_request_metrics {
+        config.no_request_metrics = true;
     }
     if let Some(n) = cli.access_log_buffer {
         config.access_log_buffer = n;

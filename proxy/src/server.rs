@@ -33,7 +33,7 @@ use crate::authz::{Caller, Verdict};
 use crate::config::{Limits, Protocol};
 use crate::detect::{Detected, PrefixedIo, read_prefix};
 use crate::http::{ProxyBody, Side, handle};
-use crate::metrics::Metrics;
+use crate::metrics::{Label, Metrics};
 use crate::state::Shared;
 
 /// Open client connections: a drain waits for them, the global limit
@@ -478,7 +478,7 @@ async fn serve_inbound_tls(
     let tls = match accepted {
         Ok(Ok((tls, id))) => {
             shared.metrics.tls_handshake("inbound", started.elapsed());
-            caller.identity = Some(id);
+            caller.identity = Some(Label::from(id.as_str()));
             tls
         }
         Ok(Err(e)) => {

@@ -148,7 +148,11 @@ impl Shared {
     ) -> Result<Self, crate::config::Invalid> {
         let stats = StatsRegistry::default();
         let table = RoutingTable::compile(Arc::new(config.clone()), &stats)?;
-        let metrics = Metrics::register(registry, config.workload.as_ref(), &config.metrics_compat);
+        let mut metrics =
+            Metrics::register(registry, config.workload.as_ref(), &config.metrics_compat);
+        if config.no_request_metrics {
+            metrics = metrics.without_request_series();
+        }
         let observe = Arc::new(crate::observe::Observe::new(
             registry,
             config

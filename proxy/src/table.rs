@@ -583,7 +583,7 @@ impl BackendTable {
             endpoints.push(EndpointTable {
                 authority,
                 http2,
-                identity: e.identity.clone(),
+                identity: e.identity.as_deref().map(Label::from),
                 stats: stats.get(&e.address),
             });
         }
@@ -611,7 +611,7 @@ pub struct EndpointTable {
     /// Speak h2c to this endpoint.
     pub http2: bool,
     /// Expected SPIFFE identity: non-empty = mTLS, the server certificate must name it.
-    pub identity: Option<String>,
+    pub identity: Option<Label>,
     /// Shared statistics.
     pub stats: Arc<EndpointStats>,
 }

@@ -245,6 +245,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 pub struct TlsGeneration {
     /// The credentials.
     pub credentials: Credentials,
+    /// Their SPIFFE id as a metric label (made once per certificate, cloned per request).
+    pub identity_label: crate::metrics::Label,
     server: Arc<ServerConfig>,
     anchors: Arc<[TrustAnchor<'static>]>,
     clients: Mutex<HashMap<(String, Alpn), Arc<ClientConfig>>>,
@@ -278,6 +280,7 @@ impl TlsGeneration {
         server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
         let anchors: Arc<[TrustAnchor<'static>]> = trust_anchors(&credentials.anchors)?.into();
         Ok(TlsGeneration {
+            identity_label: crate::metrics::Label::from(credentials.id.to_string().as_str()),
             credentials,
             server: Arc::new(server),
             anchors,

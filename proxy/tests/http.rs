@@ -547,6 +547,33 @@ async fn no_endpoints_and_no_backends_answer_503_with_a_reason() {
 }
 
 #[tokio::test]
+async fn no_request_metrics_leaves_the_request_series_empty_and_the_others_counted() {
+    let v1 = app("v1").await;
+    let config = format!(
+        "no_request_metrics: true\n{}",
+        yaml(&destination("echo.default", &[("v1", 1, &[v1.addr])]))
+    );
+    let proxy = proxy(&config).await;
+    let mut client = H1::connect(proxy.http.unwrap()).await;
+    for _ in 0..3 {
+        assert_eq!(client.get("echo.default", "/").await.0, StatusCode::OK);
+    }
+    let (_, _, metrics) = H1::connect(proxy.admin.unwrap())
+        .await
+        .get("a", "/metrics")
+        .await;
+    assert!(
+        !metrics.contains("trellis_request_total{")
+            && !metrics.contains("trellis_request_duration_ms_bucket{"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_accepted_connections_total{listener=\"outbound-http\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn admin_serves_metrics_ready_live_and_config() {
     let v1 = app("v1").await;
     let proxy = proxy(&yaml(&destination(

@@ -320,6 +320,54 @@ async fn access_log_records_http_and_tcp_with_identities_statuses_and_errors() {
         metric(local(a_admin), "trellis_access_log_dropped_total").await,
         0.0
     );
+
+    // The request series name both ends' identities when the call went over mTLS (what
+    // `trellis edges` shows), and only then.
+    let series = |text: &str, needles: &[&str]| -> String {
+        text.lines()
+            .find(|l| {
+                l.starts_with("trellis_request_total{") && needles.iter().all(|n| l.contains(n))
+            })
+            .unwrap_or_else(|| panic!("no trellis_request_total with {needles:?} in:\n{text}"))
+            .to_owned()
+    };
+    let a_metrics = H1::connect(local(a_admin))
+        .await
+        .get("admin", "/metrics")
+        .await
+        .2;
+    let out = series(
+        &a_metrics,
+        &["direction=\"outbound\"", "response_code=\"200\""],
+    );
+    for label in [
+        format!("source_identity=\"{A_ID}\""),
+        format!("destination_identity=\"{B_ID}\""),
+        "tls=\"true\"".to_owned(),
+    ] {
+        assert!(out.contains(&label), "{label} missing: {out}");
+    }
+    let plain = series(&a_metrics, &["destination=\"dead.shop\""]);
+    assert!(
+        plain.contains("tls=\"false\"") && plain.contains("destination_identity=\"\""),
+        "{plain}"
+    );
+    let b_metrics = H1::connect(local(b_admin))
+        .await
+        .get("admin", "/metrics")
+        .await
+        .2;
+    let inb = series(
+        &b_metrics,
+        &["direction=\"inbound\"", "response_code=\"200\""],
+    );
+    for label in [
+        format!("source_identity=\"{A_ID}\""),
+        format!("destination_identity=\"{B_ID}\""),
+        "tls=\"true\"".to_owned(),
+    ] {
+        assert!(inb.contains(&label), "{label} missing: {inb}");
+    }
 }
 
 /// Latencies (ms) of `n` sequential GETs on one keep-alive connection.

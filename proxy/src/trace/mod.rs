@@ -228,7 +228,7 @@ impl Hop {
         self.attr("trellis.destination.workload", workload(&backend.workload));
         self.attr("trellis.endpoint", endpoint.authority.as_str().to_string());
         if let Some(id) = &endpoint.identity {
-            self.attr("trellis.destination.identity", id.clone());
+            self.attr("trellis.destination.identity", id.to_string());
         }
         if !route.as_str().is_empty() {
             self.route = Some(route.as_str().to_string());
@@ -269,7 +269,7 @@ impl Hop {
                 }
             }
             Side::Inbound { caller } => {
-                if let Some(id) = caller.identity.clone() {
+                if let Some(id) = caller.identity.as_deref().map(str::to_owned) {
                     self.attr("trellis.source.identity", id);
                 }
                 self.attr("client.address", caller.peer.ip().to_string());
