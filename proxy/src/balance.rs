@@ -1,6 +1,11 @@
 //! Choosing an endpoint within a backend: power of two choices over a peak latency EWMA (the
 //! Finagle/Linkerd default), round robin, or least-request (P2C over in-flight counts).
 //!
+//! The EWMA is failure-aware: a failed exchange (no connection, a reset, a timeout, a 5xx answer)
+//! is a sample of [`FAILURE_PENALTY_NANOS`] rather than of how fast it failed, so an endpoint
+//! that answers 500 in 0.1 ms does not look like the best one, and an endpoint that never
+//! answered (which would otherwise keep the "untried" cost 0) loses its comparisons.
+//!
 //! Statistics live in [`EndpointStats`], shared between routing-table generations by address, so a
 //! config swap keeps what the proxy learned and in-flight counts stay right across swaps. All
 //! updates are lock-free atomics; lost updates under races only blur the estimate.
@@ -21,6 +26,11 @@ const TAU_NANOS: f64 = 10_000_000_000.0;
 /// for one slow answer after some 30 comparisons (ln 10 / 0.05), while a steadily 5x slower
 /// endpoint still gets only about 6% of the requests (its samples keep re-raising its estimate).
 const KEPT_PER_LOSS: f64 = 0.95;
+/// The latency a failure counts as. Large against any healthy answer, so a failing endpoint loses
+/// its comparisons at once; with `KEPT_PER_LOSS` it is retried after about 90 lost comparisons
+/// (ln(100 ms / 1 ms) / 0.05), i.e. it gets about 1% of the requests while it keeps failing
+/// (2 endpoints) and its share back as soon as it answers well.
+pub const FAILURE_PENALTY_NANOS: f64 = 100_000_000.0;
 
 /// Live statistics of one endpoint address.
 #[derive(Debug)]
@@ -88,6 +98,16 @@ impl EndpointStats {
         }
     }
 
+    /// A failed exchange: a sample of at least [`FAILURE_PENALTY_NANOS`], set-up or not (an
+    /// endpoint that never answers must not stay "new").
+    fn penalize(&self, rtt_nanos: f64) {
+        self.first_answer.store(false, Ordering::Relaxed);
+        let next = rtt_nanos.max(FAILURE_PENALTY_NANOS).max(self.ewma_nanos());
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.stamp_nanos.store(now, Ordering::Relaxed);
+        self.ewma_nanos.store(next.to_bits(), Ordering::Relaxed);
+    }
+
     fn observe(&self, rtt_nanos: f64) {
         let now = self.epoch.elapsed().as_nanos() as u64;
         let raw = f64::from_bits(self.ewma_nanos.load(Ordering::Relaxed));
@@ -123,6 +143,21 @@ impl InFlight {
     /// Record the latency observed so far (call when response headers arrive).
     pub fn record_latency(&self) {
         self.stats.observe(self.started.elapsed().as_nanos() as f64);
+    }
+
+    /// Record a failed exchange (see [`FAILURE_PENALTY_NANOS`]).
+    pub fn record_failure(&self) {
+        self.stats
+            .penalize(self.started.elapsed().as_nanos() as f64);
+    }
+
+    /// Record an answer: its latency, or a failure when the status is a 5xx.
+    pub fn record_answer(&self, status: http::StatusCode) {
+        if status.is_server_error() {
+            self.record_failure();
+        } else {
+            self.record_latency();
+        }
     }
 }
 
@@ -277,6 +312,56 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let later = s.ewma_nanos();
         assert!(later < first && later > 0.0, "{first} -> {later}");
+    }
+
+    /// 0 is healthy at 1 ms; 1 fails as `fail` says; P2C over the two for `n` requests.
+    fn healthy_and_failing(
+        s: &[Arc<EndpointStats>],
+        b: &Balancer,
+        n: usize,
+        fail: impl Fn(&InFlight),
+    ) -> [usize; 2] {
+        let mut counts = [0usize; 2];
+        for _ in 0..n {
+            let pick = b.pick(s.iter().map(|s| &**s)).unwrap();
+            counts[pick] += 1;
+            let guard = s[pick].start();
+            if pick == 0 {
+                s[0].observe(1_000_000.0);
+            } else {
+                fail(&guard);
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn ewma_avoids_an_endpoint_that_fails_fast_and_one_that_never_answers() {
+        let b = Balancer::new(BalancerKind::Ewma);
+        // A fast 500 (0.1 ms) is a failure, not a good latency.
+        let s = stats(2);
+        let fast_500 = healthy_and_failing(&s, &b, 2000, |g| {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            g.record_answer(http::StatusCode::INTERNAL_SERVER_ERROR);
+        });
+        // An endpoint that never connects (never had a sample) does not stay "untried".
+        let s2 = stats(2);
+        let never = healthy_and_failing(&s2, &b, 2000, |g| g.record_failure());
+        for counts in [fast_500, never] {
+            assert!(
+                counts[1] > 0 && counts[1] < 100,
+                "the failing endpoint is retried now and then, rarely: {counts:?}"
+            );
+        }
+        // A failing endpoint that recovers gets its share back.
+        for _ in 0..2 {
+            s[1].observe(1_000_000.0);
+        }
+        let recovered = healthy_and_failing(&s, &b, 1000, |_| s[1].observe(1_000_000.0));
+        assert!(
+            recovered[1] > 300,
+            "recovered endpoint's share: {recovered:?}"
+        );
     }
 
     #[test]

@@ -530,6 +530,7 @@ async fn outbound(
         Some(t) => match tokio::time::timeout(t, sent).await {
             Ok(r) => r,
             Err(_) => {
+                in_flight.record_failure();
                 return dest_error(
                     shared,
                     &dest,
@@ -556,6 +557,9 @@ async fn outbound(
                 None => Reason::UpstreamFailed,
             };
             tracing::debug!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "upstream request failed");
+            if reason != Reason::BadRequest {
+                in_flight.record_failure();
+            }
             return dest_error(
                 shared,
                 &dest,
@@ -567,7 +571,7 @@ async fn outbound(
             );
         }
     };
-    in_flight.record_latency();
+    in_flight.record_answer(resp.status());
     finish_response(&mut resp, upgrade, shared.limits.tcp_idle_timeout());
     shared.metrics.request(
         &RequestLabels {

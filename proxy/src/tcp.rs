@@ -93,11 +93,12 @@ pub async fn forward_outbound<IO>(
             )),
         );
     }
-    let _in_flight = endpoint.stats.start();
+    let in_flight = endpoint.stats.start();
     let connect = TcpStream::connect(endpoint.authority.as_str());
     let mut upstream = match tokio::time::timeout(shared.limits.connect_timeout(), connect).await {
         Ok(Ok(s)) => s,
         _ => {
+            in_flight.record_failure();
             count(
                 &mut rec,
                 &shared,
