@@ -267,13 +267,18 @@ impl DestinationTable {
                 });
             backends.push(BackendTable::compile(b, &bfield, d, &workload, stats)?);
         }
-        let split = Split::new(d.backends.iter().enumerate().map(|(i, b)| (i, b.weight)));
+        let ready: Vec<bool> = backends.iter().map(|b| !b.endpoints.is_empty()).collect();
+        let split = Split::new(shares(
+            d.backends.iter().enumerate().map(|(i, b)| (i, b.weight)),
+            &ready,
+        ));
         let mut routes = Vec::with_capacity(d.routes.len());
         for (i, r) in d.routes.iter().enumerate() {
             routes.push(RouteTable::compile(
                 r,
                 &format!("{field}.routes[{i}]"),
                 &index,
+                &ready,
             )?);
         }
         if let Some(r) = d.trace_sampling
@@ -384,6 +389,28 @@ impl Split {
     }
 }
 
+/// The weights a split schedules: a weighted backend with no endpoints gives its share to the
+/// others (a canary scaled to zero in the same tick as its weight goes to 0, a version whose pods
+/// all went away) instead of failing its share with 503 `no-endpoints`, as long as some weighted
+/// backend has endpoints; when none has, the weights stay, and requests get `no-endpoints`
+/// (which says more than `no-backends`). `ready[i]`: backend `i` has endpoints.
+fn shares(
+    weights: impl Iterator<Item = (usize, u32)>,
+    ready: &[bool],
+) -> impl Iterator<Item = (usize, u32)> {
+    let weights: Vec<(usize, u32)> = weights.collect();
+    let any_ready = weights
+        .iter()
+        .any(|&(i, w)| w > 0 && ready.get(i).copied().unwrap_or(false));
+    weights.into_iter().map(move |(i, w)| {
+        if any_ready && !ready.get(i).copied().unwrap_or(false) {
+            (i, 0)
+        } else {
+            (i, w)
+        }
+    })
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
@@ -400,6 +427,7 @@ impl RouteTable {
         r: &config::Route,
         field: &str,
         backends: &HashMap<&str, usize>,
+        ready: &[bool],
     ) -> Result<Self, Invalid> {
         let mut matches = Vec::new();
         if r.path_regex.is_some() || !r.methods.is_empty() || !r.headers.is_empty() {
@@ -430,7 +458,7 @@ impl RouteTable {
                 };
                 weights.push((index, b.weight));
             }
-            Some(Split::new(weights.into_iter()))
+            Some(Split::new(shares(weights.into_iter(), ready)))
         };
         Ok(RouteTable {
             name: Label::from(r.name.as_str()),
@@ -698,6 +726,19 @@ impl InboundTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backend_without_endpoints_gives_its_share_to_the_others() {
+        let ready = [true, false, true];
+        let got: Vec<_> = shares([(0, 50), (1, 30), (2, 20)].into_iter(), &ready).collect();
+        assert_eq!(got, [(0, 50), (1, 0), (2, 20)]);
+        // Nobody ready: the weights stay (requests then say `no-endpoints`).
+        let got: Vec<_> = shares([(0, 50), (1, 50)].into_iter(), &[false, false]).collect();
+        assert_eq!(got, [(0, 50), (1, 50)]);
+        // Only a weight-0 backend is ready: it still gets nothing.
+        let got: Vec<_> = shares([(0, 0), (1, 50)].into_iter(), &[true, false]).collect();
+        assert_eq!(got, [(0, 0), (1, 50)]);
+    }
 
     #[test]
     fn split_schedules_are_exact_and_interleaved() {

@@ -506,6 +506,24 @@ async fn endpoint_removal_fails_no_request_and_in_flight_requests_finish() {
 }
 
 #[tokio::test]
+async fn a_weighted_backend_without_endpoints_gives_its_share_to_the_other() {
+    // A Flagger rollback: the canary (90 here) lost its endpoints in the same tick as (or before)
+    // its weight went to 0; the primary takes every request, none fails.
+    let primary = app("primary").await;
+    let dests = destination(
+        "podinfo.test",
+        &[("canary", 90, &[]), ("primary", 10, &[primary.addr])],
+    );
+    let proxy = proxy(&yaml(&dests)).await;
+    let mut client = H1::connect(proxy.http.unwrap()).await;
+    for _ in 0..50 {
+        let (status, app, _) = client.get("podinfo.test", "/").await;
+        assert_eq!((status, app.as_str()), (StatusCode::OK, "primary"));
+    }
+    assert_eq!(primary.hits(), 50);
+}
+
+#[tokio::test]
 async fn no_endpoints_and_no_backends_answer_503_with_a_reason() {
     let v1 = app("v1").await;
     let dests = destination("empty.default", &[("v1", 1, &[])])
