@@ -1,6 +1,10 @@
 //! Choosing an endpoint within a backend: power of two choices over a peak latency EWMA (the
 //! Finagle/Linkerd default), round robin, or least-request (P2C over in-flight counts).
 //!
+//! Endpoint weights (the registries' platform weights: Consul's `Weights.Passing`, a Cloud Map
+//! attribute...) divide the cost in both P2C balancers (an endpoint of weight 2 is worth twice its
+//! latency x load) and give weighted round robin its proportions.
+//!
 //! The EWMA is failure-aware: a failed exchange (no connection, a reset, a timeout, a 5xx answer)
 //! is a sample of [`FAILURE_PENALTY_NANOS`] rather than of how fast it failed, so an endpoint
 //! that answers 500 in 0.1 ms does not look like the best one, and an endpoint that never
@@ -183,41 +187,64 @@ impl Balancer {
         }
     }
 
-    /// Index of the endpoint to use among `stats` (None when empty).
+    /// Index of the endpoint to use among `endpoints`, each with its statistics and weight
+    /// (0 counts as 1); None when empty.
     pub fn pick<'a>(
         &self,
-        stats: impl ExactSizeIterator<Item = &'a EndpointStats> + Clone,
+        endpoints: impl ExactSizeIterator<Item = (&'a EndpointStats, u32)> + Clone,
     ) -> Option<usize> {
-        let n = stats.len();
+        let n = endpoints.len();
         match n {
             0 => None,
             1 => Some(0),
             _ => match self.kind {
-                BalancerKind::RoundRobin => Some(self.next.fetch_add(1, Ordering::Relaxed) % n),
+                BalancerKind::RoundRobin => {
+                    let turn = self.next.fetch_add(1, Ordering::Relaxed);
+                    Some(weighted_turn(endpoints.map(|(_, w)| w.max(1)), turn))
+                }
                 BalancerKind::Ewma => {
-                    let (winner, loser) = p2c(n, stats.clone(), EndpointStats::cost);
-                    if let Some(loser) = stats.clone().nth(loser) {
+                    let (winner, loser) = p2c(n, endpoints.clone(), EndpointStats::cost);
+                    if let Some((loser, _)) = endpoints.clone().nth(loser) {
                         loser.fade();
                     }
                     Some(winner)
                 }
-                BalancerKind::LeastRequest => Some(p2c(n, stats, |s| s.in_flight() as f64).0),
+                BalancerKind::LeastRequest => {
+                    Some(p2c(n, endpoints, |s| s.in_flight() as f64 + 1.0).0)
+                }
             },
         }
     }
 }
 
-/// Power of two choices: two distinct random endpoints, the cheaper wins (ties: the first).
-/// Returns (winner, loser).
+/// Round robin over weights: turn `turn` of a cycle as long as the weights' sum, endpoint `i`
+/// taking `weights[i]` consecutive turns (plain round robin when all weights are equal).
+fn weighted_turn(weights: impl Iterator<Item = u32> + Clone, turn: usize) -> usize {
+    let total: u64 = weights.clone().map(u64::from).sum();
+    let mut at = turn as u64 % total.max(1);
+    let mut last = 0;
+    for (i, w) in weights.enumerate() {
+        if at < u64::from(w) {
+            return i;
+        }
+        at -= u64::from(w);
+        last = i;
+    }
+    last
+}
+
+/// Power of two choices: two distinct random endpoints, the lower cost per unit of weight wins
+/// (ties: the first). Returns (winner, loser).
 fn p2c<'a>(
     n: usize,
-    mut stats: impl ExactSizeIterator<Item = &'a EndpointStats> + Clone,
+    mut endpoints: impl ExactSizeIterator<Item = (&'a EndpointStats, u32)> + Clone,
     cost: impl Fn(&EndpointStats) -> f64,
 ) -> (usize, usize) {
     let a = fastrand::usize(..n);
     let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-    let ca = stats.clone().nth(a).map_or(f64::MAX, &cost);
-    let cb = stats.nth(b).map_or(f64::MAX, &cost);
+    let weighted = |(s, w): (&EndpointStats, u32)| cost(s) / f64::from(w.max(1));
+    let ca = endpoints.clone().nth(a).map_or(f64::MAX, weighted);
+    let cb = endpoints.nth(b).map_or(f64::MAX, weighted);
     if cb < ca { (b, a) } else { (a, b) }
 }
 
@@ -235,7 +262,7 @@ mod tests {
         let b = Balancer::new(BalancerKind::RoundRobin);
         let mut counts = [0; 3];
         for _ in 0..300 {
-            counts[b.pick(s.iter().map(|s| &**s)).unwrap()] += 1;
+            counts[b.pick(s.iter().map(|s| (&**s, 1))).unwrap()] += 1;
         }
         assert_eq!(counts, [100, 100, 100]);
     }
@@ -251,7 +278,7 @@ mod tests {
         let b = Balancer::new(BalancerKind::Ewma);
         let mut slow = 0;
         for _ in 0..1000 {
-            let pick = b.pick(s.iter().map(|s| &**s)).unwrap();
+            let pick = b.pick(s.iter().map(|s| (&**s, 1))).unwrap();
             slow += usize::from(pick == 0);
             // Each keeps answering as it does: the slow one's samples re-raise its estimate.
             s[pick].observe(if pick == 0 { 5_000_000.0 } else { 300_000.0 });
@@ -268,7 +295,7 @@ mod tests {
         let s = stats(2);
         let busy: Vec<_> = (0..5).map(|_| s[0].start()).collect();
         let b = Balancer::new(BalancerKind::LeastRequest);
-        assert!((0..100).all(|_| b.pick(s.iter().map(|s| &**s)) == Some(1)));
+        assert!((0..100).all(|_| b.pick(s.iter().map(|s| (&**s, 1))) == Some(1)));
         drop(busy);
         assert_eq!(s[0].in_flight(), 0);
     }
@@ -280,12 +307,12 @@ mod tests {
         // Endpoint 0 has answered fast; endpoint 1 was never tried: it is tried first.
         s[0].observe(5_000_000.0); // first answer: connection set-up, ignored
         s[0].observe(300_000.0);
-        assert_eq!(b.pick(s.iter().map(|s| &**s)), Some(1));
+        assert_eq!(b.pick(s.iter().map(|s| (&**s, 1))), Some(1));
         // Two endpoints with equal latencies share sequential requests, even when one had a
         // 10x hiccup (which time decay alone would hold against it for seconds).
         let mut counts = [0usize; 2];
         for i in 0..200 {
-            let pick = b.pick(s.iter().map(|s| &**s)).unwrap();
+            let pick = b.pick(s.iter().map(|s| (&**s, 1))).unwrap();
             counts[pick] += 1;
             let latency = match i {
                 5 => 3_000_000.0,
@@ -323,7 +350,7 @@ mod tests {
     ) -> [usize; 2] {
         let mut counts = [0usize; 2];
         for _ in 0..n {
-            let pick = b.pick(s.iter().map(|s| &**s)).unwrap();
+            let pick = b.pick(s.iter().map(|s| (&**s, 1))).unwrap();
             counts[pick] += 1;
             let guard = s[pick].start();
             if pick == 0 {
@@ -365,10 +392,38 @@ mod tests {
     }
 
     #[test]
+    fn weights_set_round_robin_proportions_and_scale_p2c_costs() {
+        let s = stats(2);
+        fn weighted(s: &[Arc<EndpointStats>]) -> Vec<(&EndpointStats, u32)> {
+            s.iter().zip([3u32, 1]).map(|(s, w)| (&**s, w)).collect()
+        }
+        let b = Balancer::new(BalancerKind::RoundRobin);
+        let mut counts = [0; 2];
+        for _ in 0..400 {
+            counts[b.pick(weighted(&s).into_iter()).unwrap()] += 1;
+        }
+        assert_eq!(counts, [300, 100]);
+        // Least-request: equal load per unit of weight; weight 3 holds three requests before
+        // weight 1 looks as busy with one.
+        let b = Balancer::new(BalancerKind::LeastRequest);
+        let mut held = Vec::new();
+        let mut counts = [0; 2];
+        for _ in 0..400 {
+            let pick = b.pick(weighted(&s).into_iter()).unwrap();
+            counts[pick] += 1;
+            held.push(s[pick].start());
+        }
+        assert!(
+            (270..=330).contains(&counts[0]),
+            "weight 3 of 4 takes about 3/4 of the open requests: {counts:?}"
+        );
+    }
+
+    #[test]
     fn empty_and_single_sets() {
         let b = Balancer::new(BalancerKind::Ewma);
         assert_eq!(b.pick(std::iter::empty()), None);
         let s = stats(1);
-        assert_eq!(b.pick(s.iter().map(|s| &**s)), Some(0));
+        assert_eq!(b.pick(s.iter().map(|s| (&**s, 1))), Some(0));
     }
 }

@@ -393,7 +393,8 @@ pub struct Endpoint {
     /// Labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Relative weight within the backend (currently used by no balancer but kept for `/config`).
+    /// Relative weight within the backend: the balancer's share of this endpoint (P2C costs are
+    /// divided by it; weighted round robin gives it this many turns). 0 counts as 1.
     #[serde(default = "one")]
     pub weight: u32,
     /// Protocol override for this endpoint (`http2` = speak h2c to it).

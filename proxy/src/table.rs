@@ -612,6 +612,7 @@ impl BackendTable {
                 authority,
                 http2,
                 identity: e.identity.as_deref().map(Label::from),
+                weight: e.weight,
                 stats: stats.get(&e.address),
             });
         }
@@ -626,7 +627,7 @@ impl BackendTable {
     /// Pick an endpoint (None when the backend has none).
     pub fn pick(&self) -> Option<&EndpointTable> {
         self.balancer
-            .pick(self.endpoints.iter().map(|e| &*e.stats))
+            .pick(self.endpoints.iter().map(|e| (&*e.stats, e.weight)))
             .map(|i| &self.endpoints[i])
     }
 }
@@ -640,6 +641,8 @@ pub struct EndpointTable {
     pub http2: bool,
     /// Expected SPIFFE identity: non-empty = mTLS, the server certificate must name it.
     pub identity: Option<Label>,
+    /// Relative weight within the backend (the balancer's; 0 counts as 1).
+    pub weight: u32,
     /// Shared statistics.
     pub stats: Arc<EndpointStats>,
 }
