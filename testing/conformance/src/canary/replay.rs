@@ -367,10 +367,13 @@ async fn steps(
                 .into_iter()
                 .flatten()
                 .map(|b| {
+                    // Converted, not relabelled: quantity strings at v1alpha1, integers after.
                     let weight = &b["weight"];
-                    let weight = weight
-                        .as_u64()
-                        .or_else(|| weight.as_str().and_then(|w| w.parse().ok()));
+                    let weight = if other == SplitVersion::V1alpha1 {
+                        weight.as_str().and_then(|w| w.parse().ok())
+                    } else {
+                        weight.as_u64()
+                    };
                     (b["service"].as_str().unwrap_or_default().to_owned(), weight)
                 })
                 .collect();
@@ -551,10 +554,10 @@ async fn steps(
                 "the failing canary passed Flagger's check for 30 s"
             );
         }
-        // What Flagger does in one step.
+        // What Flagger does in one step (timed from its first write).
+        let t0 = Instant::now();
         stage.split(version, 0).await?;
         stage.services(&[&serving], &[]).await?;
-        let t0 = Instant::now();
         // A-rb-2: within 2 s no request reaches the canary: a batch that began after 2 s
         // must not see it (when the first clean batch began is what is reported; on a busy
         // machine a batch itself can take a while).
