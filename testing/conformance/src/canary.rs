@@ -1,13 +1,26 @@
-//! The pieces of a Flagger-style canary on the file platform, as real processes on loopback: a
-//! controller, pods (an echo app behind its inbound `trellis-proxy`, labelled with its
-//! Deployment), a meshed caller, the services file Flagger's Services amount to, and the
-//! TrafficSplit in each version Flagger writes (../shared/flagger/CONTRACT.md sections 1, 2, 5).
+//! The pieces of a Flagger-style canary as real processes: a controller, pods (an echo app
+//! behind its inbound `trellis-proxy`, labelled with its Deployment), a meshed caller, the
+//! Services Flagger creates and the TrafficSplit in each version Flagger writes
+//! (../shared/flagger/CONTRACT.md sections 1, 2, 5).
+//!
+//! - This module: the file platform on loopback ([`Controller`]: the services file Flagger's
+//!   Services amount to, the split as a policy file), and the pods and caller on loopback or on a
+//!   host ([`Pod::start_at`], [`Caller::start_at`]).
+//! - [`kubernetes`]: the same on Kubernetes (the fake API server, or a real one), through the
+//!   API as Flagger and the cluster's controllers write it, with the split's version
+//!   conversion served by the controller's webhook.
+//! - [`replay`]: a whole Flagger run, the same steps on either ([`replay::Stage`]).
+
+pub mod kubernetes;
+pub mod replay;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
+use crate::harness::hosts::Place;
+use crate::harness::mesh::TRUST_DOMAIN;
 use crate::harness::platform::write_atomic;
 use crate::harness::process::{self, Process};
 use trellis_echo::client::{CallPlan, CallReport, run as call};
@@ -112,6 +125,12 @@ pub enum SplitVersion {
 }
 
 impl SplitVersion {
+    pub const ALL: [SplitVersion; 3] = [
+        SplitVersion::V1alpha1,
+        SplitVersion::V1alpha2,
+        SplitVersion::V1alpha3,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             SplitVersion::V1alpha1 => "v1alpha1",
@@ -149,8 +168,8 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// Starts a pod of `deployment` running `version`, its proxy on `ip` and exposing `compat`
-    /// metric names (e.g. `osm,linkerd,istio`).
+    /// Starts a pod of `deployment` running `version`, its proxy on `ip` (any port) and exposing
+    /// the `osm`, `linkerd` and `istio` metric names, on loopback with no identity.
     pub async fn start(
         deployment: &str,
         version: &str,
@@ -158,8 +177,27 @@ impl Pod {
         grpc: SocketAddr,
         log_dir: &Path,
     ) -> anyhow::Result<Self> {
+        let place = Place { netns: None, ip };
+        Self::start_at(deployment, version, &place, 0, grpc, None, log_dir).await
+    }
+
+    /// Starts a pod at `place`: on a host (a network namespace) the app, the inbound listener
+    /// (`inbound_port`) and the admin listener are on the host's address, as in a pod; on
+    /// loopback the app and the admin listener are on 127.0.0.1. With `identity`, the proxy
+    /// proves its ServiceAccount with that token file (mTLS).
+    pub async fn start_at(
+        deployment: &str,
+        version: &str,
+        place: &Place,
+        inbound_port: u16,
+        grpc: SocketAddr,
+        identity: Option<&Path>,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let tag = format!("{deployment}-{version}");
-        let mut app = Process::spawn(
+        let local = local_ip(place);
+        let mut app = Process::spawn_in(
+            place.netns.as_deref(),
             &format!("app-{tag}"),
             &process::binary(process::ECHO)?,
             &[
@@ -168,31 +206,34 @@ impl Pod {
                 "--version".into(),
                 version.into(),
                 "--listen".into(),
-                "127.0.0.1:0".into(),
+                SocketAddr::new(local, 0).to_string(),
             ],
             &[],
             log_dir,
         )?;
         let app_addr = app.listening_on().await?;
-        let mut proxy = Process::spawn(
+        let mut args: Vec<String> = vec![
+            "--controller".into(),
+            format!("http://{grpc}"),
+            "--workload".into(),
+            format!("{NAMESPACE}/podinfo"),
+            "--workload-name".into(),
+            deployment.into(),
+            "--metrics-compat".into(),
+            "osm,linkerd,istio".into(),
+            "--admin".into(),
+            SocketAddr::new(local, 0).to_string(),
+            "--inbound".into(),
+            format!("{}={app_addr}", SocketAddr::new(place.ip, inbound_port)),
+            "--threads".into(),
+            "1".into(),
+        ];
+        args.extend(identity_args(identity));
+        let mut proxy = Process::spawn_in(
+            place.netns.as_deref(),
             &format!("proxy-{tag}"),
             &process::binary(process::PROXY)?,
-            &[
-                "--controller".into(),
-                format!("http://{grpc}"),
-                "--workload".into(),
-                format!("{NAMESPACE}/podinfo"),
-                "--workload-name".into(),
-                deployment.into(),
-                "--metrics-compat".into(),
-                "osm,linkerd,istio".into(),
-                "--admin".into(),
-                "127.0.0.1:0".into(),
-                "--inbound".into(),
-                format!("{}={app_addr}", SocketAddr::new(ip, 0)),
-                "--threads".into(),
-                "1".into(),
-            ],
+            &args,
             &[],
             log_dir,
         )?;
@@ -201,6 +242,9 @@ impl Pod {
                 l.contains("trellis-proxy started").then(|| l.to_owned())
             })
             .await?;
+        if identity.is_some() {
+            wait_certificate(&mut proxy).await?;
+        }
         let pod = Self {
             deployment: deployment.into(),
             version: version.into(),
@@ -259,22 +303,42 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// A caller on loopback with no identity.
     pub async fn start(grpc: SocketAddr, log_dir: &Path) -> anyhow::Result<Self> {
-        let mut proxy = Process::spawn(
+        let place = Place {
+            netns: None,
+            ip: IpAddr::from([127, 0, 0, 1]),
+        };
+        Self::start_at(&place, grpc, None, log_dir).await
+    }
+
+    /// A caller at `place` (its listeners on the place's address), proving its ServiceAccount
+    /// with the `identity` token file when one is given.
+    pub async fn start_at(
+        place: &Place,
+        grpc: SocketAddr,
+        identity: Option<&Path>,
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let any_port = SocketAddr::new(place.ip, 0).to_string();
+        let mut args: Vec<String> = vec![
+            "--controller".into(),
+            format!("http://{grpc}"),
+            "--workload".into(),
+            format!("{NAMESPACE}/loadtester"),
+            "--admin".into(),
+            any_port.clone(),
+            "--outbound-http".into(),
+            any_port,
+            "--threads".into(),
+            "1".into(),
+        ];
+        args.extend(identity_args(identity));
+        let mut proxy = Process::spawn_in(
+            place.netns.as_deref(),
             "proxy-loadtester",
             &process::binary(process::PROXY)?,
-            &[
-                "--controller".into(),
-                format!("http://{grpc}"),
-                "--workload".into(),
-                format!("{NAMESPACE}/loadtester"),
-                "--admin".into(),
-                "127.0.0.1:0".into(),
-                "--outbound-http".into(),
-                "127.0.0.1:0".into(),
-                "--threads".into(),
-                "1".into(),
-            ],
+            &args,
             &[],
             log_dir,
         )?;
@@ -286,6 +350,9 @@ impl Caller {
                 ))
             })
             .await?;
+        if identity.is_some() {
+            wait_certificate(&mut proxy).await?;
+        }
         Ok(Self {
             _proxy: proxy,
             outbound,
@@ -306,6 +373,39 @@ impl Caller {
         })
         .await
     }
+}
+
+/// The address a pod's app and admin listener bind: the host's on a host (reachable from the
+/// test's leg on the bridge), 127.0.0.1 on loopback.
+fn local_ip(place: &Place) -> IpAddr {
+    if place.netns.is_some() {
+        place.ip
+    } else {
+        IpAddr::from([127, 0, 0, 1])
+    }
+}
+
+/// The proxy flags for proving a ServiceAccount with a token file.
+fn identity_args(identity: Option<&Path>) -> Vec<String> {
+    identity
+        .map(|token| {
+            vec![
+                "--identity-token-file".into(),
+                token.display().to_string(),
+                "--trust-domain".into(),
+                TRUST_DOMAIN.into(),
+            ]
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until a proxy with an identity holds its certificate (before that it refuses mTLS).
+async fn wait_certificate(proxy: &mut Process) -> anyhow::Result<()> {
+    proxy
+        .wait_line("`certificate obtained`", process::START_TIMEOUT, |l| {
+            l.contains("certificate obtained").then_some(())
+        })
+        .await
 }
 
 /// `count` GETs of `path` straight to a pod's inbound proxy, which must all be answered.

@@ -8,7 +8,8 @@
 //! - [`scenarios`]: the SMI scenarios, the same SMI YAML on every platform.
 //! - [`table`]: the scenario x platform table the conformance test prints.
 //! - [`prometheus`]: a real Prometheus for the tests that run Flagger's queries.
-//! - [`canary`]: a Flagger-style canary's processes and files (controller, pods, caller, splits).
+//! - [`canary`]: a Flagger-style canary's processes and objects (controller, pods, caller, splits)
+//!   on files or on Kubernetes, and the replay of a whole Flagger run on either.
 //!
 //! The test `tests/smi.rs` runs every scenario on every platform and fails on any failure.
 

@@ -547,6 +547,25 @@ impl Platform {
         Ok(())
     }
 
+    /// The Kubernetes client, its kubeconfig, and the fake API server when it is the fake: for
+    /// tests that write their own objects (the Flagger replay's Deployments, Services, slices).
+    pub fn kubernetes(
+        &self,
+    ) -> Option<(
+        &kube::Client,
+        &Path,
+        Option<&trellis_kube_fake::FakeApiServer>,
+    )> {
+        match &self.inner {
+            Inner::Kubernetes {
+                _fake,
+                client,
+                kubeconfig,
+            } => Some((client, kubeconfig, _fake.as_ref())),
+            _ => None,
+        }
+    }
+
     /// The Kubernetes client, when SMI policy lives in Kubernetes.
     fn policy_client(&self) -> Option<&kube::Client> {
         match &self.inner {
