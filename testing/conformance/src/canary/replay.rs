@@ -269,6 +269,51 @@ async fn stat_by_backend(prometheus: &Prometheus) -> anyhow::Result<String> {
     Ok(format!("trellis stat --by backend: {}", seen.join(", ")))
 }
 
+/// `trellis edges -n test -o json` on the test's Prometheus, on Kubernetes where every proxy has
+/// an identity: the loadtester's calls to podinfo went over mTLS, and the edge names both
+/// ServiceAccounts' SPIFFE ids (from the request series' identity labels).
+async fn edges_with_identities(prometheus: &Prometheus) -> anyhow::Result<String> {
+    let binary = crate::harness::process::binary(crate::harness::process::TRELLIS)?;
+    let out = tokio::process::Command::new(binary)
+        .args(["edges", "-n", "test", "-o", "json"])
+        .args(["--prometheus", &format!("http://{}", prometheus.addr)])
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "trellis edges: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let edges: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let to_podinfo: Vec<&serde_json::Value> = edges
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["destination_workload"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("podinfo"))
+        })
+        .collect();
+    ensure!(
+        !to_podinfo.is_empty(),
+        "trellis edges: no edge to podinfo: {edges}"
+    );
+    for edge in &to_podinfo {
+        let id = |k: &str| edge[k].as_str().unwrap_or_default().to_owned();
+        ensure!(
+            edge["mtls"] == true
+                && id("source_identity").ends_with("/ns/test/sa/loadtester")
+                && id("destination_identity").ends_with("/ns/test/sa/podinfo"),
+            "trellis edges: {edge}"
+        );
+    }
+    Ok(format!(
+        "trellis edges: {} edge(s) to podinfo over mTLS, loadtester -> podinfo identities",
+        to_podinfo.len()
+    ))
+}
+
 /// How a replay ended.
 #[derive(Debug)]
 pub enum Replayed {
@@ -469,6 +514,9 @@ async fn steps(
         // `trellis stat --by backend`: the callers' side of the split, both backends healthy.
         let stat = stat_by_backend(&prometheus).await?;
         notes.push(stat);
+        if matches!(stage, Stage::Kubernetes(_)) {
+            notes.push(edges_with_identities(&prometheus).await?);
+        }
 
         if !plan.promotion {
             // No promotion: the split back to 0/100 and the canary scaled to zero, one
