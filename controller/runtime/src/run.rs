@@ -153,6 +153,7 @@ pub async fn start_full(
                 certifier.ca().clone(),
                 leader.is_leader(),
                 &mut registry,
+                options.traffic_metrics.clone(),
             )
             .await?,
         ),

@@ -76,6 +76,8 @@ use prometheus::QueryError;
 pub const GROUP: &str = "metrics.smi-spec.io";
 /// The version.
 pub const VERSION: &str = "v1alpha1";
+/// The name of the APIService that registers the API with the Kubernetes API server.
+pub const API_SERVICE: &str = "v1alpha1.metrics.smi-spec.io";
 /// Every path of the API starts with this.
 pub const PREFIX: &str = "/apis/metrics.smi-spec.io/v1alpha1";
 
