@@ -277,3 +277,66 @@ async fn only_the_front_proxy_with_an_allowed_user_gets_metrics() {
     let (status, body) = call(&setup, None, Method::POST, "/convert", &[]).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }
+
+/// Against a real API server (`TRELLIS_TEST_KUBECONFIG`) where `trellis install --prometheus`
+/// registered the APIService and the controller runs: what `kubectl get --raw
+/// /apis/metrics.smi-spec.io/v1alpha1[/namespaces]` shows, through the API server's
+/// aggregation (its front proxy, our authentication, its RBAC in our SubjectAccessReview).
+#[tokio::test]
+async fn a_real_api_server_serves_the_group_through_aggregation() {
+    let Ok(path) = std::env::var("TRELLIS_TEST_KUBECONFIG") else {
+        eprintln!(
+            "skipped: set TRELLIS_TEST_KUBECONFIG to a kubeconfig of a cluster with `trellis install --prometheus URL` applied"
+        );
+        return;
+    };
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("reading the kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .expect("a usable kubeconfig");
+    let client = kube::Client::try_from(config).unwrap();
+    let services: Api<k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService> =
+        Api::all(client.clone());
+    let Some(service) = services
+        .get_opt(trellis_traffic_metrics::API_SERVICE)
+        .await
+        .expect("reading APIServices")
+    else {
+        eprintln!(
+            "skipped: no APIService {} in this cluster (install with `trellis install --prometheus URL --apply`)",
+            trellis_traffic_metrics::API_SERVICE
+        );
+        return;
+    };
+    let available = service
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Available");
+    assert!(
+        available.as_ref().is_some_and(|c| c.status == "True"),
+        "the APIService is not Available: {available:?}"
+    );
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let request = http::Request::get(&path).body(Vec::new()).unwrap();
+            client
+                .request_text(request)
+                .await
+                .map(|text| serde_json::from_str::<Value>(&text).unwrap())
+        }
+    };
+    let discovery = get(PREFIX.to_owned()).await.expect("discovery");
+    assert_eq!(discovery["kind"], "APIResourceList", "{discovery}");
+    match get(format!("{PREFIX}/namespaces")).await {
+        Ok(list) => assert_eq!(list["kind"], "TrafficMetricsList", "{list}"),
+        // The kubeconfig's user may not be allowed: then the refusal is ours or RBAC's Status.
+        Err(kube::Error::Api(status)) => {
+            assert!(matches!(status.code, 403 | 503), "{status:?}");
+            eprintln!("namespaces: {} {}", status.code, status.message);
+        }
+        Err(other) => panic!("{other}"),
+    }
+}
