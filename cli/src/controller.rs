@@ -44,6 +44,11 @@ pub struct Args {
     /// Admin listen address (/metrics, /ready, /live, /api/v1/state).
     #[arg(long, default_value = "127.0.0.1:9990")]
     pub admin: SocketAddr,
+    /// The Prometheus that scrapes the proxies (http://HOST:PORT): serves the SMI TrafficMetrics
+    /// API (metrics.smi-spec.io/v1alpha1) from it on the admin port under
+    /// /apis/metrics.smi-spec.io/v1alpha1 and, with --webhook, as the aggregated API.
+    #[arg(long, value_name = "URL")]
+    pub prometheus: Option<String>,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
@@ -209,6 +214,11 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
                 access_log_namespaces: args.access_log_namespace.clone(),
             },
             webhooks: args.kubernetes.webhooks(&args.trust_domain)?,
+            traffic_metrics: args
+                .prometheus
+                .as_deref()
+                .map(trellis_traffic_metrics::MetricsApi::new)
+                .transpose()?,
         },
         args.identity()?,
         leader,

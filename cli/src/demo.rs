@@ -338,6 +338,7 @@ async fn mesh(platform: DemoPlatform) -> anyhow::Result<Mesh> {
             },
             adapters: Adapters(adapters),
             webhooks: None,
+            traffic_metrics: None,
             grpc: loopback,
             admin: Some(loopback),
             // Default deny: only the TrafficTarget lets anyone in.

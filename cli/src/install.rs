@@ -65,6 +65,12 @@ pub struct Args {
     /// `trellis.io/metrics-compat` annotation overrides it.
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = ["osm", "linkerd", "istio"])]
     pub metrics_compat: Vec<String>,
+    /// The Prometheus that scrapes the proxies, as the controller reaches it
+    /// (`http://prometheus.trellis-system:9090`): the controller serves the SMI TrafficMetrics API
+    /// from it, registered with the APIService `v1alpha1.metrics.smi-spec.io` (added, with the
+    /// RBAC it needs). Needs the controller's Service (not --webhook-url).
+    #[arg(long, value_name = "URL")]
+    pub prometheus: Option<String>,
     /// SPIFFE trust domain of workload identities.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,

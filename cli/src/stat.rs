@@ -5,13 +5,12 @@
 //! side), so a canary's share and health show next to its primary's.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::process::ExitCode;
 
-use anyhow::{Context as _, bail};
 use serde::Serialize;
 use serde_json::Value;
-use trellis_echo::plain::{Method, request};
+// The one Prometheus client, shared with the controller's TrafficMetrics API.
+pub(crate) use trellis_traffic_metrics::prometheus::{address, query};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -75,19 +74,6 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         Output::Table => print!("{}", table(&rows, args.by)),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The Prometheus address of `url` (`http://HOST:PORT`).
-pub(crate) fn address(url: &str) -> anyhow::Result<SocketAddr> {
-    let Some(rest) = url.strip_prefix("http://") else {
-        bail!("--prometheus {url:?}: expected http://HOST:PORT");
-    };
-    let authority = rest.trim_end_matches('/');
-    authority
-        .to_socket_addrs()
-        .with_context(|| format!("--prometheus {url:?}: cannot resolve {authority}"))?
-        .next()
-        .with_context(|| format!("--prometheus {url:?}: no address for {authority}"))
 }
 
 /// The PromQL label matchers and grouping of a view.
@@ -177,36 +163,6 @@ pub(crate) async fn rows(args: &Args) -> anyhow::Result<Vec<Row>> {
         }
     }
     Ok(table.into_values().collect())
-}
-
-/// An instant query's vector: each element's labels and value.
-pub(crate) async fn query(
-    prometheus: SocketAddr,
-    promql: &str,
-) -> anyhow::Result<Vec<(Value, f64)>> {
-    let encoded: String = form_urlencoded::byte_serialize(promql.as_bytes()).collect();
-    let reply = request(
-        prometheus,
-        Method::GET,
-        &format!("/api/v1/query?query={encoded}"),
-        None,
-    )
-    .await
-    .with_context(|| format!("querying Prometheus at {prometheus}"))?;
-    let body: Value = serde_json::from_slice(&reply.body)
-        .with_context(|| format!("Prometheus answered {}: {}", reply.status, reply.text()))?;
-    if body["status"] != "success" {
-        bail!("Prometheus refused {promql:?}: {}", body["error"]);
-    }
-    Ok(body["data"]["result"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| {
-            let value = r["value"][1].as_str()?.parse::<f64>().ok()?;
-            Some((r["metric"].clone(), value))
-        })
-        .collect())
 }
 
 /// The rows as an aligned table.

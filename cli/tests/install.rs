@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use serde::Deserialize as _;
 use serde_json::Value;
 use trellis_testing::controller_command;
@@ -81,6 +82,7 @@ fn check_types(objects: &[Value]) {
             "Deployment" => round_trip::<Deployment>(object),
             "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(object),
             "MutatingWebhookConfiguration" => round_trip::<MutatingWebhookConfiguration>(object),
+            "APIService" => round_trip::<APIService>(object),
             other => panic!("unexpected kind {other}"),
         }
     }
@@ -186,7 +188,10 @@ fn the_uninstall_removes_the_injector_first_and_the_crds_last() {
     let objects = documents(&text);
     check_types(&objects);
     let kinds = kinds(&objects);
-    assert_eq!(kinds.first().unwrap(), "MutatingWebhookConfiguration");
+    // The TrafficMetrics APIService (of an install with --prometheus; a 404 is fine) goes
+    // before anything it calls.
+    assert_eq!(kinds[0], "APIService");
+    assert_eq!(kinds[1], "MutatingWebhookConfiguration");
     assert_eq!(kinds[kinds.len() - 6], "Namespace");
     assert!(
         kinds[kinds.len() - 5..]

@@ -247,10 +247,15 @@ fn cluster_role(name: &str, rules: &[Rule], names: &Names, intro: &str) -> [Docu
 }
 
 /// The controller's ClusterRole and binding, then its Role and binding in the mesh namespace.
-pub fn controller(names: &Names) -> Vec<Document> {
+/// With `aggregated` (`--prometheus`), also what the aggregated TrafficMetrics API needs.
+pub fn controller(names: &Names, aggregated: bool) -> Vec<Document> {
+    let mut cluster_rules = controller_cluster_rules(names);
+    if aggregated {
+        cluster_rules.extend(aggregated_rules());
+    }
     let mut documents = Vec::from(cluster_role(
         &names.cluster_controller,
-        &controller_cluster_rules(names),
+        &cluster_rules,
         names,
         "What the Trellis controller reads and writes cluster-wide, beyond the discovery adapter's rules (bound to the same ServiceAccount). It never writes SMI objects. Why each rule:",
     ));
@@ -274,7 +279,51 @@ pub fn controller(names: &Names) -> Vec<Document> {
         why(&rules)
     )));
     documents.push(Document::new(Object::RoleBinding(binding)));
+    if aggregated {
+        documents.push(auth_reader(names));
+    }
     documents
+}
+
+/// The aggregated TrafficMetrics API's cluster-wide rules.
+fn aggregated_rules() -> Vec<Rule> {
+    vec![
+        rule(
+            "The aggregated TrafficMetrics API asks whether the user the API server names may get/list the kind asked about (SubjectAccessReview).",
+            "authorization.k8s.io",
+            &["subjectaccessreviews"],
+            &["create"],
+        ),
+        named(
+            rule(
+                "The leader writes the webhook's caBundle and Service into the TrafficMetrics APIService: this one only.",
+                "apiregistration.k8s.io",
+                &["apiservices"],
+                &["get", "patch"],
+            ),
+            vec![trellis_traffic_metrics::API_SERVICE.to_owned()],
+        ),
+    ]
+}
+
+/// Reading the front proxy's CA and names (ConfigMap kube-system/extension-apiserver-authentication)
+/// through the Role every cluster has for aggregated API servers.
+fn auth_reader(names: &Names) -> Document {
+    let binding = RoleBinding {
+        metadata: meta(
+            &format!("{}-auth-reader", names.cluster_controller),
+            Some("kube-system"),
+        ),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".to_owned()),
+            kind: "Role".to_owned(),
+            name: "extension-apiserver-authentication-reader".to_owned(),
+        },
+        subjects: Some(vec![subject(names)]),
+    };
+    Document::new(Object::RoleBinding(binding)).with_comment(
+        "The aggregated TrafficMetrics API authenticates the API server's front proxy with the CA and names of ConfigMap kube-system/extension-apiserver-authentication: read through the cluster's own Role for aggregated API servers.",
+    )
 }
 
 /// The discovery adapter's ClusterRole and binding (list + watch on four kinds).
@@ -290,7 +339,7 @@ pub fn discovery(names: &Names) -> Vec<Document> {
 /// The text of the committed file for `which` (default namespace).
 pub fn file(which: Which, names: &Names) -> String {
     let documents = match which {
-        Which::Controller => controller(names),
+        Which::Controller => controller(names, false),
         Which::Discovery => discovery(names),
     };
     let header = format!(

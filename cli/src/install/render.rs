@@ -83,12 +83,16 @@ pub fn install(settings: &Settings) -> Vec<Document> {
     documents.extend(webhook::crds(settings));
     documents.push(workload::service_account(settings));
     documents.extend(rbac::discovery(&settings.names));
-    documents.extend(rbac::controller(&settings.names));
+    documents.extend(rbac::controller(
+        &settings.names,
+        settings.prometheus.is_some(),
+    ));
     documents.extend(ca_secret(settings));
     documents.push(workload::service(settings));
     documents.push(workload::deployment(settings));
     documents.extend(workload::disruption_budget(settings));
     documents.push(webhook::injector(settings));
+    documents.extend(webhook::api_service(settings));
     documents
 }
 
@@ -139,6 +143,8 @@ fn order(object: &Object) -> u8 {
         Object::Deployment(_) => 9,
         Object::PodDisruptionBudget(_) => 10,
         Object::MutatingWebhookConfiguration(_) => 11,
+        // Last in, first out: no request is sent to a controller that is going away.
+        Object::APIService(_) => 12,
     }
 }
 

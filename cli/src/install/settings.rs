@@ -67,6 +67,9 @@ impl Ca {
     }
 }
 
+/// The `--prometheus` [`Settings::for_uninstall`] assumes (only names are used to delete).
+const UNINSTALL_PROMETHEUS: &str = "http://prometheus:9090";
+
 /// Where the API server sends ConversionReviews and AdmissionReviews.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WebhookTarget {
@@ -129,6 +132,8 @@ pub struct Settings {
     pub failure_policy: FailurePolicy,
     /// `--metrics-compat` of injected proxies (empty: none).
     pub metrics_compat: Vec<String>,
+    /// `--prometheus`: the TrafficMetrics API and its APIService.
+    pub prometheus: Option<String>,
     pub trust_domain: String,
     pub ca: Ca,
 }
@@ -149,6 +154,14 @@ impl Settings {
         };
         check_trust_domain(&args.trust_domain)
             .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
+        if let Some(url) = &args.prometheus {
+            trellis_traffic_metrics::MetricsApi::new(url)?;
+            if matches!(webhook, WebhookTarget::Url(_)) {
+                anyhow::bail!(
+                    "--prometheus with --webhook-url: the APIService of the TrafficMetrics API can only call the controller's Service"
+                );
+            }
+        }
         let ca = ca_from_flags(&args.ca)?;
         Ok(Self {
             names,
@@ -158,6 +171,7 @@ impl Settings {
             webhook,
             failure_policy: args.injection_failure_policy,
             metrics_compat: args.metrics_compat.clone(),
+            prometheus: args.prometheus.clone(),
             trust_domain: args.trust_domain.clone(),
             ca,
         })
@@ -173,6 +187,8 @@ impl Settings {
             webhook: WebhookTarget::Service,
             failure_policy: FailurePolicy::Fail,
             metrics_compat: Vec::new(),
+            // So the uninstall removes the APIService and its RBAC too, if they were installed.
+            prometheus: Some(UNINSTALL_PROMETHEUS.to_owned()),
             trust_domain: "cluster.local".to_owned(),
             ca: Ca::Existing,
         })

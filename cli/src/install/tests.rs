@@ -6,7 +6,7 @@
 use super::document::{self, Format, Object};
 use super::settings::{CaFlags, Settings};
 use super::webhook::FailurePolicy;
-use super::{Args, render};
+use super::{Args, render, workload};
 
 fn args(namespace: &str, webhook_url: Option<&str>) -> Args {
     Args {
@@ -18,6 +18,7 @@ fn args(namespace: &str, webhook_url: Option<&str>) -> Args {
         webhook_url: webhook_url.map(str::to_owned),
         injection_failure_policy: FailurePolicy::Fail,
         metrics_compat: vec!["osm".to_owned()],
+        prometheus: None,
         trust_domain: "cluster.local".to_owned(),
         ca: CaFlags {
             generate_ca: true,
@@ -339,8 +340,10 @@ fn the_uninstall_is_the_install_reversed_with_the_crds_last() {
         .iter()
         .map(|d| d.object.describe())
         .collect();
+    // The APIService (which sends requests to the controller) first, then the injector.
+    assert_eq!(uninstall[0], "APIService v1alpha1.metrics.smi-spec.io");
     assert_eq!(
-        uninstall[0],
+        uninstall[1],
         "MutatingWebhookConfiguration trellis-proxy-injector"
     );
     assert!(
@@ -365,4 +368,56 @@ fn the_uninstall_is_the_install_reversed_with_the_crds_last() {
             .all(|d| !matches!(d.object, Object::CustomResourceDefinition(_)))
     );
     assert_eq!(kept.len(), uninstall.len() - 5);
+}
+
+#[test]
+fn prometheus_adds_the_traffic_metrics_api_and_only_then() {
+    let plain = objects(&settings("trellis-system", None));
+    assert!(!plain.iter().any(|o| matches!(o, Object::APIService(_))));
+    let mut with = args("trellis-system", None);
+    with.prometheus = Some("http://prometheus.trellis-system:9090".into());
+    let settings = Settings::from_args(&with).unwrap();
+    let objects = objects(&settings);
+    let Some(Object::APIService(service)) = objects.last() else {
+        panic!(
+            "the APIService comes last: {:?}",
+            objects.last().map(Object::describe)
+        );
+    };
+    let spec = service.spec.as_ref().unwrap();
+    assert_eq!(
+        service.metadata.name.as_deref(),
+        Some("v1alpha1.metrics.smi-spec.io")
+    );
+    assert_eq!(spec.group.as_deref(), Some("metrics.smi-spec.io"));
+    let reference = spec.service.as_ref().unwrap();
+    assert_eq!(reference.name.as_deref(), Some("trellis-controller"));
+    assert_eq!(reference.port, Some(443));
+    assert!(spec.ca_bundle.is_none(), "the leader writes it");
+    assert!(
+        workload::controller_args(&settings)
+            .contains(&"--prometheus=http://prometheus.trellis-system:9090".to_owned())
+    );
+    let rules: Vec<String> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::ClusterRole(role) => Some(serde_json::to_string(&role.rules).unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert!(rules.iter().any(|r| r.contains("subjectaccessreviews")));
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.contains("apiservices") && r.contains("v1alpha1.metrics.smi-spec.io"))
+    );
+    assert!(objects.iter().any(|o| matches!(o, Object::RoleBinding(b)
+        if b.metadata.namespace.as_deref() == Some("kube-system")
+            && b.role_ref.name == "extension-apiserver-authentication-reader")));
+    with.webhook_url = Some("https://192.0.2.7:9443".into());
+    let e = Settings::from_args(&with).unwrap_err().to_string();
+    assert!(e.contains("--webhook-url"), "{e}");
+    with.webhook_url = None;
+    with.prometheus = Some("prometheus:9090".into());
+    assert!(Settings::from_args(&with).is_err());
 }

@@ -18,6 +18,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiext
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta,
 };
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::{
+    APIService, APIServiceSpec, ServiceReference as ApiServiceReference,
+};
 use trellis_smi::crd;
 
 use super::document::{Document, Object};
@@ -184,5 +187,38 @@ pub fn injector(settings: &Settings) -> Document {
             FailurePolicy::Fail => "while no controller answers, pods of opted-in namespaces are refused (never started unmeshed).",
             FailurePolicy::Ignore => "while no controller answers, pods start without the proxy (unmeshed).",
         }
+    ))
+}
+
+/// The APIService of the aggregated TrafficMetrics API (`--prometheus`): the controller's
+/// Service on 443, the webhook port. Its `caBundle` is the mesh's trust anchors, written by the
+/// leader as for the webhooks (the serving certificate is the webhooks').
+pub fn api_service(settings: &Settings) -> Option<Document> {
+    settings.prometheus.as_ref()?;
+    let names = &settings.names;
+    let service = APIService {
+        metadata: ObjectMeta {
+            name: Some(trellis_traffic_metrics::API_SERVICE.to_owned()),
+            labels: Some(labels(None)),
+            ..Default::default()
+        },
+        spec: Some(APIServiceSpec {
+            group: Some(trellis_traffic_metrics::GROUP.to_owned()),
+            version: Some(trellis_traffic_metrics::VERSION.to_owned()),
+            // Low: an extension group, after the built-in ones in discovery.
+            group_priority_minimum: 100,
+            version_priority: 100,
+            service: Some(ApiServiceReference {
+                namespace: Some(names.namespace.clone()),
+                name: Some(names.controller.clone()),
+                port: Some(443),
+            }),
+            ca_bundle: None,
+            insecure_skip_tls_verify: None,
+        }),
+        status: None,
+    };
+    Some(Document::new(Object::APIService(service)).with_comment(
+        "The SMI TrafficMetrics API (metrics.smi-spec.io/v1alpha1), served by the controller from --prometheus on its webhook port. `kubectl get --raw /apis/metrics.smi-spec.io/v1alpha1/namespaces/NS/deployments/NAME`. The leader writes caBundle.",
     ))
 }

@@ -81,6 +81,9 @@ pub fn controller_args(settings: &Settings) -> Vec<String> {
         WebhookTarget::Service => format!("--webhook-service={ns}/{}", names.controller),
         WebhookTarget::Url(url) => format!("--webhook-url={url}"),
     });
+    if let Some(url) = &settings.prometheus {
+        args.push(format!("--prometheus={url}"));
+    }
     if !settings.metrics_compat.is_empty() {
         args.push(format!(
             "--inject-metrics-compat={}",

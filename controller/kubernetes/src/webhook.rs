@@ -13,7 +13,10 @@
 //! - [`serve`]: a whole server on a listener, HTTPS with a [`tls::ReloadingCert`] (the API server
 //!   only calls webhooks over HTTPS) or plain HTTP behind a TLS-terminating proxy.
 //!   [`serve_with`] also answers other webhooks' paths on the same port ([`Handler`]: `trellis
-//!   controller` adds the sidecar injector at `/inject`).
+//!   controller` adds the sidecar injector at `/inject`, and the TrafficMetrics API under
+//!   `/apis/metrics.smi-spec.io`). Over TLS, the client's certificate chain, when it sent one,
+//!   is in each request's extensions ([`crate::aggregated::ClientCertificates`]); only the
+//!   aggregated API reads it.
 //!
 //! Answers:
 //! - a well-formed review gets HTTP 200 and a review with `response.uid` = `request.uid` and
@@ -202,6 +205,10 @@ fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
 pub trait Handler: Send + Sync + 'static {
     /// The exact path served, e.g. `/inject`.
     fn path(&self) -> &str;
+    /// Whether this handler answers `path` (by default: exactly [`Handler::path`]).
+    fn matches(&self, path: &str) -> bool {
+        path == self.path()
+    }
     /// Answers one request.
     fn call(&self, request: Request<Incoming>) -> BoxFuture<'static, Response<Full<Bytes>>>;
 }
@@ -237,12 +244,19 @@ pub async fn serve_with(
             let result = match acceptor {
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_connection(TokioIo::new(tls), others).await,
+                        Ok(Ok(tls)) => {
+                            let certificates = tls.get_ref().1.peer_certificates().map(|chain| {
+                                crate::aggregated::ClientCertificates(Arc::new(
+                                    chain.iter().map(|c| c.clone().into_owned()).collect(),
+                                ))
+                            });
+                            serve_connection(TokioIo::new(tls), others, certificates).await
+                        }
                         Ok(Err(error)) => Err(error.into()),
                         Err(_) => Err("TLS handshake timed out".into()),
                     }
                 }
-                None => serve_connection(TokioIo::new(stream), others).await,
+                None => serve_connection(TokioIo::new(stream), others, None).await,
             };
             if let Err(error) = result {
                 tracing::debug!("webhook connection from {peer}: {error}");
@@ -254,14 +268,18 @@ pub async fn serve_with(
 async fn serve_connection<I>(
     io: I,
     others: Arc<[Arc<dyn Handler>]>,
+    certificates: Option<crate::aggregated::ClientCertificates>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        if let Some(certificates) = &certificates {
+            request.extensions_mut().insert(certificates.clone());
+        }
         let other = others
             .iter()
-            .find(|other| other.path() == request.uri().path())
+            .find(|other| other.matches(request.uri().path()))
             .cloned();
         async move {
             Ok::<_, Infallible>(match other {

@@ -238,6 +238,7 @@ async fn controller(mesh: PathBuf, source: Arc<dyn PolicySource>) -> Running {
             platforms: vec![Platform::File(mesh)],
             adapters: Default::default(),
             webhooks: None,
+            traffic_metrics: None,
             grpc: "127.0.0.1:0".parse().expect("address"),
             admin: None,
             index: IndexOptions::default(),

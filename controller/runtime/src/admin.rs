@@ -1,7 +1,10 @@
 //! The controller's admin port: `/live`, `/ready` (200 once every policy source has answered),
 //! `/metrics` (Prometheus text, registry passed in) and `/api/v1/state` (JSON for people and for
 //! `trellis check` / `trellis get`: platforms with their freshness, connected proxy streams,
-//! leader election, policies in force, resolved destinations and every problem).
+//! leader election, policies in force, resolved destinations and every problem). Under
+//! `/apis/metrics.smi-spec.io/v1alpha1` (and `/apis`), the SMI TrafficMetrics API
+//! (`trellis_traffic_metrics`) when the controller has `--prometheus`; without it those paths
+//! answer 404 with a Status saying the flag is missing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,6 +83,7 @@ pub struct Admin {
     gauges: Gauges,
     leader: Option<tokio::sync::watch::Receiver<LeaderStatus>>,
     webhooks: Option<WebhookStateFn>,
+    traffic_metrics: Option<trellis_traffic_metrics::MetricsApi>,
 }
 
 #[derive(Clone, Default)]
@@ -147,6 +151,29 @@ impl Admin {
             gauges,
             leader: None,
             webhooks: None,
+            traffic_metrics: None,
+        }
+    }
+
+    /// Serves the TrafficMetrics API from `api`'s Prometheus (`None`: its paths say
+    /// `--prometheus` is missing).
+    pub fn with_traffic_metrics(
+        mut self,
+        api: Option<trellis_traffic_metrics::MetricsApi>,
+    ) -> Self {
+        self.traffic_metrics = api;
+        self
+    }
+
+    /// Answers one request: the TrafficMetrics API's paths asynchronously (they query
+    /// Prometheus), the rest at once.
+    pub async fn handle(&self, path: &str, query: Option<&str>) -> Response<Full<Bytes>> {
+        if !trellis_traffic_metrics::handles(path) {
+            return self.respond(path);
+        }
+        match &self.traffic_metrics {
+            Some(api) => api.respond(path, query).await.into_response(),
+            None => trellis_traffic_metrics::Answer::not_configured(path).into_response(),
         }
     }
 
@@ -285,8 +312,12 @@ impl Admin {
                 tokio::spawn(async move {
                     let service =
                         hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let response = admin.respond(req.uri().path());
-                            async move { Ok::<_, std::convert::Infallible>(response) }
+                            let admin = admin.clone();
+                            async move {
+                                let uri = req.uri();
+                                let response = admin.handle(uri.path(), uri.query()).await;
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
                         });
                     let io = hyper_util::rt::TokioIo::new(stream);
                     let _ = hyper::server::conn::http1::Builder::new()

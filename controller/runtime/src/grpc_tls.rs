@@ -281,14 +281,27 @@ impl ServingCert {
     /// Like [`ServingCert::server_config`] offering the ALPN protocols `alpn` (the webhooks:
     /// `h2` and `http/1.1`, as the API server may use either).
     pub fn server_config_with_alpn(&self, alpn: Vec<Vec<u8>>) -> Arc<rustls::ServerConfig> {
+        self.server_config_with(alpn, None)
+    }
+
+    /// Like [`ServingCert::server_config_with_alpn`], asking clients for certificates checked
+    /// by `clients` (the webhook port when it serves the aggregated TrafficMetrics API).
+    pub fn server_config_with(
+        &self,
+        alpn: Vec<Vec<u8>>,
+        clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    ) -> Arc<rustls::ServerConfig> {
         let resolver = Arc::new(Resolver(Arc::clone(&self.current)));
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("ring supports TLS 1.3")
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .expect("ring supports TLS 1.3");
+        let builder = match clients {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(resolver);
         config.alpn_protocols = alpn;
         Arc::new(config)
     }

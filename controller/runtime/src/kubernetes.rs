@@ -305,6 +305,7 @@ pub async fn start_webhooks(
     ca: CaHandle,
     is_leader: watch::Receiver<bool>,
     registry: &mut prometheus_client::registry::Registry,
+    traffic_metrics: Option<trellis_traffic_metrics::MetricsApi>,
 ) -> anyhow::Result<Webhooks> {
     use trellis_controller_kubernetes::webhook::{self, client_config};
 
@@ -319,8 +320,25 @@ pub async fn start_webhooks(
         .await
         .with_context(|| format!("--webhook: binding {}", options.listen))?;
     let addr = listener.local_addr()?;
-    let tls = serving.server_config_with_alpn(vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+    let alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let mut others: Vec<Arc<dyn webhook::Handler>> = Vec::new();
+    // The aggregated TrafficMetrics API authenticates the API server's front proxy by its
+    // client certificate: only then does the port ask clients for one.
+    let tls = match &traffic_metrics {
+        Some(api) => {
+            others.push(Arc::new(
+                trellis_controller_kubernetes::aggregated::AggregatedApi::new(
+                    api.clone(),
+                    client.clone(),
+                ),
+            ));
+            serving.server_config_with(
+                alpn,
+                Some(trellis_controller_kubernetes::aggregated::AcceptAnyClientCert::new()),
+            )
+        }
+        None => serving.server_config_with_alpn(alpn),
+    };
     if let Some(injector) = &options.injector {
         let (settings, ca) = (injector.clone(), ca.clone());
         let options: trellis_controller_kubernetes::injector::OptionsFn = Arc::new(move || {
@@ -377,10 +395,13 @@ pub async fn start_webhooks(
             client_config::Endpoint::Url(url.clone())
         }
     };
-    let targets = client_config::Targets::smi(
+    let mut targets = client_config::Targets::smi(
         endpoint,
         options.injector.as_ref().map(|i| i.configuration.clone()),
     );
+    if traffic_metrics.is_some() {
+        targets.api_service = Some(trellis_traffic_metrics::API_SERVICE.to_owned());
+    }
     let (_task, published) =
         client_config::spawn(client, targets, bundle, is_leader, options.retry);
     Ok(Webhooks {

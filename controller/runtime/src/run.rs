@@ -36,6 +36,9 @@ pub struct Options {
     pub index: IndexOptions,
     /// The conversion and injection webhooks (Kubernetes only); `None` = not served.
     pub webhooks: Option<WebhookOptions>,
+    /// The SMI TrafficMetrics API from this Prometheus (`--prometheus`), on the admin port;
+    /// `None`: its paths answer 404 saying the flag is missing.
+    pub traffic_metrics: Option<trellis_traffic_metrics::MetricsApi>,
 }
 
 /// Discovery adapters handed over ready-made (see [`Options::adapters`]).
@@ -150,6 +153,7 @@ pub async fn start_full(
                 certifier.ca().clone(),
                 leader.is_leader(),
                 &mut registry,
+                options.traffic_metrics.clone(),
             )
             .await?,
         ),
@@ -163,8 +167,9 @@ pub async fn start_full(
         .with_context(|| format!("binding the gRPC listener on {}", options.grpc))?;
     let admin = match options.admin {
         Some(addr) => Some({
-            let mut admin =
-                Admin::new(index.clone(), discovery, counts, registry).with_leader(leader.status());
+            let mut admin = Admin::new(index.clone(), discovery, counts, registry)
+                .with_leader(leader.status())
+                .with_traffic_metrics(options.traffic_metrics.clone());
             if let (Some(running), Some(options)) = (&webhooks, &options.webhooks) {
                 admin = admin.with_webhooks(running.state_fn(options));
             }

@@ -98,6 +98,7 @@ pub async fn start_webhooks(
     _ca: CaHandle,
     _is_leader: watch::Receiver<bool>,
     _registry: &mut prometheus_client::registry::Registry,
+    _traffic_metrics: Option<trellis_traffic_metrics::MetricsApi>,
 ) -> anyhow::Result<Webhooks> {
     anyhow::bail!("--webhook: {NOT_BUILT}")
 }

@@ -88,6 +88,7 @@ async fn controller(dir: &Path, v1: SocketAddr, v2: SocketAddr) -> Running {
         platforms: vec![Platform::File(mesh)],
         adapters: Default::default(),
         webhooks: None,
+        traffic_metrics: None,
         grpc: "127.0.0.1:0".parse().unwrap(),
         admin: Some("127.0.0.1:0".parse().unwrap()),
         index: IndexOptions::default(),

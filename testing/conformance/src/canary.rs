@@ -36,6 +36,8 @@ pub const PORT: u16 = 9898;
 pub struct Controller {
     _process: Process,
     pub grpc: SocketAddr,
+    /// Its admin port (`/api/v1/state`, and the TrafficMetrics API with `--prometheus`).
+    pub admin: SocketAddr,
     pub services: PathBuf,
     pub policy: PathBuf,
 }
@@ -43,6 +45,11 @@ pub struct Controller {
 impl Controller {
     /// Starts a permissive controller (the split is under test, not access) over `dir`.
     pub async fn start(dir: &Path, log_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, log_dir, &[]).await
+    }
+
+    /// Like [`Controller::start`], with `extra` flags (e.g. `--prometheus URL`).
+    pub async fn start_with(dir: &Path, log_dir: &Path, extra: &[String]) -> anyhow::Result<Self> {
         let services = dir.join("services.yaml");
         write_atomic(
             &services,
@@ -64,7 +71,10 @@ impl Controller {
                 "127.0.0.1:0".into(),
                 "--admin".into(),
                 "127.0.0.1:0".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().cloned())
+            .collect::<Vec<String>>(),
             &[],
             log_dir,
         )?;
@@ -73,9 +83,16 @@ impl Controller {
                 l.strip_prefix("grpc listening on ")?.parse().ok()
             })
             .await?;
+        // Printed right after the gRPC line.
+        let admin = process
+            .wait_line("`admin listening on ADDR`", process::START_TIMEOUT, |l| {
+                l.strip_prefix("admin listening on ")?.parse().ok()
+            })
+            .await?;
         Ok(Self {
             _process: process,
             grpc,
+            admin,
             services,
             policy,
         })

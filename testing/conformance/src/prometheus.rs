@@ -1,8 +1,11 @@
 //! A real Prometheus (Debian's `prometheus` package) for tests: started on 127.0.0.1 with a
 //! generated configuration that scrapes the given targets every second (a file-based service
 //! discovery file, so targets can change while it runs, as pods come and go), queried through its
-//! HTTP API as Flagger queries it, stopped when dropped.
+//! HTTP API as Flagger queries it, stopped when dropped. Targets may carry labels, as a
+//! Kubernetes scrape configuration's relabeling adds them (`kubernetes_namespace`,
+//! `kubernetes_pod`: deploy/flagger/prometheus.yaml).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +39,15 @@ pub struct Prometheus {
 impl Prometheus {
     /// Starts `exe` scraping `targets` (job `trellis-proxies`, `/metrics`, every 1 s).
     pub async fn start(exe: &Path, targets: &[SocketAddr], log_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_labelled(exe, &unlabelled(targets), log_dir).await
+    }
+
+    /// Like [`Prometheus::start`], each target with its own target labels.
+    pub async fn start_labelled(
+        exe: &Path,
+        targets: &[(SocketAddr, Labels)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("prometheus.yml");
         let targets_file = dir.path().join("targets.json");
@@ -87,7 +99,29 @@ impl Prometheus {
 
     /// Replaces what is scraped (picked up within about a second).
     pub fn set_targets(&self, targets: &[SocketAddr]) -> anyhow::Result<()> {
+        write_targets(&self.targets, &unlabelled(targets))
+    }
+
+    /// Like [`Prometheus::set_targets`], each target with its own target labels.
+    pub fn set_labelled_targets(&self, targets: &[(SocketAddr, Labels)]) -> anyhow::Result<()> {
         write_targets(&self.targets, targets)
+    }
+
+    /// Waits until `n` targets have been scraped successfully (`up == 1`), 30 s at most.
+    pub async fn wait_up(&self, n: usize) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.flagger_value("count(up == 1)").await? >= Some(n as f64) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "prometheus on {}: {n} targets not up within 30 s",
+                    self.addr
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// The value Flagger would take from `query` (`GET /api/v1/query`, the last element of the
@@ -117,10 +151,21 @@ impl Prometheus {
     }
 }
 
-/// The file-based service discovery file for `targets`, written whole (temp file + rename).
-fn write_targets(path: &Path, targets: &[SocketAddr]) -> anyhow::Result<()> {
-    let list: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
-    let body = serde_json::json!([{ "targets": list }]).to_string();
+/// Target labels (name -> value).
+pub type Labels = BTreeMap<String, String>;
+
+fn unlabelled(targets: &[SocketAddr]) -> Vec<(SocketAddr, Labels)> {
+    targets.iter().map(|t| (*t, Labels::new())).collect()
+}
+
+/// The file-based service discovery file for `targets` (a group per target, with its labels),
+/// written whole (temp file + rename).
+fn write_targets(path: &Path, targets: &[(SocketAddr, Labels)]) -> anyhow::Result<()> {
+    let groups: Vec<serde_json::Value> = targets
+        .iter()
+        .map(|(t, labels)| serde_json::json!({ "targets": [t.to_string()], "labels": labels }))
+        .collect();
+    let body = serde_json::Value::Array(groups).to_string();
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, body)?;
     std::fs::rename(&tmp, path)?;

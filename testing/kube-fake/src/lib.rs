@@ -24,6 +24,10 @@
 //! to audiences, and `POST /apis/authentication.k8s.io/v1/tokenreviews` answers for it like a
 //! real server (unknown token: not authenticated, with an error string).
 //!
+//! SubjectAccessReview: [`FakeApiServer::grant`] adds an [`AccessRule`], and `POST
+//! /apis/authorization.k8s.io/v1/subjectaccessreviews` allows what some rule allows, as RBAC
+//! would (anything else: `allowed: false`).
+//!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! let server = trellis_kube_fake::FakeApiServer::start().await?;
@@ -46,6 +50,7 @@
 //! 422 `Invalid` status with its `details.causes`, so a test cannot pass here and fail on a real
 //! server for a reason the fake ignored.
 
+mod access_review;
 mod conversion;
 mod error;
 mod resources;
@@ -55,6 +60,7 @@ mod store;
 mod token_review;
 pub mod validation;
 
+pub use access_review::AccessRule;
 pub use error::ApiError;
 pub use resources::{ResourceType, builtin};
 pub use store::{Stats, Store, WatchStart};
@@ -76,6 +82,8 @@ pub struct FakeApiServer {
     store: Arc<Store>,
     /// ServiceAccount tokens issued for TokenReview.
     tokens: Arc<token_review::Tokens>,
+    /// What SubjectAccessReviews allow ([`FakeApiServer::grant`]).
+    rules: Arc<access_review::Rules>,
     addr: SocketAddr,
     /// The accept loop and the switch its connections check before each request.
     listener: Mutex<Option<(JoinHandle<()>, server::Serving)>>,
@@ -107,11 +115,13 @@ impl FakeApiServer {
         let addr = server::local_addr(&listener)?;
         let store = Arc::new(Store::new());
         let tokens = Arc::new(token_review::Tokens::default());
+        let rules = Arc::new(access_review::Rules::default());
         let serving = server::Serving::default();
         let serve = tokio::spawn(server::serve(
             listener,
             Arc::clone(&store),
             Arc::clone(&tokens),
+            Arc::clone(&rules),
             serving.clone(),
         ));
         let bookmarks = options.bookmark_interval.map(|every| {
@@ -127,6 +137,7 @@ impl FakeApiServer {
         Ok(Self {
             store,
             tokens,
+            rules,
             addr,
             listener: Mutex::new(Some((serve, serving))),
             bookmarks,
@@ -232,6 +243,7 @@ impl FakeApiServer {
             listener,
             Arc::clone(&self.store),
             Arc::clone(&self.tokens),
+            Arc::clone(&self.rules),
             serving.clone(),
         ));
         *self.lock_listener() = Some((task, serving));

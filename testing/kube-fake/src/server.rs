@@ -17,6 +17,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::access_review::Rules;
 use crate::conversion;
 use crate::error::ApiError;
 use crate::resources::{self, ResourceType};
@@ -55,6 +56,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     store: Arc<Store>,
     tokens: Arc<Tokens>,
+    rules: Arc<Rules>,
     serving: Serving,
 ) {
     let mut connections = JoinSet::new();
@@ -69,11 +71,13 @@ pub(crate) async fn serve(
         while connections.try_join_next().is_some() {}
         let store = Arc::clone(&store);
         let tokens = Arc::clone(&tokens);
+        let rules = Arc::clone(&rules);
         let serving = serving.clone();
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let store = Arc::clone(&store);
                 let tokens = Arc::clone(&tokens);
+                let rules = Arc::clone(&rules);
                 let on = serving.is_on();
                 async move {
                     if !on {
@@ -82,7 +86,7 @@ pub(crate) async fn serve(
                             "the fake API server is in an outage",
                         ));
                     }
-                    Ok(handle(&store, &tokens, req).await)
+                    Ok(handle(&store, &tokens, &rules, req).await)
                 }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -96,9 +100,16 @@ pub(crate) fn local_addr(listener: &TcpListener) -> std::io::Result<SocketAddr> 
     listener.local_addr()
 }
 
-async fn handle(store: &Store, tokens: &Tokens, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    store: &Store,
+    tokens: &Tokens,
+    rules: &Rules,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let result = if req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews" {
         token_review(tokens, req).await
+    } else if req.uri().path() == "/apis/authorization.k8s.io/v1/subjectaccessreviews" {
+        access_review(rules, req).await
     } else {
         route(store, req).await
     };
@@ -135,6 +146,22 @@ async fn token_review(tokens: &Tokens, req: Request<Incoming>) -> Result<Respons
         ));
     }
     let review = tokens.review(read_json(req).await?)?;
+    Ok(json_response(StatusCode::CREATED, &review))
+}
+
+/// SubjectAccessReview: create only, answered from the granted rules.
+async fn access_review(rules: &Rules, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    if req.method() != Method::POST {
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!(
+                "{} is not supported on subjectaccessreviews (create only)",
+                req.method()
+            ),
+        ));
+    }
+    let review = rules.review(read_json(req).await?)?;
     Ok(json_response(StatusCode::CREATED, &review))
 }
 

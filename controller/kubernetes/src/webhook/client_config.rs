@@ -13,7 +13,10 @@
 //!   merge patch; the other of service/url is set to null so a switch between them is clean);
 //! - each webhook of the MutatingWebhookConfiguration: its `clientConfig` replaced the same way
 //!   at path `/inject` (read, changed, replaced with the read `resourceVersion`; a conflict is
-//!   retried). The rest of the configuration (selectors, failure policy) is the installer's.
+//!   retried). The rest of the configuration (selectors, failure policy) is the installer's;
+//! - the APIService of the aggregated TrafficMetrics API (`v1alpha1.metrics.smi-spec.io`, when
+//!   served): `spec.service` and `spec.caBundle` (one JSON merge patch). An APIService can only
+//!   name a Service, so with a URL endpoint that is reported as a problem.
 //!
 //! A target that does not exist (the CRDs not installed yet, an install without injection) is
 //! reported and retried; nothing else stops. The result of the last attempt is published for the
@@ -27,6 +30,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     WebhookClientConfig as AdmissionClientConfig,
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
@@ -105,6 +109,8 @@ pub struct Targets {
     pub crds: Vec<String>,
     /// The injector's MutatingWebhookConfiguration, if injection is served.
     pub injector: Option<String>,
+    /// The APIService of the aggregated TrafficMetrics API, if it is served.
+    pub api_service: Option<String>,
 }
 
 impl Targets {
@@ -117,6 +123,7 @@ impl Targets {
                 .filter_map(|generated| generated.crd.metadata.name)
                 .collect(),
             injector,
+            api_service: None,
         }
     }
 }
@@ -162,7 +169,43 @@ pub async fn publish(client: &Client, targets: &Targets, bundle: &[u8]) -> Vec<S
     {
         problems.push(format!("MutatingWebhookConfiguration {name}: {problem}"));
     }
+    if let Some(name) = &targets.api_service
+        && let Err(problem) = publish_api_service(client, name, &targets.endpoint, bundle).await
+    {
+        problems.push(format!("APIService {name}: {problem}"));
+    }
     problems
+}
+
+/// Points the APIService at the controller's Service with the bundle.
+async fn publish_api_service(
+    client: &Client,
+    name: &str,
+    endpoint: &Endpoint,
+    bundle: &[u8],
+) -> Result<(), String> {
+    let Endpoint::Service {
+        namespace,
+        name: service,
+        port,
+    } = endpoint
+    else {
+        return Err(
+            "an APIService can only call a Service: give --webhook-service, not --webhook-url"
+                .into(),
+        );
+    };
+    let bundle = serde_json::to_value(ByteString(bundle.to_vec())).expect("bytes serialize");
+    let patch = json!({"spec": {
+        "service": {"namespace": namespace, "name": service, "port": port},
+        "caBundle": bundle,
+        "insecureSkipTLSVerify": false,
+    }});
+    let api: Api<APIService> = Api::all(client.clone());
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|e| describe(&e))
 }
 
 /// Replaces the client config of every webhook of `name`; retries a few write conflicts.
@@ -234,6 +277,7 @@ pub fn spawn(
                         tracing::info!(
                             crds = targets.crds.len(),
                             injector = targets.injector.as_deref().unwrap_or("none"),
+                            api_service = targets.api_service.as_deref().unwrap_or("none"),
                             "webhook client configs written (caBundle = the mesh trust anchors)"
                         );
                         return true;
