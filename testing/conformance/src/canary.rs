@@ -470,3 +470,35 @@ mod tests {
         }
     }
 }
+
+/// Flagger's two Deployments on loopback behind `controller`: the canary `podinfo` (6.0.1) and
+/// the primary `podinfo-primary` (6.0.0), in that order.
+pub async fn podinfo_pair(controller: &Controller, log_dir: &Path) -> anyhow::Result<(Pod, Pod)> {
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    let canary = Pod::start("podinfo", "6.0.1", loopback, controller.grpc, log_dir).await?;
+    let primary = Pod::start(
+        "podinfo-primary",
+        "6.0.0",
+        loopback,
+        controller.grpc,
+        log_dir,
+    )
+    .await?;
+    Ok((canary, primary))
+}
+
+/// Waits (15 s at most) until `caller`'s proxy sends every request for `podinfo` to the canary
+/// (6.0.1), as it does once a 100% split has reached it.
+pub async fn wait_canary_only(caller: &Caller) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = caller.batch("podinfo", "/api", 20).await?;
+        if r.by_responder.get("podinfo/6.0.1") == Some(&20) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the split never sent podinfo to the canary only: {r:?}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

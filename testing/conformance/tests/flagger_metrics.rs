@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use trellis_conformance::canary::{Controller, NAMESPACE, Pod, send_direct as send};
+use trellis_conformance::canary::{Controller, NAMESPACE, podinfo_pair, send_direct as send};
 use trellis_conformance::prometheus::{self, Prometheus};
 
 fn queries(target: &str) -> [(&'static str, String, String); 3] {
@@ -65,16 +65,7 @@ async fn flaggers_builtin_queries_read_the_canary_through_a_real_prometheus() ->
     let log_dir = scratch.path().join("logs");
     std::fs::create_dir_all(&log_dir)?;
     let controller = Controller::start(scratch.path(), &log_dir).await?;
-    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
-    let canary = Pod::start("podinfo", "6.0.1", loopback, controller.grpc, &log_dir).await?;
-    let primary = Pod::start(
-        "podinfo-primary",
-        "6.0.0",
-        loopback,
-        controller.grpc,
-        &log_dir,
-    )
-    .await?;
+    let (canary, primary) = podinfo_pair(&controller, &log_dir).await?;
     // Steady traffic, as a canary analysis sees it. A round: the canary answers 20 requests, 2
     // of them 500 and 1 after 60 ms (10% failures, 5% slow); the primary 20 fast 200s. One round
     // before Prometheus starts creates every series, so each counter's first scrape is a baseline

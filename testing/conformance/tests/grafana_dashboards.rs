@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use trellis_conformance::canary::{Caller, Controller, NAMESPACE, Pod, SplitVersion, send_direct};
+use trellis_conformance::canary::{
+    Caller, Controller, NAMESPACE, SplitVersion, podinfo_pair, send_direct, wait_canary_only,
+};
 use trellis_conformance::harness::process;
 use trellis_conformance::prometheus::{self, Prometheus};
 use trellis_echo::plain as http;
@@ -177,32 +179,11 @@ async fn dashboard_queries_edges_and_top_read_a_real_prometheus() -> anyhow::Res
     let log_dir = scratch.path().join("logs");
     std::fs::create_dir_all(&log_dir)?;
     let controller = Controller::start(scratch.path(), &log_dir).await?;
-    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
-    let canary = Pod::start("podinfo", "6.0.1", loopback, controller.grpc, &log_dir).await?;
-    let primary = Pod::start(
-        "podinfo-primary",
-        "6.0.0",
-        loopback,
-        controller.grpc,
-        &log_dir,
-    )
-    .await?;
+    let (canary, primary) = podinfo_pair(&controller, &log_dir).await?;
     controller.services(&[&primary], &[&canary])?;
     controller.split(SplitVersion::V1alpha3, 100)?;
     let caller = Caller::start(controller.grpc, &log_dir).await?;
-    // Wait until the caller's proxy sends `podinfo` to the canary only.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = caller.batch("podinfo", "/api", 20).await?;
-        if r.by_responder.get("podinfo/6.0.1") == Some(&20) {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the split never sent podinfo to the canary only: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_canary_only(&caller).await?;
     // A round: through the split, 20 requests to the canary, 2 of them 500 and 1 after 60 ms
     // (10% failures, 5% slow); straight to the primary, 20 fast 200s. One round before
     // Prometheus starts creates every series, so each counter's first scrape is a baseline with

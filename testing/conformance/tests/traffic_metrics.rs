@@ -27,7 +27,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
-use trellis_conformance::canary::{Caller, Controller, NAMESPACE, Pod, SplitVersion, send_direct};
+use trellis_conformance::canary::{
+    Caller, Controller, NAMESPACE, SplitVersion, podinfo_pair, send_direct, wait_canary_only,
+};
 use trellis_conformance::prometheus::{self, Labels, Prometheus};
 use trellis_echo::plain as http;
 
@@ -142,31 +144,11 @@ async fn the_traffic_metrics_api_answers_from_a_real_prometheus() -> anyhow::Res
         &["--prometheus".into(), format!("http://{}", prometheus.addr)],
     )
     .await?;
-    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
-    let canary = Pod::start("podinfo", "6.0.1", loopback, controller.grpc, &log_dir).await?;
-    let primary = Pod::start(
-        "podinfo-primary",
-        "6.0.0",
-        loopback,
-        controller.grpc,
-        &log_dir,
-    )
-    .await?;
+    let (canary, primary) = podinfo_pair(&controller, &log_dir).await?;
     controller.services(&[&primary], &[&canary])?;
     controller.split(SplitVersion::V1alpha3, 100)?;
     let caller = Caller::start(controller.grpc, &log_dir).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let r = caller.batch("podinfo", "/api", 20).await?;
-        if r.by_responder.get("podinfo/6.0.1") == Some(&20) {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the split never sent podinfo to the canary only: {r:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_canary_only(&caller).await?;
     // One round creates every series (a 500 and a slow one included) before the first scrape.
     let round = || async {
         for (path, n) in [
