@@ -443,34 +443,6 @@ pub async fn send_direct(pod: &Pod, path: &str, count: u32) -> anyhow::Result<()
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splits_are_written_as_flaggers_router_writes_them() {
-        let v1 = SplitVersion::V1alpha1.yaml(10);
-        assert!(v1.contains("split.smi-spec.io/v1alpha1"), "{v1}");
-        assert!(
-            v1.contains("- service: podinfo-canary\n    weight: \"10\"\n  - service: podinfo-primary\n    weight: \"90\""),
-            "{v1}"
-        );
-        let v3 = SplitVersion::V1alpha3.yaml(30);
-        assert!(
-            v3.contains("weight: 30\n") && v3.contains("weight: 70\n"),
-            "{v3}"
-        );
-        for v in [
-            SplitVersion::V1alpha1,
-            SplitVersion::V1alpha2,
-            SplitVersion::V1alpha3,
-        ] {
-            let report = trellis_smi::load::load_str("split.yaml", &v.yaml(40));
-            assert!(report.errors.is_empty(), "{:?}", report.errors);
-        }
-    }
-}
-
 /// Flagger's two Deployments on loopback behind `controller`: the canary `podinfo` (6.0.1) and
 /// the primary `podinfo-primary` (6.0.0), in that order.
 pub async fn podinfo_pair(controller: &Controller, log_dir: &Path) -> anyhow::Result<(Pod, Pod)> {
@@ -500,5 +472,33 @@ pub async fn wait_canary_only(caller: &Caller) -> anyhow::Result<()> {
             bail!("the split never sent podinfo to the canary only: {r:?}");
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_are_written_as_flaggers_router_writes_them() {
+        let v1 = SplitVersion::V1alpha1.yaml(10);
+        assert!(v1.contains("split.smi-spec.io/v1alpha1"), "{v1}");
+        assert!(
+            v1.contains("- service: podinfo-canary\n    weight: \"10\"\n  - service: podinfo-primary\n    weight: \"90\""),
+            "{v1}"
+        );
+        let v3 = SplitVersion::V1alpha3.yaml(30);
+        assert!(
+            v3.contains("weight: 30\n") && v3.contains("weight: 70\n"),
+            "{v3}"
+        );
+        for v in [
+            SplitVersion::V1alpha1,
+            SplitVersion::V1alpha2,
+            SplitVersion::V1alpha3,
+        ] {
+            let report = trellis_smi::load::load_str("split.yaml", &v.yaml(40));
+            assert!(report.errors.is_empty(), "{:?}", report.errors);
+        }
     }
 }
