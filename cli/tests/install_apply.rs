@@ -148,6 +148,7 @@ fn path_of(kind: &str, name: &str, namespace: Option<&str>) -> String {
             "/apis/admissionregistration.k8s.io/v1",
             "mutatingwebhookconfigurations",
         ),
+        "APIService" => ("/apis/apiregistration.k8s.io/v1", "apiservices"),
         other => panic!("unexpected kind {other}"),
     };
     match namespace {
@@ -167,7 +168,16 @@ async fn apply_and_delete_send_one_request_per_object_in_order() {
     )
     .unwrap();
 
-    let install = ["install", "--generate-ca", "--namespace", "mesh-wire"];
+    // With --prometheus: the install then has every kind the uninstall removes (the
+    // TrafficMetrics APIService and its kube-system RoleBinding too).
+    let install = [
+        "install",
+        "--generate-ca",
+        "--namespace",
+        "mesh-wire",
+        "--prometheus",
+        "http://prometheus.monitoring:9090",
+    ];
     let objects = printed(&install);
     let mut apply = install.to_vec();
     apply.push("--apply");

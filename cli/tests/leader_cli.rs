@@ -46,15 +46,8 @@ fn leader_gauge(admin: SocketAddr) -> Option<String> {
 }
 
 /// Polls `f` until it gives `Some` (at most 10 s).
-fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "no {what} within 10 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn until<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    trellis_testing::poll_until(what, 10, f)
 }
 
 #[test]

@@ -14,7 +14,6 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -33,7 +32,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{Value, json};
 use trellis_kube_fake::{AccessRule, ResourceType};
 use trellis_testing::{
-    ControllerProcess, controller_command, kube_client, smi_api_server, write_kubeconfig,
+    ControllerProcess, controller_command, kube_client, poll_until as until, smi_api_server,
+    write_kubeconfig,
 };
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
@@ -54,18 +54,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Polls `f` until it gives `Some` (at most `secs`).
-fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "no {what} within {secs} s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// One HTTPS GET to the Service's name at `addr`, trusting exactly `bundle`.

@@ -34,7 +34,8 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use trellis_kube_fake::ResourceType;
 use trellis_testing::{
-    ControllerProcess, controller_command, kube_client, smi_api_server, write_kubeconfig,
+    ControllerProcess, controller_command, kube_client, poll_until as until, smi_api_server,
+    write_kubeconfig,
 };
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
@@ -94,18 +95,6 @@ fn injector_object() -> Value {
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
         }],
     })
-}
-
-/// Polls `f` until it gives `Some` (at most `secs`).
-fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "no {what} within {secs} s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// One HTTPS POST trusting exactly `bundle` (PEM) for `127.0.0.1`; returns the status, the body

@@ -38,6 +38,22 @@ pub fn write_atomically(scratch: &Path, path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("renaming the temp file into place");
 }
 
+/// Polls `f` every 100 ms until it gives `Some`; panics naming `what` after `secs` seconds.
+/// For blocking tests that wait on a child process or a server they started.
+pub fn poll_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {what} within {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The `i`th point of the golden-ratio sequence in [0, 1): changes land at every phase of a
 /// poll cycle, as real ones do.
 pub fn phase(i: usize) -> f64 {
