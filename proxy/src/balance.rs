@@ -5,6 +5,13 @@
 //! attribute...) divide the cost in both P2C balancers (an endpoint of weight 2 is worth twice its
 //! latency x load) and give weighted round robin its proportions.
 //!
+//! Outlier ejection ([`Ejection`], optional per destination): an endpoint whose failures in a
+//! row reach the threshold is taken out of its backend for a time that grows with each ejection,
+//! within a cap on the share of the backend out at once. It is decided when the balancer next
+//! lands on that endpoint (no timer, no scan per request; a scan of the backend only when an
+//! ejection is due), and the endpoint comes back when its time is over. The state lives in
+//! [`EndpointStats`], so it survives config swaps like the latency estimate.
+//!
 //! The EWMA is failure-aware: a failed exchange (no connection, a reset, a timeout, a 5xx answer)
 //! is a sample of [`FAILURE_PENALTY_NANOS`] rather than of how fast it failed, so an endpoint
 //! that answers 500 in 0.1 ms does not look like the best one, and an endpoint that never
@@ -15,8 +22,8 @@
 //! updates are lock-free atomics; lost updates under races only blur the estimate.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::config::BalancerKind;
 
@@ -35,6 +42,23 @@ const KEPT_PER_LOSS: f64 = 0.95;
 /// (ln(100 ms / 1 ms) / 0.05), i.e. it gets about 1% of the requests while it keeps failing
 /// (2 endpoints) and its share back as soon as it answers well.
 pub const FAILURE_PENALTY_NANOS: f64 = 100_000_000.0;
+/// How long an endpoint must stay back after an ejection before its ejection count (the
+/// multiplier of the next ejection time) starts over.
+const MAX_EJECTIONS_MEMORY: Duration = Duration::from_secs(300);
+
+/// The outlier ejection a backend's balancer applies (from the destination's
+/// `outlier_detection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// Failures in a row that eject an endpoint.
+    pub threshold: u32,
+    /// The first ejection's length.
+    pub base: Duration,
+    /// The longest ejection.
+    pub max: Duration,
+    /// Most of the backend out at once, percent.
+    pub max_percent: u8,
+}
 
 /// Live statistics of one endpoint address.
 #[derive(Debug)]
@@ -45,6 +69,13 @@ pub struct EndpointStats {
     stamp_nanos: AtomicU64,
     /// Set until the first answer has been seen (and ignored, see `observe`).
     first_answer: AtomicBool,
+    /// Failed exchanges since the last good one.
+    consecutive_failures: AtomicU32,
+    /// Ejected until this instant (nanoseconds since `epoch`); 0 = never ejected.
+    ejected_until_nanos: AtomicU64,
+    /// Ejections so far (the next one lasts one more base time); reset after a good answer
+    /// once the endpoint has been back for the longest ejection time.
+    ejections: AtomicU32,
     epoch: Instant,
 }
 
@@ -55,6 +86,9 @@ impl Default for EndpointStats {
             ewma_nanos: AtomicU64::new(f64::NAN.to_bits()),
             stamp_nanos: AtomicU64::new(0),
             first_answer: AtomicBool::new(true),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until_nanos: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
             epoch: Instant::now(),
         }
     }
@@ -77,6 +111,44 @@ impl EndpointStats {
         let now = self.epoch.elapsed().as_nanos() as u64;
         let then = self.stamp_nanos.load(Ordering::Relaxed);
         estimate * (-(now.saturating_sub(then) as f64) / TAU_NANOS).exp()
+    }
+
+    fn now_nanos(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Out of its backend's balancer now.
+    pub fn ejected(&self) -> bool {
+        self.now_nanos() < self.ejected_until_nanos.load(Ordering::Relaxed)
+    }
+
+    /// Failed exchanges since the last good one.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Takes the endpoint out for its next ejection time.
+    fn eject(&self, policy: &Ejection) {
+        let n = self
+            .ejections
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let time = policy.base.saturating_mul(n).min(policy.max);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejected_until_nanos
+            .store(self.now_nanos() + time.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// A good exchange: the failure run ends; after a full `max` back in service without an
+    /// ejection the ejection count starts over.
+    fn succeeded(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if self.ejections.load(Ordering::Relaxed) > 0 {
+            let until = self.ejected_until_nanos.load(Ordering::Relaxed);
+            if self.now_nanos() > until + MAX_EJECTIONS_MEMORY.as_nanos() as u64 {
+                self.ejections.store(0, Ordering::Relaxed);
+            }
+        }
     }
 
     fn cost(&self) -> f64 {
@@ -106,6 +178,7 @@ impl EndpointStats {
     /// endpoint that never answers must not stay "new").
     fn penalize(&self, rtt_nanos: f64) {
         self.first_answer.store(false, Ordering::Relaxed);
+        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
         let next = rtt_nanos.max(FAILURE_PENALTY_NANOS).max(self.ewma_nanos());
         let now = self.epoch.elapsed().as_nanos() as u64;
         self.stamp_nanos.store(now, Ordering::Relaxed);
@@ -146,6 +219,7 @@ pub struct InFlight {
 impl InFlight {
     /// Record the latency observed so far (call when response headers arrive).
     pub fn record_latency(&self) {
+        self.stats.succeeded();
         self.stats.observe(self.started.elapsed().as_nanos() as f64);
     }
 
@@ -176,6 +250,7 @@ impl Drop for InFlight {
 pub struct Balancer {
     kind: BalancerKind,
     next: AtomicUsize,
+    ejection: Option<Ejection>,
 }
 
 impl Balancer {
@@ -184,12 +259,63 @@ impl Balancer {
         Balancer {
             kind,
             next: AtomicUsize::new(fastrand::usize(..1024)),
+            ejection: None,
         }
     }
 
-    /// Index of the endpoint to use among `endpoints`, each with its statistics and weight
-    /// (0 counts as 1); None when empty.
+    /// With outlier ejection.
+    pub fn with_ejection(mut self, ejection: Option<Ejection>) -> Self {
+        self.ejection = ejection;
+        self
+    }
+
+    /// Index of the endpoint to use: [`Self::choose`]'s, unless it is ejected (or its failures
+    /// just reached the threshold and the backend may lose one more endpoint: then it is
+    /// ejected now); then the next usable one round the list. When none is usable (every other
+    /// endpoint ejected), the choice stands: an answer, even a failing one, beats none.
     pub fn pick<'a>(
+        &self,
+        endpoints: impl ExactSizeIterator<Item = (&'a EndpointStats, u32)> + Clone,
+    ) -> Option<usize> {
+        let choice = self.choose(endpoints.clone())?;
+        let Some(policy) = &self.ejection else {
+            return Some(choice);
+        };
+        let n = endpoints.len();
+        let usable = |i: usize| {
+            let Some((stats, _)) = endpoints.clone().nth(i) else {
+                return false;
+            };
+            if stats.ejected() {
+                return false;
+            }
+            if stats.consecutive_failures() < policy.threshold {
+                return true;
+            }
+            // Due for ejection: only within the backend's budget (rare: scan the backend).
+            let out = endpoints.clone().filter(|(s, _)| s.ejected()).count();
+            let budget = (n * usize::from(policy.max_percent) / 100)
+                .max(usize::from(policy.max_percent > 0))
+                .min(n - 1);
+            if out < budget {
+                stats.eject(policy);
+                false
+            } else {
+                true
+            }
+        };
+        if usable(choice) {
+            return Some(choice);
+        }
+        (1..n)
+            .map(|k| (choice + k) % n)
+            .find(|&i| usable(i))
+            .or(Some(choice))
+    }
+
+    /// Index of the endpoint the balancing rule chooses among `endpoints`, each with its
+    /// statistics and weight (0 counts as 1); None when empty.
+    fn choose<'a>(
         &self,
         endpoints: impl ExactSizeIterator<Item = (&'a EndpointStats, u32)> + Clone,
     ) -> Option<usize> {
@@ -417,6 +543,84 @@ mod tests {
             (270..=330).contains(&counts[0]),
             "weight 3 of 4 takes about 3/4 of the open requests: {counts:?}"
         );
+    }
+
+    #[test]
+    fn a_failing_endpoint_is_ejected_comes_back_and_stays_out_longer_next_time() {
+        let s = stats(3);
+        let policy = Ejection {
+            threshold: 3,
+            base: Duration::from_millis(300),
+            max: Duration::from_secs(5),
+            max_percent: 50,
+        };
+        let b = Balancer::new(BalancerKind::RoundRobin).with_ejection(Some(policy));
+        let pick = || b.pick(s.iter().map(|s| (&**s, 1))).unwrap();
+        // Endpoint 2 fails every exchange; its third failure makes it due.
+        let mut to_bad = 0;
+        for _ in 0..60 {
+            let i = pick();
+            let guard = s[i].start();
+            if i == 2 {
+                to_bad += 1;
+                guard.record_failure();
+            } else {
+                guard.record_latency();
+            }
+        }
+        assert_eq!(to_bad, 3, "ejected after its third failure in a row");
+        assert!(s[2].ejected());
+        // Back on its own after the base time; one more run of failures: out for twice as long.
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(!s[2].ejected());
+        for _ in 0..3 {
+            s[2].start().record_failure();
+        }
+        while pick() != 0 {}
+        let _ = (pick(), pick(), pick());
+        assert!(s[2].ejected());
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(s[2].ejected(), "the second ejection lasts 2 x 300 ms");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!s[2].ejected());
+    }
+
+    #[test]
+    fn never_more_than_the_max_percent_and_never_the_last_endpoint_are_ejected() {
+        let policy = Ejection {
+            threshold: 1,
+            base: Duration::from_secs(60),
+            max: Duration::from_secs(60),
+            max_percent: 50,
+        };
+        // Four endpoints all failing: two out at most.
+        let s = stats(4);
+        let b = Balancer::new(BalancerKind::RoundRobin).with_ejection(Some(policy));
+        for _ in 0..40 {
+            let i = b.pick(s.iter().map(|s| (&**s, 1))).unwrap();
+            s[i].start().record_failure();
+        }
+        assert_eq!(s.iter().filter(|s| s.ejected()).count(), 2);
+        // Two endpoints at 100%: one may go, never both.
+        let s = stats(2);
+        let all = Ejection {
+            max_percent: 100,
+            ..policy
+        };
+        let b = Balancer::new(BalancerKind::Ewma).with_ejection(Some(all));
+        for _ in 0..40 {
+            let i = b.pick(s.iter().map(|s| (&**s, 1))).unwrap();
+            s[i].start().record_failure();
+        }
+        assert_eq!(s.iter().filter(|s| s.ejected()).count(), 1);
+        // Without a policy nothing is ever ejected.
+        let s = stats(2);
+        let b = Balancer::new(BalancerKind::RoundRobin);
+        for _ in 0..40 {
+            let i = b.pick(s.iter().map(|s| (&**s, 1))).unwrap();
+            s[i].start().record_failure();
+        }
+        assert!(s.iter().all(|s| !s.ejected()));
     }
 
     #[test]

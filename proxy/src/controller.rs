@@ -501,6 +501,9 @@ pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::D
         request_timeout_ms: Some(p.request_timeout_ms).filter(|t| *t > 0),
         // Not in the controller's contract (yet): the proxy's --trace-sampling applies.
         trace_sampling: None,
+        // Not in the controller's profile yet: it comes with the TrafficPolicy (issue
+        // "Resilience in the data plane"); static files can set it today.
+        outlier_detection: None,
     }
 }
 

@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, Method};
 use regex::{Regex, RegexBuilder};
 use trellis_proxy_api::authority;
 
-use crate::balance::{Balancer, EndpointStats};
+use crate::balance::{Balancer, Ejection, EndpointStats};
 use crate::config::{self, Config, DefaultAction, HttpMatch, Invalid, Protocol};
 use crate::metrics::Label;
 
@@ -245,6 +245,7 @@ impl DestinationTable {
             .split_once('.')
             .map_or("default", |(_, ns)| ns)
             .to_string();
+        let ejection = ejection(d, field)?;
         let mut backends = Vec::with_capacity(d.backends.len());
         let mut index = HashMap::new();
         for (i, b) in d.backends.iter().enumerate() {
@@ -265,7 +266,9 @@ impl DestinationTable {
                     name: b.name.clone(),
                     namespace: namespace.clone(),
                 });
-            backends.push(BackendTable::compile(b, &bfield, d, &workload, stats)?);
+            backends.push(BackendTable::compile(
+                b, &bfield, d, &workload, stats, ejection,
+            )?);
         }
         let ready: Vec<bool> = backends.iter().map(|b| !b.endpoints.is_empty()).collect();
         let split = Split::new(shares(
@@ -387,6 +390,43 @@ impl Split {
             n => Some(self.schedule[self.next.fetch_add(1, Ordering::Relaxed) % n] as usize),
         }
     }
+}
+
+/// The balancer's outlier ejection from the destination's `outlier_detection`, checked.
+fn ejection(d: &config::Destination, field: &str) -> Result<Option<Ejection>, Invalid> {
+    let Some(o) = &d.outlier_detection else {
+        return Ok(None);
+    };
+    let field = format!("{field}.outlier_detection");
+    let bad = |what: &str, value: String, why: &str| {
+        Err(invalid(format!("{field}.{what}"), &value, why.to_string()))
+    };
+    if o.consecutive_failures == 0 {
+        return bad("consecutive_failures", "0".into(), "must be at least 1");
+    }
+    if o.base_ejection_ms == 0 {
+        return bad("base_ejection_ms", "0".into(), "must be more than 0");
+    }
+    if o.max_ejection_ms < o.base_ejection_ms {
+        return bad(
+            "max_ejection_ms",
+            o.max_ejection_ms.to_string(),
+            "must be at least base_ejection_ms",
+        );
+    }
+    if o.max_ejected_percent > 100 {
+        return bad(
+            "max_ejected_percent",
+            o.max_ejected_percent.to_string(),
+            "must be 0 to 100",
+        );
+    }
+    Ok(Some(Ejection {
+        threshold: o.consecutive_failures,
+        base: Duration::from_millis(o.base_ejection_ms),
+        max: Duration::from_millis(o.max_ejection_ms),
+        max_percent: o.max_ejected_percent,
+    }))
 }
 
 /// The weights a split schedules: a weighted backend with no endpoints gives its share to the
@@ -589,6 +629,7 @@ impl BackendTable {
         d: &config::Destination,
         workload: &config::Workload,
         stats: &StatsRegistry,
+        ejection: Option<Ejection>,
     ) -> Result<Self, Invalid> {
         let mut endpoints = Vec::with_capacity(b.endpoints.len());
         for (i, e) in b.endpoints.iter().enumerate() {
@@ -620,7 +661,7 @@ impl BackendTable {
             name: Label::from(b.name.as_str()),
             endpoints,
             workload: WorkloadLabels::from(workload),
-            balancer: Balancer::new(d.balancer),
+            balancer: Balancer::new(d.balancer).with_ejection(ejection),
         })
     }
 

@@ -524,6 +524,66 @@ async fn a_weighted_backend_without_endpoints_gives_its_share_to_the_other() {
 }
 
 #[tokio::test]
+async fn outlier_detection_ejects_a_dead_endpoint_and_tries_it_again_after_the_ejection_time() {
+    let (a, b) = (app("a").await, app("b").await);
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dests = destination("echo.default", &[("v1", 1, &[a.addr, b.addr, dead])]).replace(
+        "  - authority: echo.default\n",
+        "  - authority: echo.default\n    balancer: round_robin\n    outlier_detection: {consecutive_failures: 2, base_ejection_ms: 500, max_ejected_percent: 34}\n",
+    );
+    let ejecting = proxy(&yaml(&dests)).await;
+    let mut client = H1::connect(ejecting.http.unwrap()).await;
+    let mut failed = 0;
+    for _ in 0..60 {
+        let (status, reason, _) = client.get("echo.default", "/").await;
+        if status != StatusCode::OK {
+            assert_eq!(
+                (status, reason.as_str()),
+                (StatusCode::BAD_GATEWAY, "connect-failed")
+            );
+            failed += 1;
+        }
+    }
+    assert_eq!(
+        failed, 2,
+        "two failures in a row eject it, then no request reaches it"
+    );
+    assert_eq!(a.hits() + b.hits(), 58);
+    // Back after the ejection time: tried again (and out again, now for twice as long).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut failed_after = 0;
+    for _ in 0..30 {
+        if client.get("echo.default", "/").await.0 != StatusCode::OK {
+            failed_after += 1;
+        }
+    }
+    assert_eq!(
+        failed_after, 2,
+        "it came back, failed twice, and went out again"
+    );
+    // Without outlier_detection the dead endpoint keeps its third of the requests.
+    let plain = proxy(&yaml(
+        &destination("echo.default", &[("v1", 1, &[a.addr, b.addr, dead])]).replace(
+            "  - authority: echo.default\n",
+            "  - authority: echo.default\n    balancer: round_robin\n",
+        ),
+    ))
+    .await;
+    let mut client = H1::connect(plain.http.unwrap()).await;
+    let mut failed = 0;
+    for _ in 0..30 {
+        if client.get("echo.default", "/").await.0 != StatusCode::OK {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 10);
+}
+
+#[tokio::test]
 async fn no_endpoints_and_no_backends_answer_503_with_a_reason() {
     let v1 = app("v1").await;
     let dests = destination("empty.default", &[("v1", 1, &[])])
