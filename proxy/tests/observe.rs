@@ -31,14 +31,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 const A_ID: &str = "spiffe://cluster.local/ns/shop/sa/a";
 const B_ID: &str = "spiffe://cluster.local/ns/shop/sa/b";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }

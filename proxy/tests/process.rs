@@ -10,14 +10,6 @@ use http::StatusCode;
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args(["-s", sig, &pid.to_string()])

@@ -238,3 +238,17 @@ pub fn destination(authority: &str, backends: &[(&str, u32, &[SocketAddr])]) -> 
     }
     s
 }
+
+/// A port for a child process to listen on, chosen below Linux's ephemeral range
+/// (32768-60999), where the kernel also picks the local ports of every outgoing connection:
+/// a port from `bind(0)` could be taken as a client's local port by another test before the
+/// child binds it (seen once in CI: the proxy never became ready). Random in 20000-32767 and
+/// checked bindable; another test picking the same one is a 1-in-12,768 chance per port.
+pub fn free_port() -> u16 {
+    loop {
+        let port = fastrand::u16(20_000..32_768);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
