@@ -7,19 +7,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use common::certs::{identity_yaml, new_ca, valid_leaf};
 use common::*;
 use futures::StreamExt;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -118,56 +115,6 @@ fn find<'a>(records: &'a [Value], pred: impl Fn(&Value) -> bool, what: &str) -> 
         .unwrap_or_else(|| panic!("no record {what} in {records:#?}"))
 }
 
-// --- certificates (as in mtls.rs) ---
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn new_ca() -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, "mesh");
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let cert = params.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
-}
-
-/// Writes a leaf for `id` and returns the `identity:` YAML line.
-fn identity_yaml(dir: &Path, ca: &Ca, name: &str, id: &str) -> String {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-    let now = SystemTime::now();
-    params.not_before = (now - Duration::from_secs(60)).into();
-    params.not_after = (now + Duration::from_secs(3600)).into();
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
-    let write = |file: String, text: &str| -> PathBuf {
-        let p = dir.join(file);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let c = write(format!("{name}.crt"), &cert.pem());
-    let k = write(format!("{name}.key"), &key.serialize_pem());
-    let a = write(format!("{name}-ca.crt"), &ca.pem);
-    format!(
-        "identity: {{cert: \"{}\", key: \"{}\", trust_anchors: [\"{}\"]}}\n",
-        c.display(),
-        k.display(),
-        a.display()
-    )
-}
-
 /// A TCP server echoing what it reads.
 async fn tcp_echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -186,7 +133,7 @@ async fn tcp_echo() -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_records_http_and_tcp_with_identities_statuses_and_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = new_ca();
+    let ca = new_ca("mesh");
     let app = app("b").await;
     let echo = tcp_echo().await;
     let dead = local(free_port());
@@ -200,7 +147,7 @@ async fn access_log_records_http_and_tcp_with_identities_statuses_and_errors() {
         &format!(
             "workload: {{namespace: shop, name: b}}\ninbound:\n  listen: 127.0.0.1:{b_inbound}\n  app: \"{}\"\n  policy:\n    authorizations:\n      - identities: [\"{A_ID}\"]\n{}access_log: \"{}\"\n",
             app.addr,
-            identity_yaml(dir.path(), &ca, "b", B_ID),
+            identity_yaml(dir.path(), "b", &valid_leaf(&ca, B_ID), &[&ca]),
             b_log.display()
         ),
         &[],
@@ -212,7 +159,7 @@ async fn access_log_records_http_and_tcp_with_identities_statuses_and_errors() {
         a_admin,
         &format!(
             "workload: {{namespace: shop, name: a}}\noutbound:\n  http: 127.0.0.1:{a_http}\n  ports: [{{listen: \"127.0.0.1:{a_tcp}\", destination: echo.shop, protocol: tcp}}]\ndestinations:\n  - authority: b.shop\n    workload: {{namespace: shop, name: b}}\n    backends: [{{name: b, endpoints: [{{address: \"127.0.0.1:{b_inbound}\", identity: \"{B_ID}\"}}]}}]\n  - authority: dead.shop\n    backends: [{{name: dead, endpoints: [{{address: \"{dead}\"}}]}}]\n  - authority: echo.shop\n    protocol: tcp\n    backends: [{{name: echo, endpoints: [{{address: \"{echo}\"}}]}}]\n{}",
-            identity_yaml(dir.path(), &ca, "a", A_ID),
+            identity_yaml(dir.path(), "a", &valid_leaf(&ca, A_ID), &[&ca]),
         ),
         // The flag wins over the file (which has no access_log).
         &["--access-log", a_log.to_str().unwrap()],

@@ -12,10 +12,11 @@ mod common;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
+use common::certs::{identity_yaml, new_ca, valid_leaf};
 use common::{Body, H1, full};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -29,10 +30,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode as SpanStatus;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 use tokio::net::TcpListener;
 use trellis_proxy::config::Config;
 use trellis_proxy::trace::TraceOptions;
@@ -262,54 +259,6 @@ async fn get(
 
 // ---------------------------------------------------------------- the mesh
 
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn new_ca() -> Ca {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, "mesh");
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let cert = params.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
-}
-
-/// Certificate files for `id`; returns the `identity:` YAML line naming them.
-fn identity_yaml(dir: &Path, name: &str, ca: &Ca, id: &str) -> String {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-    let now = SystemTime::now();
-    params.not_before = (now - Duration::from_secs(60)).into();
-    params.not_after = (now + Duration::from_secs(3600)).into();
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
-    let write = |file: String, text: &str| -> PathBuf {
-        let p = dir.join(file);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let c = write(format!("{name}.crt"), &cert.pem());
-    let k = write(format!("{name}.key"), &key.serialize_pem());
-    let a = write(format!("{name}-anchor.crt"), &ca.pem);
-    format!(
-        "identity: {{cert: \"{}\", key: \"{}\", trust_anchors: [\"{}\"]}}\n",
-        c.display(),
-        k.display(),
-        a.display()
-    )
-}
-
 fn traced(collector: &str) -> TraceOptions {
     let mut t = TraceOptions::new(collector);
     t.sampling = 1.0;
@@ -335,14 +284,14 @@ struct Mesh {
 /// `dest_sampling` when given.
 async fn mesh(collector: &str, sampling: f64, dest_sampling: Option<f64>) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
-    let ca = new_ca();
+    let ca = new_ca("mesh");
     let app = app().await;
     let mut trace = traced(collector);
     trace.sampling = sampling;
     let b = start(
         &format!(
             "admin: 127.0.0.1:0\nworkload: {{kind: deployment, name: b-v1, namespace: shop}}\ninbound:\n  listen: 127.0.0.1:0\n  app: \"{app}\"\n  policy:\n    authorizations:\n      - identities: [\"{A_ID}\"]\n{}",
-            identity_yaml(dir.path(), "b", &ca, B_ID)
+            identity_yaml(dir.path(), "b", &valid_leaf(&ca, B_ID), &[&ca])
         ),
         Some(trace.clone()),
     )
@@ -353,7 +302,7 @@ async fn mesh(collector: &str, sampling: f64, dest_sampling: Option<f64>) -> Mes
         &format!(
             "admin: 127.0.0.1:0\nworkload: {{kind: deployment, name: a-v1, namespace: shop}}\noutbound:\n  http: 127.0.0.1:0\ndestinations:\n  - authority: b.shop\n{dest_sampling}    backends:\n      - name: b\n        workload: {{kind: deployment, name: b-v1, namespace: shop}}\n        endpoints: [{{address: \"{}\", identity: \"{B_ID}\"}}]\n{}",
             b.inbound.unwrap(),
-            identity_yaml(dir.path(), "a", &ca, A_ID)
+            identity_yaml(dir.path(), "a", &valid_leaf(&ca, A_ID), &[&ca])
         ),
         Some(trace),
     )

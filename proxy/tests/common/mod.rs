@@ -2,6 +2,8 @@
 //! in-process from YAML, and HTTP clients on one keep-alive connection.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
