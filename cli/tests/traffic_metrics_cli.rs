@@ -12,7 +12,7 @@
 //!   conformance test `traffic_metrics`).
 #![cfg(feature = "kubernetes")]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -32,8 +32,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{Value, json};
 use trellis_kube_fake::{AccessRule, ResourceType};
 use trellis_testing::{
-    ControllerProcess, controller_command, kube_client, poll_until as until, smi_api_server,
-    write_kubeconfig,
+    ControllerProcess, controller_command, free_port, kube_client, poll_until as until,
+    smi_api_server, write_kubeconfig,
 };
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
@@ -46,14 +46,6 @@ fn ca_params(cn: &str) -> CertificateParams {
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     p
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One HTTPS GET to the Service's name at `addr`, trusting exactly `bundle`.

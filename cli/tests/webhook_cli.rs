@@ -16,7 +16,7 @@
 //!   bundle; a new trust anchor added to the anchors file is written into every bundle.
 #![cfg(feature = "kubernetes")]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,8 +34,8 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use trellis_kube_fake::ResourceType;
 use trellis_testing::{
-    ControllerProcess, controller_command, kube_client, poll_until as until, smi_api_server,
-    write_kubeconfig,
+    ControllerProcess, controller_command, free_port, kube_client, poll_until as until,
+    smi_api_server, write_kubeconfig,
 };
 
 const TRELLIS: &str = env!("CARGO_BIN_EXE_trellis");
@@ -62,14 +62,6 @@ fn write_ca(dir: &Path) -> String {
     std::fs::write(dir.join("issuer.pem"), issuer.pem()).unwrap();
     std::fs::write(dir.join("issuer.key"), issuer_key.serialize_pem()).unwrap();
     anchor.pem()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn crd_type() -> ResourceType {

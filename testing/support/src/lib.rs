@@ -38,6 +38,23 @@ pub fn write_atomically(scratch: &Path, path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("renaming the temp file into place");
 }
 
+/// A port for a child process to listen on, chosen below Linux's ephemeral range
+/// (32768-60999), where the kernel also picks the local ports of outgoing connections: a port
+/// from `bind(0)` could be taken as some concurrent test's local port before the child binds it.
+/// Random in 20000-32767 and checked bindable.
+pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        // A random number without a dependency: std's randomly keyed hasher.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(std::process::id().into());
+        let port = 20_000 + (h.finish() % 12_768) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Polls `f` every 100 ms until it gives `Some`; panics naming `what` after `secs` seconds.
 /// For blocking tests that wait on a child process or a server they started.
 pub fn poll_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
