@@ -17,17 +17,12 @@ use std::process::ExitCode;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::stat::{Output, address, query};
+use crate::stat::{self, Output, address, query};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The Prometheus that scrapes the proxies (http://HOST:PORT).
-    #[arg(
-        long,
-        env = "TRELLIS_PROMETHEUS",
-        default_value = "http://127.0.0.1:9090"
-    )]
-    pub prometheus: String,
+    #[command(flatten)]
+    pub source: stat::Source,
     /// Only edges with a source or a destination in this namespace.
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
@@ -88,7 +83,7 @@ fn key(labels: &Value) -> Key {
 }
 
 async fn edges(args: &Args) -> anyhow::Result<Vec<Edge>> {
-    let prometheus = address(&args.prometheus)?;
+    let prometheus = address(&args.source.prometheus)?;
     let window = &args.window;
     // `unknown` destinations are requests no route matched: not an edge to anything.
     let matchers =

@@ -12,8 +12,9 @@ use serde_json::Value;
 // The one Prometheus client, shared with the controller's TrafficMetrics API.
 pub(crate) use trellis_traffic_metrics::prometheus::{address, query};
 
-#[derive(Debug, clap::Args)]
-pub struct Args {
+/// The Prometheus the live views (`stat`, `top`, `edges`) read: the one that scrapes the proxies.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Source {
     /// The Prometheus that scrapes the proxies (http://HOST:PORT).
     #[arg(
         long,
@@ -21,6 +22,12 @@ pub struct Args {
         default_value = "http://127.0.0.1:9090"
     )]
     pub prometheus: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub source: Source,
     /// Only this namespace.
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
@@ -96,7 +103,7 @@ fn selection(args: &Args) -> (String, &'static str) {
 }
 
 pub(crate) async fn rows(args: &Args) -> anyhow::Result<Vec<Row>> {
-    let prometheus = address(&args.prometheus)?;
+    let prometheus = address(&args.source.prometheus)?;
     let (matchers, by) = selection(args);
     let window = &args.window;
     let rate = format!("sum by ({by}) (rate(trellis_request_total{{{matchers}}}[{window}]))");

@@ -11,13 +11,8 @@ use crate::stat::{self, By, Output, Row};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The Prometheus that scrapes the proxies (http://HOST:PORT).
-    #[arg(
-        long,
-        env = "TRELLIS_PROMETHEUS",
-        default_value = "http://127.0.0.1:9090"
-    )]
-    pub prometheus: String,
+    #[command(flatten)]
+    pub source: stat::Source,
     /// Only this namespace.
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
@@ -40,7 +35,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let query = stat::Args {
-        prometheus: args.prometheus.clone(),
+        source: args.source.clone(),
         namespace: args.namespace.clone(),
         by: By::Workload,
         window: args.window.clone(),
@@ -59,7 +54,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             writeln!(
                 out,
                 "trellis top: {} every {}, window {} (Ctrl-C to stop)",
-                args.prometheus,
+                args.source.prometheus,
                 humantime::format_duration(args.interval),
                 args.window
             )?;
