@@ -304,44 +304,11 @@ pub struct Destination {
     /// the proxy's `--trace-sampling`. An incoming trace's own decision always wins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_sampling: Option<f64>,
-    /// Outlier ejection of the destination's endpoints (absent = none: every endpoint stays in
-    /// its backend's balancer, failing or not).
+    /// Resilience policy: timeouts, retries, circuit breaker, outlier ejection, health checks,
+    /// faults, rate limit, mirror (the `spec` fields of a `TrafficPolicy`, camelCase, see the
+    /// `trellis-policy` crate). Absent: one try, no breaker, no ejection, no faults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outlier_detection: Option<OutlierDetection>,
-}
-
-/// Takes failing endpoints out of their backend for a while: after `consecutive_failures`
-/// failed exchanges in a row (no connection, a reset, a timeout, a 5xx answer: the failures the
-/// balancer's EWMA counts), an endpoint gets no requests for `base_ejection_ms` times the number
-/// of times it has been ejected (capped at `max_ejection_ms`), then comes back on its own. At most
-/// `max_ejected_percent` of a backend's endpoints are out at once (at least one may be, and
-/// never the last one).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutlierDetection {
-    /// Failures in a row that eject an endpoint (at least 1).
-    pub consecutive_failures: u32,
-    /// The first ejection's length; the n-th lasts n times as long.
-    #[serde(default = "default_base_ejection_ms")]
-    pub base_ejection_ms: u64,
-    /// The longest ejection.
-    #[serde(default = "default_max_ejection_ms")]
-    pub max_ejection_ms: u64,
-    /// Most of a backend's endpoints out at once, in percent (0 to 100).
-    #[serde(default = "default_max_ejected_percent")]
-    pub max_ejected_percent: u8,
-}
-
-fn default_base_ejection_ms() -> u64 {
-    30_000
-}
-
-fn default_max_ejection_ms() -> u64 {
-    300_000
-}
-
-fn default_max_ejected_percent() -> u8 {
-    50
+    pub policy: Option<trellis_policy::DestinationPolicy>,
 }
 
 fn default_http() -> Protocol {
@@ -370,6 +337,9 @@ pub struct Route {
     /// Backends for matching requests; empty = the destination's split.
     #[serde(default)]
     pub backends: Vec<WeightedRef>,
+    /// This route's policy: each section given replaces the destination's for its requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<trellis_policy::RoutePolicy>,
 }
 
 /// One HTTPRouteGroup-style match (fields AND).
@@ -777,45 +747,63 @@ destinations:
     }
 
     #[test]
-    fn outlier_detection_out_of_range_is_rejected_with_its_field_and_line() {
-        for (setting, field) in [
+    fn bad_policy_values_are_rejected_with_their_field_and_line() {
+        for (setting, field, line) in [
             (
-                "{consecutive_failures: 0}",
-                "outlier_detection.consecutive_failures",
+                "{outlierDetection: {consecutiveFailures: 0}}",
+                "policy.outlierDetection.consecutiveFailures",
+                15,
             ),
             (
-                "{consecutive_failures: 5, max_ejected_percent: 101}",
-                "outlier_detection.max_ejected_percent",
+                "{outlierDetection: {consecutiveFailures: 5, maxEjectedPercent: 101}}",
+                "policy.outlierDetection.maxEjectedPercent",
+                15,
             ),
             (
-                "{consecutive_failures: 5, base_ejection_ms: 60000, max_ejection_ms: 1000}",
-                "outlier_detection.max_ejection_ms",
+                "\n      timeouts: {request: 1s, perTry: 2s}",
+                "policy.timeouts.perTry",
+                16,
+            ),
+            (
+                "{mirror: {backend: nowhere, percent: 5}}",
+                "policy.mirror.backend",
+                15,
             ),
         ] {
             let bad = BENCH_SHAPE.replace(
                 "    balancer: ewma\n",
-                &format!("    balancer: ewma\n    outlier_detection: {setting}\n"),
+                &format!("    balancer: ewma\n    policy: {setting}\n"),
             );
             let err = Config::parse(&bad, Path::new("c.yaml"))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(&format!("destinations[0].{field}")), "{err}");
-            assert!(err.starts_with("c.yaml:"), "{err}");
+            assert!(err.starts_with(&format!("c.yaml:{line}:")), "{err}");
         }
+        let bad = BENCH_SHAPE.replace(
+            "    balancer: ewma\n",
+            "    balancer: ewma\n    policy: {timeouts: {request: -1s}}\n",
+        );
+        let err = Config::parse(&bad, Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("negative") && err.starts_with("c.yaml:15:"),
+            "{err}"
+        );
         let good = BENCH_SHAPE.replace(
             "    balancer: ewma\n",
-            "    balancer: ewma\n    outlier_detection: {consecutive_failures: 5}\n",
+            "    balancer: ewma\n    policy: {outlierDetection: {consecutiveFailures: 5}}\n",
         );
         let config = Config::parse(&good, Path::new("c.yaml")).unwrap();
-        assert_eq!(
-            config.destinations[0].outlier_detection,
-            Some(OutlierDetection {
-                consecutive_failures: 5,
-                base_ejection_ms: 30_000,
-                max_ejection_ms: 300_000,
-                max_ejected_percent: 50,
-            })
-        );
+        let o = config.destinations[0]
+            .policy
+            .as_ref()
+            .and_then(|p| p.outlier_detection.clone())
+            .unwrap();
+        assert_eq!(o.consecutive_failures, 5);
+        assert_eq!(o.base_ejection_time.as_millis(), 30_000);
+        assert_eq!(o.max_ejected_percent, 50);
     }
 
     #[test]

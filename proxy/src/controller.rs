@@ -503,7 +503,7 @@ pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::D
         trace_sampling: None,
         // Not in the controller's profile yet: it comes with the TrafficPolicy (issue
         // "Resilience in the data plane"); static files can set it today.
-        outlier_detection: None,
+        policy: None,
     }
 }
 

@@ -245,7 +245,6 @@ impl DestinationTable {
             .split_once('.')
             .map_or("default", |(_, ns)| ns)
             .to_string();
-        let ejection = ejection(d, field)?;
         let mut backends = Vec::with_capacity(d.backends.len());
         let mut index = HashMap::new();
         for (i, b) in d.backends.iter().enumerate() {
@@ -266,10 +265,15 @@ impl DestinationTable {
                     name: b.name.clone(),
                     namespace: namespace.clone(),
                 });
-            backends.push(BackendTable::compile(
-                b, &bfield, d, &workload, stats, ejection,
-            )?);
+            backends.push((b, bfield, workload));
         }
+        let ejection = checked_policy(d, field, &index)?;
+        let backends = backends
+            .into_iter()
+            .map(|(b, bfield, workload)| {
+                BackendTable::compile(b, &bfield, d, &workload, stats, ejection)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let ready: Vec<bool> = backends.iter().map(|b| !b.endpoints.is_empty()).collect();
         let split = Split::new(shares(
             d.backends.iter().enumerate().map(|(i, b)| (i, b.weight)),
@@ -392,41 +396,79 @@ impl Split {
     }
 }
 
-/// The balancer's outlier ejection from the destination's `outlier_detection`, checked.
-fn ejection(d: &config::Destination, field: &str) -> Result<Option<Ejection>, Invalid> {
-    let Some(o) = &d.outlier_detection else {
+/// The destination's policy, checked (every value in range, the mirror a known backend), and
+/// the balancer's outlier ejection from it.
+fn checked_policy(
+    d: &config::Destination,
+    field: &str,
+    backends: &HashMap<&str, usize>,
+) -> Result<Option<Ejection>, Invalid> {
+    let Some(policy) = &d.policy else {
         return Ok(None);
     };
-    let field = format!("{field}.outlier_detection");
-    let bad = |what: &str, value: String, why: &str| {
-        Err(invalid(format!("{field}.{what}"), &value, why.to_string()))
-    };
-    if o.consecutive_failures == 0 {
-        return bad("consecutive_failures", "0".into(), "must be at least 1");
+    let prefix = format!("{field}.policy");
+    let mut problems = trellis_policy::validate_destination(policy, &prefix);
+    for (i, route) in d.routes.iter().enumerate() {
+        if let Some(p) = &route.policy {
+            problems.extend(trellis_policy::validate_route(
+                p,
+                &format!("{field}.routes[{i}].policy"),
+            ));
+        }
     }
-    if o.base_ejection_ms == 0 {
-        return bad("base_ejection_ms", "0".into(), "must be more than 0");
+    if let Some(problem) = problems.into_iter().next() {
+        return Err(policy_problem(problem));
     }
-    if o.max_ejection_ms < o.base_ejection_ms {
-        return bad(
-            "max_ejection_ms",
-            o.max_ejection_ms.to_string(),
-            "must be at least base_ejection_ms",
-        );
-    }
-    if o.max_ejected_percent > 100 {
-        return bad(
-            "max_ejected_percent",
-            o.max_ejected_percent.to_string(),
-            "must be 0 to 100",
-        );
-    }
-    Ok(Some(Ejection {
+    check_mirror(
+        policy.mirror.as_ref(),
+        &format!("{prefix}.mirror"),
+        backends,
+    )?;
+    Ok(policy.outlier_detection.as_ref().map(|o| Ejection {
         threshold: o.consecutive_failures,
-        base: Duration::from_millis(o.base_ejection_ms),
-        max: Duration::from_millis(o.max_ejection_ms),
+        base: o.base_ejection_time.get(),
+        max: o.max_ejection_time.get(),
         max_percent: o.max_ejected_percent,
     }))
+}
+
+/// A mirror must name one of the destination's backends (the copies' endpoints come from it).
+fn check_mirror(
+    mirror: Option<&trellis_policy::Mirror>,
+    field: &str,
+    backends: &HashMap<&str, usize>,
+) -> Result<Option<usize>, Invalid> {
+    let Some(m) = mirror else { return Ok(None) };
+    match backends.get(m.backend.as_str()) {
+        Some(&i) => Ok(Some(i)),
+        None => Err(invalid(
+            format!("{field}.backend"),
+            &m.backend,
+            format!(
+                "backend {:?} is not one of the destination's backends (add it with weight 0)",
+                m.backend
+            ),
+        )),
+    }
+}
+
+/// A policy problem as an [`Invalid`]: the value searched for to find its line is the field's
+/// last name (`perTry`), the closest thing the file holds.
+fn policy_problem(p: trellis_policy::Problem) -> Invalid {
+    let leaf = p
+        .field
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .split('[')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    Invalid {
+        field: p.field,
+        value: leaf,
+        message: p.message,
+    }
 }
 
 /// The weights a split schedules: a weighted backend with no endpoints gives its share to the

@@ -533,7 +533,7 @@ async fn outlier_detection_ejects_a_dead_endpoint_and_tries_it_again_after_the_e
         .unwrap();
     let dests = destination("echo.default", &[("v1", 1, &[a.addr, b.addr, dead])]).replace(
         "  - authority: echo.default\n",
-        "  - authority: echo.default\n    balancer: round_robin\n    outlier_detection: {consecutive_failures: 2, base_ejection_ms: 500, max_ejected_percent: 34}\n",
+        "  - authority: echo.default\n    balancer: round_robin\n    policy: {outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 500ms, maxEjectedPercent: 34}}\n",
     );
     let ejecting = proxy(&yaml(&dests)).await;
     let mut client = H1::connect(ejecting.http.unwrap()).await;
