@@ -213,6 +213,25 @@ pub struct InboundPolicy {
     /// Allow rules, ORed.
     #[serde(default)]
     pub authorizations: Vec<Authorization>,
+    /// Local rate limits (TrafficPolicy `rateLimit`s of this workload's services), checked after
+    /// authorization; the first whose matches a request matches decides (empty matches = every
+    /// request), so route limits come before the service's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<InboundRateLimit>,
+}
+
+/// One local rate limit of the inbound side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundRateLimit {
+    /// For metrics and logs: the route's name, or empty for the service's own limit.
+    #[serde(default)]
+    pub name: String,
+    /// The requests it applies to (ORed); empty = every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HttpMatch>,
+    /// The limit (camelCase fields, as in a TrafficPolicy).
+    pub limit: trellis_policy::RateLimit,
 }
 
 /// Default action of an inbound policy.

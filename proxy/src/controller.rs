@@ -532,5 +532,7 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
                 networks: a.networks,
             })
             .collect(),
+        // TODO(#12, policy-kind branch): from the InboundPolicy stream's rate limits.
+        rate_limits: Vec::new(),
     }
 }
