@@ -154,6 +154,7 @@ mod tests {
             policy: InboundPolicy {
                 default_action,
                 authorizations,
+                ..Default::default()
             },
         })
         .unwrap()
@@ -305,6 +306,7 @@ mod tests {
                     networks: vec!["10.0.0.0/33".into()],
                     ..Default::default()
                 }],
+                ..Default::default()
             },
         })
         .unwrap_err();

@@ -45,6 +45,7 @@ pub mod identity;
 pub mod metrics;
 pub mod observe;
 pub mod reload;
+pub mod resilience;
 pub mod server;
 pub mod state;
 pub mod table;
