@@ -25,6 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub use crate::resilience::retry::Outcome;
+pub use trellis_policy::FailureKind;
+
 use crate::config::BalancerKind;
 
 /// Latency decay constant: an estimate not refreshed by a sample fades towards zero, halving
@@ -175,10 +178,13 @@ impl EndpointStats {
     }
 
     /// A failed exchange: a sample of at least [`FAILURE_PENALTY_NANOS`], set-up or not (an
-    /// endpoint that never answers must not stay "new").
-    fn penalize(&self, rtt_nanos: f64) {
+    /// endpoint that never answers must not stay "new"); `counts` towards an ejection or not
+    /// (the policy's `failures` kind).
+    fn penalize(&self, rtt_nanos: f64, counts: bool) {
         self.first_answer.store(false, Ordering::Relaxed);
-        self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        if counts {
+            self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        }
         let next = rtt_nanos.max(FAILURE_PENALTY_NANOS).max(self.ewma_nanos());
         let now = self.epoch.elapsed().as_nanos() as u64;
         self.stamp_nanos.store(now, Ordering::Relaxed);
@@ -223,16 +229,24 @@ impl InFlight {
         self.stats.observe(self.started.elapsed().as_nanos() as f64);
     }
 
-    /// Record a failed exchange (see [`FAILURE_PENALTY_NANOS`]).
-    pub fn record_failure(&self) {
+    /// Record a failed exchange (see [`FAILURE_PENALTY_NANOS`]); whether it counts towards
+    /// an ejection depends on the kind of failures the policy counts.
+    pub fn record_failure(&self, outcome: Outcome, counted: FailureKind) {
+        let counts = match (counted, outcome) {
+            (FailureKind::ConnectFailure, o) => o == Outcome::ConnectFailure,
+            (FailureKind::GatewayError, Outcome::Answer(status, _)) => {
+                matches!(status.as_u16(), 502..=504)
+            }
+            (FailureKind::GatewayError | FailureKind::ServerError, _) => true,
+        };
         self.stats
-            .penalize(self.started.elapsed().as_nanos() as f64);
+            .penalize(self.started.elapsed().as_nanos() as f64, counts);
     }
 
     /// Record an answer: its latency, or a failure when the status is a 5xx.
-    pub fn record_answer(&self, status: http::StatusCode) {
+    pub fn record_answer(&self, status: http::StatusCode, counted: FailureKind) {
         if status.is_server_error() {
-            self.record_failure();
+            self.record_failure(Outcome::Answer(status, None), counted);
         } else {
             self.record_latency();
         }
@@ -495,11 +509,16 @@ mod tests {
         let s = stats(2);
         let fast_500 = healthy_and_failing(&s, &b, 2000, |g| {
             std::thread::sleep(std::time::Duration::from_micros(100));
-            g.record_answer(http::StatusCode::INTERNAL_SERVER_ERROR);
+            g.record_answer(
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                FailureKind::ServerError,
+            );
         });
         // An endpoint that never connects (never had a sample) does not stay "untried".
         let s2 = stats(2);
-        let never = healthy_and_failing(&s2, &b, 2000, |g| g.record_failure());
+        let never = healthy_and_failing(&s2, &b, 2000, |g| {
+            g.record_failure(Outcome::ConnectFailure, FailureKind::ServerError)
+        });
         for counts in [fast_500, never] {
             assert!(
                 counts[1] > 0 && counts[1] < 100,
@@ -563,7 +582,7 @@ mod tests {
             let guard = s[i].start();
             if i == 2 {
                 to_bad += 1;
-                guard.record_failure();
+                guard.record_failure(Outcome::Reset, FailureKind::ServerError);
             } else {
                 guard.record_latency();
             }
@@ -574,7 +593,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(350));
         assert!(!s[2].ejected());
         for _ in 0..3 {
-            s[2].start().record_failure();
+            s[2].start()
+                .record_failure(Outcome::Reset, FailureKind::ServerError);
         }
         while pick() != 0 {}
         let _ = (pick(), pick(), pick());
@@ -598,7 +618,8 @@ mod tests {
         let b = Balancer::new(BalancerKind::RoundRobin).with_ejection(Some(policy));
         for _ in 0..40 {
             let i = b.pick(s.iter().map(|s| (&**s, 1))).unwrap();
-            s[i].start().record_failure();
+            s[i].start()
+                .record_failure(Outcome::Reset, FailureKind::ServerError);
         }
         assert_eq!(s.iter().filter(|s| s.ejected()).count(), 2);
         // Two endpoints at 100%: one may go, never both.
@@ -610,7 +631,8 @@ mod tests {
         let b = Balancer::new(BalancerKind::Ewma).with_ejection(Some(all));
         for _ in 0..40 {
             let i = b.pick(s.iter().map(|s| (&**s, 1))).unwrap();
-            s[i].start().record_failure();
+            s[i].start()
+                .record_failure(Outcome::Reset, FailureKind::ServerError);
         }
         assert_eq!(s.iter().filter(|s| s.ejected()).count(), 1);
         // Without a policy nothing is ever ejected.
@@ -618,7 +640,8 @@ mod tests {
         let b = Balancer::new(BalancerKind::RoundRobin);
         for _ in 0..40 {
             let i = b.pick(s.iter().map(|s| (&**s, 1))).unwrap();
-            s[i].start().record_failure();
+            s[i].start()
+                .record_failure(Outcome::Reset, FailureKind::ServerError);
         }
         assert!(s.iter().all(|s| !s.ejected()));
     }

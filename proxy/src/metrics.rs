@@ -14,6 +14,7 @@
 //! | `trellis_connections_refused_total` | counter | `listener` (`outbound-http`, `outbound-port`, `inbound`, `outbound-transparent`, `inbound-transparent`), `reason` (`global-limit`, `per-source-limit`, `handshake-limit`; transparent: `no-original-destination`, `loop`, `no-policy`): every refusal |
 //! | `trellis_open_connections` | gauge | `listener`: client connections open now |
 //! | `trellis_accepted_connections_total` | counter | `listener`: client connections accepted (within the global limit) |
+//! | `trellis_retries_total` | counter | `destination`, `result` (`retried`: a retry was sent; `budget-exhausted`: a retryable failure was answered because the retry budget was spent) |
 //!
 //! With `--metrics-compat` (config `metrics_compat`), the inbound side also counts its requests
 //! under other meshes' names, for tools whose built-in queries expect them (Flagger):
@@ -157,6 +158,12 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RetryLabels {
+    destination: Label,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ListenerLabels {
     listener: &'static str,
 }
@@ -189,6 +196,7 @@ pub struct Metrics {
     open_connections: Family<ListenerLabels, Gauge>,
     accepted_connections: Family<ListenerLabels, Counter>,
     connections_refused: Family<ListenerReasonLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
     /// The series other meshes' names and labels that Flagger's built-in queries read.
     compat: Option<Arc<compat::Compat>>,
     /// [`crate::config::Config::no_request_metrics`].
@@ -268,6 +276,12 @@ impl Metrics {
         );
         let open_connections = Family::default();
         let accepted_connections = Family::default();
+        let retries = Family::default();
+        registry.register(
+            "trellis_retries",
+            "Retries of outbound requests, and retryable failures answered because the retry budget was spent",
+            retries.clone(),
+        );
         let connections_refused = Family::default();
         registry.register(
             "trellis_accepted_connections",
@@ -309,6 +323,7 @@ impl Metrics {
             open_connections,
             accepted_connections,
             connections_refused,
+            retries,
             compat: (!compat.is_empty())
                 .then(|| Arc::new(compat::Compat::register(registry, workload, compat))),
             requests_off: false,
@@ -354,6 +369,16 @@ impl Metrics {
     pub fn tls_error(&self, direction: &'static str, reason: &'static str) {
         self.handshake_errors
             .get_or_create(&TlsErrorLabels { direction, reason })
+            .inc();
+    }
+
+    /// Count a retry decision for `destination` (`retried` or `budget-exhausted`).
+    pub fn retry(&self, destination: &Label, result: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                destination: destination.clone(),
+                result,
+            })
             .inc();
     }
 

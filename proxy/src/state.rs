@@ -45,6 +45,9 @@ pub struct Shared {
     pub stats: StatsRegistry,
     /// Upstream HTTP clients (pooled).
     pub clients: Clients,
+    /// The own clients of destinations whose circuit breaker limits connections (their pools
+    /// hold only their connections, counted by the breaker), by destination key.
+    limited_clients: Mutex<HashMap<String, Arc<Clients>>>,
     /// Metrics.
     pub metrics: Metrics,
     /// Inbound authorization.
@@ -122,6 +125,29 @@ impl Drop for SourceGuard {
 }
 
 impl Shared {
+    /// The own clients of destination `key` when its breaker limits connections (made on first
+    /// use, again when the limits change); None: use the shared [`Self::clients`].
+    pub fn clients_for(
+        &self,
+        key: &str,
+        breaker: Option<&crate::resilience::Breaker>,
+    ) -> Option<Arc<Clients>> {
+        let b = breaker.filter(|b| b.max_connections.is_some())?;
+        let mut map = self
+            .limited_clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let clients = map
+            .entry(key.to_string())
+            .and_modify(|c| {
+                if !c.limited_by(b) {
+                    *c = Arc::new(Clients::new(&self.limits, Some(b.clone())));
+                }
+            })
+            .or_insert_with(|| Arc::new(Clients::new(&self.limits, Some(b.clone()))));
+        Some(Arc::clone(clients))
+    }
+
     /// State for `config`, with metrics registered in `registry`.
     pub fn new(
         config: &Config,
@@ -169,7 +195,8 @@ impl Shared {
         Ok(Shared {
             table: ArcSwap::from_pointee(table),
             stats,
-            clients: Clients::new(&config.limits),
+            clients: Clients::new(&config.limits, None),
+            limited_clients: Mutex::default(),
             metrics,
             authorizer,
             resolver,

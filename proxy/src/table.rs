@@ -18,6 +18,7 @@ use trellis_proxy_api::authority;
 use crate::balance::{Balancer, Ejection, EndpointStats};
 use crate::config::{self, Config, DefaultAction, HttpMatch, Invalid, Protocol};
 use crate::metrics::Label;
+use crate::resilience::{Breaker, BreakerState, RateLimiter, RequestPolicy};
 
 /// Most compiled program size of one user regex (bytes).
 const REGEX_SIZE_LIMIT: usize = 256 * 1024;
@@ -28,6 +29,9 @@ const MAX_SCHEDULE: u64 = 10_000;
 #[derive(Debug, Default)]
 pub struct StatsRegistry {
     by_address: Mutex<HashMap<String, Weak<EndpointStats>>>,
+    /// Circuit-breaker counters by destination key (requests in flight under an old table
+    /// still count under the new one).
+    breakers: Mutex<HashMap<String, Weak<BreakerState>>>,
 }
 
 impl StatsRegistry {
@@ -41,6 +45,17 @@ impl StatsRegistry {
         let stats = Arc::new(EndpointStats::default());
         map.insert(address.to_string(), Arc::downgrade(&stats));
         stats
+    }
+
+    fn breaker(&self, key: &str) -> Arc<BreakerState> {
+        let mut map = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = map.get(key).and_then(Weak::upgrade) {
+            return state;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let state = Arc::new(BreakerState::default());
+        map.insert(key.to_string(), Arc::downgrade(&state));
+        state
     }
 }
 
@@ -210,8 +225,12 @@ pub struct DestinationTable {
     pub key: String,
     /// Protocol towards the destination.
     pub protocol: Protocol,
-    /// Per-request timeout.
-    pub request_timeout: Option<Duration>,
+    /// What requests matching no route get (timeouts, retries, faults, mirror).
+    pub policy: Arc<RequestPolicy>,
+    /// Limits on what the destination may hold open, when its policy sets them.
+    pub breaker: Option<Breaker>,
+    /// Which failures count towards outlier ejection (when the policy ejects).
+    pub ejection_counts: trellis_policy::FailureKind,
     /// Share of new traces sampled towards this destination (None = the proxy's default).
     pub trace_sampling: Option<f64>,
     /// Backends, referenced by index from splits.
@@ -222,14 +241,9 @@ pub struct DestinationTable {
     split: Split,
 }
 
-/// What routing a request decided.
-#[derive(Debug)]
-pub struct Decision<'a> {
-    /// The route's name (empty for the default split).
-    pub route: &'a Label,
-    /// The chosen backend, None when every weight is 0 or there are no backends.
-    pub backend: Option<&'a BackendTable>,
-}
+/// The route a request matched in a [`DestinationTable`] (None: the default split).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteRef(Option<usize>);
 
 impl DestinationTable {
     fn compile(
@@ -267,7 +281,7 @@ impl DestinationTable {
                 });
             backends.push((b, bfield, workload));
         }
-        let ejection = checked_policy(d, field, &index)?;
+        let ejection = checked_policy(d, field)?;
         let backends = backends
             .into_iter()
             .map(|(b, bfield, workload)| {
@@ -279,15 +293,42 @@ impl DestinationTable {
             d.backends.iter().enumerate().map(|(i, b)| (i, b.weight)),
             &ready,
         ));
+        let legacy_timeout = d
+            .request_timeout_ms
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis);
+        let mirror = check_mirror(
+            d.policy.as_ref().and_then(|p| p.mirror.as_ref()),
+            &format!("{field}.policy.mirror"),
+            &index,
+        )?;
         let mut routes = Vec::with_capacity(d.routes.len());
         for (i, r) in d.routes.iter().enumerate() {
-            routes.push(RouteTable::compile(
-                r,
-                &format!("{field}.routes[{i}]"),
-                &index,
-                &ready,
-            )?);
+            let rfield = format!("{field}.routes[{i}]");
+            let mut route = RouteTable::compile(r, &rfield, &index, &ready)?;
+            if let Some(own) = &r.policy {
+                let applied = match &d.policy {
+                    Some(dp) => own.over(dp),
+                    None => own.clone(),
+                };
+                let mirror = check_mirror(
+                    applied.mirror.as_ref(),
+                    &format!("{rfield}.policy.mirror"),
+                    &index,
+                )?;
+                route.policy = Some(Arc::new(RequestPolicy::compile(
+                    &applied,
+                    legacy_timeout,
+                    mirror,
+                )));
+            }
+            routes.push(route);
         }
+        let breaker = d
+            .policy
+            .as_ref()
+            .and_then(|p| p.circuit_breaker.as_ref())
+            .map(|b| Breaker::compile(b, stats.breaker(&key)));
         if let Some(r) = d.trace_sampling
             && !(0.0..=1.0).contains(&r)
         {
@@ -302,38 +343,63 @@ impl DestinationTable {
             label: Label::from(key.as_str()),
             key,
             protocol: d.protocol,
-            request_timeout: d
-                .request_timeout_ms
-                .filter(|ms| *ms > 0)
-                .map(Duration::from_millis),
+            policy: Arc::new(RequestPolicy::for_destination(
+                d.policy.as_ref(),
+                legacy_timeout,
+                mirror,
+            )),
+            breaker,
+            ejection_counts: d
+                .policy
+                .as_ref()
+                .and_then(|p| p.outlier_detection.as_ref())
+                .map(|o| o.failures)
+                .unwrap_or_default(),
             backends,
             routes,
             split,
         })
     }
 
-    /// Route one request: the first matching route's split, else the default split.
-    pub fn route(&self, method: &Method, path: &str, headers: &HeaderMap) -> Decision<'_> {
-        static DEFAULT_ROUTE: std::sync::LazyLock<Label> =
-            std::sync::LazyLock::new(|| Label::from(""));
-        for route in &self.routes {
-            if route.matches.is_empty()
+    /// The route a request takes: the first route that matches it, else the default split.
+    pub fn match_route(&self, method: &Method, path: &str, headers: &HeaderMap) -> RouteRef {
+        RouteRef(self.routes.iter().position(|route| {
+            route.matches.is_empty()
                 || route
                     .matches
                     .iter()
                     .any(|m| m.matches(method, path, headers))
-            {
-                let split = route.split.as_ref().unwrap_or(&self.split);
-                return Decision {
-                    route: &route.name,
-                    backend: split.next().map(|i| &self.backends[i]),
-                };
-            }
-        }
-        Decision {
-            route: &DEFAULT_ROUTE,
-            backend: self.split.next().map(|i| &self.backends[i]),
-        }
+        }))
+    }
+
+    /// The route's name (empty for the default split).
+    pub fn route_name(&self, route: RouteRef) -> &Label {
+        static DEFAULT_ROUTE: std::sync::LazyLock<Label> =
+            std::sync::LazyLock::new(|| Label::from(""));
+        route
+            .0
+            .and_then(|i| self.routes.get(i))
+            .map_or(&DEFAULT_ROUTE, |r| &r.name)
+    }
+
+    /// The policy of the route's requests (the route's own, else the destination's).
+    pub fn route_policy(&self, route: RouteRef) -> &Arc<RequestPolicy> {
+        route
+            .0
+            .and_then(|i| self.routes.get(i))
+            .and_then(|r| r.policy.as_ref())
+            .unwrap_or(&self.policy)
+    }
+
+    /// The next backend of the route's split (index into `backends`); None when every weight
+    /// is 0 or there are no backends.
+    pub fn split(&self, route: RouteRef) -> Option<usize> {
+        let split = route
+            .0
+            .and_then(|i| self.routes.get(i))
+            .and_then(|r| r.split.as_ref())
+            .unwrap_or(&self.split);
+        split.next()
     }
 
     /// Pick a backend for a new TCP connection (routes do not apply).
@@ -396,13 +462,9 @@ impl Split {
     }
 }
 
-/// The destination's policy, checked (every value in range, the mirror a known backend), and
-/// the balancer's outlier ejection from it.
-fn checked_policy(
-    d: &config::Destination,
-    field: &str,
-    backends: &HashMap<&str, usize>,
-) -> Result<Option<Ejection>, Invalid> {
+/// The destination's policy, checked (every value in range), and the balancer's outlier
+/// ejection from it.
+fn checked_policy(d: &config::Destination, field: &str) -> Result<Option<Ejection>, Invalid> {
     let Some(policy) = &d.policy else {
         return Ok(None);
     };
@@ -419,17 +481,23 @@ fn checked_policy(
     if let Some(problem) = problems.into_iter().next() {
         return Err(policy_problem(problem));
     }
-    check_mirror(
-        policy.mirror.as_ref(),
-        &format!("{prefix}.mirror"),
-        backends,
-    )?;
     Ok(policy.outlier_detection.as_ref().map(|o| Ejection {
         threshold: o.consecutive_failures,
         base: o.base_ejection_time.get(),
         max: o.max_ejection_time.get(),
         max_percent: o.max_ejected_percent,
     }))
+}
+
+/// The balancer: the policy's `loadBalancer` when it sets one, else the destination's.
+fn balancer_kind(d: &config::Destination) -> config::BalancerKind {
+    use trellis_policy::LoadBalancer;
+    match d.policy.as_ref().and_then(|p| p.load_balancer) {
+        Some(LoadBalancer::Ewma) => config::BalancerKind::Ewma,
+        Some(LoadBalancer::RoundRobin) => config::BalancerKind::RoundRobin,
+        Some(LoadBalancer::LeastRequest) => config::BalancerKind::LeastRequest,
+        None => d.balancer,
+    }
 }
 
 /// A mirror must name one of the destination's backends (the copies' endpoints come from it).
@@ -502,6 +570,8 @@ struct RouteTable {
     name: Label,
     matches: Vec<Matcher>,
     split: Option<Split>,
+    /// Set when the route has a policy of its own.
+    policy: Option<Arc<RequestPolicy>>,
 }
 
 impl RouteTable {
@@ -546,6 +616,7 @@ impl RouteTable {
             name: Label::from(r.name.as_str()),
             matches,
             split,
+            policy: None,
         })
     }
 }
@@ -703,8 +774,38 @@ impl BackendTable {
             name: Label::from(b.name.as_str()),
             endpoints,
             workload: WorkloadLabels::from(workload),
-            balancer: Balancer::new(d.balancer).with_ejection(ejection),
+            balancer: Balancer::new(balancer_kind(d)).with_ejection(ejection),
         })
+    }
+
+    /// Pick an endpoint for a request: the balancer's choice, unless it is `avoid` (the endpoint
+    /// a retry's last try failed on) or full (the breaker's `maxRequestsPerEndpoint`); then
+    /// the next endpoint round the list that is neither (nor ejected). `avoid` is used when
+    /// it is the only one with room.
+    pub fn pick_for(
+        &self,
+        avoid: Option<usize>,
+        breaker: Option<&Breaker>,
+    ) -> Result<usize, PickError> {
+        let choice = self
+            .balancer
+            .pick(self.endpoints.iter().map(|e| (&*e.stats, e.weight)))
+            .ok_or(PickError::NoEndpoints)?;
+        let has_room = |i: usize| {
+            breaker.is_none_or(|b| b.endpoint_has_room(self.endpoints[i].stats.in_flight()))
+        };
+        if Some(choice) != avoid && has_room(choice) {
+            return Ok(choice);
+        }
+        let n = self.endpoints.len();
+        let other = (1..n)
+            .map(|k| (choice + k) % n)
+            .find(|&i| Some(i) != avoid && has_room(i) && !self.endpoints[i].stats.ejected());
+        match other {
+            Some(i) => Ok(i),
+            None if has_room(choice) => Ok(choice),
+            None => Err(PickError::Overloaded),
+        }
     }
 
     /// Pick an endpoint (None when the backend has none).
@@ -713,6 +814,15 @@ impl BackendTable {
             .pick(self.endpoints.iter().map(|e| (&*e.stats, e.weight)))
             .map(|i| &self.endpoints[i])
     }
+}
+
+/// Why no endpoint was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickError {
+    /// The backend has none.
+    NoEndpoints,
+    /// Every endpoint has its maximum of requests in flight.
+    Overloaded,
 }
 
 /// A compiled endpoint.
@@ -743,6 +853,8 @@ pub struct InboundTable {
     pub default_action: DefaultAction,
     /// Allow rules.
     pub authorizations: Vec<AuthorizationTable>,
+    /// Local rate limits, first match decides.
+    rate_limits: Vec<(Vec<Matcher>, RateLimiter)>,
 }
 
 /// A compiled allow rule.
@@ -799,13 +911,48 @@ impl InboundTable {
                 format!("{e}"),
             )
         })?;
+        let mut rate_limits = Vec::with_capacity(inbound.policy.rate_limits.len());
+        for (i, l) in inbound.policy.rate_limits.iter().enumerate() {
+            let field = format!("inbound.policy.rate_limits[{i}]");
+            let problems = trellis_policy::validate_route(
+                &trellis_policy::RoutePolicy {
+                    rate_limit: Some(l.limit.clone()),
+                    ..Default::default()
+                },
+                &field,
+            );
+            if let Some(p) = problems.into_iter().next() {
+                return Err(policy_problem(p));
+            }
+            let mut matchers = Vec::with_capacity(l.matches.len());
+            for (j, m) in l.matches.iter().enumerate() {
+                matchers.push(Matcher::compile(m, &format!("{field}.matches[{j}]"))?);
+            }
+            rate_limits.push((matchers, RateLimiter::compile(&l.limit)));
+        }
         Ok(InboundTable {
             app: inbound.app,
             app_authority,
             protocol: inbound.protocol,
             default_action: inbound.policy.default_action,
             authorizations,
+            rate_limits,
         })
+    }
+
+    /// The rate limit a request falls under, if any (the first whose matches it matches).
+    pub fn rate_limit_for(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<&RateLimiter> {
+        self.rate_limits
+            .iter()
+            .find(|(matches, _)| {
+                matches.is_empty() || matches.iter().any(|m| m.matches(method, path, headers))
+            })
+            .map(|(_, limiter)| limiter)
     }
 }
 

@@ -98,7 +98,10 @@ pub async fn forward_outbound<IO>(
     let mut upstream = match tokio::time::timeout(shared.limits.connect_timeout(), connect).await {
         Ok(Ok(s)) => s,
         _ => {
-            in_flight.record_failure();
+            in_flight.record_failure(
+                crate::balance::Outcome::ConnectFailure,
+                dest.ejection_counts,
+            );
             count(
                 &mut rec,
                 &shared,

@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -470,7 +470,7 @@ where
 /// pool per identity, so pooled connections are keyed by (address, identity)).
 #[derive(Debug, Clone)]
 pub struct MeshConnector {
-    http: HttpConnector,
+    http: crate::http::connect::PlainConnector,
     store: Arc<IdentityStore>,
     metrics: Metrics,
     expected: Arc<str>,
@@ -481,7 +481,7 @@ pub struct MeshConnector {
 impl MeshConnector {
     /// A connector towards `expected`.
     pub fn new(
-        http: HttpConnector,
+        http: crate::http::connect::PlainConnector,
         store: Arc<IdentityStore>,
         metrics: Metrics,
         expected: &str,
@@ -516,10 +516,10 @@ impl tower::Service<Uri> for MeshConnector {
                 return Err(TlsError::NoIdentity);
             }
             let address = uri.authority().map_or("", |a| a.as_str()).to_string();
-            let tcp = tower::Service::call(&mut this.http, uri)
+            let (tcp, permit) = tower::Service::call(&mut this.http, uri)
                 .await
-                .map_err(|e| TlsError::Connect(Box::new(e)))?
-                .into_inner();
+                .map_err(TlsError::Connect)?
+                .into_parts();
             let tls = connect(
                 &this.store,
                 &this.metrics,
@@ -530,14 +530,19 @@ impl tower::Service<Uri> for MeshConnector {
                 this.timeout,
             )
             .await?;
-            Ok(MeshStream(TokioIo::new(tls)))
+            Ok(MeshStream(TokioIo::new(tls), permit))
         })
     }
 }
 
 /// An mTLS connection to an upstream proxy.
 #[derive(Debug)]
-pub struct MeshStream(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
+pub struct MeshStream(
+    TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    /// The connection's place under the destination's circuit breaker, if it has one.
+    #[allow(dead_code)]
+    Option<crate::resilience::breaker::ConnectionPermit>,
+);
 
 impl Connection for MeshStream {
     fn connected(&self) -> Connected {

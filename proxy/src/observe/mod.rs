@@ -464,6 +464,11 @@ impl Tally {
         req.extensions().get::<Arc<Tally>>()
     }
 
+    /// The same, from a request's head.
+    pub fn of_parts(parts: &http::request::Parts) -> Option<Arc<Tally>> {
+        parts.extensions.get::<Arc<Tally>>().cloned()
+    }
+
     /// Count `n` bytes received from the caller.
     pub fn received(&self, n: u64) {
         self.bytes_in.fetch_add(n, Ordering::Relaxed);
@@ -589,12 +594,12 @@ impl Drop for ObservedBody {
 
 impl Body for ObservedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::http::BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::http::BodyError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {

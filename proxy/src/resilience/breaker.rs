@@ -15,8 +15,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub struct BreakerState {
     requests: AtomicUsize,
     pending: AtomicUsize,
-    /// Connection permits (`maxConnections`); sized when first needed.
-    connections: std::sync::OnceLock<(usize, Arc<Semaphore>)>,
+    /// Connection permits for `maxConnections` (the limit they were made for): made when first
+    /// needed, replaced when the limit changes (connections holding permits of the old one
+    /// release them there).
+    connections: std::sync::Mutex<Option<(usize, Arc<Semaphore>)>>,
 }
 
 impl Default for BreakerState {
@@ -24,7 +26,7 @@ impl Default for BreakerState {
         BreakerState {
             requests: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
-            connections: std::sync::OnceLock::new(),
+            connections: std::sync::Mutex::new(None),
         }
     }
 }
@@ -120,11 +122,22 @@ impl Breaker {
         let Some(max) = self.max_connections else {
             return Ok(None);
         };
-        let (_, semaphore) = self
-            .state
-            .connections
-            .get_or_init(|| (max, Arc::new(Semaphore::new(max))));
-        if let Ok(permit) = Arc::clone(semaphore).try_acquire_owned() {
+        let semaphore = {
+            let mut slot = self
+                .state
+                .connections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match &*slot {
+                Some((size, s)) if *size == max => Arc::clone(s),
+                _ => {
+                    let s = Arc::new(Semaphore::new(max));
+                    *slot = Some((max, Arc::clone(&s)));
+                    s
+                }
+            }
+        };
+        if let Ok(permit) = Arc::clone(&semaphore).try_acquire_owned() {
             return Ok(Some(ConnectionPermit(permit)));
         }
         let waiting = self.state.pending.fetch_add(1, Ordering::Relaxed);
@@ -132,7 +145,7 @@ impl Breaker {
         if waiting >= self.max_pending {
             return Err(Overloaded::Pending);
         }
-        Arc::clone(semaphore)
+        semaphore
             .acquire_owned()
             .await
             .map(|p| Some(ConnectionPermit(p)))

@@ -209,17 +209,21 @@ impl Hop {
         }
     }
 
-    /// Outbound: the destination, backend and endpoint are chosen; decide (with the
-    /// destination's sampling ratio) and write the context into the upstream request.
+    /// The request is about to leave for `dest`: decide sampling (the destination's
+    /// `trace_sampling`) and write the context into the request's headers. Once per request,
+    /// before any try (every try carries the same context).
+    pub fn propagate(&mut self, dest: &DestinationTable, headers: &mut HeaderMap) {
+        self.decide(dest.trace_sampling, Some(headers));
+    }
+
+    /// The upstream that answered (the last try's): backend, endpoint, identity and route.
     pub fn upstream(
         &mut self,
         dest: &DestinationTable,
         backend: &BackendTable,
         endpoint: &EndpointTable,
         route: &Label,
-        headers: &mut HeaderMap,
     ) {
-        self.decide(dest.trace_sampling, Some(headers));
         if self.span.is_none() {
             return;
         }

@@ -254,3 +254,155 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// How a [`Flaky`] upstream answers. Counters (`hits`) always count every request received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// 200 with its name.
+    Ok,
+    /// The first `n` requests get `status`, then 200.
+    FailFirst(usize, u16),
+    /// `percent` of requests (at random) get `status`, the others 200.
+    FailPercent(u32, u16),
+    /// 200 after waiting this long.
+    Slow(Duration),
+    /// The first `n` requests wait this long, then answer at once.
+    SlowFirst(usize, Duration),
+    /// The connection is closed without an answer.
+    Reset,
+    /// Headers and 5 of 100 promised bytes, then the connection is cut.
+    CloseMidBody,
+    /// Headers, then a body that never sends a byte.
+    StallBody,
+    /// Never answers (the request hangs until the client gives up).
+    Stall,
+}
+
+/// A real HTTP/1.1 + h2c upstream that misbehaves on command, counting what it receives.
+#[derive(Debug, Clone)]
+pub struct Flaky {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    pub mode: Arc<std::sync::Mutex<Mode>>,
+    /// Requests being answered now, and the most seen at once.
+    pub in_flight: Arc<AtomicUsize>,
+    pub max_in_flight: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl Flaky {
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+    pub fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+}
+
+pub async fn flaky(name: &'static str, mode: Mode) -> Flaky {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let f = Flaky {
+        name,
+        addr: listener.local_addr().unwrap(),
+        hits: Arc::new(AtomicUsize::new(0)),
+        mode: Arc::new(std::sync::Mutex::new(mode)),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        max_in_flight: Arc::new(AtomicUsize::new(0)),
+        connections: Arc::new(AtomicUsize::new(0)),
+    };
+    let server = f.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            server.connections.fetch_add(1, Ordering::SeqCst);
+            let f = server.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| flaky_answer(f.clone(), req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    f
+}
+
+struct Leave(Arc<AtomicUsize>);
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+type FlakyError = Box<dyn std::error::Error + Send + Sync>;
+type FlakyBody = BoxBody<Bytes, FlakyError>;
+
+async fn flaky_answer(
+    f: Flaky,
+    req: Request<Incoming>,
+) -> Result<Response<FlakyBody>, std::io::Error> {
+    let n = f.hits.fetch_add(1, Ordering::SeqCst);
+    let now = f.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    f.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _leave = Leave(f.in_flight.clone());
+    // Read the request body (it must arrive whole for the test to count it).
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mode = *f.mode.lock().unwrap();
+    let status = |code: u16| {
+        let text = format!("{} {code} {}", f.name, body.len());
+        let mut r = Response::new(
+            Full::new(Bytes::from(text))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *r.status_mut() = StatusCode::from_u16(code).unwrap();
+        r.headers_mut().insert("x-app", f.name.parse().unwrap());
+        Ok(r)
+    };
+    match mode {
+        Mode::Ok => status(200),
+        Mode::FailFirst(k, code) => status(if n < k { code } else { 200 }),
+        Mode::FailPercent(p, code) => status(if fastrand::u32(..100) < p { code } else { 200 }),
+        Mode::Slow(d) => {
+            tokio::time::sleep(d).await;
+            status(200)
+        }
+        Mode::SlowFirst(k, d) => {
+            if n < k {
+                tokio::time::sleep(d).await;
+            }
+            status(200)
+        }
+        Mode::Reset => Err(std::io::Error::other("reset on command")),
+        Mode::CloseMidBody => {
+            let chunks = futures::stream::iter(vec![
+                Ok(http_body::Frame::data(Bytes::from_static(b"12345"))),
+                Err(std::io::Error::other("cut on command")),
+            ]);
+            let body = http_body_util::StreamBody::new(chunks);
+            let mut r = Response::new(body.map_err(FlakyError::from).boxed());
+            r.headers_mut()
+                .insert("content-length", "100".parse().unwrap());
+            Ok(r)
+        }
+        Mode::StallBody => {
+            let body = http_body_util::StreamBody::new(futures::stream::pending::<
+                Result<http_body::Frame<Bytes>, FlakyError>,
+            >());
+            Ok(Response::new(body.boxed()))
+        }
+        Mode::Stall => {
+            futures::future::pending::<()>().await;
+            unreachable!()
+        }
+    }
+}

@@ -1,9 +1,11 @@
-//! HTTP proxying, outbound (route, split, balance, forward) and inbound (authorize, forward to
-//! the local application), for HTTP/1.1 (keep-alive, chunked, upgrades) and HTTP/2 (gRPC,
-//! trailers, streaming both ways: bodies are streamed frame by frame, never buffered).
+//! HTTP proxying, outbound (route, fault, breaker, mirror, retry, split, balance, forward: see
+//! [`outbound`]) and inbound (authorize, rate-limit, forward to the local application), for
+//! HTTP/1.1 (keep-alive, chunked, upgrades) and HTTP/2 (gRPC, trailers, streaming both ways).
+//! Bodies are streamed frame by frame; only a request a retry or a mirror may send again is kept
+//! whole, up to the policy's bound ([`body`]).
 //!
 //! Errors are mapped to responses once, here, each with an `x-trellis-error` header naming the
-//! mesh's reason (see [`Reason`]). There are no retries: a request is sent at most once.
+//! mesh's reason (see [`Reason`]).
 //!
 //! Request semantics a proxy owes its upstreams (each one a fixed defect, with a raw-socket test
 //! in `proxy/tests/http_correctness.rs`):
@@ -20,95 +22,40 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
-use http::uri::{PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::authz::{Caller, RequestInfo, Verdict};
-use crate::balance::InFlight;
 use crate::config::{Limits, Protocol};
 use crate::identity::IdentityStore;
 use crate::metrics::{Label, Metrics, RequestLabels};
 use crate::state::Shared;
-use crate::table::{DestinationTable, Lookup};
-use crate::tls::{Alpn, MeshConnector, TlsError, find_tls_error};
+use crate::table::DestinationTable;
+use crate::tls::{Alpn, MeshConnector};
+
+pub mod body;
+pub mod connect;
+mod outbound;
+
+pub use body::{BodyError, ProxyBody, RequestBody};
 
 /// Header naming why the proxy answered a request itself.
 pub const ERROR_HEADER: &str = "x-trellis-error";
 
 /// An upstream client: pooled connections, bodies streamed from the downstream request.
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
+pub type UpstreamClient = Client<connect::PlainConnector, RequestBody>;
 
 /// An upstream client speaking mTLS to one expected identity.
 pub type MeshClient = Client<MeshConnector, RequestBody>;
-
-/// The downstream request body on its way upstream. It remembers whether reading it failed, so
-/// a failed exchange is blamed on the right side: a body the client framed wrongly (or abandoned)
-/// is the client's fault (400), not the upstream's (502).
-#[derive(Debug)]
-pub struct RequestBody {
-    inner: Incoming,
-    failed: Arc<AtomicBool>,
-    /// Request bytes counted for the access log / tap (observed requests only).
-    tally: Option<Arc<crate::observe::Tally>>,
-}
-
-impl RequestBody {
-    fn new(inner: Incoming, tally: Option<Arc<crate::observe::Tally>>) -> (Self, Arc<AtomicBool>) {
-        let failed = Arc::new(AtomicBool::new(false));
-        (
-            RequestBody {
-                inner,
-                failed: Arc::clone(&failed),
-                tally,
-            },
-            failed,
-        )
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Err(_))) => this.failed.store(true, Ordering::Relaxed),
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(t), Some(d)) = (&this.tally, frame.data_ref()) {
-                    t.received(d.len() as u64);
-                }
-            }
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 /// The upstream clients: HTTP/1.1 and h2c (prior knowledge) in plaintext, and mTLS clients per
 /// expected peer identity (so pooled connections are keyed by (address, identity)).
@@ -116,21 +63,25 @@ impl Body for RequestBody {
 pub struct Clients {
     http1: UpstreamClient,
     http2: UpstreamClient,
-    connector: HttpConnector,
+    connector: connect::PlainConnector,
     builder: hyper_util::client::legacy::Builder,
     handshake_timeout: Duration,
     /// mTLS clients by expected identity: [HTTP/1.1, HTTP/2]. Read on every mTLS request, written
     /// once per identity.
     mesh: [RwLock<HashMap<String, MeshClient>>; 2],
+    /// The breaker whose connection limit these clients' connections count against.
+    breaker: Option<crate::resilience::Breaker>,
 }
 
 impl Clients {
-    /// Build pooled clients with the given connect timeout.
-    pub fn new(limits: &Limits) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(limits.connect_timeout()));
-        connector.enforce_http(true);
+    /// Build pooled clients with the given connect timeout; with a `breaker`, their
+    /// connections count against its `maxConnections` (a destination's own clients).
+    pub fn new(limits: &Limits, breaker: Option<crate::resilience::Breaker>) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(limits.connect_timeout()));
+        http.enforce_http(true);
+        let connector = connect::PlainConnector::new(http, breaker.clone());
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -145,7 +96,17 @@ impl Clients {
             builder,
             handshake_timeout: limits.tls_handshake_timeout(),
             mesh: Default::default(),
+            breaker,
         }
+    }
+
+    /// Whether these clients count their connections under exactly this breaker's limits.
+    pub fn limited_by(&self, b: &crate::resilience::Breaker) -> bool {
+        self.breaker.as_ref().is_some_and(|own| {
+            own.max_connections == b.max_connections
+                && own.max_pending == b.max_pending
+                && Arc::ptr_eq(&own.state, &b.state)
+        })
     }
 
     /// The mTLS client towards endpoints named `expected` (created on first use).
@@ -199,6 +160,12 @@ pub enum Reason {
     NoEndpoints,
     /// Connecting to the endpoint failed. 502.
     ConnectFailed,
+    /// The destination's circuit breaker is full (requests, connections or every endpoint). 503.
+    Overloaded,
+    /// The traffic policy injected this answer (status as configured).
+    FaultInjected,
+    /// The destination's local rate limit is spent. 429 with `retry-after`.
+    RateLimited,
     /// The endpoint failed mid-request. 502.
     UpstreamFailed,
     /// The destination's request timeout passed. 504.
@@ -226,6 +193,9 @@ impl Reason {
             Reason::NoBackends => "no-backends",
             Reason::NoEndpoints => "no-endpoints",
             Reason::ConnectFailed => "connect-failed",
+            Reason::Overloaded => "overloaded",
+            Reason::FaultInjected => "fault-injected",
+            Reason::RateLimited => "rate-limited",
             Reason::UpstreamFailed => "upstream-failed",
             Reason::Timeout => "timeout",
             Reason::Forbidden => "forbidden",
@@ -247,68 +217,15 @@ impl Reason {
             | Reason::UpstreamFailed
             | Reason::IdentityMismatch
             | Reason::TlsFailed => StatusCode::BAD_GATEWAY,
-            Reason::NoBackends | Reason::NoEndpoints | Reason::NoInbound | Reason::NoIdentity => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Reason::NoBackends
+            | Reason::NoEndpoints
+            | Reason::NoInbound
+            | Reason::NoIdentity
+            | Reason::Overloaded
+            | Reason::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::Forbidden => StatusCode::FORBIDDEN,
-        }
-    }
-}
-
-/// Response body: the upstream's (streamed, holding the endpoint's in-flight mark until it
-/// ends) or a short local one.
-#[derive(Debug)]
-pub enum ProxyBody {
-    /// From the upstream.
-    Upstream {
-        /// The body.
-        body: Incoming,
-        /// Released when the body is done or dropped.
-        in_flight: Option<InFlight>,
-    },
-    /// Produced by the proxy.
-    Local(Option<Bytes>),
-    /// Either of the above, observed for the access log / tap ([`crate::observe`]).
-    Observed(Box<crate::observe::ObservedBody>),
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ProxyBody::Upstream { body, in_flight } => {
-                let polled = Pin::new(body).poll_frame(cx);
-                if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-                    in_flight.take();
-                }
-                polled
-            }
-            ProxyBody::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBody::Observed(body) => Pin::new(&mut **body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
-            ProxyBody::Local(data) => data.is_none(),
-            ProxyBody::Observed(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Upstream { body, .. } => body.size_hint(),
-            ProxyBody::Local(data) => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
-            ProxyBody::Observed(body) => body.size_hint(),
         }
     }
 }
@@ -340,7 +257,7 @@ pub async fn handle(
     let observed = shared.observe.begin_http(&side, &mut req, started);
     let resp = match &*side {
         Side::Outbound { fixed } => {
-            outbound(&shared, fixed.as_deref(), req, started, hop.as_mut()).await
+            outbound::outbound(&shared, fixed.as_deref(), req, started, hop.as_mut()).await
         }
         Side::Inbound { caller } => inbound(&shared, caller, req, started).await,
     };
@@ -382,231 +299,6 @@ fn malformed(req: &Request<Incoming>) -> Option<&'static str> {
         return Some("the host header differs from :authority");
     }
     None
-}
-
-enum Miss {
-    NoAuthority,
-    Invalid(String),
-    Unknown(String),
-}
-
-fn find(
-    shared: &Shared,
-    fixed: Option<&str>,
-    req: &Request<Incoming>,
-) -> Result<Arc<DestinationTable>, Miss> {
-    let target = match fixed {
-        Some(f) => f,
-        None => match req.uri().authority() {
-            Some(a) => a.as_str(),
-            None => match req.headers().get(HOST).and_then(|h| h.to_str().ok()) {
-                Some(h) => h,
-                None => return Err(Miss::NoAuthority),
-            },
-        },
-    };
-    let table = shared.table.load();
-    match table.lookup(target) {
-        Lookup::Found(d) => Ok(Arc::clone(d)),
-        Lookup::Unknown(key) => Err(Miss::Unknown(key)),
-        Lookup::Invalid(e) => Err(Miss::Invalid(e.to_string())),
-    }
-}
-
-async fn outbound(
-    shared: &Shared,
-    fixed: Option<&str>,
-    mut req: Request<Incoming>,
-    started: Instant,
-    hop: Option<&mut crate::trace::Hop>,
-) -> Response<ProxyBody> {
-    if let Some(problem) = malformed(&req) {
-        return outbound_error(shared, Reason::BadRequest, problem, started);
-    }
-    let dest = match find(shared, fixed, &req) {
-        Ok(d) => d,
-        Err(Miss::Unknown(key)) if shared.resolver.is_some() => {
-            if let Some(resolver) = &shared.resolver {
-                resolver.resolve(&key).await;
-            }
-            match find(shared, fixed, &req) {
-                Ok(d) => d,
-                Err(_) => return outbound_error(shared, Reason::UnknownDestination, &key, started),
-            }
-        }
-        Err(Miss::Unknown(key)) => {
-            return outbound_error(shared, Reason::UnknownDestination, &key, started);
-        }
-        Err(Miss::Invalid(e)) => {
-            return outbound_error(shared, Reason::InvalidAuthority, &e, started);
-        }
-        Err(Miss::NoAuthority) => {
-            return outbound_error(shared, Reason::NoAuthority, "no Host header", started);
-        }
-    };
-    let decision = dest.route(req.method(), req.uri().path(), req.headers());
-    let route = decision.route.clone();
-    let Some(backend) = decision.backend else {
-        return dest_error(
-            shared,
-            &dest,
-            None,
-            route,
-            Reason::NoBackends,
-            started,
-            None,
-        );
-    };
-    let Some(endpoint) = backend.pick() else {
-        return dest_error(
-            shared,
-            &dest,
-            Some(backend),
-            route,
-            Reason::NoEndpoints,
-            started,
-            None,
-        );
-    };
-    if let Some(tally) = crate::observe::Tally::of(&req) {
-        tally.choose(
-            endpoint.authority.as_str(),
-            endpoint.identity.as_deref(),
-            Some((
-                backend.workload.namespace.as_str(),
-                backend.workload.name.as_str(),
-            )),
-        );
-    }
-    // mTLS when the endpoint has an identity and this proxy has an identity source; without a
-    // source the proxy is outside the mesh and talks plaintext.
-    let mesh_identity = endpoint
-        .identity
-        .as_ref()
-        .filter(|_| shared.identity.is_configured());
-    if mesh_identity.is_some() && shared.identity.current().is_none() {
-        return dest_error(
-            shared,
-            &dest,
-            Some(backend),
-            route,
-            Reason::NoIdentity,
-            started,
-            mesh_identity,
-        );
-    }
-    if let Some(hop) = hop {
-        hop.upstream(&dest, backend, endpoint, &route, req.headers_mut());
-    }
-    let http2 =
-        endpoint.http2 || (req.version() == Version::HTTP_2 && dest.protocol != Protocol::Tcp);
-    let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
-    let (req, body_failed) =
-        match rewrite(req, endpoint.authority.clone(), http2, upgrade.is_some()) {
-            Ok(r) => r,
-            Err(e) => {
-                return dest_error(
-                    shared,
-                    &dest,
-                    Some(backend),
-                    route,
-                    Reason::UpstreamFailed,
-                    started,
-                    mesh_identity,
-                )
-                .tap_log(&e);
-            }
-        };
-    let in_flight = endpoint.stats.start();
-    let sent = match mesh_identity {
-        Some(expected) => shared
-            .clients
-            .mesh(expected, http2, &shared.identity, &shared.metrics)
-            .request(req),
-        None if http2 => shared.clients.http2.request(req),
-        None => shared.clients.http1.request(req),
-    };
-    let result = match dest.request_timeout {
-        Some(t) => match tokio::time::timeout(t, sent).await {
-            Ok(r) => r,
-            Err(_) => {
-                in_flight.record_failure();
-                return dest_error(
-                    shared,
-                    &dest,
-                    Some(backend),
-                    route,
-                    Reason::Timeout,
-                    started,
-                    mesh_identity,
-                );
-            }
-        },
-        None => sent.await,
-    };
-    let mut resp = match result {
-        Ok(resp) => resp,
-        Err(e) => {
-            let reason = match find_tls_error(&e) {
-                _ if body_failed.load(Ordering::Relaxed) => Reason::BadRequest,
-                Some(TlsError::NoIdentity) => Reason::NoIdentity,
-                Some(TlsError::IdentityMismatch) => Reason::IdentityMismatch,
-                Some(TlsError::Connect(_)) => Reason::ConnectFailed,
-                Some(TlsError::Timeout | TlsError::Handshake(_)) => Reason::TlsFailed,
-                None if e.is_connect() => Reason::ConnectFailed,
-                None => Reason::UpstreamFailed,
-            };
-            tracing::debug!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "upstream request failed");
-            if reason != Reason::BadRequest {
-                in_flight.record_failure();
-            }
-            return dest_error(
-                shared,
-                &dest,
-                Some(backend),
-                route,
-                reason,
-                started,
-                mesh_identity,
-            );
-        }
-    };
-    in_flight.record_answer(resp.status());
-    finish_response(&mut resp, upgrade, shared.limits.tcp_idle_timeout());
-    shared.metrics.request(
-        &RequestLabels {
-            direction: label_outbound(),
-            source_namespace: shared.metrics.source.namespace.clone(),
-            source_kind: shared.metrics.source.kind.clone(),
-            source_workload: shared.metrics.source.workload.clone(),
-            destination: dest.label.clone(),
-            destination_namespace: backend.workload.namespace.clone(),
-            destination_kind: backend.workload.kind.clone(),
-            destination_workload: backend.workload.name.clone(),
-            backend: backend.name.clone(),
-            route,
-            response_code: resp.status().as_u16(),
-            error: label_empty(),
-            source_identity: own_identity(shared, mesh_identity.is_some()),
-            destination_identity: mesh_identity.cloned().unwrap_or_else(label_empty),
-            tls: label_bool(mesh_identity.is_some()),
-        },
-        started.elapsed().as_secs_f64() * 1000.0,
-    );
-    resp.map(|body| ProxyBody::Upstream {
-        body,
-        in_flight: Some(in_flight),
-    })
-}
-
-trait TapLog {
-    fn tap_log(self, e: &http::Error) -> Self;
-}
-impl TapLog for Response<ProxyBody> {
-    fn tap_log(self, e: &http::Error) -> Self {
-        tracing::warn!(error = %e, "could not build the upstream request");
-        self
-    }
 }
 
 fn label_outbound() -> Label {
@@ -671,15 +363,17 @@ fn outbound_error(
     local(reason, &detail)
 }
 
-fn dest_error(
+#[allow(clippy::too_many_arguments)]
+fn record_dest_error(
     shared: &Shared,
     dest: &DestinationTable,
     backend: Option<&crate::table::BackendTable>,
     route: Label,
+    code: u16,
     reason: Reason,
     started: Instant,
-    mesh_identity: Option<&Label>,
-) -> Response<ProxyBody> {
+    mesh_identity: Option<Label>,
+) {
     let (ns, kind, name, bname) = match backend {
         Some(b) => (
             b.workload.namespace.clone(),
@@ -699,15 +393,37 @@ fn dest_error(
             destination_namespace: ns,
             destination_kind: kind,
             destination_workload: name,
-            backend: bname.clone(),
+            backend: bname,
             route,
-            response_code: reason.status().as_u16(),
+            response_code: code,
             error: Label::from(reason.as_str()),
             source_identity: own_identity(shared, mesh_identity.is_some()),
-            destination_identity: mesh_identity.cloned().unwrap_or_else(label_empty),
+            destination_identity: mesh_identity.clone().unwrap_or_else(label_empty),
             tls: label_bool(mesh_identity.is_some()),
         },
         started.elapsed().as_secs_f64() * 1000.0,
+    );
+}
+
+fn dest_error(
+    shared: &Shared,
+    dest: &DestinationTable,
+    backend: Option<&crate::table::BackendTable>,
+    route: Label,
+    reason: Reason,
+    started: Instant,
+    mesh_identity: Option<Label>,
+) -> Response<ProxyBody> {
+    let bname = backend.map_or_else(label_empty, |b| b.name.clone());
+    record_dest_error(
+        shared,
+        dest,
+        backend,
+        route,
+        reason.status().as_u16(),
+        reason,
+        started,
+        mesh_identity,
     );
     let detail = match reason {
         Reason::NoBackends => format!("destination {} has no backend with weight > 0", dest.key),
@@ -722,6 +438,10 @@ fn dest_error(
             dest.key
         ),
         Reason::Timeout => format!("{} did not answer in time", dest.key),
+        Reason::Overloaded => format!(
+            "destination {} is at its circuit breaker's limits",
+            dest.key
+        ),
         Reason::NoIdentity => format!(
             "backend {} of {} requires mTLS and this proxy has no valid certificate",
             bname.as_str(),
@@ -794,16 +514,38 @@ async fn inbound(
             "the inbound policy does not allow this request",
         );
     }
+    if let Some(limiter) = policy.rate_limit_for(req.method(), req.uri().path(), req.headers())
+        && let Err(wait) = limiter.check(caller.identity.as_deref())
+    {
+        shared.metrics.request(
+            &labels(429, Label::from(Reason::RateLimited.as_str())),
+            elapsed_ms(started),
+        );
+        let mut resp = local(
+            Reason::RateLimited,
+            "the destination's rate limit is spent: retry later",
+        );
+        let secs = crate::resilience::rate_limit::retry_after_secs(wait);
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        return resp;
+    }
     if let Some(tally) = crate::observe::Tally::of(&req) {
         tally.choose(policy.app_authority.as_str(), None, None);
     }
     let http2 = policy.protocol == Protocol::Http2 || req.version() == Version::HTTP_2;
-    let upgrade = (!http2 && is_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
-    let (req, body_failed) =
-        match rewrite(req, policy.app_authority.clone(), http2, upgrade.is_some()) {
-            Ok(r) => r,
-            Err(e) => return local(Reason::UpstreamFailed, "bad request").tap_log(&e),
-        };
+    let upgrading = !http2 && is_upgrade(&req);
+    let upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    outbound::prepare(&mut parts, upgrading);
+    let tally = crate::observe::Tally::of_parts(&parts);
+    let body = RequestBody::new(body, tally);
+    let body_failed = body.failed_flag();
+    let mut req = Request::from_parts(parts, body);
+    if let Err(e) = outbound::aim(&mut req, policy.app_authority.clone(), http2) {
+        tracing::warn!(error = %e, "could not build the request to the application");
+        return local(Reason::UpstreamFailed, "bad request");
+    }
     let client = if http2 {
         &shared.clients.http2
     } else {
@@ -816,10 +558,7 @@ async fn inbound(
                 &labels(resp.status().as_u16(), label_empty()),
                 elapsed_ms(started),
             );
-            resp.map(|body| ProxyBody::Upstream {
-                body,
-                in_flight: None,
-            })
+            resp.map(|body| ProxyBody::upstream(body, None, None))
         }
         Err(e) => {
             let (reason, detail) = if body_failed.load(Ordering::Relaxed) {
@@ -870,6 +609,18 @@ fn elapsed_ms(started: Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1000.0
 }
 
+/// Whether an upstream error is a request body cut for its idle timeout.
+fn find_idle_timeout(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<body::IdleTimeout>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// An HTTP/1.1 WebSocket upgrade, the one upgrade the proxy tunnels. Any other `Upgrade` (h2c
 /// above all) is treated as an ordinary request and its upgrade headers are stripped.
 fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -886,51 +637,6 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
         })
-}
-
-/// Point the request at `authority` (the endpoint connected to), in the HTTP version the
-/// upstream speaks. Returns the request and the flag its body raises if reading it fails.
-fn rewrite(
-    req: Request<Incoming>,
-    authority: http::uri::Authority,
-    http2: bool,
-    upgrading: bool,
-) -> Result<(Request<RequestBody>, Arc<AtomicBool>), http::Error> {
-    let (mut parts, body) = req.into_parts();
-    if http2 {
-        // HTTP/2 names the authority in `:authority`, built from the URI below; a `host` field
-        // beside it would differ (it names the service, `:authority` the endpoint), which strict
-        // servers refuse (RFC 9113 8.3.1).
-        parts.headers.remove(HOST);
-    } else if let Some(a) = parts.uri.authority()
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        // The request target's authority (absolute form, or an h2 client's `:authority`) is what
-        // was routed: the upstream's Host must say the same (RFC 9112 3.2.2).
-        parts.headers.insert(HOST, v);
-    }
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    parts.uri = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority)
-        .path_and_query(path)
-        .build()?;
-    parts.version = if http2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    strip_hop_by_hop(&mut parts.headers, upgrading);
-    let tally = parts
-        .extensions
-        .get::<Arc<crate::observe::Tally>>()
-        .cloned();
-    let (body, failed) = RequestBody::new(body, tally);
-    Ok((Request::from_parts(parts, body), failed))
 }
 
 /// `idle`: an upgraded connection is a tunnel, closed like opaque TCP after this long silent.
