@@ -154,6 +154,7 @@ mod tests {
             policy: InboundPolicy {
                 default_action,
                 authorizations,
+                rate_limits: Vec::new(),
             },
         })
         .unwrap()
@@ -305,6 +306,7 @@ mod tests {
                     networks: vec!["10.0.0.0/33".into()],
                     ..Default::default()
                 }],
+                rate_limits: Vec::new(),
             },
         })
         .unwrap_err();
