@@ -407,7 +407,7 @@ fn find(
     };
     let table = shared.table.load();
     match table.lookup(target) {
-        Lookup::Found(d) => Ok(Arc::clone(d)),
+        Lookup::Found(d) => Ok(d),
         Lookup::Unknown(key) => Err(Miss::Unknown(key)),
         Lookup::Invalid(e) => Err(Miss::Invalid(e.to_string())),
     }
