@@ -568,3 +568,169 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
         rate_limits: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{DestinationTable, Lookup};
+
+    fn shared() -> Shared {
+        let mut registry = prometheus_client::registry::Registry::default();
+        Shared::new(
+            &Config::default(),
+            &mut registry,
+            Arc::new(crate::authz::PolicyAuthorizer),
+            None,
+        )
+        .unwrap()
+    }
+
+    fn endpoint(address: &str) -> v1::Endpoint {
+        v1::Endpoint {
+            address: address.into(),
+            ..Default::default()
+        }
+    }
+
+    fn update(kind: v1::destination_update::Kind) -> v1::DestinationUpdate {
+        v1::DestinationUpdate {
+            version: "1".into(),
+            kind: Some(kind),
+        }
+    }
+
+    /// A profile with a regex route and two backends; `v1` has `endpoints`.
+    fn profile(key: &str, path_regex: &str, endpoints: &[&str]) -> v1::DestinationUpdate {
+        update(v1::destination_update::Kind::Profile(
+            v1::DestinationProfile {
+                authority: key.into(),
+                protocol: v1::Protocol::Http as i32,
+                routes: vec![v1::HttpRoute {
+                    name: "api".into(),
+                    matches: vec![v1::HttpMatch {
+                        path_regex: path_regex.into(),
+                        ..Default::default()
+                    }],
+                    backends: vec![v1::WeightedRef {
+                        name: "v2".into(),
+                        weight: 1,
+                    }],
+                }],
+                backends: vec![
+                    v1::Backend {
+                        name: "v1".into(),
+                        weight: 1,
+                        endpoints: endpoints.iter().map(|a| endpoint(a)).collect(),
+                        workload: None,
+                    },
+                    v1::Backend {
+                        name: "v2".into(),
+                        weight: 0,
+                        endpoints: vec![endpoint(&format!("{key}-v2:80"))],
+                        workload: None,
+                    },
+                ],
+                ..Default::default()
+            },
+        ))
+    }
+
+    fn delta(backend: &str, added: &[&str], removed: &[&str]) -> v1::DestinationUpdate {
+        update(v1::destination_update::Kind::Delta(v1::EndpointsDelta {
+            backends: vec![v1::BackendDelta {
+                backend: backend.into(),
+                added: added.iter().map(|a| endpoint(a)).collect(),
+                removed: removed.iter().map(|a| a.to_string()).collect(),
+            }],
+        }))
+    }
+
+    fn entry(shared: &Shared, key: &str) -> Arc<DestinationTable> {
+        shared
+            .table
+            .load()
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} is in the table"))
+    }
+
+    fn addresses(d: &DestinationTable) -> Vec<String> {
+        d.backends[0]
+            .endpoints
+            .iter()
+            .map(|e| e.authority.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn each_update_replaces_its_destination_alone() {
+        let shared = shared();
+        for (key, address) in [
+            ("a.shop", "10.0.1.1:80"),
+            ("b.shop", "10.0.2.1:80"),
+            ("c.shop", "10.0.3.1:80"),
+        ] {
+            apply_update(&shared, key, profile(key, "/api/.*", &[address])).unwrap();
+        }
+        let generation = shared.table.load_full();
+        let (a, b, c) = (
+            entry(&shared, "a.shop"),
+            entry(&shared, "b.shop"),
+            entry(&shared, "c.shop"),
+        );
+        let b_stats = Arc::clone(&b.backends[0].endpoints[0].stats);
+
+        // An endpoint delta: b alone, in its slot.
+        apply_update(&shared, "b.shop", delta("v1", &["10.0.2.2:80"], &[])).unwrap();
+        assert!(
+            Arc::ptr_eq(&generation, &shared.table.load_full()),
+            "no new generation for a known destination"
+        );
+        assert!(Arc::ptr_eq(&a, &entry(&shared, "a.shop")));
+        assert!(Arc::ptr_eq(&c, &entry(&shared, "c.shop")));
+        let b2 = entry(&shared, "b.shop");
+        assert_eq!(addresses(&b2), ["10.0.2.1:80", "10.0.2.2:80"]);
+        assert!(Arc::ptr_eq(&b_stats, &b2.backends[0].endpoints[0].stats));
+
+        // An invalid profile: rejected with the destination and field, b keeps its last good
+        // entry, and the other destinations still take updates.
+        let err =
+            apply_update(&shared, "b.shop", profile("b.shop", "(", &["10.0.2.3:80"])).unwrap_err();
+        assert_eq!(
+            err.field, "destinations[b.shop].routes[0].matches[0].path_regex",
+            "{err}"
+        );
+        assert!(Arc::ptr_eq(&b2, &entry(&shared, "b.shop")));
+        apply_update(&shared, "a.shop", delta("v1", &["10.0.1.2:80"], &[])).unwrap();
+        assert_eq!(
+            addresses(&entry(&shared, "a.shop")),
+            ["10.0.1.1:80", "10.0.1.2:80"]
+        );
+
+        // A delta after the rejected profile edits the last good one.
+        apply_update(&shared, "b.shop", delta("v1", &[], &["10.0.2.1:80"])).unwrap();
+        let b3 = entry(&shared, "b.shop");
+        assert_eq!(addresses(&b3), ["10.0.2.2:80"]);
+        assert_eq!(
+            b3.source.routes[0].matches[0].path_regex.as_deref(),
+            Some("/api/.*")
+        );
+
+        // not_found removes b alone; /config shows what is left, assembled.
+        let c_now = entry(&shared, "c.shop");
+        let nf = update(v1::destination_update::Kind::NotFound(v1::NotFound {
+            reason: "gone".into(),
+        }));
+        apply_update(&shared, "b.shop", nf).unwrap();
+        assert!(matches!(
+            shared.table.load().lookup("b.shop"),
+            Lookup::Unknown(_)
+        ));
+        assert!(Arc::ptr_eq(&c_now, &entry(&shared, "c.shop")));
+        let config = shared.table.load().config();
+        let keys: Vec<_> = config.destinations.iter().map(|d| &d.authority).collect();
+        assert_eq!(keys, ["a.shop", "c.shop"]);
+        // A delta for a destination without a profile is ignored.
+        apply_update(&shared, "b.shop", delta("v1", &["10.0.2.9:80"], &[])).unwrap();
+        assert!(shared.table.load().get("b.shop").is_none());
+    }
+}

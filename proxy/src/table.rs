@@ -989,6 +989,178 @@ impl InboundTable {
 mod tests {
     use super::*;
 
+    /// A destination with a regex route splitting 90/10 over two backends; `v1` has
+    /// `endpoints`, `v2` one endpoint of its own.
+    fn destination(authority: &str, endpoints: &[&str]) -> config::Destination {
+        let endpoints: Vec<_> = endpoints
+            .iter()
+            .map(|a| serde_json::json!({ "address": a }))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "authority": authority,
+            "routes": [{
+                "name": "api",
+                "path_regex": "/api/v[0-9]+/.*",
+                "backends": [{ "name": "v1", "weight": 90 }, { "name": "v2", "weight": 10 }],
+            }],
+            "backends": [
+                { "name": "v1", "endpoints": endpoints },
+                { "name": "v2", "endpoints": [{ "address": format!("{authority}-v2:80") }] },
+            ],
+        }))
+        .expect("a valid destination")
+    }
+
+    fn three() -> Config {
+        Config {
+            destinations: vec![
+                destination("a.shop", &["10.0.1.1:80"]),
+                destination("b.shop", &["10.0.2.1:80"]),
+                destination("c.shop", &["10.0.3.1:80"]),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn entry(table: &RoutingTable, key: &str) -> Arc<DestinationTable> {
+        table
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} is in the table"))
+    }
+
+    #[test]
+    fn replacing_one_destination_leaves_the_others_untouched_and_keeps_endpoint_stats() {
+        let stats = StatsRegistry::default();
+        let table = RoutingTable::compile(three(), &stats).unwrap();
+        let (a, b, c) = (
+            entry(&table, "a.shop"),
+            entry(&table, "b.shop"),
+            entry(&table, "c.shop"),
+        );
+        let b_stats = Arc::clone(&b.backends[0].endpoints[0].stats);
+        let mut source = config::Destination::clone(&b.source);
+        source.backends[0].endpoints.push(config::Endpoint {
+            address: "10.0.2.2:80".into(),
+            identity: None,
+            labels: Default::default(),
+            weight: 1,
+            protocol: None,
+        });
+        let compiled = table
+            .compile_destination(source, "destinations[b.shop]", &stats)
+            .unwrap();
+        assert!(
+            table.replace_destination(compiled).is_none(),
+            "a known destination is replaced in its slot, without a new generation"
+        );
+        assert!(
+            Arc::ptr_eq(&a, &entry(&table, "a.shop")),
+            "a not recompiled"
+        );
+        assert!(
+            Arc::ptr_eq(&c, &entry(&table, "c.shop")),
+            "c not recompiled"
+        );
+        let b2 = entry(&table, "b.shop");
+        assert!(!Arc::ptr_eq(&b, &b2));
+        assert_eq!(b2.backends[0].endpoints.len(), 2);
+        assert!(
+            Arc::ptr_eq(&b_stats, &b2.backends[0].endpoints[0].stats),
+            "the endpoint that stayed keeps its statistics"
+        );
+        // Lookups as clients write the authority find the new entry.
+        let Lookup::Found(found) = table.lookup("b.shop:80") else {
+            panic!("b.shop:80 is b.shop");
+        };
+        assert!(Arc::ptr_eq(&found, &b2));
+        // `/config`: assembled from the sources, in configuration order, with the change.
+        let config = table.config();
+        let keys: Vec<_> = config.destinations.iter().map(|d| &d.authority).collect();
+        assert_eq!(keys, ["a.shop", "b.shop", "c.shop"]);
+        assert_eq!(config.destinations[1].backends[0].endpoints.len(), 2);
+    }
+
+    #[test]
+    fn a_new_or_removed_destination_makes_a_generation_sharing_the_other_slots() {
+        let stats = StatsRegistry::default();
+        let table = RoutingTable::compile(three(), &stats).unwrap();
+        let a = entry(&table, "a.shop");
+        let d = table
+            .compile_destination(destination("d.shop", &["10.0.4.1:80"]), "d", &stats)
+            .unwrap();
+        let next = table
+            .replace_destination(d)
+            .expect("a new key makes a new generation");
+        assert!(
+            table.get("d.shop").is_none(),
+            "the old generation is as it was"
+        );
+        assert!(Arc::ptr_eq(&a, &entry(&next, "a.shop")));
+        // The generations share the slots: a replacement through either is seen by both.
+        let a2 = next
+            .compile_destination(destination("a.shop", &["10.0.1.9:80"]), "a", &stats)
+            .unwrap();
+        assert!(next.replace_destination(a2).is_none());
+        assert!(Arc::ptr_eq(
+            &entry(&table, "a.shop"),
+            &entry(&next, "a.shop")
+        ));
+        assert!(!Arc::ptr_eq(&a, &entry(&next, "a.shop")));
+        let c = entry(&next, "c.shop");
+        let without = next.remove_destination("b.shop").expect("b was there");
+        assert!(matches!(without.lookup("b.shop"), Lookup::Unknown(_)));
+        assert!(Arc::ptr_eq(&c, &entry(&without, "c.shop")));
+        assert_eq!(without.destination_keys(), ["a.shop", "c.shop", "d.shop"]);
+        let order: Vec<_> = without
+            .config()
+            .destinations
+            .into_iter()
+            .map(|d| d.authority)
+            .collect();
+        assert_eq!(order, ["a.shop", "c.shop", "d.shop"]);
+        assert!(without.remove_destination("b.shop").is_none());
+    }
+
+    #[test]
+    fn rebasing_recompiles_the_inbound_side_only() {
+        let stats = StatsRegistry::default();
+        let table = RoutingTable::compile(three(), &stats).unwrap();
+        let a = entry(&table, "a.shop");
+        let base: Config = serde_json::from_value(serde_json::json!({
+            "inbound": {
+                "listen": "127.0.0.1:0",
+                "app": "127.0.0.1:8080",
+                "policy": { "default_action": "allow" },
+            },
+            "destinations": [destination("ignored.shop", &["10.0.9.1:80"])],
+        }))
+        .unwrap();
+        let next = table.rebase(base).unwrap();
+        assert!(table.inbound.is_none() && next.inbound.is_some());
+        assert!(Arc::ptr_eq(&a, &entry(&next, "a.shop")));
+        assert_eq!(next.destination_keys(), ["a.shop", "b.shop", "c.shop"]);
+        assert!(next.base.destinations.is_empty());
+    }
+
+    #[test]
+    fn the_stats_registry_forgets_unused_addresses_in_amortized_sweeps() {
+        let stats = StatsRegistry::default();
+        let held: Vec<_> = (0..10)
+            .map(|i| stats.get(&format!("10.1.0.{i}:80")))
+            .collect();
+        for i in 0..3 * STATS_SWEEP_SLACK {
+            drop(stats.get(&format!("10.2.{}.{}:80", i / 250, i % 250)));
+        }
+        let len = stats.by_address.lock().unwrap().map.len();
+        assert!(len < 2 * STATS_SWEEP_SLACK + 10, "swept: {len} entries");
+        for (i, h) in held.iter().enumerate() {
+            assert!(
+                Arc::ptr_eq(h, &stats.get(&format!("10.1.0.{i}:80"))),
+                "live statistics are kept by sweeps"
+            );
+        }
+    }
+
     #[test]
     fn a_backend_without_endpoints_gives_its_share_to_the_others() {
         let ready = [true, false, true];
