@@ -486,13 +486,8 @@ impl Mesh {
         let web_id = self.web[0].sidecar.id.to_string();
         let inbound = [self.web[0].sidecar.inbound(), self.web[1].sidecar.inbound()];
         let routed = || {
-            let table = caller.shared().table.load();
-            let Some(dest) = table
-                .config
-                .destinations
-                .iter()
-                .find(|d| d.authority == WEB)
-            else {
+            let config = caller.shared().table.load().config();
+            let Some(dest) = config.destinations.iter().find(|d| d.authority == WEB) else {
                 return false;
             };
             let mut weights = [0u32; 2];

@@ -101,8 +101,10 @@ fn answer(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Resp
             resp
         }
         "/config" => {
-            let table = shared.table.load();
-            match serde_json::to_string_pretty(&*table.config) {
+            // Assembled now from the base and each destination's source: no whole copy is
+            // kept per update.
+            let config = shared.table.load().config();
+            match serde_json::to_string_pretty(&config) {
                 Ok(json) => {
                     let mut resp = text(StatusCode::OK, json + "\n");
                     resp.headers_mut().insert(

@@ -708,11 +708,9 @@ destinations:
       protocol: tcp
 ";
         let config = Config::parse(yaml, Path::new("t.yaml")).expect("valid");
-        let table = crate::table::RoutingTable::compile(
-            std::sync::Arc::new(config),
-            &crate::table::StatsRegistry::default(),
-        )
-        .unwrap();
+        let table =
+            crate::table::RoutingTable::compile(config, &crate::table::StatsRegistry::default())
+                .unwrap();
         let app = |port: u16| table.transparent_inbound[&port].app;
         assert_eq!(app(8080), "127.0.0.1:8080".parse().unwrap());
         assert_eq!(table.transparent_inbound[&9090].protocol, Protocol::Tcp);

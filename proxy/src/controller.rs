@@ -3,7 +3,16 @@
 //! The proxy asks for what it needs when it needs it: a destination is watched
 //! (`Destinations.Watch`) the first time a request or connection names it (and at start for the
 //! per-upstream ports); the inbound policy of the inbound port is watched from the start. Each
-//! answer is turned into the same [`Config`] shape the file uses, compiled and swapped in.
+//! answer is turned into the same [`Config`] shapes the file uses and compiled.
+//!
+//! Updates are incremental ([`apply_update`]): a `DestinationUpdate` changes that destination
+//! alone. A profile compiles that destination and stores it in its slot of the routing table; an
+//! endpoint delta is applied to the destination's last good source (what its entry was compiled
+//! from) and recompiles that destination only; `not_found` removes it. No other destination is
+//! recompiled or cloned (see [`crate::table`]). An update the proxy cannot use (an invalid
+//! regex, an endpoint that is not `host:port`) is logged with the destination and the field, and
+//! that destination keeps its last good entry. An inbound policy recompiles the inbound side
+//! only, sharing the destinations as they are.
 //!
 //! While the controller is away, every watch retries with exponential backoff (`backon`) and the
 //! proxy keeps serving the last configuration it had; the first message of a resumed stream
@@ -72,9 +81,10 @@ pub struct InvalidUrl {
     problem: String,
 }
 
+/// What the controller said about the inbound side (the destinations are in the routing
+/// table: each compiled destination keeps its source).
 #[derive(Debug, Default)]
 struct Dynamic {
-    destinations: BTreeMap<String, config::Destination>,
     policy: Option<config::InboundPolicy>,
     inbound_protocol: Option<config::Protocol>,
     /// The inbound policy (and protocol) of each original port the transparent inbound listener
@@ -189,12 +199,12 @@ impl Controller {
         self.shared.get().and_then(Weak::upgrade)
     }
 
-    /// Rebuild the config from the base plus what the controller said, and swap it in.
-    fn publish(&self, shared: &Shared, what: &str) {
+    /// Rebuild the base (listeners, inbound policies) from the start configuration plus what the
+    /// controller said about the inbound side, and make it current; the destinations stay.
+    fn publish_inbound(&self, shared: &Shared, what: &str) {
         let config = {
             let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let mut config = self.base.clone();
-            config.destinations = state.destinations.values().cloned().collect();
             if let Some(inbound) = &mut config.inbound {
                 inbound.policy = state.policy.clone().unwrap_or_default();
                 if let Some(p) = state.inbound_protocol {
@@ -204,11 +214,11 @@ impl Controller {
             config.transparent.inbound_ports = state.transparent.values().cloned().collect();
             config
         };
-        match shared.apply(config) {
+        match shared.apply_base(config) {
             Ok(()) => shared.metrics.update("controller", true),
             Err(e) => {
                 // Keep the last good table; the controller sent something we cannot use.
-                tracing::error!(%what, error = %e, "controller update rejected; keeping the running configuration");
+                tracing::error!(%what, field = %e.field, error = %e, "controller update rejected; keeping the running configuration");
                 shared.metrics.update("controller", false);
             }
         }
@@ -233,8 +243,15 @@ impl Controller {
                         match stream.message().await {
                             Ok(Some(update)) => {
                                 let Some(shared) = self.shared() else { return };
-                                self.apply_destination(&key, update);
-                                self.publish(&shared, &key);
+                                match apply_update(&shared, &key, update) {
+                                    Ok(()) => shared.metrics.update("controller", true),
+                                    Err(e) => {
+                                        // The controller sent something this proxy cannot
+                                        // use: this destination keeps its last good entry.
+                                        tracing::error!(destination = %key, field = %e.field, error = %e, "controller update rejected; keeping the destination's last good entry");
+                                        shared.metrics.update("controller", false);
+                                    }
+                                }
                                 answered.send_replace(true);
                                 backoff = self.backoff();
                             }
@@ -254,43 +271,6 @@ impl Controller {
                 }
             }
             tokio::time::sleep(backoff.next().unwrap_or(self.options.max_backoff)).await;
-        }
-    }
-
-    fn apply_destination(&self, key: &str, update: v1::DestinationUpdate) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match update.kind {
-            Some(v1::destination_update::Kind::Profile(profile)) => {
-                tracing::debug!(destination = %key, version = %update.version, "destination profile");
-                state
-                    .destinations
-                    .insert(key.to_string(), destination_from_proto(key, profile));
-            }
-            Some(v1::destination_update::Kind::NotFound(nf)) => {
-                tracing::info!(destination = %key, reason = %nf.reason, "controller: destination does not exist");
-                state.destinations.remove(key);
-            }
-            Some(v1::destination_update::Kind::Delta(delta)) => {
-                let Some(dest) = state.destinations.get_mut(key) else {
-                    tracing::warn!(destination = %key, "endpoint delta before a profile; ignored");
-                    return;
-                };
-                for change in delta.backends {
-                    let Some(backend) = dest.backends.iter_mut().find(|b| b.name == change.backend)
-                    else {
-                        continue;
-                    };
-                    backend
-                        .endpoints
-                        .retain(|e| !change.removed.contains(&e.address));
-                    for added in change.added {
-                        let endpoint = endpoint_from_proto(added);
-                        backend.endpoints.retain(|e| e.address != endpoint.address);
-                        backend.endpoints.push(endpoint);
-                    }
-                }
-            }
-            None => {}
         }
     }
 
@@ -339,7 +319,7 @@ impl Controller {
                                 state.policy = Some(policy);
                             }
                         }
-                        self.publish(&shared, "inbound policy");
+                        self.publish_inbound(&shared, "inbound policy");
                         match &answered {
                             Some(answered) => {
                                 answered.send_replace(true);
@@ -412,6 +392,58 @@ impl Resolve for Controller {
             })
             .await;
         })
+    }
+}
+
+/// Apply one `DestinationUpdate` of the destination `key` (normalized) to that destination
+/// alone: a profile compiles it (replacing its entry), an endpoint delta edits its last good
+/// source and recompiles it, `not_found` removes it. On error (the field is named as
+/// `destinations[KEY]...`) the destination keeps its last good entry.
+pub fn apply_update(
+    shared: &Shared,
+    key: &str,
+    update: v1::DestinationUpdate,
+) -> Result<(), config::Invalid> {
+    let field = format!("destinations[{key}]");
+    match update.kind {
+        Some(v1::destination_update::Kind::Profile(profile)) => {
+            tracing::debug!(destination = %key, version = %update.version, "destination profile");
+            shared.apply_destination(destination_from_proto(key, profile), &field)
+        }
+        Some(v1::destination_update::Kind::NotFound(nf)) => {
+            tracing::info!(destination = %key, reason = %nf.reason, "controller: destination does not exist");
+            shared.remove_destination(key);
+            Ok(())
+        }
+        Some(v1::destination_update::Kind::Delta(delta)) => {
+            // The delta applies to what runs: after a rejected profile, the last good one.
+            let Some(current) = shared.table.load().get(key) else {
+                tracing::warn!(destination = %key, "endpoint delta before a profile; ignored");
+                return Ok(());
+            };
+            let mut dest = config::Destination::clone(&current.source);
+            drop(current);
+            apply_delta(&mut dest, delta);
+            shared.apply_destination(dest, &field)
+        }
+        None => Ok(()),
+    }
+}
+
+/// Endpoints removed then added, per backend; an added address already present replaces it.
+fn apply_delta(dest: &mut config::Destination, delta: v1::EndpointsDelta) {
+    for change in delta.backends {
+        let Some(backend) = dest.backends.iter_mut().find(|b| b.name == change.backend) else {
+            continue;
+        };
+        backend
+            .endpoints
+            .retain(|e| !change.removed.contains(&e.address));
+        for added in change.added {
+            let endpoint = endpoint_from_proto(added);
+            backend.endpoints.retain(|e| e.address != endpoint.address);
+            backend.endpoints.push(endpoint);
+        }
     }
 }
 
@@ -534,5 +566,171 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
             .collect(),
         // TODO(#12, policy-kind branch): from the InboundPolicy stream's rate limits.
         rate_limits: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{DestinationTable, Lookup};
+
+    fn shared() -> Shared {
+        let mut registry = prometheus_client::registry::Registry::default();
+        Shared::new(
+            &Config::default(),
+            &mut registry,
+            Arc::new(crate::authz::PolicyAuthorizer),
+            None,
+        )
+        .unwrap()
+    }
+
+    fn endpoint(address: &str) -> v1::Endpoint {
+        v1::Endpoint {
+            address: address.into(),
+            ..Default::default()
+        }
+    }
+
+    fn update(kind: v1::destination_update::Kind) -> v1::DestinationUpdate {
+        v1::DestinationUpdate {
+            version: "1".into(),
+            kind: Some(kind),
+        }
+    }
+
+    /// A profile with a regex route and two backends; `v1` has `endpoints`.
+    fn profile(key: &str, path_regex: &str, endpoints: &[&str]) -> v1::DestinationUpdate {
+        update(v1::destination_update::Kind::Profile(
+            v1::DestinationProfile {
+                authority: key.into(),
+                protocol: v1::Protocol::Http as i32,
+                routes: vec![v1::HttpRoute {
+                    name: "api".into(),
+                    matches: vec![v1::HttpMatch {
+                        path_regex: path_regex.into(),
+                        ..Default::default()
+                    }],
+                    backends: vec![v1::WeightedRef {
+                        name: "v2".into(),
+                        weight: 1,
+                    }],
+                }],
+                backends: vec![
+                    v1::Backend {
+                        name: "v1".into(),
+                        weight: 1,
+                        endpoints: endpoints.iter().map(|a| endpoint(a)).collect(),
+                        workload: None,
+                    },
+                    v1::Backend {
+                        name: "v2".into(),
+                        weight: 0,
+                        endpoints: vec![endpoint(&format!("{key}-v2:80"))],
+                        workload: None,
+                    },
+                ],
+                ..Default::default()
+            },
+        ))
+    }
+
+    fn delta(backend: &str, added: &[&str], removed: &[&str]) -> v1::DestinationUpdate {
+        update(v1::destination_update::Kind::Delta(v1::EndpointsDelta {
+            backends: vec![v1::BackendDelta {
+                backend: backend.into(),
+                added: added.iter().map(|a| endpoint(a)).collect(),
+                removed: removed.iter().map(|a| a.to_string()).collect(),
+            }],
+        }))
+    }
+
+    fn entry(shared: &Shared, key: &str) -> Arc<DestinationTable> {
+        shared
+            .table
+            .load()
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} is in the table"))
+    }
+
+    fn addresses(d: &DestinationTable) -> Vec<String> {
+        d.backends[0]
+            .endpoints
+            .iter()
+            .map(|e| e.authority.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn each_update_replaces_its_destination_alone() {
+        let shared = shared();
+        for (key, address) in [
+            ("a.shop", "10.0.1.1:80"),
+            ("b.shop", "10.0.2.1:80"),
+            ("c.shop", "10.0.3.1:80"),
+        ] {
+            apply_update(&shared, key, profile(key, "/api/.*", &[address])).unwrap();
+        }
+        let generation = shared.table.load_full();
+        let (a, b, c) = (
+            entry(&shared, "a.shop"),
+            entry(&shared, "b.shop"),
+            entry(&shared, "c.shop"),
+        );
+        let b_stats = Arc::clone(&b.backends[0].endpoints[0].stats);
+
+        // An endpoint delta: b alone, in its slot.
+        apply_update(&shared, "b.shop", delta("v1", &["10.0.2.2:80"], &[])).unwrap();
+        assert!(
+            Arc::ptr_eq(&generation, &shared.table.load_full()),
+            "no new generation for a known destination"
+        );
+        assert!(Arc::ptr_eq(&a, &entry(&shared, "a.shop")));
+        assert!(Arc::ptr_eq(&c, &entry(&shared, "c.shop")));
+        let b2 = entry(&shared, "b.shop");
+        assert_eq!(addresses(&b2), ["10.0.2.1:80", "10.0.2.2:80"]);
+        assert!(Arc::ptr_eq(&b_stats, &b2.backends[0].endpoints[0].stats));
+
+        // An invalid profile: rejected with the destination and field, b keeps its last good
+        // entry, and the other destinations still take updates.
+        let err =
+            apply_update(&shared, "b.shop", profile("b.shop", "(", &["10.0.2.3:80"])).unwrap_err();
+        assert_eq!(
+            err.field, "destinations[b.shop].routes[0].matches[0].path_regex",
+            "{err}"
+        );
+        assert!(Arc::ptr_eq(&b2, &entry(&shared, "b.shop")));
+        apply_update(&shared, "a.shop", delta("v1", &["10.0.1.2:80"], &[])).unwrap();
+        assert_eq!(
+            addresses(&entry(&shared, "a.shop")),
+            ["10.0.1.1:80", "10.0.1.2:80"]
+        );
+
+        // A delta after the rejected profile edits the last good one.
+        apply_update(&shared, "b.shop", delta("v1", &[], &["10.0.2.1:80"])).unwrap();
+        let b3 = entry(&shared, "b.shop");
+        assert_eq!(addresses(&b3), ["10.0.2.2:80"]);
+        assert_eq!(
+            b3.source.routes[0].matches[0].path_regex.as_deref(),
+            Some("/api/.*")
+        );
+
+        // not_found removes b alone; /config shows what is left, assembled.
+        let c_now = entry(&shared, "c.shop");
+        let nf = update(v1::destination_update::Kind::NotFound(v1::NotFound {
+            reason: "gone".into(),
+        }));
+        apply_update(&shared, "b.shop", nf).unwrap();
+        assert!(matches!(
+            shared.table.load().lookup("b.shop"),
+            Lookup::Unknown(_)
+        ));
+        assert!(Arc::ptr_eq(&c_now, &entry(&shared, "c.shop")));
+        let config = shared.table.load().config();
+        let keys: Vec<_> = config.destinations.iter().map(|d| &d.authority).collect();
+        assert_eq!(keys, ["a.shop", "c.shop"]);
+        // A delta for a destination without a profile is ignored.
+        apply_update(&shared, "b.shop", delta("v1", &["10.0.2.9:80"], &[])).unwrap();
+        assert!(shared.table.load().get("b.shop").is_none());
     }
 }

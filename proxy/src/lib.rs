@@ -4,9 +4,11 @@
 //! protocol detection and limits. Module map:
 //!
 //! * [`config`]: the YAML model (also what controller answers become) with file:line errors.
-//! * [`table`]: one compiled, immutable generation of the config (routes, splits, endpoints),
-//!   swapped atomically with `arc-swap`; requests route against the generation current when they
-//!   arrive, so a change applies to already-open client connections at their next request.
+//! * [`table`]: the compiled config (routes, splits, endpoints): each destination in its own
+//!   `arc-swap` slot, so one destination's update compiles and replaces that destination alone,
+//!   and a whole config (a file) swaps in a new generation; requests route against the entry
+//!   current when they arrive, so a change applies to already-open client connections at their
+//!   next request.
 //! * [`balance`]: P2C over peak-EWMA latency, round robin, least-request.
 //! * [`detect`]: HTTP/1 vs h2 preface vs opaque, with a timeout.
 //! * [`http`]: the request path (outbound route/split/balance/forward, inbound authorize/forward).

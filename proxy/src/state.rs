@@ -1,6 +1,11 @@
 //! State shared by every listener: the current routing table (swapped atomically), upstream
 //! clients, metrics, the authorizer, the workload identity, connection limits and, in
 //! controller mode, the on-demand resolver.
+//!
+//! Table writes go through [`Shared`]'s methods, one at a time: a whole configuration
+//! ([`Shared::apply`]), the listeners' side only ([`Shared::apply_base`]), or one destination
+//! ([`Shared::apply_destination`], [`Shared::remove_destination`]; see [`crate::table`] for
+//! what each replaces).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -13,7 +18,7 @@ use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, watch};
 
 use crate::authz::Authorizer;
-use crate::config::{Config, Limits};
+use crate::config::{Config, Destination, Invalid, Limits};
 use crate::http::Clients;
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
@@ -38,9 +43,14 @@ pub trait Resolve: Send + Sync + fmt::Debug + 'static {
 /// Everything a connection handler needs.
 #[derive(Debug)]
 pub struct Shared {
-    /// The current routing table. Each request loads it once; swaps apply to the next request,
-    /// including on already-open client connections.
+    /// The current routing table. Each request loads it once; swaps (and a destination's
+    /// replacement in its slot) apply to the next request, including on already-open client
+    /// connections. Written only through `Shared`'s methods.
     pub table: ArcSwap<RoutingTable>,
+    /// Serializes table writers (never taken on the request path): a destination stored into
+    /// its slot while another writer publishes a generation made from the one before would be
+    /// lost.
+    writes: Mutex<()>,
     /// Endpoint statistics kept across table generations.
     pub stats: StatsRegistry,
     /// Upstream HTTP clients (pooled).
@@ -62,7 +72,8 @@ pub struct Shared {
     pending: Mutex<std::collections::BTreeSet<&'static str>>,
     /// This proxy's workload identity (mTLS), if it has a source.
     pub identity: Arc<IdentityStore>,
-    /// Bumped on every table swap (open opaque TCP connections re-check their authorization).
+    /// Bumped on every change of the inbound side (whole configuration or base): open opaque
+    /// TCP connections re-check their authorization. Destination updates do not bump it.
     pub table_changes: watch::Sender<u64>,
     /// Inbound TLS handshakes in progress.
     pub handshakes: Semaphore,
@@ -173,7 +184,7 @@ impl Shared {
         identity: Arc<IdentityStore>,
     ) -> Result<Self, crate::config::Invalid> {
         let stats = StatsRegistry::default();
-        let table = RoutingTable::compile(Arc::new(config.clone()), &stats)?;
+        let table = RoutingTable::compile(config.clone(), &stats)?;
         let mut metrics =
             Metrics::register(registry, config.workload.as_ref(), &config.metrics_compat);
         if config.no_request_metrics {
@@ -194,6 +205,7 @@ impl Shared {
         ));
         Ok(Shared {
             table: ArcSwap::from_pointee(table),
+            writes: Mutex::new(()),
             stats,
             clients: Clients::new(&config.limits, None),
             limited_clients: Mutex::default(),
@@ -213,12 +225,53 @@ impl Shared {
         })
     }
 
-    /// Compile `config` and make it current. On error the current table stays.
-    pub fn apply(&self, config: Config) -> Result<(), crate::config::Invalid> {
-        let table = RoutingTable::compile(Arc::new(config), &self.stats)?;
+    /// Compile a whole configuration and make it current. On error the current table stays.
+    pub fn apply(&self, config: Config) -> Result<(), Invalid> {
+        let _writing = self.write_lock();
+        let table = RoutingTable::compile(config, &self.stats)?;
         self.table.store(Arc::new(table));
         self.table_changes.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Make `base`'s listeners' side (inbound policy, transparent inbound ports) current, keeping
+    /// the destinations as they are (not recompiled). `base.destinations` is ignored. On error
+    /// the current table stays.
+    pub fn apply_base(&self, base: Config) -> Result<(), Invalid> {
+        let _writing = self.write_lock();
+        let table = self.table.load().rebase(base)?;
+        self.table.store(Arc::new(table));
+        self.table_changes.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Compile one destination and make it current, alone: the others are neither recompiled
+    /// nor cloned. Errors name `field` (e.g. `destinations[web.shop]`); on error the
+    /// destination's last good entry stays (or it stays unknown).
+    pub fn apply_destination(&self, source: Destination, field: &str) -> Result<(), Invalid> {
+        let _writing = self.write_lock();
+        let current = self.table.load();
+        let compiled = current.compile_destination(source, field, &self.stats)?;
+        if let Some(next) = current.replace_destination(compiled) {
+            self.table.store(Arc::new(next));
+        }
+        Ok(())
+    }
+
+    /// Forget the destination `key` (normalized); whether it was known.
+    pub fn remove_destination(&self, key: &str) -> bool {
+        let _writing = self.write_lock();
+        match self.table.load().remove_destination(key) {
+            Some(next) => {
+                self.table.store(Arc::new(next));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn write_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether a drain has started.

@@ -1,16 +1,34 @@
-//! The compiled routing table: one immutable generation of the configuration, built once per
-//! change and swapped in atomically (`arc-swap`), so the request path only reads.
+//! The compiled routing table: what the request path reads, compiled once per change and
+//! published atomically (`arc-swap`), so the request path only reads.
 //!
 //! Compiling does everything once: authorities normalized, regexes compiled (linear-time `regex`
 //! engine with size limits), weights turned into an interleaved schedule, endpoint addresses
 //! parsed. The request path then does: look up the destination, match a route, take the next
 //! backend from the schedule, let the balancer pick an endpoint.
+//!
+//! How updates work: a [`RoutingTable`] generation holds the listeners' side (inbound policy,
+//! transparent inbound ports: compiled with it, swapped with it) and a map from destination key
+//! to a *slot* (`ArcSwap<DestinationTable>`). A change to one destination (the controller's
+//! profile or endpoint delta) compiles that destination alone and stores it in its slot: one
+//! compile, one atomic store, no other destination recompiled or cloned, and the generation
+//! itself is not replaced ([`RoutingTable::replace_destination`]). Only a destination key that
+//! appears or goes away makes a new generation, which copies the map of slot pointers (the
+//! destinations themselves are shared). A whole configuration (a file, at start or reloaded)
+//! compiles a new generation with new slots. Each compiled destination keeps the
+//! `config::Destination` it was compiled from, so `/config` is assembled on request
+//! ([`RoutingTable::config`]) instead of a whole `Config` being kept per update. Writers are
+//! serialized by the owner of the table ([`crate::state::Shared`]); readers never lock.
+//!
+//! Endpoint statistics (EWMA, ejection state) live in the [`StatsRegistry`], keyed by address,
+//! and are picked up by the next compile of a destination naming the same address, whichever way
+//! it is recompiled.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName, Method};
 use regex::{Regex, RegexBuilder};
 use trellis_proxy_api::authority;
@@ -24,26 +42,44 @@ use crate::resilience::{Breaker, BreakerState, RateLimiter, RequestPolicy};
 const REGEX_SIZE_LIMIT: usize = 256 * 1024;
 /// Longest weight schedule; larger weight sums are scaled down to this resolution.
 const MAX_SCHEDULE: u64 = 10_000;
+/// The registry drops the entries of addresses no table uses any more once it holds this many
+/// more than after its last sweep (and at least this many): amortized, not one sweep per new
+/// address.
+const STATS_SWEEP_SLACK: usize = 256;
 
 /// Endpoint statistics kept across table generations, keyed by address.
 #[derive(Debug, Default)]
 pub struct StatsRegistry {
-    by_address: Mutex<HashMap<String, Weak<EndpointStats>>>,
+    by_address: Mutex<Addresses>,
     /// Circuit-breaker counters by destination key (requests in flight under an old table
     /// still count under the new one).
     breakers: Mutex<HashMap<String, Weak<BreakerState>>>,
 }
 
+#[derive(Debug, Default)]
+struct Addresses {
+    map: HashMap<String, Weak<EndpointStats>>,
+    /// Sweep when the map reaches this size.
+    sweep_at: usize,
+}
+
 impl StatsRegistry {
     fn get(&self, address: &str) -> Arc<EndpointStats> {
         // Only called while compiling a table, never on the request path.
-        let mut map = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(stats) = map.get(address).and_then(Weak::upgrade) {
+        let mut addresses = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(stats) = addresses.map.get(address).and_then(Weak::upgrade) {
             return stats;
         }
-        map.retain(|_, w| w.strong_count() > 0);
+        // Sweeping on every new address made compiling N new endpoints O(N^2) (one scan of
+        // every known address each); sweeping when the map has grown by a margin keeps it linear.
+        if addresses.map.len() >= addresses.sweep_at {
+            addresses.map.retain(|_, w| w.strong_count() > 0);
+            addresses.sweep_at = addresses.map.len() * 2 + STATS_SWEEP_SLACK;
+        }
         let stats = Arc::new(EndpointStats::default());
-        map.insert(address.to_string(), Arc::downgrade(&stats));
+        addresses
+            .map
+            .insert(address.to_string(), Arc::downgrade(&stats));
         stats
     }
 
@@ -59,12 +95,27 @@ impl StatsRegistry {
     }
 }
 
+/// A destination's place in a table: its compiled entry, replaced whole and atomically by an
+/// update of that destination alone. Generations that share a key share its slot.
+type Slot = ArcSwap<DestinationTable>;
+
+/// The destinations of a generation.
+#[derive(Debug, Default)]
+struct Destinations {
+    /// By normalized key (`Arc<str>`: copying the map for a new key copies pointers).
+    slots: HashMap<Arc<str>, Arc<Slot>>,
+    /// The keys in configuration order (files) or order of arrival (controller), for `/config`.
+    order: Vec<Arc<str>>,
+}
+
 /// One generation of the routing configuration.
 #[derive(Debug)]
 pub struct RoutingTable {
-    /// The configuration this was compiled from (served on `/config`).
-    pub config: Arc<Config>,
-    destinations: HashMap<String, Arc<DestinationTable>>,
+    /// The configuration this was compiled from, without its destinations (each compiled
+    /// destination keeps its own source: [`RoutingTable::config`] assembles the whole).
+    pub base: Arc<Config>,
+    /// Shared by the generations that differ only in their inbound side.
+    destinations: Arc<Destinations>,
     /// Compiled inbound policy, when there is an inbound listener.
     pub inbound: Option<Arc<InboundTable>>,
     /// Compiled inbound policy per original port of the transparent inbound listener (the
@@ -74,79 +125,148 @@ pub struct RoutingTable {
 
 /// Result of looking a destination up.
 #[derive(Debug)]
-pub enum Lookup<'a> {
-    /// Known.
-    Found(&'a Arc<DestinationTable>),
+pub enum Lookup {
+    /// Known: its entry at the time of the lookup (later updates of the destination do not
+    /// change it; the next lookup sees them).
+    Found(Arc<DestinationTable>),
     /// Well-formed but unknown.
     Unknown(String),
     /// Not a valid authority.
     Invalid(authority::AuthorityError),
 }
 
+type InboundTables = (Option<Arc<InboundTable>>, HashMap<u16, Arc<InboundTable>>);
+
 impl RoutingTable {
     /// An empty table (nothing routable yet).
     pub fn empty() -> Self {
         RoutingTable {
-            config: Arc::new(Config::default()),
-            destinations: HashMap::new(),
+            base: Arc::new(Config::default()),
+            destinations: Arc::default(),
             inbound: None,
             transparent_inbound: HashMap::new(),
         }
     }
 
-    /// Compile `config`; statistics of endpoints already known are kept.
-    pub fn compile(config: Arc<Config>, stats: &StatsRegistry) -> Result<Self, Invalid> {
-        let mut destinations = HashMap::with_capacity(config.destinations.len());
-        for (i, d) in config.destinations.iter().enumerate() {
+    /// Compile a whole configuration; statistics of endpoints already known are kept.
+    pub fn compile(mut config: Config, stats: &StatsRegistry) -> Result<Self, Invalid> {
+        let sources = std::mem::take(&mut config.destinations);
+        let mut destinations = Destinations {
+            slots: HashMap::with_capacity(sources.len()),
+            order: Vec::with_capacity(sources.len()),
+        };
+        for (i, d) in sources.into_iter().enumerate() {
             let field = format!("destinations[{i}]");
-            let table = DestinationTable::compile(d, &field, stats, config.workload.as_ref())?;
-            let key = table.key.clone();
-            if destinations.insert(key.clone(), Arc::new(table)).is_some() {
+            let d = Arc::new(d);
+            let table = DestinationTable::compile(&d, &field, stats, config.workload.as_ref())?;
+            let key: Arc<str> = Arc::from(table.key.as_str());
+            if destinations
+                .slots
+                .insert(Arc::clone(&key), Arc::new(ArcSwap::from_pointee(table)))
+                .is_some()
+            {
                 return Err(invalid(
                     format!("{field}.authority"),
                     &d.authority,
                     format!("{key} is configured twice"),
                 ));
             }
+            destinations.order.push(key);
         }
-        let inbound = match &config.inbound {
-            Some(inbound) => Some(Arc::new(InboundTable::compile(inbound)?)),
-            None => None,
-        };
-        let mut transparent_inbound = HashMap::new();
-        for (i, port) in config.transparent.inbound_ports.iter().enumerate() {
-            let as_inbound = config::Inbound {
-                listen: config
-                    .transparent
-                    .inbound
-                    .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
-                app: std::net::SocketAddr::from(([127, 0, 0, 1], port.port)),
-                protocol: port.protocol,
-                policy: port.policy.clone(),
-            };
-            let table = InboundTable::compile(&as_inbound).map_err(|mut e| {
-                e.field =
-                    e.field
-                        .replacen("inbound.", &format!("transparent.inbound_ports[{i}]."), 1);
-                e
-            })?;
-            if transparent_inbound
-                .insert(port.port, Arc::new(table))
-                .is_some()
-            {
-                return Err(invalid(
-                    format!("transparent.inbound_ports[{i}].port"),
-                    &port.port.to_string(),
-                    format!("port {} is configured twice", port.port),
-                ));
-            }
-        }
+        let (inbound, transparent_inbound) = compile_inbound(&config)?;
         Ok(RoutingTable {
-            config,
-            destinations,
+            base: Arc::new(config),
+            destinations: Arc::new(destinations),
             inbound,
             transparent_inbound,
         })
+    }
+
+    /// The next generation with `base`'s listeners' side (inbound policy, transparent inbound
+    /// ports) compiled, and this generation's destinations as they are (shared, not
+    /// recompiled). `base.destinations` is ignored.
+    pub fn rebase(&self, mut base: Config) -> Result<Self, Invalid> {
+        base.destinations = Vec::new();
+        let (inbound, transparent_inbound) = compile_inbound(&base)?;
+        Ok(RoutingTable {
+            base: Arc::new(base),
+            destinations: Arc::clone(&self.destinations),
+            inbound,
+            transparent_inbound,
+        })
+    }
+
+    /// Compile one destination against this table's base (errors name `field`, e.g.
+    /// `destinations[web.shop].routes[0].path_regex`), to give to
+    /// [`RoutingTable::replace_destination`].
+    pub fn compile_destination(
+        &self,
+        source: config::Destination,
+        field: &str,
+        stats: &StatsRegistry,
+    ) -> Result<DestinationTable, Invalid> {
+        DestinationTable::compile(&Arc::new(source), field, stats, self.base.workload.as_ref())
+    }
+
+    /// Put `compiled` in its destination's slot. A known key: stored in its slot, which this
+    /// and later generations share (nothing else is touched), and `None` is returned. A new key:
+    /// the next generation to publish is returned, with the map of slot pointers copied and
+    /// the new slot added. Callers serialize their writes (a slot stored into while another
+    /// writer publishes a generation without that key would be lost).
+    #[must_use = "a new destination is only visible once the returned generation is published"]
+    pub fn replace_destination(&self, compiled: DestinationTable) -> Option<RoutingTable> {
+        if let Some(slot) = self.destinations.slots.get(compiled.key.as_str()) {
+            slot.store(Arc::new(compiled));
+            return None;
+        }
+        let key: Arc<str> = Arc::from(compiled.key.as_str());
+        let mut slots = self.destinations.slots.clone();
+        slots.insert(Arc::clone(&key), Arc::new(ArcSwap::from_pointee(compiled)));
+        let mut order = self.destinations.order.clone();
+        order.push(key);
+        Some(self.with_destinations(Destinations { slots, order }))
+    }
+
+    /// The next generation without the destination `key`, to publish; `None` when it is not in
+    /// this one.
+    #[must_use = "the removal is only visible once the returned generation is published"]
+    pub fn remove_destination(&self, key: &str) -> Option<RoutingTable> {
+        if !self.destinations.slots.contains_key(key) {
+            return None;
+        }
+        let mut slots = self.destinations.slots.clone();
+        slots.remove(key);
+        let order = self
+            .destinations
+            .order
+            .iter()
+            .filter(|k| ***k != *key)
+            .cloned()
+            .collect();
+        Some(self.with_destinations(Destinations { slots, order }))
+    }
+
+    fn with_destinations(&self, destinations: Destinations) -> RoutingTable {
+        RoutingTable {
+            base: Arc::clone(&self.base),
+            destinations: Arc::new(destinations),
+            inbound: self.inbound.clone(),
+            transparent_inbound: self.transparent_inbound.clone(),
+        }
+    }
+
+    /// The configuration in force, assembled from the base and each destination's source (the
+    /// admin port's `/config`; a file reload's comparison with what runs).
+    pub fn config(&self) -> Config {
+        let mut config = Config::clone(&self.base);
+        config.destinations = self
+            .destinations
+            .order
+            .iter()
+            .filter_map(|key| self.destinations.slots.get(key))
+            .map(|slot| config::Destination::clone(&slot.load().source))
+            .collect();
+        config
     }
 
     /// The inbound policy that applies to `caller`'s connection: the inbound listener's, or for
@@ -161,7 +281,7 @@ impl RoutingTable {
 
     /// Check a file configuration without keeping the result.
     pub fn validate(config: &Config) -> Result<(), Invalid> {
-        let table = RoutingTable::compile(Arc::new(config.clone()), &StatsRegistry::default())?;
+        let table = RoutingTable::compile(config.clone(), &StatsRegistry::default())?;
         for (i, port) in config.outbound.ports.iter().enumerate() {
             if let Lookup::Unknown(_) | Lookup::Invalid(_) = table.lookup(&port.destination) {
                 return Err(invalid(
@@ -178,22 +298,22 @@ impl RoutingTable {
     }
 
     /// Find the destination for an authority as written by a client.
-    pub fn lookup(&self, written: &str) -> Lookup<'_> {
+    pub fn lookup(&self, written: &str) -> Lookup {
         // Fast path: clients usually write exactly the configured key (no allocation).
-        if let Some(d) = self.destinations.get(written) {
+        if let Some(d) = self.get(written) {
             return Lookup::Found(d);
         }
         if let Some((host, port)) = written.rsplit_once(':')
             && !host.contains(':')
             && port.bytes().all(|b| b.is_ascii_digit())
-            && let Some(d) = self.destinations.get(host)
+            && let Some(d) = self.get(host)
         {
             return Lookup::Found(d);
         }
         match authority::normalize(written) {
             Ok(a) => {
                 let key = a.key();
-                match self.destinations.get(&key) {
+                match self.get(&key) {
                     Some(d) => Lookup::Found(d),
                     None => Lookup::Unknown(key),
                 }
@@ -202,12 +322,65 @@ impl RoutingTable {
         }
     }
 
+    /// The current entry of the destination with normalized key `key`.
+    pub fn get(&self, key: &str) -> Option<Arc<DestinationTable>> {
+        // `load_full`: the request holds its destination for its whole life, longer than an
+        // arc-swap guard should be kept.
+        self.destinations
+            .slots
+            .get(key)
+            .map(|slot| slot.load_full())
+    }
+
     /// Destination keys, sorted (for logs and tests).
     pub fn destination_keys(&self) -> Vec<String> {
-        let mut keys: Vec<_> = self.destinations.keys().cloned().collect();
+        let mut keys: Vec<_> = self
+            .destinations
+            .slots
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
         keys.sort();
         keys
     }
+}
+
+/// The listeners' side of `config`: the inbound listener's policy and the transparent inbound
+/// ports' policies.
+fn compile_inbound(config: &Config) -> Result<InboundTables, Invalid> {
+    let inbound = match &config.inbound {
+        Some(inbound) => Some(Arc::new(InboundTable::compile(inbound)?)),
+        None => None,
+    };
+    let mut transparent_inbound = HashMap::new();
+    for (i, port) in config.transparent.inbound_ports.iter().enumerate() {
+        let as_inbound = config::Inbound {
+            listen: config
+                .transparent
+                .inbound
+                .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+            app: std::net::SocketAddr::from(([127, 0, 0, 1], port.port)),
+            protocol: port.protocol,
+            policy: port.policy.clone(),
+        };
+        let table = InboundTable::compile(&as_inbound).map_err(|mut e| {
+            e.field = e
+                .field
+                .replacen("inbound.", &format!("transparent.inbound_ports[{i}]."), 1);
+            e
+        })?;
+        if transparent_inbound
+            .insert(port.port, Arc::new(table))
+            .is_some()
+        {
+            return Err(invalid(
+                format!("transparent.inbound_ports[{i}].port"),
+                &port.port.to_string(),
+                format!("port {} is configured twice", port.port),
+            ));
+        }
+    }
+    Ok((inbound, transparent_inbound))
 }
 
 fn invalid(field: String, value: &str, message: String) -> Invalid {
@@ -237,6 +410,8 @@ pub struct DestinationTable {
     pub backends: Vec<BackendTable>,
     /// Label value naming the destination on metrics.
     pub label: Label,
+    /// What this was compiled from (`/config`; the base of the controller's endpoint deltas).
+    pub source: Arc<config::Destination>,
     routes: Vec<RouteTable>,
     split: Split,
 }
@@ -247,7 +422,7 @@ pub struct RouteRef(Option<usize>);
 
 impl DestinationTable {
     fn compile(
-        d: &config::Destination,
+        d: &Arc<config::Destination>,
         field: &str,
         stats: &StatsRegistry,
         _source: Option<&config::Workload>,
@@ -356,6 +531,7 @@ impl DestinationTable {
                 .map(|o| o.failures)
                 .unwrap_or_default(),
             backends,
+            source: Arc::clone(d),
             routes,
             split,
         })
@@ -959,6 +1135,178 @@ impl InboundTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A destination with a regex route splitting 90/10 over two backends; `v1` has
+    /// `endpoints`, `v2` one endpoint of its own.
+    fn destination(authority: &str, endpoints: &[&str]) -> config::Destination {
+        let endpoints: Vec<_> = endpoints
+            .iter()
+            .map(|a| serde_json::json!({ "address": a }))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "authority": authority,
+            "routes": [{
+                "name": "api",
+                "path_regex": "/api/v[0-9]+/.*",
+                "backends": [{ "name": "v1", "weight": 90 }, { "name": "v2", "weight": 10 }],
+            }],
+            "backends": [
+                { "name": "v1", "endpoints": endpoints },
+                { "name": "v2", "endpoints": [{ "address": format!("{authority}-v2:80") }] },
+            ],
+        }))
+        .expect("a valid destination")
+    }
+
+    fn three() -> Config {
+        Config {
+            destinations: vec![
+                destination("a.shop", &["10.0.1.1:80"]),
+                destination("b.shop", &["10.0.2.1:80"]),
+                destination("c.shop", &["10.0.3.1:80"]),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn entry(table: &RoutingTable, key: &str) -> Arc<DestinationTable> {
+        table
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} is in the table"))
+    }
+
+    #[test]
+    fn replacing_one_destination_leaves_the_others_untouched_and_keeps_endpoint_stats() {
+        let stats = StatsRegistry::default();
+        let table = RoutingTable::compile(three(), &stats).unwrap();
+        let (a, b, c) = (
+            entry(&table, "a.shop"),
+            entry(&table, "b.shop"),
+            entry(&table, "c.shop"),
+        );
+        let b_stats = Arc::clone(&b.backends[0].endpoints[0].stats);
+        let mut source = config::Destination::clone(&b.source);
+        source.backends[0].endpoints.push(config::Endpoint {
+            address: "10.0.2.2:80".into(),
+            identity: None,
+            labels: Default::default(),
+            weight: 1,
+            protocol: None,
+        });
+        let compiled = table
+            .compile_destination(source, "destinations[b.shop]", &stats)
+            .unwrap();
+        assert!(
+            table.replace_destination(compiled).is_none(),
+            "a known destination is replaced in its slot, without a new generation"
+        );
+        assert!(
+            Arc::ptr_eq(&a, &entry(&table, "a.shop")),
+            "a not recompiled"
+        );
+        assert!(
+            Arc::ptr_eq(&c, &entry(&table, "c.shop")),
+            "c not recompiled"
+        );
+        let b2 = entry(&table, "b.shop");
+        assert!(!Arc::ptr_eq(&b, &b2));
+        assert_eq!(b2.backends[0].endpoints.len(), 2);
+        assert!(
+            Arc::ptr_eq(&b_stats, &b2.backends[0].endpoints[0].stats),
+            "the endpoint that stayed keeps its statistics"
+        );
+        // Lookups as clients write the authority find the new entry.
+        let Lookup::Found(found) = table.lookup("b.shop:80") else {
+            panic!("b.shop:80 is b.shop");
+        };
+        assert!(Arc::ptr_eq(&found, &b2));
+        // `/config`: assembled from the sources, in configuration order, with the change.
+        let config = table.config();
+        let keys: Vec<_> = config.destinations.iter().map(|d| &d.authority).collect();
+        assert_eq!(keys, ["a.shop", "b.shop", "c.shop"]);
+        assert_eq!(config.destinations[1].backends[0].endpoints.len(), 2);
+    }
+
+    #[test]
+    fn a_new_or_removed_destination_makes_a_generation_sharing_the_other_slots() {
+        let stats = StatsRegistry::default();
+        let table = RoutingTable::compile(three(), &stats).unwrap();
+        let a = entry(&table, "a.shop");
+        let d = table
+            .compile_destination(destination("d.shop", &["10.0.4.1:80"]), "d", &stats)
+            .unwrap();
+        let next = table
+            .replace_destination(d)
+            .expect("a new key makes a new generation");
+        assert!(
+            table.get("d.shop").is_none(),
+            "the old generation is as it was"
+        );
+        assert!(Arc::ptr_eq(&a, &entry(&next, "a.shop")));
+        // The generations share the slots: a replacement through either is seen by both.
+        let a2 = next
+            .compile_destination(destination("a.shop", &["10.0.1.9:80"]), "a", &stats)
+            .unwrap();
+        assert!(next.replace_destination(a2).is_none());
+        assert!(Arc::ptr_eq(
+            &entry(&table, "a.shop"),
+            &entry(&next, "a.shop")
+        ));
+        assert!(!Arc::ptr_eq(&a, &entry(&next, "a.shop")));
+        let c = entry(&next, "c.shop");
+        let without = next.remove_destination("b.shop").expect("b was there");
+        assert!(matches!(without.lookup("b.shop"), Lookup::Unknown(_)));
+        assert!(Arc::ptr_eq(&c, &entry(&without, "c.shop")));
+        assert_eq!(without.destination_keys(), ["a.shop", "c.shop", "d.shop"]);
+        let order: Vec<_> = without
+            .config()
+            .destinations
+            .into_iter()
+            .map(|d| d.authority)
+            .collect();
+        assert_eq!(order, ["a.shop", "c.shop", "d.shop"]);
+        assert!(without.remove_destination("b.shop").is_none());
+    }
+
+    #[test]
+    fn rebasing_recompiles_the_inbound_side_only() {
+        let stats = StatsRegistry::default();
+        let table = RoutingTable::compile(three(), &stats).unwrap();
+        let a = entry(&table, "a.shop");
+        let base: Config = serde_json::from_value(serde_json::json!({
+            "inbound": {
+                "listen": "127.0.0.1:0",
+                "app": "127.0.0.1:8080",
+                "policy": { "default_action": "allow" },
+            },
+            "destinations": [destination("ignored.shop", &["10.0.9.1:80"])],
+        }))
+        .unwrap();
+        let next = table.rebase(base).unwrap();
+        assert!(table.inbound.is_none() && next.inbound.is_some());
+        assert!(Arc::ptr_eq(&a, &entry(&next, "a.shop")));
+        assert_eq!(next.destination_keys(), ["a.shop", "b.shop", "c.shop"]);
+        assert!(next.base.destinations.is_empty());
+    }
+
+    #[test]
+    fn the_stats_registry_forgets_unused_addresses_in_amortized_sweeps() {
+        let stats = StatsRegistry::default();
+        let held: Vec<_> = (0..10)
+            .map(|i| stats.get(&format!("10.1.0.{i}:80")))
+            .collect();
+        for i in 0..3 * STATS_SWEEP_SLACK {
+            drop(stats.get(&format!("10.2.{}.{}:80", i / 250, i % 250)));
+        }
+        let len = stats.by_address.lock().unwrap().map.len();
+        assert!(len < 2 * STATS_SWEEP_SLACK + 10, "swept: {len} entries");
+        for (i, h) in held.iter().enumerate() {
+            assert!(
+                Arc::ptr_eq(h, &stats.get(&format!("10.1.0.{i}:80"))),
+                "live statistics are kept by sweeps"
+            );
+        }
+    }
 
     #[test]
     fn a_backend_without_endpoints_gives_its_share_to_the_others() {

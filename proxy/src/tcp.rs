@@ -34,7 +34,7 @@ pub async fn forward_outbound<IO>(
     let dest = {
         let table = shared.table.load();
         match table.lookup(destination) {
-            Lookup::Found(d) => Some(Arc::clone(d)),
+            Lookup::Found(d) => Some(d),
             _ => None,
         }
     };
@@ -48,7 +48,7 @@ pub async fn forward_outbound<IO>(
             }
             let table = shared.table.load();
             match table.lookup(destination) {
-                Lookup::Found(d) => Arc::clone(d),
+                Lookup::Found(d) => d,
                 _ => {
                     tracing::info!(destination, "closing TCP connection: unknown destination");
                     count(

@@ -253,7 +253,7 @@ async fn plaintext_endpoints_stay_plaintext_and_proxies_without_identity_talk_pl
     let (_dir, _ca, b_app, a, _b) = mesh().await;
     // An endpoint without identity (outside the mesh) is spoken to in plaintext.
     let plain = app("plain").await;
-    let mut config = a.shared.table.load().config.as_ref().clone();
+    let mut config = a.shared.table.load().config();
     config.destinations[0].backends[0].endpoints[0].identity = None;
     config.destinations[0].backends[0].endpoints[0].address = plain.addr.to_string();
     a.shared.apply(config).unwrap();
@@ -286,7 +286,7 @@ async fn revoking_the_policy_stops_the_next_request_on_a_kept_alive_mtls_connect
     let (_dir, _ca, app, a, b) = mesh().await;
     let mut h1 = H1::connect(a.http.unwrap()).await;
     assert_eq!(h1.get("b.shop", "/").await.1, "b");
-    let mut config = b.shared.table.load().config.as_ref().clone();
+    let mut config = b.shared.table.load().config();
     config.inbound.as_mut().unwrap().policy.authorizations[0].identities =
         vec!["spiffe://cluster.local/ns/shop/sa/someone-else".into()];
     b.shared.apply(config).unwrap();

@@ -20,7 +20,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
@@ -362,7 +361,7 @@ fn check_routing(input: &Input, requests: &[Request]) {
         }],
     });
     let config: Config = serde_json::from_value(config).expect("the fuzz config deserializes");
-    let table = match RoutingTable::compile(Arc::new(config.clone()), &StatsRegistry::default()) {
+    let table = match RoutingTable::compile(config.clone(), &StatsRegistry::default()) {
         Ok(table) => table,
         Err(e) => {
             assert!(e.field.starts_with("destinations[0].routes["), "{e:?}");

@@ -317,7 +317,7 @@ fn find(
     };
     let table = shared.table.load();
     match table.lookup(target) {
-        Lookup::Found(d) => Ok(Arc::clone(d)),
+        Lookup::Found(d) => Ok(d),
         Lookup::Unknown(key) => Err(Miss::Unknown(key)),
         Lookup::Invalid(e) => Err(Miss::Invalid(e.to_string())),
     }
@@ -521,7 +521,7 @@ impl Drop for MirrorSlot {
 
 fn lookup_key(shared: &Shared, key: &str) -> Option<Arc<DestinationTable>> {
     match shared.table.load().lookup(key) {
-        Lookup::Found(d) => Some(Arc::clone(d)),
+        Lookup::Found(d) => Some(d),
         _ => None,
     }
 }
