@@ -2,7 +2,7 @@
 //! path of whatever does not fit.
 
 use super::ConvertError;
-use crate::api::{access, specs, split};
+use crate::api::{access, policy, specs, split};
 use crate::model::Kind;
 use crate::path::FieldPath;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -97,6 +97,7 @@ smi_objects! {
     TcpRouteV1Alpha3 => specs::tcp_route::v1alpha3::TCPRoute, specs::tcp_route::v1alpha3::TCPRouteSpec, TcpRoute, "v1alpha3", Spec;
     TcpRouteV1Alpha4 => specs::tcp_route::v1alpha4::TCPRoute, specs::tcp_route::v1alpha4::TCPRouteSpec, TcpRoute, "v1alpha4", Spec;
     UdpRouteV1Alpha4 => specs::udp_route::v1alpha4::UDPRoute, specs::udp_route::v1alpha4::UDPRouteSpec, UdpRoute, "v1alpha4", Spec;
+    TrafficPolicyV1Alpha1 => policy::v1alpha1::TrafficPolicy, policy::v1alpha1::TrafficPolicySpec, TrafficPolicy, "v1alpha1", Spec;
 }
 
 /// Reads `apiVersion` and `kind`, naming what is wrong when they are missing or unknown.
@@ -136,7 +137,11 @@ fn type_of(value: &Value) -> Result<(Kind, &str), ConvertError> {
     };
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     let kind = Kind::from_name(kind_name).ok_or_else(|| {
-        unknown("kind", format!("unknown SMI kind {kind_name:?} (known: TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute)"))
+        let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        unknown(
+            "kind",
+            format!("unknown kind {kind_name:?} (known: {})", known.join(", ")),
+        )
     })?;
     if group != kind.group() {
         return Err(unknown(
