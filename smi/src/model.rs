@@ -8,7 +8,7 @@
 
 pub use crate::api::headers::HeaderMatch;
 pub use crate::api::policy::TargetRef;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::fmt;
 
 /// Any SMI policy resource in normalized form.

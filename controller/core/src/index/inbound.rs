@@ -21,16 +21,25 @@
 //!     `unauthenticated: true` with no network restriction.
 //!
 //!   The switches only ever add: TrafficTarget authorizations are unchanged by them.
+//!
+//! Rate limits ([`rate_limits`]): a TrafficPolicy's `rateLimit`s protect each instance of its
+//! target Service, so they go into the inbound policy of the workloads behind it: the workload
+//! whose identity (namespace and ServiceAccount) an endpoint of the target carries, on the port
+//! that endpoint serves the Service on. Only discovery knows those endpoints: the index watches
+//! every TrafficPolicy's target. Route limits come first, with the matches of their route
+//! section, then the Service's own limit, with no matches (the proxy takes the first limit whose
+//! matches a request matches). A policy that is not applied (see `super::policy`) limits nothing.
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::Serialize;
-use trellis_discovery::WorkloadIdentity;
+use trellis_discovery::{ServiceKey, Snapshot, WorkloadIdentity};
 use trellis_proxy_api::v1;
 use trellis_smi::model::{AccessPolicy, RouteKind, effective_namespace};
 
 use super::IndexOptions;
+use super::outbound::http_match;
 use super::policy::{PolicyView, target_rid};
 use crate::policy::PolicyProblem;
 
@@ -129,8 +138,80 @@ pub fn resolve(
             .access_log_namespaces
             .iter()
             .any(|ns| ns == namespace),
+        // Filled by the index, which holds the discovery snapshots they need ([`rate_limits`]).
+        rate_limits: Vec::new(),
     };
     (policy, problems)
+}
+
+/// The local rate limits of workload `namespace/name` on `port`: those of the applied
+/// TrafficPolicies whose target has an endpoint of this workload serving on this port (target
+/// services not answered yet by discovery give none, until they are).
+pub fn rate_limits<'s>(
+    view: &PolicyView,
+    namespace: &str,
+    name: &str,
+    port: u16,
+    snapshot: &dyn Fn(&ServiceKey) -> Option<&'s Snapshot>,
+) -> Vec<v1::InboundRateLimit> {
+    let mut targets: Vec<&ServiceKey> = view
+        .traffic_targets()
+        .filter(|t| t.namespace == namespace)
+        .collect();
+    targets.sort();
+    let (mut routes, mut services) = (Vec::new(), Vec::new());
+    for target in targets {
+        let Some(policy) = view.traffic_policy(target) else {
+            continue;
+        };
+        let limited = policy.policy.rate_limit.is_some()
+            || policy.routes.iter().any(|r| r.policy.rate_limit.is_some());
+        if !limited {
+            continue;
+        }
+        let Some(Snapshot::Endpoints(set)) = snapshot(target) else {
+            continue;
+        };
+        let serves = set.endpoints.iter().any(|e| {
+            e.identity.namespace == namespace
+                && e.identity.service_account == name
+                && set.ports.iter().any(|p| e.target_port(p) == Some(port))
+        });
+        if !serves {
+            continue;
+        }
+        for route in &policy.routes {
+            let Some(limit) = &route.policy.rate_limit else {
+                continue;
+            };
+            let Some(group) = view
+                .route_groups
+                .get(&(namespace.to_owned(), route.http_route_group.clone()))
+            else {
+                continue; // not reached: a policy naming a missing group is not applied
+            };
+            let matches = group
+                .matches
+                .iter()
+                .filter(|m| route.covers(&m.name))
+                .map(http_match)
+                .collect();
+            routes.push(trellis_proxy_api::policy::rate_limit_to_proto(
+                format!("{target}/{}", route.http_route_group),
+                matches,
+                limit,
+            ));
+        }
+        if let Some(limit) = &policy.policy.rate_limit {
+            services.push(trellis_proxy_api::policy::rate_limit_to_proto(
+                target.to_string(),
+                Vec::new(),
+                limit,
+            ));
+        }
+    }
+    routes.extend(services);
+    routes
 }
 
 fn authorization(

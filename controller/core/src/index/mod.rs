@@ -288,6 +288,9 @@ struct Writer {
     discovery_errors: HashMap<ServiceKey, String>,
     /// Service -> destinations reading it.
     readers: HashMap<ServiceKey, HashSet<ServiceKey>>,
+    /// The services TrafficPolicies target: watched whether or not a destination reads them, to
+    /// report a target that does not exist and to place rate limits (`inbound::rate_limits`).
+    policy_targets: HashSet<ServiceKey>,
     watches: HashMap<ServiceKey, JoinHandle<()>>,
     /// Destinations by address, each fed by its follower task (`address::follow`).
     addresses: HashMap<SocketAddr, watch::Sender<Option<v1::DestinationUpdate>>>,
@@ -318,6 +321,7 @@ impl Writer {
             snapshots: HashMap::new(),
             discovery_errors: HashMap::new(),
             readers: HashMap::new(),
+            policy_targets: HashSet::new(),
             watches: HashMap::new(),
             addresses: HashMap::new(),
             work: Work::default(),
@@ -376,6 +380,19 @@ impl Writer {
                         .unwrap_or_default();
                     for root in readers {
                         self.recompute(&root);
+                    }
+                    if self.policy_targets.contains(&service) {
+                        // Its workloads may have changed: the rate limits of the namespace's
+                        // inbound policies follow.
+                        let keys: Vec<(ServiceKey, u16)> = self
+                            .inbound
+                            .keys()
+                            .filter(|(w, _)| w.namespace == service.namespace)
+                            .cloned()
+                            .collect();
+                        for key in keys {
+                            self.recompute_inbound(&key);
+                        }
                     }
                 }
             }
@@ -518,6 +535,16 @@ impl Writer {
         let view = PolicyView::build_from(&sets);
         self.work.policy_views += 1;
         let old = std::mem::replace(&mut self.view, view);
+        let targets: HashSet<ServiceKey> = self.view.traffic_targets().cloned().collect();
+        let gone: Vec<ServiceKey> = self.policy_targets.difference(&targets).cloned().collect();
+        let new: Vec<ServiceKey> = targets.difference(&self.policy_targets).cloned().collect();
+        self.policy_targets = targets;
+        for service in &gone {
+            self.unwatch_if_unread(service);
+        }
+        for service in &new {
+            self.watch_service(service);
+        }
         self.view_ready = self.policy_ready();
         if !self.view_ready {
             return; // nothing is published before every source has answered
@@ -596,11 +623,7 @@ impl Writer {
                 readers.remove(root);
                 if readers.is_empty() {
                     self.readers.remove(service);
-                    self.snapshots.remove(service);
-                    self.discovery_errors.remove(service);
-                    if let Some(task) = self.watches.remove(service) {
-                        task.abort();
-                    }
+                    self.unwatch_if_unread(service);
                 }
             }
         }
@@ -609,24 +632,43 @@ impl Writer {
                 .entry(service.clone())
                 .or_default()
                 .insert(root.clone());
-            if !self.watches.contains_key(service) {
-                let mut stream = self.discovery.watch(service.clone());
-                let tx = self.me.clone();
-                let key = service.clone();
-                let task = tokio::spawn(async move {
-                    while let Some(item) = stream.next().await {
-                        let Some(tx) = tx.upgrade() else { return };
-                        let input = match item {
-                            Ok(snapshot) => Input::Snapshot(key.clone(), snapshot),
-                            Err(e) => Input::DiscoveryError(key.clone(), e.to_string()),
-                        };
-                        if tx.send(input).is_err() {
-                            return;
-                        }
-                    }
-                });
-                self.watches.insert(service.clone(), task);
+            self.watch_service(service);
+        }
+    }
+
+    /// Starts the discovery watch of `service` unless it runs already.
+    fn watch_service(&mut self, service: &ServiceKey) {
+        if self.watches.contains_key(service) {
+            return;
+        }
+        let mut stream = self.discovery.watch(service.clone());
+        let tx = self.me.clone();
+        let key = service.clone();
+        let task = tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                let Some(tx) = tx.upgrade() else { return };
+                let input = match item {
+                    Ok(snapshot) => Input::Snapshot(key.clone(), snapshot),
+                    Err(e) => Input::DiscoveryError(key.clone(), e.to_string()),
+                };
+                if tx.send(input).is_err() {
+                    return;
+                }
             }
+        });
+        self.watches.insert(service.clone(), task);
+    }
+
+    /// Stops the discovery watch of `service` (and forgets its snapshot) once neither a
+    /// destination reads it nor a TrafficPolicy targets it.
+    fn unwatch_if_unread(&mut self, service: &ServiceKey) {
+        if self.readers.contains_key(service) || self.policy_targets.contains(service) {
+            return;
+        }
+        self.snapshots.remove(service);
+        self.discovery_errors.remove(service);
+        if let Some(task) = self.watches.remove(service) {
+            task.abort();
         }
     }
 
@@ -636,12 +678,20 @@ impl Writer {
         }
         let (workload, port) = key;
         self.work.inbound_resolved += 1;
-        let (policy, problems) = inbound::resolve(
+        let (mut policy, problems) = inbound::resolve(
             &self.view,
             &workload.namespace,
             &workload.name,
             *port,
             &self.options,
+        );
+        let snapshots = &self.snapshots;
+        policy.rate_limits = inbound::rate_limits(
+            &self.view,
+            &workload.namespace,
+            &workload.name,
+            *port,
+            &|key| snapshots.get(key),
         );
         let Some(i) = self.inbound.get_mut(key) else {
             return;
@@ -682,6 +732,24 @@ impl Writer {
                     resource: p.resource.clone(),
                     location: p.location.clone(),
                     message: p.message.clone(),
+                });
+            }
+        }
+        // A TrafficPolicy whose target no platform has (once discovery answered).
+        let mut targets: Vec<&ServiceKey> = self.policy_targets.iter().collect();
+        targets.sort();
+        for target in targets {
+            if self.snapshots.get(target) != Some(&Snapshot::NotFound) {
+                continue;
+            }
+            for policy in self.view.traffic.get(target).into_iter().flatten() {
+                let id = policy::policy_rid(policy);
+                problems.push(ProblemLine {
+                    resource: id.to_string(),
+                    location: self.view.location(&id),
+                    message: format!(
+                        "spec.targetRef: no service {target} on any platform: the policy applies to nothing"
+                    ),
                 });
             }
         }
