@@ -663,4 +663,77 @@ spec:
         assert_eq!(routes[1].path_regex, "/admin");
         assert!(routes[1].methods.is_empty() && routes[1].headers.is_empty());
     }
+
+    #[test]
+    fn rate_limits_go_to_the_workloads_behind_the_target_on_the_port_they_serve_it() {
+        use crate::index::policy::tests::traffic_policy;
+        use std::sync::Arc;
+        use trellis_discovery::{
+            Endpoint, EndpointPort, EndpointSet, Provenance, Readiness, ServicePort,
+        };
+        let spec = "  rateLimit: {requestsPerSecond: 100, perSource: true}
+  routes:
+  - {httpRouteGroup: api, matches: [metrics], rateLimit: {requestsPerSecond: 1, burst: 2}}
+  - {httpRouteGroup: api, timeouts: {request: 1s}}
+";
+        let view = view(&format!(
+            "{ROUTES}{}",
+            traffic_policy("limits", "web-svc", None, spec)
+        ));
+        // The Service web-svc (port 80) is served by pods running as web, on 8080.
+        let snapshot = Snapshot::Endpoints(EndpointSet {
+            service: ServiceKey::new("demo", "web-svc"),
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                protocol: None,
+            }],
+            endpoints: vec![Endpoint {
+                address: "10.0.0.1".parse().unwrap(),
+                ports: vec![EndpointPort {
+                    name: None,
+                    port: 8080,
+                }],
+                readiness: Readiness::Ready,
+                identity: WorkloadIdentity::new("demo", "web"),
+                owner: None,
+                labels: Default::default(),
+                weight: None,
+                zone: None,
+                protocol: None,
+                provenance: Provenance {
+                    source: Arc::from("test"),
+                    confirmed_at: std::time::SystemTime::UNIX_EPOCH,
+                },
+            }],
+        });
+        let key = ServiceKey::new("demo", "web-svc");
+        let lookup = |k: &ServiceKey| (*k == key).then_some(&snapshot);
+        let limits = rate_limits(&view, "demo", "web", 8080, &lookup);
+        let summary: Vec<(String, usize, f64, u32, bool)> = limits
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.matches.len(),
+                    l.requests_per_second,
+                    l.burst,
+                    l.per_source,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("demo/web-svc/api".into(), 1, 1.0, 2, false),
+                ("demo/web-svc".into(), 0, 100.0, 0, true),
+            ],
+            "the route's limit first, with its matches; the service's last, with none"
+        );
+        assert_eq!(limits[0].matches[0].path_regex, "/metrics");
+        // Not on another port, not for another workload, not before discovery answers.
+        assert!(rate_limits(&view, "demo", "web", 9090, &lookup).is_empty());
+        assert!(rate_limits(&view, "demo", "client", 8080, &lookup).is_empty());
+        assert!(rate_limits(&view, "demo", "web", 8080, &|_| None).is_empty());
+    }
 }

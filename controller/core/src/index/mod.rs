@@ -1266,6 +1266,80 @@ spec:
         );
     }
 
+    /// Through the index task: a TrafficPolicy's rate limit reaches the inbound policy of the
+    /// workload discovery puts behind its target, and follows discovery; a policy whose target
+    /// no platform has is reported at its origin.
+    #[tokio::test]
+    async fn traffic_policies_reach_inbound_policies_and_a_missing_target_is_located() {
+        use super::policy::tests::{located_set, traffic_policy};
+        let registry = Registry::default();
+        registry.set("web", &["10.0.0.1"]);
+        let yaml =
+            traffic_policy(
+                "web-limits",
+                "web",
+                None,
+                "  rateLimit: {requestsPerSecond: 50}\n",
+            ) + &traffic_policy("ghost-policy", "ghost", None, "  timeouts: {request: 1s}\n");
+        let (policy, _) = watch::channel(located_set("p.yaml", &yaml));
+        let index = Index::start(
+            vec![Arc::new(Policies(policy.clone()))],
+            Arc::new(registry.clone()),
+            IndexOptions::default(),
+        );
+        let limits = |p: &Option<v1::InboundPolicy>| -> Vec<(String, f64)> {
+            p.iter()
+                .flat_map(|p| &p.rate_limits)
+                .map(|l| (l.name.clone(), l.requests_per_second))
+                .collect()
+        };
+        let mut web = index.inbound(key("web"), 8080).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            web.wait_for(|p| !limits(p).is_empty()),
+        )
+        .await
+        .expect("the rate limit reaches web's inbound policy")
+        .unwrap();
+        assert_eq!(limits(&web.borrow()), [("demo/web".to_string(), 50.0)]);
+        let other = index.inbound(key("api"), 8080).await.unwrap();
+        assert!(limits(&other.borrow()).is_empty());
+
+        let expected = "p.yaml:9: TrafficPolicy demo/ghost-policy: spec.targetRef: no service demo/ghost on any platform: the policy applies to nothing";
+        let lines = |s: &Status| -> Vec<String> {
+            s.problems
+                .iter()
+                .map(|p| format!("{}: {}: {}", p.location, p.resource, p.message))
+                .collect()
+        };
+        let mut status = index.status();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            status.wait_for(|s| lines(s).iter().any(|l| l == expected)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("located within 5 s: {:#?}", lines(&index.status().borrow())))
+        .unwrap();
+
+        // web's pods go: the limit has nobody to protect; ghost appears: no problem any more.
+        registry.sender("web").send_replace(Snapshot::NotFound);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            web.wait_for(|p| limits(p).is_empty()),
+        )
+        .await
+        .expect("the limit follows discovery")
+        .unwrap();
+        registry.set("ghost", &["10.0.0.7"]);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            status.wait_for(|s| !lines(s).iter().any(|l| l.contains("demo/ghost-policy"))),
+        )
+        .await
+        .expect("the problem goes with the service's arrival")
+        .unwrap();
+    }
+
     /// The registry, plus who holds which address (edited by the test).
     #[derive(Clone)]
     struct Addressed {

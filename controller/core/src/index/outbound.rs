@@ -836,6 +836,178 @@ mod tests {
         assert!(b[1..].iter().all(|(_, w, _)| *w == 0), "{b:?}");
     }
 
+    /// A split of web routed by `web-routes` (api, static), a second group `admin-routes`, and
+    /// a TrafficPolicy for web (from line `POLICY_LINE` of test.yaml).
+    fn policy_yaml(policy_spec: &str) -> String {
+        let mut yaml = split("s", "web", &[("web-v1", 1), ("web-v2", 3)], None);
+        yaml.push_str("  matches:\n  - {kind: HTTPRouteGroup, name: web-routes}\n");
+        yaml.push_str("---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {name: web-routes, namespace: demo}\nspec:\n  matches:\n  - {name: api, pathRegex: '/api/.*'}\n  - {name: static, pathRegex: '/static/.*'}\n");
+        yaml.push_str("---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {name: admin-routes, namespace: demo}\nspec:\n  matches:\n  - {name: admin, pathRegex: '/admin'}\n");
+        yaml.push_str("---\napiVersion: policy.trellis.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web-policy, namespace: demo}\nspec:\n  targetRef: {name: web}\n");
+        yaml.push_str(policy_spec);
+        yaml
+    }
+
+    /// Line of the TrafficPolicy's document in [`policy_yaml`].
+    const POLICY_LINE: u32 = 28;
+
+    const FULL_POLICY: &str = "  timeouts: {request: 2s}
+  circuitBreaker: {maxConnections: 10}
+  rateLimit: {requestsPerSecond: 100}
+  loadBalancer: leastRequest
+  mirror: {backend: web-shadow, percent: 5}
+  routes:
+  - httpRouteGroup: web-routes
+    timeouts: {request: 9s}
+  - httpRouteGroup: web-routes
+    matches: [api]
+    retries: {attempts: 2}
+  - httpRouteGroup: admin-routes
+    fault: {abort: {httpStatus: 503, percent: 100}}
+  - httpRouteGroup: web-routes
+    rateLimit: {requestsPerSecond: 5}
+";
+
+    fn with_shadow() -> Vec<(&'static str, Snapshot)> {
+        let mut snaps = web_both();
+        snaps.push((
+            "web-shadow",
+            set("web-shadow", 8080, &[("10.0.0.9", 89, R)]),
+        ));
+        snaps
+    }
+
+    fn route_summary(p: &v1::DestinationProfile) -> Vec<(String, usize, Vec<String>, bool)> {
+        p.routes
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    r.matches.len(),
+                    r.backends
+                        .iter()
+                        .map(|b| format!("{} {}", b.name, b.weight))
+                        .collect(),
+                    r.policy.is_some(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_traffic_policy_lands_in_the_profile() {
+        let yaml = policy_yaml(FULL_POLICY);
+        let r = resolve_with(&yaml, with_shadow());
+        assert_eq!(r.problems, [], "{:?}", r.problems);
+        let p = profile(&r);
+        assert_eq!(p.balancer, v1::Balancer::LeastRequest as i32);
+        // The destination sections, typed; the rate limit is not the caller's to enforce.
+        let sent = p.policy.as_ref().expect("the profile carries the policy");
+        let back = contract::destination_from_proto(sent.clone()).unwrap();
+        assert_eq!(back.timeouts.unwrap().request.unwrap().as_millis(), 2000);
+        assert_eq!(back.circuit_breaker.unwrap().max_connections, Some(10));
+        assert_eq!(back.mirror.unwrap().backend, "web-shadow");
+        assert!(back.rate_limit.is_none());
+        // The mirror is a backend of weight 0 with its endpoints.
+        assert_eq!(
+            backends(&r).last().unwrap(),
+            &("web-shadow".to_string(), 0, vec!["10.0.0.9:89".to_string()])
+        );
+        // Routes: the section for api alone before the split's route (with its backends), the
+        // whole-group section on the split's route, the other group's after, with no backends
+        // (the default ones); the rate-limit-only section makes no route.
+        assert_eq!(
+            route_summary(p),
+            [
+                (
+                    "web-routes:api".into(),
+                    1,
+                    vec!["web-v1 1".into(), "web-v2 3".into()],
+                    true
+                ),
+                (
+                    "web-routes".into(),
+                    2,
+                    vec!["web-v1 1".into(), "web-v2 3".into()],
+                    true
+                ),
+                ("admin-routes".into(), 1, vec![], true),
+            ]
+        );
+        let route =
+            |i: usize| contract::route_from_proto(p.routes[i].policy.clone().unwrap()).unwrap();
+        assert_eq!(route(0).retries.unwrap().attempts, 2);
+        assert_eq!(
+            route(1).timeouts.unwrap().request.unwrap().as_millis(),
+            9000
+        );
+        assert_eq!(
+            route(2).fault.unwrap().abort.unwrap().http_status,
+            Some(503)
+        );
+        assert_eq!(p.routes[0].matches[0].path_regex, "/api/.*");
+    }
+
+    #[test]
+    fn without_a_split_route_sections_are_routes_of_their_own_over_the_default_backends() {
+        let yaml = policy_yaml(FULL_POLICY).replace(
+            "  matches:\n  - {kind: HTTPRouteGroup, name: web-routes}\n",
+            "",
+        );
+        let r = resolve_with(&yaml, with_shadow());
+        let p = profile(&r);
+        assert_eq!(
+            route_summary(p),
+            [
+                ("web-routes".into(), 2, vec![], true),
+                ("web-routes:api".into(), 1, vec![], true),
+                ("admin-routes".into(), 1, vec![], true),
+            ]
+        );
+        // The split's weights stay the default backends; the mirror gets nothing of them.
+        let weights: Vec<(String, u32)> = backends(&r).into_iter().map(|b| (b.0, b.1)).collect();
+        assert_eq!(
+            weights,
+            [
+                ("web-v1".into(), 1),
+                ("web-v2".into(), 3),
+                ("web-shadow".into(), 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_mirror_is_watched_and_waited_for_and_a_missing_one_means_the_policy_is_not_applied() {
+        let yaml = policy_yaml(FULL_POLICY);
+        let view = view(&yaml);
+        let root = ServiceKey::new("demo", "web");
+        let destination = view.destination(&root);
+        assert!(inputs(&root, &destination).contains(&ServiceKey::new("demo", "web-shadow")));
+        // Not answered yet: no profile (the first message is complete).
+        let map: HashMap<ServiceKey, Snapshot> = web_both()
+            .into_iter()
+            .map(|(n, s)| (ServiceKey::new("demo", n), s))
+            .collect();
+        assert!(resolve(&root, &destination, &|k| map.get(k), "x").is_none());
+
+        let mut snaps = web_both();
+        snaps.push(("web-shadow", Snapshot::NotFound));
+        let r = resolve_with(&yaml, snaps);
+        let p = profile(&r);
+        assert!(p.policy.is_none(), "not applied");
+        assert_eq!(p.balancer, v1::Balancer::Unspecified as i32);
+        assert!(p.routes.iter().all(|r| r.policy.is_none()));
+        assert_eq!(p.routes.len(), 1, "the split's route only");
+        assert_eq!(
+            r.problems,
+            [PolicyProblem {
+                resource: "TrafficPolicy demo/web-policy".into(),
+                location: format!("test.yaml:{POLICY_LINE}"),
+                message: "mirror demo/web-shadow: no service demo/web-shadow on any platform: the policy is not applied".into(),
+            }]
+        );
+    }
+
     #[test]
     fn a_root_that_does_not_exist_is_answered_not_found_and_waits_for_its_first_answer() {
         let r = resolve_with("", vec![("web", Snapshot::NotFound)]);

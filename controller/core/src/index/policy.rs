@@ -623,6 +623,94 @@ pub(crate) mod tests {
         assert_eq!(view.problems[0].location, "bare");
     }
 
+    pub(crate) fn traffic_policy(
+        name: &str,
+        target: &str,
+        created: Option<&str>,
+        spec: &str,
+    ) -> String {
+        let created = created
+            .map(|c| format!(", creationTimestamp: \"{c}\""))
+            .unwrap_or_default();
+        format!(
+            "---\napiVersion: policy.trellis.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: demo{created}}}\nspec:\n  targetRef: {{name: {target}}}\n{spec}"
+        )
+    }
+
+    #[test]
+    fn several_traffic_policies_for_one_service_the_oldest_wins_and_the_others_are_reported() {
+        let yaml = [
+            traffic_policy(
+                "b-new",
+                "web",
+                Some("2024-01-02T00:00:00Z"),
+                "  timeouts: {request: 1s}\n",
+            ),
+            traffic_policy(
+                "c-old",
+                "web",
+                Some("2024-01-01T00:00:00Z"),
+                "  timeouts: {request: 2s}\n",
+            ),
+            traffic_policy("a-undated", "web", None, "  timeouts: {request: 3s}\n"),
+        ]
+        .concat();
+        let merged = view(&yaml);
+        let web = ServiceKey::new("demo", "web");
+        let in_force = merged.traffic_policy(&web).unwrap();
+        assert_eq!(in_force.metadata.name.as_deref(), Some("c-old"));
+        let d = merged.destination(&web);
+        assert_eq!(d.traffic.unwrap().origin.as_deref(), Some("test.yaml:9"));
+        let lines: Vec<String> = merged.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "test.yaml:16: TrafficPolicy demo/a-undated: service demo/web: several TrafficPolicies for one service: TrafficPolicy demo/c-old (at test.yaml:9) is in force (oldest, then by name); this one is not applied",
+                "test.yaml:2: TrafficPolicy demo/b-new: service demo/web: several TrafficPolicies for one service: TrafficPolicy demo/c-old (at test.yaml:9) is in force (oldest, then by name); this one is not applied",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_traffic_policy_naming_a_missing_route_group_or_match_is_reported_and_not_applied() {
+        let group = "---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {name: web-routes, namespace: demo}\nspec:\n  matches:\n  - {name: api, pathRegex: '/api'}\n";
+        let sections = "  timeouts: {request: 1s}\n  routes:\n  - {httpRouteGroup: web-routes, matches: [api], timeouts: {request: 5s}}\n";
+        let yaml = traffic_policy("p", "web", None, sections) + group;
+        let web = ServiceKey::new("demo", "web");
+        assert!(view(&yaml).traffic_policy(&web).is_some(), "sound: applied");
+
+        // The group goes (deleted on Kubernetes; a files source keeps the last good policy).
+        let mut set = located_set("dir/p.yaml", &yaml);
+        set.policies
+            .retain(|p| !matches!(p, Policy::HttpRouteGroup(_)));
+        let gone = PolicyView::build(&[("files".into(), set)]);
+        assert!(gone.traffic_policy(&web).is_none());
+        assert!(gone.destination(&web).traffic.is_none());
+        let lines: Vec<String> = gone.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "dir/p.yaml:2: TrafficPolicy demo/p: spec.routes[0].httpRouteGroup: HTTPRouteGroup demo/web-routes does not exist: the policy is not applied"
+            ]
+        );
+
+        // The group loses the match.
+        let mut set = located_set("dir/p.yaml", &yaml);
+        for policy in &mut set.policies {
+            if let Policy::HttpRouteGroup(g) = policy {
+                g.matches[0].name = "other".into();
+            }
+        }
+        let renamed = PolicyView::build(&[("files".into(), set)]);
+        assert!(renamed.traffic_policy(&web).is_none());
+        assert_eq!(
+            renamed.problems[0].message,
+            "spec.routes[0].matches: HTTPRouteGroup demo/web-routes has no match named [\"api\"]: the policy is not applied"
+        );
+        // Either way the destination's profile changes (the policy left it).
+        assert!(renamed.changed_roots(&view(&yaml)).contains(&web));
+    }
+
     #[test]
     fn the_diff_of_two_views_names_only_the_roots_and_workloads_that_changed() {
         let target = |name: &str, dest: &str| {
