@@ -50,6 +50,13 @@ pub struct GeneratedCrd {
 }
 
 impl GeneratedCrd {
+    /// Whether the API server converts this CRD's versions through the controller's webhook
+    /// (the SMI kinds; TrafficPolicy has one version): the CRDs whose caBundle the controller
+    /// keeps current.
+    pub fn converts(&self) -> bool {
+        self.crd.spec.conversion.is_some()
+    }
+
     /// The manifest text, as checked in under `deploy/crds/`.
     pub fn to_yaml(&self) -> String {
         let body = serde_yaml_ng::to_string(&self.crd).expect("CRDs serialize to YAML");
