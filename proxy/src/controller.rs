@@ -513,7 +513,7 @@ pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::D
         // The TrafficPolicy's destination sections; `loadBalancer` is the profile's balancer
         // (above), and `rateLimit` is enforced inbound, so it is never here.
         policy: p.policy.and_then(|policy| {
-            trellis_proxy_api::policy::destination_from_proto(policy)
+            trellis_proxy_api::policy::destination_from_proto(*policy)
                 .map(|mut policy| {
                     policy.load_balancer =
                         trellis_proxy_api::policy::balancer_from_proto(p.balancer);

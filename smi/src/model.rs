@@ -19,8 +19,9 @@ pub enum Policy {
     HttpRouteGroup(HttpRouteGroup),
     TcpRoute(PortRoute),
     UdpRoute(PortRoute),
-    /// Trellis's TrafficPolicy (`policy.trellis.io`), not an SMI kind.
-    TrafficPolicy(TrafficPolicy),
+    /// Trellis's TrafficPolicy (`policy.trellis.io`), not an SMI kind. Boxed: its settings are
+    /// several times the size of any SMI kind, and sets hold many policies.
+    TrafficPolicy(Box<TrafficPolicy>),
 }
 
 /// The kind of a resource: the SMI kinds and Trellis's TrafficPolicy.

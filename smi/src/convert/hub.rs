@@ -35,7 +35,9 @@ impl SmiObject {
             O::UdpRouteV1Alpha4(o) => {
                 Policy::UdpRoute(specs::port_route(&o.metadata, &o.spec.matches))
             }
-            O::TrafficPolicyV1Alpha1(o) => Policy::TrafficPolicy(policy::from_v1alpha1(o)),
+            O::TrafficPolicyV1Alpha1(o) => {
+                Policy::TrafficPolicy(Box::new(policy::from_v1alpha1(o)))
+            }
         })
     }
 

@@ -25,6 +25,9 @@ enum Shape {
 macro_rules! smi_objects {
     ($( $variant:ident => $root:ty, $spec:ty, $kind:ident, $version:literal, $shape:ident; )*) => {
         /// A typed SMI object of any kind and version.
+        // A TrafficPolicy is several times larger than the SMI kinds; objects are transient (read,
+        // converted, dropped) and only the model is kept, where it is boxed.
+        #[allow(clippy::large_enum_variant)]
         #[derive(Clone, Debug, PartialEq)]
         pub enum SmiObject {
             $( $variant($root), )*

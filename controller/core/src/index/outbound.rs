@@ -259,7 +259,7 @@ pub fn apply_traffic_policy<'s>(
         }
     }
     profile.balancer = contract::balancer_to_proto(policy.policy.load_balancer) as i32;
-    profile.policy = Some(contract::destination_to_proto(&policy.policy));
+    profile.policy = Some(Box::new(contract::destination_to_proto(&policy.policy)));
 
     // Route sections: onto the split's routes (named by their group), before them, or after.
     let split_routes = std::mem::take(&mut profile.routes);
@@ -903,7 +903,7 @@ mod tests {
         assert_eq!(p.balancer, v1::Balancer::LeastRequest as i32);
         // The destination sections, typed; the rate limit is not the caller's to enforce.
         let sent = p.policy.as_ref().expect("the profile carries the policy");
-        let back = contract::destination_from_proto(sent.clone()).unwrap();
+        let back = contract::destination_from_proto(*sent.clone()).unwrap();
         assert_eq!(back.timeouts.unwrap().request.unwrap().as_millis(), 2000);
         assert_eq!(back.circuit_breaker.unwrap().max_connections, Some(10));
         assert_eq!(back.mirror.unwrap().backend, "web-shadow");

@@ -219,7 +219,7 @@ impl PolicyView {
                     view.traffic
                         .entry(policy_target(traffic))
                         .or_default()
-                        .push(traffic.clone());
+                        .push(TrafficPolicy::clone(traffic));
                 }
             }
             view.policies.push(policy.clone());
