@@ -226,7 +226,6 @@ pub fn destination_from_proto(
         outlier_detection: d
             .outlier_detection
             .map(|o| -> Result<_, PolicyError> {
-                let field = "outlierDetection";
                 Ok(p::OutlierDetection {
                     consecutive_failures: o.consecutive_failures,
                     failures: match v1::FailureKind::try_from(o.failures) {
@@ -244,12 +243,12 @@ pub fn destination_from_proto(
                     },
                     base_ejection_time: or_default(
                         o.base_ejection_time,
-                        &format!("{field}.baseEjectionTime"),
+                        "outlierDetection.baseEjectionTime",
                         p::Duration::from_millis(30_000),
                     )?,
                     max_ejection_time: or_default(
                         o.max_ejection_time,
-                        &format!("{field}.maxEjectionTime"),
+                        "outlierDetection.maxEjectionTime",
                         p::Duration::from_millis(300_000),
                     )?,
                     max_ejected_percent: narrow(
