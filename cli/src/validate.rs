@@ -1,4 +1,5 @@
-//! `trellis validate <path>...`: load SMI YAML files and directories and report.
+//! `trellis validate <path>...`: load policy YAML files and directories (the SMI kinds and
+//! Trellis's TrafficPolicy, through `trellis_smi::load`) and report.
 //!
 //! Errors go to stderr, one per line (`file:line: Kind ns/name: field: message`), and the exit
 //! status is 1. Without errors, one summary line per resource goes to stdout, status 0.
@@ -9,7 +10,7 @@ use trellis_smi::load::load_paths;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// SMI YAML files or directories (searched recursively for *.yaml and *.yml).
+    /// SMI or TrafficPolicy YAML files or directories (searched recursively for *.yaml and *.yml).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
 }

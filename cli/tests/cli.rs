@@ -20,6 +20,11 @@ fn trellis(args: &[&str]) -> Output {
 
 /// One precise error per problem planted in smi/tests/data/broken (each file says what it holds).
 const EXPECTED_ERRORS: &[&str] = &[
+    "smi/tests/data/broken/policies.yaml:8: TrafficPolicy shop/negative: spec.timeouts.request: \"-2s\" is negative: durations are lengths of time, e.g. 250ms or 2s",
+    "smi/tests/data/broken/policies.yaml:18: TrafficPolicy shop/too-much: spec.fault.abort.percent: 150 is not a percent (0 to 100)",
+    "smi/tests/data/broken/policies.yaml:29: TrafficPolicy shop/post-retried: spec.routes[0].retries.methods[1]: POST is not idempotent: a retry may apply it twice; set retries.allowNonIdempotent: true if the service tolerates that",
+    "smi/tests/data/broken/policies.yaml:38: TrafficPolicy shop/typo: spec.retries.retryOn: unknown field `retryOn`, expected one of `attempts`, `on`, `statusCodes`, `grpcCodes`, `methods`, `allowNonIdempotent`, `backoff`, `budget`, `maxBodyBytes`",
+    "smi/tests/data/broken/policies.yaml:47: TrafficPolicy shop/missing-match: spec.routes[0].matches[0]: HTTPRouteGroup shop/api-routes has no match named \"admin\"",
     "smi/tests/data/broken/routes.yaml:21: HTTPRouteGroup shop/bad-regexes: spec.matches[0].pathRegex: invalid regex \"/api/(v1\": unclosed group",
     "smi/tests/data/broken/routes.yaml:23: HTTPRouteGroup shop/bad-regexes: spec.matches[1].pathRegex: regex is too large: it compiles to more than 262144 bytes",
     "smi/tests/data/broken/routes.yaml:25: HTTPRouteGroup shop/bad-regexes: spec.matches[2].methods[1]: unknown HTTP method \"FETCH\" (expected one of *, GET, HEAD, PUT, POST, DELETE, CONNECT, OPTIONS, TRACE, PATCH)",
@@ -38,9 +43,9 @@ const EXPECTED_ERRORS: &[&str] = &[
     "smi/tests/data/broken/targets.yaml:60: TrafficTarget shop/missing-match: spec.rules[0].matches[1]: HTTPRouteGroup shop/api-routes has no match named \"admin\"",
     "smi/tests/data/broken/targets.yaml:71: TrafficTarget shop/not-a-service-account: destination.kind: must be ServiceAccount (Trellis identities are service accounts), got \"Pod\"",
     "smi/tests/data/broken/unknown.yaml:2: TrafficSplit shop/future: apiVersion: TrafficSplit has no version \"v1alpha9\" (known: v1alpha1, v1alpha2, v1alpha3, v1alpha4)",
-    "smi/tests/data/broken/unknown.yaml:12: ConfigMap shop/not-smi: kind: unknown SMI kind \"ConfigMap\" (known: TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute)",
+    "smi/tests/data/broken/unknown.yaml:12: ConfigMap shop/not-smi: kind: unknown kind \"ConfigMap\" (known: TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficPolicy)",
     "smi/tests/data/broken/unknown.yaml:30: HTTPRouteGroup shop/api-routes: metadata.name: HTTPRouteGroup shop/api-routes is also defined at smi/tests/data/broken/routes.yaml:2; each resource may be defined once",
-    "20 error(s) in 5 file(s)",
+    "25 error(s) in 6 file(s)",
 ];
 
 #[test]
@@ -113,6 +118,7 @@ fn crds_subcommand_writes_every_crd() {
         [
             "httproutegroups.specs.smi-spec.io.yaml",
             "tcproutes.specs.smi-spec.io.yaml",
+            "trafficpolicies.policy.trellis.io.yaml",
             "trafficsplits.split.smi-spec.io.yaml",
             "traffictargets.access.smi-spec.io.yaml",
             "udproutes.specs.smi-spec.io.yaml",

@@ -136,6 +136,7 @@ fn the_committed_install_is_complete_typed_and_in_dependency_order() {
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
+            "CustomResourceDefinition",
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
@@ -192,9 +193,10 @@ fn the_uninstall_removes_the_injector_first_and_the_crds_last() {
     // before anything it calls.
     assert_eq!(kinds[0], "APIService");
     assert_eq!(kinds[1], "MutatingWebhookConfiguration");
-    assert_eq!(kinds[kinds.len() - 6], "Namespace");
+    // Five SMI CRDs and TrafficPolicy's.
+    assert_eq!(kinds[kinds.len() - 7], "Namespace");
     assert!(
-        kinds[kinds.len() - 5..]
+        kinds[kinds.len() - 6..]
             .iter()
             .all(|k| k == "CustomResourceDefinition")
     );
@@ -203,7 +205,7 @@ fn the_uninstall_removes_the_injector_first_and_the_crds_last() {
         "warns about the CRDs"
     );
     let kept = kinds_of(&stdout_of(&["uninstall", "--keep-crds"]));
-    assert_eq!(kept.len(), kinds.len() - 5);
+    assert_eq!(kept.len(), kinds.len() - 6);
     assert!(!kept.contains(&"CustomResourceDefinition".to_owned()));
 }
 

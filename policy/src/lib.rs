@@ -103,11 +103,31 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+/// In schemas (the TrafficPolicy CRD): a string; the controller parses it and refuses negatives.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A length of time: 250ms, 2s, 1m30s.",
+        })
+    }
+}
+
 /// A share of requests in percent, `0` to `100` (fractions allowed: `0.5`).
 pub type Percent = f64;
 
 /// How a backend's endpoints are chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum LoadBalancer {
     /// Power of two choices over a latency EWMA that counts failures as slow (the default).
@@ -122,6 +142,7 @@ pub enum LoadBalancer {
 /// The policy of a destination: defaults for all its requests, and what only makes sense per
 /// destination (breaker, ejection, health checks, balancer).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestinationPolicy {
     /// Request timeouts.
@@ -157,6 +178,7 @@ pub struct DestinationPolicy {
 /// name for requests that match the route (sections are not merged field by field, so what a
 /// route says is all that applies to it).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RoutePolicy {
     /// Request timeouts.
@@ -200,6 +222,7 @@ impl From<&DestinationPolicy> for RoutePolicy {
 /// Timeouts. Absent fields: no timeout of that kind (the proxy's connect and handshake timeouts
 /// still apply).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Timeouts {
     /// From the request's arrival until the response's headers, over every try and backoff:
@@ -218,6 +241,7 @@ pub struct Timeouts {
 
 /// A failure retries may retry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum RetryOn {
     /// No connection could be made (refused, unreachable, connect timeout, TLS handshake).
@@ -235,6 +259,7 @@ pub enum RetryOn {
 /// Retries: further tries of a failed request on another pick of the balancer, bounded by a
 /// budget so they can never multiply a failing service's load.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Retries {
     /// Most retries of one request (tries = 1 + attempts), 1 to 10.
@@ -302,6 +327,7 @@ fn default_max_body_bytes() -> u32 {
 /// Exponential backoff with full jitter: before retry n the proxy waits a random time between 0
 /// and `min(max, base * 2^(n-1))`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Backoff {
     /// The first retry's ceiling (default 25ms).
@@ -334,6 +360,7 @@ fn default_backoff_max() -> Duration {
 /// failing destination, the destination sees at most `(1 + ratio)` times the live requests plus
 /// the floor, whatever `attempts` says.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBudget {
     /// Retries per request, 0 to 1 (default 0.2).
@@ -372,6 +399,7 @@ fn default_budget_ttl() -> Duration {
 /// Limits that answer fast instead of queueing without bound: when one is reached, the request
 /// gets `503 x-trellis-error: overloaded` at once. Absent fields: no limit.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreaker {
     /// Connections open to the destination's endpoints, all together.
@@ -391,6 +419,7 @@ pub struct CircuitBreaker {
 
 /// Which failures count towards an ejection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum FailureKind {
     /// Any failed exchange: no connection, a reset, a timeout, a 5xx (the default).
@@ -411,6 +440,7 @@ pub enum FailureKind {
 /// last one). The decision is taken when the balancer next lands on the endpoint (there is no
 /// periodic sweep, so no `interval`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetection {
     /// Failures in a row that eject an endpoint, 1 to 1000.
@@ -446,6 +476,7 @@ fn default_max_ejected_percent() -> u8 {
 /// `healthyThreshold` in a row. New endpoints start healthy (the registries' readiness already
 /// vouched for them).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HealthCheck {
     /// `GET` this path (an answer 200..399 passes); absent: a TCP connect passes.
@@ -484,6 +515,7 @@ fn default_healthy_threshold() -> u32 {
 /// Faults injected on purpose, to test how callers cope. Applied by the caller's proxy before
 /// the request leaves it; only to requests that pass every condition given.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Fault {
     /// Hold requests for a while before sending them.
@@ -502,6 +534,7 @@ pub struct Fault {
 
 /// An injected delay.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultDelay {
     /// How long.
@@ -513,6 +546,7 @@ pub struct FaultDelay {
 /// An injected error answer: an HTTP status, or a gRPC status (sent as a trailers-only gRPC
 /// response, HTTP 200 with `grpc-status`). The answer carries `x-trellis-error: fault-injected`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultAbort {
     /// HTTP status, 200 to 599.
@@ -527,6 +561,7 @@ pub struct FaultAbort {
 
 /// A header that must be present with exactly this value (names are case-insensitive).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderCondition {
     /// Header name.
@@ -539,6 +574,7 @@ pub struct HeaderCondition {
 /// `requestsPerSecond` up to `burst`. A request finding it empty gets `429` with `retry-after`
 /// (whole seconds until a token is back) and `x-trellis-error: rate-limited`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimit {
     /// Sustained rate, more than 0.
@@ -564,6 +600,7 @@ impl RateLimit {
 /// Mirroring: a share of requests is also sent to another service; its answers are discarded,
 /// and its failures or slowness never reach the caller.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Mirror {
     /// The service that gets the copies (a name in the destination's namespace, or

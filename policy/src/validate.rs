@@ -185,7 +185,8 @@ impl Checker<'_> {
     }
 
     fn rate_limit(&mut self, l: &RateLimit) {
-        if !(l.requests_per_second > 0.0) || !l.requests_per_second.is_finite() {
+        // is_finite() is false for NaN too.
+        if !l.requests_per_second.is_finite() || l.requests_per_second <= 0.0 {
             self.fail(
                 "rateLimit.requestsPerSecond",
                 format!("{} must be more than 0", l.requests_per_second),

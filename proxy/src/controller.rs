@@ -516,6 +516,15 @@ pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::D
                         weight: b.weight,
                     })
                     .collect(),
+                // The controller sends only validated policies: a message the types cannot hold
+                // is a contract mismatch, and the route keeps the destination's policy.
+                policy: r.policy.and_then(|policy| {
+                    trellis_proxy_api::policy::route_from_proto(policy)
+                        .inspect_err(|e| {
+                            tracing::warn!(destination = key, "a route's policy refused: {e}")
+                        })
+                        .ok()
+                }),
                 ..Default::default()
             })
             .collect(),
@@ -533,9 +542,20 @@ pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::D
         request_timeout_ms: Some(p.request_timeout_ms).filter(|t| *t > 0),
         // Not in the controller's contract (yet): the proxy's --trace-sampling applies.
         trace_sampling: None,
-        // Not in the controller's profile yet: it comes with the TrafficPolicy (issue
-        // "Resilience in the data plane"); static files can set it today.
-        policy: None,
+        // The TrafficPolicy's destination sections; `loadBalancer` is the profile's balancer
+        // (above), and `rateLimit` is enforced inbound, so it is never here.
+        policy: p.policy.and_then(|policy| {
+            trellis_proxy_api::policy::destination_from_proto(*policy)
+                .map(|mut policy| {
+                    policy.load_balancer =
+                        trellis_proxy_api::policy::balancer_from_proto(p.balancer);
+                    policy
+                })
+                .inspect_err(|e| {
+                    tracing::warn!(destination = key, "destination policy refused: {e}")
+                })
+                .ok()
+        }),
     }
 }
 
@@ -564,8 +584,15 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
                 networks: a.networks,
             })
             .collect(),
-        // TODO(#12, policy-kind branch): from the InboundPolicy stream's rate limits.
-        rate_limits: Vec::new(),
+        rate_limits: p
+            .rate_limits
+            .into_iter()
+            .map(|l| config::InboundRateLimit {
+                limit: trellis_proxy_api::policy::rate_limit_from_proto(&l),
+                name: l.name,
+                matches: l.matches.into_iter().map(match_from_proto).collect(),
+            })
+            .collect(),
     }
 }
 

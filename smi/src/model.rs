@@ -1,12 +1,14 @@
 //! The normalized policy model: one type per SMI kind, with the latest semantics, that every
-//! version converts into and out of (see [`crate::convert`]). The controller consumes only these.
+//! version converts into and out of (see [`crate::convert`]), plus Trellis's own
+//! [`TrafficPolicy`]. The controller consumes only these.
 //!
 //! Each type keeps the object's `metadata` so conversion back to any version is exact. Fields a
 //! newer version dropped but an older one had (the v1alpha1/v1alpha2 destination port) are part
 //! of the model, so a port restriction is never lost on the way to the controller.
 
 pub use crate::api::headers::HeaderMatch;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+pub use crate::api::policy::TargetRef;
+pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::fmt;
 
 /// Any SMI policy resource in normalized form.
@@ -17,9 +19,12 @@ pub enum Policy {
     HttpRouteGroup(HttpRouteGroup),
     TcpRoute(PortRoute),
     UdpRoute(PortRoute),
+    /// Trellis's TrafficPolicy (`policy.trellis.io`), not an SMI kind. Boxed: its settings are
+    /// several times the size of any SMI kind, and sets hold many policies.
+    TrafficPolicy(Box<TrafficPolicy>),
 }
 
-/// The kind of an SMI resource.
+/// The kind of a resource: the SMI kinds and Trellis's TrafficPolicy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     TrafficSplit,
@@ -27,6 +32,8 @@ pub enum Kind {
     HttpRouteGroup,
     TcpRoute,
     UdpRoute,
+    /// `policy.trellis.io` TrafficPolicy.
+    TrafficPolicy,
 }
 
 impl Kind {
@@ -38,6 +45,7 @@ impl Kind {
             Kind::HttpRouteGroup => "HTTPRouteGroup",
             Kind::TcpRoute => "TCPRoute",
             Kind::UdpRoute => "UDPRoute",
+            Kind::TrafficPolicy => "TrafficPolicy",
         }
     }
 
@@ -46,6 +54,7 @@ impl Kind {
         match self {
             Kind::TrafficSplit => crate::api::SPLIT_GROUP,
             Kind::TrafficTarget => crate::api::ACCESS_GROUP,
+            Kind::TrafficPolicy => crate::api::POLICY_GROUP,
             _ => crate::api::SPECS_GROUP,
         }
     }
@@ -55,18 +64,25 @@ impl Kind {
         match self {
             Kind::TrafficTarget => &["v1alpha1", "v1alpha2", "v1alpha3"],
             Kind::UdpRoute => &["v1alpha4"],
+            Kind::TrafficPolicy => &["v1alpha1"],
             _ => &["v1alpha1", "v1alpha2", "v1alpha3", "v1alpha4"],
         }
     }
 
-    /// Every kind.
-    pub const ALL: [Kind; 5] = [
+    /// Every kind: the SMI kinds, then TrafficPolicy.
+    pub const ALL: [Kind; 6] = [
         Kind::TrafficSplit,
         Kind::TrafficTarget,
         Kind::HttpRouteGroup,
         Kind::TcpRoute,
         Kind::UdpRoute,
+        Kind::TrafficPolicy,
     ];
+
+    /// Whether this is an SMI kind (TrafficPolicy is Trellis's own).
+    pub fn is_smi(self) -> bool {
+        self != Kind::TrafficPolicy
+    }
 
     /// The kind called `name` on the wire.
     pub fn from_name(name: &str) -> Option<Kind> {
@@ -229,6 +245,40 @@ pub struct PortRoute {
     pub ports: Vec<u16>,
 }
 
+/// TrafficPolicy: resilience settings for one Service (its `targetRef`), with per-route
+/// sections. The settings' meaning is documented in `trellis-policy`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrafficPolicy {
+    pub metadata: ObjectMeta,
+    /// The target as written (a Service in the policy's namespace).
+    pub target_ref: TargetRef,
+    /// The destination-wide settings.
+    pub policy: trellis_policy::DestinationPolicy,
+    /// Per-route sections, in order.
+    pub routes: Vec<PolicyRoute>,
+}
+
+/// One per-route section of a TrafficPolicy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyRoute {
+    /// An HTTPRouteGroup in the policy's namespace.
+    pub http_route_group: String,
+    /// Match names of that group; `None` or empty = all of them.
+    pub matches: Option<Vec<String>>,
+    /// The section's settings.
+    pub policy: trellis_policy::RoutePolicy,
+}
+
+impl PolicyRoute {
+    /// Whether the section covers the match called `name`.
+    pub fn covers(&self, name: &str) -> bool {
+        match &self.matches {
+            Some(names) if !names.is_empty() => names.iter().any(|n| n == name),
+            _ => true,
+        }
+    }
+}
+
 impl Policy {
     /// The kind of this policy.
     pub fn kind(&self) -> Kind {
@@ -238,6 +288,7 @@ impl Policy {
             Policy::HttpRouteGroup(_) => Kind::HttpRouteGroup,
             Policy::TcpRoute(_) => Kind::TcpRoute,
             Policy::UdpRoute(_) => Kind::UdpRoute,
+            Policy::TrafficPolicy(_) => Kind::TrafficPolicy,
         }
     }
 
@@ -248,6 +299,7 @@ impl Policy {
             Policy::AccessPolicy(p) => &p.metadata,
             Policy::HttpRouteGroup(p) => &p.metadata,
             Policy::TcpRoute(p) | Policy::UdpRoute(p) => &p.metadata,
+            Policy::TrafficPolicy(p) => &p.metadata,
         }
     }
 
@@ -288,6 +340,31 @@ impl Policy {
             Policy::HttpRouteGroup(g) => {
                 let names: Vec<&str> = g.matches.iter().map(|m| m.name.as_str()).collect();
                 format!("{} match(es): {}", g.matches.len(), names.join(", "))
+            }
+            Policy::TrafficPolicy(p) => {
+                let d = &p.policy;
+                let sections: Vec<&str> = [
+                    ("timeouts", d.timeouts.is_some()),
+                    ("retries", d.retries.is_some()),
+                    ("fault", d.fault.is_some()),
+                    ("rateLimit", d.rate_limit.is_some()),
+                    ("mirror", d.mirror.is_some()),
+                    ("circuitBreaker", d.circuit_breaker.is_some()),
+                    ("outlierDetection", d.outlier_detection.is_some()),
+                    ("healthCheck", d.health_check.is_some()),
+                    ("loadBalancer", d.load_balancer.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(name, set)| set.then_some(name))
+                .collect();
+                let mut line = format!("service {}", p.target_ref.name);
+                if !sections.is_empty() {
+                    line.push_str(&format!(": {}", sections.join(", ")));
+                }
+                if !p.routes.is_empty() {
+                    line.push_str(&format!(", {} route section(s)", p.routes.len()));
+                }
+                line
             }
             Policy::TcpRoute(r) | Policy::UdpRoute(r) if r.ports.is_empty() => "all ports".into(),
             Policy::TcpRoute(r) | Policy::UdpRoute(r) => {

@@ -1,16 +1,20 @@
-//! Validation of normalized policies, per SPEC-NOTES: what the schema cannot say.
+//! Validation of normalized policies, per SPEC-NOTES: what the schema cannot say. A
+//! TrafficPolicy's settings are checked by `trellis_policy` (ranges, combinations such as a
+//! retried POST without `allowNonIdempotent`); here they get their place in the document.
 //!
 //! Per resource ([`validate_policy`]): names present, at least one backend, ServiceAccount
 //! identities, TrafficTarget v1alpha3 with at least one rule and one source, ports 1-65535,
 //! known HTTP methods, unique match names, and regexes that compile under Trellis's limits.
-//! Across resources ([`validate_references`]): route groups and match names a split or a target
-//! names must exist in the same namespace. Shape errors (types, missing or unknown fields, bad
+//! Across resources ([`validate_references`]): route groups and match names a split, a target or
+//! a TrafficPolicy's route section names must exist in the same namespace. Shape errors (types, missing or unknown fields, bad
 //! weights, unknown rule kinds) are caught earlier, while deserializing.
 //!
 //! Paths in [`Issue`]s use the newest wire shape (`spec.rules[0]`); [`crate::load`] maps them
 //! onto the document's own version.
 
-use crate::model::{HttpRouteGroup, Kind, Policy, PortRoute, RouteKind, effective_namespace};
+use crate::model::{
+    HttpRouteGroup, Kind, Policy, PortRoute, RouteKind, TrafficPolicy, effective_namespace,
+};
 use crate::path::FieldPath;
 use regex::{Regex, RegexBuilder};
 use std::collections::{HashMap, HashSet};
@@ -186,8 +190,54 @@ pub fn validate_policy_with(
         }
         Policy::HttpRouteGroup(group) => check_route_group(&mut issues, group, regexes),
         Policy::TcpRoute(route) | Policy::UdpRoute(route) => check_ports(&mut issues, route),
+        Policy::TrafficPolicy(policy) => check_traffic_policy(&mut issues, policy),
     }
     issues
+}
+
+/// A TrafficPolicy: its target, its settings (`trellis_policy`'s checks, with their field
+/// paths under `spec.` and `spec.routes[i].`), and its route sections' group names.
+fn check_traffic_policy(issues: &mut Vec<Issue>, policy: &TrafficPolicy) {
+    let target = FieldPath::parse("spec.targetRef");
+    if policy.target_ref.name.is_empty() {
+        issues.push(Issue::new(target.key("name"), "must name a Service"));
+    }
+    if let Some(kind) = &policy.target_ref.kind
+        && kind != "Service"
+    {
+        issues.push(Issue::new(
+            target.key("kind"),
+            format!("must be Service (a TrafficPolicy applies to a Service), got {kind:?}"),
+        ));
+    }
+    if let Some(group) = &policy.target_ref.group
+        && !group.is_empty()
+    {
+        issues.push(Issue::new(
+            target.key("group"),
+            format!("must be empty (the core group of Service), got {group:?}"),
+        ));
+    }
+    let problem = |p: trellis_policy::Problem| Issue::new(FieldPath::parse(&p.field), p.message);
+    issues.extend(
+        trellis_policy::validate_destination(&policy.policy, "spec")
+            .into_iter()
+            .map(problem),
+    );
+    for (i, route) in policy.routes.iter().enumerate() {
+        let field = FieldPath::parse("spec.routes").index(i);
+        if route.http_route_group.is_empty() {
+            issues.push(Issue::new(
+                field.key("httpRouteGroup"),
+                "must name an HTTPRouteGroup",
+            ));
+        }
+        issues.extend(
+            trellis_policy::validate_route(&route.policy, &format!("spec.routes[{i}]"))
+                .into_iter()
+                .map(problem),
+        );
+    }
 }
 
 fn check_identity(issues: &mut Vec<Issue>, field: &FieldPath, kind: &str, name: &str) {
@@ -344,6 +394,32 @@ pub fn validate_references(policy: &Policy, routes: &RouteIndex) -> Vec<Issue> {
                             format!(
                                 "HTTPRouteGroup {namespace}/{} has no match named {name:?}",
                                 rule.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Policy::TrafficPolicy(policy) => {
+            for (i, route) in policy.routes.iter().enumerate() {
+                if route.http_route_group.is_empty() {
+                    continue;
+                }
+                let field = FieldPath::parse("spec.routes").index(i);
+                let group = &route.http_route_group;
+                let Some(match_names) = routes.get(Kind::HttpRouteGroup, namespace, group) else {
+                    issues.push(Issue::new(
+                        field.key("httpRouteGroup"),
+                        format!("HTTPRouteGroup {namespace}/{group} does not exist"),
+                    ));
+                    continue;
+                };
+                for (j, name) in route.matches.iter().flatten().enumerate() {
+                    if !match_names.contains(name) {
+                        issues.push(Issue::new(
+                            field.key("matches").index(j),
+                            format!(
+                                "HTTPRouteGroup {namespace}/{group} has no match named {name:?}"
                             ),
                         ));
                     }

@@ -63,10 +63,12 @@ fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// The names of the SMI CRDs (`<plural>.<group>`), from the same code that generates them.
+/// The names of the CRDs converted through the webhook (`<plural>.<group>`: the SMI ones),
+/// from the same code that generates them.
 pub fn crd_names() -> Vec<String> {
     trellis_smi::crd::generate()
         .into_iter()
+        .filter(|g| g.converts())
         .map(|g| g.crd.metadata.name.expect("generated CRDs are named"))
         .collect()
 }
@@ -92,7 +94,13 @@ fn controller_cluster_rules(names: &Names) -> Vec<Rule> {
             &["get", "list", "watch"],
         ),
         rule(
-            "Problems with SMI objects, and pods the injector could not mesh, are reported as Events (leader only); `get` lets a new leader update an Event an earlier one wrote.",
+            "Policy source: Trellis's TrafficPolicies (read only).",
+            "policy.trellis.io",
+            &["trafficpolicies"],
+            &["get", "list", "watch"],
+        ),
+        rule(
+            "Problems with SMI objects and TrafficPolicies, and pods the injector could not mesh, are reported as Events (leader only); `get` lets a new leader update an Event an earlier one wrote.",
             "events.k8s.io",
             &["events"],
             &["create", "patch", "get"],

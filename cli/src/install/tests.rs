@@ -7,6 +7,7 @@ use super::document::{self, Format, Object};
 use super::settings::{CaFlags, Settings};
 use super::webhook::FailurePolicy;
 use super::{Args, render, workload};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 fn args(namespace: &str, webhook_url: Option<&str>) -> Args {
     Args {
@@ -173,9 +174,22 @@ fn rbac_names_exactly_what_the_install_creates() {
                 }
             }
         }
-        assert_eq!(
-            granted["customresourcedefinitions"],
-            names_of("CustomResourceDefinition")
+        // The CRDs whose conversion caBundle the leader writes: all but TrafficPolicy's.
+        let converted: Vec<String> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::CustomResourceDefinition(crd) if crd.spec.conversion.is_some() => {
+                    crd.metadata.name.clone()
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(converted.len(), 5);
+        assert_eq!(names_of("CustomResourceDefinition").len(), 6);
+        assert_eq!(granted["customresourcedefinitions"], converted);
+        assert!(
+            granted.contains_key("trafficpolicies"),
+            "the policy source reads them"
         );
         assert_eq!(
             granted["mutatingwebhookconfigurations"],
@@ -213,12 +227,13 @@ fn webhooks_point_at_the_service_or_the_url_and_never_at_excluded_namespaces() {
         for object in &objects {
             match object {
                 Object::CustomResourceDefinition(crd) => {
+                    let Some(conversion) = crd.spec.conversion.as_ref() else {
+                        // TrafficPolicy: one version, nothing to convert.
+                        assert_eq!(crd.spec.group, "policy.trellis.io");
+                        continue;
+                    };
                     crds += 1;
-                    let config = crd
-                        .spec
-                        .conversion
-                        .as_ref()
-                        .unwrap()
+                    let config = conversion
                         .webhook
                         .as_ref()
                         .unwrap()
@@ -308,26 +323,21 @@ fn the_crds_are_trellis_crds_with_only_the_webhook_target_changed() {
         .collect();
     let generated = trellis_smi::crd::generate();
     assert_eq!(rendered.len(), generated.len());
-    for (mut ours, theirs) in rendered.into_iter().zip(generated) {
-        ours.metadata.labels = None;
-        ours.spec
-            .conversion
-            .as_mut()
-            .unwrap()
-            .webhook
-            .as_mut()
-            .unwrap()
-            .client_config = None;
-        let mut theirs = theirs.crd;
-        theirs
+    let without_target = |crd: &mut CustomResourceDefinition| {
+        if let Some(webhook) = crd
             .spec
             .conversion
             .as_mut()
-            .unwrap()
-            .webhook
-            .as_mut()
-            .unwrap()
-            .client_config = None;
+            .and_then(|c| c.webhook.as_mut())
+        {
+            webhook.client_config = None;
+        }
+    };
+    for (mut ours, theirs) in rendered.into_iter().zip(generated) {
+        ours.metadata.labels = None;
+        without_target(&mut ours);
+        let mut theirs = theirs.crd;
+        without_target(&mut theirs);
         assert_eq!(ours, theirs);
     }
 }
@@ -346,14 +356,15 @@ fn the_uninstall_is_the_install_reversed_with_the_crds_last() {
         uninstall[1],
         "MutatingWebhookConfiguration trellis-proxy-injector"
     );
+    // The five SMI CRDs and TrafficPolicy's.
     assert!(
-        uninstall[..uninstall.len() - 5]
+        uninstall[..uninstall.len() - 6]
             .last()
             .unwrap()
             .starts_with("Namespace ")
     );
     assert!(
-        uninstall[uninstall.len() - 5..]
+        uninstall[uninstall.len() - 6..]
             .iter()
             .all(|d| d.starts_with("CustomResourceDefinition "))
     );
@@ -367,7 +378,7 @@ fn the_uninstall_is_the_install_reversed_with_the_crds_last() {
         kept.iter()
             .all(|d| !matches!(d.object, Object::CustomResourceDefinition(_)))
     );
-    assert_eq!(kept.len(), uninstall.len() - 5);
+    assert_eq!(kept.len(), uninstall.len() - 6);
 }
 
 #[test]

@@ -56,33 +56,35 @@ impl FailurePolicy {
     }
 }
 
-/// The SMI CRDs of `trellis crds` with their conversion webhook pointed at this install.
+/// The CRDs of `trellis crds`, the SMI ones with their conversion webhook pointed at this
+/// install (TrafficPolicy has one version and no conversion).
 pub fn crds(settings: &Settings) -> Vec<Document> {
     crd::generate()
         .into_iter()
         .map(|generated| {
             let mut crd = generated.crd;
-            let webhook = crd
+            if let Some(webhook) = crd
                 .spec
                 .conversion
                 .as_mut()
                 .and_then(|c| c.webhook.as_mut())
-                .expect("generated CRDs convert through the webhook");
-            webhook.client_config = Some(match &settings.webhook {
-                WebhookTarget::Service => apiextensions::WebhookClientConfig {
-                    service: Some(apiextensions::ServiceReference {
-                        namespace: settings.names.namespace.clone(),
-                        name: settings.names.controller.clone(),
-                        path: Some(crd::WEBHOOK_PATH.to_owned()),
-                        port: Some(crd::WEBHOOK_PORT),
-                    }),
-                    ..Default::default()
-                },
-                WebhookTarget::Url(url) => apiextensions::WebhookClientConfig {
-                    url: Some(format!("{url}{}", crd::WEBHOOK_PATH)),
-                    ..Default::default()
-                },
-            });
+            {
+                webhook.client_config = Some(match &settings.webhook {
+                    WebhookTarget::Service => apiextensions::WebhookClientConfig {
+                        service: Some(apiextensions::ServiceReference {
+                            namespace: settings.names.namespace.clone(),
+                            name: settings.names.controller.clone(),
+                            path: Some(crd::WEBHOOK_PATH.to_owned()),
+                            port: Some(crd::WEBHOOK_PORT),
+                        }),
+                        ..Default::default()
+                    },
+                    WebhookTarget::Url(url) => apiextensions::WebhookClientConfig {
+                        url: Some(format!("{url}{}", crd::WEBHOOK_PATH)),
+                        ..Default::default()
+                    },
+                });
+            }
             crd.metadata
                 .labels
                 .get_or_insert_default()

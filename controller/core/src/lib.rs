@@ -1,4 +1,5 @@
-//! The controller's core, free of Kubernetes: where SMI policy comes from ([`policy`]: the
+//! The controller's core, free of Kubernetes: where SMI policy and TrafficPolicies come from
+//! ([`policy`]: the
 //! [`policy::PolicySource`] seam and the watched SMI files source) and the single-writer
 //! [`index`] that joins it with the endpoints of the discovery adapters and publishes
 //! per-destination profiles and per-workload-port inbound policies through `tokio::sync::watch`

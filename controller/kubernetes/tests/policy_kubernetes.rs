@@ -278,6 +278,45 @@ async fn an_outage_keeps_the_last_set_and_changes_flow_after_it() {
     .await;
 }
 
+/// TrafficPolicy objects go the same way: a bad new version (a percent over 100, which only
+/// trellis-policy's checks catch) keeps the last good one, reported at the object with its field.
+#[tokio::test]
+async fn a_bad_traffic_policy_keeps_the_last_good_version_and_is_reported() {
+    let server = smi_api_server().await;
+    let store = server.store();
+    let policies = smi_type(Kind::TrafficPolicy);
+    let policy = |percent: f64| {
+        json!({"apiVersion": "policy.trellis.io/v1alpha1", "kind": "TrafficPolicy",
+               "metadata": {"name": "web", "namespace": "shop"},
+               "spec": {"targetRef": {"name": "web"},
+                        "fault": {"abort": {"httpStatus": 503, "percent": percent}}}})
+    };
+    let percent = |set: &PolicySet| -> Vec<f64> {
+        set.policies
+            .iter()
+            .filter_map(|p| match p {
+                Policy::TrafficPolicy(p) => Some(p.policy.fault.as_ref()?.abort.as_ref()?.percent),
+                _ => None,
+            })
+            .collect()
+    };
+    store.apply(&policies, policy(5.0)).unwrap();
+    let mut sets = KubernetesPolicySource::new(kube_client(&server)).watch();
+    wait_for(&mut sets, "the policy", |s| percent(s) == [5.0]).await;
+
+    store.apply(&policies, policy(150.0)).unwrap();
+    let set = wait_for(&mut sets, "a problem", |s| !s.problems.is_empty()).await;
+    assert_eq!(percent(&set), [5.0], "the last good version stays");
+    assert_eq!(set.problems.len(), 1, "{:?}", set.problems);
+    let problem = &set.problems[0];
+    assert_eq!(problem.resource, "TrafficPolicy shop/web");
+    assert_eq!(problem.location, "kubernetes TrafficPolicy shop/web");
+    assert_eq!(
+        problem.message,
+        "spec.fault.abort.percent: 150 is not a percent (0 to 100); the previous version stays in force"
+    );
+}
+
 /// A kind whose CRD is not installed (404) must not hold back the other kinds.
 #[tokio::test]
 async fn a_missing_crd_does_not_hold_back_the_set() {

@@ -13,9 +13,12 @@
 //! Every streamed message carries an opaque `version`. The [`authority`] module holds the one
 //! authority normalization both the controller and the proxy use, so that `web.shop`,
 //! `web.shop.svc.cluster.local:80`, `web.shop.svc.cluster.local.` and friends name one destination.
-//! The [`spiffe`] module holds the one spelling of workload identities.
+//! The [`spiffe`] module holds the one spelling of workload identities. The [`policy`] module
+//! converts the resilience policy (`trellis-policy`, the TrafficPolicy kind) to and from its
+//! typed messages ([`v1::DestinationPolicy`], [`v1::RoutePolicy`], [`v1::InboundRateLimit`]).
 
 pub mod authority;
+pub mod policy;
 pub mod spiffe;
 
 /// Generated messages, clients (`*_client`) and servers (`*_server`) of `trellis.proxy.v1`.

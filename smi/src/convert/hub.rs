@@ -1,7 +1,7 @@
 //! The two directions through the hub: any typed object into a [`Policy`], and a [`Policy`] out
 //! to a requested version.
 
-use super::{ConvertError, SmiObject, access, specs, split};
+use super::{ConvertError, SmiObject, access, policy, specs, split};
 use crate::model::Policy;
 
 impl SmiObject {
@@ -34,6 +34,9 @@ impl SmiObject {
             }
             O::UdpRouteV1Alpha4(o) => {
                 Policy::UdpRoute(specs::port_route(&o.metadata, &o.spec.matches))
+            }
+            O::TrafficPolicyV1Alpha1(o) => {
+                Policy::TrafficPolicy(Box::new(policy::from_v1alpha1(o)))
             }
         })
     }
@@ -72,6 +75,9 @@ impl SmiObject {
             (Policy::TcpRoute(m), "v1alpha3") => O::TcpRouteV1Alpha3(specs::tcp_to_v1alpha3(m)),
             (Policy::TcpRoute(m), "v1alpha4") => O::TcpRouteV1Alpha4(specs::tcp_to_v1alpha4(m)),
             (Policy::UdpRoute(m), "v1alpha4") => O::UdpRouteV1Alpha4(specs::udp_to_v1alpha4(m)),
+            (Policy::TrafficPolicy(m), "v1alpha1") => {
+                O::TrafficPolicyV1Alpha1(policy::to_v1alpha1(m))
+            }
             (policy, version) => {
                 return Err(ConvertError::NoSuchVersion {
                     kind: policy.kind().to_string(),

@@ -18,6 +18,7 @@
 //! - HTTPRouteGroup headers in v1alpha1: `specs.smi-spec.io/trellis-headers`, by match name.
 //! - TCPRoute ports in v1alpha1..v1alpha3: `specs.smi-spec.io/trellis-ports`.
 //! - UDPRoute exists only in v1alpha4; asking for another version is an error.
+//! - TrafficPolicy (Trellis's own kind) has one version, v1alpha1: its conversion is the identity.
 //!
 //! v1alpha1 weights are written in canonical quantity form (`"1000m"` reads back as `"1"`): the
 //! value is the same, which is all Kubernetes itself keeps of a quantity.
@@ -26,6 +27,7 @@ mod access;
 pub mod annotations;
 mod hub;
 mod object;
+mod policy;
 mod specs;
 mod split;
 

@@ -2,7 +2,7 @@
 //! path of whatever does not fit.
 
 use super::ConvertError;
-use crate::api::{access, specs, split};
+use crate::api::{access, policy, specs, split};
 use crate::model::Kind;
 use crate::path::FieldPath;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -25,6 +25,9 @@ enum Shape {
 macro_rules! smi_objects {
     ($( $variant:ident => $root:ty, $spec:ty, $kind:ident, $version:literal, $shape:ident; )*) => {
         /// A typed SMI object of any kind and version.
+        // A TrafficPolicy is several times larger than the SMI kinds; objects are transient (read,
+        // converted, dropped) and only the model is kept, where it is boxed.
+        #[allow(clippy::large_enum_variant)]
         #[derive(Clone, Debug, PartialEq)]
         pub enum SmiObject {
             $( $variant($root), )*
@@ -97,6 +100,7 @@ smi_objects! {
     TcpRouteV1Alpha3 => specs::tcp_route::v1alpha3::TCPRoute, specs::tcp_route::v1alpha3::TCPRouteSpec, TcpRoute, "v1alpha3", Spec;
     TcpRouteV1Alpha4 => specs::tcp_route::v1alpha4::TCPRoute, specs::tcp_route::v1alpha4::TCPRouteSpec, TcpRoute, "v1alpha4", Spec;
     UdpRouteV1Alpha4 => specs::udp_route::v1alpha4::UDPRoute, specs::udp_route::v1alpha4::UDPRouteSpec, UdpRoute, "v1alpha4", Spec;
+    TrafficPolicyV1Alpha1 => policy::v1alpha1::TrafficPolicy, policy::v1alpha1::TrafficPolicySpec, TrafficPolicy, "v1alpha1", Spec;
 }
 
 /// Reads `apiVersion` and `kind`, naming what is wrong when they are missing or unknown.
@@ -136,7 +140,11 @@ fn type_of(value: &Value) -> Result<(Kind, &str), ConvertError> {
     };
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     let kind = Kind::from_name(kind_name).ok_or_else(|| {
-        unknown("kind", format!("unknown SMI kind {kind_name:?} (known: TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute)"))
+        let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        unknown(
+            "kind",
+            format!("unknown kind {kind_name:?} (known: {})", known.join(", ")),
+        )
     })?;
     if group != kind.group() {
         return Err(unknown(

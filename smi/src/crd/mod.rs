@@ -1,5 +1,6 @@
 //! CustomResourceDefinitions for every SMI kind: all versions served, the newest stored, and
-//! conversion by the Trellis controller's webhook (`trellis-controller.trellis-system:443/convert`).
+//! conversion by the Trellis controller's webhook (`trellis-controller.trellis-system:443/convert`);
+//! and for Trellis's TrafficPolicy (one version, no conversion).
 //!
 //! Names, versions and printer columns come from the `kube::CustomResource` derives of
 //! [`crate::api`]; schemas come from `schemas/*.yaml` beside this file, which are the official
@@ -7,6 +8,11 @@
 //! Schemas are data rather than derived from the Rust types because the types accept more than
 //! the schema allows (both header forms, any quantity spelling) and the official text is the
 //! contract that tools like Flagger were written against.
+//!
+//! TrafficPolicy is Trellis's own contract, so its schema is derived from its types
+//! ([`crate::api::policy`], schemars made structural by kube). Defaults are left out of it: the
+//! API server would otherwise write them into stored objects, and the controller applies the
+//! same defaults when it reads a policy (objects stay as their author wrote them).
 //!
 //! Regenerate the checked-in manifests with `cargo run -- crds --out deploy/crds`.
 
@@ -19,7 +25,7 @@ use kube_core::crd::merge_crds;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::api::{access, specs, split};
+use crate::api::{access, policy, specs, split};
 use crate::model::Kind;
 
 /// Namespace of the controller Service the API server sends ConversionReviews to.
@@ -44,6 +50,13 @@ pub struct GeneratedCrd {
 }
 
 impl GeneratedCrd {
+    /// Whether the API server converts this CRD's versions through the controller's webhook
+    /// (the SMI kinds; TrafficPolicy has one version): the CRDs whose caBundle the controller
+    /// keeps current.
+    pub fn converts(&self) -> bool {
+        self.crd.spec.conversion.is_some()
+    }
+
     /// The manifest text, as checked in under `deploy/crds/`.
     pub fn to_yaml(&self) -> String {
         let body = serde_yaml_ng::to_string(&self.crd).expect("CRDs serialize to YAML");
@@ -71,6 +84,7 @@ pub fn write_all(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 fn generate_kind(kind: Kind) -> GeneratedCrd {
     let (per_version, schema_text, list_kind) = match kind {
+        Kind::TrafficPolicy => return generate_traffic_policy(),
         Kind::TrafficSplit => (
             vec![
                 split::v1alpha1::TrafficSplit::crd(),
@@ -156,5 +170,50 @@ fn generate_kind(kind: Kind) -> GeneratedCrd {
         kind,
         file_name,
         crd,
+    }
+}
+
+/// The TrafficPolicy CRD: one version, served and stored, schema derived from the types.
+fn generate_traffic_policy() -> GeneratedCrd {
+    let mut crd = policy::v1alpha1::TrafficPolicy::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            let mut value = serde_json::to_value(&*schema).expect("schemas serialize");
+            strip_defaults(&mut value);
+            *schema = serde_json::from_value(value).expect("a schema without defaults");
+        }
+        version.subresources = None;
+    }
+    crd.spec.names.categories = None;
+    let file_name = format!("{}.{}.yaml", crd.spec.names.plural, crd.spec.group);
+    GeneratedCrd {
+        kind: Kind::TrafficPolicy,
+        file_name,
+        crd,
+    }
+}
+
+/// Removes every `default` of a schema (see the module docs).
+fn strip_defaults(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(map) => {
+            map.remove("default");
+            for (key, value) in map.iter_mut() {
+                // `properties` maps field names to schemas: a field called `default` stays.
+                if key == "properties" {
+                    if let serde_json::Value::Object(fields) = value {
+                        fields.values_mut().for_each(strip_defaults);
+                    }
+                } else {
+                    strip_defaults(value);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_defaults),
+        _ => {}
     }
 }

@@ -34,7 +34,8 @@ fn stored_type(generated: &GeneratedCrd) -> ResourceType {
     )
 }
 
-/// Every SMI kind with its resource type, in [`Kind::ALL`] order; generated once because CRD
+/// Every SMI kind (and Trellis's TrafficPolicy: every kind the policy source watches) with its
+/// resource type, in [`Kind::ALL`] order; generated once because CRD
 /// generation parses the checked-in schemas.
 fn table() -> &'static [(Kind, ResourceType)] {
     static TABLE: OnceLock<Vec<(Kind, ResourceType)>> = OnceLock::new();
@@ -74,7 +75,8 @@ pub fn register_smi(server: &FakeApiServer) {
     }
 }
 
-/// A fake API server with every SMI kind registered at its stored version, besides the core
+/// A fake API server with every SMI kind (and TrafficPolicy) registered at its stored version,
+/// besides the core
 /// kinds the fake serves by default (`trellis_kube_fake::builtin`: Services, Pods,
 /// EndpointSlices, Leases, Events...). Panics if it cannot start: a test can do nothing without
 /// it.
@@ -144,6 +146,12 @@ mod tests {
             ),
             ("specs.smi-spec.io", "v1alpha4", "tcproutes", "TCPRoute"),
             ("specs.smi-spec.io", "v1alpha4", "udproutes", "UDPRoute"),
+            (
+                "policy.trellis.io",
+                "v1alpha1",
+                "trafficpolicies",
+                "TrafficPolicy",
+            ),
         ]
         .map(|(g, v, p, k)| (g.into(), v.into(), p.into(), k.into(), true));
         assert_eq!(types, expected);

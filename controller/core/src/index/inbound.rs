@@ -21,16 +21,25 @@
 //!     `unauthenticated: true` with no network restriction.
 //!
 //!   The switches only ever add: TrafficTarget authorizations are unchanged by them.
+//!
+//! Rate limits ([`rate_limits`]): a TrafficPolicy's `rateLimit`s protect each instance of its
+//! target Service, so they go into the inbound policy of the workloads behind it: the workload
+//! whose identity (namespace and ServiceAccount) an endpoint of the target carries, on the port
+//! that endpoint serves the Service on. Only discovery knows those endpoints: the index watches
+//! every TrafficPolicy's target. Route limits come first, with the matches of their route
+//! section, then the Service's own limit, with no matches (the proxy takes the first limit whose
+//! matches a request matches). A policy that is not applied (see `super::policy`) limits nothing.
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::Serialize;
-use trellis_discovery::WorkloadIdentity;
+use trellis_discovery::{ServiceKey, Snapshot, WorkloadIdentity};
 use trellis_proxy_api::v1;
 use trellis_smi::model::{AccessPolicy, RouteKind, effective_namespace};
 
 use super::IndexOptions;
+use super::outbound::http_match;
 use super::policy::{PolicyView, target_rid};
 use crate::policy::PolicyProblem;
 
@@ -129,8 +138,80 @@ pub fn resolve(
             .access_log_namespaces
             .iter()
             .any(|ns| ns == namespace),
+        // Filled by the index, which holds the discovery snapshots they need ([`rate_limits`]).
+        rate_limits: Vec::new(),
     };
     (policy, problems)
+}
+
+/// The local rate limits of workload `namespace/name` on `port`: those of the applied
+/// TrafficPolicies whose target has an endpoint of this workload serving on this port (target
+/// services not answered yet by discovery give none, until they are).
+pub fn rate_limits<'s>(
+    view: &PolicyView,
+    namespace: &str,
+    name: &str,
+    port: u16,
+    snapshot: &dyn Fn(&ServiceKey) -> Option<&'s Snapshot>,
+) -> Vec<v1::InboundRateLimit> {
+    let mut targets: Vec<&ServiceKey> = view
+        .traffic_targets()
+        .filter(|t| t.namespace == namespace)
+        .collect();
+    targets.sort();
+    let (mut routes, mut services) = (Vec::new(), Vec::new());
+    for target in targets {
+        let Some(policy) = view.traffic_policy(target) else {
+            continue;
+        };
+        let limited = policy.policy.rate_limit.is_some()
+            || policy.routes.iter().any(|r| r.policy.rate_limit.is_some());
+        if !limited {
+            continue;
+        }
+        let Some(Snapshot::Endpoints(set)) = snapshot(target) else {
+            continue;
+        };
+        let serves = set.endpoints.iter().any(|e| {
+            e.identity.namespace == namespace
+                && e.identity.service_account == name
+                && set.ports.iter().any(|p| e.target_port(p) == Some(port))
+        });
+        if !serves {
+            continue;
+        }
+        for route in &policy.routes {
+            let Some(limit) = &route.policy.rate_limit else {
+                continue;
+            };
+            let Some(group) = view
+                .route_groups
+                .get(&(namespace.to_owned(), route.http_route_group.clone()))
+            else {
+                continue; // not reached: a policy naming a missing group is not applied
+            };
+            let matches = group
+                .matches
+                .iter()
+                .filter(|m| route.covers(&m.name))
+                .map(http_match)
+                .collect();
+            routes.push(trellis_proxy_api::policy::rate_limit_to_proto(
+                format!("{target}/{}", route.http_route_group),
+                matches,
+                limit,
+            ));
+        }
+        if let Some(limit) = &policy.policy.rate_limit {
+            services.push(trellis_proxy_api::policy::rate_limit_to_proto(
+                target.to_string(),
+                Vec::new(),
+                limit,
+            ));
+        }
+    }
+    routes.extend(services);
+    routes
 }
 
 fn authorization(
@@ -581,5 +662,78 @@ spec:
         );
         assert_eq!(routes[1].path_regex, "/admin");
         assert!(routes[1].methods.is_empty() && routes[1].headers.is_empty());
+    }
+
+    #[test]
+    fn rate_limits_go_to_the_workloads_behind_the_target_on_the_port_they_serve_it() {
+        use crate::index::policy::tests::traffic_policy;
+        use std::sync::Arc;
+        use trellis_discovery::{
+            Endpoint, EndpointPort, EndpointSet, Provenance, Readiness, ServicePort,
+        };
+        let spec = "  rateLimit: {requestsPerSecond: 100, perSource: true}
+  routes:
+  - {httpRouteGroup: api, matches: [metrics], rateLimit: {requestsPerSecond: 1, burst: 2}}
+  - {httpRouteGroup: api, timeouts: {request: 1s}}
+";
+        let view = view(&format!(
+            "{ROUTES}{}",
+            traffic_policy("limits", "web-svc", None, spec)
+        ));
+        // The Service web-svc (port 80) is served by pods running as web, on 8080.
+        let snapshot = Snapshot::Endpoints(EndpointSet {
+            service: ServiceKey::new("demo", "web-svc"),
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                protocol: None,
+            }],
+            endpoints: vec![Endpoint {
+                address: "10.0.0.1".parse().unwrap(),
+                ports: vec![EndpointPort {
+                    name: None,
+                    port: 8080,
+                }],
+                readiness: Readiness::Ready,
+                identity: WorkloadIdentity::new("demo", "web"),
+                owner: None,
+                labels: Default::default(),
+                weight: None,
+                zone: None,
+                protocol: None,
+                provenance: Provenance {
+                    source: Arc::from("test"),
+                    confirmed_at: std::time::SystemTime::UNIX_EPOCH,
+                },
+            }],
+        });
+        let key = ServiceKey::new("demo", "web-svc");
+        let lookup = |k: &ServiceKey| (*k == key).then_some(&snapshot);
+        let limits = rate_limits(&view, "demo", "web", 8080, &lookup);
+        let summary: Vec<(String, usize, f64, u32, bool)> = limits
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.matches.len(),
+                    l.requests_per_second,
+                    l.burst,
+                    l.per_source,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("demo/web-svc/api".into(), 1, 1.0, 2, false),
+                ("demo/web-svc".into(), 0, 100.0, 0, true),
+            ],
+            "the route's limit first, with its matches; the service's last, with none"
+        );
+        assert_eq!(limits[0].matches[0].path_regex, "/metrics");
+        // Not on another port, not for another workload, not before discovery answers.
+        assert!(rate_limits(&view, "demo", "web", 9090, &lookup).is_empty());
+        assert!(rate_limits(&view, "demo", "client", 8080, &lookup).is_empty());
+        assert!(rate_limits(&view, "demo", "web", 8080, &|_| None).is_empty());
     }
 }

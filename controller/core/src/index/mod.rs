@@ -288,6 +288,9 @@ struct Writer {
     discovery_errors: HashMap<ServiceKey, String>,
     /// Service -> destinations reading it.
     readers: HashMap<ServiceKey, HashSet<ServiceKey>>,
+    /// The services TrafficPolicies target: watched whether or not a destination reads them, to
+    /// report a target that does not exist and to place rate limits (`inbound::rate_limits`).
+    policy_targets: HashSet<ServiceKey>,
     watches: HashMap<ServiceKey, JoinHandle<()>>,
     /// Destinations by address, each fed by its follower task (`address::follow`).
     addresses: HashMap<SocketAddr, watch::Sender<Option<v1::DestinationUpdate>>>,
@@ -318,6 +321,7 @@ impl Writer {
             snapshots: HashMap::new(),
             discovery_errors: HashMap::new(),
             readers: HashMap::new(),
+            policy_targets: HashSet::new(),
             watches: HashMap::new(),
             addresses: HashMap::new(),
             work: Work::default(),
@@ -376,6 +380,19 @@ impl Writer {
                         .unwrap_or_default();
                     for root in readers {
                         self.recompute(&root);
+                    }
+                    if self.policy_targets.contains(&service) {
+                        // Its workloads may have changed: the rate limits of the namespace's
+                        // inbound policies follow.
+                        let keys: Vec<(ServiceKey, u16)> = self
+                            .inbound
+                            .keys()
+                            .filter(|(w, _)| w.namespace == service.namespace)
+                            .cloned()
+                            .collect();
+                        for key in keys {
+                            self.recompute_inbound(&key);
+                        }
                     }
                 }
             }
@@ -518,6 +535,16 @@ impl Writer {
         let view = PolicyView::build_from(&sets);
         self.work.policy_views += 1;
         let old = std::mem::replace(&mut self.view, view);
+        let targets: HashSet<ServiceKey> = self.view.traffic_targets().cloned().collect();
+        let gone: Vec<ServiceKey> = self.policy_targets.difference(&targets).cloned().collect();
+        let new: Vec<ServiceKey> = targets.difference(&self.policy_targets).cloned().collect();
+        self.policy_targets = targets;
+        for service in &gone {
+            self.unwatch_if_unread(service);
+        }
+        for service in &new {
+            self.watch_service(service);
+        }
         self.view_ready = self.policy_ready();
         if !self.view_ready {
             return; // nothing is published before every source has answered
@@ -596,11 +623,7 @@ impl Writer {
                 readers.remove(root);
                 if readers.is_empty() {
                     self.readers.remove(service);
-                    self.snapshots.remove(service);
-                    self.discovery_errors.remove(service);
-                    if let Some(task) = self.watches.remove(service) {
-                        task.abort();
-                    }
+                    self.unwatch_if_unread(service);
                 }
             }
         }
@@ -609,24 +632,43 @@ impl Writer {
                 .entry(service.clone())
                 .or_default()
                 .insert(root.clone());
-            if !self.watches.contains_key(service) {
-                let mut stream = self.discovery.watch(service.clone());
-                let tx = self.me.clone();
-                let key = service.clone();
-                let task = tokio::spawn(async move {
-                    while let Some(item) = stream.next().await {
-                        let Some(tx) = tx.upgrade() else { return };
-                        let input = match item {
-                            Ok(snapshot) => Input::Snapshot(key.clone(), snapshot),
-                            Err(e) => Input::DiscoveryError(key.clone(), e.to_string()),
-                        };
-                        if tx.send(input).is_err() {
-                            return;
-                        }
-                    }
-                });
-                self.watches.insert(service.clone(), task);
+            self.watch_service(service);
+        }
+    }
+
+    /// Starts the discovery watch of `service` unless it runs already.
+    fn watch_service(&mut self, service: &ServiceKey) {
+        if self.watches.contains_key(service) {
+            return;
+        }
+        let mut stream = self.discovery.watch(service.clone());
+        let tx = self.me.clone();
+        let key = service.clone();
+        let task = tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
+                let Some(tx) = tx.upgrade() else { return };
+                let input = match item {
+                    Ok(snapshot) => Input::Snapshot(key.clone(), snapshot),
+                    Err(e) => Input::DiscoveryError(key.clone(), e.to_string()),
+                };
+                if tx.send(input).is_err() {
+                    return;
+                }
             }
+        });
+        self.watches.insert(service.clone(), task);
+    }
+
+    /// Stops the discovery watch of `service` (and forgets its snapshot) once neither a
+    /// destination reads it nor a TrafficPolicy targets it.
+    fn unwatch_if_unread(&mut self, service: &ServiceKey) {
+        if self.readers.contains_key(service) || self.policy_targets.contains(service) {
+            return;
+        }
+        self.snapshots.remove(service);
+        self.discovery_errors.remove(service);
+        if let Some(task) = self.watches.remove(service) {
+            task.abort();
         }
     }
 
@@ -636,12 +678,20 @@ impl Writer {
         }
         let (workload, port) = key;
         self.work.inbound_resolved += 1;
-        let (policy, problems) = inbound::resolve(
+        let (mut policy, problems) = inbound::resolve(
             &self.view,
             &workload.namespace,
             &workload.name,
             *port,
             &self.options,
+        );
+        let snapshots = &self.snapshots;
+        policy.rate_limits = inbound::rate_limits(
+            &self.view,
+            &workload.namespace,
+            &workload.name,
+            *port,
+            &|key| snapshots.get(key),
         );
         let Some(i) = self.inbound.get_mut(key) else {
             return;
@@ -682,6 +732,24 @@ impl Writer {
                     resource: p.resource.clone(),
                     location: p.location.clone(),
                     message: p.message.clone(),
+                });
+            }
+        }
+        // A TrafficPolicy whose target no platform has (once discovery answered).
+        let mut targets: Vec<&ServiceKey> = self.policy_targets.iter().collect();
+        targets.sort();
+        for target in targets {
+            if self.snapshots.get(target) != Some(&Snapshot::NotFound) {
+                continue;
+            }
+            for policy in self.view.traffic.get(target).into_iter().flatten() {
+                let id = policy::policy_rid(policy);
+                problems.push(ProblemLine {
+                    resource: id.to_string(),
+                    location: self.view.location(&id),
+                    message: format!(
+                        "spec.targetRef: no service {target} on any platform: the policy applies to nothing"
+                    ),
                 });
             }
         }
@@ -1196,6 +1264,80 @@ spec:
             )),
             "{rest:#?}"
         );
+    }
+
+    /// Through the index task: a TrafficPolicy's rate limit reaches the inbound policy of the
+    /// workload discovery puts behind its target, and follows discovery; a policy whose target
+    /// no platform has is reported at its origin.
+    #[tokio::test]
+    async fn traffic_policies_reach_inbound_policies_and_a_missing_target_is_located() {
+        use super::policy::tests::{located_set, traffic_policy};
+        let registry = Registry::default();
+        registry.set("web", &["10.0.0.1"]);
+        let yaml =
+            traffic_policy(
+                "web-limits",
+                "web",
+                None,
+                "  rateLimit: {requestsPerSecond: 50}\n",
+            ) + &traffic_policy("ghost-policy", "ghost", None, "  timeouts: {request: 1s}\n");
+        let (policy, _) = watch::channel(located_set("p.yaml", &yaml));
+        let index = Index::start(
+            vec![Arc::new(Policies(policy.clone()))],
+            Arc::new(registry.clone()),
+            IndexOptions::default(),
+        );
+        let limits = |p: &Option<v1::InboundPolicy>| -> Vec<(String, f64)> {
+            p.iter()
+                .flat_map(|p| &p.rate_limits)
+                .map(|l| (l.name.clone(), l.requests_per_second))
+                .collect()
+        };
+        let mut web = index.inbound(key("web"), 8080).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            web.wait_for(|p| !limits(p).is_empty()),
+        )
+        .await
+        .expect("the rate limit reaches web's inbound policy")
+        .unwrap();
+        assert_eq!(limits(&web.borrow()), [("demo/web".to_string(), 50.0)]);
+        let other = index.inbound(key("api"), 8080).await.unwrap();
+        assert!(limits(&other.borrow()).is_empty());
+
+        let expected = "p.yaml:9: TrafficPolicy demo/ghost-policy: spec.targetRef: no service demo/ghost on any platform: the policy applies to nothing";
+        let lines = |s: &Status| -> Vec<String> {
+            s.problems
+                .iter()
+                .map(|p| format!("{}: {}: {}", p.location, p.resource, p.message))
+                .collect()
+        };
+        let mut status = index.status();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            status.wait_for(|s| lines(s).iter().any(|l| l == expected)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("located within 5 s: {:#?}", lines(&index.status().borrow())))
+        .unwrap();
+
+        // web's pods go: the limit has nobody to protect; ghost appears: no problem any more.
+        registry.sender("web").send_replace(Snapshot::NotFound);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            web.wait_for(|p| limits(p).is_empty()),
+        )
+        .await
+        .expect("the limit follows discovery")
+        .unwrap();
+        registry.set("ghost", &["10.0.0.7"]);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            status.wait_for(|s| !lines(s).iter().any(|l| l.contains("demo/ghost-policy"))),
+        )
+        .await
+        .expect("the problem goes with the service's arrival")
+        .unwrap();
     }
 
     /// The registry, plus who holds which address (edited by the test).

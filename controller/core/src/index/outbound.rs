@@ -16,18 +16,33 @@
 //!   their port for names, so one profile per service).
 //! - Only Ready endpoints are sent; identities are SPIFFE ids in the configured trust domain.
 //!
-//! Every problem found here is the split's and is located at its origin
-//! ([`DestinationPolicy::origin`]); the message starts with the service concerned
-//! (`backend shop/web-v2: ...`, `root shop/web: ...`).
+//! A TrafficPolicy whose `targetRef` is the root (see [`apply_traffic_policy`]):
+//! - its destination sections become `DestinationProfile.policy` (without `rateLimit`, which the
+//!   destination's own proxies enforce: `super::inbound`), its `loadBalancer` the profile's
+//!   balancer;
+//! - a route section covering a whole HTTPRouteGroup the split routes gets that split route's
+//!   `policy`; one covering some of a split route's matches becomes a route of its own, with
+//!   those matches and the split route's backends, just before it; a section for a group the
+//!   split does not route becomes a route of its own (the group's covered matches, no backends =
+//!   the default backends) after the split's routes. A section with only a `rateLimit` makes no
+//!   route (the limit is inbound);
+//! - every mirror's service (`name` in the root's namespace, or `namespace/name`) is a backend of
+//!   weight 0, named as the policy writes it, with its endpoints resolved like other backends
+//!   (and watched: it is one of [`inputs`]); a mirror service that does not exist means the
+//!   policy is not applied (reported).
+//!
+//! Every problem found here is the split's or the TrafficPolicy's and is located at its origin
+//! ([`DestinationPolicy::origin`], [`AppliedPolicy::origin`]); the message starts with the
+//! service concerned (`backend shop/web-v2: ...`, `root shop/web: ...`, `mirror shop/x: ...`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use trellis_discovery::{EndpointSet, ProtocolHint, Readiness, ServiceKey, ServicePort, Snapshot};
-use trellis_proxy_api::v1;
-use trellis_smi::model::HttpMatch;
+use trellis_proxy_api::{policy as contract, v1};
+use trellis_smi::model::{HttpMatch, TrafficPolicy};
 
-use super::policy::DestinationPolicy;
+use super::policy::{AppliedPolicy, DestinationPolicy, policy_id};
 use crate::policy::PolicyProblem;
 
 /// What resolving one destination gives.
@@ -39,18 +54,52 @@ pub struct Resolved {
     pub problems: Vec<PolicyProblem>,
 }
 
-/// The services the profile of `root` reads: the root and, with a split, its backends.
+/// The services the profile of `root` reads: the root, with a split its backends, with a
+/// TrafficPolicy its mirrors' services.
 pub fn inputs(root: &ServiceKey, policy: &DestinationPolicy) -> Vec<ServiceKey> {
     let mut out = vec![root.clone()];
+    let mut add = |key: ServiceKey| {
+        if !out.contains(&key) {
+            out.push(key);
+        }
+    };
     if let Some(split) = &policy.split {
         for b in &split.backends {
-            let key = ServiceKey::new(&root.namespace, &b.service);
-            if !out.contains(&key) {
-                out.push(key);
-            }
+            add(ServiceKey::new(&root.namespace, &b.service));
+        }
+    }
+    if let Some(applied) = &policy.traffic {
+        for name in mirrors(&applied.policy) {
+            add(mirror_service(root, name));
         }
     }
     out
+}
+
+/// The mirror backends a TrafficPolicy names (destination first, then its route sections'),
+/// each once, as written.
+fn mirrors(policy: &TrafficPolicy) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    let named = policy.policy.mirror.iter().chain(
+        policy
+            .routes
+            .iter()
+            .filter_map(|r| r.policy.mirror.as_ref()),
+    );
+    for mirror in named {
+        if !out.contains(&mirror.backend.as_str()) {
+            out.push(&mirror.backend);
+        }
+    }
+    out
+}
+
+/// The service a mirror names: `name` in the root's namespace, or `namespace/name`.
+fn mirror_service(root: &ServiceKey, name: &str) -> ServiceKey {
+    match name.split_once('/') {
+        Some((namespace, name)) => ServiceKey::new(namespace, name),
+        None => ServiceKey::new(&root.namespace, name),
+    }
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -123,7 +172,7 @@ fn workload(key: &ServiceKey) -> v1::WorkloadRef {
     }
 }
 
-fn http_match(m: &HttpMatch) -> v1::HttpMatch {
+pub(super) fn http_match(m: &HttpMatch) -> v1::HttpMatch {
     v1::HttpMatch {
         path_regex: m.path_regex.clone().unwrap_or_default(),
         methods: m.methods.clone().unwrap_or_default(),
@@ -135,9 +184,141 @@ fn http_match(m: &HttpMatch) -> v1::HttpMatch {
     }
 }
 
-/// Resolves `root`. `None` while the first discovery answer of the root or of a backend has
-/// not arrived.
+/// Resolves `root`. `None` while the first discovery answer of the root, of a backend or of a
+/// mirror has not arrived.
 pub fn resolve<'s>(
+    root: &ServiceKey,
+    policy: &DestinationPolicy,
+    snapshot: &dyn Fn(&ServiceKey) -> Option<&'s Snapshot>,
+    trust_domain: &str,
+) -> Option<Resolved> {
+    let mut resolved = resolve_routing(root, policy, snapshot, trust_domain)?;
+    if let (v1::destination_update::Kind::Profile(profile), Some(applied)) =
+        (&mut resolved.kind, &policy.traffic)
+    {
+        let port = match snapshot(root) {
+            Some(Snapshot::Endpoints(set)) => set.ports.first().cloned(),
+            _ => None,
+        };
+        apply_traffic_policy(
+            profile,
+            applied,
+            root,
+            port.as_ref(),
+            snapshot,
+            trust_domain,
+            &mut resolved.problems,
+        )?;
+    }
+    Some(resolved)
+}
+
+/// Compiles the TrafficPolicy of `root` into its profile (rules in the module docs). `None`
+/// while a mirror's first discovery answer has not arrived.
+pub fn apply_traffic_policy<'s>(
+    profile: &mut v1::DestinationProfile,
+    applied: &AppliedPolicy,
+    root: &ServiceKey,
+    port: Option<&ServicePort>,
+    snapshot: &dyn Fn(&ServiceKey) -> Option<&'s Snapshot>,
+    trust_domain: &str,
+    problems: &mut Vec<PolicyProblem>,
+) -> Option<()> {
+    let policy = &applied.policy;
+    let location = applied.origin.as_deref().unwrap_or("policy");
+    let mut mirror_backends = Vec::new();
+    for name in mirrors(policy) {
+        let key = mirror_service(root, name);
+        match snapshot(&key)? {
+            Snapshot::NotFound => {
+                // Applied as written or not at all: without its mirror the policy is not the
+                // one its author wrote.
+                problems.push(PolicyProblem {
+                    resource: policy_id(policy),
+                    location: location.to_owned(),
+                    message: format!(
+                        "mirror {key}: no service {key} on any platform: the policy is not applied"
+                    ),
+                });
+                return Some(());
+            }
+            Snapshot::Endpoints(set) => {
+                mirror_backends.push((name, key, endpoints(set, port, trust_domain)));
+            }
+        }
+    }
+    for (name, key, eps) in mirror_backends {
+        // A mirror that is already a backend (a split's) keeps its place and weight.
+        if !profile.backends.iter().any(|b| b.name == name) {
+            profile.backends.push(v1::Backend {
+                name: name.to_owned(),
+                weight: 0,
+                endpoints: eps,
+                workload: Some(workload(&key)),
+            });
+        }
+    }
+    profile.balancer = contract::balancer_to_proto(policy.policy.load_balancer) as i32;
+    profile.policy = Some(Box::new(contract::destination_to_proto(&policy.policy)));
+
+    // Route sections: onto the split's routes (named by their group), before them, or after.
+    let split_routes = std::mem::take(&mut profile.routes);
+    let mut before: Vec<Vec<v1::HttpRoute>> = vec![Vec::new(); split_routes.len()];
+    let mut attached: Vec<Option<v1::RoutePolicy>> = vec![None; split_routes.len()];
+    let mut after = Vec::new();
+    for (section, group) in policy.routes.iter().zip(&applied.groups) {
+        let outbound = trellis_policy::RoutePolicy {
+            rate_limit: None,
+            ..section.policy.clone()
+        };
+        if outbound == trellis_policy::RoutePolicy::default() {
+            continue; // only a rate limit: enforced inbound
+        }
+        let route_policy = contract::route_to_proto(&outbound);
+        let group_name = group.metadata.name.clone().unwrap_or_default();
+        let covered: Vec<&HttpMatch> = group
+            .matches
+            .iter()
+            .filter(|m| section.covers(&m.name))
+            .collect();
+        let whole = covered.len() == group.matches.len();
+        let name = if whole {
+            group_name.clone()
+        } else {
+            let names: Vec<&str> = covered.iter().map(|m| m.name.as_str()).collect();
+            format!("{group_name}:{}", names.join(","))
+        };
+        let matches = covered.into_iter().map(http_match).collect();
+        match split_routes.iter().position(|r| r.name == group_name) {
+            Some(i) if whole => {
+                // A later section for the same whole group could never match: the first wins.
+                attached[i].get_or_insert(route_policy);
+            }
+            Some(i) => before[i].push(v1::HttpRoute {
+                name,
+                matches,
+                backends: split_routes[i].backends.clone(),
+                policy: Some(route_policy),
+            }),
+            None => after.push(v1::HttpRoute {
+                name,
+                matches,
+                backends: Vec::new(),
+                policy: Some(route_policy),
+            }),
+        }
+    }
+    for ((mut route, before), policy) in split_routes.into_iter().zip(before).zip(attached) {
+        profile.routes.extend(before);
+        route.policy = policy;
+        profile.routes.push(route);
+    }
+    profile.routes.extend(after);
+    Some(())
+}
+
+/// The split (or the root alone) as a profile, before any TrafficPolicy.
+fn resolve_routing<'s>(
     root: &ServiceKey,
     policy: &DestinationPolicy,
     snapshot: &dyn Fn(&ServiceKey) -> Option<&'s Snapshot>,
@@ -288,6 +469,7 @@ pub fn resolve<'s>(
                     name: name.clone(),
                     matches: group.matches.iter().map(http_match).collect(),
                     backends: refs.clone(),
+                    policy: None,
                 });
             }
         }
@@ -652,6 +834,178 @@ mod tests {
             )
         );
         assert!(b[1..].iter().all(|(_, w, _)| *w == 0), "{b:?}");
+    }
+
+    /// A split of web routed by `web-routes` (api, static), a second group `admin-routes`, and
+    /// a TrafficPolicy for web (from line `POLICY_LINE` of test.yaml).
+    fn policy_yaml(policy_spec: &str) -> String {
+        let mut yaml = split("s", "web", &[("web-v1", 1), ("web-v2", 3)], None);
+        yaml.push_str("  matches:\n  - {kind: HTTPRouteGroup, name: web-routes}\n");
+        yaml.push_str("---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {name: web-routes, namespace: demo}\nspec:\n  matches:\n  - {name: api, pathRegex: '/api/.*'}\n  - {name: static, pathRegex: '/static/.*'}\n");
+        yaml.push_str("---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {name: admin-routes, namespace: demo}\nspec:\n  matches:\n  - {name: admin, pathRegex: '/admin'}\n");
+        yaml.push_str("---\napiVersion: policy.trellis.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web-policy, namespace: demo}\nspec:\n  targetRef: {name: web}\n");
+        yaml.push_str(policy_spec);
+        yaml
+    }
+
+    /// Line of the TrafficPolicy's document in [`policy_yaml`].
+    const POLICY_LINE: u32 = 28;
+
+    const FULL_POLICY: &str = "  timeouts: {request: 2s}
+  circuitBreaker: {maxConnections: 10}
+  rateLimit: {requestsPerSecond: 100}
+  loadBalancer: leastRequest
+  mirror: {backend: web-shadow, percent: 5}
+  routes:
+  - httpRouteGroup: web-routes
+    timeouts: {request: 9s}
+  - httpRouteGroup: web-routes
+    matches: [api]
+    retries: {attempts: 2}
+  - httpRouteGroup: admin-routes
+    fault: {abort: {httpStatus: 503, percent: 100}}
+  - httpRouteGroup: web-routes
+    rateLimit: {requestsPerSecond: 5}
+";
+
+    fn with_shadow() -> Vec<(&'static str, Snapshot)> {
+        let mut snaps = web_both();
+        snaps.push((
+            "web-shadow",
+            set("web-shadow", 8080, &[("10.0.0.9", 89, R)]),
+        ));
+        snaps
+    }
+
+    fn route_summary(p: &v1::DestinationProfile) -> Vec<(String, usize, Vec<String>, bool)> {
+        p.routes
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    r.matches.len(),
+                    r.backends
+                        .iter()
+                        .map(|b| format!("{} {}", b.name, b.weight))
+                        .collect(),
+                    r.policy.is_some(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_traffic_policy_lands_in_the_profile() {
+        let yaml = policy_yaml(FULL_POLICY);
+        let r = resolve_with(&yaml, with_shadow());
+        assert_eq!(r.problems, [], "{:?}", r.problems);
+        let p = profile(&r);
+        assert_eq!(p.balancer, v1::Balancer::LeastRequest as i32);
+        // The destination sections, typed; the rate limit is not the caller's to enforce.
+        let sent = p.policy.as_ref().expect("the profile carries the policy");
+        let back = contract::destination_from_proto(*sent.clone()).unwrap();
+        assert_eq!(back.timeouts.unwrap().request.unwrap().as_millis(), 2000);
+        assert_eq!(back.circuit_breaker.unwrap().max_connections, Some(10));
+        assert_eq!(back.mirror.unwrap().backend, "web-shadow");
+        assert!(back.rate_limit.is_none());
+        // The mirror is a backend of weight 0 with its endpoints.
+        assert_eq!(
+            backends(&r).last().unwrap(),
+            &("web-shadow".to_string(), 0, vec!["10.0.0.9:89".to_string()])
+        );
+        // Routes: the section for api alone before the split's route (with its backends), the
+        // whole-group section on the split's route, the other group's after, with no backends
+        // (the default ones); the rate-limit-only section makes no route.
+        assert_eq!(
+            route_summary(p),
+            [
+                (
+                    "web-routes:api".into(),
+                    1,
+                    vec!["web-v1 1".into(), "web-v2 3".into()],
+                    true
+                ),
+                (
+                    "web-routes".into(),
+                    2,
+                    vec!["web-v1 1".into(), "web-v2 3".into()],
+                    true
+                ),
+                ("admin-routes".into(), 1, vec![], true),
+            ]
+        );
+        let route =
+            |i: usize| contract::route_from_proto(p.routes[i].policy.clone().unwrap()).unwrap();
+        assert_eq!(route(0).retries.unwrap().attempts, 2);
+        assert_eq!(
+            route(1).timeouts.unwrap().request.unwrap().as_millis(),
+            9000
+        );
+        assert_eq!(
+            route(2).fault.unwrap().abort.unwrap().http_status,
+            Some(503)
+        );
+        assert_eq!(p.routes[0].matches[0].path_regex, "/api/.*");
+    }
+
+    #[test]
+    fn without_a_split_route_sections_are_routes_of_their_own_over_the_default_backends() {
+        let yaml = policy_yaml(FULL_POLICY).replace(
+            "  matches:\n  - {kind: HTTPRouteGroup, name: web-routes}\n",
+            "",
+        );
+        let r = resolve_with(&yaml, with_shadow());
+        let p = profile(&r);
+        assert_eq!(
+            route_summary(p),
+            [
+                ("web-routes".into(), 2, vec![], true),
+                ("web-routes:api".into(), 1, vec![], true),
+                ("admin-routes".into(), 1, vec![], true),
+            ]
+        );
+        // The split's weights stay the default backends; the mirror gets nothing of them.
+        let weights: Vec<(String, u32)> = backends(&r).into_iter().map(|b| (b.0, b.1)).collect();
+        assert_eq!(
+            weights,
+            [
+                ("web-v1".into(), 1),
+                ("web-v2".into(), 3),
+                ("web-shadow".into(), 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_mirror_is_watched_and_waited_for_and_a_missing_one_means_the_policy_is_not_applied() {
+        let yaml = policy_yaml(FULL_POLICY);
+        let view = view(&yaml);
+        let root = ServiceKey::new("demo", "web");
+        let destination = view.destination(&root);
+        assert!(inputs(&root, &destination).contains(&ServiceKey::new("demo", "web-shadow")));
+        // Not answered yet: no profile (the first message is complete).
+        let map: HashMap<ServiceKey, Snapshot> = web_both()
+            .into_iter()
+            .map(|(n, s)| (ServiceKey::new("demo", n), s))
+            .collect();
+        assert!(resolve(&root, &destination, &|k| map.get(k), "x").is_none());
+
+        let mut snaps = web_both();
+        snaps.push(("web-shadow", Snapshot::NotFound));
+        let r = resolve_with(&yaml, snaps);
+        let p = profile(&r);
+        assert!(p.policy.is_none(), "not applied");
+        assert_eq!(p.balancer, v1::Balancer::Unspecified as i32);
+        assert!(p.routes.iter().all(|r| r.policy.is_none()));
+        assert_eq!(p.routes.len(), 1, "the split's route only");
+        assert_eq!(
+            r.problems,
+            [PolicyProblem {
+                resource: "TrafficPolicy demo/web-policy".into(),
+                location: format!("test.yaml:{POLICY_LINE}"),
+                message: "mirror demo/web-shadow: no service demo/web-shadow on any platform: the policy is not applied".into(),
+            }]
+        );
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! The merged policy of every source, indexed the way the resolvers read it: splits per root
-//! service (in precedence order), route groups and TCP routes by name, access policies.
+//! service (in precedence order), TrafficPolicies per target service (likewise), route groups
+//! and TCP routes by name, access policies.
 //!
 //! Building a view also finds the problems that need no discovery: splits whose weights sum to
 //! 0, several splits for one root, route groups referenced but missing, one resource held by
-//! two sources. The view keeps the [`Origin`] of every resource in force (from its source's
+//! two sources, several TrafficPolicies for one service (the oldest by creationTimestamp, then
+//! the name, is in force; the others are not applied), and a TrafficPolicy in force whose route
+//! sections name an HTTPRouteGroup or a match that does not exist (not applied at all: a policy
+//! applies as written or not, never in part). The view keeps the [`Origin`] of every resource in force (from its source's
 //! `PolicySet::origins`), and every problem is located at the origin of the resource at fault;
 //! a problem about two resources names the other one's origin in its message.
 //!
@@ -16,8 +20,8 @@ use std::sync::Arc;
 
 use trellis_discovery::ServiceKey;
 use trellis_smi::model::{
-    AccessPolicy, HttpRouteGroup, Kind, Policy, PortRoute, ResourceId, TrafficSplit,
-    effective_namespace,
+    AccessPolicy, HttpRouteGroup, Kind, ObjectMeta, Policy, PortRoute, ResourceId, TrafficPolicy,
+    TrafficSplit, effective_namespace,
 };
 
 use crate::policy::{Origin, PolicyProblem, PolicySet};
@@ -33,6 +37,12 @@ pub struct PolicyView {
     pub route_groups: HashMap<Named, HttpRouteGroup>,
     pub tcp_routes: HashMap<Named, PortRoute>,
     pub access: Vec<AccessPolicy>,
+    /// TrafficPolicies per target service, the one in force first (oldest creationTimestamp,
+    /// then name), whether or not it can be applied.
+    pub traffic: HashMap<ServiceKey, Vec<TrafficPolicy>>,
+    /// The targets whose TrafficPolicy in force cannot be applied (a route section names a
+    /// route group or match that does not exist; reported).
+    pub traffic_broken: HashSet<ServiceKey>,
     /// Every resource in force, sorted by kind, namespace, name.
     pub policies: Vec<Policy>,
     /// Where every resource in force came from.
@@ -52,13 +62,35 @@ pub struct DestinationPolicy {
     /// Where the split came from: the location of the problems resolving it finds (part of the
     /// comparison, so a split that only moved is located anew).
     pub origin: Option<Origin>,
+    /// The TrafficPolicy applied to the destination, if one is in force and can be applied.
+    pub traffic: Option<AppliedPolicy>,
 }
 
-/// [`DestinationPolicy`] borrowed from a view: the split, its groups, its origin.
-type DestinationRef<'v> = (
-    &'v TrafficSplit,
+/// A TrafficPolicy that applies to a destination, with what its route sections name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppliedPolicy {
+    pub policy: TrafficPolicy,
+    /// The route group of each route section, in section order (all exist).
+    pub groups: Vec<HttpRouteGroup>,
+    /// Where the policy came from: the location of the problems resolving it finds.
+    pub origin: Option<Origin>,
+}
+
+/// [`AppliedPolicy`] borrowed from a view.
+type AppliedRef<'v> = (
+    &'v TrafficPolicy,
     Vec<Option<&'v HttpRouteGroup>>,
     Option<&'v Origin>,
+);
+
+/// [`DestinationPolicy`] borrowed from a view: the split, its groups, its origin, the policy.
+type DestinationRef<'v> = (
+    Option<(
+        &'v TrafficSplit,
+        Vec<Option<&'v HttpRouteGroup>>,
+        Option<&'v Origin>,
+    )>,
+    Option<AppliedRef<'v>>,
 );
 
 /// The location of a problem about a resource the view has no origin for (views built by hand).
@@ -88,6 +120,31 @@ fn origin_of(origins: &HashMap<ResourceId, Origin>, id: &ResourceId) -> String {
 /// The id of a split (how origins are keyed).
 fn split_rid(split: &TrafficSplit) -> ResourceId {
     ResourceId::new(Kind::TrafficSplit.as_str(), &split.metadata)
+}
+
+/// The id of a TrafficPolicy.
+pub(crate) fn policy_rid(policy: &TrafficPolicy) -> ResourceId {
+    ResourceId::new(Kind::TrafficPolicy.as_str(), &policy.metadata)
+}
+
+/// `TrafficPolicy ns/name`, how problems name a policy.
+pub(crate) fn policy_id(policy: &TrafficPolicy) -> String {
+    policy_rid(policy).to_string()
+}
+
+/// The service a TrafficPolicy targets (in its namespace).
+pub(crate) fn policy_target(policy: &TrafficPolicy) -> ServiceKey {
+    ServiceKey::new(
+        effective_namespace(&policy.metadata),
+        &policy.target_ref.name,
+    )
+}
+
+/// Oldest creationTimestamp first (undated ones, from files, after dated ones), then by name:
+/// the precedence of splits for one root and of TrafficPolicies for one service.
+fn by_age(a: &ObjectMeta, b: &ObjectMeta) -> std::cmp::Ordering {
+    let age = |m: &ObjectMeta| (m.creation_timestamp.is_none(), m.creation_timestamp.clone());
+    age(a).cmp(&age(b)).then_with(|| a.name.cmp(&b.name))
 }
 
 /// The id of a TrafficTarget.
@@ -158,24 +215,19 @@ impl PolicyView {
                 }
                 Policy::UdpRoute(_) => {} // UDP is not proxied yet; kept in `policies` for the record.
                 Policy::AccessPolicy(access) => view.access.push(access.clone()),
+                Policy::TrafficPolicy(traffic) => {
+                    view.traffic
+                        .entry(policy_target(traffic))
+                        .or_default()
+                        .push(TrafficPolicy::clone(traffic));
+                }
             }
             view.policies.push(policy.clone());
             view.origins.insert(id, origin);
         }
         let mut split_problems = Vec::new();
         for (root, splits) in &mut view.splits {
-            splits.sort_by(|a, b| {
-                let age = |s: &TrafficSplit| {
-                    // Splits without a creationTimestamp (files) come after dated ones.
-                    (
-                        s.metadata.creation_timestamp.is_none(),
-                        s.metadata.creation_timestamp.clone(),
-                    )
-                };
-                age(a)
-                    .cmp(&age(b))
-                    .then_with(|| a.metadata.name.cmp(&b.metadata.name))
-            });
+            splits.sort_by(|a, b| by_age(&a.metadata, &b.metadata));
             if splits.len() > 1 {
                 // Located at the split in force (the Event goes on it); the ignored ones are
                 // named with where they are, since one of them is likely the one to delete.
@@ -231,7 +283,88 @@ impl PolicyView {
         }
         split_problems.sort_by(|a, b| (&a.resource, &a.message).cmp(&(&b.resource, &b.message)));
         view.problems.extend(split_problems);
+        let mut traffic_problems = Vec::new();
+        for (target, policies) in &mut view.traffic {
+            policies.sort_by(|a, b| by_age(&a.metadata, &b.metadata));
+            let in_force = &policies[0];
+            let in_force_at = origin_of(&view.origins, &policy_rid(in_force));
+            // Each ignored policy is reported where it is: it is the one to fix or delete.
+            for ignored in &policies[1..] {
+                traffic_problems.push(PolicyProblem {
+                    resource: policy_id(ignored),
+                    location: origin_of(&view.origins, &policy_rid(ignored)),
+                    message: format!(
+                        "service {target}: several TrafficPolicies for one service: {} (at {in_force_at}) is in force (oldest, then by name); this one is not applied",
+                        policy_id(in_force)
+                    ),
+                });
+            }
+            let ns = effective_namespace(&in_force.metadata);
+            let mut broken = false;
+            for (i, route) in in_force.routes.iter().enumerate() {
+                let group = &route.http_route_group;
+                let message = match view.route_groups.get(&(ns.to_owned(), group.clone())) {
+                    None => format!(
+                        "spec.routes[{i}].httpRouteGroup: HTTPRouteGroup {ns}/{group} does not exist"
+                    ),
+                    Some(found) => {
+                        let unknown: Vec<&String> = route
+                            .matches
+                            .iter()
+                            .flatten()
+                            .filter(|name| !found.matches.iter().any(|m| &m.name == *name))
+                            .collect();
+                        if unknown.is_empty() {
+                            continue;
+                        }
+                        format!(
+                            "spec.routes[{i}].matches: HTTPRouteGroup {ns}/{group} has no match named {unknown:?}"
+                        )
+                    }
+                };
+                broken = true;
+                traffic_problems.push(PolicyProblem {
+                    resource: policy_id(in_force),
+                    location: in_force_at.clone(),
+                    message: format!("{message}: the policy is not applied"),
+                });
+            }
+            if broken {
+                view.traffic_broken.insert(target.clone());
+            }
+        }
+        traffic_problems.sort_by(|a, b| (&a.resource, &a.message).cmp(&(&b.resource, &b.message)));
+        view.problems.extend(traffic_problems);
         view
+    }
+
+    /// The TrafficPolicy applied to `target`, if one is in force and can be applied.
+    pub fn traffic_policy(&self, target: &ServiceKey) -> Option<&TrafficPolicy> {
+        if self.traffic_broken.contains(target) {
+            return None;
+        }
+        self.traffic.get(target)?.first()
+    }
+
+    /// The services TrafficPolicies target (applied or not): the controller watches them, to
+    /// report a target that does not exist and to find the workloads of rate limits.
+    pub fn traffic_targets(&self) -> impl Iterator<Item = &ServiceKey> {
+        self.traffic.keys()
+    }
+
+    /// [`PolicyView::traffic_policy`] with its route groups and origin, borrowed.
+    fn applied_ref(&self, target: &ServiceKey) -> Option<AppliedRef<'_>> {
+        let policy = self.traffic_policy(target)?;
+        let ns = effective_namespace(&policy.metadata);
+        let groups = policy
+            .routes
+            .iter()
+            .map(|r| {
+                self.route_groups
+                    .get(&(ns.to_owned(), r.http_route_group.clone()))
+            })
+            .collect();
+        Some((policy, groups, self.origin(&policy_rid(policy))))
     }
 
     /// The roots whose [`DestinationPolicy`] differs between `old` and `self` (split in force or
@@ -240,6 +373,8 @@ impl PolicyView {
         self.splits
             .keys()
             .chain(old.splits.keys())
+            .chain(self.traffic.keys())
+            .chain(old.traffic.keys())
             .filter(|root| self.destination_ref(root) != old.destination_ref(root))
             .cloned()
             .collect()
@@ -249,7 +384,13 @@ impl PolicyView {
     /// differ between `old` and `self`; `None` = any of them (an HTTPRouteGroup or TCPRoute
     /// changed: targets name routes, so every target may read it).
     pub fn changed_workloads(&self, old: &PolicyView) -> Option<HashSet<ServiceKey>> {
-        if self.route_groups != old.route_groups || self.tcp_routes != old.tcp_routes {
+        // TrafficPolicies: their rate limits go to the workloads behind their targets, which only
+        // discovery knows; any change may concern any workload of the namespace.
+        if self.route_groups != old.route_groups
+            || self.tcp_routes != old.tcp_routes
+            || self.traffic != old.traffic
+            || self.traffic_broken != old.traffic_broken
+        {
             return None;
         }
         let (new, old) = (self.access_by_workload(), old.access_by_workload());
@@ -277,24 +418,37 @@ impl PolicyView {
     }
 
     /// [`PolicyView::destination`] without copies, for comparisons.
-    fn destination_ref(&self, root: &ServiceKey) -> Option<DestinationRef<'_>> {
-        let split = self.splits.get(root)?.first()?;
-        let ns = effective_namespace(&split.metadata);
-        let groups = split
-            .matches
-            .iter()
-            .map(|g| self.route_groups.get(&(ns.to_owned(), g.name.clone())))
-            .collect();
-        Some((split, groups, self.origin(&split_rid(split))))
+    fn destination_ref(&self, root: &ServiceKey) -> DestinationRef<'_> {
+        let split = self.splits.get(root).and_then(|s| s.first()).map(|split| {
+            let ns = effective_namespace(&split.metadata);
+            let groups = split
+                .matches
+                .iter()
+                .map(|g| self.route_groups.get(&(ns.to_owned(), g.name.clone())))
+                .collect();
+            (split, groups, self.origin(&split_rid(split)))
+        });
+        (split, self.applied_ref(root))
     }
 
     /// What the profile of `root` depends on.
     pub fn destination(&self, root: &ServiceKey) -> DestinationPolicy {
+        let traffic = self
+            .applied_ref(root)
+            .map(|(policy, groups, origin)| AppliedPolicy {
+                policy: policy.clone(),
+                groups: groups.into_iter().flatten().cloned().collect(),
+                origin: origin.cloned(),
+            });
         let Some(split) = self.splits.get(root).and_then(|s| s.first()) else {
-            return DestinationPolicy::default();
+            return DestinationPolicy {
+                traffic,
+                ..DestinationPolicy::default()
+            };
         };
         let ns = effective_namespace(&split.metadata).to_owned();
         DestinationPolicy {
+            traffic,
             groups: split
                 .matches
                 .iter()
@@ -467,6 +621,94 @@ pub(crate) mod tests {
         ]);
         assert_eq!(view.problems.len(), 1, "{:?}", view.problems);
         assert_eq!(view.problems[0].location, "bare");
+    }
+
+    pub(crate) fn traffic_policy(
+        name: &str,
+        target: &str,
+        created: Option<&str>,
+        spec: &str,
+    ) -> String {
+        let created = created
+            .map(|c| format!(", creationTimestamp: \"{c}\""))
+            .unwrap_or_default();
+        format!(
+            "---\napiVersion: policy.trellis.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: demo{created}}}\nspec:\n  targetRef: {{name: {target}}}\n{spec}"
+        )
+    }
+
+    #[test]
+    fn several_traffic_policies_for_one_service_the_oldest_wins_and_the_others_are_reported() {
+        let yaml = [
+            traffic_policy(
+                "b-new",
+                "web",
+                Some("2024-01-02T00:00:00Z"),
+                "  timeouts: {request: 1s}\n",
+            ),
+            traffic_policy(
+                "c-old",
+                "web",
+                Some("2024-01-01T00:00:00Z"),
+                "  timeouts: {request: 2s}\n",
+            ),
+            traffic_policy("a-undated", "web", None, "  timeouts: {request: 3s}\n"),
+        ]
+        .concat();
+        let merged = view(&yaml);
+        let web = ServiceKey::new("demo", "web");
+        let in_force = merged.traffic_policy(&web).unwrap();
+        assert_eq!(in_force.metadata.name.as_deref(), Some("c-old"));
+        let d = merged.destination(&web);
+        assert_eq!(d.traffic.unwrap().origin.as_deref(), Some("test.yaml:9"));
+        let lines: Vec<String> = merged.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "test.yaml:16: TrafficPolicy demo/a-undated: service demo/web: several TrafficPolicies for one service: TrafficPolicy demo/c-old (at test.yaml:9) is in force (oldest, then by name); this one is not applied",
+                "test.yaml:2: TrafficPolicy demo/b-new: service demo/web: several TrafficPolicies for one service: TrafficPolicy demo/c-old (at test.yaml:9) is in force (oldest, then by name); this one is not applied",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_traffic_policy_naming_a_missing_route_group_or_match_is_reported_and_not_applied() {
+        let group = "---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {name: web-routes, namespace: demo}\nspec:\n  matches:\n  - {name: api, pathRegex: '/api'}\n";
+        let sections = "  timeouts: {request: 1s}\n  routes:\n  - {httpRouteGroup: web-routes, matches: [api], timeouts: {request: 5s}}\n";
+        let yaml = traffic_policy("p", "web", None, sections) + group;
+        let web = ServiceKey::new("demo", "web");
+        assert!(view(&yaml).traffic_policy(&web).is_some(), "sound: applied");
+
+        // The group goes (deleted on Kubernetes; a files source keeps the last good policy).
+        let mut set = located_set("dir/p.yaml", &yaml);
+        set.policies
+            .retain(|p| !matches!(p, Policy::HttpRouteGroup(_)));
+        let gone = PolicyView::build(&[("files".into(), set)]);
+        assert!(gone.traffic_policy(&web).is_none());
+        assert!(gone.destination(&web).traffic.is_none());
+        let lines: Vec<String> = gone.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "dir/p.yaml:2: TrafficPolicy demo/p: spec.routes[0].httpRouteGroup: HTTPRouteGroup demo/web-routes does not exist: the policy is not applied"
+            ]
+        );
+
+        // The group loses the match.
+        let mut set = located_set("dir/p.yaml", &yaml);
+        for policy in &mut set.policies {
+            if let Policy::HttpRouteGroup(g) = policy {
+                g.matches[0].name = "other".into();
+            }
+        }
+        let renamed = PolicyView::build(&[("files".into(), set)]);
+        assert!(renamed.traffic_policy(&web).is_none());
+        assert_eq!(
+            renamed.problems[0].message,
+            "spec.routes[0].matches: HTTPRouteGroup demo/web-routes has no match named [\"api\"]: the policy is not applied"
+        );
+        // Either way the destination's profile changes (the policy left it).
+        assert!(renamed.changed_roots(&view(&yaml)).contains(&web));
     }
 
     #[test]

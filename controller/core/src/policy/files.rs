@@ -210,6 +210,62 @@ spec:
     }
 
     #[test]
+    fn a_bad_new_traffic_policy_keeps_the_last_good_one() {
+        let good = "apiVersion: policy.trellis.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web, namespace: demo}
+spec:
+  targetRef: {name: web}
+  fault:
+    abort: {httpStatus: 503, percent: 10}
+";
+        let percent = |set: &PolicySet| match &set.policies[..] {
+            [Policy::TrafficPolicy(p)] => {
+                p.policy
+                    .fault
+                    .as_ref()
+                    .unwrap()
+                    .abort
+                    .as_ref()
+                    .unwrap()
+                    .percent
+            }
+            other => panic!("expected one TrafficPolicy, got {other:?}"),
+        };
+        let mut kept = LastGood::default();
+        let set = kept.apply(load_str("policy.yaml", good));
+        assert!(set.problems.is_empty(), "{:?}", set.problems);
+        assert_eq!(percent(&set), 10.0);
+
+        let set = kept.apply(load_str(
+            "policy.yaml",
+            &good.replace("percent: 10", "percent: 150"),
+        ));
+        assert_eq!(percent(&set), 10.0, "the last good version stays in force");
+        assert_eq!(
+            set.problems,
+            [PolicyProblem {
+                resource: "TrafficPolicy demo/web".into(),
+                location: "policy.yaml:7".into(),
+                message: "spec.fault.abort.percent: 150 is not a percent (0 to 100) (the last good version stays in force)".into(),
+            }]
+        );
+        let set = kept.apply(load_str(
+            "policy.yaml",
+            &good.replace(
+                "    abort:",
+                "    delay: {fixed: -1s, percent: 1}\n    abort:",
+            ),
+        ));
+        assert_eq!(percent(&set), 10.0, "a negative duration too");
+        assert!(
+            set.problems[0].message.contains("is negative"),
+            "{:?}",
+            set.problems
+        );
+    }
+
+    #[test]
     fn every_resource_in_force_is_located_at_its_document_a_kept_one_at_its_last_good_version() {
         let origin = |set: &PolicySet, name: &str| {
             let id = ResourceId {

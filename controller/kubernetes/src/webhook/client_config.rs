@@ -114,12 +114,13 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// The SMI CRDs (all five) and the injector `injector`.
+    /// The SMI CRDs (all five: TrafficPolicy converts nothing) and the injector `injector`.
     pub fn smi(endpoint: Endpoint, injector: Option<String>) -> Self {
         Self {
             endpoint,
             crds: trellis_smi::crd::generate()
                 .into_iter()
+                .filter(|generated| generated.converts())
                 .filter_map(|generated| generated.crd.metadata.name)
                 .collect(),
             injector,
@@ -346,6 +347,12 @@ mod tests {
             targets
                 .crds
                 .contains(&"trafficsplits.split.smi-spec.io".to_owned())
+        );
+        assert!(
+            !targets
+                .crds
+                .contains(&"trafficpolicies.policy.trellis.io".to_owned()),
+            "one version: no conversion, no caBundle"
         );
     }
 }
