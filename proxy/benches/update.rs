@@ -178,6 +178,7 @@ fn profile(key: &str, i: usize) -> v1::DestinationUpdate {
                             weight: b.weight,
                         })
                         .collect(),
+                    policy: None,
                 }],
                 backends: d
                     .backends

@@ -642,6 +642,7 @@ mod tests {
                         name: "v2".into(),
                         weight: 1,
                     }],
+                    policy: None,
                 }],
                 backends: vec![
                     v1::Backend {
