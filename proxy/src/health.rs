@@ -249,8 +249,9 @@ struct Target {
 /// statistics, so it is probed once).
 fn targets(dest: &DestinationTable) -> Vec<Target> {
     let mut out: Vec<Target> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for e in dest.backends.iter().flat_map(|b| &b.endpoints) {
-        if out.iter().any(|t| Arc::ptr_eq(&t.stats, &e.stats)) {
+        if !seen.insert(Arc::as_ptr(&e.stats)) {
             continue;
         }
         out.push(Target {
