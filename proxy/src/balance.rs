@@ -12,6 +12,14 @@
 //! ejection is due), and the endpoint comes back when its time is over. The state lives in
 //! [`EndpointStats`], so it survives config swaps like the latency estimate.
 //!
+//! Active health checks ([`crate::health`], optional per destination) mark endpoints unhealthy
+//! in their [`EndpointStats`]; the balancer of a health-checked backend skips them like ejected
+//! ones (and the P2C and round-robin choices avoid them in the first place, so their share is
+//! spread over the others rather than falling on a neighbour). When every endpoint of a backend
+//! is out (unhealthy or ejected), the choice stands: an answer, even a failing one, beats none.
+//! A backend without a health check ignores the flag, so removing a destination's check brings
+//! its endpoints back at once.
+//!
 //! The EWMA is failure-aware: a failed exchange (no connection, a reset, a timeout, a 5xx answer)
 //! is a sample of [`FAILURE_PENALTY_NANOS`] rather than of how fast it failed, so an endpoint
 //! that answers 500 in 0.1 ms does not look like the best one, and an endpoint that never
@@ -80,6 +88,8 @@ pub struct EndpointStats {
     /// once the endpoint has been back for the longest ejection time.
     ejections: AtomicU32,
     epoch: Instant,
+    /// What active health checks found (see [`crate::health`]).
+    pub health: crate::health::HealthState,
 }
 
 impl Default for EndpointStats {
@@ -93,6 +103,7 @@ impl Default for EndpointStats {
             ejected_until_nanos: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             epoch: Instant::now(),
+            health: crate::health::HealthState::default(),
         }
     }
 }
@@ -265,6 +276,8 @@ pub struct Balancer {
     kind: BalancerKind,
     next: AtomicUsize,
     ejection: Option<Ejection>,
+    /// The destination has active health checks: unhealthy endpoints are skipped.
+    health_checked: bool,
 }
 
 impl Balancer {
@@ -274,7 +287,25 @@ impl Balancer {
             kind,
             next: AtomicUsize::new(fastrand::usize(..1024)),
             ejection: None,
+            health_checked: false,
         }
+    }
+
+    /// Skipping the endpoints health checks found unhealthy (when the destination has them).
+    pub fn with_health_checks(mut self, checked: bool) -> Self {
+        self.health_checked = checked;
+        self
+    }
+
+    /// Out of this backend's rotation now (health checks, when the destination has them).
+    fn unhealthy(&self, stats: &EndpointStats) -> bool {
+        self.health_checked && !stats.health.healthy()
+    }
+
+    /// Whether an endpoint may get a request now: neither ejected nor (with health checks)
+    /// unhealthy.
+    pub fn available(&self, stats: &EndpointStats) -> bool {
+        !stats.ejected() && !self.unhealthy(stats)
     }
 
     /// With outlier ejection.
@@ -283,22 +314,29 @@ impl Balancer {
         self
     }
 
-    /// Index of the endpoint to use: [`Self::choose`]'s, unless it is ejected (or its failures
-    /// just reached the threshold and the backend may lose one more endpoint: then it is
-    /// ejected now); then the next usable one round the list. When none is usable (every other
-    /// endpoint ejected), the choice stands: an answer, even a failing one, beats none.
+    /// Index of the endpoint to use: [`Self::choose`]'s, unless it is unhealthy (health
+    /// checks) or ejected (or its failures just reached the threshold and the backend may lose
+    /// one more endpoint: then it is ejected now); then the next usable one round the list. When
+    /// none is usable (every other endpoint unhealthy or ejected), the choice stands: an answer,
+    /// even a failing one, beats none.
     pub fn pick<'a>(
         &self,
         endpoints: impl ExactSizeIterator<Item = (&'a EndpointStats, u32)> + Clone,
     ) -> Option<usize> {
         let choice = self.choose(endpoints.clone())?;
-        let Some(policy) = &self.ejection else {
+        if self.ejection.is_none() && !self.health_checked {
             return Some(choice);
-        };
+        }
         let n = endpoints.len();
         let usable = |i: usize| {
             let Some((stats, _)) = endpoints.clone().nth(i) else {
                 return false;
+            };
+            if self.unhealthy(stats) {
+                return false;
+            }
+            let Some(policy) = &self.ejection else {
+                return true;
             };
             if stats.ejected() {
                 return false;
@@ -328,7 +366,9 @@ impl Balancer {
     }
 
     /// Index of the endpoint the balancing rule chooses among `endpoints`, each with its
-    /// statistics and weight (0 counts as 1); None when empty.
+    /// statistics and weight (0 counts as 1); None when empty. Unhealthy endpoints (health
+    /// checks) lose every comparison and round robin passes their turns, so their share goes to
+    /// all the others; `pick` deals with what is still unusable.
     fn choose<'a>(
         &self,
         endpoints: impl ExactSizeIterator<Item = (&'a EndpointStats, u32)> + Clone,
@@ -339,19 +379,58 @@ impl Balancer {
             1 => Some(0),
             _ => match self.kind {
                 BalancerKind::RoundRobin => {
-                    let turn = self.next.fetch_add(1, Ordering::Relaxed);
-                    Some(weighted_turn(endpoints.map(|(_, w)| w.max(1)), turn))
+                    let weights = endpoints.clone().map(|(_, w)| w.max(1));
+                    let turn = || {
+                        weighted_turn(weights.clone(), self.next.fetch_add(1, Ordering::Relaxed))
+                    };
+                    let unhealthy = |i: usize| {
+                        endpoints
+                            .clone()
+                            .nth(i)
+                            .is_some_and(|(s, _)| self.unhealthy(s))
+                    };
+                    // An unhealthy endpoint's turn passes to the next turn of the schedule (not
+                    // to its neighbour in the list), so the others keep their proportions.
+                    let first = turn();
+                    if !unhealthy(first) {
+                        return Some(first);
+                    }
+                    for extra in 1..n {
+                        let next = turn();
+                        if !unhealthy(next) {
+                            return Some(next);
+                        }
+                        if extra == n - 1 {
+                            // None usable: give the turns back, so the choice that stands still
+                            // rotates over the backend.
+                            self.next.fetch_sub(extra, Ordering::Relaxed);
+                        }
+                    }
+                    Some(first)
                 }
                 BalancerKind::Ewma => {
-                    let (winner, loser) = p2c(n, endpoints.clone(), EndpointStats::cost);
+                    let (winner, loser) = p2c(n, endpoints.clone(), |s| {
+                        if self.unhealthy(s) {
+                            f64::INFINITY
+                        } else {
+                            s.cost()
+                        }
+                    });
                     if let Some((loser, _)) = endpoints.clone().nth(loser) {
                         loser.fade();
                     }
                     Some(winner)
                 }
-                BalancerKind::LeastRequest => {
-                    Some(p2c(n, endpoints, |s| s.in_flight() as f64 + 1.0).0)
-                }
+                BalancerKind::LeastRequest => Some(
+                    p2c(n, endpoints, |s| {
+                        if self.unhealthy(s) {
+                            f64::INFINITY
+                        } else {
+                            s.in_flight() as f64 + 1.0
+                        }
+                    })
+                    .0,
+                ),
             },
         }
     }
@@ -644,6 +723,58 @@ mod tests {
                 .record_failure(Outcome::Reset, FailureKind::ServerError);
         }
         assert!(s.iter().all(|s| !s.ejected()));
+    }
+
+    /// Marks `s` unhealthy as its probes would.
+    fn fail_probes(s: &EndpointStats) {
+        let t = crate::health::Thresholds {
+            unhealthy: 1,
+            healthy: 1,
+        };
+        s.health.record(false, t);
+        assert!(!s.health.healthy());
+    }
+
+    #[test]
+    fn unhealthy_endpoints_get_nothing_and_their_share_is_spread_over_the_others() {
+        for kind in [
+            BalancerKind::RoundRobin,
+            BalancerKind::Ewma,
+            BalancerKind::LeastRequest,
+        ] {
+            let s = stats(4);
+            fail_probes(&s[1]);
+            let b = Balancer::new(kind).with_health_checks(true);
+            let mut counts = [0usize; 4];
+            for _ in 0..3000 {
+                counts[b.pick(s.iter().map(|s| (&**s, 1))).unwrap()] += 1;
+            }
+            assert_eq!(counts[1], 0, "{kind:?}: {counts:?}");
+            assert!(
+                counts
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &c)| i == 1 || (700..=1300).contains(&c)),
+                "{kind:?}: the others share evenly, not the neighbour of the unhealthy one: {counts:?}"
+            );
+            // Without health checks on the backend (the destination's check was removed), the
+            // flag is ignored.
+            let b = Balancer::new(kind);
+            assert!((0..400).any(|_| b.pick(s.iter().map(|s| (&**s, 1))) == Some(1)));
+        }
+    }
+
+    #[test]
+    fn when_every_endpoint_is_unhealthy_the_choice_stands() {
+        let s = stats(3);
+        s.iter().for_each(|s| fail_probes(s));
+        let b = Balancer::new(BalancerKind::RoundRobin).with_health_checks(true);
+        let mut counts = [0usize; 3];
+        for _ in 0..300 {
+            counts[b.pick(s.iter().map(|s| (&**s, 1))).unwrap()] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 0), "{counts:?}");
+        assert!(!b.available(&s[0]));
     }
 
     #[test]

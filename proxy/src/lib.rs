@@ -42,6 +42,7 @@ pub mod config;
 pub mod controller;
 pub mod controller_tls;
 pub mod detect;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod metrics;
@@ -162,6 +163,9 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         );
     }
     let shared = Arc::new(shared);
+    // Health checks need the proxy's runtime and a handle on its state: from here on, every
+    // destination with a health check made current is probed.
+    shared.start_health_checks();
     if let Some(target) = &config.access_log {
         shared
             .observe

@@ -14,6 +14,8 @@
 //! | `trellis_connections_refused_total` | counter | `listener` (`outbound-http`, `outbound-port`, `inbound`, `outbound-transparent`, `inbound-transparent`), `reason` (`global-limit`, `per-source-limit`, `handshake-limit`; transparent: `no-original-destination`, `loop`, `no-policy`): every refusal |
 //! | `trellis_open_connections` | gauge | `listener`: client connections open now |
 //! | `trellis_accepted_connections_total` | counter | `listener`: client connections accepted (within the global limit) |
+//! | `trellis_endpoint_health_checks_total` | counter | `destination`, `result` (`pass`, `fail`): health-check probes of the destination's endpoints ([`crate::health`]) |
+//! | `trellis_unhealthy_endpoints` | gauge | `destination`: its endpoints that failed their health checks and get no requests now (no series for a destination without health checks) |
 //! | `trellis_retries_total` | counter | `destination`, `result` (`retried`: a retry was sent; `budget-exhausted`: a retryable failure was answered because the retry budget was spent) |
 //!
 //! With `--metrics-compat` (config `metrics_compat`), the inbound side also counts its requests
@@ -164,6 +166,17 @@ struct RetryLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HealthCheckLabels {
+    destination: Label,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DestinationLabels {
+    destination: Label,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ListenerLabels {
     listener: &'static str,
 }
@@ -197,6 +210,8 @@ pub struct Metrics {
     accepted_connections: Family<ListenerLabels, Counter>,
     connections_refused: Family<ListenerReasonLabels, Counter>,
     retries: Family<RetryLabels, Counter>,
+    health_checks: Family<HealthCheckLabels, Counter>,
+    unhealthy: Family<DestinationLabels, Gauge>,
     /// The series other meshes' names and labels that Flagger's built-in queries read.
     compat: Option<Arc<compat::Compat>>,
     /// [`crate::config::Config::no_request_metrics`].
@@ -282,6 +297,18 @@ impl Metrics {
             "Retries of outbound requests, and retryable failures answered because the retry budget was spent",
             retries.clone(),
         );
+        let health_checks = Family::default();
+        registry.register(
+            "trellis_endpoint_health_checks",
+            "Health-check probes of destinations' endpoints, by result",
+            health_checks.clone(),
+        );
+        let unhealthy = Family::default();
+        registry.register(
+            "trellis_unhealthy_endpoints",
+            "Endpoints of a destination that failed their health checks (no requests)",
+            unhealthy.clone(),
+        );
         let connections_refused = Family::default();
         registry.register(
             "trellis_accepted_connections",
@@ -324,6 +351,8 @@ impl Metrics {
             accepted_connections,
             connections_refused,
             retries,
+            health_checks,
+            unhealthy,
             compat: (!compat.is_empty())
                 .then(|| Arc::new(compat::Compat::register(registry, workload, compat))),
             requests_off: false,
@@ -380,6 +409,32 @@ impl Metrics {
                 result,
             })
             .inc();
+    }
+
+    /// Count one health-check probe of an endpoint of `destination`.
+    pub fn health_check(&self, destination: &Label, passed: bool) {
+        self.health_checks
+            .get_or_create(&HealthCheckLabels {
+                destination: destination.clone(),
+                result: if passed { "pass" } else { "fail" },
+            })
+            .inc();
+    }
+
+    /// How many of `destination`'s endpoints are unhealthy now.
+    pub fn unhealthy_endpoints(&self, destination: &Label, n: usize) {
+        self.unhealthy
+            .get_or_create(&DestinationLabels {
+                destination: destination.clone(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// `destination` is no longer health-checked: its gauge goes.
+    pub fn forget_unhealthy_endpoints(&self, destination: &Label) {
+        self.unhealthy.remove(&DestinationLabels {
+            destination: destination.clone(),
+        });
     }
 
     /// Count one inbound connection refused before it was served.

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use arc_swap::ArcSwap;
 use futures::future::BoxFuture;
@@ -85,6 +85,9 @@ pub struct Shared {
     pub tracer: Option<Arc<crate::trace::Tracer>>,
     /// Per-request records for the access log and taps (off until a consumer attaches).
     pub observe: Arc<crate::observe::Observe>,
+    /// This state and the runtime health-check probers run on, once
+    /// [`Shared::start_health_checks`] was called (never for a state only used to compile).
+    probing: OnceLock<(Weak<Shared>, tokio::runtime::Handle)>,
 }
 
 /// Counts open inbound connections per source IP.
@@ -222,15 +225,51 @@ impl Shared {
             connections,
             tracer: None,
             observe,
+            probing: OnceLock::new(),
         })
+    }
+
+    /// Start the health checks of the destinations in force, and of every destination made
+    /// current from now on, on the current tokio runtime (panics outside one). Once; later calls
+    /// do nothing.
+    pub fn start_health_checks(self: &Arc<Self>) {
+        let runtime = tokio::runtime::Handle::current();
+        if self.probing.set((Arc::downgrade(self), runtime)).is_err() {
+            return;
+        }
+        for dest in self.table.load().entries() {
+            self.probe(&dest);
+        }
+    }
+
+    /// Start `dest`'s health checks, if it has some and probing has started.
+    fn probe(&self, dest: &Arc<crate::table::DestinationTable>) {
+        if let Some((me, runtime)) = self.probing.get() {
+            crate::health::Checks::start(dest, Weak::clone(me), runtime);
+        }
+    }
+
+    /// Stop the health checks of an entry that is no longer current.
+    fn unprobe(dest: &crate::table::DestinationTable) {
+        if let Some(checks) = &dest.health {
+            checks.stop();
+        }
     }
 
     /// Compile a whole configuration and make it current. On error the current table stays.
     pub fn apply(&self, config: Config) -> Result<(), Invalid> {
         let _writing = self.write_lock();
-        let table = RoutingTable::compile(config, &self.stats)?;
-        self.table.store(Arc::new(table));
+        let table = Arc::new(RoutingTable::compile(config, &self.stats)?);
+        let previous = self.table.swap(Arc::clone(&table));
         self.table_changes.send_modify(|n| *n += 1);
+        // Every destination was recompiled: the new entries' probers take over (keeping each
+        // endpoint's state and probe rhythm, which live in its statistics).
+        for dest in previous.entries() {
+            Self::unprobe(&dest);
+        }
+        for dest in table.entries() {
+            self.probe(&dest);
+        }
         Ok(())
     }
 
@@ -250,10 +289,18 @@ impl Shared {
     /// destination's last good entry stays (or it stays unknown).
     pub fn apply_destination(&self, source: Destination, field: &str) -> Result<(), Invalid> {
         let _writing = self.write_lock();
-        let current = self.table.load();
+        let current = self.table.load_full();
         let compiled = current.compile_destination(source, field, &self.stats)?;
+        let key = compiled.key.clone();
+        let previous = current.get(&key);
         if let Some(next) = current.replace_destination(compiled) {
             self.table.store(Arc::new(next));
+        }
+        if let Some(previous) = previous {
+            Self::unprobe(&previous);
+        }
+        if let Some(dest) = self.table.load().get(&key) {
+            self.probe(&dest);
         }
         Ok(())
     }
@@ -261,9 +308,13 @@ impl Shared {
     /// Forget the destination `key` (normalized); whether it was known.
     pub fn remove_destination(&self, key: &str) -> bool {
         let _writing = self.write_lock();
-        match self.table.load().remove_destination(key) {
+        let current = self.table.load_full();
+        match current.remove_destination(key) {
             Some(next) => {
                 self.table.store(Arc::new(next));
+                if let Some(previous) = current.get(key) {
+                    Self::unprobe(&previous);
+                }
                 true
             }
             None => false,

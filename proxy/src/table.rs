@@ -332,6 +332,14 @@ impl RoutingTable {
             .map(|slot| slot.load_full())
     }
 
+    /// The current entry of every destination (in configuration order).
+    pub fn entries(&self) -> impl Iterator<Item = Arc<DestinationTable>> + '_ {
+        self.destinations
+            .order
+            .iter()
+            .filter_map(|key| self.get(key))
+    }
+
     /// Destination keys, sorted (for logs and tests).
     pub fn destination_keys(&self) -> Vec<String> {
         let mut keys: Vec<_> = self
@@ -406,6 +414,9 @@ pub struct DestinationTable {
     pub ejection_counts: trellis_policy::FailureKind,
     /// Share of new traces sampled towards this destination (None = the proxy's default).
     pub trace_sampling: Option<f64>,
+    /// Active health checks of the endpoints, when the policy sets them (probing is started
+    /// by [`crate::state::Shared`] when this entry becomes current, never by compiling).
+    pub health: Option<crate::health::Checks>,
     /// Backends, referenced by index from splits.
     pub backends: Vec<BackendTable>,
     /// Label value naming the destination on metrics.
@@ -457,10 +468,14 @@ impl DestinationTable {
             backends.push((b, bfield, workload));
         }
         let ejection = checked_policy(d, field)?;
+        let health = match d.policy.as_ref().and_then(|p| p.health_check.as_ref()) {
+            Some(h) => Some(crate::health::Checks::compile(h, field)?),
+            None => None,
+        };
         let backends = backends
             .into_iter()
             .map(|(b, bfield, workload)| {
-                BackendTable::compile(b, &bfield, d, &workload, stats, ejection)
+                BackendTable::compile(b, &bfield, d, &workload, stats, ejection, health.is_some())
             })
             .collect::<Result<Vec<_>, _>>()?;
         let ready: Vec<bool> = backends.iter().map(|b| !b.endpoints.is_empty()).collect();
@@ -530,6 +545,7 @@ impl DestinationTable {
                 .and_then(|p| p.outlier_detection.as_ref())
                 .map(|o| o.failures)
                 .unwrap_or_default(),
+            health,
             backends,
             source: Arc::clone(d),
             routes,
@@ -919,6 +935,7 @@ impl BackendTable {
         workload: &config::Workload,
         stats: &StatsRegistry,
         ejection: Option<Ejection>,
+        health_checked: bool,
     ) -> Result<Self, Invalid> {
         let mut endpoints = Vec::with_capacity(b.endpoints.len());
         for (i, e) in b.endpoints.iter().enumerate() {
@@ -950,14 +967,16 @@ impl BackendTable {
             name: Label::from(b.name.as_str()),
             endpoints,
             workload: WorkloadLabels::from(workload),
-            balancer: Balancer::new(balancer_kind(d)).with_ejection(ejection),
+            balancer: Balancer::new(balancer_kind(d))
+                .with_ejection(ejection)
+                .with_health_checks(health_checked),
         })
     }
 
     /// Pick an endpoint for a request: the balancer's choice, unless it is `avoid` (the endpoint
     /// a retry's last try failed on) or full (the breaker's `maxRequestsPerEndpoint`); then
-    /// the next endpoint round the list that is neither (nor ejected). `avoid` is used when
-    /// it is the only one with room.
+    /// the next endpoint round the list that is neither (nor ejected, nor unhealthy: health
+    /// checks). `avoid` is used when it is the only one with room.
     pub fn pick_for(
         &self,
         avoid: Option<usize>,
@@ -974,9 +993,9 @@ impl BackendTable {
             return Ok(choice);
         }
         let n = self.endpoints.len();
-        let other = (1..n)
-            .map(|k| (choice + k) % n)
-            .find(|&i| Some(i) != avoid && has_room(i) && !self.endpoints[i].stats.ejected());
+        let other = (1..n).map(|k| (choice + k) % n).find(|&i| {
+            Some(i) != avoid && has_room(i) && self.balancer.available(&self.endpoints[i].stats)
+        });
         match other {
             Some(i) => Ok(i),
             None if has_room(choice) => Ok(choice),
@@ -1360,6 +1379,81 @@ mod tests {
             !m.matches(&Method::GET, "/api/x", &h),
             "whole value must match"
         );
+    }
+
+    /// `a.shop` over three endpoints, with `policy` (JSON) when given.
+    fn checked(policy: Option<serde_json::Value>) -> config::Destination {
+        let mut d = serde_json::json!({
+            "authority": "a.shop",
+            "balancer": "round_robin",
+            "backends": [{ "name": "a", "endpoints": [
+                { "address": "10.0.1.1:80" }, { "address": "10.0.1.2:80" }, { "address": "10.0.1.3:80" },
+            ]}],
+        });
+        if let Some(p) = policy {
+            d["policy"] = p;
+        }
+        serde_json::from_value(d).expect("a valid destination")
+    }
+
+    #[test]
+    fn compiling_and_validating_a_health_check_spawns_nothing() {
+        // No tokio runtime here: a spawn would panic.
+        let config = Config {
+            destinations: vec![checked(Some(serde_json::json!({
+                "healthCheck": { "httpPath": "/healthz", "interval": "100ms", "timeout": "50ms" },
+            })))],
+            ..Default::default()
+        };
+        RoutingTable::validate(&config).expect("valid");
+        let table = RoutingTable::compile(config, &StatsRegistry::default()).unwrap();
+        let a = entry(&table, "a.shop");
+        let checks = a.health.as_ref().expect("compiled");
+        assert_eq!(checks.path.as_ref().map(|p| p.as_str()), Some("/healthz"));
+        assert_eq!(checks.interval, Duration::from_millis(100));
+        assert_eq!(
+            (checks.thresholds.unhealthy, checks.thresholds.healthy),
+            (3, 2),
+            "the policy's defaults"
+        );
+    }
+
+    #[test]
+    fn unhealthy_endpoints_are_skipped_only_while_the_destination_checks_health() {
+        let stats = StatsRegistry::default();
+        let check = serde_json::json!({ "healthCheck": { "interval": "1s" } });
+        let table = RoutingTable::compile(
+            Config {
+                destinations: vec![checked(Some(check))],
+                ..Default::default()
+            },
+            &stats,
+        )
+        .unwrap();
+        let a = entry(&table, "a.shop");
+        let bad = &a.backends[0].endpoints[1].stats;
+        let one = crate::health::Thresholds {
+            unhealthy: 1,
+            healthy: 1,
+        };
+        assert_eq!(bad.health.record(false, one), Some(false));
+        let picks = |d: &DestinationTable, avoid: Option<usize>| {
+            (0..30)
+                .map(|_| d.backends[0].pick_for(avoid, None).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert!(!picks(&a, None).contains(&1));
+        assert!(
+            !picks(&a, Some(0)).contains(&1),
+            "a retry avoiding 0 goes to 2, not to the unhealthy 1"
+        );
+        // The same endpoints without a health check: the flag (kept with the address's
+        // statistics) no longer counts.
+        let unchecked = table
+            .compile_destination(checked(None), "a", &stats)
+            .unwrap();
+        assert!(Arc::ptr_eq(bad, &unchecked.backends[0].endpoints[1].stats));
+        assert!(picks(&unchecked, None).contains(&1));
     }
 
     #[test]

@@ -721,3 +721,44 @@ async fn client_certificates_without_exactly_one_spiffe_id_are_refused() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn health_checks_probe_an_mtls_endpoint_through_its_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = new_ca("mesh");
+    let app = flaky("b", Mode::FailPercent(100, 503)).await;
+    // B lets only A in: a plaintext probe would be refused (403) before reaching the app.
+    let b = proxy(&server_yaml(
+        app.addr,
+        A_ID,
+        &identity_yaml(dir.path(), "b", &valid_leaf(&ca, B_ID), &[&ca]),
+    ))
+    .await;
+    let a = proxy(&format!(
+        "admin: 127.0.0.1:0\noutbound:\n  http: 127.0.0.1:0\ndestinations:\n  - authority: b.shop\n    policy: {{healthCheck: {{httpPath: /healthz, interval: 100ms, timeout: 100ms, unhealthyThreshold: 2, healthyThreshold: 1}}}}\n    backends:\n      - name: b\n        endpoints: [{{address: \"{}\", identity: \"{B_ID}\"}}]\n{}",
+        b.inbound.unwrap(),
+        identity_yaml(dir.path(), "a", &valid_leaf(&ca, A_ID), &[&ca]),
+    ))
+    .await;
+    let gauge = |n: u32| format!("trellis_unhealthy_endpoints{{destination=\"b.shop\"}} {n}");
+    let wait_for = |needle: String| {
+        let a = &a;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !metrics(a).await.contains(&needle) {
+                assert!(Instant::now() < deadline, "never: {needle}");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    };
+    wait_for(gauge(1)).await;
+    assert!(app.hits() >= 2, "the probes reached the app through B");
+    assert!(
+        metrics(&b)
+            .await
+            .contains(&format!("source_identity=\"{A_ID}\"")),
+        "B saw them from A's proven identity"
+    );
+    app.set(Mode::Ok);
+    wait_for(gauge(0)).await;
+}

@@ -565,3 +565,155 @@ async fn ejection_counts_only_the_configured_failures() {
         }
     }
 }
+
+/// The value of one series (`name{labels}` exactly as rendered) on the admin port's `/metrics`.
+async fn series(proxy: &trellis_proxy::RunningProxy, name: &str) -> Option<f64> {
+    let text = admin_text(proxy, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits (at most 5 s) until `series(name)` is `value`.
+async fn wait_for_series(proxy: &trellis_proxy::RunningProxy, name: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = series(proxy, name).await;
+        if now == Some(value) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} is {now:?}, not {value}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+const UNHEALTHY: &str = "trellis_unhealthy_endpoints{destination=\"svc.default\"}";
+const PROBES_FAILED: &str =
+    "trellis_endpoint_health_checks_total{destination=\"svc.default\",result=\"fail\"}";
+
+/// How many answers came from each app (by `x-app`).
+fn by_app(got: &[(StatusCode, String)], app: &str) -> usize {
+    got.iter().filter(|(_, a)| a == app).count()
+}
+
+#[tokio::test]
+async fn health_checks_take_a_failing_endpoint_out_and_bring_it_back_once_it_passes() {
+    let one = flaky("one", Mode::Ok).await;
+    let bad = flaky("bad", Mode::FailPercent(100, 503)).await;
+    let two = flaky("two", Mode::Ok).await;
+    let running = start(&config(
+        &[one.addr, bad.addr, two.addr],
+        "{healthCheck: {httpPath: /healthz, interval: 100ms, timeout: 100ms, unhealthyThreshold: 2, healthyThreshold: 2}}",
+        "",
+    ))
+    .await;
+    wait_for_series(&running, UNHEALTHY, 1.0).await;
+    let failed = series(&running, PROBES_FAILED).await.unwrap_or_default();
+    assert!(failed >= 2.0, "out after 2 failed probes: {failed}");
+    let got = get_n(&running, 60).await;
+    assert_eq!(count(&got, StatusCode::OK), 60, "{got:?}");
+    assert_eq!(by_app(&got, "bad"), 0);
+    assert!(
+        by_app(&got, "one") >= 20 && by_app(&got, "two") >= 20,
+        "the others share its turns: {got:?}"
+    );
+
+    // It recovers: after 2 passed probes it is back in the rotation.
+    bad.set(Mode::Ok);
+    wait_for_series(&running, UNHEALTHY, 0.0).await;
+    let got = get_n(&running, 60).await;
+    assert_eq!(count(&got, StatusCode::OK), 60, "{got:?}");
+    assert!(by_app(&got, "bad") >= 15, "back with its share: {got:?}");
+}
+
+#[tokio::test]
+async fn without_health_checks_a_failing_endpoint_keeps_its_share() {
+    // The control of the test above: the same endpoints, no `healthCheck`.
+    let one = flaky("one", Mode::Ok).await;
+    let bad = flaky("bad", Mode::FailPercent(100, 503)).await;
+    let two = flaky("two", Mode::Ok).await;
+    let running = start(&config(&[one.addr, bad.addr, two.addr], "", "")).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(bad.hits(), 0, "nothing probes it");
+    let got = get_n(&running, 60).await;
+    assert_eq!(count(&got, StatusCode::SERVICE_UNAVAILABLE), 20, "{got:?}");
+    assert_eq!(series(&running, UNHEALTHY).await, None);
+}
+
+#[tokio::test]
+async fn a_tcp_health_check_takes_out_an_endpoint_whose_listener_is_gone() {
+    let one = flaky("one", Mode::Ok).await;
+    let two = flaky("two", Mode::Ok).await;
+    let gone = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let running = start(&config(
+        &[one.addr, gone, two.addr],
+        "{healthCheck: {interval: 100ms, timeout: 100ms, unhealthyThreshold: 2}}",
+        "",
+    ))
+    .await;
+    wait_for_series(&running, UNHEALTHY, 1.0).await;
+    let got = get_n(&running, 60).await;
+    assert_eq!(
+        count(&got, StatusCode::OK),
+        60,
+        "no connect-failed: {got:?}"
+    );
+    // A TCP probe sends no request: the live endpoints only saw the 60.
+    assert_eq!(one.hits() + two.hits(), 60);
+    assert!(
+        one.connections.load(Ordering::SeqCst) >= 2,
+        "probed by connects"
+    );
+}
+
+#[tokio::test]
+async fn a_destination_replaced_without_its_health_check_stops_probing() {
+    let up = flaky("up", Mode::Ok).await;
+    let checked = config(
+        &[up.addr],
+        "{healthCheck: {httpPath: /healthz, interval: 100ms, timeout: 100ms}}",
+        "",
+    );
+    let running = start(&checked).await;
+    let parse = |yaml: &str| {
+        trellis_proxy::config::Config::parse(yaml, std::path::Path::new("t.yaml")).unwrap()
+    };
+    let probes_within = |window: Duration| {
+        let up = up.clone();
+        async move {
+            let before = up.hits();
+            tokio::time::sleep(window).await;
+            up.hits() - before
+        }
+    };
+    // No client traffic: every hit is a probe.
+    let first = probes_within(Duration::from_millis(1000)).await;
+    assert!((5..=12).contains(&first), "about one per 100 ms: {first}");
+    // Each replaced entry is held, as a long request would hold it: its prober must stop all
+    // the same.
+    let entry = || running.shared.table.load().get("svc.default").unwrap();
+    let held = vec![entry()];
+    // A whole new configuration with the same check: the new entry's prober takes over, at the
+    // same rhythm (the old one stopped).
+    running.shared.apply(parse(&checked)).unwrap();
+    let held = [held, vec![entry()]].concat();
+    let after_reload = probes_within(Duration::from_millis(1000)).await;
+    assert!(
+        (5..=12).contains(&after_reload),
+        "still one per 100 ms: {after_reload}"
+    );
+    // The destination alone replaced without a health check: no more probes.
+    let unchecked = parse(&config(&[up.addr], "", "")).destinations.remove(0);
+    running
+        .shared
+        .apply_destination(unchecked, "destinations[svc.default]")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(probes_within(Duration::from_millis(1000)).await, 0);
+    assert_eq!(series(&running, UNHEALTHY).await, None, "its gauge is gone");
+    // Requests still flow.
+    assert_eq!(get_n(&running, 3).await.len(), 3);
+    drop(held);
+}

@@ -131,6 +131,19 @@ impl RequestBody {
         }
     }
 
+    /// No body at all (the proxy's own requests: health-check probes).
+    pub fn empty() -> Self {
+        RequestBody {
+            source: Source::Kept {
+                data: None,
+                trailers: None,
+            },
+            failed: Arc::new(AtomicBool::new(false)),
+            tally: None,
+            idle: None,
+        }
+    }
+
     /// Raised when reading the client's body failed.
     pub fn failed_flag(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.failed)

@@ -109,6 +109,11 @@ impl Clients {
         })
     }
 
+    /// The plaintext client: h2c (prior knowledge) or HTTP/1.1.
+    pub fn plain(&self, http2: bool) -> &UpstreamClient {
+        if http2 { &self.http2 } else { &self.http1 }
+    }
+
     /// The mTLS client towards endpoints named `expected` (created on first use).
     pub fn mesh(
         &self,
