@@ -22,7 +22,7 @@ use http::{HeaderMap, Method};
 
 use crate::config::DefaultAction;
 use crate::metrics::Label;
-use crate::table::{AuthorizationTable, InboundTable};
+use crate::table::{AuthorizationTable, InboundTable, RoutingTable};
 
 /// Who is calling.
 #[derive(Debug, Clone)]
@@ -37,6 +37,22 @@ pub struct Caller {
     /// The connection came through the transparent inbound listener: its policy is the one of
     /// `port` there, not the inbound listener's.
     pub transparent: bool,
+}
+
+impl Caller {
+    /// The inbound policy that applies to this caller's connection in `table`: the inbound
+    /// listener's, or for a transparent one the policy of the port it addressed (`None`: refuse,
+    /// fail safe).
+    pub fn policy_in<'t>(
+        &self,
+        table: &'t RoutingTable,
+    ) -> Option<&'t std::sync::Arc<InboundTable>> {
+        if self.transparent {
+            table.transparent_inbound.get(&self.port)
+        } else {
+            table.inbound.as_ref()
+        }
+    }
 }
 
 /// An HTTP request as far as authorization is concerned.

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -581,64 +581,10 @@ pub struct Invalid {
     pub message: String,
 }
 
-impl Config {
-    /// Read, parse and validate a YAML file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut config = Config::parse(&text, path)?;
-        if let (Some(identity), Some(dir)) = (&mut config.identity, path.parent()) {
-            for file in std::iter::once(&mut identity.cert)
-                .chain(std::iter::once(&mut identity.key))
-                .chain(identity.trust_anchors.iter_mut())
-            {
-                if file.is_relative() {
-                    *file = dir.join(&*file);
-                }
-            }
-        }
-        Ok(config)
-    }
-
-    /// Parse and validate YAML text; `path` is only used in error messages.
-    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .location()
-                .map(|l| (l.line(), l.column()))
-                .unwrap_or((0, 0));
-            ConfigError::Parse {
-                path: path.to_path_buf(),
-                line,
-                column,
-                message: e.to_string(),
-            }
-        })?;
-        crate::table::RoutingTable::validate(&config).map_err(|invalid| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            line: line_of(text, &invalid.value),
-            field: invalid.field,
-            message: invalid.message,
-        })?;
-        Ok(config)
-    }
-}
-
-/// 1-based line of the first occurrence of `value` in `text` (0 when not found).
-fn line_of(text: &str, value: &str) -> usize {
-    if value.is_empty() {
-        return 0;
-    }
-    text.lines()
-        .position(|l| l.contains(value))
-        .map_or(0, |i| i + 1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     const BENCH_SHAPE: &str = r#"
 admin: 127.0.0.1:9901

@@ -45,6 +45,7 @@ pub mod detect;
 pub mod health;
 pub mod http;
 pub mod identity;
+pub mod load;
 pub mod metrics;
 pub mod observe;
 pub mod reload;

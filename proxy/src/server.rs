@@ -409,7 +409,7 @@ pub(crate) async fn serve_inbound(
         port,
         transparent,
     };
-    let Some(policy) = shared.table.load().inbound_for(&caller).cloned() else {
+    let Some(policy) = caller.policy_in(&shared.table.load()).cloned() else {
         // A transparent port without a policy: refused (fail safe).
         shared
             .connections
@@ -531,7 +531,7 @@ async fn serve_inbound_stream<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(policy) = shared.table.load().inbound_for(&caller).cloned() else {
+    let Some(policy) = caller.policy_in(&shared.table.load()).cloned() else {
         return;
     };
     let limits = shared.limits.clone();
@@ -579,7 +579,7 @@ async fn forward_inbound_tcp<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(policy) = shared.table.load().inbound_for(&caller).cloned() else {
+    let Some(policy) = caller.policy_in(&shared.table.load()).cloned() else {
         return;
     };
     if shared.authorizer.authorize_connection(&policy, &caller) == Verdict::Deny {

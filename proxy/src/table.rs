@@ -269,16 +269,6 @@ impl RoutingTable {
         config
     }
 
-    /// The inbound policy that applies to `caller`'s connection: the inbound listener's, or for
-    /// a transparent one the policy of the port it addressed (`None`: refuse, fail safe).
-    pub fn inbound_for(&self, caller: &crate::authz::Caller) -> Option<&Arc<InboundTable>> {
-        if caller.transparent {
-            self.transparent_inbound.get(&caller.port)
-        } else {
-            self.inbound.as_ref()
-        }
-    }
-
     /// Check a file configuration without keeping the result.
     pub fn validate(config: &Config) -> Result<(), Invalid> {
         let table = RoutingTable::compile(config.clone(), &StatsRegistry::default())?;

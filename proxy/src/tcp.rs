@@ -232,7 +232,7 @@ async fn revoked(
     loop {
         let allowed = {
             let table = shared.table.load();
-            table.inbound_for(caller).is_some_and(|policy| {
+            caller.policy_in(&table).is_some_and(|policy| {
                 shared.authorizer.authorize_connection(policy, caller) == Verdict::Allow
             })
         };

@@ -474,7 +474,7 @@ async fn inbound(
     mut req: Request<Incoming>,
     started: Instant,
 ) -> Response<ProxyBody> {
-    let Some(policy) = shared.table.load().inbound_for(caller).cloned() else {
+    let Some(policy) = caller.policy_in(&shared.table.load()).cloned() else {
         return local(Reason::NoInbound, "no inbound listener is configured");
     };
     let labels = |code: u16, error: Label| RequestLabels {
