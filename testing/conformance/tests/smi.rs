@@ -6,8 +6,7 @@
 //!
 //! The meshes deny by default and run with identities and mTLS ([`Security::Identity`]): the
 //! split scenarios run under TrafficTargets that allow their caller, then the access scenarios,
-//! the hosts scenarios (on hosts only) and last the TrafficPolicy rows (issue #12), which leave
-//! the endpoints' balancer statistics marked by the failures they provoke.
+//! the TrafficPolicy rows (issue #12) and the hosts scenarios (on hosts only).
 
 use trellis_conformance::harness::mesh::{Mesh, Security, output_dir};
 use trellis_conformance::harness::platform::PlatformKind;
@@ -28,8 +27,8 @@ async fn run_platform(kind: PlatformKind, security: Security) -> PlatformRun {
         SPLIT_SCENARIOS
             .iter()
             .chain(&ACCESS_SCENARIOS)
-            .chain(&HOSTS_SCENARIOS)
             .chain(&POLICY_SCENARIOS)
+            .chain(&HOSTS_SCENARIOS)
             .map(|s| (*s, outcome.clone()))
             .collect()
     };
@@ -75,11 +74,12 @@ async fn run_platform(kind: PlatformKind, security: Security) -> PlatformRun {
             ),
         }
     }
-    if run("hosts") {
-        outcomes.extend(scenarios::hosts_scenarios(&mesh).await);
-    }
+    // Before the hosts rows, whose outages leave the registry re-registering b.
     if run("policy") {
         outcomes.extend(scenarios::policy_scenarios(&mesh).await);
+    }
+    if run("hosts") {
+        outcomes.extend(scenarios::hosts_scenarios(&mesh).await);
     }
     let logs = outcomes
         .iter()

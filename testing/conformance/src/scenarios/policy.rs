@@ -71,7 +71,7 @@ spec:
 const TIMEOUT: (&str, &str, &str) = (
     "conformance-timeout",
     DEST,
-    "  timeouts: { request: 200ms }\n",
+    "  timeouts: { request: 400ms }\n",
 );
 const RETRIES: (&str, &str, &str) = (
     "conformance-retries",
@@ -216,18 +216,21 @@ fn took(r: &CallReport) -> String {
     }
 }
 
-/// `timeouts.request: 200ms` against answers that take 700 ms: 504 `timeout`, after the timeout
-/// and before the answer; removed, the slow answer arrives.
+/// `timeouts.request: 400ms` against answers that take 1.2 s: 504 `timeout`, after the timeout
+/// and before the answer, while fast calls are answered; removed, the slow answer arrives.
 async fn timeout(mesh: &Mesh) -> anyhow::Result<String> {
-    const DELAY_MS: u64 = 700;
-    const TIMEOUT_MS: u64 = 200;
+    // Wide margins: a fast call on a loaded 2-core machine must not reach the timeout.
+    const DELAY_MS: u64 = 1200;
+    const TIMEOUT_MS: u64 = 400;
     let slow = to_b(&format!("/echo?delay_ms={DELAY_MS}"), 1);
     mesh.platform.apply_policy(POLICY, &yaml(TIMEOUT)).await?;
     let applied = until(mesh, CALLER, &slow, "504 timeout", |r| {
         all_mesh(r, 1, 504, "timeout")
     })
     .await?;
-    let cut = mesh.call(CALLER, &slow.clone().count(3)).await?;
+    let cut = mesh
+        .call(CALLER, &slow.clone().count(3).concurrency(3))
+        .await?;
     if !all_mesh(&cut, 3, 504, "timeout") {
         bail!(
             "expected 3 of 3 slow calls answered 504 timeout: {}",
@@ -250,7 +253,9 @@ async fn timeout(mesh: &Mesh) -> anyhow::Result<String> {
     }
     mesh.platform.delete_policy(POLICY).await?;
     let removed = until(mesh, CALLER, &slow, "the slow answer", |r| all_b(r, 1)).await?;
-    let answered = mesh.call(CALLER, &slow.clone().count(2)).await?;
+    let answered = mesh
+        .call(CALLER, &slow.clone().count(2).concurrency(2))
+        .await?;
     if !all_b(&answered, 2) || answered.fastest_ms < Some(DELAY_MS) {
         bail!(
             "removed: expected 2 of 2 answered by b after {DELAY_MS} ms: {} in {}",
@@ -613,6 +618,16 @@ async fn outlier(mesh: &Mesh) -> anyhow::Result<String> {
     const PLAIN: u32 = 250;
     let failing = Call::get(ROOT, "/echo?fail_version=b", 4);
     let plain = Call::get(ROOT, "/echo", PLAIN);
+    // Both endpoints in the root first: all to c proves nothing while b is not there.
+    let probe = Call::get(ROOT, "/echo", 50);
+    until(
+        mesh,
+        CALLER,
+        &probe,
+        "before: b and c both answer app-svc",
+        |r| all_ok(r, 50) && count(r, B) > 0 && count(r, C) > 0,
+    )
+    .await?;
     mesh.platform.apply_policy(POLICY, &yaml(OUTLIER)).await?;
     let (_, applied) = poll("b ejected", || async {
         let f = mesh.call(CALLER, &failing).await?;
@@ -639,7 +654,6 @@ async fn outlier(mesh: &Mesh) -> anyhow::Result<String> {
         bail!("b ejected, yet its app received {b_received} requests");
     }
     mesh.platform.delete_policy(POLICY).await?;
-    let probe = Call::get(ROOT, "/echo", 50);
     let removed = until(mesh, CALLER, &probe, "b answers again", |r| {
         all_ok(r, 50) && count(r, B) > 0
     })
