@@ -1195,14 +1195,20 @@ mod tests {
         let compiled = table
             .compile_destination(source.clone(), "destinations[b.shop]", &stats)
             .unwrap();
-        table.replace_destination(compiled);
+        assert!(
+            table.replace_destination(compiled).is_none(),
+            "replaced in its slot"
+        );
         assert_eq!(entry(&table, "b.shop").backend_named("v2"), Some(0));
         source.backends.retain(|b| b.name == "v1");
         source.routes[0].backends.retain(|b| b.name == "v1");
         let compiled = table
             .compile_destination(source, "destinations[b.shop]", &stats)
             .unwrap();
-        table.replace_destination(compiled);
+        assert!(
+            table.replace_destination(compiled).is_none(),
+            "replaced in its slot"
+        );
         let new = entry(&table, "b.shop");
         assert_eq!(new.backends.len(), 1);
         assert_eq!(new.backend_named("v2"), None);

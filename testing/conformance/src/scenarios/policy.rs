@@ -643,7 +643,8 @@ async fn outlier(mesh: &Mesh) -> anyhow::Result<String> {
     let f = mesh.call(CALLER, &failing.clone().count(20)).await?;
     let p = mesh.call(CALLER, &plain).await?;
     let b_received = mesh.counts("app-b").await?.total;
-    if !(all_ok(&f, 20) && count(&f, C) == 20) || !(all_ok(&p, PLAIN) && count(&p, C) == PLAIN) {
+    let all_c = |r: &CallReport, n: u32| all_ok(r, n) && count(r, C) == n;
+    if !all_c(&f, 20) || !all_c(&p, PLAIN) {
         bail!(
             "b ejected: expected every call answered by c: failing {}; plain {}",
             seen(&f),
