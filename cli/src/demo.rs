@@ -579,6 +579,7 @@ async fn send(through: SocketAddr, caller: &str, count: u32) -> anyhow::Result<C
         headers: Default::default(),
         proxy: Some(through),
         timeout_ms: Some(5000),
+        concurrency: None,
     })
     .await
 }

@@ -573,6 +573,13 @@ impl DestinationTable {
             .unwrap_or(&self.policy)
     }
 
+    /// The index of the backend named `name`, if this destination still has it. A task that
+    /// outlives the table it started from (a mirror copy) finds its backend again by name: a
+    /// controller update may have removed it or moved the others.
+    pub fn backend_named(&self, name: &str) -> Option<usize> {
+        self.backends.iter().position(|b| b.name.as_str() == name)
+    }
+
     /// The next backend of the route's split (index into `backends`); None when every weight
     /// is 0 or there are no backends.
     pub fn split(&self, route: RouteRef) -> Option<usize> {
@@ -1182,6 +1189,39 @@ mod tests {
         table
             .get(key)
             .unwrap_or_else(|| panic!("{key} is in the table"))
+    }
+
+    #[test]
+    fn a_task_finds_its_backend_by_name_in_the_table_in_force() {
+        // A mirror copy routed with one table runs with the next: the index it was given may
+        // name another backend there, or none (the proxy once panicked on that index).
+        let stats = StatsRegistry::default();
+        let table = RoutingTable::compile(three(), &stats).unwrap();
+        let old = entry(&table, "b.shop");
+        assert_eq!(old.backend_named("v2"), Some(1));
+        let mut source = config::Destination::clone(&old.source);
+        source.backends.reverse();
+        let compiled = table
+            .compile_destination(source.clone(), "destinations[b.shop]", &stats)
+            .unwrap();
+        assert!(
+            table.replace_destination(compiled).is_none(),
+            "replaced in its slot"
+        );
+        assert_eq!(entry(&table, "b.shop").backend_named("v2"), Some(0));
+        source.backends.retain(|b| b.name == "v1");
+        source.routes[0].backends.retain(|b| b.name == "v1");
+        let compiled = table
+            .compile_destination(source, "destinations[b.shop]", &stats)
+            .unwrap();
+        assert!(
+            table.replace_destination(compiled).is_none(),
+            "replaced in its slot"
+        );
+        let new = entry(&table, "b.shop");
+        assert_eq!(new.backends.len(), 1);
+        assert_eq!(new.backend_named("v2"), None);
+        assert_eq!(new.backend_named("v1"), Some(0));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The calling side of the echo app: send N requests to a URL over ONE keep-alive connection (as
 //! real clients do, which is why a mesh must split per request, not per connection), directly or
-//! through a mesh proxy, and report what answered.
+//! through a mesh proxy, and report what answered. With `concurrency` above 1, the requests are
+//! shared among that many connections sending at once (a circuit breaker's limits on requests in
+//! flight need callers that do not wait for each other).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -41,6 +43,10 @@ pub struct CallPlan {
     /// Per-request timeout in milliseconds (default 5000).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Connections sending at once, each its share of `count` one after another (default 1:
+    /// every request on one connection, in order).
+    #[serde(default)]
+    pub concurrency: Option<u32>,
 }
 
 fn default_method() -> String {
@@ -58,13 +64,72 @@ pub struct CallReport {
     pub mesh_errors: BTreeMap<String, u32>,
     /// Requests that got no response at all (connection errors, timeouts).
     pub failed: u32,
-    /// New connections opened after the first (a server or proxy closed the connection).
+    /// New connections opened after the first (a server or proxy closed the connection; with
+    /// `concurrency`, the connections beyond one per lane).
     pub reconnects: u32,
+    /// `retry-after` values of the responses that carried one, and how many carried each.
+    #[serde(default)]
+    pub retry_after: BTreeMap<String, u32>,
+    /// The fastest and the slowest answer (request sent to response body read), in ms; None
+    /// when nothing answered.
+    #[serde(default)]
+    pub fastest_ms: Option<u64>,
+    #[serde(default)]
+    pub slowest_ms: Option<u64>,
+}
+
+impl CallReport {
+    /// Adds what another batch saw (a lane of a concurrent plan).
+    pub fn merge(&mut self, other: CallReport) {
+        fn add<K: Ord>(into: &mut BTreeMap<K, u32>, from: BTreeMap<K, u32>) {
+            for (k, n) in from {
+                *into.entry(k).or_default() += n;
+            }
+        }
+        add(&mut self.statuses, other.statuses);
+        add(&mut self.by_responder, other.by_responder);
+        add(&mut self.mesh_errors, other.mesh_errors);
+        add(&mut self.retry_after, other.retry_after);
+        self.failed += other.failed;
+        self.reconnects += other.reconnects;
+        self.fastest_ms = match (self.fastest_ms, other.fastest_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.slowest_ms = self.slowest_ms.max(other.slowest_ms);
+    }
+
+    fn answered_in(&mut self, took: Duration) {
+        let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+        self.fastest_ms = Some(self.fastest_ms.map_or(ms, |f| f.min(ms)));
+        self.slowest_ms = Some(self.slowest_ms.map_or(ms, |s| s.max(ms)));
+    }
 }
 
 /// Runs `plan` and reports what answered. Errors only for an unusable plan; call failures are
 /// counted in the report.
 pub async fn run(plan: &CallPlan) -> anyhow::Result<CallReport> {
+    let lanes = plan.concurrency.unwrap_or(1).clamp(1, plan.count.max(1));
+    if lanes == 1 {
+        return lane(plan, plan.count).await;
+    }
+    // Every lane connects and sends at once; the first `count % lanes` take one more request.
+    let tasks: Vec<_> = (0..lanes)
+        .map(|i| {
+            let plan = plan.clone();
+            let count = plan.count / lanes + u32::from(i < plan.count % lanes);
+            tokio::spawn(async move { lane(&plan, count).await })
+        })
+        .collect();
+    let mut report = CallReport::default();
+    for task in tasks {
+        report.merge(task.await.context("a lane of the plan panicked")??);
+    }
+    Ok(report)
+}
+
+/// `count` requests of `plan`, one after another on one keep-alive connection.
+async fn lane(plan: &CallPlan, count: u32) -> anyhow::Result<CallReport> {
     let uri: Uri = plan
         .url
         .parse()
@@ -86,7 +151,7 @@ pub async fn run(plan: &CallPlan) -> anyhow::Result<CallReport> {
     let mut report = CallReport::default();
     let mut sender: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> = None;
     let mut connections = 0u32;
-    for _ in 0..plan.count {
+    for _ in 0..count {
         if sender.as_ref().is_none_or(|s| s.is_closed()) {
             match connect(&connect_to).await {
                 Ok(s) => {
@@ -119,6 +184,7 @@ pub async fn run(plan: &CallPlan) -> anyhow::Result<CallReport> {
             builder = builder.header(k, v);
         }
         let request = builder.body(Empty::new()).context("building request")?;
+        let sent = std::time::Instant::now();
         let outcome = tokio::time::timeout(timeout, async {
             let _ = s.ready().await;
             let response = s.send_request(request).await?;
@@ -128,13 +194,21 @@ pub async fn run(plan: &CallPlan) -> anyhow::Result<CallReport> {
                 .get(MESH_ERROR_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
+            let retry_after = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
             let body = response.into_body().collect().await?.to_bytes();
-            Ok::<_, hyper::Error>((status, mesh_error, body))
+            Ok::<_, hyper::Error>((status, mesh_error, retry_after, body))
         })
         .await;
         match outcome {
-            Ok(Ok((status, mesh_error, body))) => {
+            Ok(Ok((status, mesh_error, retry_after, body))) => {
+                report.answered_in(sent.elapsed());
                 *report.statuses.entry(status).or_default() += 1;
+                if let Some(value) = retry_after {
+                    *report.retry_after.entry(value).or_default() += 1;
+                }
                 if let Some(reason) = mesh_error {
                     *report.mesh_errors.entry(reason).or_default() += 1;
                 } else if let Ok(reply) = serde_json::from_slice::<EchoReply>(&body) {

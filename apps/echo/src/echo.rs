@@ -5,10 +5,22 @@
 //! request, so a harness can drive "A calls B" scenarios and then ask B what it saw.
 //!
 //! - any path outside `/_echo/`: `200` with an [`EchoReply`] JSON body, counted. Query parameters
-//!   shape the answer, so a test can make known failures and latency: `status=CODE` answers with
-//!   that status (same body), `delay_ms=N` answers after N ms (at most 60 s).
+//!   shape the answer, so a test can make known failures and latency ([`Shape`]):
+//!   - `status=CODE` answers with that status (same body);
+//!   - `delay_ms=N` answers after N ms (at most 60 s);
+//!   - `fail_every=N`: every Nth request carrying `fail_every` that this instance receives
+//!     (counted per instance since start or the last reset, whatever its N) answers `503`; the
+//!     others answer as usual. With `N=2` and a fresh count, requests 2, 4, 6... fail: a known
+//!     share of failures that a retry (the next request in this instance's count) always turns
+//!     into an answer;
+//!   - `fail_version=V`: this instance answers `503` when its version is `V`; others answer as
+//!     usual. Behind one service with several instances, exactly one of them fails (outlier
+//!     ejection).
+//!
+//!   A failure of `fail_every` or `fail_version` takes precedence over `status`; the body is the
+//!   same [`EchoReply`] either way, so a caller still sees which instance answered.
 //! - `GET /_echo/counts`: the [`Counts`] seen since start or the last reset (not counted).
-//! - `POST /_echo/reset`: zero the counts.
+//! - `POST /_echo/reset`: zero the counts and the `fail_every` count.
 //! - `POST /_echo/call` with a [`CallPlan`] body: make the calls and answer a [`CallReport`].
 //!
 //! The caller is named by the `x-echo-caller` request header (the conformance app's convention:
@@ -18,6 +30,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -65,6 +78,8 @@ pub struct Counts {
 struct State {
     identity: Identity,
     counts: Mutex<Counts>,
+    /// Requests carrying `fail_every` since start or the last reset.
+    fail_every_seen: AtomicU64,
 }
 
 /// A running echo server; it stops when dropped.
@@ -82,6 +97,7 @@ impl EchoServer {
         let state = Arc::new(State {
             identity,
             counts: Mutex::new(Counts::default()),
+            fail_every_seen: AtomicU64::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, state));
         Ok(Self { addr, task })
@@ -129,6 +145,7 @@ async fn handle(
         }
         (&Method::POST, "/_echo/reset") => {
             *state.counts.lock().expect("counts lock") = Counts::default();
+            state.fail_every_seen.store(0, Ordering::SeqCst);
             json(StatusCode::OK, &Counts::default())
         }
         (&Method::POST, "/_echo/call") => call(req).await,
@@ -145,11 +162,16 @@ async fn handle(
                 *counts.by_caller.entry(caller.clone()).or_default() += 1;
                 *counts.by_path.entry(path.clone()).or_default() += 1;
             }
-            let (status, delay) = shaping(req.uri().query());
+            let shape = Shape::parse(req.uri().query());
+            // Counted on arrival, so concurrent requests take distinct places in the count.
+            let nth = shape
+                .fail_every
+                .map(|_| state.fail_every_seen.fetch_add(1, Ordering::SeqCst) + 1);
+            let status = shape.status_for(&state.identity.version, nth);
             // Drain the request body so keep-alive connections stay usable.
             let _ = req.into_body().collect().await;
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+            if !shape.delay.is_zero() {
+                tokio::time::sleep(shape.delay).await;
             }
             json(
                 status,
@@ -166,30 +188,63 @@ async fn handle(
     Ok(reply)
 }
 
-/// The `status` and `delay_ms` query parameters (unknown or bad values are ignored).
-fn shaping(query: Option<&str>) -> (StatusCode, std::time::Duration) {
-    let mut status = StatusCode::OK;
-    let mut delay = std::time::Duration::ZERO;
-    for pair in query.unwrap_or_default().split('&') {
-        match pair.split_once('=') {
-            Some(("status", code)) => {
-                if let Some(code) = code
-                    .parse::<u16>()
-                    .ok()
-                    .and_then(|c| StatusCode::from_u16(c).ok())
-                {
-                    status = code;
+/// How the query shapes an answer (unknown parameters and bad values are ignored).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Shape {
+    /// `status=CODE`.
+    pub status: Option<StatusCode>,
+    /// `delay_ms=N` (at most 60 s).
+    pub delay: std::time::Duration,
+    /// `fail_every=N` (N of at least 1).
+    pub fail_every: Option<u64>,
+    /// `fail_version=V`.
+    pub fail_version: Option<String>,
+}
+
+impl Shape {
+    /// Reads the query parameters.
+    pub fn parse(query: Option<&str>) -> Self {
+        let mut shape = Shape::default();
+        for pair in query.unwrap_or_default().split('&') {
+            match pair.split_once('=') {
+                Some(("status", code)) => {
+                    if let Some(code) = code
+                        .parse::<u16>()
+                        .ok()
+                        .and_then(|c| StatusCode::from_u16(c).ok())
+                    {
+                        shape.status = Some(code);
+                    }
                 }
-            }
-            Some(("delay_ms", ms)) => {
-                if let Ok(ms) = ms.parse::<u64>() {
-                    delay = std::time::Duration::from_millis(ms.min(60_000));
+                Some(("delay_ms", ms)) => {
+                    if let Ok(ms) = ms.parse::<u64>() {
+                        shape.delay = std::time::Duration::from_millis(ms.min(60_000));
+                    }
                 }
+                Some(("fail_every", n)) => {
+                    shape.fail_every = n.parse::<u64>().ok().filter(|n| *n > 0);
+                }
+                Some(("fail_version", v)) if !v.is_empty() => {
+                    shape.fail_version = Some(v.to_owned());
+                }
+                _ => {}
             }
-            _ => {}
         }
+        shape
     }
-    (status, delay)
+
+    /// The status of the answer of an instance of `version`, for the `nth` request carrying
+    /// `fail_every` (None when this one does not carry it).
+    pub fn status_for(&self, version: &str, nth: Option<u64>) -> StatusCode {
+        let every = match (self.fail_every, nth) {
+            (Some(every), Some(nth)) => nth % every == 0,
+            _ => false,
+        };
+        if every || self.fail_version.as_deref() == Some(version) {
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
+        self.status.unwrap_or(StatusCode::OK)
+    }
 }
 
 async fn call(req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -230,21 +285,33 @@ mod tests {
 
     #[test]
     fn status_and_delay_come_from_the_query() {
+        let shape = Shape::parse(Some("status=503&delay_ms=40"));
         assert_eq!(
-            shaping(Some("status=503&delay_ms=40")),
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                std::time::Duration::from_millis(40)
-            )
+            shape.status_for("v1", None),
+            StatusCode::SERVICE_UNAVAILABLE
         );
+        assert_eq!(shape.delay, std::time::Duration::from_millis(40));
+        let ignored = Shape::parse(Some(
+            "x=1&status=abc&delay_ms=-3&fail_every=0&fail_version=",
+        ));
+        assert_eq!(ignored, Shape::default());
+        assert_eq!(ignored.status_for("v1", Some(7)), StatusCode::OK);
+        assert_eq!(Shape::parse(None), Shape::default());
         assert_eq!(
-            shaping(Some("x=1&status=abc&delay_ms=-3")),
-            (StatusCode::OK, std::time::Duration::ZERO)
-        );
-        assert_eq!(shaping(None), (StatusCode::OK, std::time::Duration::ZERO));
-        assert_eq!(
-            shaping(Some("delay_ms=999999")).1,
+            Shape::parse(Some("delay_ms=999999")).delay,
             std::time::Duration::from_secs(60)
         );
+    }
+
+    #[test]
+    fn fail_every_fails_each_nth_request_and_fail_version_one_instance() {
+        let shape = Shape::parse(Some("fail_every=3&status=201"));
+        let statuses: Vec<u16> = (1..=6)
+            .map(|n| shape.status_for("v1", Some(n)).as_u16())
+            .collect();
+        assert_eq!(statuses, [201, 201, 503, 201, 201, 503]);
+        let shape = Shape::parse(Some("fail_version=b"));
+        assert_eq!(shape.status_for("b", None), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(shape.status_for("c", None), StatusCode::OK);
     }
 }

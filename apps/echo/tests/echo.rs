@@ -27,6 +27,7 @@ fn plan(url: String, count: u32, caller: &str) -> CallPlan {
         headers: BTreeMap::new(),
         proxy: None,
         timeout_ms: None,
+        concurrency: None,
     }
 }
 
@@ -69,6 +70,7 @@ async fn counts_per_caller_and_path_over_one_connection() {
     ))
     .await
     .unwrap();
+    assert!(report.fastest_ms.is_some() && report.slowest_ms >= report.fastest_ms);
     assert_eq!(
         report,
         CallReport {
@@ -77,6 +79,9 @@ async fn counts_per_caller_and_path_over_one_connection() {
             mesh_errors: BTreeMap::new(),
             failed: 0,
             reconnects: 0,
+            retry_after: BTreeMap::new(),
+            fastest_ms: report.fastest_ms,
+            slowest_ms: report.slowest_ms,
         }
     );
     client::run(&plan(format!("http://{}/other", web.addr()), 5, "client-b"))
@@ -149,4 +154,54 @@ async fn unreachable_target_counts_failures_not_errors() {
         .unwrap();
     assert_eq!(report.failed, 3);
     assert!(report.statuses.is_empty());
+}
+
+#[tokio::test]
+async fn fail_every_fails_each_nth_request_of_the_instance_until_reset() {
+    let web = echo("web", "v1").await;
+    let url = format!("http://{}/x?fail_every=2", web.addr());
+    // Two callers on their own connections share the instance's count: 3 + 3 requests, the
+    // 2nd, 4th and 6th fail.
+    let first = client::run(&plan(url.clone(), 3, "a")).await.unwrap();
+    let second = client::run(&plan(url.clone(), 3, "b")).await.unwrap();
+    assert_eq!(first.statuses, BTreeMap::from([(200, 2), (503, 1)]));
+    assert_eq!(second.statuses, BTreeMap::from([(200, 1), (503, 2)]));
+    // The failures still say who answered.
+    assert_eq!(second.by_responder, BTreeMap::from([("web/v1".into(), 3)]));
+    let mut reset = plan(format!("http://{}/_echo/reset", web.addr()), 1, "a");
+    reset.method = "POST".into();
+    client::run(&reset).await.unwrap();
+    let after = client::run(&plan(url, 1, "a")).await.unwrap();
+    assert_eq!(
+        after.statuses,
+        BTreeMap::from([(200, 1)]),
+        "the count starts over"
+    );
+    let failing = client::run(&plan(
+        format!("http://{}/x?fail_version=v1", web.addr()),
+        2,
+        "a",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(failing.statuses, BTreeMap::from([(503, 2)]));
+}
+
+#[tokio::test]
+async fn concurrent_lanes_send_at_once_and_add_up() {
+    let web = echo("web", "v1").await;
+    let mut slow = plan(format!("http://{}/x?delay_ms=400", web.addr()), 5, "a");
+    slow.concurrency = Some(5);
+    let started = std::time::Instant::now();
+    let report = client::run(&slow).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(report.statuses, BTreeMap::from([(200, 5)]));
+    assert_eq!(
+        report.reconnects, 0,
+        "one connection per lane, none reopened"
+    );
+    assert!(report.fastest_ms >= Some(400), "{report:?}");
+    // One after another would take 2 s.
+    assert!(took < std::time::Duration::from_millis(1600), "{took:?}");
+    assert_eq!(counts(&web).await.total, 5);
 }

@@ -246,6 +246,7 @@ async fn count(proxy: SocketAddr, n: u32) -> std::collections::BTreeMap<String, 
         headers: Default::default(),
         proxy: Some(proxy),
         timeout_ms: Some(5000),
+        concurrency: None,
     })
     .await
     .unwrap();

@@ -474,13 +474,21 @@ fn copy_to_mirror(
     slot.forget();
     let shared = Arc::clone(shared);
     let key = dest.key.clone();
+    let name = dest.backends[backend].name.clone();
     let mut parts = parts.clone();
     // The copy is not the original: no access-log record of its own.
     parts.extensions = http::Extensions::new();
     let kept = kept.clone();
     tokio::spawn(async move {
         let _slot = MirrorSlot;
+        // The table in force now, which a controller update may have changed since the request
+        // was routed: the mirror backend is found again by name (its index is the old table's),
+        // and a copy whose mirror was removed meanwhile is dropped.
         let Some(dest) = lookup_key(&shared, &key) else {
+            return;
+        };
+        let Some(backend) = dest.backend_named(&name) else {
+            tracing::debug!(destination = %key, backend = %name.as_str(), "mirror copy dropped: the mirror backend is gone");
             return;
         };
         let ctx = Ctx {

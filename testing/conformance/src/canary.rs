@@ -387,6 +387,7 @@ impl Caller {
             headers: Default::default(),
             proxy: Some(self.outbound),
             timeout_ms: Some(5000),
+            concurrency: None,
         })
         .await
     }
@@ -435,6 +436,7 @@ pub async fn send_direct(pod: &Pod, path: &str, count: u32) -> anyhow::Result<()
         headers: Default::default(),
         proxy: None,
         timeout_ms: Some(5000),
+        concurrency: None,
     })
     .await?;
     if report.failed > 0 {

@@ -5,12 +5,13 @@
 //! here (no `TRELLIS_MOTO_SERVER`, no `TRELLIS_TEST_KUBECONFIG`) is skipped with its reason.
 //!
 //! The meshes deny by default and run with identities and mTLS ([`Security::Identity`]): the
-//! split scenarios run under TrafficTargets that allow their caller, then the access scenarios.
+//! split scenarios run under TrafficTargets that allow their caller, then the access scenarios,
+//! the TrafficPolicy rows (issue #12) and the hosts scenarios (on hosts only).
 
 use trellis_conformance::harness::mesh::{Mesh, Security, output_dir};
 use trellis_conformance::harness::platform::PlatformKind;
 use trellis_conformance::scenarios::{
-    self, ACCESS_SCENARIOS, HOSTS_SCENARIOS, Outcome, SPLIT_SCENARIOS,
+    self, ACCESS_SCENARIOS, HOSTS_SCENARIOS, Outcome, POLICY_SCENARIOS, SPLIT_SCENARIOS,
 };
 use trellis_conformance::table::Table;
 
@@ -26,6 +27,7 @@ async fn run_platform(kind: PlatformKind, security: Security) -> PlatformRun {
         SPLIT_SCENARIOS
             .iter()
             .chain(&ACCESS_SCENARIOS)
+            .chain(&POLICY_SCENARIOS)
             .chain(&HOSTS_SCENARIOS)
             .map(|s| (*s, outcome.clone()))
             .collect()
@@ -50,17 +52,35 @@ async fn run_platform(kind: PlatformKind, security: Security) -> PlatformRun {
             };
         }
     };
-    let mut outcomes = scenarios::split_scenarios(&mesh).await;
-    match security {
-        Security::Identity => outcomes.extend(scenarios::access_scenarios(&mesh).await),
-        // Everything is allowed: there is no access control to check.
-        Security::Permissive => outcomes.extend(
-            ACCESS_SCENARIOS
-                .iter()
-                .map(|s| (*s, Outcome::Skip("permissive mesh".into()))),
-        ),
+    // `TRELLIS_CONFORMANCE_GROUPS=policy` runs only those groups of rows (development).
+    let groups = std::env::var("TRELLIS_CONFORMANCE_GROUPS").ok();
+    let run = |group: &str| {
+        groups
+            .as_deref()
+            .is_none_or(|groups| groups.split(',').any(|g| g == group))
+    };
+    let mut outcomes = Vec::new();
+    if run("split") {
+        outcomes.extend(scenarios::split_scenarios(&mesh).await);
     }
-    outcomes.extend(scenarios::hosts_scenarios(&mesh).await);
+    if run("access") {
+        match security {
+            Security::Identity => outcomes.extend(scenarios::access_scenarios(&mesh).await),
+            // Everything is allowed: there is no access control to check.
+            Security::Permissive => outcomes.extend(
+                ACCESS_SCENARIOS
+                    .iter()
+                    .map(|s| (*s, Outcome::Skip("permissive mesh".into()))),
+            ),
+        }
+    }
+    // Before the hosts rows, whose outages leave the registry re-registering b.
+    if run("policy") {
+        outcomes.extend(scenarios::policy_scenarios(&mesh).await);
+    }
+    if run("hosts") {
+        outcomes.extend(scenarios::hosts_scenarios(&mesh).await);
+    }
     let logs = outcomes
         .iter()
         .any(|(_, o)| o.is_fail())

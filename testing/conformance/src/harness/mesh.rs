@@ -366,6 +366,7 @@ impl Mesh {
             headers: request.headers.clone(),
             proxy: Some(proxy),
             timeout_ms: Some(3000),
+            concurrency: Some(request.concurrency),
         })
         .await
     }
@@ -608,6 +609,8 @@ pub struct Call {
     pub method: String,
     pub headers: BTreeMap<String, String>,
     pub count: u32,
+    /// Connections sending at once (1: all `count` requests in order on one connection).
+    pub concurrency: u32,
 }
 
 impl Call {
@@ -619,7 +622,20 @@ impl Call {
             method: "GET".into(),
             headers: BTreeMap::new(),
             count,
+            concurrency: 1,
         }
+    }
+
+    /// With the request header `name: value`.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Shared among `lanes` connections sending at once.
+    pub fn concurrency(mut self, lanes: u32) -> Self {
+        self.concurrency = lanes;
+        self
     }
 
     pub fn method(mut self, method: &str) -> Self {

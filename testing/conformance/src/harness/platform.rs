@@ -927,11 +927,18 @@ fn yaml_documents(yaml: &str) -> anyhow::Result<Vec<Value>> {
         .collect()
 }
 
-/// The API resource of an SMI document (by its `apiVersion` and `kind`) and the object itself.
+/// The API resource of an SMI (or TrafficPolicy) document (by its `apiVersion` and `kind`) and
+/// the object itself.
 fn smi_object(value: &Value) -> anyhow::Result<(ApiResource, Value)> {
     let api_version = value["apiVersion"].as_str().context("apiVersion missing")?;
     let kind = value["kind"].as_str().context("kind missing")?;
-    let plural = format!("{}s", kind.to_lowercase());
+    let group = api_version.split_once('/').map_or("", |(g, _)| g);
+    // The plural the CRDs declare (`trafficpolicies`, not `trafficpolicys`); a kind they do not
+    // have is sent as `<kind>s` for the API server to refuse.
+    let plural = trellis_testing::smi_types()
+        .into_iter()
+        .find(|t| t.group == group && t.kind == kind)
+        .map_or_else(|| format!("{}s", kind.to_lowercase()), |t| t.plural);
     let mut object = value.clone();
     object["metadata"]["namespace"] = json!(NAMESPACE);
     Ok((resource(api_version, kind, &plural), object))
@@ -1034,5 +1041,7 @@ mod tests {
         assert_eq!(o["metadata"]["namespace"], NAMESPACE);
         let doc: Value = serde_json::json!({"apiVersion": "specs.smi-spec.io/v1alpha4", "kind": "HTTPRouteGroup"});
         assert_eq!(smi_object(&doc).unwrap().0.plural, "httproutegroups");
+        let doc: Value = serde_json::json!({"apiVersion": "policy.trellis.io/v1alpha1", "kind": "TrafficPolicy"});
+        assert_eq!(smi_object(&doc).unwrap().0.plural, "trafficpolicies");
     }
 }

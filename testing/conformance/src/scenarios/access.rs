@@ -385,6 +385,7 @@ async fn plaintext(mesh: &Mesh) -> anyhow::Result<String> {
         headers: Default::default(),
         proxy: None,
         timeout_ms: Some(3000),
+        concurrency: None,
     })
     .await?;
     // Refused = a 403 from the mesh or no answer at all; never an app's answer.
@@ -415,6 +416,7 @@ async fn foreign_ca(mesh: &Mesh) -> anyhow::Result<String> {
         headers: Default::default(),
         proxy: Some(foreign.outbound),
         timeout_ms: Some(3000),
+        concurrency: None,
     };
     let start = tokio::time::Instant::now();
     loop {

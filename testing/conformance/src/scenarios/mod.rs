@@ -1,5 +1,5 @@
-//! The SMI conformance scenarios, written once and run on every platform's mesh with the same
-//! SMI YAML. Each change is applied, then verified within [`APPLY_WITHIN`]: small probe batches
+//! The SMI conformance scenarios (and Trellis's TrafficPolicy rows), written once and run on
+//! every platform's mesh with the same YAML. Each change is applied, then verified within [`APPLY_WITHIN`]: small probe batches
 //! run until the new state shows (or the time is up), then one counted batch on one keep-alive
 //! connection must match exactly.
 //!
@@ -8,13 +8,18 @@
 //!   sources, ports, revocation on an open connection, plaintext callers).
 //! - [`hosts`]: on meshes on hosts only: steady load across a split move, TrafficSplit
 //!   propagation p50/p99, the controller's and the registry's host unplugged.
+//! - [`policy`]: Trellis's TrafficPolicy (not SMI), one row per resilience capability (timeouts,
+//!   retries, faults, rate limits, circuit breaker, mirroring, outlier ejection, an invalid
+//!   policy), each checked applied and then removed.
 
 pub mod access;
 pub mod hosts;
+pub mod policy;
 pub mod split;
 
 pub use access::{ACCESS_SCENARIOS, access_scenarios};
 pub use hosts::{HOSTS_SCENARIOS, hosts_scenarios};
+pub use policy::{POLICY_SCENARIOS, policy_scenarios};
 pub use split::{SPLIT_SCENARIOS, split_scenarios};
 
 use std::fmt;
