@@ -28,10 +28,7 @@ use trellis_echo::client::CallReport;
 use trellis_echo::plain as http;
 
 /// The TrafficPolicy scenarios, in the order they run on one mesh.
-///
-/// Active health checks (`healthCheck`) get their row with the proxy's probing, which another
-/// branch is adding: see `HEALTH_CHECK_ROW` below.
-pub const POLICY_SCENARIOS: [&str; 8] = [
+pub const POLICY_SCENARIOS: [&str; 9] = [
     "policy-timeout: request timeout answers 504 timeout; removed, the slow answer",
     "policy-retries: every call answered despite a failing share; POST not retried",
     "policy-fault: abort 418 only with the header, delay measured; removed, none",
@@ -39,12 +36,9 @@ pub const POLICY_SCENARIOS: [&str; 8] = [
     "policy-circuit-breaker: maxRequests 1, concurrent calls refused 503 overloaded",
     "policy-mirror: mirror gets a copy of each call, caller sees only b",
     "policy-outlier: the failing endpoint of app-svc ejected; removed, back",
+    "policy-health-check: b failing its probes gets no call, none failing; removed, back",
     "policy-invalid: percent over 100 reported, the last good policy keeps applying",
 ];
-
-// HEALTH_CHECK_ROW: `policy-health-check` goes here, once active health checks are in the proxy
-// (another branch): `healthCheck` on app-svc with b's echo failing its probe path, b taken out
-// after `unhealthyThreshold` probes with no request failing, back after `healthyThreshold`.
 
 /// The harness name the TrafficPolicy documents are applied under (`<policy dir>/<name>.yaml`,
 /// or the objects it holds on Kubernetes).
@@ -118,6 +112,16 @@ const OUTLIER: (&str, &str, &str) = (
   outlierDetection: { consecutiveFailures: 1, baseEjectionTime: 30s }
 ",
 );
+/// Active health checks on app-svc whose probe path fails on b only (`fail_version=b`): b is out
+/// after 2 probes (about 400 ms), before any request failed. Round robin, so b would otherwise
+/// get every other call.
+const HEALTH_CHECK: (&str, &str, &str) = (
+    "conformance-health-check",
+    ROOT,
+    "  loadBalancer: roundRobin
+  healthCheck: { httpPath: \"/health?fail_version=b\", interval: 200ms, timeout: 150ms, unhealthyThreshold: 2, healthyThreshold: 1 }
+",
+);
 /// FAULT_ABORT's object made invalid; had it applied (clamped or not), the status would be 503.
 const INVALID: (&str, &str, &str) = (
     "conformance-fault",
@@ -156,6 +160,7 @@ pub async fn policy_scenarios(mesh: &Mesh) -> Vec<(&'static str, Outcome)> {
             4 => circuit_breaker(mesh).await,
             5 => mirror(mesh).await,
             6 => outlier(mesh).await,
+            7 => health_check(mesh).await,
             _ => invalid(mesh).await,
         };
         // A row that failed half-way must not leave its policy to the next one.
@@ -671,6 +676,51 @@ async fn outlier(mesh: &Mesh) -> anyhow::Result<String> {
         seen(&f),
         seen(&p),
         seen(&back),
+        ms(applied),
+        ms(removed)
+    ))
+}
+
+/// `healthCheck` on app-svc whose probe path b fails: once b failed its probes, every call
+/// (all of them ones b would answer) goes to c and b's app receives no call, only probes;
+/// removed, b answers again at once (a destination without checks ignores the flags).
+async fn health_check(mesh: &Mesh) -> anyhow::Result<String> {
+    const N: u32 = 100;
+    let probe = Call::get(ROOT, "/echo", 50);
+    until(
+        mesh,
+        CALLER,
+        &probe,
+        "before: b and c both answer app-svc",
+        |r| all_ok(r, 50) && count(r, B) > 0 && count(r, C) > 0,
+    )
+    .await?;
+    mesh.platform
+        .apply_policy(POLICY, &yaml(HEALTH_CHECK))
+        .await?;
+    let applied = until(mesh, CALLER, &probe, "b out after its failed probes", |r| {
+        all_ok(r, 50) && count(r, C) == 50
+    })
+    .await?;
+    mesh.reset_counts().await?;
+    let r = mesh.call(CALLER, &probe.clone().count(N)).await?;
+    let b = mesh.counts("app-b").await?;
+    let b_calls = b.by_path.get("/echo").copied().unwrap_or(0);
+    let b_probes = b.by_path.get("/health").copied().unwrap_or(0);
+    if !all_ok(&r, N) || count(&r, C) != N || b_calls != 0 {
+        bail!(
+            "b unhealthy: expected {N} calls answered by c and none reaching b: {}; b received {b_calls} calls",
+            seen(&r)
+        );
+    }
+    mesh.platform.delete_policy(POLICY).await?;
+    let removed = until(mesh, CALLER, &probe, "b answers again", |r| {
+        all_ok(r, 50) && count(r, B) > 0
+    })
+    .await?;
+    Ok(format!(
+        "b unhealthy: {} (b's app: 0 calls, {b_probes} probes); removed: b answers (applied in {}, removed in {})",
+        seen(&r),
         ms(applied),
         ms(removed)
     ))
