@@ -37,6 +37,8 @@ use crate::balance::{Balancer, Ejection, EndpointStats};
 use crate::config::{self, Config, DefaultAction, HttpMatch, Invalid, Protocol};
 use crate::metrics::Label;
 use crate::resilience::{Breaker, BreakerState, RateLimiter, RequestPolicy};
+use tower::retry::budget::TpsBudget;
+use trellis_policy::RetryBudget;
 
 /// Most compiled program size of one user regex (bytes).
 const REGEX_SIZE_LIMIT: usize = 256 * 1024;
@@ -54,7 +56,14 @@ pub struct StatsRegistry {
     /// Circuit-breaker counters by destination key (requests in flight under an old table
     /// still count under the new one).
     breakers: Mutex<HashMap<String, Weak<BreakerState>>>,
+    /// Retry budgets by (destination key, route name; empty for the default), with the settings
+    /// they were made for: a recompile (an endpoint change) keeps spending the same budget
+    /// instead of starting from a full reserve.
+    budgets: Mutex<HashMap<BudgetKey, (RetryBudget, Weak<TpsBudget>)>>,
 }
+
+/// A retry budget's owner: (destination key, route name; empty for the default).
+type BudgetKey = (String, String);
 
 #[derive(Debug, Default)]
 struct Addresses {
@@ -81,6 +90,21 @@ impl StatsRegistry {
             .map
             .insert(address.to_string(), Arc::downgrade(&stats));
         stats
+    }
+
+    fn budget(&self, key: &str, route: &str, settings: &RetryBudget) -> Arc<TpsBudget> {
+        let mut map = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let id = (key.to_string(), route.to_string());
+        if let Some((made_for, weak)) = map.get(&id)
+            && made_for == settings
+            && let Some(budget) = weak.upgrade()
+        {
+            return budget;
+        }
+        map.retain(|_, (_, w)| w.strong_count() > 0);
+        let budget = crate::resilience::retry::new_budget(settings);
+        map.insert(id, (settings.clone(), Arc::downgrade(&budget)));
+        budget
     }
 
     fn breaker(&self, key: &str) -> Arc<BreakerState> {
@@ -500,6 +524,7 @@ impl DestinationTable {
                     &applied,
                     legacy_timeout,
                     mirror,
+                    |b| stats.budget(&key, r.name.as_str(), b),
                 )));
             }
             routes.push(route);
@@ -518,16 +543,18 @@ impl DestinationTable {
                 "must be between 0.0 and 1.0".to_string(),
             ));
         }
+        let policy = Arc::new(RequestPolicy::for_destination(
+            d.policy.as_ref(),
+            legacy_timeout,
+            mirror,
+            |b| stats.budget(&key, "", b),
+        ));
         Ok(DestinationTable {
             trace_sampling: d.trace_sampling,
             label: Label::from(key.as_str()),
             key,
             protocol: d.protocol,
-            policy: Arc::new(RequestPolicy::for_destination(
-                d.policy.as_ref(),
-                legacy_timeout,
-                mirror,
-            )),
+            policy,
             breaker,
             ejection_counts: d
                 .policy
@@ -1189,6 +1216,60 @@ mod tests {
         table
             .get(key)
             .unwrap_or_else(|| panic!("{key} is in the table"))
+    }
+
+    #[test]
+    fn a_recompiled_destination_keeps_spending_its_retry_budget() {
+        // An endpoint change recompiles the destination: its retries must not get a full
+        // reserve again (churning endpoints would otherwise multiply a failing service's load).
+        let stats = StatsRegistry::default();
+        let table = RoutingTable::compile(three(), &stats).unwrap();
+        let mut source = config::Destination::clone(&entry(&table, "b.shop").source);
+        source.policy = Some(
+            serde_json::from_str(
+                r#"{"retries": {"attempts": 3, "budget": {"ratio": 0.1, "minPerSecond": 1, "ttl": "1s"}}}"#,
+            )
+            .unwrap(),
+        );
+        let compile = |source: &config::Destination| {
+            let compiled = table
+                .compile_destination(source.clone(), "destinations[b.shop]", &stats)
+                .unwrap();
+            assert!(
+                table.replace_destination(compiled).is_none(),
+                "replaced in its slot"
+            );
+            entry(&table, "b.shop")
+        };
+        let first = compile(&source);
+        let retry = first.policy.retry.as_ref().unwrap();
+        // The floor (1 per second over 1 s) is all there is without traffic: spend it.
+        assert!(retry.withdraw());
+        assert!(!retry.withdraw());
+        source.backends[0].endpoints.pop();
+        let second = compile(&source);
+        let again = second.policy.retry.as_ref().unwrap();
+        assert!(again.shares_budget_with(retry));
+        assert!(!again.withdraw(), "the spent budget stays spent");
+        // Other budget settings: a budget of their own.
+        source
+            .policy
+            .as_mut()
+            .unwrap()
+            .retries
+            .as_mut()
+            .unwrap()
+            .budget
+            .ratio = 0.2;
+        let third = compile(&source);
+        assert!(
+            !third
+                .policy
+                .retry
+                .as_ref()
+                .unwrap()
+                .shares_budget_with(retry)
+        );
     }
 
     #[test]

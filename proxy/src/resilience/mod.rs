@@ -6,8 +6,10 @@
 //! This module depends on neither the table nor the HTTP code (both depend on it), so the
 //! policy's logic is tested here without a network.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tower::retry::budget::TpsBudget;
 use trellis_policy::{DestinationPolicy, RoutePolicy};
 
 pub mod breaker;
@@ -59,18 +61,23 @@ pub fn roll(per_million: u32) -> bool {
 impl RequestPolicy {
     /// Compile the sections that apply to a route's requests; `legacy_timeout` is the static
     /// file's `request_timeout_ms` (the policy's `timeouts.request` wins); `mirror_backend` is
-    /// the index of the backend the mirror names (checked by the caller).
+    /// the index of the backend the mirror names (checked by the caller); `budget` gives the
+    /// retry budget to spend (the table's, kept across recompiles).
     pub fn compile(
         policy: &RoutePolicy,
         legacy_timeout: Option<Duration>,
         mirror_backend: Option<usize>,
+        budget: impl FnOnce(&trellis_policy::RetryBudget) -> Arc<TpsBudget>,
     ) -> Self {
         let timeouts = policy.timeouts.clone().unwrap_or_default();
         RequestPolicy {
             request_timeout: timeouts.request.map(|d| d.get()).or(legacy_timeout),
             per_try_timeout: timeouts.per_try.map(|d| d.get()),
             idle_timeout: timeouts.idle.map(|d| d.get()),
-            retry: policy.retries.as_ref().map(Retry::compile),
+            retry: policy
+                .retries
+                .as_ref()
+                .map(|r| Retry::with_budget(r, budget(&r.budget))),
             fault: policy.fault.as_ref().map(Fault::compile),
             mirror: policy
                 .mirror
@@ -88,9 +95,15 @@ impl RequestPolicy {
         policy: Option<&DestinationPolicy>,
         legacy_timeout: Option<Duration>,
         mirror_backend: Option<usize>,
+        budget: impl FnOnce(&trellis_policy::RetryBudget) -> Arc<TpsBudget>,
     ) -> Self {
         match policy {
-            Some(p) => Self::compile(&RoutePolicy::from(p), legacy_timeout, mirror_backend),
+            Some(p) => Self::compile(
+                &RoutePolicy::from(p),
+                legacy_timeout,
+                mirror_backend,
+                budget,
+            ),
             None => RequestPolicy {
                 request_timeout: legacy_timeout,
                 ..RequestPolicy::default()
@@ -125,9 +138,14 @@ mod tests {
     #[test]
     fn the_legacy_timeout_yields_to_the_policy() {
         let p: RoutePolicy = serde_json::from_str(r#"{"timeouts": {"request": "2s"}}"#).unwrap();
-        let c = RequestPolicy::compile(&p, Some(Duration::from_secs(9)), None);
+        let c = RequestPolicy::compile(&p, Some(Duration::from_secs(9)), None, retry::new_budget);
         assert_eq!(c.request_timeout, Some(Duration::from_secs(2)));
-        let c = RequestPolicy::for_destination(None, Some(Duration::from_secs(9)), None);
+        let c = RequestPolicy::for_destination(
+            None,
+            Some(Duration::from_secs(9)),
+            None,
+            retry::new_budget,
+        );
         assert_eq!(c.request_timeout, Some(Duration::from_secs(9)));
         assert!(c.is_plain());
     }

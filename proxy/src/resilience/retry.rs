@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, Method, StatusCode};
 use tower::retry::budget::{Budget, TpsBudget};
-use trellis_policy::{Retries, RetryOn};
+use trellis_policy::{Retries, RetryBudget, RetryOn};
 
 /// How one try ended, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,9 +45,29 @@ pub struct Retry {
     budget: Arc<TpsBudget>,
 }
 
+/// A retry budget as settings make it (tower's `TpsBudget`); the table keeps one per
+/// destination and route across recompiles (an endpoint change must not refill it).
+pub fn new_budget(b: &RetryBudget) -> Arc<TpsBudget> {
+    let ttl = b
+        .ttl
+        .get()
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    Arc::new(TpsBudget::new(
+        ttl,
+        b.min_per_second,
+        b.ratio.clamp(0.0, 1.0) as f32,
+    ))
+}
+
 impl Retry {
-    /// Compile checked settings (ranges were validated with the configuration).
+    /// Compile checked settings (ranges were validated with the configuration) with a budget
+    /// of their own.
     pub fn compile(r: &Retries) -> Self {
+        Self::with_budget(r, new_budget(&r.budget))
+    }
+
+    /// Compile checked settings spending `budget` (one kept across recompiles).
+    pub fn with_budget(r: &Retries, budget: Arc<TpsBudget>) -> Self {
         let has = |o: RetryOn| r.on.contains(&o);
         let methods = if r.methods.is_empty() {
             trellis_policy::IDEMPOTENT_METHODS
@@ -60,11 +80,6 @@ impl Retry {
                 .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
                 .collect()
         };
-        let ttl = r
-            .budget
-            .ttl
-            .get()
-            .clamp(Duration::from_secs(1), Duration::from_secs(60));
         Retry {
             attempts: r.attempts,
             on_connect: has(RetryOn::ConnectFailure),
@@ -78,12 +93,13 @@ impl Retry {
             base: r.backoff.base.get(),
             max: r.backoff.max.get(),
             max_body_bytes: r.max_body_bytes as usize,
-            budget: Arc::new(TpsBudget::new(
-                ttl,
-                r.budget.min_per_second,
-                r.budget.ratio.clamp(0.0, 1.0) as f32,
-            )),
+            budget,
         }
+    }
+
+    /// Whether two compiled retries spend the same budget.
+    pub fn shares_budget_with(&self, other: &Retry) -> bool {
+        Arc::ptr_eq(&self.budget, &other.budget)
     }
 
     /// Whether requests with this method may be retried (`*` in `methods` allows all).
