@@ -927,6 +927,8 @@ pub struct BackendTable {
     pub endpoints: Vec<EndpointTable>,
     /// Destination workload labels.
     pub workload: WorkloadLabels,
+    /// This backend's outbound request series, found once per label set.
+    pub series: crate::metrics::SeriesCache,
     balancer: Balancer,
 }
 
@@ -991,6 +993,7 @@ impl BackendTable {
             name: Label::from(b.name.as_str()),
             endpoints,
             workload: WorkloadLabels::from(workload),
+            series: Default::default(),
             balancer: Balancer::new(balancer_kind(d))
                 .with_ejection(ejection)
                 .with_health_checks(health_checked),

@@ -29,7 +29,7 @@ use super::{
 };
 use crate::balance::InFlight;
 use crate::config::Protocol;
-use crate::metrics::RequestLabels;
+use crate::metrics::{RequestLabels, SeriesOf};
 use crate::resilience::fault::Abort;
 use crate::resilience::retry::{Outcome, grpc_status};
 use crate::resilience::{RequestPolicy, Retry, roll};
@@ -222,8 +222,18 @@ pub(super) async fn outbound(
     }
     let upgrade = upgrade.filter(|_| resp.version() != Version::HTTP_2);
     finish_response(&mut resp, upgrade, shared.limits.tcp_idle_timeout());
-    shared.metrics.request(
-        &RequestLabels {
+    let status = resp.status().as_u16();
+    let source_identity = own_identity(shared, mesh.is_some());
+    let destination_identity = mesh.clone().unwrap_or_else(label_empty);
+    backend.series.record(
+        &shared.metrics,
+        SeriesOf {
+            route: &route_label,
+            status,
+            destination_identity: &destination_identity,
+            source_identity: &source_identity,
+        },
+        || RequestLabels {
             direction: label_outbound(),
             source_namespace: shared.metrics.source.namespace.clone(),
             source_kind: shared.metrics.source.kind.clone(),
@@ -233,11 +243,11 @@ pub(super) async fn outbound(
             destination_kind: backend.workload.kind.clone(),
             destination_workload: backend.workload.name.clone(),
             backend: backend.name.clone(),
-            route: route_label,
-            response_code: resp.status().as_u16(),
+            route: route_label.clone(),
+            response_code: status,
             error: label_empty(),
-            source_identity: own_identity(shared, mesh.is_some()),
-            destination_identity: mesh.clone().unwrap_or_else(label_empty),
+            source_identity: source_identity.clone(),
+            destination_identity: destination_identity.clone(),
             tls: label_bool(mesh.is_some()),
         },
         started.elapsed().as_secs_f64() * 1000.0,
