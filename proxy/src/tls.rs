@@ -593,9 +593,17 @@ impl hyper::rt::Write for MeshStream {
 
 /// Find a [`TlsError`] in an error's source chain.
 pub fn find_tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a TlsError> {
+    find_cause(e)
+}
+
+/// The first error of type `T` in `e`'s source chain, `e` included (a connector's or a body's
+/// own error, under the client's).
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = current {
-        if let Some(t) = err.downcast_ref::<TlsError>() {
+        if let Some(t) = err.downcast_ref::<T>() {
             return Some(t);
         }
         current = err.source();

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::resilience::Breaker;
-use crate::resilience::breaker::{ConnectionPermit, Overloaded};
+use crate::resilience::breaker::ConnectionPermit;
 
 /// Opens TCP connections, within the breaker's connection limit when there is one.
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ impl tower::Service<Uri> for PlainConnector {
         Box::pin(async move {
             let permit = match &breaker {
                 // Boxed as itself (not as a `Box<Overloaded>` inside the box), so
-                // `is_overloaded` finds it in the client error's source chain.
+                // `find_cause` finds it in the client error's source chain.
                 Some(b) => b
                     .connection()
                     .await
@@ -73,18 +73,6 @@ impl PlainStream {
     pub fn into_parts(self) -> (TcpStream, Option<ConnectionPermit>) {
         (self.io.into_inner(), self.permit)
     }
-}
-
-/// Whether an upstream error is the breaker refusing a connection.
-pub fn is_overloaded(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(e);
-    while let Some(err) = current {
-        if err.is::<Overloaded>() {
-            return true;
-        }
-        current = err.source();
-    }
-    false
 }
 
 impl Connection for PlainStream {

@@ -614,18 +614,6 @@ fn elapsed_ms(started: Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1000.0
 }
 
-/// Whether an upstream error is a request body cut for its idle timeout.
-fn find_idle_timeout(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if s.is::<body::IdleTimeout>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
-}
-
 /// An HTTP/1.1 WebSocket upgrade, the one upgrade the proxy tunnels. Any other `Upgrade` (h2c
 /// above all) is treated as an ordinary request and its upgrade headers are stripped.
 fn is_upgrade(req: &Request<Incoming>) -> bool {

@@ -22,7 +22,7 @@ use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
-use super::body::{Keep, KeptBody, ProxyBody, RequestBody};
+use super::body::{IdleTimeout, Keep, KeptBody, ProxyBody, RequestBody};
 use super::{
     ERROR_HEADER, Reason, dest_error, finish_response, is_upgrade, label_bool, label_empty,
     label_outbound, local, malformed, outbound_error, own_identity, strip_hop_by_hop,
@@ -30,12 +30,13 @@ use super::{
 use crate::balance::InFlight;
 use crate::config::Protocol;
 use crate::metrics::{RequestLabels, SeriesOf};
+use crate::resilience::breaker::Overloaded;
 use crate::resilience::fault::Abort;
 use crate::resilience::retry::{Outcome, grpc_status};
 use crate::resilience::{RequestPolicy, Retry, roll};
 use crate::state::Shared;
 use crate::table::{DestinationTable, Lookup, PickError, RouteRef};
-use crate::tls::{TlsError, find_tls_error};
+use crate::tls::{TlsError, find_cause, find_tls_error};
 
 /// Copies of requests in flight to mirrors, process-wide: a slow or stalled mirror costs at
 /// most this many tasks and bodies; beyond it, requests are not copied.
@@ -174,42 +175,37 @@ pub(super) async fn outbound(
         with_policy(shared, &ctx, policy, route, parts, body).await
     };
 
-    let (answer, reason) = match sent {
-        Ok(answer) => (Some(answer), None),
-        Err(failure) => (None, Some(failure)),
-    };
-    if let Some(failure) = reason {
-        let backend = failure.backend.map(|b| &dest.backends[b]);
-        let mesh = failure
-            .endpoint
-            .and_then(|c| mesh_identity(shared, &dest, c));
-        if let Some(c) = failure.endpoint {
-            let b = &dest.backends[c.backend];
-            let endpoint = &b.endpoints[c.endpoint];
-            if let Some(hop) = hop {
-                hop.upstream(&dest, b, endpoint, &route_label);
-            }
-            if let Some(tally) = &tally {
-                choose(tally, b, endpoint);
-            }
-        }
-        return dest_error(
-            shared,
-            &dest,
-            backend,
-            route_label,
-            failure.reason,
-            started,
-            mesh,
-        );
-    }
-    let Some(Answer {
+    let Answer {
         mut resp,
         in_flight,
         chosen,
-    }) = answer
-    else {
-        unreachable!("either an answer or a failure")
+    } = match sent {
+        Ok(answer) => answer,
+        Err(failure) => {
+            let mesh = failure
+                .endpoint
+                .and_then(|c| mesh_identity(shared, &dest, c));
+            if let Some(c) = failure.endpoint {
+                let b = &dest.backends[c.backend];
+                let endpoint = &b.endpoints[c.endpoint];
+                if let Some(hop) = hop {
+                    hop.upstream(&dest, b, endpoint, &route_label);
+                }
+                if let Some(tally) = &tally {
+                    choose(tally, b, endpoint);
+                }
+            }
+            let backend = failure.backend.map(|b| &dest.backends[b]);
+            return dest_error(
+                shared,
+                &dest,
+                backend,
+                route_label,
+                failure.reason,
+                started,
+                mesh,
+            );
+        }
     };
     let backend = &dest.backends[chosen.backend];
     let endpoint = &backend.endpoints[chosen.endpoint];
@@ -678,13 +674,13 @@ async fn attempt(
             let client_fault = body_failed.load(Ordering::Relaxed);
             let reason = match find_tls_error(&e) {
                 _ if client_fault => Reason::BadRequest,
-                _ if super::connect::is_overloaded(&e) => Reason::Overloaded,
+                _ if find_cause::<Overloaded>(&e).is_some() => Reason::Overloaded,
                 Some(TlsError::NoIdentity) => Reason::NoIdentity,
                 Some(TlsError::IdentityMismatch) => Reason::IdentityMismatch,
                 Some(TlsError::Connect(_)) => Reason::ConnectFailed,
                 Some(TlsError::Timeout | TlsError::Handshake(_)) => Reason::TlsFailed,
                 None if e.is_connect() => Reason::ConnectFailed,
-                None if super::find_idle_timeout(&e) => Reason::Timeout,
+                None if find_cause::<IdleTimeout>(&e).is_some() => Reason::Timeout,
                 None => Reason::UpstreamFailed,
             };
             tracing::debug!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "upstream request failed");

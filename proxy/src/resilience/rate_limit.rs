@@ -1,9 +1,9 @@
 //! Local rate limits, enforced by the destination's proxy on its inbound side: a token bucket
 //! (GCRA, `governor`) for the whole instance or one per caller identity.
 //!
-//! Per-caller buckets are bounded: at most [`MAX_TRACKED_CALLERS`] are kept, and buckets that
-//! are full again (their callers went quiet) are dropped first, so a flood of identities cannot
-//! grow the proxy's memory.
+//! Per-caller buckets are swept: once [`MAX_TRACKED_CALLERS`] are tracked, the buckets that are
+//! full again (their callers went quiet, so dropping one changes nothing) are dropped. Callers
+//! are identities (ServiceAccounts), so the live set stays small.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 
-/// Most per-caller buckets kept at once.
+/// Tracked per-caller buckets beyond which quiet ones are dropped.
 pub const MAX_TRACKED_CALLERS: usize = 10_000;
 
 /// One local rate limit, compiled.
@@ -19,8 +19,6 @@ pub const MAX_TRACKED_CALLERS: usize = 10_000;
 pub struct RateLimiter {
     shared: Option<DefaultDirectRateLimiter>,
     per_caller: Option<DefaultKeyedRateLimiter<String>>,
-    /// The quota, for re-creating the per-caller buckets and for logs.
-    quota: Quota,
 }
 
 impl RateLimiter {
@@ -34,7 +32,6 @@ impl RateLimiter {
         RateLimiter {
             shared: (!l.per_source).then(|| governor::RateLimiter::direct(quota)),
             per_caller: l.per_source.then(|| governor::RateLimiter::keyed(quota)),
-            quota,
         }
     }
 
@@ -51,20 +48,10 @@ impl RateLimiter {
         };
         let key = caller.unwrap_or_default();
         if keyed.len() >= MAX_TRACKED_CALLERS {
+            // Drop the buckets of callers that went quiet (full again): the same as a new one.
             keyed.retain_recent();
-            if keyed.len() >= MAX_TRACKED_CALLERS {
-                // Every bucket is in use: new callers are refused rather than tracked, the
-                // known ones keep their limits.
-                let known = keyed.check_key(&key.to_string());
-                return known.map_err(refused);
-            }
         }
         keyed.check_key(&key.to_string()).map_err(refused)
-    }
-
-    /// The quota's replenish interval (one token per), for logs.
-    pub fn interval(&self) -> Duration {
-        self.quota.replenish_interval()
     }
 }
 
