@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app_probe::{self, AppProbes};
-use crate::server::stopped;
+use crate::shutdown::stopped;
 use crate::state::Shared;
 
 /// Serve the admin endpoints until `shutdown` turns true.

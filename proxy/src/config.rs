@@ -63,8 +63,11 @@ pub struct Config {
     pub access_log_buffer: usize,
 }
 
+/// The access log's default channel size (records).
+pub const DEFAULT_ACCESS_LOG_BUFFER: usize = 4096;
+
 fn default_access_log_buffer() -> usize {
-    crate::observe::access_log::DEFAULT_BUFFER
+    DEFAULT_ACCESS_LOG_BUFFER
 }
 
 fn is_default_access_log_buffer(n: &usize) -> bool {

@@ -409,7 +409,7 @@ pub async fn run_certifier(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = crate::server::stopped(&mut shutdown) => return,
+            _ = crate::shutdown::stopped(&mut shutdown) => return,
         }
     }
 }

@@ -40,7 +40,6 @@ pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod controller;
-pub mod controller_tls;
 pub mod detect;
 pub mod health;
 pub mod http;
@@ -51,12 +50,12 @@ pub mod observe;
 pub mod reload;
 pub mod resilience;
 pub mod server;
+pub mod shutdown;
 pub mod state;
 pub mod table;
 pub mod tcp;
 pub mod tls;
 pub mod trace;
-pub mod transparent;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -230,8 +229,8 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         let l = bind(addr, what).await?;
         let a = l.local_addr()?;
         let mut bound = vec![(l, a)];
-        if let Some(twin) = transparent::ipv6_twin(addr) {
-            match transparent::bind_v6_only(twin, backlog) {
+        if let Some(twin) = server::transparent::ipv6_twin(addr) {
+            match server::transparent::bind_v6_only(twin, backlog) {
                 Ok(l6) => {
                     let a = l6.local_addr()?;
                     bound.push((l6, a));

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use trellis_file_watch::{FileWatch, Options};
 
 use crate::config::Config;
-use crate::server::stopped;
+use crate::shutdown::stopped;
 use crate::state::Shared;
 
 /// How often the files' metadata is checked without an OS change event (the fallback poll).

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use super::Record;
 
-/// Default channel size (records).
-pub const DEFAULT_BUFFER: usize = 4096;
+/// Default channel size (records), a configuration default.
+pub use crate::config::DEFAULT_ACCESS_LOG_BUFFER as DEFAULT_BUFFER;
 
 /// How often the writer drains the channel.
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(25);

@@ -38,8 +38,10 @@ use trellis_proxy_api::v1::destinations_client::DestinationsClient;
 use trellis_proxy_api::v1::inbound_client::InboundClient;
 
 use crate::config::{self, Config};
-use crate::controller_tls::{Connector, ControllerTls};
+use crate::controller::tls::{Connector, ControllerTls};
 use crate::state::{Resolve, Shared};
+
+pub mod tls;
 
 /// How to reach the controller.
 #[derive(Debug, Clone)]

@@ -34,7 +34,10 @@ use crate::config::{Limits, Protocol};
 use crate::detect::{Detected, PrefixedIo, read_prefix};
 use crate::http::{ProxyBody, Side, handle};
 use crate::metrics::{Label, Metrics};
+use crate::shutdown::stopped;
 use crate::state::Shared;
+
+pub mod transparent;
 
 /// Open client connections: a drain waits for them, the global limit
 /// (`limits.max_connections`) is applied on them, and they are counted per listener kind
@@ -305,13 +308,13 @@ pub(crate) async fn serve_connection(
         ListenerKind::OutboundTransparent { listen } => {
             // Boxed: the original destination decides what follows (a per-destination
             // connection like a per-upstream port's, or bytes copied unchanged).
-            return Box::pin(crate::transparent::outbound(
+            return Box::pin(crate::server::transparent::outbound(
                 stream, peer, *listen, shared, shutdown,
             ))
             .await;
         }
         ListenerKind::InboundTransparent { listen } => {
-            return Box::pin(crate::transparent::inbound(
+            return Box::pin(crate::server::transparent::inbound(
                 stream, peer, *listen, shared, shutdown,
             ))
             .await;
@@ -914,11 +917,6 @@ fn log_conn_end(result: Result<(), hyper::Error>) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
-}
-
-/// Resolves when `shutdown` turns true (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 #[cfg(test)]
