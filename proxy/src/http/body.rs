@@ -298,7 +298,7 @@ pub enum ProxyBody {
     /// Produced by the proxy.
     Local(Option<Bytes>),
     /// Either of the above, observed for the access log / tap ([`crate::observe`]).
-    Observed(Box<crate::observe::ObservedBody>),
+    Observed(Box<crate::observe::ObservedBody<ProxyBody>>),
 }
 
 impl ProxyBody {

@@ -48,8 +48,8 @@ mod outbound;
 
 pub use body::{BodyError, ProxyBody, RequestBody};
 
-/// Header naming why the proxy answered a request itself.
-pub const ERROR_HEADER: &str = "x-trellis-error";
+pub use crate::reason::{ERROR_HEADER, Reason};
+pub use crate::side::Side;
 
 /// An upstream client: pooled connections, bodies streamed from the downstream request.
 pub type UpstreamClient = Client<connect::PlainConnector, RequestBody>;
@@ -147,109 +147,6 @@ impl Clients {
     }
 }
 
-/// Why the proxy answered a request itself (the `x-trellis-error` value).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// The request is malformed: two `Host` fields, an HTTP/2 `host` that is not the
-    /// `:authority`, or a body the client framed wrongly. 400.
-    BadRequest,
-    /// No authority in the request (no Host, no absolute URI). 400.
-    NoAuthority,
-    /// The authority is malformed. 400.
-    InvalidAuthority,
-    /// No such destination. 502.
-    UnknownDestination,
-    /// The destination has no backend with weight > 0. 503.
-    NoBackends,
-    /// The chosen backend has no endpoints. 503.
-    NoEndpoints,
-    /// Connecting to the endpoint failed. 502.
-    ConnectFailed,
-    /// The destination's circuit breaker is full (requests, connections or every endpoint). 503.
-    Overloaded,
-    /// The traffic policy injected this answer (status as configured).
-    FaultInjected,
-    /// The destination's local rate limit is spent. 429 with `retry-after`.
-    RateLimited,
-    /// The endpoint failed mid-request. 502.
-    UpstreamFailed,
-    /// The destination's request timeout passed. 504.
-    Timeout,
-    /// Inbound policy denied the request. 403.
-    Forbidden,
-    /// No inbound listener is configured. 503.
-    NoInbound,
-    /// The endpoint needs mTLS and this proxy has no valid certificate (fails closed). 503.
-    NoIdentity,
-    /// The endpoint's certificate does not name the identity the controller gave for it. 502.
-    IdentityMismatch,
-    /// The mTLS handshake with the endpoint failed otherwise (untrusted chain, timeout...). 502.
-    TlsFailed,
-}
-
-impl Reason {
-    /// Header value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::BadRequest => "bad-request",
-            Reason::NoAuthority => "no-authority",
-            Reason::InvalidAuthority => "invalid-authority",
-            Reason::UnknownDestination => "unknown-destination",
-            Reason::NoBackends => "no-backends",
-            Reason::NoEndpoints => "no-endpoints",
-            Reason::ConnectFailed => "connect-failed",
-            Reason::Overloaded => "overloaded",
-            Reason::FaultInjected => "fault-injected",
-            Reason::RateLimited => "rate-limited",
-            Reason::UpstreamFailed => "upstream-failed",
-            Reason::Timeout => "timeout",
-            Reason::Forbidden => "forbidden",
-            Reason::NoInbound => "no-inbound",
-            Reason::NoIdentity => "no-identity",
-            Reason::IdentityMismatch => "identity-mismatch",
-            Reason::TlsFailed => "tls-failed",
-        }
-    }
-
-    /// Status code.
-    pub fn status(self) -> StatusCode {
-        match self {
-            Reason::BadRequest | Reason::NoAuthority | Reason::InvalidAuthority => {
-                StatusCode::BAD_REQUEST
-            }
-            Reason::UnknownDestination
-            | Reason::ConnectFailed
-            | Reason::UpstreamFailed
-            | Reason::IdentityMismatch
-            | Reason::TlsFailed => StatusCode::BAD_GATEWAY,
-            Reason::NoBackends
-            | Reason::NoEndpoints
-            | Reason::NoInbound
-            | Reason::NoIdentity
-            | Reason::Overloaded
-            | Reason::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
-            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Reason::Forbidden => StatusCode::FORBIDDEN,
-        }
-    }
-}
-
-/// Which side a connection is on.
-#[derive(Debug, Clone)]
-pub enum Side {
-    /// Outbound: route by authority, or to a fixed destination (per-upstream port).
-    Outbound {
-        /// The destination of a per-upstream port.
-        fixed: Option<Arc<str>>,
-    },
-    /// Inbound: authorize, then forward to the local application.
-    Inbound {
-        /// The caller.
-        caller: Caller,
-    },
-}
-
 /// Handle one request.
 pub async fn handle(
     shared: Arc<Shared>,
@@ -270,7 +167,9 @@ pub async fn handle(
         hop.finish(&resp);
     }
     Ok(match observed {
-        Some(pending) => pending.finish(resp),
+        Some(pending) => pending
+            .finish(resp)
+            .map(|b| ProxyBody::Observed(Box::new(b))),
         None => resp,
     })
 }

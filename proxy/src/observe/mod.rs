@@ -32,8 +32,9 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
-use crate::http::{ERROR_HEADER, ProxyBody, Side};
 use crate::identity::IdentityStore;
+use crate::reason::ERROR_HEADER;
+use crate::side::Side;
 
 /// Longest text kept in any record field (longer values are cut, on a character boundary).
 pub const MAX_FIELD: usize = 256;
@@ -502,7 +503,7 @@ pub struct HttpPending {
 impl HttpPending {
     /// Note the response (status, error kind, trailers-only gRPC status) and wrap its body so
     /// the record is emitted when the body ends.
-    pub fn finish(mut self: Box<Self>, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    pub fn finish<B: Body>(mut self: Box<Self>, resp: Response<B>) -> Response<ObservedBody<B>> {
         self.record.status = resp.status().as_u16();
         self.record.grpc_status = grpc_status(resp.headers());
         if let Some(e) = resp
@@ -512,11 +513,9 @@ impl HttpPending {
         {
             self.record.error = bounded(e);
         }
-        resp.map(|inner| {
-            ProxyBody::Observed(Box::new(ObservedBody {
-                inner,
-                pending: self,
-            }))
+        resp.map(|inner| ObservedBody {
+            inner,
+            pending: self,
         })
     }
 
@@ -577,12 +576,12 @@ fn grpc_status(headers: &HeaderMap) -> Option<u32> {
 /// A response body that counts its bytes, reads `grpc-status` from the trailers, and emits the
 /// record when it ends.
 #[derive(Debug)]
-pub struct ObservedBody {
-    inner: ProxyBody,
+pub struct ObservedBody<B: Body> {
+    inner: B,
     pending: Box<HttpPending>,
 }
 
-impl Drop for ObservedBody {
+impl<B: Body> Drop for ObservedBody<B> {
     fn drop(&mut self) {
         // A body that is empty from the start (a trailers-only gRPC answer, a 204, a HEAD) is
         // never polled: dropped at its end is a normal end, not a cancellation.
@@ -592,14 +591,14 @@ impl Drop for ObservedBody {
     }
 }
 
-impl Body for ObservedBody {
+impl<B: Body<Data = Bytes> + Unpin> Body for ObservedBody<B> {
     type Data = Bytes;
-    type Error = crate::http::BodyError;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, crate::http::BodyError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {

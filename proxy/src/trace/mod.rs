@@ -33,9 +33,10 @@ use opentelemetry::{InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use prometheus_client::registry::Registry;
 
-use crate::http::{ERROR_HEADER, ProxyBody, Side};
 use crate::identity::IdentityStore;
 use crate::metrics::Label;
+use crate::reason::ERROR_HEADER;
+use crate::side::Side;
 use crate::table::{BackendTable, DestinationTable, EndpointTable, WorkloadLabels};
 use propagation::Parent;
 
@@ -240,7 +241,7 @@ impl Hop {
     }
 
     /// The response head is ready: end the span and queue it for export.
-    pub fn finish(mut self, resp: &Response<ProxyBody>) {
+    pub fn finish<B>(mut self, resp: &Response<B>) {
         // A request refused before an upstream was chosen (unknown destination...).
         self.decide(None, None);
         let Some(context) = self.span.take() else {
