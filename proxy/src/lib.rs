@@ -47,6 +47,7 @@ pub mod identity;
 pub mod load;
 pub mod metrics;
 pub mod observe;
+pub mod probe;
 pub mod reason;
 pub mod reload;
 pub mod resilience;
@@ -167,7 +168,10 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let shared = Arc::new(shared);
     // Health checks need the proxy's runtime and a handle on its state: from here on, every
     // destination with a health check made current is probed.
-    shared.start_health_checks();
+    shared.start_health_checks(probe::starter(
+        Arc::downgrade(&shared),
+        tokio::runtime::Handle::current(),
+    ));
     if let Some(target) = &config.access_log {
         shared
             .observe

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use futures::future::BoxFuture;
@@ -37,6 +37,19 @@ pub trait Resolve: Send + Sync + fmt::Debug + 'static {
     fn inbound(&self, port: u16) -> BoxFuture<'static, ()> {
         let _ = port;
         Box::pin(std::future::ready(()))
+    }
+}
+
+/// Starts the health checks of a destination entry that became current (installed once by
+/// [`Shared::start_health_checks`]; the prober lives in [`crate::probe`], above this state).
+pub type StartProbes = Box<dyn Fn(&Arc<crate::table::DestinationTable>) + Send + Sync>;
+
+/// The installed [`StartProbes`] hook.
+struct Probing(StartProbes);
+
+impl fmt::Debug for Probing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Probing")
     }
 }
 
@@ -87,7 +100,7 @@ pub struct Shared {
     pub observe: Arc<crate::observe::Observe>,
     /// This state and the runtime health-check probers run on, once
     /// [`Shared::start_health_checks`] was called (never for a state only used to compile).
-    probing: OnceLock<(Weak<Shared>, tokio::runtime::Handle)>,
+    probing: OnceLock<Probing>,
 }
 
 /// Counts open inbound connections per source IP.
@@ -230,11 +243,10 @@ impl Shared {
     }
 
     /// Start the health checks of the destinations in force, and of every destination made
-    /// current from now on, on the current tokio runtime (panics outside one). Once; later calls
-    /// do nothing.
-    pub fn start_health_checks(self: &Arc<Self>) {
-        let runtime = tokio::runtime::Handle::current();
-        if self.probing.set((Arc::downgrade(self), runtime)).is_err() {
+    /// current from now on, with `start` ([`crate::probe::starter`]). Once; later calls do
+    /// nothing.
+    pub fn start_health_checks(&self, start: StartProbes) {
+        if self.probing.set(Probing(start)).is_err() {
             return;
         }
         for dest in self.table.load().entries() {
@@ -244,8 +256,8 @@ impl Shared {
 
     /// Start `dest`'s health checks, if it has some and probing has started.
     fn probe(&self, dest: &Arc<crate::table::DestinationTable>) {
-        if let Some((me, runtime)) = self.probing.get() {
-            crate::health::Checks::start(dest, Weak::clone(me), runtime);
+        if let Some(Probing(start)) = self.probing.get() {
+            start(dest);
         }
     }
 

@@ -1,0 +1,96 @@
+//! Why the proxy answered a request itself: the reasons, their status codes and the
+//! `x-trellis-error` header that names them. Written by the request paths ([`crate::http`]),
+//! read back by the access log, taps and spans ([`crate::observe`], [`crate::trace`]).
+
+use http::StatusCode;
+
+/// Header naming why the proxy answered a request itself.
+pub const ERROR_HEADER: &str = "x-trellis-error";
+
+/// Why the proxy answered a request itself (the `x-trellis-error` value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The request is malformed: two `Host` fields, an HTTP/2 `host` that is not the
+    /// `:authority`, or a body the client framed wrongly. 400.
+    BadRequest,
+    /// No authority in the request (no Host, no absolute URI). 400.
+    NoAuthority,
+    /// The authority is malformed. 400.
+    InvalidAuthority,
+    /// No such destination. 502.
+    UnknownDestination,
+    /// The destination has no backend with weight > 0. 503.
+    NoBackends,
+    /// The chosen backend has no endpoints. 503.
+    NoEndpoints,
+    /// Connecting to the endpoint failed. 502.
+    ConnectFailed,
+    /// The destination's circuit breaker is full (requests, connections or every endpoint). 503.
+    Overloaded,
+    /// The traffic policy injected this answer (status as configured).
+    FaultInjected,
+    /// The destination's local rate limit is spent. 429 with `retry-after`.
+    RateLimited,
+    /// The endpoint failed mid-request. 502.
+    UpstreamFailed,
+    /// The destination's request timeout passed. 504.
+    Timeout,
+    /// Inbound policy denied the request. 403.
+    Forbidden,
+    /// No inbound listener is configured. 503.
+    NoInbound,
+    /// The endpoint needs mTLS and this proxy has no valid certificate (fails closed). 503.
+    NoIdentity,
+    /// The endpoint's certificate does not name the identity the controller gave for it. 502.
+    IdentityMismatch,
+    /// The mTLS handshake with the endpoint failed otherwise (untrusted chain, timeout...). 502.
+    TlsFailed,
+}
+
+impl Reason {
+    /// Header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::BadRequest => "bad-request",
+            Reason::NoAuthority => "no-authority",
+            Reason::InvalidAuthority => "invalid-authority",
+            Reason::UnknownDestination => "unknown-destination",
+            Reason::NoBackends => "no-backends",
+            Reason::NoEndpoints => "no-endpoints",
+            Reason::ConnectFailed => "connect-failed",
+            Reason::Overloaded => "overloaded",
+            Reason::FaultInjected => "fault-injected",
+            Reason::RateLimited => "rate-limited",
+            Reason::UpstreamFailed => "upstream-failed",
+            Reason::Timeout => "timeout",
+            Reason::Forbidden => "forbidden",
+            Reason::NoInbound => "no-inbound",
+            Reason::NoIdentity => "no-identity",
+            Reason::IdentityMismatch => "identity-mismatch",
+            Reason::TlsFailed => "tls-failed",
+        }
+    }
+
+    /// Status code.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Reason::BadRequest | Reason::NoAuthority | Reason::InvalidAuthority => {
+                StatusCode::BAD_REQUEST
+            }
+            Reason::UnknownDestination
+            | Reason::ConnectFailed
+            | Reason::UpstreamFailed
+            | Reason::IdentityMismatch
+            | Reason::TlsFailed => StatusCode::BAD_GATEWAY,
+            Reason::NoBackends
+            | Reason::NoEndpoints
+            | Reason::NoInbound
+            | Reason::NoIdentity
+            | Reason::Overloaded
+            | Reason::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::Forbidden => StatusCode::FORBIDDEN,
+        }
+    }
+}
