@@ -470,7 +470,7 @@ where
 /// pool per identity, so pooled connections are keyed by (address, identity)).
 #[derive(Debug, Clone)]
 pub struct MeshConnector {
-    http: crate::http::connect::PlainConnector,
+    http: crate::connect::PlainConnector,
     store: Arc<IdentityStore>,
     metrics: Metrics,
     expected: Arc<str>,
@@ -481,7 +481,7 @@ pub struct MeshConnector {
 impl MeshConnector {
     /// A connector towards `expected`.
     pub fn new(
-        http: crate::http::connect::PlainConnector,
+        http: crate::connect::PlainConnector,
         store: Arc<IdentityStore>,
         metrics: Metrics,
         expected: &str,

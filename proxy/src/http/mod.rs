@@ -42,8 +42,8 @@ use crate::state::Shared;
 use crate::table::DestinationTable;
 use crate::tls::{Alpn, MeshConnector};
 
-pub mod body;
-pub mod connect;
+/// The bodies, re-exported where the request paths used to define them.
+pub use crate::body;
 mod outbound;
 
 pub use body::{BodyError, ProxyBody, RequestBody};
@@ -52,7 +52,7 @@ pub use crate::reason::{ERROR_HEADER, Reason};
 pub use crate::side::Side;
 
 /// An upstream client: pooled connections, bodies streamed from the downstream request.
-pub type UpstreamClient = Client<connect::PlainConnector, RequestBody>;
+pub type UpstreamClient = Client<crate::connect::PlainConnector, RequestBody>;
 
 /// An upstream client speaking mTLS to one expected identity.
 pub type MeshClient = Client<MeshConnector, RequestBody>;
@@ -63,7 +63,7 @@ pub type MeshClient = Client<MeshConnector, RequestBody>;
 pub struct Clients {
     http1: UpstreamClient,
     http2: UpstreamClient,
-    connector: connect::PlainConnector,
+    connector: crate::connect::PlainConnector,
     builder: hyper_util::client::legacy::Builder,
     handshake_timeout: Duration,
     /// mTLS clients by expected identity: [HTTP/1.1, HTTP/2]. Read on every mTLS request, written
@@ -81,7 +81,7 @@ impl Clients {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(limits.connect_timeout()));
         http.enforce_http(true);
-        let connector = connect::PlainConnector::new(http, breaker.clone());
+        let connector = crate::connect::PlainConnector::new(http, breaker.clone());
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
