@@ -41,6 +41,7 @@ pub mod balance;
 pub mod body;
 pub mod config;
 pub mod connect;
+pub mod connections;
 pub mod controller;
 pub mod detect;
 pub mod health;

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -19,10 +18,10 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::authz::Authorizer;
 use crate::config::{Config, Destination, Invalid, Limits};
+use crate::connections::{Connections, SourceLimiter};
 use crate::http::Clients;
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
-use crate::server::Connections;
 use crate::table::{RoutingTable, StatsRegistry};
 
 /// Asks the controller about destinations the table does not know yet.
@@ -101,54 +100,6 @@ pub struct Shared {
     /// This state and the runtime health-check probers run on, once
     /// [`Shared::start_health_checks`] was called (never for a state only used to compile).
     probing: OnceLock<Probing>,
-}
-
-/// Counts open inbound connections per source IP.
-#[derive(Debug, Default)]
-pub struct SourceLimiter {
-    open: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One counted connection; dropping it uncounts it.
-#[derive(Debug)]
-pub struct SourceGuard {
-    limiter: Arc<SourceLimiter>,
-    ip: IpAddr,
-}
-
-impl SourceLimiter {
-    /// Count a connection from `ip`, or None when `ip` already has `max` open.
-    pub fn open(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceGuard> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(SourceGuard {
-            limiter: Arc::clone(self),
-            ip,
-        })
-    }
-}
-
-impl SourceLimiter {
-    /// Source IPs with open inbound connections now.
-    pub fn sources(&self) -> usize {
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-}
-
-impl Drop for SourceGuard {
-    fn drop(&mut self) {
-        let mut open = self.limiter.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.ip);
-            }
-        }
-    }
 }
 
 impl Shared {

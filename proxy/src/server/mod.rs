@@ -11,11 +11,10 @@
 //! a word, and an HTTP/2 connection with no request in progress (which includes a header block
 //! that never ends) gets GOAWAY and is closed.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,166 +26,20 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::authz::{Caller, Verdict};
 use crate::config::{Limits, Protocol};
 use crate::detect::{Detected, PrefixedIo, read_prefix};
 use crate::http::{ProxyBody, Side, handle};
-use crate::metrics::{Label, Metrics};
+use crate::metrics::Label;
 use crate::shutdown::stopped;
 use crate::state::Shared;
 
 pub mod transparent;
 
-/// Open client connections: a drain waits for them, the global limit
-/// (`limits.max_connections`) is applied on them, and they are counted per listener kind
-/// (`trellis_open_connections`), as are refused connections by listener and reason
-/// (`trellis_connections_refused_total`, admin `/connections`).
-#[derive(Debug)]
-pub struct Connections {
-    open: AtomicUsize,
-    idle: Notify,
-    max: usize,
-    metrics: Metrics,
-    by_kind: [AtomicUsize; LISTENERS.len()],
-    refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    /// When the global limit was last logged, and refusals since (one warning per
-    /// [`LIMIT_WARNING_EVERY`], not one per refused connection during a flood).
-    limit_warning: Mutex<(Option<std::time::Instant>, u64)>,
-}
-
-/// Label values of the listener kinds, in [`ListenerKind::index`] order.
-pub const LISTENERS: [&str; 5] = [
-    "outbound-http",
-    "outbound-port",
-    "inbound",
-    "outbound-transparent",
-    "inbound-transparent",
-];
-
-/// At most one "connection limit reached" warning this often.
-const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
-
-/// One open connection; dropping it ends it.
-#[derive(Debug)]
-pub struct ConnectionGuard {
-    connections: Arc<Connections>,
-    kind: usize,
-}
-
-impl Connections {
-    /// Counts for a proxy allowing `max` open client connections in all.
-    pub fn new(max: usize, metrics: Metrics) -> Self {
-        Connections {
-            open: AtomicUsize::new(0),
-            idle: Notify::new(),
-            max: max.max(1),
-            metrics,
-            by_kind: Default::default(),
-            refused: Mutex::default(),
-            limit_warning: Mutex::default(),
-        }
-    }
-
-    /// Register a new connection on a `kind` listener, or None (counted and logged) when
-    /// `max_connections` are open already.
-    pub fn open(self: &Arc<Self>, kind: &ListenerKind) -> Option<ConnectionGuard> {
-        let kind = kind.index();
-        let admitted = self
-            .open
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .is_ok();
-        if !admitted {
-            self.refuse(kind, "global-limit");
-            self.warn_limit();
-            return None;
-        }
-        self.by_kind[kind].fetch_add(1, Ordering::SeqCst);
-        self.metrics.connection_opened(LISTENERS[kind]);
-        Some(ConnectionGuard {
-            connections: Arc::clone(self),
-            kind,
-        })
-    }
-
-    /// Count a connection of a `kind` listener closed before it was served, for `reason`.
-    pub fn refuse(&self, kind: usize, reason: &'static str) {
-        let listener = LISTENERS[kind];
-        self.metrics.connection_refused(listener, reason);
-        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        *refused.entry((listener, reason)).or_insert(0) += 1;
-    }
-
-    fn warn_limit(&self) {
-        let mut warning = self.limit_warning.lock().unwrap_or_else(|p| p.into_inner());
-        let (last, suppressed) = &mut *warning;
-        if last.is_some_and(|at| at.elapsed() < LIMIT_WARNING_EVERY) {
-            *suppressed += 1;
-            return;
-        }
-        tracing::warn!(
-            max_connections = self.max,
-            refused_since_last_warning = *suppressed,
-            "connection limit reached: new connections are closed at once (limits.max_connections)"
-        );
-        *last = Some(std::time::Instant::now());
-        *suppressed = 0;
-    }
-
-    /// Open connections now.
-    pub fn count(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
-    }
-
-    /// The global limit in force.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
-    /// Open connections per listener kind (label value, count).
-    pub fn by_listener(&self) -> impl Iterator<Item = (&'static str, usize)> + '_ {
-        LISTENERS
-            .iter()
-            .zip(&self.by_kind)
-            .map(|(name, n)| (*name, n.load(Ordering::SeqCst)))
-    }
-
-    /// Refused connections so far: ((listener, reason), count).
-    pub fn refused(&self) -> BTreeMap<(&'static str, &'static str), u64> {
-        self.refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Wait until no connection is open, at most `bound`; returns how many were still open.
-    pub async fn wait_idle(&self, bound: Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + bound;
-        loop {
-            let notified = self.idle.notified();
-            if self.count() == 0 {
-                return 0;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.count();
-            }
-        }
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        let c = &self.connections;
-        c.by_kind[self.kind].fetch_sub(1, Ordering::SeqCst);
-        c.metrics.connection_closed(LISTENERS[self.kind]);
-        if c.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-            c.idle.notify_waiters();
-        }
-    }
-}
+pub use crate::connections::{ConnectionGuard, Connections, LISTENERS, ListenerKind};
+pub(crate) use crate::connections::{INBOUND_TRANSPARENT, OUTBOUND_TRANSPARENT, inbound_index};
 
 /// Bind a listener with `backlog` (tokio's `TcpListener::bind` always asks for 128, as std
 /// does: bursts of new connections overflowed the accept queue and lost SYNs).
@@ -201,60 +54,6 @@ pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
-}
-
-/// What a listener does with its connections.
-#[derive(Debug, Clone)]
-pub enum ListenerKind {
-    /// The outbound HTTP listener (route by authority).
-    OutboundHttp,
-    /// A per-upstream port towards one destination.
-    OutboundPort {
-        /// Destination authority.
-        destination: Arc<str>,
-        /// Protocol override.
-        protocol: Option<Protocol>,
-    },
-    /// The inbound listener.
-    Inbound,
-    /// Redirected outbound connections (transparent mode): routed by original destination.
-    OutboundTransparent {
-        /// The listener's own address (the loop guard compares original destinations to it).
-        listen: SocketAddr,
-    },
-    /// Redirected inbound connections (transparent mode): authorized per original port.
-    InboundTransparent {
-        /// The listener's own address.
-        listen: SocketAddr,
-    },
-}
-
-impl ListenerKind {
-    /// Index into [`LISTENERS`].
-    pub fn index(&self) -> usize {
-        match self {
-            ListenerKind::OutboundHttp => 0,
-            ListenerKind::OutboundPort { .. } => 1,
-            ListenerKind::Inbound => 2,
-            ListenerKind::OutboundTransparent { .. } => OUTBOUND_TRANSPARENT,
-            ListenerKind::InboundTransparent { .. } => INBOUND_TRANSPARENT,
-        }
-    }
-}
-
-const INBOUND: usize = 2;
-/// Index of the transparent outbound listener in [`LISTENERS`].
-pub(crate) const OUTBOUND_TRANSPARENT: usize = 3;
-/// Index of the transparent inbound listener in [`LISTENERS`].
-pub(crate) const INBOUND_TRANSPARENT: usize = 4;
-
-/// The [`LISTENERS`] index of an inbound connection's listener.
-fn inbound_index(transparent: bool) -> usize {
-    if transparent {
-        INBOUND_TRANSPARENT
-    } else {
-        INBOUND
-    }
 }
 
 /// Accept connections until `shutdown` turns true.
