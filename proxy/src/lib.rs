@@ -62,6 +62,7 @@ pub mod table;
 pub mod tcp;
 pub mod tls;
 pub mod trace;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -173,10 +173,11 @@ impl Prober {
         };
         let sent = match expected {
             Some(expected) => shared
-                .clients
+                .upstreams
+                .shared()
                 .mesh(expected, target.http2, &shared.identity, &shared.metrics)
                 .request(req),
-            None => shared.clients.plain(target.http2).request(req),
+            None => shared.upstreams.shared().plain(target.http2).request(req),
         };
         let exchange = async {
             let resp = sent.await.ok()?;

@@ -7,7 +7,6 @@
 //! ([`Shared::apply_destination`], [`Shared::remove_destination`]; see [`crate::table`] for
 //! what each replaces).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,10 +18,10 @@ use tokio::sync::{Semaphore, watch};
 use crate::authz::Authorizer;
 use crate::config::{Config, Destination, Invalid, Limits};
 use crate::connections::{Connections, SourceLimiter};
-use crate::http::Clients;
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
 use crate::table::{RoutingTable, StatsRegistry};
+use crate::upstream::Upstreams;
 
 /// Asks the controller about destinations the table does not know yet.
 pub trait Resolve: Send + Sync + fmt::Debug + 'static {
@@ -65,11 +64,8 @@ pub struct Shared {
     writes: Mutex<()>,
     /// Endpoint statistics kept across table generations.
     pub stats: StatsRegistry,
-    /// Upstream HTTP clients (pooled).
-    pub clients: Clients,
-    /// The own clients of destinations whose circuit breaker limits connections (their pools
-    /// hold only their connections, counted by the breaker), by destination key.
-    limited_clients: Mutex<HashMap<String, Arc<Clients>>>,
+    /// Upstream HTTP clients (pooled; the own ones of connection-limited destinations too).
+    pub upstreams: Upstreams,
     /// Metrics.
     pub metrics: Metrics,
     /// Inbound authorization.
@@ -103,29 +99,6 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The own clients of destination `key` when its breaker limits connections (made on first
-    /// use, again when the limits change); None: use the shared [`Self::clients`].
-    pub fn clients_for(
-        &self,
-        key: &str,
-        breaker: Option<&crate::resilience::Breaker>,
-    ) -> Option<Arc<Clients>> {
-        let b = breaker.filter(|b| b.max_connections.is_some())?;
-        let mut map = self
-            .limited_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let clients = map
-            .entry(key.to_string())
-            .and_modify(|c| {
-                if !c.limited_by(b) {
-                    *c = Arc::new(Clients::new(&self.limits, Some(b.clone())));
-                }
-            })
-            .or_insert_with(|| Arc::new(Clients::new(&self.limits, Some(b.clone()))));
-        Some(Arc::clone(clients))
-    }
-
     /// State for `config`, with metrics registered in `registry`.
     pub fn new(
         config: &Config,
@@ -174,8 +147,7 @@ impl Shared {
             table: ArcSwap::from_pointee(table),
             writes: Mutex::new(()),
             stats,
-            clients: Clients::new(&config.limits, None),
-            limited_clients: Mutex::default(),
+            upstreams: Upstreams::new(&config.limits),
             metrics,
             authorizer,
             resolver,

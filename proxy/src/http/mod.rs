@@ -20,27 +20,22 @@
 //!   `Upgrade: h2c` is ignored, as RFC 9113 3.1 lets a server do and Envoy does, because an h2c
 //!   tunnel would carry requests the inbound policy never sees.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 
 use crate::authz::{Caller, RequestInfo, Verdict};
-use crate::config::{Limits, Protocol};
-use crate::identity::IdentityStore;
-use crate::metrics::{Label, Metrics, RequestLabels};
+use crate::config::Protocol;
+use crate::metrics::{Label, RequestLabels};
 use crate::state::Shared;
 use crate::table::DestinationTable;
-use crate::tls::{Alpn, MeshConnector};
 
 /// The bodies, re-exported where the request paths used to define them.
 pub use crate::body;
@@ -51,101 +46,7 @@ pub use body::{BodyError, ProxyBody, RequestBody};
 pub use crate::reason::{ERROR_HEADER, Reason};
 pub use crate::side::Side;
 
-/// An upstream client: pooled connections, bodies streamed from the downstream request.
-pub type UpstreamClient = Client<crate::connect::PlainConnector, RequestBody>;
-
-/// An upstream client speaking mTLS to one expected identity.
-pub type MeshClient = Client<MeshConnector, RequestBody>;
-
-/// The upstream clients: HTTP/1.1 and h2c (prior knowledge) in plaintext, and mTLS clients per
-/// expected peer identity (so pooled connections are keyed by (address, identity)).
-#[derive(Debug)]
-pub struct Clients {
-    http1: UpstreamClient,
-    http2: UpstreamClient,
-    connector: crate::connect::PlainConnector,
-    builder: hyper_util::client::legacy::Builder,
-    handshake_timeout: Duration,
-    /// mTLS clients by expected identity: [HTTP/1.1, HTTP/2]. Read on every mTLS request, written
-    /// once per identity.
-    mesh: [RwLock<HashMap<String, MeshClient>>; 2],
-    /// The breaker whose connection limit these clients' connections count against.
-    breaker: Option<crate::resilience::Breaker>,
-}
-
-impl Clients {
-    /// Build pooled clients with the given connect timeout; with a `breaker`, their
-    /// connections count against its `maxConnections` (a destination's own clients).
-    pub fn new(limits: &Limits, breaker: Option<crate::resilience::Breaker>) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(limits.connect_timeout()));
-        http.enforce_http(true);
-        let connector = crate::connect::PlainConnector::new(http, breaker.clone());
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90));
-        let http1 = builder.clone().build(connector.clone());
-        let http2 = builder.clone().http2_only(true).build(connector.clone());
-        Clients {
-            http1,
-            http2,
-            connector,
-            builder,
-            handshake_timeout: limits.tls_handshake_timeout(),
-            mesh: Default::default(),
-            breaker,
-        }
-    }
-
-    /// Whether these clients count their connections under exactly this breaker's limits.
-    pub fn limited_by(&self, b: &crate::resilience::Breaker) -> bool {
-        self.breaker.as_ref().is_some_and(|own| {
-            own.max_connections == b.max_connections
-                && own.max_pending == b.max_pending
-                && Arc::ptr_eq(&own.state, &b.state)
-        })
-    }
-
-    /// The plaintext client: h2c (prior knowledge) or HTTP/1.1.
-    pub fn plain(&self, http2: bool) -> &UpstreamClient {
-        if http2 { &self.http2 } else { &self.http1 }
-    }
-
-    /// The mTLS client towards endpoints named `expected` (created on first use).
-    pub fn mesh(
-        &self,
-        expected: &str,
-        http2: bool,
-        store: &Arc<IdentityStore>,
-        metrics: &Metrics,
-    ) -> MeshClient {
-        let map = &self.mesh[usize::from(http2)];
-        if let Some(c) = map.read().unwrap_or_else(|p| p.into_inner()).get(expected) {
-            return c.clone();
-        }
-        let connector = MeshConnector::new(
-            self.connector.clone(),
-            Arc::clone(store),
-            metrics.clone(),
-            expected,
-            if http2 { Alpn::H2 } else { Alpn::Http1 },
-            self.handshake_timeout,
-        );
-        let mut builder = self.builder.clone();
-        if http2 {
-            builder.http2_only(true);
-        }
-        let client: MeshClient = builder.build(connector);
-        map.write()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(expected.to_string())
-            .or_insert(client)
-            .clone()
-    }
-}
+pub use crate::upstream::{Clients, MeshClient, UpstreamClient};
 
 /// Handle one request.
 pub async fn handle(
@@ -451,9 +352,9 @@ async fn inbound(
         return local(Reason::UpstreamFailed, "bad request");
     }
     let client = if http2 {
-        &shared.clients.http2
+        shared.upstreams.shared().plain(true)
     } else {
-        &shared.clients.http1
+        shared.upstreams.shared().plain(false)
     };
     match client.request(req).await {
         Ok(mut resp) => {

@@ -637,14 +637,15 @@ async fn attempt(
     let body_failed = req.body().failed_flag();
     let in_flight = endpoint.stats.start();
     let counts = dest.ejection_counts;
-    let own = shared.clients_for(&dest.key, dest.breaker.as_ref());
-    let clients = own.as_deref().unwrap_or(&shared.clients);
+    let own = shared
+        .upstreams
+        .for_destination(&dest.key, dest.breaker.as_ref());
+    let clients = own.as_deref().unwrap_or(shared.upstreams.shared());
     let sent = match expected {
         Some(expected) => clients
             .mesh(expected, http2, &shared.identity, &shared.metrics)
             .request(req),
-        None if http2 => clients.http2.request(req),
-        None => clients.http1.request(req),
+        None => clients.plain(http2).request(req),
     };
     let result = match per_try {
         Some(t) => match tokio::time::timeout(t, sent).await {
