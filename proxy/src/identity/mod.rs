@@ -33,7 +33,9 @@ use trellis_proxy_api::spiffe::{SpiffeId, SpiffeIdError};
 use trellis_proxy_api::v1;
 use trellis_proxy_api::v1::identity_client::IdentityClient;
 
-use crate::tls::TlsGeneration;
+use tls_config::TlsGeneration;
+
+pub mod tls_config;
 
 /// Renew when this share of the certificate's lifetime has passed.
 pub const RENEW_AT: f64 = 0.7;
@@ -469,7 +471,7 @@ pub async fn certify_once(
     if public_key_of(leaf)? != rcgen::PublicKeyData::subject_public_key_info(&key_pair) {
         return Err(IdentityError::WrongKey);
     }
-    crate::tls::verify_chain(&chain, &anchors, UnixTime::now())
+    tls_config::verify_chain(&chain, &anchors, UnixTime::now())
         .map_err(|e| IdentityError::InvalidAnswer(format!("the chain does not verify: {e}")))?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der()));
     Credentials::new(chain, key, anchors)
