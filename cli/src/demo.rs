@@ -459,6 +459,7 @@ impl Mesh {
                 || {
                     web.sidecar
                         .shared()
+                        .routes
                         .table
                         .load()
                         .inbound
@@ -486,7 +487,7 @@ impl Mesh {
         let web_id = self.web[0].sidecar.id.to_string();
         let inbound = [self.web[0].sidecar.inbound(), self.web[1].sidecar.inbound()];
         let routed = || {
-            let config = caller.shared().table.load().config();
+            let config = caller.shared().routes.table.load().config();
             let Some(dest) = config.destinations.iter().find(|d| d.authority == WEB) else {
                 return false;
             };

@@ -236,7 +236,7 @@ fn main() {
     let shared = Shared::new(&config, &mut registry, Arc::new(PolicyAuthorizer), None)
         .expect("the bench's configuration is valid");
     let loaded = load.elapsed();
-    let keys = shared.table.load().destination_keys();
+    let keys = shared.routes.table.load().destination_keys();
     // Keys in configuration order: destination i is keys_by_index[i].
     let keys_by_index: Vec<String> = config
         .destinations
@@ -269,7 +269,12 @@ fn main() {
     // Check it did what was measured: a destination changed twice is back to 3 endpoints, once
     // has 4.
     for (i, present) in present.iter().enumerate().take(runs.min(destinations)) {
-        let d = shared.table.load().get(&keys_by_index[i]).expect("loaded");
+        let d = shared
+            .routes
+            .table
+            .load()
+            .get(&keys_by_index[i])
+            .expect("loaded");
         assert_eq!(d.backends[0].endpoints.len(), 3 + usize::from(*present));
     }
 
@@ -282,7 +287,7 @@ fn main() {
         added.push(measure(|| {
             apply_update(&shared, &key, update).expect("a valid profile")
         }));
-        assert!(shared.table.load().get(&key).is_some());
+        assert!(shared.routes.table.load().get(&key).is_some());
         let gone = v1::DestinationUpdate {
             version: "bench".into(),
             kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
@@ -329,12 +334,12 @@ fn main() {
             RoutingTable::compile(copy, &stats).expect("valid")
         }));
         as_before.push(measure(|| {
-            shared.apply(config.clone()).expect("valid");
+            shared.routes.apply(config.clone()).expect("valid");
         }));
     }
 
     // (c) Lookups: the slot table against a plain map of the same entries.
-    let table = shared.table.load_full();
+    let table = shared.routes.table.load_full();
     let plain: HashMap<String, Arc<DestinationTable>> = keys
         .iter()
         .map(|k| (k.clone(), table.get(k).expect("loaded")))

@@ -103,7 +103,7 @@ fn answer(shared: &Shared, registry: &Registry, req: &Request<Incoming>) -> Resp
         "/config" => {
             // Assembled now from the base and each destination's source: no whole copy is
             // kept per update.
-            let config = shared.table.load().config();
+            let config = shared.routes.table.load().config();
             match serde_json::to_string_pretty(&config) {
                 Ok(json) => {
                     let mut resp = text(StatusCode::OK, json + "\n");

@@ -1,38 +1,51 @@
 //! trellis-proxy: the one data-plane binary for HTTP/1.1, HTTP/2, gRPC and TCP.
 //!
 //! See `proxy/README.md` for the config file, CLI, admin endpoints, metrics, error headers,
-//! protocol detection and limits. Module map:
+//! protocol detection and limits. The modules form layers: no import cycles between them
+//! (`tests/module_graph.rs` fails on one), listed here from the foundations up, so a module can
+//! be read knowing only the ones it builds on.
 //!
+//! Foundations (no proxy state):
 //! * [`config`]: the YAML model (also what controller answers become) with file:line errors.
+//! * [`resilience`]: the traffic policy compiled for the request path (retry, breaker, fault,
+//!   rate limit), no I/O.
+//! * [`health`]: the health-check state machine and settings; [`balance`]: P2C over peak-EWMA
+//!   latency, round robin, least-request, outlier ejection, on per-endpoint statistics.
+//! * [`metrics`], [`reason`] (why the proxy answered itself: `x-trellis-error`), [`side`]
+//!   (outbound or inbound with its caller), [`detect`], [`shutdown`].
 //! * [`table`]: the compiled config (routes, splits, endpoints): each destination in its own
-//!   `arc-swap` slot, so one destination's update compiles and replaces that destination alone,
-//!   and a whole config (a file) swaps in a new generation; requests route against the entry
-//!   current when they arrive, so a change applies to already-open client connections at their
-//!   next request.
-//! * [`balance`]: P2C over peak-EWMA latency, round robin, least-request.
-//! * [`detect`]: HTTP/1 vs h2 preface vs opaque, with a timeout.
-//! * [`http`]: the request path (outbound route/split/balance/forward, inbound authorize/forward).
-//! * [`tcp`]: opaque TCP forwarding.
+//!   `arc-swap` slot, so one destination's update compiles and replaces that destination alone.
 //! * [`authz`]: the inbound authorization hook ([`authz::Authorizer`]) and the policy evaluator.
-//! * [`server`]: listeners, hyper connections with limits, draining.
-//! * [`admin`], [`metrics`]: the admin port and Prometheus metrics (registry passed in).
-//! * [`trace`]: distributed tracing (W3C and B3 propagation, a span per request, OTLP export).
-//! * [`observe`]: one record per finished request or TCP connection, for the access log and
-//!   the admin port's live `/tap` (free when neither is on).
-//! * [`app_probe`]: the app's own probes run from inside the pod for the kubelet
-//!   (`/app-probe/...` on the admin port, set up by the sidecar injector).
-//! * [`reload`]: config file reload (SIGHUP + change polling).
-//! * [`controller`]: live config from the controller over `trellis-proxy-api`;
-//!   [`controller_tls`]: that channel over TLS, verified against the mesh's anchors and the
-//!   controller's host name.
 //! * [`identity`]: the workload certificate (controller `Identity.Certify` with renewal at 70% of
-//!   the lifetime, or static PEM files), published atomically in an [`identity::IdentityStore`].
-//! * [`transparent`]: transparent mode: connections redirected by the interception rules, routed
-//!   by their original destination (outbound) or authorized per original port (inbound), with
-//!   the loop guard.
-//! * [`tls`]: mTLS with rustls (TLS 1.3, ALPN h2/http/1.1): client certificates verified to the
-//!   trust anchors with the caller's SPIFFE id taken from them; upstream certificates verified to
-//!   the anchors AND to the endpoint's expected SPIFFE id.
+//!   the lifetime, or static PEM files), published atomically in an [`identity::IdentityStore`],
+//!   with the rustls configurations made from it ([`identity::tls_config`]).
+//! * [`connect`]: TCP connections to upstreams within the breaker's connection limit;
+//!   [`tls`]: mTLS connections with rustls (TLS 1.3, ALPN h2/http/1.1): client certificates
+//!   verified to the trust anchors with the caller's SPIFFE id taken from them; upstream
+//!   certificates verified to the anchors AND to the endpoint's expected SPIFFE id.
+//! * [`observe`]: one record per finished request or TCP connection, for the access log and
+//!   the admin port's live `/tap` (free when neither is on); [`trace`]: distributed tracing
+//!   (W3C and B3 propagation, a span per request, OTLP export).
+//! * [`body`]: request and response bodies (streamed; kept whole only for a retry or mirror).
+//! * [`upstream`]: the upstream clients (pooled plain and per-identity mTLS, and the own pools of
+//!   connection-limited destinations).
+//! * [`connections`]: open connections counted and limited (global, per listener, per source).
+//!
+//! The proxy's state and what runs on it:
+//! * [`routes`]: the routing table in force and its writers (whole, base, one destination).
+//! * [`state`]: [`state::Shared`], the composition of the parts above every listener shares.
+//! * [`tcp`]: opaque TCP forwarding; [`http`]: the request paths (outbound as a stack of tower
+//!   layers: fault, breaker, mirror, timeouts, retry, endpoint; inbound: authorize, rate-limit,
+//!   forward to the application).
+//! * [`probe`]: the health-check prober (through the upstream clients).
+//! * [`server`]: listeners, hyper connections with limits, draining; its [`server::transparent`]
+//!   submodule: connections redirected by the interception rules, routed by their original
+//!   destination (outbound) or authorized per original port (inbound), with the loop guard.
+//! * [`admin`]: the admin port; [`app_probe`]: the app's own probes run from inside the pod for
+//!   the kubelet (`/app-probe/...`, set up by the sidecar injector); [`reload`]: config file
+//!   reload (SIGHUP + change polling); [`controller`]: live config from the controller over
+//!   `trellis-proxy-api` (its [`controller::tls`]: that channel over TLS, verified against the
+//!   mesh's anchors and the controller's host name).
 
 pub mod admin;
 pub mod app_probe;
@@ -54,6 +67,7 @@ pub mod probe;
 pub mod reason;
 pub mod reload;
 pub mod resilience;
+pub mod routes;
 pub mod server;
 pub mod shutdown;
 pub mod side;
@@ -172,7 +186,7 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let shared = Arc::new(shared);
     // Health checks need the proxy's runtime and a handle on its state: from here on, every
     // destination with a health check made current is probed.
-    shared.start_health_checks(probe::starter(
+    shared.routes.start_health_checks(probe::starter(
         Arc::downgrade(&shared),
         tokio::runtime::Handle::current(),
     ));

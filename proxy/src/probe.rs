@@ -239,6 +239,7 @@ impl Prober {
             return;
         };
         let checked = shared
+            .routes
             .table
             .load()
             .get(&self.key)

@@ -32,14 +32,14 @@ pub fn reload_now(shared: &Shared, path: &Path) -> bool {
         shared.metrics.update("file", false);
         return false;
     }
-    let running = Arc::clone(&shared.table.load().base);
+    let running = Arc::clone(&shared.routes.table.load().base);
     if config.admin != running.admin
         || config.outbound != running.outbound
         || listeners_differ(&config, &running)
     {
         tracing::warn!("listener addresses changed in the file; they take effect on restart");
     }
-    match shared.apply(config) {
+    match shared.routes.apply(config) {
         Ok(()) => {
             tracing::info!(path = %path.display(), "configuration reloaded");
             shared.metrics.update("file", true);
@@ -56,7 +56,7 @@ pub fn reload_now(shared: &Shared, path: &Path) -> bool {
 /// Re-read the static identity files named by `config` (or drop the identity when the config
 /// no longer names any).
 fn reload_identity(shared: &Shared, config: &Config) -> Result<(), crate::identity::IdentityError> {
-    let running = shared.table.load().base.identity.clone();
+    let running = shared.routes.table.load().base.identity.clone();
     match &config.identity {
         Some(files) => {
             let credentials = crate::identity::load_static(files)?;
@@ -83,7 +83,7 @@ fn reload_identity(shared: &Shared, config: &Config) -> Result<(), crate::identi
 /// The config file and the identity files the running config names.
 fn watched_paths(path: &Path, shared: &Shared) -> Vec<PathBuf> {
     let mut all = vec![path.to_owned()];
-    if let Some(files) = &shared.table.load().base.identity {
+    if let Some(files) = &shared.routes.table.load().base.identity {
         all.push(files.cert.clone());
         all.push(files.key.clone());
         all.extend(files.trust_anchors.iter().cloned());

@@ -32,7 +32,7 @@ pub async fn forward_outbound<IO>(
         .begin_tcp(Direction::Outbound, destination, None);
     let mut client = Counted::new(client, rec.as_ref().map(|r| r.tally()));
     let dest = {
-        let table = shared.table.load();
+        let table = shared.routes.table.load();
         match table.lookup(destination) {
             Lookup::Found(d) => Some(d),
             _ => None,
@@ -41,12 +41,12 @@ pub async fn forward_outbound<IO>(
     let dest = match dest {
         Some(d) => d,
         None => {
-            if let Some(resolver) = &shared.resolver
+            if let Some(resolver) = &shared.routes.resolver
                 && let Ok(a) = trellis_proxy_api::authority::normalize(destination)
             {
                 resolver.resolve(&a.key()).await;
             }
-            let table = shared.table.load();
+            let table = shared.routes.table.load();
             match table.lookup(destination) {
                 Lookup::Found(d) => d,
                 _ => {
@@ -209,7 +209,7 @@ pub async fn forward_inbound<IO>(
         backend: Label::from(""),
         error: Label::from(""),
     });
-    let mut changes = shared.table_changes.subscribe();
+    let mut changes = shared.routes.table_changes.subscribe();
     tokio::select! {
         _ = copy_with_idle_timeout(&mut client, &mut upstream, shared.limits.tcp_idle_timeout(), first_byte) => {}
         () = revoked(&shared, caller, &mut changes) => {
@@ -231,7 +231,7 @@ async fn revoked(
     // must not be missed.
     loop {
         let allowed = {
-            let table = shared.table.load();
+            let table = shared.routes.table.load();
             caller.policy_in(&table).is_some_and(|policy| {
                 shared.authorizer.authorize_connection(policy, caller) == Verdict::Allow
             })

@@ -24,6 +24,7 @@ fn inbound_yaml(app: SocketAddr, protocol: &str, rules: &str, extra: &str) -> St
 fn swap_policy(proxy: &RunningProxy, yaml: &str) {
     proxy
         .shared
+        .routes
         .apply(Config::parse(yaml, Path::new("t.yaml")).unwrap())
         .unwrap();
 }

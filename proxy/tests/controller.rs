@@ -375,7 +375,7 @@ async fn not_found_deltas_and_inbound_policy_come_from_the_controller() {
         assert!(Instant::now() < deadline, "inbound policy not applied");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let config = proxy.shared.table.load().config();
+    let config = proxy.shared.routes.table.load().config();
     assert_eq!(
         config.destinations.len(),
         1,

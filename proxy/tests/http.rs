@@ -402,6 +402,7 @@ async fn config_swap_applies_to_an_open_connection_within_100ms() {
     let swapped = Instant::now();
     proxy
         .shared
+        .routes
         .apply(Config::parse(&after, std::path::Path::new("t.yaml")).unwrap())
         .unwrap();
     let answer = client.get("echo.default", "/").await.1;
@@ -483,6 +484,7 @@ async fn endpoint_removal_fails_no_request_and_in_flight_requests_finish() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     proxy
         .shared
+        .routes
         .apply(Config::parse(&only_b, std::path::Path::new("t.yaml")).unwrap())
         .unwrap();
     let hits_a_at_swap = a.hits();
@@ -608,6 +610,7 @@ async fn no_endpoints_and_no_backends_answer_503_with_a_reason() {
         .unwrap();
     proxy
         .shared
+        .routes
         .apply(
             Config::parse(
                 &yaml(&destination("dead.default", &[("x", 1, &[dead])])),
@@ -730,6 +733,7 @@ async fn inbound_policy_denies_by_default_and_allows_what_it_lists() {
     let permissive = yaml.replace("  policy:\n", "  policy:\n    default_action: allow\n");
     proxy
         .shared
+        .routes
         .apply(Config::parse(&permissive, std::path::Path::new("t")).unwrap())
         .unwrap();
     assert_eq!(client.get("local", "/admin").await.1, "local");

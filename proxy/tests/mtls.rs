@@ -253,10 +253,10 @@ async fn plaintext_endpoints_stay_plaintext_and_proxies_without_identity_talk_pl
     let (_dir, _ca, b_app, a, _b) = mesh().await;
     // An endpoint without identity (outside the mesh) is spoken to in plaintext.
     let plain = app("plain").await;
-    let mut config = a.shared.table.load().config();
+    let mut config = a.shared.routes.table.load().config();
     config.destinations[0].backends[0].endpoints[0].identity = None;
     config.destinations[0].backends[0].endpoints[0].address = plain.addr.to_string();
-    a.shared.apply(config).unwrap();
+    a.shared.routes.apply(config).unwrap();
     let (status, tag, _) = H1::connect(a.http.unwrap()).await.get("b.shop", "/").await;
     assert_eq!((status, tag.as_str()), (StatusCode::OK, "plain"));
     assert_eq!(b_app.hits(), 0);
@@ -286,10 +286,10 @@ async fn revoking_the_policy_stops_the_next_request_on_a_kept_alive_mtls_connect
     let (_dir, _ca, app, a, b) = mesh().await;
     let mut h1 = H1::connect(a.http.unwrap()).await;
     assert_eq!(h1.get("b.shop", "/").await.1, "b");
-    let mut config = b.shared.table.load().config();
+    let mut config = b.shared.routes.table.load().config();
     config.inbound.as_mut().unwrap().policy.authorizations[0].identities =
         vec!["spiffe://cluster.local/ns/shop/sa/someone-else".into()];
-    b.shared.apply(config).unwrap();
+    b.shared.routes.apply(config).unwrap();
     let (status, reason, _) = h1.get("b.shop", "/").await;
     assert_eq!(
         (status, reason.as_str()),

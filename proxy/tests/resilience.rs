@@ -693,11 +693,19 @@ async fn a_destination_replaced_without_its_health_check_stops_probing() {
     assert!((5..=12).contains(&first), "about one per 100 ms: {first}");
     // Each replaced entry is held, as a long request would hold it: its prober must stop all
     // the same.
-    let entry = || running.shared.table.load().get("svc.default").unwrap();
+    let entry = || {
+        running
+            .shared
+            .routes
+            .table
+            .load()
+            .get("svc.default")
+            .unwrap()
+    };
     let held = vec![entry()];
     // A whole new configuration with the same check: the new entry's prober takes over, at the
     // same rhythm (the old one stopped).
-    running.shared.apply(parse(&checked)).unwrap();
+    running.shared.routes.apply(parse(&checked)).unwrap();
     let held = [held, vec![entry()]].concat();
     let after_reload = probes_within(Duration::from_millis(1000)).await;
     assert!(
@@ -708,6 +716,7 @@ async fn a_destination_replaced_without_its_health_check_stops_probing() {
     let unchecked = parse(&config(&[up.addr], "", "")).destinations.remove(0);
     running
         .shared
+        .routes
         .apply_destination(unchecked, "destinations[svc.default]")
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -216,7 +216,7 @@ impl Controller {
             config.transparent.inbound_ports = state.transparent.values().cloned().collect();
             config
         };
-        match shared.apply_base(config) {
+        match shared.routes.apply_base(config) {
             Ok(()) => shared.metrics.update("controller", true),
             Err(e) => {
                 // Keep the last good table; the controller sent something we cannot use.
@@ -410,23 +410,25 @@ pub fn apply_update(
     match update.kind {
         Some(v1::destination_update::Kind::Profile(profile)) => {
             tracing::debug!(destination = %key, version = %update.version, "destination profile");
-            shared.apply_destination(destination_from_proto(key, profile), &field)
+            shared
+                .routes
+                .apply_destination(destination_from_proto(key, profile), &field)
         }
         Some(v1::destination_update::Kind::NotFound(nf)) => {
             tracing::info!(destination = %key, reason = %nf.reason, "controller: destination does not exist");
-            shared.remove_destination(key);
+            shared.routes.remove_destination(key);
             Ok(())
         }
         Some(v1::destination_update::Kind::Delta(delta)) => {
             // The delta applies to what runs: after a rejected profile, the last good one.
-            let Some(current) = shared.table.load().get(key) else {
+            let Some(current) = shared.routes.table.load().get(key) else {
                 tracing::warn!(destination = %key, "endpoint delta before a profile; ignored");
                 return Ok(());
             };
             let mut dest = config::Destination::clone(&current.source);
             drop(current);
             apply_delta(&mut dest, delta);
-            shared.apply_destination(dest, &field)
+            shared.routes.apply_destination(dest, &field)
         }
         None => Ok(()),
     }
@@ -677,6 +679,7 @@ mod tests {
 
     fn entry(shared: &Shared, key: &str) -> Arc<DestinationTable> {
         shared
+            .routes
             .table
             .load()
             .get(key)
@@ -701,7 +704,7 @@ mod tests {
         ] {
             apply_update(&shared, key, profile(key, "/api/.*", &[address])).unwrap();
         }
-        let generation = shared.table.load_full();
+        let generation = shared.routes.table.load_full();
         let (a, b, c) = (
             entry(&shared, "a.shop"),
             entry(&shared, "b.shop"),
@@ -712,7 +715,7 @@ mod tests {
         // An endpoint delta: b alone, in its slot.
         apply_update(&shared, "b.shop", delta("v1", &["10.0.2.2:80"], &[])).unwrap();
         assert!(
-            Arc::ptr_eq(&generation, &shared.table.load_full()),
+            Arc::ptr_eq(&generation, &shared.routes.table.load_full()),
             "no new generation for a known destination"
         );
         assert!(Arc::ptr_eq(&a, &entry(&shared, "a.shop")));
@@ -752,15 +755,15 @@ mod tests {
         }));
         apply_update(&shared, "b.shop", nf).unwrap();
         assert!(matches!(
-            shared.table.load().lookup("b.shop"),
+            shared.routes.table.load().lookup("b.shop"),
             Lookup::Unknown(_)
         ));
         assert!(Arc::ptr_eq(&c_now, &entry(&shared, "c.shop")));
-        let config = shared.table.load().config();
+        let config = shared.routes.table.load().config();
         let keys: Vec<_> = config.destinations.iter().map(|d| &d.authority).collect();
         assert_eq!(keys, ["a.shop", "c.shop"]);
         // A delta for a destination without a profile is ignored.
         apply_update(&shared, "b.shop", delta("v1", &["10.0.2.9:80"], &[])).unwrap();
-        assert!(shared.table.load().get("b.shop").is_none());
+        assert!(shared.routes.table.load().get("b.shop").is_none());
     }
 }

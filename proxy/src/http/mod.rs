@@ -274,7 +274,7 @@ async fn inbound(
     mut req: Request<Incoming>,
     started: Instant,
 ) -> Response<ProxyBody> {
-    let Some(policy) = caller.policy_in(&shared.table.load()).cloned() else {
+    let Some(policy) = caller.policy_in(&shared.routes.table.load()).cloned() else {
         return local(Reason::NoInbound, "no inbound listener is configured");
     };
     let labels = |code: u16, error: Label| RequestLabels {

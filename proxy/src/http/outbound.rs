@@ -288,8 +288,8 @@ async fn find_or_resolve(
 ) -> Result<Arc<DestinationTable>, (Reason, String)> {
     match find(shared, fixed, req) {
         Ok(d) => Ok(d),
-        Err(Miss::Unknown(key)) if shared.resolver.is_some() => {
-            if let Some(resolver) = &shared.resolver {
+        Err(Miss::Unknown(key)) if shared.routes.resolver.is_some() => {
+            if let Some(resolver) = &shared.routes.resolver {
                 resolver.resolve(&key).await;
             }
             find(shared, fixed, req).map_err(|_| (Reason::UnknownDestination, key))
@@ -321,7 +321,7 @@ fn find(
             },
         },
     };
-    let table = shared.table.load();
+    let table = shared.routes.table.load();
     match table.lookup(target) {
         Lookup::Found(d) => Ok(d),
         Lookup::Unknown(key) => Err(Miss::Unknown(key)),
@@ -534,7 +534,7 @@ impl Drop for MirrorSlot {
 }
 
 fn lookup_key(shared: &Shared, key: &str) -> Option<Arc<DestinationTable>> {
-    match shared.table.load().lookup(key) {
+    match shared.routes.table.load().lookup(key) {
         Lookup::Found(d) => Some(d),
         _ => None,
     }

@@ -124,7 +124,7 @@ pub(crate) async fn serve_connection(
             protocol,
         } => {
             let protocol = protocol.unwrap_or_else(|| {
-                let table = shared.table.load();
+                let table = shared.routes.table.load();
                 match table.lookup(destination) {
                     crate::table::Lookup::Found(d) => d.protocol,
                     _ => Protocol::Detect,
@@ -211,7 +211,7 @@ pub(crate) async fn serve_inbound(
         port,
         transparent,
     };
-    let Some(policy) = caller.policy_in(&shared.table.load()).cloned() else {
+    let Some(policy) = caller.policy_in(&shared.routes.table.load()).cloned() else {
         // A transparent port without a policy: refused (fail safe).
         shared
             .connections
@@ -333,7 +333,7 @@ async fn serve_inbound_stream<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(policy) = caller.policy_in(&shared.table.load()).cloned() else {
+    let Some(policy) = caller.policy_in(&shared.routes.table.load()).cloned() else {
         return;
     };
     let limits = shared.limits.clone();
@@ -381,7 +381,7 @@ async fn forward_inbound_tcp<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(policy) = caller.policy_in(&shared.table.load()).cloned() else {
+    let Some(policy) = caller.policy_in(&shared.routes.table.load()).cloned() else {
         return;
     };
     if shared.authorizer.authorize_connection(&policy, &caller) == Verdict::Deny {

@@ -147,9 +147,10 @@ pub(crate) async fn outbound(
         return;
     };
     let key = key_of(original);
-    let known = |shared: &Shared| matches!(shared.table.load().lookup(&key), Lookup::Found(_));
+    let known =
+        |shared: &Shared| matches!(shared.routes.table.load().lookup(&key), Lookup::Found(_));
     if !known(&shared)
-        && let Some(resolver) = &shared.resolver
+        && let Some(resolver) = &shared.routes.resolver
     {
         // Once per key: later connections find the answer (or the "not found") in the table.
         resolver.resolve(&key).await;
@@ -227,9 +228,16 @@ pub(crate) async fn inbound(
         return;
     };
     let port = original.port();
-    let known = |shared: &Shared| shared.table.load().transparent_inbound.contains_key(&port);
+    let known = |shared: &Shared| {
+        shared
+            .routes
+            .table
+            .load()
+            .transparent_inbound
+            .contains_key(&port)
+    };
     if !known(&shared)
-        && let Some(resolver) = &shared.resolver
+        && let Some(resolver) = &shared.routes.resolver
     {
         resolver.inbound(port).await;
     }
