@@ -1,47 +1,97 @@
-//! The outbound request path, in the order the policy applies:
+//! The outbound request path: [`outbound`] routes a request, then sends it through a stack of
+//! tower layers, one per stage of the policy, in this order (outermost first):
 //!
-//! route -> fault -> breaker (destination) -> mirror -> request timeout -> retry (budget) ->
-//! per-try timeout -> split -> balance (skipping ejected, full and just-failed endpoints) ->
-//! connect (mTLS).
+//! route ([`outbound`]) -> fault -> breaker (destination) -> mirror (keeps the body) ->
+//! request timeout -> retry (budget) -> per-try timeout -> endpoint (split, balance skipping
+//! ejected, full and just-failed endpoints, connect over mTLS or plaintext).
 //!
-//! Each stage is a small function over the request; the stages that need a policy are skipped
-//! when the destination has none, so a request without policy takes the same steps as before
-//! policies existed (the fast lane, measured in `scripts/bench/proxy`). Rate limits are not
-//! here: they protect the destination's instances, so its own proxy enforces them
-//! ([`super::inbound`]).
+//! Why this order: a fault answers (or waits) before the request takes a place under the
+//! destination's breaker; the breaker counts a request once, however many tries it takes; the
+//! body is kept (and copied to the mirror) once, before the clock of the request timeout
+//! starts, as before; the request timeout bounds every try and every backoff; each retry is a
+//! new try with its own per-try timeout, split and balance, avoiding the endpoint that just
+//! failed. Rate limits are not here: they protect the destination's instances, so its own
+//! proxy enforces them ([`super::inbound`]).
 //!
+//! The request flowing through is an [`Outbound`] (the request and what its stages read: the
+//! destination, the route, the proxy's state), the answer an [`Answer`] or a [`Failure`].
 //! Errors are mapped to responses once, at the end ([`Failure`] -> `x-trellis-error`).
+//!
+//! Tower parts used: `Service`/`Layer`/`ServiceBuilder`, and `tower::retry::Retry` with our
+//! [`retry::RetryPolicy`] (the budget is tower's `TpsBudget`, in [`crate::resilience::retry`]).
+//! Not used, and why:
+//! - `tower::timeout::Timeout` takes one `Duration` when the stack is built, but timeouts are
+//!   per destination and route, and a per-try timeout must say which endpoint was too slow
+//!   (outlier detection counts it, the retry avoids it): [`timeout`] has the two small
+//!   per-request timeouts instead.
+//! - `tower::limit::ConcurrencyLimit` waits for a place; the breaker must refuse at once
+//!   (`503 overloaded`), so it stays ours ([`crate::resilience::Breaker`]).
+//! - `tower::balance` (p2c over a `Discover` stream) would own the endpoints; ours are in the
+//!   routing table, swapped whole on updates, with split, ejection and per-endpoint limits:
+//!   [`endpoint`] keeps calling the table's split and `pick_for`.
+//!
+//! Cost: the stack is built once ([`STACK`]) of zero-sized services, so a clone per request
+//! costs nothing. A stage whose policy is absent for the request hands it to the next one
+//! without boxing (each has its own small future with a pass-through state), so a request
+//! without policy allocates what it did before the layers: the only box on its path is the
+//! HTTP client's own response future. The mirror stage boxes its future when it keeps a body
+//! (reading the body is an `async fn` of [`super::body`]).
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
 
-use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, UPGRADE};
+use http::header::{CONNECTION, HOST, UPGRADE};
 use http::uri::{PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use tokio::sync::Semaphore;
+use tower::{ServiceBuilder, ServiceExt};
 
-use super::body::{IdleTimeout, Keep, KeptBody, ProxyBody, RequestBody};
+use super::body::{KeptBody, ProxyBody, RequestBody};
 use super::{
-    ERROR_HEADER, Reason, dest_error, finish_response, is_upgrade, label_bool, label_empty,
-    label_outbound, local, malformed, outbound_error, own_identity, strip_hop_by_hop,
+    Reason, dest_error, finish_response, is_upgrade, label_bool, label_empty, label_outbound,
+    malformed, outbound_error, own_identity, strip_hop_by_hop,
 };
 use crate::balance::InFlight;
 use crate::config::Protocol;
 use crate::metrics::{RequestLabels, SeriesOf};
-use crate::resilience::breaker::Overloaded;
 use crate::resilience::fault::Abort;
-use crate::resilience::retry::{Outcome, grpc_status};
-use crate::resilience::{RequestPolicy, Retry, roll};
+use crate::resilience::retry::Outcome;
 use crate::state::Shared;
-use crate::table::{DestinationTable, Lookup, PickError, RouteRef};
-use crate::tls::{TlsError, find_cause, find_tls_error};
+use crate::table::{DestinationTable, Lookup, RouteRef};
 
-/// Copies of requests in flight to mirrors, process-wide: a slow or stalled mirror costs at
-/// most this many tasks and bodies; beyond it, requests are not copied.
-const MAX_MIRRORS_IN_FLIGHT: usize = 256;
-static MIRRORS: Semaphore = Semaphore::const_new(MAX_MIRRORS_IN_FLIGHT);
+mod breaker;
+mod endpoint;
+mod fault;
+mod mirror;
+mod retry;
+mod timeout;
+
+/// The stages, outermost first (see the module doc).
+type Stack = fault::FaultService<
+    breaker::BreakerService<
+        mirror::MirrorService<
+            timeout::RequestTimeout<
+                tower::retry::Retry<retry::RetryPolicy, timeout::PerTryTimeout<endpoint::Endpoint>>,
+            >,
+        >,
+    >,
+>;
+
+/// The stack, built once; every request goes through a clone of it.
+static STACK: LazyLock<Stack> = LazyLock::new(|| {
+    ServiceBuilder::new()
+        .layer(fault::FaultLayer)
+        .layer(breaker::BreakerLayer)
+        .layer(mirror::MirrorLayer)
+        .layer(timeout::RequestTimeoutLayer)
+        .layer(tower::retry::RetryLayer::new(retry::RetryPolicy))
+        .layer(timeout::PerTryTimeoutLayer)
+        .service(endpoint::Endpoint)
+});
+
+// Every stage is zero-sized: the clone per request copies nothing. A stage that grows state
+// must keep it behind an `Arc` and change this check knowingly.
+const _: () = assert!(std::mem::size_of::<Stack>() == 0);
 
 /// Where a try goes: the route's split, or one backend (a mirror).
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +108,7 @@ struct Chosen {
 }
 
 /// A try that got a response.
+#[derive(Debug)]
 struct Answer {
     resp: Response<Incoming>,
     in_flight: InFlight,
@@ -73,6 +124,8 @@ struct Failure {
     endpoint: Option<Chosen>,
     /// What retries see (None: not retryable whatever the policy, e.g. the client's fault).
     outcome: Option<Outcome>,
+    /// The answer an injected fault gives instead (set by the fault stage only).
+    fault: Option<Abort>,
 }
 
 impl Failure {
@@ -82,19 +135,88 @@ impl Failure {
             backend,
             endpoint: None,
             outcome: None,
+            fault: None,
+        }
+    }
+
+    /// A timeout of the request (or of a mirror's copy), not of one try.
+    fn timeout() -> Self {
+        Failure {
+            outcome: Some(Outcome::Timeout),
+            ..Failure::before_sending(Reason::Timeout, None)
         }
     }
 }
 
-/// What every try of one request shares.
-struct Ctx<'a> {
-    shared: &'a Shared,
-    dest: &'a DestinationTable,
+/// One request on its way through the stages (one per try: a retry is a new one).
+#[derive(Debug)]
+struct Outbound {
+    /// The proxy's state (clients, identity, metrics).
+    shared: Arc<Shared>,
+    /// The destination, as routed (a try of a request whose table was replaced meanwhile still
+    /// goes to the endpoints it was routed among).
+    dest: Arc<DestinationTable>,
+    /// The route: its policy is what the stages read, its split where tries go.
+    route: RouteRef,
+    /// The request itself.
+    req: Sendable,
     /// The client spoke HTTP/2 (h2 clients get h2 upstreams unless the destination is opaque).
     client_http2: bool,
     /// A WebSocket upgrade (never retried, never mirrored).
     upgrading: bool,
-    idle: Option<Duration>,
+    /// The endpoint the last try failed on (a retry avoids it).
+    avoid: Option<Chosen>,
+    /// Its body was kept and the route's retries apply to it (set by the mirror stage).
+    retryable: bool,
+    /// Retries so far.
+    retried: u32,
+}
+
+impl Outbound {
+    /// The route's policy.
+    fn policy(&self) -> &crate::resilience::RequestPolicy {
+        self.dest.route_policy(self.route)
+    }
+}
+
+/// The request of a try: the one streaming from the client, or one made from a kept body
+/// (for each try of a retried request: the parts are copied when the try is sent).
+// The large variant is the usual one: boxing it would cost every request an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Sendable {
+    Once(Request<RequestBody>),
+    Kept(Arc<Kept>),
+}
+
+/// A request kept whole, to be sent more than once.
+#[derive(Debug)]
+struct Kept {
+    parts: http::request::Parts,
+    body: KeptBody,
+}
+
+impl Sendable {
+    fn method(&self) -> &Method {
+        match self {
+            Sendable::Once(r) => r.method(),
+            Sendable::Kept(k) => &k.parts.method,
+        }
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        match self {
+            Sendable::Once(r) => r.headers(),
+            Sendable::Kept(k) => &k.parts.headers,
+        }
+    }
+
+    fn into_request(self) -> Request<RequestBody> {
+        match self {
+            Sendable::Once(r) => r,
+            Sendable::Kept(k) => Request::from_parts(k.parts.clone(), RequestBody::kept(&k.body)),
+        }
+    }
 }
 
 /// Route and send one outbound request.
@@ -113,67 +235,34 @@ pub(super) async fn outbound(
         Err(resp) => return outbound_error(shared, resp.0, &resp.1, started),
     };
     let route = dest.match_route(req.method(), req.uri().path(), req.headers());
-    let policy = dest.route_policy(route);
     let route_label = dest.route_name(route).clone();
-
-    // Fault: the dice decide before anything is sent.
-    if let Some(fault) = &policy.fault {
-        let own = shared.identity.current().map(|g| g.identity_label.clone());
-        if fault.applies(own.as_deref(), req.headers()) {
-            if let Some(delay) = fault.delay() {
-                tokio::time::sleep(delay).await;
-            }
-            if let Some(abort) = fault.abort() {
-                return fault_answer(shared, &dest, route_label, abort, started);
-            }
-        }
-    }
-    // Breaker: requests in flight to the destination (until their response headers).
-    let _permit = match dest.breaker.as_ref().map(|b| b.admit()) {
-        Some(Err(why)) => {
-            tracing::debug!(destination = %dest.key, %why, "circuit breaker refused a request");
-            return dest_error(
-                shared,
-                &dest,
-                None,
-                route_label,
-                Reason::Overloaded,
-                started,
-                None,
-            );
-        }
-        Some(Ok(permit)) => Some(permit),
-        None => None,
-    };
+    let idle = dest.route_policy(route).idle_timeout;
 
     if let Some(hop) = hop.as_deref_mut() {
         hop.propagate(&dest, req.headers_mut());
     }
     let upgrading = is_upgrade(&req);
     let upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
-    let ctx = Ctx {
-        shared,
-        dest: &dest,
-        client_http2: req.version() == Version::HTTP_2 && dest.protocol != Protocol::Tcp,
-        upgrading,
-        idle: policy.idle_timeout,
-    };
+    let client_http2 = req.version() == Version::HTTP_2 && dest.protocol != Protocol::Tcp;
     let (mut parts, body) = req.into_parts();
     prepare(&mut parts, upgrading);
     let tally = crate::observe::Tally::of_parts(&parts);
-    let body = RequestBody::new(body, tally.clone()).with_idle_timeout(policy.idle_timeout);
-
-    let sent = if policy.is_plain() {
-        // The fast lane: one try, at most a request timeout.
-        let req = Request::from_parts(parts, body);
-        within(
-            policy.request_timeout,
-            attempt(&ctx, req, Target::Split(route), None, None),
-        )
-        .await
-    } else {
-        with_policy(shared, &ctx, policy, route, parts, body).await
-    };
+    // The idle timeout is armed by the fault stage, after an injected delay.
+    let body = RequestBody::new(body, tally.clone());
+    let sent = STACK
+        .clone()
+        .oneshot(Outbound {
+            shared: Arc::clone(shared),
+            dest: Arc::clone(&dest),
+            route,
+            req: Sendable::Once(Request::from_parts(parts, body)),
+            client_http2,
+            upgrading,
+            avoid: None,
+            retryable: false,
+            retried: 0,
+        })
+        .await;
 
     let Answer {
         mut resp,
@@ -181,6 +270,9 @@ pub(super) async fn outbound(
         chosen,
     } = match sent {
         Ok(answer) => answer,
+        Err(Failure {
+            fault: Some(abort), ..
+        }) => return fault::fault_answer(shared, &dest, route_label, abort, started),
         Err(failure) => {
             let mesh = failure
                 .endpoint
@@ -248,7 +340,7 @@ pub(super) async fn outbound(
         },
         started.elapsed().as_secs_f64() * 1000.0,
     );
-    let idle = ctx.idle;
+
     resp.map(|body| ProxyBody::upstream(body, Some(in_flight), idle))
 }
 
@@ -329,217 +421,6 @@ fn find(
     }
 }
 
-/// `fut` within `limit` (504 `timeout` when it passes), or as is.
-async fn within(
-    limit: Option<Duration>,
-    fut: impl Future<Output = Result<Answer, Failure>>,
-) -> Result<Answer, Failure> {
-    match limit {
-        None => fut.await,
-        Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
-            Err(Failure {
-                reason: Reason::Timeout,
-                backend: None,
-                endpoint: None,
-                outcome: Some(Outcome::Timeout),
-            })
-        }),
-    }
-}
-
-/// The stages a policy adds: keep the body (for retries and the mirror), copy to the mirror,
-/// then the tries under the request timeout.
-async fn with_policy(
-    shared: &Arc<Shared>,
-    ctx: &Ctx<'_>,
-    policy: &RequestPolicy,
-    route: RouteRef,
-    parts: http::request::Parts,
-    body: RequestBody,
-) -> Result<Answer, Failure> {
-    let retry = policy
-        .retry
-        .as_ref()
-        .filter(|r| !ctx.upgrading && r.retries_method(&parts.method));
-    let mirror = policy
-        .mirror
-        .as_ref()
-        .filter(|m| !ctx.upgrading && roll(m.per_million));
-    if retry.is_none() && mirror.is_none() {
-        let req = Request::from_parts(parts, body);
-        return within(
-            policy.request_timeout,
-            attempt(ctx, req, Target::Split(route), None, policy.per_try_timeout),
-        )
-        .await;
-    }
-    let limit = retry.map_or(DEFAULT_MIRROR_BODY_BYTES, |r| r.max_body_bytes);
-    let content_length = parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
-    let kept = match body.keep(content_length, limit).await {
-        Keep::Kept(kept) => kept,
-        Keep::TooLarge(body) => {
-            // Sent once, as it streams: too large to send twice.
-            let req = Request::from_parts(parts, body);
-            return within(
-                policy.request_timeout,
-                attempt(ctx, req, Target::Split(route), None, policy.per_try_timeout),
-            )
-            .await;
-        }
-        Keep::Failed => return Err(Failure::before_sending(Reason::BadRequest, None)),
-    };
-    if let Some(m) = mirror {
-        copy_to_mirror(shared, ctx.dest, m.backend, &parts, &kept);
-    }
-    let tries = tries(ctx, retry, route, &parts, &kept, policy.per_try_timeout);
-    within(policy.request_timeout, tries).await
-}
-
-/// The largest body copied to a mirror when no retry policy says otherwise.
-const DEFAULT_MIRROR_BODY_BYTES: usize = 64 * 1024;
-
-/// The first try, and retries while the policy and its budget allow: each retry waits its
-/// backoff and avoids the endpoint that just failed.
-async fn tries(
-    ctx: &Ctx<'_>,
-    retry: Option<&Retry>,
-    route: RouteRef,
-    parts: &http::request::Parts,
-    kept: &KeptBody,
-    per_try: Option<Duration>,
-) -> Result<Answer, Failure> {
-    let send = |avoid| {
-        let req = Request::from_parts(parts.clone(), RequestBody::kept(kept));
-        attempt(ctx, req, Target::Split(route), avoid, per_try)
-    };
-    let Some(retry) = retry else {
-        return send(None).await;
-    };
-    retry.deposit();
-    let first = send(None).await;
-    retries(ctx, retry, &send, first).await
-}
-
-/// Retry `last` while the outcome is retryable, attempts remain and the budget pays.
-async fn retries<F, Fut>(
-    ctx: &Ctx<'_>,
-    retry: &Retry,
-    send: &F,
-    mut last: Result<Answer, Failure>,
-) -> Result<Answer, Failure>
-where
-    F: Fn(Option<Chosen>) -> Fut,
-    Fut: Future<Output = Result<Answer, Failure>>,
-{
-    let mut retried = 0;
-    loop {
-        let (outcome, tried) = match &last {
-            Ok(a) => (
-                Outcome::Answer(a.resp.status(), grpc_status(a.resp.headers())),
-                Some(a.chosen),
-            ),
-            Err(f) => match f.outcome {
-                Some(o) => (o, f.endpoint),
-                None => return last,
-            },
-        };
-        if retried >= retry.attempts || !retry.retryable(outcome) {
-            return last;
-        }
-        if !retry.withdraw() {
-            ctx.shared
-                .metrics
-                .retry(&ctx.dest.label, "budget-exhausted");
-            return last;
-        }
-        drop(last);
-        retried += 1;
-        ctx.shared.metrics.retry(&ctx.dest.label, "retried");
-        tokio::time::sleep(retry.backoff(retried)).await;
-        last = send(tried).await;
-    }
-}
-
-/// Send a copy to the mirror backend in the background: its answer is dropped, its failure
-/// only logged, and nothing waits for it.
-fn copy_to_mirror(
-    shared: &Arc<Shared>,
-    dest: &DestinationTable,
-    backend: usize,
-    parts: &http::request::Parts,
-    kept: &KeptBody,
-) {
-    let Ok(slot) = MIRRORS.try_acquire() else {
-        tracing::debug!(destination = %dest.key, "mirror skipped: {MAX_MIRRORS_IN_FLIGHT} copies in flight");
-        return;
-    };
-    slot.forget();
-    let shared = Arc::clone(shared);
-    let key = dest.key.clone();
-    let name = dest.backends[backend].name.clone();
-    let mut parts = parts.clone();
-    // The copy is not the original: no access-log record of its own.
-    parts.extensions = http::Extensions::new();
-    let kept = kept.clone();
-    tokio::spawn(async move {
-        let _slot = MirrorSlot;
-        // The table in force now, which a controller update may have changed since the request
-        // was routed: the mirror backend is found again by name (its index is the old table's),
-        // and a copy whose mirror was removed meanwhile is dropped.
-        let Some(dest) = lookup_key(&shared, &key) else {
-            return;
-        };
-        let Some(backend) = dest.backend_named(&name) else {
-            tracing::debug!(destination = %key, backend = %name.as_str(), "mirror copy dropped: the mirror backend is gone");
-            return;
-        };
-        let ctx = Ctx {
-            shared: &shared,
-            dest: &dest,
-            client_http2: parts.version == Version::HTTP_2 && dest.protocol != Protocol::Tcp,
-            upgrading: false,
-            idle: None,
-        };
-        let req = Request::from_parts(parts, RequestBody::kept(&kept));
-        let sent = within(
-            Some(MIRROR_TIMEOUT),
-            attempt(&ctx, req, Target::Backend(backend), None, None),
-        )
-        .await;
-        match sent {
-            Ok(answer) => {
-                // Read the answer to its end so the connection goes back to the pool.
-                let _ = http_body_util::BodyExt::collect(answer.resp.into_body()).await;
-            }
-            Err(f) => {
-                tracing::debug!(destination = %key, reason = f.reason.as_str(), "mirror copy failed")
-            }
-        }
-    });
-}
-
-/// The longest a mirror copy may take (its slot is freed then).
-const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
-
-struct MirrorSlot;
-
-impl Drop for MirrorSlot {
-    fn drop(&mut self) {
-        MIRRORS.add_permits(1);
-    }
-}
-
-fn lookup_key(shared: &Shared, key: &str) -> Option<Arc<DestinationTable>> {
-    match shared.table.load().lookup(key) {
-        Lookup::Found(d) => Some(d),
-        _ => None,
-    }
-}
-
 /// Headers that do not depend on the endpoint: hop-by-hop fields go, and the upstream's Host
 /// is the routed authority (RFC 9112 3.2.2).
 pub(super) fn prepare(parts: &mut http::request::Parts, upgrading: bool) {
@@ -582,171 +463,4 @@ pub(super) fn aim(
         Version::HTTP_11
     };
     Ok(())
-}
-
-/// One try: split, balance, connect and send; the response's headers (or why none came).
-async fn attempt(
-    ctx: &Ctx<'_>,
-    mut req: Request<RequestBody>,
-    target: Target,
-    avoid: Option<Chosen>,
-    per_try: Option<Duration>,
-) -> Result<Answer, Failure> {
-    let shared = ctx.shared;
-    let dest = ctx.dest;
-    let b = match target {
-        Target::Split(route) => dest.split(route),
-        Target::Backend(b) => Some(b),
-    };
-    let Some(b) = b else {
-        return Err(Failure::before_sending(Reason::NoBackends, None));
-    };
-    let backend = &dest.backends[b];
-    let avoid = avoid.filter(|c| c.backend == b).map(|c| c.endpoint);
-    let e = match backend.pick_for(avoid, dest.breaker.as_ref()) {
-        Ok(e) => e,
-        Err(PickError::NoEndpoints) => {
-            return Err(Failure::before_sending(Reason::NoEndpoints, Some(b)));
-        }
-        Err(PickError::Overloaded) => {
-            return Err(Failure::before_sending(Reason::Overloaded, Some(b)));
-        }
-    };
-    let endpoint = &backend.endpoints[e];
-    let chosen = Chosen {
-        backend: b,
-        endpoint: e,
-    };
-    // mTLS when the endpoint has an identity and this proxy has an identity source; without a
-    // source the proxy is outside the mesh and talks plaintext.
-    let expected = endpoint
-        .identity
-        .as_ref()
-        .filter(|_| shared.identity.is_configured());
-    if expected.is_some() && shared.identity.current().is_none() {
-        return Err(Failure {
-            endpoint: Some(chosen),
-            ..Failure::before_sending(Reason::NoIdentity, Some(b))
-        });
-    }
-    let http2 = endpoint.http2 || ctx.client_http2;
-    if let Err(e) = aim(&mut req, endpoint.authority.clone(), http2) {
-        tracing::warn!(error = %e, "could not build the upstream request");
-        return Err(Failure::before_sending(Reason::UpstreamFailed, Some(b)));
-    }
-    let body_failed = req.body().failed_flag();
-    let in_flight = endpoint.stats.start();
-    let counts = dest.ejection_counts;
-    let own = shared.clients_for(&dest.key, dest.breaker.as_ref());
-    let clients = own.as_deref().unwrap_or(&shared.clients);
-    let sent = match expected {
-        Some(expected) => clients
-            .mesh(expected, http2, &shared.identity, &shared.metrics)
-            .request(req),
-        None if http2 => clients.http2.request(req),
-        None => clients.http1.request(req),
-    };
-    let result = match per_try {
-        Some(t) => match tokio::time::timeout(t, sent).await {
-            Ok(r) => r,
-            Err(_) => {
-                in_flight.record_failure(Outcome::Timeout, counts);
-                return Err(Failure {
-                    reason: Reason::Timeout,
-                    backend: Some(b),
-                    endpoint: Some(chosen),
-                    outcome: Some(Outcome::Timeout),
-                });
-            }
-        },
-        None => sent.await,
-    };
-    match result {
-        Ok(resp) => {
-            in_flight.record_answer(resp.status(), counts);
-            Ok(Answer {
-                resp,
-                in_flight,
-                chosen,
-            })
-        }
-        Err(e) => {
-            let client_fault = body_failed.load(Ordering::Relaxed);
-            let reason = match find_tls_error(&e) {
-                _ if client_fault => Reason::BadRequest,
-                _ if find_cause::<Overloaded>(&e).is_some() => Reason::Overloaded,
-                Some(TlsError::NoIdentity) => Reason::NoIdentity,
-                Some(TlsError::IdentityMismatch) => Reason::IdentityMismatch,
-                Some(TlsError::Connect(_)) => Reason::ConnectFailed,
-                Some(TlsError::Timeout | TlsError::Handshake(_)) => Reason::TlsFailed,
-                None if e.is_connect() => Reason::ConnectFailed,
-                None if find_cause::<IdleTimeout>(&e).is_some() => Reason::Timeout,
-                None => Reason::UpstreamFailed,
-            };
-            tracing::debug!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "upstream request failed");
-            let outcome = match reason {
-                Reason::BadRequest | Reason::NoIdentity | Reason::Overloaded => None,
-                Reason::ConnectFailed | Reason::TlsFailed | Reason::IdentityMismatch => {
-                    Some(Outcome::ConnectFailure)
-                }
-                Reason::Timeout => Some(Outcome::Timeout),
-                _ => Some(Outcome::Reset),
-            };
-            if let Some(o) = outcome {
-                in_flight.record_failure(o, counts);
-            }
-            Err(Failure {
-                reason,
-                backend: Some(b),
-                endpoint: Some(chosen),
-                outcome,
-            })
-        }
-    }
-}
-
-/// The answer an injected abort gives: the HTTP status, or a trailers-only gRPC status.
-fn fault_answer(
-    shared: &Shared,
-    dest: &DestinationTable,
-    route: crate::metrics::Label,
-    abort: Abort,
-    started: Instant,
-) -> Response<ProxyBody> {
-    let mut resp = match abort {
-        Abort::Http(status) => {
-            let mut resp = local(
-                Reason::FaultInjected,
-                "fault injected by the traffic policy",
-            );
-            *resp.status_mut() = status;
-            resp
-        }
-        Abort::Grpc(code) => {
-            let mut resp = Response::new(ProxyBody::Local(None));
-            let h = resp.headers_mut();
-            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            h.insert("grpc-status", HeaderValue::from(code));
-            h.insert(
-                "grpc-message",
-                HeaderValue::from_static("trellis-proxy: fault injected by the traffic policy"),
-            );
-            resp
-        }
-    };
-    resp.headers_mut().insert(
-        ERROR_HEADER,
-        HeaderValue::from_static(Reason::FaultInjected.as_str()),
-    );
-    super::record_dest_error(
-        shared,
-        dest,
-        None,
-        route,
-        resp.status().as_u16(),
-        Reason::FaultInjected,
-        started,
-        None,
-    );
-    resp
 }
