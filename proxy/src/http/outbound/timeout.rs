@@ -142,3 +142,58 @@ where
         Deadline::new(self.inner.call(req), limit, Expire::expire)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::http::Reason;
+
+    /// A try that never ends, and says which endpoint it waited for when it expires.
+    struct Stuck;
+
+    impl Future for Stuck {
+        type Output = Result<Answer, Failure>;
+
+        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+            Poll::Pending
+        }
+    }
+
+    impl Expire for Stuck {
+        fn expire(self: Pin<&mut Self>) -> Failure {
+            Failure::before_sending(Reason::Timeout, Some(7))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deadline_fails_through_the_try_once_it_passes_and_never_without_a_limit() {
+        let started = Instant::now();
+        let limit = Duration::from_millis(20);
+        let f = Deadline::new(Stuck, Some(limit), Expire::expire)
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() >= limit);
+        assert_eq!(
+            f.backend,
+            Some(7),
+            "the try said which backend it waited for"
+        );
+
+        // An end the inner future has already reached beats a deadline that has passed too.
+        let done = std::future::ready(Err(Failure::before_sending(Reason::NoEndpoints, None)));
+        let f = Deadline::new(done, Some(Duration::ZERO), |_| Failure::timeout())
+            .await
+            .unwrap_err();
+        assert_eq!(f.reason, Reason::NoEndpoints);
+
+        let unbounded = Deadline::new(Stuck, None, |_| Failure::timeout());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(30), unbounded)
+                .await
+                .is_err(),
+            "no limit: the try takes what it takes"
+        );
+    }
+}
