@@ -194,10 +194,11 @@ impl UdpInbound {
                         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                         Err(e) => return Ended::Socket(e),
                     };
-                    let mut framed = 0;
+                    let (mut taken, mut framed) = (0, 0);
                     let mut next = Some(n);
                     // This datagram, then those already waiting, up to a batch per flush.
                     while let Some(n) = next.take() {
+                        taken += 1;
                         inc(&counters.received_datagrams);
                         add(&counters.received_bytes, n as u64);
                         if n > max {
@@ -209,7 +210,7 @@ impl UdpInbound {
                             }
                             framed += 1;
                         }
-                        if framed < BATCH {
+                        if taken < BATCH {
                             next = socket.try_recv(&mut buf).ok();
                         }
                     }

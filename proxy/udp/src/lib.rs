@@ -43,7 +43,38 @@
 //!
 //! # Overhead
 //!
-//! OVERHEAD
+//! Measured by `tests/mtls.rs` (`wire_overhead_per_datagram_inside_tls`, exact, asserted):
+//! inside TLS 1.3, a datagram sent on its own costs **24 bytes** more than its payload on the
+//! TCP stream: 2 of length prefix and 22 of TLS record (5 header, 1 content type, 16 AEAD tag);
+//! 64-byte datagrams take 88 bytes, 1,200-byte ones 1,224. Under load both sides write up to 32
+//! queued datagrams per flush, so they share records and the record's 22 bytes are split among
+//! them. Once per session: the 7-byte header and the caller's TLS handshake (834 bytes from
+//! the caller with a one-certificate ECDSA P-256 chain, 406 resumed, in the same test; the
+//! proxy's own chains may be longer). Below that, TCP/IP headers (40 bytes, 52 with
+//! timestamps) per segment replace UDP/IP's 28 per datagram; segments carry several frames
+//! when datagrams come faster than they are sent. What the stream costs beyond bytes: a lost
+//! segment delays the session's later datagrams until it is resent (head-of-line blocking,
+//! which plain UDP does not have), the price of the caller's proven identity; and each session
+//! holds a TCP connection, a small queue and the codec buffers.
+//!
+//! Packets per second and round trips, tunnel next to direct: `benches/pps.rs`. It has been
+//! built and run as a debug smoke test only, not measured in an optimized build yet.
+//!
+//! # Wiring into the proxy
+//!
+//! - Outbound: bind a [`UdpSocket`](tokio::net::UdpSocket) per UDP port to serve and implement
+//!   [`Route`] over the routing table: per session, the TrafficSplit backend and a balanced
+//!   endpoint, then the mTLS connection as for opaque TCP (`tls::connect` with `Alpn::None`),
+//!   returned as [`Opened`] with the endpoint's port; [`Refused`] reasons match the TCP ones.
+//! - Inbound: after the mTLS handshake, a stream whose first bytes are [`wire::MAGIC`] is a UDP
+//!   tunnel ([`Header::parse`] tells from the detection prefix). Hand the stream with its
+//!   prefix replayed to [`UdpInbound::serve`], which reads the header itself (or, with the
+//!   header consumed, call [`UdpInbound::forward`]); the `authorize` callback runs the
+//!   authorizer with the caller's identity and the header's port (what UDPRoute rules name) and
+//!   returns the application's address; `revoked` is the same policy-change watch as opaque
+//!   TCP's. The application sees datagrams from the proxy's address, not the client's (as with
+//!   TCP through the proxy).
+//! - Metrics: read [`Counters`] when scraped.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

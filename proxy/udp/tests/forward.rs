@@ -108,7 +108,7 @@ async fn client_unconnected() -> UdpSocket {
 #[tokio::test]
 async fn an_idle_session_closes_its_tunnel_and_the_next_datagram_opens_a_new_one() {
     let config = OutboundConfig {
-        idle_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(500),
         ..OutboundConfig::default()
     };
     let (addr, out, inb, opened) = mesh(config, InboundConfig::default(), false).await;
@@ -137,7 +137,7 @@ async fn an_idle_session_closes_its_tunnel_and_the_next_datagram_opens_a_new_one
 async fn the_session_bound_holds_a_new_source_beyond_it_is_dropped_until_one_closes() {
     let config = OutboundConfig {
         max_sessions: 2,
-        idle_timeout: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(1),
         ..OutboundConfig::default()
     };
     let (addr, out, _inb, _) = mesh(config, InboundConfig::default(), false).await;
@@ -317,4 +317,72 @@ async fn the_inbound_side_refuses_strangers_and_ports_it_does_not_allow() {
     assert_eq!(c.sessions_refused, 2, "{c:#?}");
     assert_eq!(c.sessions_opened, 0);
     assert_eq!(c.sent_datagrams, 0);
+}
+
+/// A route that takes `delay` to answer (a slow connect or handshake).
+struct Slow {
+    inner: TcpRoute,
+    delay: Duration,
+}
+
+impl trellis_udp::Route for Slow {
+    async fn open(&self, source: SocketAddr) -> Result<trellis_udp::Opened, trellis_udp::Refused> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.open(source).await
+    }
+}
+
+#[tokio::test]
+async fn datagrams_beyond_the_queue_wait_for_no_tunnel_and_a_late_route_counts_as_refused() {
+    let app = echo_app().await;
+    let listener =
+        InboundListener::start(InboundConfig::default(), allow_port(app.port()), false).await;
+    // The tunnel takes 300 ms to open; 2 datagrams may wait for it.
+    let slow = Slow {
+        inner: TcpRoute::new(listener.addr, app.port()),
+        delay: Duration::from_millis(300),
+    };
+    let config = OutboundConfig {
+        queue: 2,
+        ..OutboundConfig::default()
+    };
+    let (addr, out) = start_outbound(slow, config).await;
+    let c = client(addr).await;
+    for i in 0..5u8 {
+        c.send(&[i]).await.unwrap();
+    }
+    let mut replies = Vec::new();
+    while let Some(r) = recv_within(&c, Duration::from_millis(600)).await {
+        replies.push(r);
+    }
+    assert_eq!(
+        replies,
+        vec![vec![0], vec![1]],
+        "the first two waited, in order"
+    );
+    let o = out.snapshot();
+    assert_eq!(o.dropped_queue_full, 3, "{o:#?}");
+    assert_eq!(o.tunneled_datagrams, 2);
+
+    // A route slower than open_timeout: the session is refused, nothing is sent.
+    let late = Slow {
+        inner: TcpRoute::new(listener.addr, app.port()),
+        delay: Duration::from_secs(5),
+    };
+    let config = OutboundConfig {
+        open_timeout: Duration::from_millis(100),
+        ..OutboundConfig::default()
+    };
+    let (addr, out) = start_outbound(late, config).await;
+    let c = client(addr).await;
+    c.send(b"anyone?").await.unwrap();
+    let o = until(
+        "open timed out",
+        || out.snapshot(),
+        |s| s.sessions_refused == 1,
+    )
+    .await;
+    assert_eq!(o.dropped_refused, 1, "{o:#?}");
+    assert_eq!(o.sessions_opened, 0);
+    assert_eq!(recv_within(&c, Duration::from_millis(100)).await, None);
 }
