@@ -571,17 +571,21 @@ fn tracked_service(
     http::Request<hyper::body::Incoming>,
     Response = http::Response<TrackedBody>,
     Error = std::convert::Infallible,
-    Future = impl std::future::Future<
-        Output = Result<http::Response<TrackedBody>, std::convert::Infallible>,
-    > + Send,
+    Future = RequestFuture,
 > + Clone {
     let side = Arc::new(side);
     service_fn(move |req| {
         let request = activity.start();
-        let handled = handle(Arc::clone(&shared), Arc::clone(&side), req);
+        let shared = Arc::clone(&shared);
+        let side = Arc::clone(&side);
         let activity = Arc::clone(&activity);
-        async move {
-            let resp = handled.await?;
+        // Boxed, and `handle`'s future made inside the box: a request's future is several KiB
+        // (the outbound stack, the access-log and trace states), and unboxed it was copied
+        // whole each time it moved: into HTTP/2's per-stream task, into HTTP/1's dispatcher
+        // slot, into its first poll. One allocation instead: measured in a profile of h2c with
+        // 10 streams per connection, memmove took 21% of the proxy's CPU before.
+        Box::pin(async move {
+            let resp = handle(shared, side, req).await?;
             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                 activity.upgraded.store(true, Ordering::Release);
             }
@@ -589,9 +593,18 @@ fn tracked_service(
                 body,
                 _request: request,
             }))
-        }
+        }) as RequestFuture
     })
 }
+
+/// The boxed future of one request ([`tracked_service`]).
+type RequestFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<TrackedBody>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
 
 /// The HTTP/1 request-head deadline, enforced where hyper cannot answer: in the connection's
 /// reads. While no request is in progress, hyper's reads wait for the next head; if it has not
