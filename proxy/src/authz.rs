@@ -86,6 +86,13 @@ pub trait Authorizer: Send + Sync + std::fmt::Debug + 'static {
         caller: &Caller,
         request: RequestInfo<'_>,
     ) -> Verdict;
+    /// For a UDP tunnel from another proxy; `caller.port` is the application's UDP port the
+    /// tunnel's header names. Only rules that cover `udp` allow it. The default refuses (fail
+    /// safe for authorizers that know nothing of UDP).
+    fn authorize_udp(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
+        let _ = (policy, caller);
+        Verdict::Deny
+    }
 }
 
 /// Evaluates the configured / controller-provided inbound policy.
@@ -122,6 +129,7 @@ impl Authorizer for PolicyAuthorizer {
     fn authorize_connection(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
         let allowed = policy.authorizations.iter().any(|rule| {
             rule.routes.is_empty()
+                && rule.protocols.tcp
                 && identity_matches(rule, caller)
                 && network_matches(rule, caller)
                 && port_matches(rule, caller)
@@ -140,7 +148,8 @@ impl Authorizer for PolicyAuthorizer {
         req: RequestInfo<'_>,
     ) -> Verdict {
         let allowed = policy.authorizations.iter().any(|rule| {
-            identity_matches(rule, caller)
+            rule.protocols.tcp
+                && identity_matches(rule, caller)
                 && network_matches(rule, caller)
                 && port_matches(rule, caller)
                 && (rule.routes.is_empty()
@@ -148,6 +157,23 @@ impl Authorizer for PolicyAuthorizer {
                         .routes
                         .iter()
                         .any(|m| m.matches(req.method, req.path, req.headers)))
+        });
+        if allowed {
+            Verdict::Allow
+        } else {
+            default_verdict(policy)
+        }
+    }
+
+    /// A rule covering `udp` (which has no routes) whose identities, networks and ports (the
+    /// tunnel's UDP port) match; else the default action.
+    fn authorize_udp(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
+        let allowed = policy.authorizations.iter().any(|rule| {
+            rule.protocols.udp
+                && rule.routes.is_empty()
+                && identity_matches(rule, caller)
+                && network_matches(rule, caller)
+                && port_matches(rule, caller)
         });
         if allowed {
             Verdict::Allow
