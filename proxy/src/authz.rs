@@ -229,6 +229,7 @@ mod tests {
                 }],
                 unauthenticated: false,
                 networks: vec![],
+                protocols: vec![],
             }],
         );
         let h = HeaderMap::new();
@@ -304,6 +305,64 @@ mod tests {
             PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)),
             Verdict::Deny
         );
+    }
+
+    #[test]
+    fn udp_is_allowed_only_by_rules_that_cover_it() {
+        use crate::config::L4Protocol::{Tcp, Udp};
+        let web = Some("spiffe://td/ns/a/sa/web");
+        let rule = |protocols: Vec<crate::config::L4Protocol>| Authorization {
+            identities: vec!["spiffe://td/ns/a/sa/web".into()],
+            ports: vec![53],
+            protocols,
+            ..Default::default()
+        };
+        let a = PolicyAuthorizer;
+        let h = HeaderMap::new();
+        let get = RequestInfo {
+            method: &Method::GET,
+            path: "/",
+            headers: &h,
+        };
+        for (protocols, tcp, udp) in [
+            (vec![], Verdict::Allow, Verdict::Deny),
+            (vec![Tcp], Verdict::Allow, Verdict::Deny),
+            (vec![Udp], Verdict::Deny, Verdict::Allow),
+            (vec![Tcp, Udp], Verdict::Allow, Verdict::Allow),
+        ] {
+            let p = policy(DefaultAction::Deny, vec![rule(protocols.clone())]);
+            let caller = caller(web, 53);
+            assert_eq!(a.authorize_connection(&p, &caller), tcp, "{protocols:?}");
+            assert_eq!(a.authorize_request(&p, &caller, get), tcp, "{protocols:?}");
+            assert_eq!(a.authorize_udp(&p, &caller), udp, "{protocols:?}");
+        }
+        let p = policy(DefaultAction::Deny, vec![rule(vec![Udp])]);
+        assert_eq!(a.authorize_udp(&p, &caller(web, 54)), Verdict::Deny, "port");
+        assert_eq!(
+            a.authorize_udp(&p, &caller(Some("spiffe://td/ns/b/sa/x"), 53)),
+            Verdict::Deny,
+            "identity"
+        );
+        assert_eq!(a.authorize_udp(&p, &caller(None, 53)), Verdict::Deny);
+        assert_eq!(
+            a.authorize_udp(&policy(DefaultAction::Allow, vec![]), &caller(None, 53)),
+            Verdict::Allow,
+            "the permissive default covers UDP too"
+        );
+        let bad = InboundTable::compile(&Inbound {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            app: "127.0.0.1:1".parse().unwrap(),
+            protocol: Default::default(),
+            policy: InboundPolicy {
+                authorizations: vec![Authorization {
+                    routes: vec![HttpMatch::default()],
+                    ..rule(vec![Tcp, Udp])
+                }],
+                ..Default::default()
+            },
+        })
+        .unwrap_err();
+        assert_eq!(bad.field, "inbound.policy.authorizations[0].protocols");
     }
 
     #[test]

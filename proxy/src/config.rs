@@ -827,6 +827,43 @@ destinations:
     }
 
     #[test]
+    fn udp_listeners_name_a_destination_and_its_port() {
+        let with = |destination: &str| {
+            BENCH_SHAPE.replace(
+                "      destination: echo.default\n",
+                &format!(
+                    "      destination: echo.default\n  udp:\n    - listen: 127.0.0.1:5353\n      destination: \"{destination}\"\n"
+                ),
+            )
+        };
+        let c = Config::parse(&with("echo.default:53"), Path::new("c.yaml")).unwrap();
+        assert_eq!(c.outbound.udp[0].listen.port(), 5353);
+        assert_eq!(
+            crate::table::udp_port(&c.outbound.udp[0].destination),
+            Some(53)
+        );
+        assert_eq!(crate::table::udp_port("echo.default"), None);
+        assert_eq!(crate::table::udp_port("[::1]:53"), Some(53));
+        assert_eq!(crate::table::udp_port("::1"), None);
+        let err = Config::parse(&with("dns.default:53"), Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("c.yaml:10: outbound.udp[0].destination:"),
+            "{err}"
+        );
+        let err = Config::parse(&with("echo.default:0"), Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port 0"), "{err}");
+        let limits = Limits::default();
+        assert_eq!(
+            (limits.udp_max_sessions, limits.udp_idle_timeout()),
+            (1024, Duration::from_secs(60))
+        );
+    }
+
+    #[test]
     fn port_forwards_must_name_a_destination() {
         let bad = BENCH_SHAPE.replace("destination: echo.default", "destination: nope.default");
         let err = Config::parse(&bad, Path::new("c.yaml"))
