@@ -1,6 +1,8 @@
 //! Inbound authorization: the hook where the security work plugs in.
 //!
-//! [`Authorizer`] decides per connection (opaque TCP) and per request (HTTP). The default,
+//! [`Authorizer`] decides per connection (opaque TCP), per request (HTTP) and per UDP tunnel
+//! (for the application's UDP port the tunnel names; only rules whose `protocols` cover `udp`
+//! allow one, and no rule covers it unless it says so). The default,
 //! [`PolicyAuthorizer`], evaluates the inbound policy from the config file or the controller
 //! (`InboundPolicy`): allow rules are ORed; a rule allows when the caller's identity, its source
 //! network, the port and (for HTTP) one of its routes match; otherwise the default action

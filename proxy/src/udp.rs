@@ -11,7 +11,6 @@
 //!   header names by rules that cover `udp`, forwarded to the application on that port of the
 //!   application's address, and closed when a policy change no longer allows it.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -98,63 +97,61 @@ impl MeshRoute {
 }
 
 impl Route for MeshRoute {
-    fn open(&self, source: SocketAddr) -> impl Future<Output = Result<Opened, Refused>> + Send {
-        async move {
-            let shared = &self.shared;
-            let Some(dest) = self.lookup().await else {
-                return Err(self.refuse(source, "unknown-destination"));
-            };
-            let Some(backend) = dest.route_connection() else {
-                return Err(self.refuse(source, "no-backends"));
-            };
-            let endpoint = match backend.pick_for(None, None) {
-                Ok(i) => &backend.endpoints[i],
-                Err(PickError::NoEndpoints) => return Err(self.refuse(source, "no-endpoints")),
-                Err(PickError::Overloaded) => return Err(self.refuse(source, "overloaded")),
-            };
-            let Some(port) = self.port.or_else(|| endpoint.authority.port_u16()) else {
-                return Err(self.refuse(source, "no-port"));
-            };
-            // The session counts as in flight on its endpoint while its tunnel lives (what
-            // least-request balancing weighs), as an opaque TCP connection does.
-            let in_flight = endpoint.stats.start();
-            let connect = TcpStream::connect(endpoint.authority.as_str());
-            let tcp = match tokio::time::timeout(shared.limits.connect_timeout(), connect).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    in_flight.record_failure(Outcome::ConnectFailure, dest.ejection_counts);
-                    return Err(self.refuse(source, "connect-failed"));
-                }
-            };
-            // Datagrams are small and latency-bound: never wait to coalesce them.
-            let _ = tcp.set_nodelay(true);
-            let expected = endpoint
-                .identity
-                .as_deref()
-                .filter(|_| shared.identity.is_configured());
-            let Some(expected) = expected else {
-                tracing::debug!(%source, endpoint = %endpoint.authority, port, "UDP session opened (plaintext)");
-                return Ok(Opened::new(Held::new(tcp, in_flight), port));
-            };
-            let tls = crate::tls::connect(
-                &shared.identity,
-                &shared.metrics,
-                expected,
-                endpoint.authority.as_str(),
-                tcp,
-                Alpn::None,
-                shared.limits.tls_handshake_timeout(),
-            )
-            .await;
-            match tls {
-                Ok(tls) => {
-                    tracing::debug!(%source, endpoint = %endpoint.authority, port, "UDP session opened");
-                    Ok(Opened::new(Held::new(tls, in_flight), port))
-                }
-                Err(e) => {
-                    tracing::debug!(%source, endpoint = %endpoint.authority, error = %e, "UDP session: mTLS to the endpoint failed");
-                    Err(self.refuse(source, e.reason()))
-                }
+    async fn open(&self, source: SocketAddr) -> Result<Opened, Refused> {
+        let shared = &self.shared;
+        let Some(dest) = self.lookup().await else {
+            return Err(self.refuse(source, "unknown-destination"));
+        };
+        let Some(backend) = dest.route_connection() else {
+            return Err(self.refuse(source, "no-backends"));
+        };
+        let endpoint = match backend.pick_for(None, None) {
+            Ok(i) => &backend.endpoints[i],
+            Err(PickError::NoEndpoints) => return Err(self.refuse(source, "no-endpoints")),
+            Err(PickError::Overloaded) => return Err(self.refuse(source, "overloaded")),
+        };
+        let Some(port) = self.port.or_else(|| endpoint.authority.port_u16()) else {
+            return Err(self.refuse(source, "no-port"));
+        };
+        // The session counts as in flight on its endpoint while its tunnel lives (what
+        // least-request balancing weighs), as an opaque TCP connection does.
+        let in_flight = endpoint.stats.start();
+        let connect = TcpStream::connect(endpoint.authority.as_str());
+        let tcp = match tokio::time::timeout(shared.limits.connect_timeout(), connect).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                in_flight.record_failure(Outcome::ConnectFailure, dest.ejection_counts);
+                return Err(self.refuse(source, "connect-failed"));
+            }
+        };
+        // Datagrams are small and latency-bound: never wait to coalesce them.
+        let _ = tcp.set_nodelay(true);
+        let expected = endpoint
+            .identity
+            .as_deref()
+            .filter(|_| shared.identity.is_configured());
+        let Some(expected) = expected else {
+            tracing::debug!(%source, endpoint = %endpoint.authority, port, "UDP session opened (plaintext)");
+            return Ok(Opened::new(Held::new(tcp, in_flight), port));
+        };
+        let tls = crate::tls::connect(
+            &shared.identity,
+            &shared.metrics,
+            expected,
+            endpoint.authority.as_str(),
+            tcp,
+            Alpn::None,
+            shared.limits.tls_handshake_timeout(),
+        )
+        .await;
+        match tls {
+            Ok(tls) => {
+                tracing::debug!(%source, endpoint = %endpoint.authority, port, "UDP session opened");
+                Ok(Opened::new(Held::new(tls, in_flight), port))
+            }
+            Err(e) => {
+                tracing::debug!(%source, endpoint = %endpoint.authority, error = %e, "UDP session: mTLS to the endpoint failed");
+                Err(self.refuse(source, e.reason()))
             }
         }
     }
