@@ -1,6 +1,8 @@
 //! Inbound authorization: the hook where the security work plugs in.
 //!
-//! [`Authorizer`] decides per connection (opaque TCP) and per request (HTTP). The default,
+//! [`Authorizer`] decides per connection (opaque TCP), per request (HTTP) and per UDP tunnel
+//! (for the application's UDP port the tunnel names; only rules whose `protocols` cover `udp`
+//! allow one, and no rule covers it unless it says so). The default,
 //! [`PolicyAuthorizer`], evaluates the inbound policy from the config file or the controller
 //! (`InboundPolicy`): allow rules are ORed; a rule allows when the caller's identity, its source
 //! network, the port and (for HTTP) one of its routes match; otherwise the default action
@@ -86,6 +88,13 @@ pub trait Authorizer: Send + Sync + std::fmt::Debug + 'static {
         caller: &Caller,
         request: RequestInfo<'_>,
     ) -> Verdict;
+    /// For a UDP tunnel from another proxy; `caller.port` is the application's UDP port the
+    /// tunnel's header names. Only rules that cover `udp` allow it. The default refuses (fail
+    /// safe for authorizers that know nothing of UDP).
+    fn authorize_udp(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
+        let _ = (policy, caller);
+        Verdict::Deny
+    }
 }
 
 /// Evaluates the configured / controller-provided inbound policy.
@@ -122,6 +131,7 @@ impl Authorizer for PolicyAuthorizer {
     fn authorize_connection(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
         let allowed = policy.authorizations.iter().any(|rule| {
             rule.routes.is_empty()
+                && rule.protocols.tcp
                 && identity_matches(rule, caller)
                 && network_matches(rule, caller)
                 && port_matches(rule, caller)
@@ -140,7 +150,8 @@ impl Authorizer for PolicyAuthorizer {
         req: RequestInfo<'_>,
     ) -> Verdict {
         let allowed = policy.authorizations.iter().any(|rule| {
-            identity_matches(rule, caller)
+            rule.protocols.tcp
+                && identity_matches(rule, caller)
                 && network_matches(rule, caller)
                 && port_matches(rule, caller)
                 && (rule.routes.is_empty()
@@ -148,6 +159,23 @@ impl Authorizer for PolicyAuthorizer {
                         .routes
                         .iter()
                         .any(|m| m.matches(req.method, req.path, req.headers)))
+        });
+        if allowed {
+            Verdict::Allow
+        } else {
+            default_verdict(policy)
+        }
+    }
+
+    /// A rule covering `udp` (which has no routes) whose identities, networks and ports (the
+    /// tunnel's UDP port) match; else the default action.
+    fn authorize_udp(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
+        let allowed = policy.authorizations.iter().any(|rule| {
+            rule.protocols.udp
+                && rule.routes.is_empty()
+                && identity_matches(rule, caller)
+                && network_matches(rule, caller)
+                && port_matches(rule, caller)
         });
         if allowed {
             Verdict::Allow
@@ -203,6 +231,7 @@ mod tests {
                 }],
                 unauthenticated: false,
                 networks: vec![],
+                protocols: vec![],
             }],
         );
         let h = HeaderMap::new();
@@ -278,6 +307,64 @@ mod tests {
             PolicyAuthorizer.authorize_connection(&p, &caller(None, 1)),
             Verdict::Deny
         );
+    }
+
+    #[test]
+    fn udp_is_allowed_only_by_rules_that_cover_it() {
+        use crate::config::L4Protocol::{Tcp, Udp};
+        let web = Some("spiffe://td/ns/a/sa/web");
+        let rule = |protocols: Vec<crate::config::L4Protocol>| Authorization {
+            identities: vec!["spiffe://td/ns/a/sa/web".into()],
+            ports: vec![53],
+            protocols,
+            ..Default::default()
+        };
+        let a = PolicyAuthorizer;
+        let h = HeaderMap::new();
+        let get = RequestInfo {
+            method: &Method::GET,
+            path: "/",
+            headers: &h,
+        };
+        for (protocols, tcp, udp) in [
+            (vec![], Verdict::Allow, Verdict::Deny),
+            (vec![Tcp], Verdict::Allow, Verdict::Deny),
+            (vec![Udp], Verdict::Deny, Verdict::Allow),
+            (vec![Tcp, Udp], Verdict::Allow, Verdict::Allow),
+        ] {
+            let p = policy(DefaultAction::Deny, vec![rule(protocols.clone())]);
+            let caller = caller(web, 53);
+            assert_eq!(a.authorize_connection(&p, &caller), tcp, "{protocols:?}");
+            assert_eq!(a.authorize_request(&p, &caller, get), tcp, "{protocols:?}");
+            assert_eq!(a.authorize_udp(&p, &caller), udp, "{protocols:?}");
+        }
+        let p = policy(DefaultAction::Deny, vec![rule(vec![Udp])]);
+        assert_eq!(a.authorize_udp(&p, &caller(web, 54)), Verdict::Deny, "port");
+        assert_eq!(
+            a.authorize_udp(&p, &caller(Some("spiffe://td/ns/b/sa/x"), 53)),
+            Verdict::Deny,
+            "identity"
+        );
+        assert_eq!(a.authorize_udp(&p, &caller(None, 53)), Verdict::Deny);
+        assert_eq!(
+            a.authorize_udp(&policy(DefaultAction::Allow, vec![]), &caller(None, 53)),
+            Verdict::Allow,
+            "the permissive default covers UDP too"
+        );
+        let bad = InboundTable::compile(&Inbound {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            app: "127.0.0.1:1".parse().unwrap(),
+            protocol: Default::default(),
+            policy: InboundPolicy {
+                authorizations: vec![Authorization {
+                    routes: vec![HttpMatch::default()],
+                    ..rule(vec![Tcp, Udp])
+                }],
+                ..Default::default()
+            },
+        })
+        .unwrap_err();
+        assert_eq!(bad.field, "inbound.policy.authorizations[0].protocols");
     }
 
     #[test]

@@ -132,6 +132,25 @@ pub struct Outbound {
     /// Per-upstream local ports.
     #[serde(default)]
     pub ports: Vec<PortForward>,
+    /// Local UDP ports whose datagrams are carried to a destination (UDPRoute; see
+    /// [`UdpForward`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub udp: Vec<UdpForward>,
+}
+
+/// One local UDP port: each client address (source) sending to it is a session, carried to an
+/// endpoint of `destination` inside its own (mutual-TLS) connection and delivered there as
+/// plain UDP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UdpForward {
+    /// Where to listen (UDP).
+    pub listen: SocketAddr,
+    /// The destination authority (`dns.default:53`): its TrafficSplit picks a backend per
+    /// session and its balancer an endpoint, whose proxy is reached at the endpoint's address.
+    /// The port written here is the application's UDP port on the called side; without one,
+    /// the endpoint's port is.
+    pub destination: String,
 }
 
 /// One per-upstream local port.
@@ -268,6 +287,22 @@ pub struct Authorization {
     /// Source networks (CIDRs) the caller's address must be in; empty = any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<String>,
+    /// The L4 protocols the rule covers: `tcp` (opaque TCP, and HTTP, which rides it) and/or
+    /// `udp` (UDP tunnels from other proxies, for the UDP port they name). Empty = `[tcp]`, so
+    /// a rule allows UDP only when it says so. A rule with `routes` covers HTTP only and may
+    /// not name `udp`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protocols: Vec<L4Protocol>,
+}
+
+/// A transport protocol an [`Authorization`] covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L4Protocol {
+    /// TCP connections: opaque TCP and HTTP.
+    Tcp,
+    /// UDP datagrams, carried between proxies in a tunnel.
+    Udp,
 }
 
 /// How traffic to a destination is carried.
@@ -467,6 +502,13 @@ pub struct Limits {
     /// opaque TCP (server-first protocols) but must send its first byte within this long after,
     /// else both sides are closed (a silent client must not pin an app connection), ms.
     pub opaque_first_byte_timeout_ms: u64,
+    /// UDP sources served at once per `outbound.udp` listener; datagrams of further sources are
+    /// dropped (and counted) until a session closes.
+    pub udp_max_sessions: usize,
+    /// A UDP session with no datagram either way for this long is closed with its tunnel, ms.
+    /// The called side closes its end of a tunnel 15 s later than this (the calling side, which
+    /// sees its client go quiet, is the one that closes).
+    pub udp_idle_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -486,6 +528,10 @@ impl Default for Limits {
             max_connections: 0,
             listen_backlog: 4096,
             opaque_first_byte_timeout_ms: 30_000,
+            udp_max_sessions: 1024,
+            // Envoy's UDP proxy idles sessions out at 60 s (conntrack's UDP stream timeout is
+            // 120 s).
+            udp_idle_timeout_ms: 60_000,
         }
     }
 }
@@ -518,6 +564,14 @@ impl Limits {
     /// `opaque_first_byte_timeout_ms` as a Duration.
     pub fn opaque_first_byte_timeout(&self) -> Duration {
         Duration::from_millis(self.opaque_first_byte_timeout_ms)
+    }
+    /// `udp_idle_timeout_ms` as a Duration (the calling side's).
+    pub fn udp_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.udp_idle_timeout_ms)
+    }
+    /// How long the called side keeps a quiet UDP tunnel: 15 s more than the calling side.
+    pub fn udp_inbound_idle_timeout(&self) -> Duration {
+        self.udp_idle_timeout() + Duration::from_secs(15)
     }
     /// `max_connections`, or when 0: half the soft `RLIMIT_NOFILE` (a proxied connection holds
     /// two descriptors, client and upstream) less 64 kept for listeners, the admin port, config
@@ -770,6 +824,43 @@ destinations:
         assert_eq!(o.consecutive_failures, 5);
         assert_eq!(o.base_ejection_time.as_millis(), 30_000);
         assert_eq!(o.max_ejected_percent, 50);
+    }
+
+    #[test]
+    fn udp_listeners_name_a_destination_and_its_port() {
+        let with = |destination: &str| {
+            BENCH_SHAPE.replace(
+                "      destination: echo.default\n",
+                &format!(
+                    "      destination: echo.default\n  udp:\n    - listen: 127.0.0.1:5353\n      destination: \"{destination}\"\n"
+                ),
+            )
+        };
+        let c = Config::parse(&with("echo.default:53"), Path::new("c.yaml")).unwrap();
+        assert_eq!(c.outbound.udp[0].listen.port(), 5353);
+        assert_eq!(
+            crate::table::udp_port(&c.outbound.udp[0].destination),
+            Some(53)
+        );
+        assert_eq!(crate::table::udp_port("echo.default"), None);
+        assert_eq!(crate::table::udp_port("[::1]:53"), Some(53));
+        assert_eq!(crate::table::udp_port("::1"), None);
+        let err = Config::parse(&with("dns.default:53"), Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("c.yaml:10: outbound.udp[0].destination:"),
+            "{err}"
+        );
+        let err = Config::parse(&with("echo.default:0"), Path::new("c.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port 0"), "{err}");
+        let limits = Limits::default();
+        assert_eq!(
+            (limits.udp_max_sessions, limits.udp_idle_timeout()),
+            (1024, Duration::from_secs(60))
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Protocol detection: from the first bytes a client sends, tell HTTP/2 prior knowledge (the
-//! connection preface), HTTP/1 (a request line) and anything else (opaque bytes).
+//! connection preface), HTTP/1 (a request line), a UDP tunnel from another proxy (the
+//! `trellis-udp` magic, `FF 55 44 50`) and anything else (opaque bytes).
 //!
 //! [`detect`] is a pure function over a byte prefix (fuzzed in `proxy/fuzz`); [`read_prefix`]
 //! reads until it decides, with a timeout. Server-first protocols (the client waits for the
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use trellis_udp::wire::MAGIC;
 
 /// The HTTP/2 connection preface.
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -30,6 +32,9 @@ pub enum Detected {
     Http2,
     /// Anything else (including nothing before the timeout).
     Opaque,
+    /// A UDP tunnel: the stream starts with [`trellis_udp::wire::MAGIC`] (its header follows;
+    /// the listener hands the stream, prefix replayed, to the UDP forwarder).
+    UdpTunnel,
 }
 
 /// Classify a connection from its first bytes; `None` = not enough bytes to decide yet.
@@ -39,6 +44,18 @@ pub enum Detected {
 pub fn detect(buf: &[u8]) -> Option<Detected> {
     if buf.is_empty() {
         return None;
+    }
+    if buf[0] == MAGIC[0] {
+        // The whole magic, not its first byte alone: opaque protocols may start with 0xFF
+        // (telnet's IAC) and must stay opaque.
+        let n = buf.len().min(MAGIC.len());
+        return if buf[..n] != MAGIC[..n] {
+            Some(Detected::Opaque)
+        } else if n == MAGIC.len() {
+            Some(Detected::UdpTunnel)
+        } else {
+            None
+        };
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
@@ -186,6 +203,17 @@ mod tests {
         assert_eq!(detect(b"PRX"), None, "could still be a method");
         assert_eq!(detect(b"PRX\x00"), Some(Detected::Opaque));
         assert_eq!(detect(b"PRI / HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(detect(b"\xFFUD"), None, "could still be a UDP tunnel");
+        assert_eq!(detect(b"\xFFUDP"), Some(Detected::UdpTunnel));
+        assert_eq!(
+            detect(&trellis_udp::Header::new(53).encode()),
+            Some(Detected::UdpTunnel)
+        );
+        assert_eq!(
+            detect(b"\xFF\xFB\x01"),
+            Some(Detected::Opaque),
+            "telnet IAC WILL ECHO"
+        );
     }
 
     #[tokio::test]

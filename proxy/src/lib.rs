@@ -34,7 +34,8 @@
 //! The proxy's state and what runs on it:
 //! * [`routes`]: the routing table in force and its writers (whole, base, one destination).
 //! * [`state`]: [`state::Shared`], the composition of the parts above every listener shares.
-//! * [`tcp`]: opaque TCP forwarding; [`http`]: the request paths (outbound as a stack of tower
+//! * [`tcp`]: opaque TCP forwarding; [`udp`]: UDP carried between proxies (UDPRoute) on the
+//!   `trellis-udp` data plane; [`http`]: the request paths (outbound as a stack of tower
 //!   layers: fault, breaker, mirror, timeouts, retry, endpoint; inbound: authorize, rate-limit,
 //!   forward to the application).
 //! * [`probe`]: the health-check prober (through the upstream clients).
@@ -76,6 +77,7 @@ pub mod table;
 pub mod tcp;
 pub mod tls;
 pub mod trace;
+pub mod udp;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -146,6 +148,8 @@ pub struct RunningProxy {
     pub outbound_transparent: Option<SocketAddr>,
     /// Transparent inbound listener address.
     pub inbound_transparent: Option<SocketAddr>,
+    /// Outbound UDP listener addresses, in config order.
+    pub udp: Vec<SocketAddr>,
     connections: Arc<Connections>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -284,6 +288,22 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
             spawn_listener(l, kind);
         }
     }
+    let mut udp = Vec::new();
+    for forward in &config.outbound.udp {
+        let socket = tokio::net::UdpSocket::bind(forward.listen)
+            .await
+            .with_context(|| format!("binding the outbound UDP listener on {}", forward.listen))?;
+        let forwarder = udp::outbound(socket, forward, Arc::clone(&shared));
+        udp.push(forwarder.local_addr()?);
+        let mut stop = shutdown_rx.clone();
+        let listen = forward.listen;
+        tasks.push(tokio::spawn(async move {
+            let stopped = async move { shutdown::stopped(&mut stop).await };
+            if let Err(e) = forwarder.run(stopped).await {
+                tracing::error!(%listen, error = %e, "outbound UDP listener failed");
+            }
+        }));
+    }
     let mut admin = None;
     if let Some(addr) = config.admin {
         let l = bind(addr, "admin").await?;
@@ -304,6 +324,7 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         inbound,
         outbound_transparent,
         inbound_transparent,
+        udp,
         connections,
         shutdown,
         tasks,

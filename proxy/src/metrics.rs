@@ -17,6 +17,12 @@
 //! | `trellis_endpoint_health_checks_total` | counter | `destination`, `result` (`pass`, `fail`): health-check probes of the destination's endpoints ([`crate::health`]) |
 //! | `trellis_unhealthy_endpoints` | gauge | `destination`: its endpoints that failed their health checks and get no requests now (no series for a destination without health checks) |
 //! | `trellis_retries_total` | counter | `destination`, `result` (`retried`: a retry was sent; `budget-exhausted`: a retryable failure was answered because the retry budget was spent) |
+//! | `trellis_udp_datagrams_total` | counter | `direction`, `destination` (outbound: the listener's; inbound: empty), `flow` (`received`, `sent`: on the local UDP socket, from and to the clients outbound, the application inbound; `tunneled`: framed into a tunnel) |
+//! | `trellis_udp_bytes_total` | counter | `direction`, `destination`, `flow` (`received`, `sent`) |
+//! | `trellis_udp_sessions` | gauge | `direction`, `destination`: UDP sessions open now (outbound: per client address; inbound: per tunnel) |
+//! | `trellis_udp_session_events_total` | counter | `direction`, `destination`, `event` (`opened`, `refused`, `idle`: closed after the idle timeout, `tunnel-failed`) |
+//! | `trellis_udp_dropped_total` | counter | `direction`, `destination`, `reason` (`session-limit`, `oversized`, `refused`: the session was refused or is held before a retry, `queue-full`, `send-error`) |
+//! | `trellis_udp_refused_total` | counter | `direction`, `destination`, `reason`: sessions the proxy refused, why (outbound: `unknown-destination`, `no-backends`, `no-endpoints`, `overloaded`, `connect-failed`, the TLS reasons; inbound: `forbidden`, `no-policy`) |
 //!
 //! With `--metrics-compat` (config `metrics_compat`), the inbound side also counts its requests
 //! under other meshes' names, for tools whose built-in queries expect them (Flagger):
@@ -47,6 +53,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::config::{MetricsCompat, Workload};
+
+pub use udp::UdpForwarders;
 
 /// Latency buckets in milliseconds. `histogram_quantile` is exact at bucket edges, so edges sit
 /// where canary thresholds usually do (100, 250, 300, 500, 1000 ms); 0.25, 0.5, 1 and 2 ms
@@ -327,6 +335,9 @@ pub struct Metrics {
     compat: Option<Arc<compat::Compat>>,
     /// [`crate::config::Config::no_request_metrics`].
     requests_off: bool,
+    /// The UDP forwarders' counters, read when scraped.
+    udp: Arc<UdpForwarders>,
+    udp_refused: Family<udp::RefusedLabels, Counter>,
 }
 
 /// This proxy's own workload labels.
@@ -436,6 +447,14 @@ impl Metrics {
             "Client connections closed before serving, by listener kind and reason",
             connections_refused.clone(),
         );
+        let udp = Arc::new(UdpForwarders::default());
+        registry.register_collector(Box::new(Arc::clone(&udp)));
+        let udp_refused = Family::default();
+        registry.register(
+            "trellis_udp_refused",
+            "UDP sessions the proxy refused, by reason",
+            udp_refused.clone(),
+        );
         let source = match workload {
             Some(w) => SourceLabels {
                 namespace: Label::from(w.namespace.as_str()),
@@ -467,6 +486,8 @@ impl Metrics {
             compat: (!compat.is_empty())
                 .then(|| Arc::new(compat::Compat::register(registry, workload, compat))),
             requests_off: false,
+            udp,
+            udp_refused,
         }
     }
 
@@ -583,6 +604,248 @@ impl Metrics {
         self.updates
             .get_or_create(&UpdateLabels { source, result })
             .inc();
+    }
+}
+
+impl Metrics {
+    /// Export the counters of a UDP forwarder (`direction`: `outbound` or `inbound`) from now on.
+    pub fn udp_forwarder(
+        &self,
+        direction: &'static str,
+        destination: Label,
+        counters: Arc<trellis_udp::Counters>,
+    ) {
+        self.udp.add(direction, destination, counters);
+    }
+
+    /// Count one UDP session the proxy refused.
+    pub fn udp_refused(&self, direction: &'static str, destination: &Label, reason: &'static str) {
+        self.udp_refused
+            .get_or_create(&udp::RefusedLabels {
+                direction,
+                destination: destination.clone(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+mod udp {
+    //! The UDP series: the forwarders' own counters ([`trellis_udp::Counters`], plain atomics
+    //! on the datagram path) turned into Prometheus series when scraped, by a collector, so
+    //! forwarding a datagram costs no label lookup.
+
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+    use prometheus_client::metrics::MetricType;
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+    use trellis_udp::{Counters, Snapshot};
+
+    use super::Label;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    pub(super) struct RefusedLabels {
+        pub(super) direction: &'static str,
+        pub(super) destination: Label,
+        pub(super) reason: &'static str,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct Labels {
+        direction: &'static str,
+        destination: Label,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct FlowLabels {
+        direction: &'static str,
+        destination: Label,
+        flow: &'static str,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct EventLabels {
+        direction: &'static str,
+        destination: Label,
+        event: &'static str,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+    struct ReasonLabels {
+        direction: &'static str,
+        destination: Label,
+        reason: &'static str,
+    }
+
+    /// Every UDP forwarder of the proxy with its labels (registered as a collector).
+    #[derive(Debug, Default)]
+    pub struct UdpForwarders {
+        list: Mutex<Vec<(&'static str, Label, Arc<Counters>)>>,
+    }
+
+    impl UdpForwarders {
+        pub(super) fn add(
+            &self,
+            direction: &'static str,
+            destination: Label,
+            counters: Arc<Counters>,
+        ) {
+            self.list.lock().unwrap_or_else(|p| p.into_inner()).push((
+                direction,
+                destination,
+                counters,
+            ));
+        }
+
+        /// The counters summed per (direction, destination): two listeners towards one
+        /// destination are one series.
+        fn totals(&self) -> Totals {
+            let list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+            let mut totals: BTreeMap<(&'static str, Label), Snapshot> = BTreeMap::new();
+            for (direction, destination, counters) in list.iter() {
+                let s = counters.snapshot();
+                let t = totals.entry((direction, destination.clone())).or_default();
+                t.received_datagrams += s.received_datagrams;
+                t.received_bytes += s.received_bytes;
+                t.sent_datagrams += s.sent_datagrams;
+                t.sent_bytes += s.sent_bytes;
+                t.tunneled_datagrams += s.tunneled_datagrams;
+                t.sessions_opened += s.sessions_opened;
+                t.sessions_open += s.sessions_open;
+                t.sessions_idle += s.sessions_idle;
+                t.sessions_refused += s.sessions_refused;
+                t.tunnel_failures += s.tunnel_failures;
+                t.dropped_session_limit += s.dropped_session_limit;
+                t.dropped_oversized += s.dropped_oversized;
+                t.dropped_refused += s.dropped_refused;
+                t.dropped_queue_full += s.dropped_queue_full;
+                t.send_errors += s.send_errors;
+            }
+            totals
+        }
+    }
+
+    type Totals = BTreeMap<(&'static str, Label), Snapshot>;
+
+    /// One counter family: per (direction, destination), the values `values` picks, each under
+    /// its own value of the third label (`label`).
+    fn counter<L: EncodeLabelSet>(
+        encoder: &mut DescriptorEncoder,
+        (name, help): (&str, &str),
+        totals: &Totals,
+        values: impl Fn(&Snapshot) -> Vec<(&'static str, u64)>,
+        label: impl Fn(&'static str, Label, &'static str) -> L,
+    ) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for ((direction, destination), s) in totals {
+            for (what, value) in values(s) {
+                let labels = label(direction, destination.clone(), what);
+                ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flow(direction: &'static str, destination: Label, flow: &'static str) -> FlowLabels {
+        FlowLabels {
+            direction,
+            destination,
+            flow,
+        }
+    }
+
+    impl Collector for UdpForwarders {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            let totals = self.totals();
+            if totals.is_empty() {
+                return Ok(());
+            }
+            counter(
+                &mut encoder,
+                (
+                    "trellis_udp_datagrams",
+                    "UDP datagrams received and sent on the local sockets, and framed into tunnels",
+                ),
+                &totals,
+                |s| {
+                    vec![
+                        ("received", s.received_datagrams),
+                        ("sent", s.sent_datagrams),
+                        ("tunneled", s.tunneled_datagrams),
+                    ]
+                },
+                flow,
+            )?;
+            counter(
+                &mut encoder,
+                (
+                    "trellis_udp_bytes",
+                    "Payload bytes of the UDP datagrams received and sent on the local sockets",
+                ),
+                &totals,
+                |s| vec![("received", s.received_bytes), ("sent", s.sent_bytes)],
+                flow,
+            )?;
+            counter(
+                &mut encoder,
+                (
+                    "trellis_udp_session_events",
+                    "UDP sessions opened, refused, closed idle, ended by their tunnel",
+                ),
+                &totals,
+                |s| {
+                    vec![
+                        ("opened", s.sessions_opened),
+                        ("refused", s.sessions_refused),
+                        ("idle", s.sessions_idle),
+                        ("tunnel-failed", s.tunnel_failures),
+                    ]
+                },
+                |direction, destination, event| EventLabels {
+                    direction,
+                    destination,
+                    event,
+                },
+            )?;
+            counter(
+                &mut encoder,
+                ("trellis_udp_dropped", "UDP datagrams dropped, by reason"),
+                &totals,
+                |s| {
+                    vec![
+                        ("session-limit", s.dropped_session_limit),
+                        ("oversized", s.dropped_oversized),
+                        ("refused", s.dropped_refused),
+                        ("queue-full", s.dropped_queue_full),
+                        ("send-error", s.send_errors),
+                    ]
+                },
+                |direction, destination, reason| ReasonLabels {
+                    direction,
+                    destination,
+                    reason,
+                },
+            )?;
+            let mut open = encoder.encode_descriptor(
+                "trellis_udp_sessions",
+                "UDP sessions open now",
+                None,
+                MetricType::Gauge,
+            )?;
+            for ((direction, destination), s) in &totals {
+                let labels = Labels {
+                    direction,
+                    destination: destination.clone(),
+                };
+                let n = i64::try_from(s.sessions_open).unwrap_or(i64::MAX);
+                ConstGauge::new(n).encode(open.encode_family(&labels)?)?;
+            }
+            Ok(())
+        }
     }
 }
 

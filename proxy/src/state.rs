@@ -47,6 +47,9 @@ pub struct Shared {
     pub tracer: Option<Arc<crate::trace::Tracer>>,
     /// Per-request records for the access log and taps (off until a consumer attaches).
     pub observe: Arc<crate::observe::Observe>,
+    /// The called side of UDP tunnels (UDPRoute), shared by every tunnel the inbound
+    /// listeners accept (its counters are the `direction="inbound"` UDP series).
+    pub udp_inbound: trellis_udp::UdpInbound,
 }
 
 impl Shared {
@@ -93,6 +96,17 @@ impl Shared {
             config.limits.effective_max_connections(),
             metrics.clone(),
         ));
+        let udp_inbound = trellis_udp::UdpInbound::new(trellis_udp::InboundConfig {
+            idle_timeout: config.limits.udp_inbound_idle_timeout(),
+            // The header comes right after the handshake, as an HTTP request's first bytes do.
+            header_timeout: config.limits.detect_timeout(),
+            ..Default::default()
+        });
+        metrics.udp_forwarder(
+            "inbound",
+            crate::metrics::Label::from(""),
+            udp_inbound.counters(),
+        );
         Ok(Shared {
             routes,
             upstreams: Upstreams::new(&config.limits),
@@ -107,6 +121,7 @@ impl Shared {
             connections,
             tracer: None,
             observe,
+            udp_inbound,
         })
     }
 

@@ -308,6 +308,26 @@ impl RoutingTable {
                 ));
             }
         }
+        for (i, udp) in config.outbound.udp.iter().enumerate() {
+            let field = format!("outbound.udp[{i}].destination");
+            if let Lookup::Unknown(_) | Lookup::Invalid(_) = table.lookup(&udp.destination) {
+                return Err(invalid(
+                    field,
+                    &udp.destination,
+                    format!(
+                        "{:?} is not one of the configured destinations",
+                        udp.destination
+                    ),
+                ));
+            }
+            if udp_port(&udp.destination) == Some(0) {
+                return Err(invalid(
+                    field,
+                    &udp.destination,
+                    "port 0 names no application port".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -365,6 +385,16 @@ impl RoutingTable {
         keys.sort();
         keys
     }
+}
+
+/// The UDP port written in an `outbound.udp` destination (`dns.default:53` -> 53), if any.
+pub fn udp_port(destination: &str) -> Option<u16> {
+    let (host, port) = destination.rsplit_once(':')?;
+    if host.is_empty() || (host.contains(':') && !host.ends_with(']')) {
+        // An IPv6 address without brackets: no port.
+        return None;
+    }
+    port.parse().ok()
 }
 
 /// The listeners' side of `config`: the inbound listener's policy and the transparent inbound
@@ -1092,6 +1122,33 @@ pub struct AuthorizationTable {
     pub unauthenticated: bool,
     /// Source networks (empty = any).
     pub networks: Vec<ipnet::IpNet>,
+    /// The transport protocols the rule covers.
+    pub protocols: Covers,
+}
+
+/// The transport protocols an allow rule covers ([`config::Authorization::protocols`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Covers {
+    /// TCP connections (opaque TCP and HTTP).
+    pub tcp: bool,
+    /// UDP tunnels.
+    pub udp: bool,
+}
+
+impl Covers {
+    /// What `protocols` lists; an empty list is TCP only.
+    pub fn of(protocols: &[config::L4Protocol]) -> Self {
+        if protocols.is_empty() {
+            return Covers {
+                tcp: true,
+                udp: false,
+            };
+        }
+        Covers {
+            tcp: protocols.contains(&config::L4Protocol::Tcp),
+            udp: protocols.contains(&config::L4Protocol::Udp),
+        }
+    }
 }
 
 impl InboundTable {
@@ -1118,12 +1175,21 @@ impl InboundTable {
                     )
                 })?);
             }
+            let protocols = Covers::of(&a.protocols);
+            if protocols.udp && !routes.is_empty() {
+                return Err(invalid(
+                    format!("{field}.protocols"),
+                    "protocols",
+                    "a rule with routes covers HTTP requests only; allow udp in a rule without routes".into(),
+                ));
+            }
             authorizations.push(AuthorizationTable {
                 identities: a.identities.clone(),
                 ports: a.ports.clone(),
                 routes,
                 unauthenticated: a.unauthenticated,
                 networks,
+                protocols,
             });
         }
         let app_authority = inbound.app.to_string().parse().map_err(|e| {

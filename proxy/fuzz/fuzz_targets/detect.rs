@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
                 data.len()
             );
         }
+        Some(Detected::UdpTunnel) => assert!(data.starts_with(b"\xFFUDP")),
         Some(Detected::Opaque) => {}
     }
     // Every prefix of a decided input is undecided or decides the same way.

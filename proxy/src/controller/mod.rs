@@ -586,6 +586,9 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
                 routes: a.routes.into_iter().map(match_from_proto).collect(),
                 unauthenticated: a.unauthenticated,
                 networks: a.networks,
+                // The API has no protocols yet: controller rules cover TCP only (no UDP
+                // tunnel is allowed by them until the controller can say so).
+                protocols: Vec::new(),
             })
             .collect(),
         rate_limits: p

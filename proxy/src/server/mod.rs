@@ -165,7 +165,8 @@ pub(crate) async fn serve_connection(
     let io = PrefixedIo::new(prefix, stream);
     match detected {
         Detected::Http2 => Box::pin(serve_http2(io, side, shared, &limits, shutdown)).await,
-        Detected::Opaque if protocol == Protocol::Detect => {
+        // Outbound listeners take no UDP tunnels: those bytes are the client's, opaque.
+        Detected::Opaque | Detected::UdpTunnel if protocol == Protocol::Detect => {
             Box::pin(forward_tcp(io, &kind, &side, shared, first_byte)).await
         }
         // HTTP/1 or garbage on an HTTP port: hyper answers garbage with 400.
@@ -321,8 +322,8 @@ async fn serve_inbound_tls(
 }
 
 /// Serve an inbound byte stream (plaintext, or inside TLS without ALPN): detect unless
-/// `detected` says already (`silent`: the client sent nothing), then HTTP or (authorized) opaque
-/// TCP.
+/// `detected` says already (`silent`: the client sent nothing), then HTTP, a UDP tunnel or
+/// (authorized) opaque TCP.
 async fn serve_inbound_stream<IO>(
     mut io: IO,
     detected: Option<Detected>,
@@ -357,6 +358,11 @@ async fn serve_inbound_stream<IO>(
             }
         }
     };
+    if detected == Detected::UdpTunnel {
+        // A UDP tunnel from another proxy (UDPRoute), on any port that detects: the header
+        // names the application's UDP port, which the caller is authorized for.
+        return Box::pin(crate::udp::serve_inbound(io, caller, shared)).await;
+    }
     let side = Side::Inbound { caller };
     let first_byte = quiet.then(|| limits.opaque_first_byte_timeout());
     match detected {
