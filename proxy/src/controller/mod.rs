@@ -575,20 +575,23 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
         authorizations: p
             .authorizations
             .into_iter()
-            .map(|a| config::Authorization {
-                identities: a.identities,
-                // An out-of-range port becomes 0, which matches no listener: never widen a rule.
-                ports: a
-                    .ports
-                    .into_iter()
-                    .map(|p| u16::try_from(p).unwrap_or(0))
-                    .collect(),
-                routes: a.routes.into_iter().map(match_from_proto).collect(),
-                unauthenticated: a.unauthenticated,
-                networks: a.networks,
-                // The API has no protocols yet: controller rules cover TCP only (no UDP
-                // tunnel is allowed by them until the controller can say so).
-                protocols: Vec::new(),
+            // A rule naming only protocols this proxy does not know is dropped: it allows
+            // nothing, never TCP by default.
+            .filter_map(|a| {
+                let protocols = protocols_from_proto(&a.protocols)?;
+                Some(config::Authorization {
+                    identities: a.identities,
+                    // An out-of-range port becomes 0, which matches no listener: never widen a rule.
+                    ports: a
+                        .ports
+                        .into_iter()
+                        .map(|p| u16::try_from(p).unwrap_or(0))
+                        .collect(),
+                    routes: a.routes.into_iter().map(match_from_proto).collect(),
+                    unauthenticated: a.unauthenticated,
+                    networks: a.networks,
+                    protocols,
+                })
             })
             .collect(),
         rate_limits: p
@@ -603,9 +606,52 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
     }
 }
 
+/// The protocols of a rule as the controller sent them (empty: TCP only); None when it names
+/// only values this proxy does not know (such a rule must allow nothing, not fall back to TCP).
+fn protocols_from_proto(protocols: &[i32]) -> Option<Vec<config::L4Protocol>> {
+    let known: Vec<config::L4Protocol> = protocols
+        .iter()
+        .filter_map(|p| match v1::L4Protocol::try_from(*p) {
+            Ok(v1::L4Protocol::Tcp) => Some(config::L4Protocol::Tcp),
+            Ok(v1::L4Protocol::Udp) => Some(config::L4Protocol::Udp),
+            _ => None,
+        })
+        .collect();
+    if known.is_empty() && !protocols.is_empty() {
+        tracing::warn!(
+            ?protocols,
+            "an authorization names no protocol this proxy knows: it allows nothing"
+        );
+        return None;
+    }
+    Some(known)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rule_protocols_from_the_controller_never_widen_a_rule() {
+        assert_eq!(
+            protocols_from_proto(&[]),
+            Some(Vec::new()),
+            "none: TCP only"
+        );
+        assert_eq!(
+            protocols_from_proto(&[v1::L4Protocol::Udp as i32]),
+            Some(vec![config::L4Protocol::Udp])
+        );
+        assert_eq!(
+            protocols_from_proto(&[v1::L4Protocol::Tcp as i32, 99]),
+            Some(vec![config::L4Protocol::Tcp])
+        );
+        assert_eq!(
+            protocols_from_proto(&[99]),
+            None,
+            "only unknown protocols: the rule is dropped, not read as TCP"
+        );
+    }
     use crate::table::{DestinationTable, Lookup};
 
     fn shared() -> Shared {

@@ -99,6 +99,11 @@ pub fn resolve(
         {
             authorizations.push(authz);
         }
+        if let Some(authz) =
+            udp_authorization(view, target, port, &options.trust_domain, &mut problems)
+        {
+            authorizations.push(authz);
+        }
     }
     let access = &options.access;
     let plaintext = |networks: Vec<String>| v1::Authorization {
@@ -107,6 +112,7 @@ pub fn resolve(
         routes: Vec::new(),
         unauthenticated: true,
         networks,
+        protocols: Vec::new(),
     };
     if !access.plaintext_from.is_empty() {
         authorizations.push(plaintext(
@@ -278,7 +284,7 @@ fn authorization(
                 }
                 port_list.extend(&route.ports);
             }
-            RouteKind::UdpRoute => {} // UDP is not proxied yet
+            RouteKind::UdpRoute => {} // a rule of its own: `udp_authorization`
         }
     }
     if !has_http_rule && !has_port_rule {
@@ -288,10 +294,83 @@ fn authorization(
         return None; // only unknown match names: allows nothing
     }
     // Empty = every port (no TCPRoute, or one with `ports: []`).
-    let mut ports = if every_port { Vec::new() } else { port_list };
-    if let Some(p) = target.destination_port {
+    let ports = rule_ports(every_port, port_list, target.destination_port, port)?;
+    Some(v1::Authorization {
+        identities: source_identities(target, trust_domain)?,
+        ports,
+        routes,
+        unauthenticated: false,
+        networks: Vec::new(),
+        protocols: Vec::new(),
+    })
+}
+
+/// The UDP rule of `target` for the inbound policy of `port`: its UDPRoutes' ports (empty = every
+/// port) AND its destination port, for its sources, covering UDP only (the proxy carries UDP in
+/// mTLS tunnels, authorized by the application's UDP port). None when it has no UDPRoute rule, or
+/// none covers `port`. HTTP and TCP rules of the same target are [`authorization`]'s: SMI ANDs
+/// the L4 and L7 rules of one target, and a UDP datagram has no HTTP request to match.
+fn udp_authorization(
+    view: &PolicyView,
+    target: &AccessPolicy,
+    port: u16,
+    trust_domain: &str,
+    problems: &mut Vec<PolicyProblem>,
+) -> Option<v1::Authorization> {
+    let ns = effective_namespace(&target.metadata);
+    let mut port_list = Vec::new();
+    let mut every_port = false;
+    let mut any = false;
+    for rule in target
+        .rules
+        .iter()
+        .filter(|r| r.kind == RouteKind::UdpRoute)
+    {
+        let Some(route) = view.udp_routes.get(&(ns.to_owned(), rule.name.clone())) else {
+            problems.push(PolicyProblem {
+                resource: format!(
+                    "TrafficTarget {ns}/{}",
+                    target.metadata.name.as_deref().unwrap_or_default()
+                ),
+                location: view.location(&target_rid(target)),
+                message: format!(
+                    "UDPRoute {ns}/{} is referenced but missing: that rule allows nothing",
+                    rule.name
+                ),
+            });
+            continue;
+        };
+        any = true;
+        every_port |= route.ports.is_empty();
+        port_list.extend(&route.ports);
+    }
+    if !any {
+        return None;
+    }
+    let ports = rule_ports(every_port, port_list, target.destination_port, port)?;
+    Some(v1::Authorization {
+        identities: source_identities(target, trust_domain)?,
+        ports,
+        routes: Vec::new(),
+        unauthenticated: false,
+        networks: Vec::new(),
+        protocols: vec![v1::L4Protocol::Udp as i32],
+    })
+}
+
+/// The ports a rule covers (empty = every port): its routes' ports (`every` when one of them has
+/// `ports: []`) AND the target's destination port; None when they are disjoint or leave out
+/// `port`, the port whose inbound policy is being made.
+fn rule_ports(
+    every: bool,
+    route_ports: Vec<u16>,
+    destination_port: Option<u16>,
+    port: u16,
+) -> Option<Vec<u32>> {
+    let mut ports = if every { Vec::new() } else { route_ports };
+    if let Some(p) = destination_port {
         if !ports.is_empty() && !ports.contains(&p) {
-            return None; // TCPRoute ports AND destination port: disjoint
+            return None; // route ports AND destination port: disjoint
         }
         ports = vec![p];
     }
@@ -300,24 +379,26 @@ fn authorization(
     if !ports.is_empty() && !ports.contains(&port) {
         return None;
     }
+    Some(ports.into_iter().map(u32::from).collect())
+}
+
+/// The SPIFFE ids of `target`'s sources; None when it has none (allows nobody: said explicitly
+/// rather than left to the proxy).
+fn source_identities(target: &AccessPolicy, trust_domain: &str) -> Option<Vec<String>> {
     if target.sources.is_empty() {
-        return None; // no source: allows nobody (said explicitly rather than left to the proxy)
+        return None;
     }
-    let identities = target
-        .sources
-        .iter()
-        .map(|s| {
-            let source_ns = s.namespace.as_deref().unwrap_or(ns);
-            WorkloadIdentity::new(source_ns, &s.name).spiffe_id(trust_domain)
-        })
-        .collect();
-    Some(v1::Authorization {
-        identities,
-        ports: ports.into_iter().map(u32::from).collect(),
-        routes,
-        unauthenticated: false,
-        networks: Vec::new(),
-    })
+    let ns = effective_namespace(&target.metadata);
+    Some(
+        target
+            .sources
+            .iter()
+            .map(|s| {
+                let source_ns = s.namespace.as_deref().unwrap_or(ns);
+                WorkloadIdentity::new(source_ns, &s.name).spiffe_id(trust_domain)
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -418,6 +499,63 @@ spec:
         assert_eq!(p.authorizations[0].routes.len(), 1);
         let (p, _) = resolve_for(&yaml, 9090, false);
         assert!(p.authorizations.is_empty(), "another port is not covered");
+    }
+
+    #[test]
+    fn udp_route_rules_are_rules_of_their_own_covering_udp_only() {
+        let udp = "---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: UDPRoute\nmetadata: {name: dns, namespace: demo}\nspec:\n  matches:\n    ports: [5353]\n";
+        // A UDPRoute alone: one rule, UDP only, on the route's ports.
+        let yaml = format!(
+            "{ROUTES}{udp}{}",
+            target("  - {kind: UDPRoute, name: dns}\n")
+        );
+        let (p, problems) = resolve_for(&yaml, 5353, false);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(p.authorizations.len(), 1);
+        let a = &p.authorizations[0];
+        assert_eq!(a.protocols, vec![v1::L4Protocol::Udp as i32]);
+        assert_eq!(a.ports, vec![5353]);
+        assert!(a.routes.is_empty());
+        assert_eq!(
+            a.identities,
+            vec!["spiffe://cluster.local/ns/demo/sa/client"]
+        );
+        let (p, _) = resolve_for(&yaml, 8080, false);
+        assert!(p.authorizations.is_empty(), "another port is not covered");
+
+        // With an HTTP rule in the same target: the HTTP rule stays TCP only (an empty list), and
+        // the UDP rule is a second authorization, not ANDed with HTTP matches a datagram lacks.
+        let yaml = format!(
+            "{ROUTES}{udp}{}",
+            target(
+                "  - {kind: HTTPRouteGroup, name: api, matches: [metrics]}\n  - {kind: UDPRoute, name: dns}\n"
+            )
+        );
+        let (p, _) = resolve_for(&yaml, 5353, false);
+        assert_eq!(p.authorizations.len(), 2, "{:?}", p.authorizations);
+        assert!(p.authorizations[0].protocols.is_empty());
+        assert_eq!(p.authorizations[0].routes.len(), 1);
+        assert_eq!(
+            p.authorizations[1].protocols,
+            vec![v1::L4Protocol::Udp as i32]
+        );
+
+        // A UDPRoute that goes (the files source keeps the last good target) is reported and
+        // allows nothing.
+        let yaml = target("  - {kind: UDPRoute, name: nope}\n")
+            + "---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: UDPRoute\nmetadata: {name: nope, namespace: demo}\nspec:\n  matches:\n    ports: [5353]\n";
+        let mut set = crate::index::policy::tests::located_set("t.yaml", &yaml);
+        set.policies
+            .retain(|p| !matches!(p, trellis_smi::model::Policy::UdpRoute(_)));
+        let view = PolicyView::build(&[("t".into(), set)]);
+        let (p, problems) = resolve(&view, "demo", "web", 5353, &options(false));
+        assert!(p.authorizations.is_empty());
+        assert!(
+            problems.iter().any(|p| p
+                .message
+                .contains("UDPRoute demo/nope is referenced but missing")),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub struct PolicyView {
     pub splits: HashMap<ServiceKey, Vec<TrafficSplit>>,
     pub route_groups: HashMap<Named, HttpRouteGroup>,
     pub tcp_routes: HashMap<Named, PortRoute>,
+    pub udp_routes: HashMap<Named, PortRoute>,
     pub access: Vec<AccessPolicy>,
     /// TrafficPolicies per target service, the one in force first (oldest creationTimestamp,
     /// then name), whether or not it can be applied.
@@ -213,7 +214,9 @@ impl PolicyView {
                 Policy::TcpRoute(route) => {
                     view.tcp_routes.insert(named(policy), route.clone());
                 }
-                Policy::UdpRoute(_) => {} // UDP is not proxied yet; kept in `policies` for the record.
+                Policy::UdpRoute(route) => {
+                    view.udp_routes.insert(named(policy), route.clone());
+                }
                 Policy::AccessPolicy(access) => view.access.push(access.clone()),
                 Policy::TrafficPolicy(traffic) => {
                     view.traffic
@@ -381,13 +384,14 @@ impl PolicyView {
     }
 
     /// The workloads (`namespace/name` of TrafficTarget destinations) whose inbound policy may
-    /// differ between `old` and `self`; `None` = any of them (an HTTPRouteGroup or TCPRoute
-    /// changed: targets name routes, so every target may read it).
+    /// differ between `old` and `self`; `None` = any of them (an HTTPRouteGroup, TCPRoute or
+    /// UDPRoute changed: targets name routes, so every target may read it).
     pub fn changed_workloads(&self, old: &PolicyView) -> Option<HashSet<ServiceKey>> {
         // TrafficPolicies: their rate limits go to the workloads behind their targets, which only
         // discovery knows; any change may concern any workload of the namespace.
         if self.route_groups != old.route_groups
             || self.tcp_routes != old.tcp_routes
+            || self.udp_routes != old.udp_routes
             || self.traffic != old.traffic
             || self.traffic_broken != old.traffic_broken
         {
