@@ -107,6 +107,7 @@ pub fn resolve(
         routes: Vec::new(),
         unauthenticated: true,
         networks,
+        claims: Vec::new(),
     };
     if !access.plaintext_from.is_empty() {
         authorizations.push(plaintext(
@@ -140,6 +141,8 @@ pub fn resolve(
             .any(|ns| ns == namespace),
         // Filled by the index, which holds the discovery snapshots they need ([`rate_limits`]).
         rate_limits: Vec::new(),
+        // JWT authentication is not mapped from TrafficPolicies yet (issue #14).
+        jwt: None,
     };
     (policy, problems)
 }
@@ -317,6 +320,7 @@ fn authorization(
         routes,
         unauthenticated: false,
         networks: Vec::new(),
+        claims: Vec::new(),
     })
 }
 
