@@ -12,6 +12,11 @@
 //! matches authenticated callers: a verified caller is never worse off than an anonymous one
 //! from the same network. `*` matches any authenticated caller.
 //!
+//! End-user claims: a rule may also require claims of the request's JWT
+//! ([`AuthorizationTable::claims`], all must hold), verified before authorization by the
+//! policy's `jwt` ([`RequestInfo::claims`]). Such a rule never matches a request without
+//! verified claims, nor an opaque TCP connection (which has no request, so no token).
+//!
 //! Requests are checked against the policy current when they arrive (so a revoked rule stops
 //! the next request on a kept-alive connection); open opaque TCP connections are re-checked
 //! whenever the policy changes (see `tcp::forward_inbound`).
@@ -64,6 +69,8 @@ pub struct RequestInfo<'a> {
     pub path: &'a str,
     /// Headers.
     pub headers: &'a HeaderMap,
+    /// The claims of the request's verified JWT (`None`: no `jwt` policy, or no token).
+    pub claims: Option<&'a trellis_jwt::Claims>,
 }
 
 /// The decision.
@@ -107,6 +114,11 @@ fn network_matches(rule: &AuthorizationTable, caller: &Caller) -> bool {
     rule.networks.is_empty() || rule.networks.iter().any(|n| n.contains(&ip))
 }
 
+fn claims_match(rule: &AuthorizationTable, claims: Option<&trellis_jwt::Claims>) -> bool {
+    rule.claims.is_empty()
+        || claims.is_some_and(|claims| rule.claims.iter().all(|m| m.matches(claims)))
+}
+
 fn port_matches(rule: &AuthorizationTable, caller: &Caller) -> bool {
     rule.ports.is_empty() || rule.ports.contains(&caller.port)
 }
@@ -122,6 +134,7 @@ impl Authorizer for PolicyAuthorizer {
     fn authorize_connection(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
         let allowed = policy.authorizations.iter().any(|rule| {
             rule.routes.is_empty()
+                && rule.claims.is_empty()
                 && identity_matches(rule, caller)
                 && network_matches(rule, caller)
                 && port_matches(rule, caller)
@@ -143,6 +156,7 @@ impl Authorizer for PolicyAuthorizer {
             identity_matches(rule, caller)
                 && network_matches(rule, caller)
                 && port_matches(rule, caller)
+                && claims_match(rule, req.claims)
                 && (rule.routes.is_empty()
                     || rule
                         .routes
@@ -203,6 +217,7 @@ mod tests {
                 }],
                 unauthenticated: false,
                 networks: vec![],
+                claims: vec![],
             }],
         );
         let h = HeaderMap::new();
@@ -210,6 +225,7 @@ mod tests {
             method: &Method::GET,
             path,
             headers: &h,
+            claims: None,
         };
         let a = PolicyAuthorizer;
         assert_eq!(

@@ -221,6 +221,12 @@ pub struct InboundPolicy {
     /// request), so route limits come before the service's own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<InboundRateLimit>,
+    /// End-user JWT authentication (camelCase fields, see the `trellis-jwt` crate): a request's
+    /// bearer token is verified after the caller is known and before authorization; an invalid
+    /// one is refused with 401 `jwt-<reason>`, a valid one's claims are what rules' `claims`
+    /// look at. Absent: tokens are not looked at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<trellis_jwt::JwtPolicy>,
 }
 
 /// One local rate limit of the inbound side.
@@ -268,6 +274,11 @@ pub struct Authorization {
     /// Source networks (CIDRs) the caller's address must be in; empty = any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<String>,
+    /// Conditions on the claims of the request's verified JWT (the policy's `jwt`), all of
+    /// which must hold; empty = none. A rule with claims never matches a request without a
+    /// verified token, nor an opaque TCP connection.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<trellis_jwt::ClaimMatch>,
 }
 
 /// How traffic to a destination is carried.

@@ -40,11 +40,7 @@ fn provider_to_proto(p: &j::JwtProvider) -> v1::JwtProvider {
             },
             refresh_interval: p.jwks.refresh_interval.map(duration),
         }),
-        algorithms: p
-            .algorithms
-            .iter()
-            .map(|a| a.as_str().to_owned())
-            .collect(),
+        algorithms: p.algorithms.iter().map(|a| a.as_str().to_owned()).collect(),
         clock_skew: Some(duration(p.clock_skew)),
         from_header: Some(v1::JwtFromHeader {
             name: p.from_header.name.clone(),
@@ -236,9 +232,6 @@ mod tests {
         sent.providers[1].algorithms = vec!["none".into()];
         let received = policy_from_proto(sent).unwrap();
         assert_eq!(received.providers[1].algorithms, [j::Algorithm::None]);
-        assert_eq!(
-            received.validate()[0].field,
-            "providers[1].algorithms[0]"
-        );
+        assert_eq!(received.validate()[0].field, "providers[1].algorithms[0]");
     }
 }

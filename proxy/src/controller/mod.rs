@@ -306,7 +306,14 @@ impl Controller {
                         {
                             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                             let protocol = protocol_from_proto(policy.protocol);
-                            let policy = policy_from_proto(policy);
+                            let policy = match policy_from_proto(policy) {
+                                Ok(policy) => policy,
+                                Err(e) => {
+                                    tracing::error!(port, field = %e.field, error = %e, "controller inbound policy refused; keeping the running one");
+                                    shared.metrics.update("controller", false);
+                                    continue;
+                                }
+                            };
                             if answered.is_some() {
                                 state.transparent.insert(
                                     port,
@@ -563,9 +570,21 @@ pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::D
     }
 }
 
-/// Turn an inbound policy into the config model.
-pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
-    config::InboundPolicy {
+/// Turn an inbound policy into the config model. Refused when its `jwt` holds what the Rust
+/// types cannot (an unknown algorithm, a negative duration): the caller keeps its last policy,
+/// since leaving the authentication out would open what the controller meant to close.
+pub fn policy_from_proto(
+    p: v1::InboundPolicy,
+) -> Result<config::InboundPolicy, trellis_proxy_api::policy::PolicyError> {
+    let jwt = p
+        .jwt
+        .map(trellis_proxy_api::jwt::policy_from_proto)
+        .transpose()
+        .map_err(|mut e| {
+            e.field = format!("jwt.{}", e.field);
+            e
+        })?;
+    Ok(config::InboundPolicy {
         default_action: match v1::DefaultAction::try_from(p.default_action)
             .unwrap_or(v1::DefaultAction::Unspecified)
         {
@@ -586,6 +605,11 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
                 routes: a.routes.into_iter().map(match_from_proto).collect(),
                 unauthenticated: a.unauthenticated,
                 networks: a.networks,
+                claims: a
+                    .claims
+                    .into_iter()
+                    .map(trellis_proxy_api::jwt::claim_match_from_proto)
+                    .collect(),
             })
             .collect(),
         rate_limits: p
@@ -597,7 +621,8 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
                 matches: l.matches.into_iter().map(match_from_proto).collect(),
             })
             .collect(),
-    }
+        jwt,
+    })
 }
 
 #[cfg(test)]
