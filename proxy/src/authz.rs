@@ -297,6 +297,73 @@ mod tests {
     }
 
     #[test]
+    fn claim_rules_need_verified_claims_that_all_match() {
+        let role = |values: &[&str]| trellis_jwt::ClaimMatch {
+            claim: "realm.roles".into(),
+            values: values.iter().map(|v| v.to_string()).collect(),
+        };
+        let mut inbound = Inbound {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            app: "127.0.0.1:1".parse().unwrap(),
+            protocol: Default::default(),
+            policy: InboundPolicy {
+                authorizations: vec![Authorization {
+                    unauthenticated: true,
+                    claims: vec![
+                        role(&["admin", "operator"]),
+                        trellis_jwt::ClaimMatch {
+                            claim: "tier".into(),
+                            values: vec!["2".into()],
+                        },
+                    ],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        };
+        inbound.policy.jwt = Some(
+            serde_json::from_value(serde_json::json!({
+                "providers": [{"issuer": "https://i", "audiences": ["a"], "jwks": {"file": "/k"}}]
+            }))
+            .unwrap(),
+        );
+        let p = InboundTable::compile(&inbound).unwrap();
+        let claims = |json: serde_json::Value| {
+            trellis_jwt::Claims::from_map(json.as_object().unwrap().clone())
+        };
+        let h = HeaderMap::new();
+        let decide = |claims: Option<&trellis_jwt::Claims>| {
+            PolicyAuthorizer.authorize_request(
+                &p,
+                &caller(None, 80),
+                RequestInfo {
+                    method: &Method::GET,
+                    path: "/",
+                    headers: &h,
+                    claims,
+                },
+            )
+        };
+        let operator =
+            claims(serde_json::json!({"realm": {"roles": ["user", "operator"]}, "tier": 2}));
+        assert_eq!(decide(Some(&operator)), Verdict::Allow);
+        let wrong_tier = claims(serde_json::json!({"realm": {"roles": ["admin"]}, "tier": 3}));
+        assert_eq!(
+            decide(Some(&wrong_tier)),
+            Verdict::Deny,
+            "every condition must hold"
+        );
+        let user = claims(serde_json::json!({"realm": {"roles": ["user"]}, "tier": 2}));
+        assert_eq!(decide(Some(&user)), Verdict::Deny);
+        assert_eq!(decide(None), Verdict::Deny, "no verified claims");
+        assert_eq!(
+            PolicyAuthorizer.authorize_connection(&p, &caller(None, 80)),
+            Verdict::Deny,
+            "a rule with claims never allows opaque TCP"
+        );
+    }
+
+    #[test]
     fn networks_narrow_rules_to_source_addresses() {
         let p = policy(
             DefaultAction::Deny,

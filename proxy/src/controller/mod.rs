@@ -720,6 +720,37 @@ mod tests {
     }
 
     #[test]
+    fn inbound_jwt_and_claims_arrive_and_an_unusable_jwt_is_refused_with_its_field() {
+        let jwt: trellis_jwt::JwtPolicy = serde_json::from_value(serde_json::json!({
+            "required": true,
+            "providers": [{"issuer": "https://i", "audiences": ["a"],
+                "jwks": {"url": "https://i/keys"}, "algorithms": ["ES256"]}]
+        }))
+        .unwrap();
+        let claims = trellis_jwt::ClaimMatch {
+            claim: "role".into(),
+            values: vec!["admin".into()],
+        };
+        let mut sent = v1::InboundPolicy {
+            authorizations: vec![v1::Authorization {
+                unauthenticated: true,
+                claims: vec![trellis_proxy_api::jwt::claim_match_to_proto(&claims)],
+                ..Default::default()
+            }],
+            jwt: Some(trellis_proxy_api::jwt::policy_to_proto(&jwt)),
+            ..Default::default()
+        };
+        let policy = policy_from_proto(sent.clone()).unwrap();
+        assert_eq!(policy.jwt.as_ref(), Some(&jwt));
+        assert_eq!(policy.authorizations[0].claims, [claims]);
+        sent.jwt.as_mut().unwrap().providers[0].algorithms = vec!["ES999".into()];
+        assert_eq!(
+            policy_from_proto(sent).unwrap_err().field,
+            "jwt.providers[0].algorithms[0]"
+        );
+    }
+
+    #[test]
     fn each_update_replaces_its_destination_alone() {
         let shared = shared();
         for (key, address) in [
