@@ -784,6 +784,21 @@ destinations:
     }
 
     #[test]
+    fn the_readme_config_example_loads() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("## Config file\n\n```yaml\n")
+            .expect("the section")
+            + 23;
+        let example = &readme[start..start + readme[start..].find("```").unwrap()];
+        let config =
+            Config::parse(example, Path::new("README.md")).unwrap_or_else(|e| panic!("{e}"));
+        let inbound = config.inbound.unwrap();
+        assert!(inbound.policy.jwt.is_some());
+        assert_eq!(inbound.policy.authorizations[0].claims[0].values, ["admin"]);
+    }
+
+    #[test]
     fn port_forwards_must_name_a_destination() {
         let bad = BENCH_SHAPE.replace("destination: echo.default", "destination: nope.default");
         let err = Config::parse(&bad, Path::new("c.yaml"))

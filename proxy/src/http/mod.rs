@@ -307,11 +307,10 @@ async fn inbound(
         None => None,
         Some(jwt) => {
             let verified = match jwt.verifier(&shared.routes.verifiers) {
-                Some(verifier) => verifier.verify(req.headers()).map(|claims| {
+                Some(verifier) => verifier.verify(req.headers()).inspect(|claims| {
                     // Before authorization, so that route rules matching these headers see the
                     // verified values, never the caller's (removed first, token or not).
                     verifier.forward_claims(claims.as_ref(), req.headers_mut());
-                    claims
                 }),
                 // No verifier could be made: refuse, as a provider without keys does.
                 None => Err(trellis_jwt::Rejection::NoKeys),
