@@ -14,6 +14,11 @@
 //! matches authenticated callers: a verified caller is never worse off than an anonymous one
 //! from the same network. `*` matches any authenticated caller.
 //!
+//! End-user claims: a rule may also require claims of the request's JWT
+//! ([`AuthorizationTable::claims`], all must hold), verified before authorization by the
+//! policy's `jwt` ([`RequestInfo::claims`]). Such a rule never matches a request without
+//! verified claims, nor an opaque TCP connection (which has no request, so no token).
+//!
 //! Requests are checked against the policy current when they arrive (so a revoked rule stops
 //! the next request on a kept-alive connection); open opaque TCP connections are re-checked
 //! whenever the policy changes (see `tcp::forward_inbound`).
@@ -66,6 +71,8 @@ pub struct RequestInfo<'a> {
     pub path: &'a str,
     /// Headers.
     pub headers: &'a HeaderMap,
+    /// The claims of the request's verified JWT (`None`: no `jwt` policy, or no token).
+    pub claims: Option<&'a trellis_jwt::Claims>,
 }
 
 /// The decision.
@@ -116,6 +123,11 @@ fn network_matches(rule: &AuthorizationTable, caller: &Caller) -> bool {
     rule.networks.is_empty() || rule.networks.iter().any(|n| n.contains(&ip))
 }
 
+fn claims_match(rule: &AuthorizationTable, claims: Option<&trellis_jwt::Claims>) -> bool {
+    rule.claims.is_empty()
+        || claims.is_some_and(|claims| rule.claims.iter().all(|m| m.matches(claims)))
+}
+
 fn port_matches(rule: &AuthorizationTable, caller: &Caller) -> bool {
     rule.ports.is_empty() || rule.ports.contains(&caller.port)
 }
@@ -132,6 +144,7 @@ impl Authorizer for PolicyAuthorizer {
         let allowed = policy.authorizations.iter().any(|rule| {
             rule.routes.is_empty()
                 && rule.protocols.tcp
+                && rule.claims.is_empty()
                 && identity_matches(rule, caller)
                 && network_matches(rule, caller)
                 && port_matches(rule, caller)
@@ -154,6 +167,7 @@ impl Authorizer for PolicyAuthorizer {
                 && identity_matches(rule, caller)
                 && network_matches(rule, caller)
                 && port_matches(rule, caller)
+                && claims_match(rule, req.claims)
                 && (rule.routes.is_empty()
                     || rule
                         .routes
@@ -167,12 +181,14 @@ impl Authorizer for PolicyAuthorizer {
         }
     }
 
-    /// A rule covering `udp` (which has no routes) whose identities, networks and ports (the
-    /// tunnel's UDP port) match; else the default action.
+    /// A rule covering `udp` (which has no routes and no claims) whose identities, networks and
+    /// ports (the tunnel's UDP port) match; else the default action.
     fn authorize_udp(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
         let allowed = policy.authorizations.iter().any(|rule| {
             rule.protocols.udp
                 && rule.routes.is_empty()
+                // A datagram carries no token: a rule with claims never allows a tunnel.
+                && rule.claims.is_empty()
                 && identity_matches(rule, caller)
                 && network_matches(rule, caller)
                 && port_matches(rule, caller)
@@ -232,6 +248,7 @@ mod tests {
                 unauthenticated: false,
                 networks: vec![],
                 protocols: vec![],
+                claims: vec![],
             }],
         );
         let h = HeaderMap::new();
@@ -239,6 +256,7 @@ mod tests {
             method: &Method::GET,
             path,
             headers: &h,
+            claims: None,
         };
         let a = PolicyAuthorizer;
         assert_eq!(
@@ -325,6 +343,7 @@ mod tests {
             method: &Method::GET,
             path: "/",
             headers: &h,
+            claims: None,
         };
         for (protocols, tcp, udp) in [
             (vec![], Verdict::Allow, Verdict::Deny),
@@ -365,6 +384,73 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(bad.field, "inbound.policy.authorizations[0].protocols");
+    }
+
+    #[test]
+    fn claim_rules_need_verified_claims_that_all_match() {
+        let role = |values: &[&str]| trellis_jwt::ClaimMatch {
+            claim: "realm.roles".into(),
+            values: values.iter().map(|v| v.to_string()).collect(),
+        };
+        let mut inbound = Inbound {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            app: "127.0.0.1:1".parse().unwrap(),
+            protocol: Default::default(),
+            policy: InboundPolicy {
+                authorizations: vec![Authorization {
+                    unauthenticated: true,
+                    claims: vec![
+                        role(&["admin", "operator"]),
+                        trellis_jwt::ClaimMatch {
+                            claim: "tier".into(),
+                            values: vec!["2".into()],
+                        },
+                    ],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        };
+        inbound.policy.jwt = Some(
+            serde_json::from_value(serde_json::json!({
+                "providers": [{"issuer": "https://i", "audiences": ["a"], "jwks": {"file": "/k"}}]
+            }))
+            .unwrap(),
+        );
+        let p = InboundTable::compile(&inbound).unwrap();
+        let claims = |json: serde_json::Value| {
+            trellis_jwt::Claims::from_map(json.as_object().unwrap().clone())
+        };
+        let h = HeaderMap::new();
+        let decide = |claims: Option<&trellis_jwt::Claims>| {
+            PolicyAuthorizer.authorize_request(
+                &p,
+                &caller(None, 80),
+                RequestInfo {
+                    method: &Method::GET,
+                    path: "/",
+                    headers: &h,
+                    claims,
+                },
+            )
+        };
+        let operator =
+            claims(serde_json::json!({"realm": {"roles": ["user", "operator"]}, "tier": 2}));
+        assert_eq!(decide(Some(&operator)), Verdict::Allow);
+        let wrong_tier = claims(serde_json::json!({"realm": {"roles": ["admin"]}, "tier": 3}));
+        assert_eq!(
+            decide(Some(&wrong_tier)),
+            Verdict::Deny,
+            "every condition must hold"
+        );
+        let user = claims(serde_json::json!({"realm": {"roles": ["user"]}, "tier": 2}));
+        assert_eq!(decide(Some(&user)), Verdict::Deny);
+        assert_eq!(decide(None), Verdict::Deny, "no verified claims");
+        assert_eq!(
+            PolicyAuthorizer.authorize_connection(&p, &caller(None, 80)),
+            Verdict::Deny,
+            "a rule with claims never allows opaque TCP"
+        );
     }
 
     #[test]

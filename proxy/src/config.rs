@@ -240,6 +240,12 @@ pub struct InboundPolicy {
     /// request), so route limits come before the service's own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rate_limits: Vec<InboundRateLimit>,
+    /// End-user JWT authentication (camelCase fields, see the `trellis-jwt` crate): a request's
+    /// bearer token is verified after the caller is known and before authorization; an invalid
+    /// one is refused with 401 `jwt-<reason>`, a valid one's claims are what rules' `claims`
+    /// look at. Absent: tokens are not looked at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<trellis_jwt::JwtPolicy>,
 }
 
 /// One local rate limit of the inbound side.
@@ -287,6 +293,11 @@ pub struct Authorization {
     /// Source networks (CIDRs) the caller's address must be in; empty = any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<String>,
+    /// Conditions on the claims of the request's verified JWT (the policy's `jwt`), all of
+    /// which must hold; empty = none. A rule with claims never matches a request without a
+    /// verified token, nor an opaque TCP connection.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<trellis_jwt::ClaimMatch>,
     /// The L4 protocols the rule covers: `tcp` (opaque TCP, and HTTP, which rides it) and/or
     /// `udp` (UDP tunnels from other proxies, for the UDP port they name). Empty = `[tcp]`, so
     /// a rule allows UDP only when it says so. A rule with `routes` covers HTTP only and may
@@ -861,6 +872,21 @@ destinations:
             (limits.udp_max_sessions, limits.udp_idle_timeout()),
             (1024, Duration::from_secs(60))
         );
+    }
+
+    #[test]
+    fn the_readme_config_example_loads() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("## Config file\n\n```yaml\n")
+            .expect("the section")
+            + 23;
+        let example = &readme[start..start + readme[start..].find("```").unwrap()];
+        let config =
+            Config::parse(example, Path::new("README.md")).unwrap_or_else(|e| panic!("{e}"));
+        let inbound = config.inbound.unwrap();
+        assert!(inbound.policy.jwt.is_some());
+        assert_eq!(inbound.policy.authorizations[0].claims[0].values, ["admin"]);
     }
 
     #[test]

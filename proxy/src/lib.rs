@@ -194,6 +194,8 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         Arc::downgrade(&shared),
         tokio::runtime::Handle::current(),
     ));
+    // JWT verifiers start their key-refresh tasks: made from here on, on this runtime.
+    shared.routes.start_authentication();
     if let Some(target) = &config.access_log {
         shared
             .observe

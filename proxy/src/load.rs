@@ -15,15 +15,31 @@ impl Config {
             source,
         })?;
         let mut config = Config::parse(&text, path)?;
-        if let (Some(identity), Some(dir)) = (&mut config.identity, path.parent()) {
-            for file in std::iter::once(&mut identity.cert)
-                .chain(std::iter::once(&mut identity.key))
-                .chain(identity.trust_anchors.iter_mut())
-            {
+        if let Some(dir) = path.parent() {
+            let relative_to_dir = |file: &mut std::path::PathBuf| {
                 if file.is_relative() {
                     *file = dir.join(&*file);
                 }
+            };
+            if let Some(identity) = &mut config.identity {
+                std::iter::once(&mut identity.cert)
+                    .chain(std::iter::once(&mut identity.key))
+                    .chain(identity.trust_anchors.iter_mut())
+                    .for_each(relative_to_dir);
             }
+            // JWKS files too (`inbound.policy.jwt`, the transparent ports' policies).
+            let policies = config.inbound.iter_mut().map(|i| &mut i.policy).chain(
+                config
+                    .transparent
+                    .inbound_ports
+                    .iter_mut()
+                    .map(|p| &mut p.policy),
+            );
+            policies
+                .filter_map(|policy| policy.jwt.as_mut())
+                .flat_map(|jwt| jwt.providers.iter_mut())
+                .filter_map(|provider| provider.jwks.file.as_mut())
+                .for_each(relative_to_dir);
         }
         Ok(config)
     }

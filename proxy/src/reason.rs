@@ -37,6 +37,9 @@ pub enum Reason {
     Timeout,
     /// Inbound policy denied the request. 403.
     Forbidden,
+    /// The inbound policy's JWT authentication refused the request's token (or its absence):
+    /// `jwt-<rejection>`, e.g. `jwt-expired`, `jwt-missing`. 401 with `www-authenticate`.
+    Jwt(trellis_jwt::Rejection),
     /// No inbound listener is configured. 503.
     NoInbound,
     /// The endpoint needs mTLS and this proxy has no valid certificate (fails closed). 503.
@@ -64,6 +67,7 @@ impl Reason {
             Reason::UpstreamFailed => "upstream-failed",
             Reason::Timeout => "timeout",
             Reason::Forbidden => "forbidden",
+            Reason::Jwt(rejection) => jwt_str(rejection),
             Reason::NoInbound => "no-inbound",
             Reason::NoIdentity => "no-identity",
             Reason::IdentityMismatch => "identity-mismatch",
@@ -91,6 +95,42 @@ impl Reason {
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::Forbidden => StatusCode::FORBIDDEN,
+            Reason::Jwt(rejection) => rejection.status(),
+        }
+    }
+}
+
+/// `jwt-` and the rejection's stable name, without an allocation per request.
+fn jwt_str(rejection: trellis_jwt::Rejection) -> &'static str {
+    use trellis_jwt::Rejection as R;
+    match rejection {
+        R::Missing => "jwt-missing",
+        R::Malformed => "jwt-malformed",
+        R::Expired => "jwt-expired",
+        R::NotYetValid => "jwt-not-yet-valid",
+        R::WrongIssuer => "jwt-wrong-issuer",
+        R::WrongAudience => "jwt-wrong-audience",
+        R::BadSignature => "jwt-bad-signature",
+        R::UnknownKey => "jwt-unknown-key",
+        R::AlgorithmNotAllowed => "jwt-algorithm-not-allowed",
+        R::NoKeys => "jwt-no-keys",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwt_reasons_are_the_rejections_names_behind_jwt() {
+        for rejection in trellis_jwt::Rejection::ALL {
+            let reason = Reason::Jwt(rejection);
+            assert_eq!(
+                reason.as_str(),
+                format!("jwt-{}", rejection.as_str()),
+                "{rejection:?}"
+            );
+            assert_eq!(reason.status(), StatusCode::UNAUTHORIZED);
         }
     }
 }

@@ -4,6 +4,9 @@
 //! ([`Routes::apply_destination`], [`Routes::remove_destination`]; see [`crate::table`] for
 //! what each replaces). A destination entry made current starts its health checks and one
 //! replaced or removed stops them (through the hook of [`Routes::start_health_checks`]).
+//! Likewise, once [`Routes::start_authentication`] was called, an inbound side made current gets
+//! its JWT verifiers before it is published: the same verifier as before for an unchanged `jwt`
+//! policy (its keys and refresh state kept), a new one otherwise ([`crate::table::Verifiers`]).
 
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -13,7 +16,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use crate::config::{Config, Destination, Invalid};
-use crate::table::{RoutingTable, StatsRegistry};
+use crate::table::{RoutingTable, StatsRegistry, Verifiers};
 
 /// Asks the controller about destinations the table does not know yet.
 pub trait Resolve: Send + Sync + fmt::Debug + 'static {
@@ -65,6 +68,11 @@ pub struct Routes {
     /// The hook that starts probers, once [`Routes::start_health_checks`] was called (never for
     /// routes only used to compile).
     probing: OnceLock<Probing>,
+    /// The JWT verifiers the inbound sides of the table generations use, kept across them.
+    pub verifiers: Verifiers,
+    /// Set by [`Routes::start_authentication`] (on the runtime): verifiers are made when an
+    /// inbound side becomes current. Before (and for routes only used to compile), never.
+    authenticating: OnceLock<()>,
 }
 
 impl Routes {
@@ -79,7 +87,27 @@ impl Routes {
             resolver,
             table_changes: watch::channel(0).0,
             probing: OnceLock::new(),
+            verifiers: Verifiers::default(),
+            authenticating: OnceLock::new(),
         })
+    }
+
+    /// Make the JWT verifiers of the inbound sides in force, and from now on of every inbound
+    /// side before it is made current. Call it on the proxy's runtime (verifiers start their
+    /// key-refresh tasks); once, later calls do nothing. Until then the first request of a
+    /// table generation makes its verifiers.
+    pub fn start_authentication(&self) {
+        let _writing = self.write_lock();
+        if self.authenticating.set(()).is_ok() {
+            self.table.load().authenticate(&self.verifiers);
+        }
+    }
+
+    /// Give `table`'s inbound sides their verifiers, once authentication has started.
+    fn authenticate(&self, table: &RoutingTable) {
+        if self.authenticating.get().is_some() {
+            table.authenticate(&self.verifiers);
+        }
     }
 
     /// Start the health checks of the destinations in force, and of every destination made
@@ -112,6 +140,8 @@ impl Routes {
     pub fn apply(&self, config: Config) -> Result<(), Invalid> {
         let _writing = self.write_lock();
         let table = Arc::new(RoutingTable::compile(config, &self.stats)?);
+        // Before the swap: the previous generation still holds the verifiers to reuse.
+        self.authenticate(&table);
         let previous = self.table.swap(Arc::clone(&table));
         self.table_changes.send_modify(|n| *n += 1);
         // Every destination was recompiled: the new entries' probers take over (keeping each
@@ -131,6 +161,7 @@ impl Routes {
     pub fn apply_base(&self, base: Config) -> Result<(), Invalid> {
         let _writing = self.write_lock();
         let table = self.table.load().rebase(base)?;
+        self.authenticate(&table);
         self.table.store(Arc::new(table));
         self.table_changes.send_modify(|n| *n += 1);
         Ok(())

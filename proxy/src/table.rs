@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -38,6 +38,7 @@ use crate::config::{self, Config, DefaultAction, HttpMatch, Invalid, Protocol};
 use crate::metrics::Label;
 use crate::resilience::{Breaker, BreakerState, RateLimiter, RequestPolicy};
 use tower::retry::budget::TpsBudget;
+use trellis_jwt::{ClaimMatch, JwtPolicy, Verifier};
 use trellis_policy::RetryBudget;
 
 /// Most compiled program size of one user regex (bytes).
@@ -276,6 +277,19 @@ impl RoutingTable {
             destinations: Arc::new(destinations),
             inbound: self.inbound.clone(),
             transparent_inbound: self.transparent_inbound.clone(),
+        }
+    }
+
+    /// Give every inbound table of this generation with a `jwt` section its verifier, from
+    /// `verifiers` (the one of an equal policy in a generation before, else a new one, which
+    /// starts loading its keys). Called on the runtime by the table's owner before the
+    /// generation becomes current, so keys load ahead of the first request; compiling alone
+    /// never does it.
+    pub fn authenticate(&self, verifiers: &Verifiers) {
+        for inbound in self.inbound.iter().chain(self.transparent_inbound.values()) {
+            if let Some(jwt) = &inbound.jwt {
+                jwt.verifier(verifiers);
+            }
         }
     }
 
@@ -785,6 +799,37 @@ fn policy_problem(p: trellis_policy::Problem) -> Invalid {
     }
 }
 
+/// A problem of an inbound policy's `jwt` section as an [`Invalid`] under
+/// `inbound.policy.jwt`. The value searched for to find its line is the offending value as
+/// written when it is a string (an issuer, a URL, an algorithm, a duration), else the field's
+/// last name.
+fn jwt_problem(p: trellis_policy::Problem, policy: &JwtPolicy) -> Invalid {
+    let written = serde_json::to_value(policy).ok().and_then(|mut value| {
+        for step in p.field.split('.') {
+            let (name, index) = match step.split_once('[') {
+                Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+                None => (step, None),
+            };
+            value = value.get_mut(name)?.take();
+            if let Some(i) = index {
+                value = value.get_mut(i)?.take();
+            }
+        }
+        value
+            .as_str()
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_string)
+    });
+    let leaf = policy_problem(p.clone()).value;
+    // A duration is written back in its own spelling (`600s` as `10m`): its name is safer.
+    let written = written.filter(|_| !matches!(leaf.as_str(), "clockSkew" | "refreshInterval"));
+    Invalid {
+        field: format!("inbound.policy.jwt.{}", p.field),
+        value: written.unwrap_or(leaf),
+        message: p.message,
+    }
+}
+
 /// The weights a split schedules: a weighted backend with no endpoints gives its share to the
 /// others (a canary scaled to zero in the same tick as its weight goes to 0, a version whose pods
 /// all went away) instead of failing its share with 503 `no-endpoints`, as long as some weighted
@@ -1107,6 +1152,8 @@ pub struct InboundTable {
     pub authorizations: Vec<AuthorizationTable>,
     /// Local rate limits, first match decides.
     rate_limits: Vec<(Vec<Matcher>, RateLimiter)>,
+    /// JWT authentication, when the policy has a `jwt` section.
+    pub jwt: Option<InboundJwt>,
 }
 
 /// A compiled allow rule.
@@ -1124,6 +1171,78 @@ pub struct AuthorizationTable {
     pub networks: Vec<ipnet::IpNet>,
     /// The transport protocols the rule covers.
     pub protocols: Covers,
+    /// Conditions on the verified JWT's claims, all of which must hold (empty = none).
+    pub claims: Vec<ClaimMatch>,
+}
+
+/// The JWT authentication of an inbound table: its policy, and the [`Verifier`] checking
+/// tokens against it. Compiling makes no verifier (a verifier starts key-refresh tasks, and
+/// compiling must not need a runtime): the table's owner hands it one from its [`Verifiers`]
+/// when the table becomes current ([`RoutingTable::authenticate`]), or the first request does.
+#[derive(Debug)]
+pub struct InboundJwt {
+    /// The policy (validated).
+    pub policy: JwtPolicy,
+    /// `None` inside: no verifier could be made (every token is refused, fail closed).
+    verifier: OnceLock<Option<Arc<Verifier>>>,
+}
+
+impl InboundJwt {
+    /// The verifier of this table: the one `verifiers` holds for an equal policy, else a new
+    /// one (call it on the runtime). `None`: it could not be made.
+    pub fn verifier(&self, verifiers: &Verifiers) -> Option<&Arc<Verifier>> {
+        self.verifier
+            .get_or_init(|| verifiers.get(&self.policy))
+            .as_ref()
+    }
+}
+
+/// The JWT verifiers in use, by policy, so that a recompiled table (a file reload, a new
+/// inbound policy with the same `jwt`) keeps the verifier of its policy, and with it the keys
+/// loaded and the refresh state (backoff, last good key set). Held weakly: a verifier lives as
+/// long as some table generation uses it, and its refresh tasks stop when the last one goes.
+#[derive(Debug, Default)]
+pub struct Verifiers {
+    /// Few policies per proxy (one per inbound port at most): a list, compared by equality.
+    by_policy: Mutex<Vec<(JwtPolicy, Weak<Verifier>)>>,
+}
+
+impl Verifiers {
+    /// The verifier of `policy`: the live one of an equal policy, or a new one (which starts
+    /// its key loading: call it on the runtime). `None` if the policy is refused (compiling
+    /// validated it, so only a bug gets here; tokens are then refused).
+    pub fn get(&self, policy: &JwtPolicy) -> Option<Arc<Verifier>> {
+        let mut by_policy = self.by_policy.lock().unwrap_or_else(|p| p.into_inner());
+        by_policy.retain(|(_, verifier)| verifier.strong_count() > 0);
+        if let Some(live) = by_policy
+            .iter()
+            .find(|(p, _)| p == policy)
+            .and_then(|(_, verifier)| verifier.upgrade())
+        {
+            return Some(live);
+        }
+        match Verifier::new(policy) {
+            Ok(verifier) => {
+                let verifier = Arc::new(verifier);
+                by_policy.push((policy.clone(), Arc::downgrade(&verifier)));
+                Some(verifier)
+            }
+            Err(problems) => {
+                tracing::error!(?problems, "JWT policy refused; its tokens are refused");
+                None
+            }
+        }
+    }
+
+    /// How many verifiers are alive (for tests and status).
+    pub fn live(&self) -> usize {
+        self.by_policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, verifier)| verifier.strong_count() > 0)
+            .count()
+    }
 }
 
 /// The transport protocols an allow rule covers ([`config::Authorization::protocols`]).
@@ -1183,6 +1302,25 @@ impl InboundTable {
                     "a rule with routes covers HTTP requests only; allow udp in a rule without routes".into(),
                 ));
             }
+            for (j, m) in a.claims.iter().enumerate() {
+                let at = format!("{field}.claims[{j}]");
+                if let Some(p) = m.validate().into_iter().next() {
+                    // The claim's name finds its line; an empty one, the list's.
+                    let value = if m.claim.trim().is_empty() {
+                        "claims"
+                    } else {
+                        m.claim.as_str()
+                    };
+                    return Err(invalid(format!("{at}.{}", p.field), value, p.message));
+                }
+                if inbound.policy.jwt.is_none() {
+                    return Err(invalid(
+                        at,
+                        &m.claim,
+                        "a claim condition needs the policy's jwt: without it no request has verified claims, and this rule would never match".into(),
+                    ));
+                }
+            }
             authorizations.push(AuthorizationTable {
                 identities: a.identities.clone(),
                 ports: a.ports.clone(),
@@ -1190,8 +1328,21 @@ impl InboundTable {
                 unauthenticated: a.unauthenticated,
                 networks,
                 protocols,
+                claims: a.claims.clone(),
             });
         }
+        let jwt = match &inbound.policy.jwt {
+            Some(policy) => {
+                if let Some(p) = policy.validate().into_iter().next() {
+                    return Err(jwt_problem(p, policy));
+                }
+                Some(InboundJwt {
+                    policy: policy.clone(),
+                    verifier: OnceLock::new(),
+                })
+            }
+            None => None,
+        };
         let app_authority = inbound.app.to_string().parse().map_err(|e| {
             invalid(
                 "inbound.app".into(),
@@ -1225,6 +1376,7 @@ impl InboundTable {
             default_action: inbound.policy.default_action,
             authorizations,
             rate_limits,
+            jwt,
         })
     }
 

@@ -223,7 +223,7 @@ async fn a_traffic_policy_file_reaches_a_proxy_as_typed_fields() {
             .as_millis(),
         10_000
     );
-    let inbound_config = trellis_proxy::controller::policy_from_proto(inbound);
+    let inbound_config = trellis_proxy::controller::policy_from_proto(inbound).unwrap();
     let limits: Vec<(String, f64)> = inbound_config
         .rate_limits
         .iter()

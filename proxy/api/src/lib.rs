@@ -15,9 +15,12 @@
 //! `web.shop.svc.cluster.local:80`, `web.shop.svc.cluster.local.` and friends name one destination.
 //! The [`spiffe`] module holds the one spelling of workload identities. The [`policy`] module
 //! converts the resilience policy (`trellis-policy`, the TrafficPolicy kind) to and from its
-//! typed messages ([`v1::DestinationPolicy`], [`v1::RoutePolicy`], [`v1::InboundRateLimit`]).
+//! typed messages ([`v1::DestinationPolicy`], [`v1::RoutePolicy`], [`v1::InboundRateLimit`]);
+//! the [`jwt`] module the inbound side's JWT authentication (`trellis-jwt`) to and from
+//! [`v1::JwtPolicy`] and [`v1::ClaimMatch`].
 
 pub mod authority;
+pub mod jwt;
 pub mod policy;
 pub mod spiffe;
 

@@ -27,14 +27,14 @@ pub struct PolicyError {
     pub message: String,
 }
 
-fn error(field: &str, message: impl Into<String>) -> PolicyError {
+pub(crate) fn error(field: &str, message: impl Into<String>) -> PolicyError {
     PolicyError {
         field: field.to_owned(),
         message: message.into(),
     }
 }
 
-fn duration(d: p::Duration) -> ProtoDuration {
+pub(crate) fn duration(d: p::Duration) -> ProtoDuration {
     // A std duration beyond proto's range (~10_000 years) saturates; no policy says that.
     ProtoDuration::try_from(d.get()).unwrap_or(ProtoDuration {
         seconds: 315_576_000_000,
@@ -42,7 +42,7 @@ fn duration(d: p::Duration) -> ProtoDuration {
     })
 }
 
-fn from_duration(d: ProtoDuration, field: &str) -> Result<p::Duration, PolicyError> {
+pub(crate) fn from_duration(d: ProtoDuration, field: &str) -> Result<p::Duration, PolicyError> {
     StdDuration::try_from(d)
         .map(p::Duration)
         .map_err(|e| error(field, format!("not a duration: {e}")))

@@ -242,6 +242,7 @@ impl Request {
             method: &self.method,
             path: &self.path,
             headers: &self.headers,
+            claims: None,
         }
     }
 }

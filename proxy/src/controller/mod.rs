@@ -306,7 +306,14 @@ impl Controller {
                         {
                             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                             let protocol = protocol_from_proto(policy.protocol);
-                            let policy = policy_from_proto(policy);
+                            let policy = match policy_from_proto(policy) {
+                                Ok(policy) => policy,
+                                Err(e) => {
+                                    tracing::error!(port, field = %e.field, error = %e, "controller inbound policy refused; keeping the running one");
+                                    shared.metrics.update("controller", false);
+                                    continue;
+                                }
+                            };
                             if answered.is_some() {
                                 state.transparent.insert(
                                     port,
@@ -563,9 +570,21 @@ pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::D
     }
 }
 
-/// Turn an inbound policy into the config model.
-pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
-    config::InboundPolicy {
+/// Turn an inbound policy into the config model. Refused when its `jwt` holds what the Rust
+/// types cannot (an unknown algorithm, a negative duration): the caller keeps its last policy,
+/// since leaving the authentication out would open what the controller meant to close.
+pub fn policy_from_proto(
+    p: v1::InboundPolicy,
+) -> Result<config::InboundPolicy, trellis_proxy_api::policy::PolicyError> {
+    let jwt = p
+        .jwt
+        .map(trellis_proxy_api::jwt::policy_from_proto)
+        .transpose()
+        .map_err(|mut e| {
+            e.field = format!("jwt.{}", e.field);
+            e
+        })?;
+    Ok(config::InboundPolicy {
         default_action: match v1::DefaultAction::try_from(p.default_action)
             .unwrap_or(v1::DefaultAction::Unspecified)
         {
@@ -590,6 +609,11 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
                     routes: a.routes.into_iter().map(match_from_proto).collect(),
                     unauthenticated: a.unauthenticated,
                     networks: a.networks,
+                    claims: a
+                        .claims
+                        .into_iter()
+                        .map(trellis_proxy_api::jwt::claim_match_from_proto)
+                        .collect(),
                     protocols,
                 })
             })
@@ -603,7 +627,8 @@ pub fn policy_from_proto(p: v1::InboundPolicy) -> config::InboundPolicy {
                 matches: l.matches.into_iter().map(match_from_proto).collect(),
             })
             .collect(),
-    }
+        jwt,
+    })
 }
 
 /// The protocols of a rule as the controller sent them (empty: TCP only); None when it names
@@ -741,6 +766,37 @@ mod tests {
             .iter()
             .map(|e| e.authority.to_string())
             .collect()
+    }
+
+    #[test]
+    fn inbound_jwt_and_claims_arrive_and_an_unusable_jwt_is_refused_with_its_field() {
+        let jwt: trellis_jwt::JwtPolicy = serde_json::from_value(serde_json::json!({
+            "required": true,
+            "providers": [{"issuer": "https://i", "audiences": ["a"],
+                "jwks": {"url": "https://i/keys"}, "algorithms": ["ES256"]}]
+        }))
+        .unwrap();
+        let claims = trellis_jwt::ClaimMatch {
+            claim: "role".into(),
+            values: vec!["admin".into()],
+        };
+        let mut sent = v1::InboundPolicy {
+            authorizations: vec![v1::Authorization {
+                unauthenticated: true,
+                claims: vec![trellis_proxy_api::jwt::claim_match_to_proto(&claims)],
+                ..Default::default()
+            }],
+            jwt: Some(trellis_proxy_api::jwt::policy_to_proto(&jwt)),
+            ..Default::default()
+        };
+        let policy = policy_from_proto(sent.clone()).unwrap();
+        assert_eq!(policy.jwt.as_ref(), Some(&jwt));
+        assert_eq!(policy.authorizations[0].claims, [claims]);
+        sent.jwt.as_mut().unwrap().providers[0].algorithms = vec!["ES999".into()];
+        assert_eq!(
+            policy_from_proto(sent).unwrap_err().field,
+            "jwt.providers[0].algorithms[0]"
+        );
     }
 
     #[test]

@@ -301,10 +301,38 @@ async fn inbound(
         );
         return local(Reason::BadRequest, problem);
     }
+    // End-user authentication, before authorization (rules may look at the claims). Nothing
+    // is done, nor allocated, when the policy has no `jwt`.
+    let claims = match &policy.jwt {
+        None => None,
+        Some(jwt) => {
+            let verified = match jwt.verifier(&shared.routes.verifiers) {
+                Some(verifier) => verifier.verify(req.headers()).inspect(|claims| {
+                    // Before authorization, so that route rules matching these headers see the
+                    // verified values, never the caller's (removed first, token or not).
+                    verifier.forward_claims(claims.as_ref(), req.headers_mut());
+                }),
+                // No verifier could be made: refuse, as a provider without keys does.
+                None => Err(trellis_jwt::Rejection::NoKeys),
+            };
+            match verified {
+                Ok(claims) => claims,
+                Err(rejection) => {
+                    let reason = Reason::Jwt(rejection);
+                    shared.metrics.request(
+                        &labels(reason.status().as_u16(), Label::from(reason.as_str())),
+                        elapsed_ms(started),
+                    );
+                    return unauthenticated(rejection, is_grpc(req.headers()));
+                }
+            }
+        }
+    };
     let info = RequestInfo {
         method: req.method(),
         path: req.uri().path(),
         headers: req.headers(),
+        claims: claims.as_ref(),
     };
     if shared.authorizer.authorize_request(&policy, caller, info) == Verdict::Deny {
         shared.metrics.request(
@@ -395,18 +423,47 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 /// A gRPC "trailers-only" denial: HTTP 200, `grpc-status: 7` (PERMISSION_DENIED) in the headers
 /// and an empty body (sent as one HEADERS frame with END_STREAM).
 fn grpc_denied() -> Response<ProxyBody> {
+    grpc_refused(
+        Reason::Forbidden,
+        "7",
+        "trellis-proxy: the inbound policy does not allow this call",
+    )
+}
+
+/// A trailers-only gRPC answer with `status` and `message`, naming `reason`.
+fn grpc_refused(
+    reason: Reason,
+    status: &'static str,
+    message: &'static str,
+) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::Local(None));
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    h.insert("grpc-status", HeaderValue::from_static("7"));
-    h.insert(
-        "grpc-message",
-        HeaderValue::from_static("trellis-proxy: the inbound policy does not allow this call"),
-    );
-    h.insert(
-        ERROR_HEADER,
-        HeaderValue::from_static(Reason::Forbidden.as_str()),
-    );
+    h.insert("grpc-status", HeaderValue::from_static(status));
+    h.insert("grpc-message", HeaderValue::from_static(message));
+    h.insert(ERROR_HEADER, HeaderValue::from_static(reason.as_str()));
+    resp
+}
+
+/// The answer to a request whose JWT was refused: 401 with `x-trellis-error: jwt-<reason>` and
+/// `www-authenticate` (RFC 6750); for gRPC, trailers-only `grpc-status: 16` (UNAUTHENTICATED),
+/// with the same two headers.
+fn unauthenticated(rejection: trellis_jwt::Rejection, grpc: bool) -> Response<ProxyBody> {
+    let reason = Reason::Jwt(rejection);
+    let mut resp = if grpc {
+        grpc_refused(
+            reason,
+            "16",
+            "trellis-proxy: the request's token was refused",
+        )
+    } else {
+        local(
+            reason,
+            &format!("the request's token was refused: {rejection}"),
+        )
+    };
+    resp.headers_mut()
+        .insert(http::header::WWW_AUTHENTICATE, rejection.www_authenticate());
     resp
 }
 

@@ -113,6 +113,7 @@ pub fn resolve(
         unauthenticated: true,
         networks,
         protocols: Vec::new(),
+        claims: Vec::new(),
     };
     if !access.plaintext_from.is_empty() {
         authorizations.push(plaintext(
@@ -146,6 +147,8 @@ pub fn resolve(
             .any(|ns| ns == namespace),
         // Filled by the index, which holds the discovery snapshots they need ([`rate_limits`]).
         rate_limits: Vec::new(),
+        // JWT authentication is not mapped from TrafficPolicies yet (issue #14).
+        jwt: None,
     };
     (policy, problems)
 }
@@ -301,6 +304,7 @@ fn authorization(
         routes,
         unauthenticated: false,
         networks: Vec::new(),
+        claims: Vec::new(),
         protocols: Vec::new(),
     })
 }
@@ -354,6 +358,7 @@ fn udp_authorization(
         routes: Vec::new(),
         unauthenticated: false,
         networks: Vec::new(),
+        claims: Vec::new(),
         protocols: vec![v1::L4Protocol::Udp as i32],
     })
 }
