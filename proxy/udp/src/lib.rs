@@ -57,8 +57,12 @@
 //! which plain UDP does not have), the price of the caller's proven identity; and each session
 //! holds a TCP connection, a small queue and the codec buffers.
 //!
-//! Packets per second and round trips, tunnel next to direct: `benches/pps.rs`. It has been
-//! built and run as a debug smoke test only, not measured in an optimized build yet.
+//! Packets per second and round trips, tunnel next to direct:
+//! `cargo bench -p trellis-udp --bench pps` (2026-12-07 07:57 UTC, this 2-core VM, quiet;
+//! outbound and inbound forwarders in one process over loopback TCP, plaintext; 4 clients x 16 in
+//! flight, 500 ms per phase): 64-byte datagrams 213,985 pps through the tunnel against 424,505 direct
+//! (0.50x), round trip p50 79 us against 63 us; 1,200-byte datagrams 178,368 pps against 407,118
+//! (0.44x), p50 75 us against 39 us. Not yet measured: two proxy processes with mTLS between them.
 //!
 //! # Wiring into the proxy
 //!
