@@ -30,6 +30,10 @@ pub struct Config {
     /// Transparent listeners for connections redirected by the interception rules (iptables).
     #[serde(default, skip_serializing_if = "Transparent::is_empty")]
     pub transparent: Transparent,
+    /// Gateway mode: public listeners terminating TLS, routing by host into the mesh
+    /// ([`Gateway`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Gateway>,
     /// Destinations this proxy can reach.
     #[serde(default)]
     pub destinations: Vec<Destination>,
@@ -85,6 +89,52 @@ pub enum MetricsCompat {
     /// `istio_requests_total`, `istio_request_duration_milliseconds` (what Flagger's `smi:*`
     /// providers query).
     Istio,
+}
+
+/// The ingress gateway (gateway mode): an HTTPS listener that terminates TLS with the
+/// operator's certificates, chosen by the SNI name the client sends, and routes each request by
+/// its host to a mesh destination through the outbound path (TrafficSplits, route matches,
+/// resilience policies, mTLS with this proxy's own identity, so TrafficTargets decide what the
+/// gateway may reach); optionally a plain HTTP listener that redirects to HTTPS. Relative paths
+/// are relative to the config file's folder. Read at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gateway {
+    /// The HTTPS listener (HTTP/1.1 and h2 by ALPN, gRPC over h2).
+    pub https: SocketAddr,
+    /// A plain HTTP listener answering every request with `308` to the same host and path over
+    /// HTTPS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_redirect: Option<SocketAddr>,
+    /// The certificates, each for the host names it lists (`*.example.com` covers one label).
+    /// A client naming no listed host (or no host at all) is refused in the handshake
+    /// (`unrecognized_name`).
+    pub certificates: Vec<GatewayCertificate>,
+    /// Which mesh destination serves each host. A request for a host with no route gets
+    /// `404 unknown-host`.
+    pub routes: Vec<GatewayRoute>,
+}
+
+/// A certificate of the gateway and the host names it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayCertificate {
+    /// Host names (SNI), exact or `*.` one-label wildcards.
+    pub hosts: Vec<String>,
+    /// Certificate chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// The leaf's private key (PEM).
+    pub key: PathBuf,
+}
+
+/// A host of the gateway and the mesh destination behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRoute {
+    /// The host clients name (`Host` / `:authority`, without the port), exact.
+    pub host: String,
+    /// The destination's authority (a configured destination or one the controller knows).
+    pub destination: String,
 }
 
 /// A workload identity from PEM files (operators with their own PKI, benchmarks). Relative

@@ -31,12 +31,14 @@ pub struct Connections {
 }
 
 /// Label values of the listener kinds, in [`ListenerKind::index`] order.
-pub const LISTENERS: [&str; 5] = [
+pub const LISTENERS: [&str; 7] = [
     "outbound-http",
     "outbound-port",
     "inbound",
     "outbound-transparent",
     "inbound-transparent",
+    "gateway",
+    "gateway-redirect",
 ];
 
 /// At most one "connection limit reached" warning this often.
@@ -186,6 +188,16 @@ pub enum ListenerKind {
         /// The listener's own address.
         listen: SocketAddr,
     },
+    /// The gateway's HTTPS listener: TLS terminated, requests routed by host into the mesh.
+    Gateway {
+        /// The compiled gateway.
+        gateway: Arc<crate::gateway::Gateway>,
+    },
+    /// The gateway's plain HTTP listener: every request redirected to HTTPS.
+    GatewayRedirect {
+        /// The HTTPS port redirects name.
+        https_port: u16,
+    },
 }
 
 impl ListenerKind {
@@ -197,6 +209,8 @@ impl ListenerKind {
             ListenerKind::Inbound => 2,
             ListenerKind::OutboundTransparent { .. } => OUTBOUND_TRANSPARENT,
             ListenerKind::InboundTransparent { .. } => INBOUND_TRANSPARENT,
+            ListenerKind::Gateway { .. } => 5,
+            ListenerKind::GatewayRedirect { .. } => 6,
         }
     }
 }

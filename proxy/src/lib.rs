@@ -58,6 +58,7 @@ pub mod connect;
 pub mod connections;
 pub mod controller;
 pub mod detect;
+pub mod gateway;
 pub mod health;
 pub mod http;
 pub mod identity;
@@ -150,6 +151,10 @@ pub struct RunningProxy {
     pub inbound_transparent: Option<SocketAddr>,
     /// Outbound UDP listener addresses, in config order.
     pub udp: Vec<SocketAddr>,
+    /// The gateway's HTTPS listener address.
+    pub gateway_https: Option<SocketAddr>,
+    /// The gateway's HTTP redirect listener address.
+    pub gateway_http: Option<SocketAddr>,
     connections: Arc<Connections>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -290,6 +295,24 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
             spawn_listener(l, kind);
         }
     }
+    let (mut gateway_https, mut gateway_http) = (None, None);
+    if let Some(g) = &config.gateway {
+        let gateway = Arc::new(gateway::Gateway::load(g).context("setting up the gateway")?);
+        let l = bind(g.https, "gateway HTTPS").await?;
+        let https = l.local_addr()?;
+        gateway_https = Some(https);
+        spawn_listener(l, ListenerKind::Gateway { gateway });
+        if let Some(addr) = g.http_redirect {
+            let l = bind(addr, "gateway HTTP redirect").await?;
+            gateway_http = Some(l.local_addr()?);
+            spawn_listener(
+                l,
+                ListenerKind::GatewayRedirect {
+                    https_port: https.port(),
+                },
+            );
+        }
+    }
     let mut udp = Vec::new();
     for forward in &config.outbound.udp {
         let socket = tokio::net::UdpSocket::bind(forward.listen)
@@ -327,6 +350,8 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         outbound_transparent,
         inbound_transparent,
         udp,
+        gateway_https,
+        gateway_http,
         connections,
         shutdown,
         tasks,

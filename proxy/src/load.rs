@@ -27,6 +27,13 @@ impl Config {
                     .chain(identity.trust_anchors.iter_mut())
                     .for_each(relative_to_dir);
             }
+            if let Some(gateway) = &mut config.gateway {
+                gateway
+                    .certificates
+                    .iter_mut()
+                    .flat_map(|c| [&mut c.cert, &mut c.key])
+                    .for_each(relative_to_dir);
+            }
             // JWKS files too (`inbound.policy.jwt`, the transparent ports' policies).
             let policies = config.inbound.iter_mut().map(|i| &mut i.policy).chain(
                 config

@@ -19,6 +19,8 @@ pub enum Reason {
     InvalidAuthority,
     /// No such destination. 502.
     UnknownDestination,
+    /// The gateway has no route for the request's host. 404.
+    UnknownHost,
     /// The destination has no backend with weight > 0. 503.
     NoBackends,
     /// The chosen backend has no endpoints. 503.
@@ -58,6 +60,7 @@ impl Reason {
             Reason::NoAuthority => "no-authority",
             Reason::InvalidAuthority => "invalid-authority",
             Reason::UnknownDestination => "unknown-destination",
+            Reason::UnknownHost => "unknown-host",
             Reason::NoBackends => "no-backends",
             Reason::NoEndpoints => "no-endpoints",
             Reason::ConnectFailed => "connect-failed",
@@ -93,6 +96,7 @@ impl Reason {
             | Reason::Overloaded
             | Reason::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::UnknownHost => StatusCode::NOT_FOUND,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::Forbidden => StatusCode::FORBIDDEN,
             Reason::Jwt(rejection) => rejection.status(),

@@ -12,6 +12,8 @@ pub enum Side {
     Outbound {
         /// The destination of a per-upstream port.
         fixed: Option<Arc<str>>,
+        /// Gateway mode: the destination is the gateway's route for the request's host.
+        gateway: Option<Arc<crate::gateway::Gateway>>,
     },
     /// Inbound: authorize, then forward to the local application.
     Inbound {

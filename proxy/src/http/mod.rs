@@ -59,8 +59,31 @@ pub async fn handle(
     // One atomic load when no access log or tap listens.
     let observed = shared.observe.begin_http(&side, &mut req, started);
     let resp = match &*side {
-        Side::Outbound { fixed } => {
-            outbound::outbound(&shared, fixed.as_deref(), req, started, hop.as_mut()).await
+        Side::Outbound {
+            fixed,
+            gateway: None,
+        } => outbound::outbound(&shared, fixed.as_deref(), req, started, hop.as_mut()).await,
+        Side::Outbound {
+            gateway: Some(gateway),
+            ..
+        } => {
+            // The gateway's route for the request's host names the destination.
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()));
+            match host.and_then(|h| gateway.destination(h)).cloned() {
+                Some(dest) => {
+                    outbound::outbound(&shared, Some(&dest), req, started, hop.as_mut()).await
+                }
+                None => outbound_error(
+                    &shared,
+                    Reason::UnknownHost,
+                    host.unwrap_or("no host"),
+                    started,
+                ),
+            }
         }
         Side::Inbound { caller } => inbound(&shared, caller, req, started).await,
     };

@@ -770,7 +770,10 @@ mod tests {
             Arc::new(IdentityStore::new()),
         ));
         let mut req = Request::new(());
-        let side = Side::Outbound { fixed: None };
+        let side = Side::Outbound {
+            fixed: None,
+            gateway: None,
+        };
         assert!(hub.begin_http(&side, &mut req, Instant::now()).is_none());
         assert!(Tally::of(&req).is_none());
         assert!(hub.begin_tcp(Direction::Outbound, "x:1", None).is_none());

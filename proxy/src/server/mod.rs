@@ -36,6 +36,7 @@ use crate::metrics::Label;
 use crate::shutdown::stopped;
 use crate::state::Shared;
 
+pub mod gateway;
 pub mod transparent;
 
 pub use crate::connections::{ConnectionGuard, Connections, LISTENERS, ListenerKind};
@@ -118,7 +119,32 @@ pub(crate) async fn serve_connection(
             ))
             .await;
         }
-        ListenerKind::OutboundHttp => (Protocol::Http, Side::Outbound { fixed: None }),
+        ListenerKind::OutboundHttp => (
+            Protocol::Http,
+            Side::Outbound {
+                fixed: None,
+                gateway: None,
+            },
+        ),
+        ListenerKind::Gateway { gateway } => {
+            return Box::pin(gateway::serve_https(
+                stream,
+                peer,
+                Arc::clone(gateway),
+                shared,
+                shutdown,
+            ))
+            .await;
+        }
+        ListenerKind::GatewayRedirect { https_port } => {
+            return Box::pin(gateway::serve_redirect(
+                stream,
+                *https_port,
+                &limits,
+                shutdown,
+            ))
+            .await;
+        }
         ListenerKind::OutboundPort {
             destination,
             protocol,
@@ -134,6 +160,7 @@ pub(crate) async fn serve_connection(
                 protocol,
                 Side::Outbound {
                     fixed: Some(Arc::clone(destination)),
+                    gateway: None,
                 },
             )
         }
@@ -412,7 +439,9 @@ async fn forward_tcp<IO: AsyncRead + AsyncWrite + Unpin>(
             ListenerKind::Inbound
             | ListenerKind::OutboundHttp
             | ListenerKind::OutboundTransparent { .. }
-            | ListenerKind::InboundTransparent { .. },
+            | ListenerKind::InboundTransparent { .. }
+            | ListenerKind::Gateway { .. }
+            | ListenerKind::GatewayRedirect { .. },
             _,
         ) => {}
     }

@@ -1,0 +1,335 @@
+//! The ingress gateway through a real proxy: TLS terminated with the certificate the client's SNI
+//! names (two hosts, a wildcard; an unknown name refused in the handshake), requests routed by
+//! host to mesh destinations (a TrafficSplit behind the gateway, an unknown host answered 404),
+//! h2 by ALPN, and the plain HTTP listener redirecting to HTTPS.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use common::certs::{Ca, new_ca};
+use common::{app, destination, full, proxy, read};
+use http::{Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{CertificateParams, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// A server certificate for DNS `names`, signed by `ca`: (cert PEM, key PEM).
+fn server_cert(ca: &Ca, names: &[&str]) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    let now = SystemTime::now();
+    params.not_before = (now - Duration::from_secs(60)).into();
+    params.not_after = (now + Duration::from_secs(3600)).into();
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A TLS client trusting `ca`, offering `alpn`.
+fn client(ca: &Ca, alpn: &[&[u8]]) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca.der.clone())).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(trellis_proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+async fn connect(
+    ca: &Ca,
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    client(ca, alpn)
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+}
+
+/// GET `path` over HTTP/1.1 on a TLS connection with SNI `sni`: status, `x-app` (or
+/// `x-trellis-error`) and body.
+async fn get(ca: &Ca, addr: SocketAddr, sni: &str, path: &str) -> (StatusCode, String, String) {
+    let tls = connect(ca, addr, sni, &[b"http/1.1"]).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", sni)
+        .body(full(""))
+        .unwrap();
+    read(sender.send_request(req).await.unwrap()).await
+}
+
+struct Setup {
+    ca: Ca,
+    _dir: tempfile::TempDir,
+    running: trellis_proxy::RunningProxy,
+    v1: common::App,
+    v2: common::App,
+    api: common::App,
+}
+
+async fn setup() -> Setup {
+    let ca = new_ca("gateway test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
+    let (shop_cert, shop_key) = server_cert(&ca, &["shop.example.com"]);
+    let (api_cert, api_key) = server_cert(&ca, &["*.api.example.com"]);
+    let shop = (write("shop.crt", &shop_cert), write("shop.key", &shop_key));
+    let api_files = (write("api.crt", &api_cert), write("api.key", &api_key));
+    let (v1, v2, api) = (app("web-v1").await, app("web-v2").await, app("api").await);
+    let yaml = format!(
+        "gateway:
+  https: 127.0.0.1:0
+  http_redirect: 127.0.0.1:0
+  certificates:
+    - hosts: [shop.example.com]
+      cert: {}
+      key: {}
+    - hosts: [\"*.api.example.com\"]
+      cert: {}
+      key: {}
+  routes:
+    - host: shop.example.com
+      destination: web.shop
+    - host: eu.api.example.com
+      destination: api.shop
+destinations:
+{}{}",
+        shop.0,
+        shop.1,
+        api_files.0,
+        api_files.1,
+        destination(
+            "web.shop",
+            &[("web-v1", 50, &[v1.addr]), ("web-v2", 50, &[v2.addr])]
+        ),
+        destination("api.shop", &[("api", 1, &[api.addr])]),
+    );
+    let running = proxy(&yaml).await;
+    Setup {
+        ca,
+        _dir: dir,
+        running,
+        v1,
+        v2,
+        api,
+    }
+}
+
+#[tokio::test]
+async fn sni_picks_the_certificate_and_the_host_picks_the_destination() {
+    let s = setup().await;
+    let https = s.running.gateway_https.unwrap();
+
+    // Each name gets its own certificate (the client checks it against the name it asked for).
+    let tls = connect(&s.ca, https, "shop.example.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let tls = connect(&s.ca, https, "eu.api.example.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    assert_ne!(
+        leaf,
+        tls.get_ref().1.peer_certificates().unwrap()[0],
+        "the wildcard host got the other certificate"
+    );
+    // An unknown name, and a name one label too deep for the wildcard: no certificate, the
+    // handshake fails.
+    for unknown in ["other.example.com", "a.eu.api.example.com"] {
+        let err = connect(&s.ca, https, unknown, &[b"http/1.1"])
+            .await
+            .expect_err(unknown);
+        assert!(
+            err.to_string().contains("UnrecognisedName")
+                || err.to_string().contains("unrecognized")
+                || err.to_string().contains("alert"),
+            "{unknown}: {err}"
+        );
+    }
+
+    // Routed by host through the outbound path: the split spreads web.shop over v1 and v2.
+    for _ in 0..20 {
+        let (status, app, _) = get(&s.ca, https, "shop.example.com", "/").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(app == "web-v1" || app == "web-v2", "{app}");
+    }
+    assert!(
+        s.v1.hits() >= 3 && s.v2.hits() >= 3,
+        "the split: {} / {}",
+        s.v1.hits(),
+        s.v2.hits()
+    );
+    let (status, app, _) = get(&s.ca, https, "eu.api.example.com", "/").await;
+    assert_eq!((status, app.as_str()), (StatusCode::OK, "api"));
+    assert_eq!(s.api.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_host_without_a_route_gets_404_and_h2_is_served_by_alpn() {
+    let s = setup().await;
+    let https = s.running.gateway_https.unwrap();
+    // The certificate covers the name (wildcard), but no route names the host.
+    let (status, error, _) = get(&s.ca, https, "us.api.example.com", "/").await;
+    assert_eq!(
+        (status, error.as_str()),
+        (StatusCode::NOT_FOUND, "unknown-host")
+    );
+    assert_eq!(s.api.hits(), 0);
+
+    let tls = connect(&s.ca, https, "eu.api.example.com", &[b"h2"])
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("https://eu.api.example.com/")
+        .body(full(""))
+        .unwrap();
+    let (status, app, _) = read(sender.send_request(req).await.unwrap()).await;
+    assert_eq!((status, app.as_str()), (StatusCode::OK, "api"));
+}
+
+#[tokio::test]
+async fn plain_http_is_redirected_to_https() {
+    let s = setup().await;
+    let http = s.running.gateway_http.unwrap();
+    let https_port = s.running.gateway_https.unwrap().port();
+    let mut h1 = common::H1::connect(http).await;
+    let resp = h1
+        .send(
+            Request::get("/cart?id=7")
+                .header("host", "shop.example.com")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(
+        resp.headers()["location"],
+        format!("https://shop.example.com:{https_port}/cart?id=7").as_str()
+    );
+    assert_eq!(
+        s.v1.hits() + s.v2.hits(),
+        0,
+        "nothing is proxied in plain HTTP"
+    );
+}
+
+#[tokio::test]
+async fn bad_gateway_settings_stop_the_start_with_the_field() {
+    let config = trellis_proxy::config::Config::parse(
+        "gateway:
+  https: 127.0.0.1:0
+  certificates:
+    - hosts: [shop.example.com]
+      cert: /nonexistent/shop.crt
+      key: /nonexistent/shop.key
+  routes: []
+",
+        std::path::Path::new("t.yaml"),
+    )
+    .unwrap();
+    let err = match trellis_proxy::start(trellis_proxy::ProxyOptions::new(config)).await {
+        Ok(_) => panic!("started with an unreadable certificate"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("gateway.certificates[0]") && err.contains("/nonexistent/shop.crt"),
+        "{err}"
+    );
+}
+
+/// The gateway calls into the mesh over mTLS with its own identity, so the services' inbound
+/// policies (TrafficTargets) decide what it may reach: `orders` allows the gateway, `billing`
+/// allows another caller only.
+#[tokio::test]
+async fn the_gateway_reaches_only_the_services_that_allow_its_identity() {
+    use common::certs::{identity_yaml, valid_leaf};
+    const GATEWAY: &str = "spiffe://cluster.local/ns/edge/sa/gateway";
+    const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+    const BILLING: &str = "spiffe://cluster.local/ns/shop/sa/billing";
+    let dir = tempfile::tempdir().unwrap();
+    let mesh_ca = new_ca("mesh");
+    let public_ca = new_ca("public");
+    let service = |app: SocketAddr, allowed: &str, name: &str, id: &str| {
+        format!(
+            "inbound:\n  listen: 127.0.0.1:0\n  app: \"{app}\"\n  policy:\n    authorizations:\n      - identities: [\"{allowed}\"]\n{}",
+            identity_yaml(dir.path(), name, &valid_leaf(&mesh_ca, id), &[&mesh_ca])
+        )
+    };
+    let (orders_app, billing_app) = (app("orders").await, app("billing").await);
+    let orders = proxy(&service(orders_app.addr, GATEWAY, "orders", ORDERS)).await;
+    let billing = proxy(&service(
+        billing_app.addr,
+        "spiffe://cluster.local/ns/shop/sa/web",
+        "billing",
+        BILLING,
+    ))
+    .await;
+    let (cert, key) = server_cert(&public_ca, &["shop.example.com", "pay.example.com"]);
+    std::fs::write(dir.path().join("public.crt"), cert).unwrap();
+    std::fs::write(dir.path().join("public.key"), key).unwrap();
+    let gateway = proxy(&format!(
+        "gateway:
+  https: 127.0.0.1:0
+  certificates:
+    - hosts: [shop.example.com, pay.example.com]
+      cert: {d}/public.crt
+      key: {d}/public.key
+  routes:
+    - host: shop.example.com
+      destination: orders.shop
+    - host: pay.example.com
+      destination: billing.shop
+destinations:
+  - authority: orders.shop
+    backends:
+      - name: orders
+        endpoints: [{{address: \"{o}\", identity: \"{ORDERS}\"}}]
+  - authority: billing.shop
+    backends:
+      - name: billing
+        endpoints: [{{address: \"{b}\", identity: \"{BILLING}\"}}]
+{id}",
+        d = dir.path().display(),
+        o = orders.inbound.unwrap(),
+        b = billing.inbound.unwrap(),
+        id = identity_yaml(
+            dir.path(),
+            "gateway",
+            &valid_leaf(&mesh_ca, GATEWAY),
+            &[&mesh_ca]
+        ),
+    ))
+    .await;
+    let https = gateway.gateway_https.unwrap();
+    let (status, app, _) = get(&public_ca, https, "shop.example.com", "/").await;
+    assert_eq!((status, app.as_str()), (StatusCode::OK, "orders"));
+    let (status, error, _) = get(&public_ca, https, "pay.example.com", "/").await;
+    assert_eq!(
+        (status, error.as_str()),
+        (StatusCode::FORBIDDEN, "forbidden"),
+        "billing does not allow the gateway's identity"
+    );
+    assert_eq!((orders_app.hits(), billing_app.hits()), (1, 0));
+}
