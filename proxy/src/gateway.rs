@@ -11,6 +11,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
@@ -49,6 +52,10 @@ pub enum GatewayError {
 pub struct Gateway {
     /// The TLS server configuration (certificate by SNI).
     pub tls: Arc<ServerConfig>,
+    /// The certificates the configuration's resolver reads (swapped on reload).
+    certificates: Arc<ArcSwap<ByServerName>>,
+    /// What they were loaded from.
+    sources: Vec<config::GatewayCertificate>,
     /// Destination authority by host (lowercase, no port).
     routes: HashMap<String, Arc<str>>,
     /// The HTTPS listener's port, for redirects (omitted from `Location` when 443).
@@ -58,29 +65,9 @@ pub struct Gateway {
 impl Gateway {
     /// Read the certificates and compile the routes of `config`.
     pub fn load(config: &config::Gateway) -> Result<Self, GatewayError> {
-        let mut by_name = ByServerName::default();
-        for (index, c) in config.certificates.iter().enumerate() {
-            let key = certified_key(index, &c.cert, &c.key)?;
-            if c.hosts.is_empty() {
-                return Err(GatewayError::Invalid {
-                    field: format!("certificates[{index}].hosts"),
-                    message: "a certificate must name at least one host".into(),
-                });
-            }
-            for (h, host) in c.hosts.iter().enumerate() {
-                let host = host.trim().to_ascii_lowercase();
-                let (map, name) = match host.strip_prefix("*.") {
-                    Some(rest) => (&mut by_name.wildcards, rest.to_string()),
-                    None => (&mut by_name.exact, host),
-                };
-                if name.is_empty() || map.insert(name, Arc::clone(&key)).is_some() {
-                    return Err(GatewayError::Invalid {
-                        field: format!("certificates[{index}].hosts[{h}]"),
-                        message: format!("{:?} is empty or named twice", c.hosts[h]),
-                    });
-                }
-            }
-        }
+        let certificates = Arc::new(ArcSwap::from_pointee(ByServerName::load(
+            &config.certificates,
+        )?));
         let mut routes = HashMap::new();
         for (i, r) in config.routes.iter().enumerate() {
             let host = r.host.trim().to_ascii_lowercase();
@@ -107,13 +94,46 @@ impl Gateway {
                 message: e.to_string(),
             })?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(by_name));
+            .with_cert_resolver(Arc::new(Resolver(Arc::clone(&certificates))));
         tls.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
         Ok(Gateway {
             tls: Arc::new(tls),
+            certificates,
+            sources: config.certificates.clone(),
             routes,
             https_port: config.https.port(),
         })
+    }
+
+    /// Reload the certificates whenever their files change, until `stop` resolves; a set that
+    /// does not load is logged and the last good one keeps serving.
+    pub async fn watch_certificates(
+        &self,
+        poll: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        let files = self
+            .sources
+            .iter()
+            .flat_map(|c| [c.cert.clone(), c.key.clone()]);
+        let mut watch =
+            trellis_file_watch::FileWatch::new(files, trellis_file_watch::Options::poll(poll));
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = watch.changed() => {}
+                () = &mut stop => return,
+            }
+            match ByServerName::load(&self.sources) {
+                Ok(set) => {
+                    self.certificates.store(Arc::new(set));
+                    tracing::info!("gateway certificates reloaded");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "gateway certificates not reloaded; the last good ones keep serving")
+                }
+            }
+        }
     }
 
     /// The destination serving `host` (a `Host` value: the port, if any, is ignored).
@@ -142,15 +162,50 @@ struct ByServerName {
     wildcards: HashMap<String, Arc<CertifiedKey>>,
 }
 
-impl ResolvesServerCert for ByServerName {
+impl ByServerName {
+    /// Read every certificate of `sources`; the first problem stops it.
+    fn load(sources: &[config::GatewayCertificate]) -> Result<Self, GatewayError> {
+        let mut by_name = ByServerName::default();
+        for (index, c) in sources.iter().enumerate() {
+            let key = certified_key(index, &c.cert, &c.key)?;
+            if c.hosts.is_empty() {
+                return Err(GatewayError::Invalid {
+                    field: format!("certificates[{index}].hosts"),
+                    message: "a certificate must name at least one host".into(),
+                });
+            }
+            for (h, host) in c.hosts.iter().enumerate() {
+                let host = host.trim().to_ascii_lowercase();
+                let (map, name) = match host.strip_prefix("*.") {
+                    Some(rest) => (&mut by_name.wildcards, rest.to_string()),
+                    None => (&mut by_name.exact, host),
+                };
+                if name.is_empty() || map.insert(name, Arc::clone(&key)).is_some() {
+                    return Err(GatewayError::Invalid {
+                        field: format!("certificates[{index}].hosts[{h}]"),
+                        message: format!("{:?} is empty or named twice", c.hosts[h]),
+                    });
+                }
+            }
+        }
+        Ok(by_name)
+    }
+}
+
+/// The TLS resolver: the certificate set in force, read per handshake (one atomic load).
+#[derive(Debug)]
+struct Resolver(Arc<ArcSwap<ByServerName>>);
+
+impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         // rustls hands the SNI name lowercased and without a trailing dot.
         let name = hello.server_name()?;
-        if let Some(key) = self.exact.get(name) {
+        let set = self.0.load();
+        if let Some(key) = set.exact.get(name) {
             return Some(Arc::clone(key));
         }
         let (_, parent) = name.split_once('.')?;
-        self.wildcards.get(parent).map(Arc::clone)
+        set.wildcards.get(parent).map(Arc::clone)
     }
 }
 

@@ -96,6 +96,10 @@ use crate::identity::IdentityStore;
 use crate::server::{Connections, ListenerKind};
 use crate::state::{Resolve, Shared};
 
+/// How often the gateway's certificate files are checked when no change event came (events
+/// normally see a change at once; polling covers filesystems without them).
+const GATEWAY_CERTIFICATE_POLL: Duration = Duration::from_secs(2);
+
 /// How to start a proxy.
 #[derive(Debug)]
 pub struct ProxyOptions {
@@ -298,6 +302,14 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
     let (mut gateway_https, mut gateway_http) = (None, None);
     if let Some(g) = &config.gateway {
         let gateway = Arc::new(gateway::Gateway::load(g).context("setting up the gateway")?);
+        let watched = Arc::clone(&gateway);
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let stopped = async move { shutdown::stopped(&mut stop).await };
+            watched
+                .watch_certificates(GATEWAY_CERTIFICATE_POLL, stopped)
+                .await
+        });
         let l = bind(g.https, "gateway HTTPS").await?;
         let https = l.local_addr()?;
         gateway_https = Some(https);

@@ -333,3 +333,47 @@ destinations:
     );
     assert_eq!((orders_app.hits(), billing_app.hits()), (1, 0));
 }
+
+/// A certificate file rewritten under a running gateway: the next handshakes get the new
+/// certificate; a broken rewrite is not applied and the last good certificate keeps serving.
+#[tokio::test]
+async fn certificates_are_reloaded_when_their_files_change_and_a_broken_set_is_not_applied() {
+    let s = setup().await;
+    let https = s.running.gateway_https.unwrap();
+    let leaf = |tls: &TlsStream<TcpStream>| tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let before = leaf(
+        &connect(&s.ca, https, "shop.example.com", &[b"http/1.1"])
+            .await
+            .unwrap(),
+    );
+    let (cert, key) = server_cert(&s.ca, &["shop.example.com"]);
+    // The key first, then the certificate: in between, the pair does not match and must not
+    // be applied.
+    std::fs::write(s._dir.path().join("shop.key"), key).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = leaf(
+        &connect(&s.ca, https, "shop.example.com", &[b"http/1.1"])
+            .await
+            .expect("the last good certificate still serves"),
+    );
+    assert_eq!(during, before, "a key that does not match was applied");
+    std::fs::write(s._dir.path().join("shop.crt"), cert).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = leaf(
+            &connect(&s.ca, https, "shop.example.com", &[b"http/1.1"])
+                .await
+                .unwrap(),
+        );
+        if now != before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _, _) = get(&s.ca, https, "shop.example.com", "/").await;
+    assert_eq!(status, StatusCode::OK);
+}
