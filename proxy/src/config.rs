@@ -136,6 +136,31 @@ pub struct Outbound {
     /// [`UdpForward`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub udp: Vec<UdpForward>,
+    /// What happens to an intercepted (transparent) outbound connection whose original
+    /// destination the mesh does not know: `allow` (the default) forwards it unchanged, `deny`
+    /// closes it (egress lockdown). Loopback destinations are always forwarded.
+    #[serde(default, skip_serializing_if = "Egress::is_allow")]
+    pub egress: Egress,
+}
+
+/// The egress switch ([`Outbound::egress`], `--egress`, the controller's `--egress`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// Destinations outside the mesh are reached unchanged (passthrough), as without the switch.
+    #[default]
+    Allow,
+    /// Destinations outside the mesh are refused: the connection is closed at once.
+    Deny,
+}
+
+impl Egress {
+    /// The default (allow), left out of `/config`.
+    pub fn is_allow(&self) -> bool {
+        *self == Egress::Allow
+    }
 }
 
 /// One local UDP port: each client address (source) sending to it is a session, carried to an
