@@ -764,6 +764,24 @@ destinations:
     }
 
     #[test]
+    fn egress_defaults_to_allow_and_a_bad_value_is_located() {
+        let parse = |yaml: &str| Config::parse(yaml, Path::new("e.yaml"));
+        assert_eq!(
+            parse("admin: 127.0.0.1:9901\n").unwrap().outbound.egress,
+            Egress::Allow
+        );
+        let deny = parse("outbound:\n  egress: deny\n").unwrap();
+        assert_eq!(deny.outbound.egress, Egress::Deny);
+        let err = parse("outbound:\n  http: 127.0.0.1:4140\n  egress: block\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("e.yaml:3:") && err.contains("outbound.egress"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_fields_are_rejected_with_their_line() {
         let bad = BENCH_SHAPE.replace("balancer: ewma", "balancr: ewma");
         let err = Config::parse(&bad, Path::new("c.yaml"))

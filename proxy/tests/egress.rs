@@ -93,7 +93,15 @@ impl Pod {
             ],
             vec!["addr", "add", &format!("{host}/24"), "dev", &pod.link],
             vec!["link", "set", &pod.link, "up"],
-            vec!["-n", ns, "addr", "add", &format!("{inside}/24"), "dev", "eth0"],
+            vec![
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{inside}/24"),
+                "dev",
+                "eth0",
+            ],
             vec!["-n", ns, "link", "set", "eth0", "up"],
             vec!["-n", ns, "link", "set", "lo", "up"],
         ] {
@@ -128,7 +136,15 @@ impl Pod {
     /// `curl` in the pod, one fresh connection: the body, or `None` when no answer came.
     fn curl(&self, url: &str) -> Option<String> {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.netns, "curl", "-sS", "--max-time", "5"])
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+            ])
             .arg(url)
             .output()
             .ok()?;
@@ -251,7 +267,11 @@ async fn egress_lockdown_refuses_destinations_outside_the_mesh() {
     let admin = SocketAddr::from((pod.host(2), ADMIN_PORT));
     let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(admin).await.is_err() {
-        assert!(Instant::now() < deadline, "the proxy never listened: {}", log());
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never listened: {}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -285,14 +305,21 @@ async fn egress_lockdown_refuses_destinations_outside_the_mesh() {
         if let Some(body) = pod.curl(&outside_url) {
             break body;
         }
-        assert!(Instant::now() < deadline, "egress allow never took effect: {}", log());
+        assert!(
+            Instant::now() < deadline,
+            "egress allow never took effect: {}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(body, "outside");
     assert_eq!(pod.curl(&mesh_url).as_deref(), Some("mesh"));
     let m = metrics(admin).await;
     assert!(sample(&m, refused) >= 3.0);
-    assert!(m.contains("destination=\"passthrough\""), "passthrough counted: {m}");
+    assert!(
+        m.contains("destination=\"passthrough\""),
+        "passthrough counted: {m}"
+    );
 
     let _ = proxy.kill();
     let _ = proxy.wait();

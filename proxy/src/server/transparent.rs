@@ -168,7 +168,9 @@ pub(crate) async fn outbound(
         // Closed at once, never forwarded: opaque TCP has no way to say why, the counter and
         // the log line do.
         tracing::debug!(%peer, %original, "connection refused: egress is denied and the mesh does not know its original destination");
-        shared.connections.refuse(OUTBOUND_TRANSPARENT, "egress-denied");
+        shared
+            .connections
+            .refuse(OUTBOUND_TRANSPARENT, "egress-denied");
         return;
     }
     passthrough(stream, original, &shared).await;
