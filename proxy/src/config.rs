@@ -186,6 +186,31 @@ pub struct Outbound {
     /// [`UdpForward`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub udp: Vec<UdpForward>,
+    /// What happens to an intercepted (transparent) outbound connection whose original
+    /// destination the mesh does not know: `allow` (the default) forwards it unchanged, `deny`
+    /// closes it (egress lockdown). Loopback destinations are always forwarded.
+    #[serde(default, skip_serializing_if = "Egress::is_allow")]
+    pub egress: Egress,
+}
+
+/// The egress switch ([`Outbound::egress`], `--egress`, the controller's `--egress`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// Destinations outside the mesh are reached unchanged (passthrough), as without the switch.
+    #[default]
+    Allow,
+    /// Destinations outside the mesh are refused: the connection is closed at once.
+    Deny,
+}
+
+impl Egress {
+    /// The default (allow), left out of `/config`.
+    pub fn is_allow(&self) -> bool {
+        *self == Egress::Allow
+    }
 }
 
 /// One local UDP port: each client address (source) sending to it is a session, carried to an
@@ -784,6 +809,24 @@ destinations:
             .to_string();
         assert!(
             err.contains("transparent.inbound_ports[1].port") && err.contains("configured twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn egress_defaults_to_allow_and_a_bad_value_is_located() {
+        let parse = |yaml: &str| Config::parse(yaml, Path::new("e.yaml"));
+        assert_eq!(
+            parse("admin: 127.0.0.1:9901\n").unwrap().outbound.egress,
+            Egress::Allow
+        );
+        let deny = parse("outbound:\n  egress: deny\n").unwrap();
+        assert_eq!(deny.outbound.egress, Egress::Deny);
+        let err = parse("outbound:\n  http: 127.0.0.1:4140\n  egress: block\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("e.yaml:3:") && err.contains("outbound.egress"),
             "{err}"
         );
     }

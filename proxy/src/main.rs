@@ -106,6 +106,17 @@ struct Cli {
         env = "TRELLIS_PROXY_OUTBOUND_TRANSPARENT"
     )]
     outbound_transparent: Option<SocketAddr>,
+    /// Egress lockdown (controller mode; with --config, the file's `outbound.egress`): `deny`
+    /// closes an intercepted connection to an address the mesh does not know instead of
+    /// forwarding it unchanged (`allow`, the default).
+    #[arg(
+        long,
+        value_enum,
+        env = "TRELLIS_PROXY_EGRESS",
+        default_value = "allow",
+        conflicts_with = "config"
+    )]
+    egress: trellis_proxy::config::Egress,
     /// Transparent inbound listener (controller mode), e.g. 0.0.0.0:15006: redirected inbound
     /// connections, authorized with the policy of their original port and delivered to the
     /// application on 127.0.0.1:<original port>.
@@ -231,6 +242,7 @@ fn controller_base(cli: &Cli) -> anyhow::Result<Config> {
     };
     config.outbound.http = cli.outbound_http;
     config.transparent.outbound = cli.outbound_transparent;
+    config.outbound.egress = cli.egress;
     config.transparent.inbound = cli.inbound_transparent;
     for p in &cli.ports {
         let (listen, destination) = split_pair("--port", p)?;

@@ -8,8 +8,9 @@
 //!   gets that Service's profile and the connection is served exactly as a per-upstream port to
 //!   it would be (protocol detection, HTTP/1, h2, opaque TCP, split, routes, mTLS); a pod IP gets
 //!   that pod; an address the mesh does not know is forwarded **unchanged** as opaque TCP to the
-//!   original destination (never dropped). The answer is cached per `IP:PORT` like any
-//!   destination (one watch per key, no controller call per connection).
+//!   original destination, unless egress is locked down (`outbound.egress:
+//!   deny`): then it is closed at once (`reason="egress-denied"`). The answer is cached per
+//!   `IP:PORT` like any destination (one watch per key, no controller call per connection).
 //! - **Inbound**: authorized with the inbound policy of the original port (TrafficTargets of this
 //!   workload for that port, mTLS detection, deny by default), then delivered to the application
 //!   on `127.0.0.1:<original port>`. The policy of a port is watched from the controller on the
@@ -34,6 +35,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::config::Egress;
 use crate::metrics::{Label, TcpLabels};
 use crate::server::{
     INBOUND_TRANSPARENT, ListenerKind, OUTBOUND_TRANSPARENT, serve_connection, serve_inbound,
@@ -162,7 +164,25 @@ pub(crate) async fn outbound(
         };
         return Box::pin(serve_connection(stream, peer, kind, shared, shutdown)).await;
     }
+    if egress_denied(&shared, original) {
+        // Closed at once, never forwarded: opaque TCP has no way to say why, the counter and
+        // the log line do.
+        tracing::debug!(%peer, %original, "connection refused: egress is denied and the mesh does not know its original destination");
+        shared
+            .connections
+            .refuse(OUTBOUND_TRANSPARENT, "egress-denied");
+        return;
+    }
     passthrough(stream, original, &shared).await;
+}
+
+/// Whether the egress lockdown (`outbound.egress: deny`) refuses a connection to `original`,
+/// an address the mesh does not know. Loopback destinations are never refused: the rules do not
+/// redirect them, so one arriving here was sent on purpose (and the loop guard already refused
+/// the listener's own address).
+fn egress_denied(shared: &Shared, original: SocketAddr) -> bool {
+    !original.ip().to_canonical().is_loopback()
+        && shared.routes.table.load().base.outbound.egress == Egress::Deny
 }
 
 /// Copies an outbound connection's bytes unchanged to its original destination (outside the
