@@ -68,6 +68,11 @@ pub struct Args {
     /// their stderr (repeatable; sent with their inbound policy).
     #[arg(long = "access-log-namespace", value_name = "NS")]
     pub access_log_namespace: Vec<String>,
+    /// Egress to destinations the mesh does not know: `allow` (forwarded unchanged, the default)
+    /// or `deny` (proxies refuse intercepted connections to them; told with every not-found
+    /// answer).
+    #[arg(long, value_enum, default_value = "allow")]
+    pub egress: Egress,
     /// CA trust anchor, PEM (repeatable; every certificate in every file is trusted: rotation).
     #[arg(long = "trust-anchor", value_name = "FILE")]
     pub trust_anchor: Vec<PathBuf>,
@@ -212,6 +217,7 @@ async fn serve(args: &Args) -> anyhow::Result<ExitCode> {
                 permissive: args.permissive,
                 access: args.access(),
                 access_log_namespaces: args.access_log_namespace.clone(),
+                egress_denied: args.egress == Egress::Deny,
             },
             webhooks: args.kubernetes.webhooks(&args.trust_domain)?,
             traffic_metrics: args
@@ -308,4 +314,14 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
     }
+}
+
+/// `--egress`: what proxies do with intercepted connections to destinations the mesh does not
+/// know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Egress {
+    /// Forwarded unchanged.
+    Allow,
+    /// Refused.
+    Deny,
 }

@@ -291,6 +291,7 @@ fn main() {
         let gone = v1::DestinationUpdate {
             version: "bench".into(),
             kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
+                egress_denied: false,
                 reason: "bench".into(),
             })),
         };

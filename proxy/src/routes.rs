@@ -65,6 +65,10 @@ pub struct Routes {
     /// Bumped on every change of the inbound side (whole configuration or base): open opaque
     /// TCP connections re-check their authorization. Destination updates do not bump it.
     pub table_changes: watch::Sender<u64>,
+    /// The controller said the mesh denies egress to destinations it does not know (`--egress
+    /// deny`, with its last not-found answer); the proxy's own `outbound.egress` is the other
+    /// half of the switch ([`Routes::egress_denied`]).
+    controller_denies_egress: std::sync::atomic::AtomicBool,
     /// The hook that starts probers, once [`Routes::start_health_checks`] was called (never for
     /// routes only used to compile).
     probing: OnceLock<Probing>,
@@ -86,6 +90,7 @@ impl Routes {
             stats,
             resolver,
             table_changes: watch::channel(0).0,
+            controller_denies_egress: Default::default(),
             probing: OnceLock::new(),
             verifiers: Verifiers::default(),
             authenticating: OnceLock::new(),
@@ -202,6 +207,20 @@ impl Routes {
             }
             None => false,
         }
+    }
+
+    /// Record the controller's egress switch (from a not-found answer).
+    pub fn set_egress_denied(&self, denied: bool) {
+        self.controller_denies_egress
+            .store(denied, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether egress to destinations the mesh does not know is denied: by this proxy's config
+    /// (`outbound.egress: deny`) or by the controller (`--egress deny`).
+    pub fn egress_denied(&self) -> bool {
+        self.controller_denies_egress
+            .load(std::sync::atomic::Ordering::Relaxed)
+            || self.table.load().base.outbound.egress == crate::config::Egress::Deny
     }
 
     fn write_lock(&self) -> std::sync::MutexGuard<'_, ()> {

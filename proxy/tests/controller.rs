@@ -36,6 +36,7 @@ impl State {
                 watch::channel(v1::DestinationUpdate {
                     version: "0".into(),
                     kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
+                        egress_denied: false,
                         reason: format!("no service {key}"),
                     })),
                 })

@@ -582,6 +582,7 @@ impl destinations_server::Destinations for Controller {
             futures::stream::iter([Ok(v1::DestinationUpdate {
                 version: "1".into(),
                 kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
+                    egress_denied: false,
                     reason: "none here".into(),
                 })),
             })])

@@ -86,6 +86,8 @@ pub struct ProxyApi {
     counts: Arc<StreamCounts>,
     /// `Identity.Certify`, served on the same port when set.
     identity: Option<Arc<dyn Certify>>,
+    /// Said in every `NotFound` answer (`--egress deny`).
+    egress_denied: bool,
 }
 
 impl std::fmt::Debug for ProxyApi {
@@ -94,6 +96,7 @@ impl std::fmt::Debug for ProxyApi {
             .field("index", &self.index)
             .field("counts", &self.counts)
             .field("identity", &self.identity.is_some())
+            .field("egress_denied", &self.egress_denied)
             .finish()
     }
 }
@@ -104,7 +107,15 @@ impl ProxyApi {
             index,
             counts,
             identity: None,
+            egress_denied: false,
         }
+    }
+
+    /// Tell proxies, with every `NotFound` answer, that the mesh denies egress to destinations
+    /// it does not know (`--egress deny`).
+    pub fn with_egress_denied(mut self, denied: bool) -> Self {
+        self.egress_denied = denied;
+        self
     }
 
     /// Also serves `Identity.Certify` with `certifier`.
@@ -188,11 +199,13 @@ impl destinations_server::Destinations for ProxyApi {
         let target = &request.get_ref().target;
         let authority = normalize(target)
             .map_err(|e| Status::invalid_argument(format!("target {target:?}: {e}")))?;
+        let egress_denied = self.egress_denied;
         let not_found = |reason: String| {
             let update = v1::DestinationUpdate {
                 version: "0".into(),
                 kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
                     reason,
+                    egress_denied,
                 })),
             };
             Response::new(
@@ -232,7 +245,18 @@ impl destinations_server::Destinations for ProxyApi {
             WatchStream::new(rx)
                 .filter_map(move |update| {
                     let _connected = &guard;
-                    async move { update.map(Ok) }
+                    async move {
+                        update.map(|mut update| {
+                            // The index answers per destination; the mesh-wide switch is said
+                            // here, with every `NotFound`.
+                            if let Some(v1::destination_update::Kind::NotFound(nf)) =
+                                &mut update.kind
+                            {
+                                nf.egress_denied = egress_denied;
+                            }
+                            Ok(update)
+                        })
+                    }
                 })
                 .boxed(),
         ))

@@ -160,8 +160,9 @@ pub async fn start_full(
         None => None,
     };
     let counts = Arc::new(StreamCounts::default());
-    let api =
-        ProxyApi::new(index.clone(), counts.clone()).with_identity(Arc::new(certifier.clone()));
+    let api = ProxyApi::new(index.clone(), counts.clone())
+        .with_identity(Arc::new(certifier.clone()))
+        .with_egress_denied(options.index.egress_denied);
     let grpc = serve_grpc(api, options.grpc, grpc_tls.as_ref())
         .await
         .with_context(|| format!("binding the gRPC listener on {}", options.grpc))?;

@@ -171,7 +171,13 @@ async fn a_tonic_client_gets_complete_answers_then_updates() {
         .unwrap()
         .unwrap();
     assert!(
-        matches!(answer.kind, Some(v1::destination_update::Kind::NotFound(_))),
+        matches!(
+            answer.kind,
+            Some(v1::destination_update::Kind::NotFound(v1::NotFound {
+                egress_denied: false,
+                ..
+            }))
+        ),
         "{answer:?}"
     );
 
@@ -339,4 +345,63 @@ async fn a_split_change_sends_nothing_to_destinations_it_does_not_touch() {
         "api was not touched by the web split change"
     );
     assert_eq!(api.borrow().as_ref().unwrap().version, api_version);
+}
+
+/// `--egress deny` reaches proxies with every not-found answer: an address the mesh does not
+/// know is answered "not found, egress denied" (the proxy then refuses the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_switch_is_said_with_not_found_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        services(
+            "127.0.0.1:1001".parse().unwrap(),
+            "127.0.0.1:1002".parse().unwrap(),
+        ),
+    )
+    .unwrap();
+    let ctl = start(Options {
+        policy_paths: vec![],
+        platforms: vec![Platform::File(mesh)],
+        adapters: Default::default(),
+        webhooks: None,
+        traffic_metrics: None,
+        grpc: "127.0.0.1:0".parse().unwrap(),
+        admin: None,
+        index: IndexOptions {
+            egress_denied: true,
+            ..IndexOptions::default()
+        },
+    })
+    .await
+    .unwrap();
+    let mut client = DestinationsClient::connect(format!("http://{}", ctl.grpc))
+        .await
+        .unwrap();
+    for target in ["203.0.113.7:443", "nope.demo"] {
+        let mut stream = client
+            .watch(v1::DestinationRequest {
+                target: target.into(),
+                source_workload: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(
+                answer.kind,
+                Some(v1::destination_update::Kind::NotFound(v1::NotFound {
+                    egress_denied: true,
+                    ..
+                }))
+            ),
+            "{target}: {answer:?}"
+        );
+    }
 }

@@ -423,6 +423,8 @@ pub fn apply_update(
         }
         Some(v1::destination_update::Kind::NotFound(nf)) => {
             tracing::info!(destination = %key, reason = %nf.reason, "controller: destination does not exist");
+            // The mesh-wide egress switch comes with every not-found answer (the latest wins).
+            shared.routes.set_egress_denied(nf.egress_denied);
             shared.routes.remove_destination(key);
             Ok(())
         }
@@ -856,6 +858,7 @@ mod tests {
         // not_found removes b alone; /config shows what is left, assembled.
         let c_now = entry(&shared, "c.shop");
         let nf = update(v1::destination_update::Kind::NotFound(v1::NotFound {
+            egress_denied: false,
             reason: "gone".into(),
         }));
         apply_update(&shared, "b.shop", nf).unwrap();
@@ -870,5 +873,18 @@ mod tests {
         // A delta for a destination without a profile is ignored.
         apply_update(&shared, "b.shop", delta("v1", &["10.0.2.9:80"], &[])).unwrap();
         assert!(shared.routes.table.load().get("b.shop").is_none());
+
+        // The mesh-wide egress switch rides on not-found answers; the latest one wins.
+        assert!(!shared.routes.egress_denied(), "allow by default");
+        let denied = |egress_denied| {
+            update(v1::destination_update::Kind::NotFound(v1::NotFound {
+                egress_denied,
+                reason: "not in the mesh".into(),
+            }))
+        };
+        apply_update(&shared, "203.0.113.9:443", denied(true)).unwrap();
+        assert!(shared.routes.egress_denied());
+        apply_update(&shared, "203.0.113.9:443", denied(false)).unwrap();
+        assert!(!shared.routes.egress_denied());
     }
 }

@@ -35,7 +35,6 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::config::Egress;
 use crate::metrics::{Label, TcpLabels};
 use crate::server::{
     INBOUND_TRANSPARENT, ListenerKind, OUTBOUND_TRANSPARENT, serve_connection, serve_inbound,
@@ -176,13 +175,13 @@ pub(crate) async fn outbound(
     passthrough(stream, original, &shared).await;
 }
 
-/// Whether the egress lockdown (`outbound.egress: deny`) refuses a connection to `original`,
+/// Whether the egress lockdown (`outbound.egress: deny`, or the controller's `--egress deny`)
+/// refuses a connection to `original`,
 /// an address the mesh does not know. Loopback destinations are never refused: the rules do not
 /// redirect them, so one arriving here was sent on purpose (and the loop guard already refused
 /// the listener's own address).
 fn egress_denied(shared: &Shared, original: SocketAddr) -> bool {
-    !original.ip().to_canonical().is_loopback()
-        && shared.routes.table.load().base.outbound.egress == Egress::Deny
+    !original.ip().to_canonical().is_loopback() && shared.routes.egress_denied()
 }
 
 /// Copies an outbound connection's bytes unchanged to its original destination (outside the

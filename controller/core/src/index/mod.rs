@@ -72,6 +72,9 @@ pub struct IndexOptions {
     /// `--access-log-namespace`: proxies of workloads in these namespaces write access logs
     /// (sent as `InboundPolicy.access_log`).
     pub access_log_namespaces: Vec<String>,
+    /// `--egress deny`: proxies refuse intercepted connections to destinations the mesh does not
+    /// know (sent with every `NotFound` answer, so the proxy learns it when it needs it).
+    pub egress_denied: bool,
 }
 
 impl Default for IndexOptions {
@@ -81,6 +84,7 @@ impl Default for IndexOptions {
             permissive: false,
             access: inbound::AccessSwitches::default(),
             access_log_namespaces: Vec::new(),
+            egress_denied: false,
         }
     }
 }

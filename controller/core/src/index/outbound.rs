@@ -328,6 +328,7 @@ fn resolve_routing<'s>(
         Snapshot::NotFound => {
             return Some(Resolved {
                 kind: v1::destination_update::Kind::NotFound(v1::NotFound {
+                    egress_denied: false,
                     reason: format!("no service {root} on any platform"),
                 }),
                 problems: vec![],
