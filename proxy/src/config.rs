@@ -97,7 +97,7 @@ pub enum MetricsCompat {
 /// resilience policies, mTLS with this proxy's own identity, so TrafficTargets decide what the
 /// gateway may reach); optionally a plain HTTP listener that redirects to HTTPS. Relative paths
 /// are relative to the config file's folder. Read at start.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Gateway {
     /// The HTTPS listener (HTTP/1.1 and h2 by ALPN, gRPC over h2).
@@ -113,6 +113,11 @@ pub struct Gateway {
     /// Which mesh destination serves each host. A request for a host with no route gets
     /// `404 unknown-host`.
     pub routes: Vec<GatewayRoute>,
+    /// End-user authentication of every request through the gateway (the inbound policy's
+    /// `jwt`, same fields): checked before routing; a refused token gets 401
+    /// `jwt-<reason>`, verified claims are forwarded as the policy's `forwardClaimsAs` headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<trellis_jwt::JwtPolicy>,
 }
 
 /// A certificate of the gateway and the host names it serves.

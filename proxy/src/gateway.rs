@@ -60,6 +60,8 @@ pub struct Gateway {
     routes: HashMap<String, Arc<str>>,
     /// The HTTPS listener's port, for redirects (omitted from `Location` when 443).
     pub https_port: u16,
+    /// End-user authentication of every request (`gateway.jwt`).
+    pub jwt: Option<trellis_jwt::Verifier>,
 }
 
 impl Gateway {
@@ -96,7 +98,20 @@ impl Gateway {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Resolver(Arc::clone(&certificates))));
         tls.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+        // The verifier starts its key refresh on the runtime: made here, at start, not while
+        // compiling a configuration.
+        let jwt = match &config.jwt {
+            Some(policy) => Some(trellis_jwt::Verifier::new(policy).map_err(|problems| {
+                let p = &problems[0];
+                GatewayError::Invalid {
+                    field: format!("jwt.{}", p.field),
+                    message: p.message.clone(),
+                }
+            })?),
+            None => None,
+        };
         Ok(Gateway {
+            jwt,
             tls: Arc::new(tls),
             certificates,
             sources: config.certificates.clone(),

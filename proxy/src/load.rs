@@ -33,6 +33,12 @@ impl Config {
                     .iter_mut()
                     .flat_map(|c| [&mut c.cert, &mut c.key])
                     .for_each(relative_to_dir);
+                gateway
+                    .jwt
+                    .iter_mut()
+                    .flat_map(|jwt| jwt.providers.iter_mut())
+                    .filter_map(|provider| provider.jwks.file.as_mut())
+                    .for_each(relative_to_dir);
             }
             // JWKS files too (`inbound.policy.jwt`, the transparent ports' policies).
             let policies = config.inbound.iter_mut().map(|i| &mut i.policy).chain(

@@ -377,3 +377,130 @@ async fn certificates_are_reloaded_when_their_files_change_and_a_broken_set_is_n
     let (status, _, _) = get(&s.ca, https, "shop.example.com", "/").await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// `gateway.jwt`: every request through the gateway shows a valid token or gets 401 with the
+/// reason; verified claims reach the destination as headers, the client's copies removed.
+#[tokio::test]
+async fn the_gateway_checks_end_user_tokens_before_routing() {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{EncodingKey, Header};
+    let ca = new_ca("gateway test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = server_cert(&ca, &["shop.example.com"]);
+    std::fs::write(dir.path().join("shop.crt"), cert).unwrap();
+    std::fs::write(dir.path().join("shop.key"), key).unwrap();
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let encoding = EncodingKey::from_ec_der(&pair.serialize_der());
+    let mut jwk = Jwk::from_encoding_key(&encoding, jsonwebtoken::Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("k1".into());
+    std::fs::write(
+        dir.path().join("jwks.json"),
+        serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap(),
+    )
+    .unwrap();
+    // An app that answers with the `x-jwt-sub` it received.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let web_addr = listener.local_addr().unwrap();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let sub = req
+                        .headers()
+                        .get("x-jwt-sub")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default();
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(full(sub))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let running = proxy(&format!(
+        "gateway:
+  https: 127.0.0.1:0
+  certificates:
+    - hosts: [shop.example.com]
+      cert: {d}/shop.crt
+      key: {d}/shop.key
+  routes:
+    - host: shop.example.com
+      destination: web.shop
+  jwt:
+    required: true
+    providers:
+      - issuer: https://issuer.test
+        audiences: [shop]
+        jwks: {{file: {d}/jwks.json}}
+        algorithms: [ES256]
+        forwardClaimsAs: [{{claim: sub, header: x-jwt-sub}}]
+destinations:
+{}",
+        destination("web.shop", &[("web", 1, &[web_addr])]),
+        d = dir.path().display(),
+    ))
+    .await;
+    let https = running.gateway_https.unwrap();
+    let exp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("k1".into());
+    let token = |aud: &str| {
+        jsonwebtoken::encode(
+            &header,
+            &serde_json::json!({"iss": "https://issuer.test", "aud": aud, "sub": "alice", "exp": exp}),
+            &encoding,
+        )
+        .unwrap()
+    };
+    let send = |token: Option<String>| {
+        let ca = &ca;
+        async move {
+            let tls = connect(ca, https, "shop.example.com", &[b"http/1.1"])
+                .await
+                .unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut req = Request::get("/")
+                .header("host", "shop.example.com")
+                .header("x-jwt-sub", "mallory");
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            sender
+                .send_request(req.body(full("")).unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    let missing = send(None).await;
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(missing.headers()["x-trellis-error"], "jwt-missing");
+    assert!(missing.headers().contains_key("www-authenticate"));
+    let wrong = send(Some(token("other"))).await;
+    assert_eq!(wrong.headers()["x-trellis-error"], "jwt-wrong-audience");
+    let count = || hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        count(),
+        0,
+        "nothing unauthenticated reached the destination"
+    );
+    let (status, _, seen_sub) = read(send(Some(token("shop"))).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(count(), 1);
+    assert_eq!(
+        seen_sub, "alice",
+        "the verified claim replaced the client's x-jwt-sub"
+    );
+}

@@ -74,9 +74,12 @@ pub async fn handle(
                 .map(|a| a.as_str())
                 .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()));
             match host.and_then(|h| gateway.destination(h)).cloned() {
-                Some(dest) => {
-                    outbound::outbound(&shared, Some(&dest), req, started, hop.as_mut()).await
-                }
+                Some(dest) => match refused_at_gateway(&shared, gateway, &mut req, started) {
+                    Some(refused) => refused,
+                    None => {
+                        outbound::outbound(&shared, Some(&dest), req, started, hop.as_mut()).await
+                    }
+                },
                 None => outbound_error(
                     &shared,
                     Reason::UnknownHost,
@@ -466,6 +469,29 @@ fn grpc_refused(
     h.insert("grpc-message", HeaderValue::from_static(message));
     h.insert(ERROR_HEADER, HeaderValue::from_static(reason.as_str()));
     resp
+}
+
+/// The gateway's end-user authentication (`gateway.jwt`): verified claims written as headers
+/// (the client's copies removed) and None, or the 401 answer.
+fn refused_at_gateway(
+    shared: &Shared,
+    gateway: &crate::gateway::Gateway,
+    req: &mut Request<Incoming>,
+    started: Instant,
+) -> Option<Response<ProxyBody>> {
+    let verifier = gateway.jwt.as_ref()?;
+    match verifier.verify(req.headers()) {
+        Ok(claims) => {
+            verifier.forward_claims(claims.as_ref(), req.headers_mut());
+            None
+        }
+        Err(rejection) => {
+            // Counted like the outbound side's other local answers; the answer itself is the
+            // 401 with the challenge (gRPC: UNAUTHENTICATED).
+            let _ = outbound_error(shared, Reason::Jwt(rejection), "", started);
+            Some(unauthenticated(rejection, is_grpc(req.headers())))
+        }
+    }
 }
 
 /// The answer to a request whose JWT was refused: 401 with `x-trellis-error: jwt-<reason>` and
