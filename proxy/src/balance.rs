@@ -314,7 +314,7 @@ impl Balancer {
         self
     }
 
-    /// Index of the endpoint to use: [`Self::choose`]'s, unless it is unhealthy (health
+    /// Index of the endpoint to use: `choose`'s, unless it is unhealthy (health
     /// checks) or ejected (or its failures just reached the threshold and the backend may lose
     /// one more endpoint: then it is ejected now); then the next usable one round the list. When
     /// none is usable (every other endpoint unhealthy or ejected), the choice stands: an answer,

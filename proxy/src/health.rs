@@ -14,7 +14,7 @@
 //! destination's circuit breaker, and while this proxy has no valid certificate an mTLS endpoint
 //! is not probed at all (requests to it fail closed anyway; its state stays as it was).
 //!
-//! State ([`HealthState`]) lives in each endpoint's [`EndpointStats`], shared by address across
+//! State ([`HealthState`]) lives in each endpoint's [`EndpointStats`](crate::balance::EndpointStats), shared by address across
 //! recompiles like the latency estimate: a destination replaced by the controller's next endpoint
 //! delta keeps what its probes learned, and the probe rhythm too (the time of the last probe is
 //! kept, and a prober only probes an endpoint whose last probe is at least half an interval old,
@@ -45,7 +45,7 @@ pub struct Thresholds {
     pub healthy: u32,
 }
 
-/// The health of one endpoint address, in its [`EndpointStats`]. Lock-free; a prober is the only
+/// The health of one endpoint address, in its [`EndpointStats`](crate::balance::EndpointStats). Lock-free; a prober is the only
 /// writer of an endpoint at a time (see the module doc), readers are the balancers.
 #[derive(Debug)]
 pub struct HealthState {

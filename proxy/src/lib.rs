@@ -6,7 +6,8 @@
 //! be read knowing only the ones it builds on.
 //!
 //! Foundations (no proxy state):
-//! * [`config`]: the YAML model (also what controller answers become) with file:line errors.
+//! * [`config`]: the YAML model (also what controller answers become) with file:line errors;
+//!   [`load`] reads and checks a file of it.
 //! * [`resilience`]: the traffic policy compiled for the request path (retry, breaker, fault,
 //!   rate limit), no I/O.
 //! * [`health`]: the health-check state machine and settings; [`balance`]: P2C over peak-EWMA
@@ -30,6 +31,8 @@
 //! * [`upstream`]: the upstream clients (pooled plain and per-identity mTLS, and the own pools of
 //!   connection-limited destinations).
 //! * [`connections`]: open connections counted and limited (global, per listener, per source).
+//! * [`gateway`]: gateway mode's compiled configuration (certificates by SNI, reloaded when their
+//!   files change; host routes; end-user JWTs), served by [`server::gateway`].
 //!
 //! The proxy's state and what runs on it:
 //! * [`routes`]: the routing table in force and its writers (whole, base, one destination).
@@ -139,7 +142,7 @@ impl ProxyOptions {
 /// A started proxy: its bound addresses and the handle to stop it.
 #[derive(Debug)]
 pub struct RunningProxy {
-    /// Shared state (swap configs with [`Shared::apply`]).
+    /// Shared state (swap configs with [`routes::Routes::apply`] on its `routes`).
     pub shared: Arc<Shared>,
     /// Admin listener address.
     pub admin: Option<SocketAddr>,

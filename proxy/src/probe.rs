@@ -1,10 +1,10 @@
 //! The prober of active health checks ([`crate::health`] holds the state machine and the
 //! compiled settings): one task per current destination entry with a `healthCheck`, probing each
 //! endpoint address on its own rhythm through the proxy's upstream clients, plain or mTLS like
-//! requests, and recording each result in the endpoint's [`HealthState`](crate::health::HealthState).
+//! requests, and recording each result in the endpoint's [`crate::health::HealthState`].
 //!
 //! Started by the routing state when an entry becomes current (a hook [`starter`] installs, see
-//! [`crate::state::Shared::start_health_checks`]) and stopped when the entry is replaced or
+//! [`crate::routes::Routes::start_health_checks`]) and stopped when the entry is replaced or
 //! removed; the task holds a `Weak` to the proxy's state, so it also ends when the proxy does.
 
 use std::sync::{Arc, Weak};
@@ -27,12 +27,12 @@ const MAX_PROBE_BODY: usize = 64 * 1024;
 /// The `user-agent` of probes, so applications can tell them from requests.
 const USER_AGENT: &str = "trellis-proxy-health-check";
 
-/// The hook that starts an entry's prober on `runtime`, for [`Shared::start_health_checks`].
+/// The hook that starts an entry's prober on `runtime`, for [`crate::routes::Routes::start_health_checks`].
 pub fn starter(shared: Weak<Shared>, runtime: tokio::runtime::Handle) -> StartProbes {
     Box::new(move |dest| start(dest, Weak::clone(&shared), &runtime))
 }
 
-/// Start probing `dest`'s endpoints (once per compiled entry; never after [`Self::stop`]).
+/// Start probing `dest`'s endpoints (once per compiled entry; never after [`crate::health::Checks::stop`]).
 /// Called (through [`starter`]) when the entry becomes current, on `runtime`.
 pub fn start(dest: &Arc<DestinationTable>, shared: Weak<Shared>, runtime: &tokio::runtime::Handle) {
     let Some(checks) = &dest.health else { return };

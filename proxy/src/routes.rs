@@ -34,7 +34,7 @@ pub trait Resolve: Send + Sync + fmt::Debug + 'static {
 }
 
 /// Starts the health checks of a destination entry that became current (installed once by
-/// [`Shared::start_health_checks`]; the prober lives in [`crate::probe`], above this state).
+/// [`Routes::start_health_checks`]; the prober lives in [`crate::probe`], above this state).
 pub type StartProbes = Box<dyn Fn(&Arc<crate::table::DestinationTable>) + Send + Sync>;
 
 /// The installed [`StartProbes`] hook.

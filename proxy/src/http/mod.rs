@@ -1,5 +1,5 @@
 //! HTTP proxying, outbound (route, fault, breaker, mirror, retry, split, balance, forward: see
-//! [`outbound`]) and inbound (authorize, rate-limit, forward to the local application), for
+//! `outbound`) and inbound (authorize, rate-limit, forward to the local application), for
 //! HTTP/1.1 (keep-alive, chunked, upgrades) and HTTP/2 (gRPC, trailers, streaming both ways).
 //! Bodies are streamed frame by frame; only a request a retry or a mirror may send again is kept
 //! whole, up to the policy's bound ([`body`]).
