@@ -153,15 +153,7 @@ impl Gateway {
 
     /// The destination serving `host` (a `Host` value: the port, if any, is ignored).
     pub fn destination(&self, host: &str) -> Option<&Arc<str>> {
-        let name = match host.rsplit_once(':') {
-            // Not an IPv6 literal's colon: `[::1]:443` ends in `]:443`, `::1` has no brackets.
-            Some((name, port))
-                if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') =>
-            {
-                name
-            }
-            _ => host,
-        };
+        let name = without_port(host);
         if name.bytes().any(|b| b.is_ascii_uppercase()) {
             return self.routes.get(&name.to_ascii_lowercase());
         }
@@ -248,4 +240,15 @@ fn certified_key(index: usize, cert: &Path, key: &Path) -> Result<Arc<CertifiedK
         .keys_match()
         .map_err(|e| file_error(key, format!("does not match the certificate: {e}")))?;
     Ok(Arc::new(certified))
+}
+
+/// A `Host` value without its port (`shop.example.com:8443` -> `shop.example.com`); an IPv6
+/// literal keeps its colons (`[::1]:443` -> `[::1]`, `::1` unchanged).
+pub fn without_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') => {
+            name
+        }
+        _ => host,
+    }
 }

@@ -109,12 +109,7 @@ pub(crate) async fn serve_redirect(
 /// The redirect of a request for `host` and `path` (400 without a usable host).
 fn redirect(host: Option<&str>, path: &str, https_port: u16) -> Response<String> {
     // The host without its port (the HTTP listener's), then the HTTPS port unless 443.
-    let name = host.map(|h| match h.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') => {
-            name
-        }
-        _ => h,
-    });
+    let name = host.map(crate::gateway::without_port);
     let Some(name) = name.filter(|n| !n.is_empty()) else {
         let mut resp = Response::new("no Host header to redirect to\n".to_string());
         *resp.status_mut() = StatusCode::BAD_REQUEST;
