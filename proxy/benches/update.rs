@@ -292,6 +292,7 @@ fn main() {
             version: "bench".into(),
             kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
                 egress_denied: false,
+                external_ports: Vec::new(),
                 reason: "bench".into(),
             })),
         };

@@ -37,6 +37,7 @@ impl State {
                     version: "0".into(),
                     kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
                         egress_denied: false,
+                        external_ports: Vec::new(),
                         reason: format!("no service {key}"),
                     })),
                 })

@@ -583,6 +583,7 @@ impl destinations_server::Destinations for Controller {
                 version: "1".into(),
                 kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
                     egress_denied: false,
+                    external_ports: Vec::new(),
                     reason: "none here".into(),
                 })),
             })])

@@ -206,6 +206,7 @@ impl destinations_server::Destinations for ProxyApi {
                 kind: Some(v1::destination_update::Kind::NotFound(v1::NotFound {
                     reason,
                     egress_denied,
+                    external_ports: Vec::new(),
                 })),
             };
             Response::new(

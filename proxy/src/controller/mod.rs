@@ -859,6 +859,7 @@ mod tests {
         let c_now = entry(&shared, "c.shop");
         let nf = update(v1::destination_update::Kind::NotFound(v1::NotFound {
             egress_denied: false,
+            external_ports: Vec::new(),
             reason: "gone".into(),
         }));
         apply_update(&shared, "b.shop", nf).unwrap();
@@ -879,6 +880,7 @@ mod tests {
         let denied = |egress_denied| {
             update(v1::destination_update::Kind::NotFound(v1::NotFound {
                 egress_denied,
+                external_ports: Vec::new(),
                 reason: "not in the mesh".into(),
             }))
         };

@@ -39,6 +39,7 @@ enum Target {
 fn not_found(reason: String) -> Target {
     Target::Fixed(v1::destination_update::Kind::NotFound(v1::NotFound {
         egress_denied: false,
+        external_ports: Vec::new(),
         reason,
     }))
 }

@@ -329,6 +329,7 @@ fn resolve_routing<'s>(
             return Some(Resolved {
                 kind: v1::destination_update::Kind::NotFound(v1::NotFound {
                     egress_denied: false,
+                    external_ports: Vec::new(),
                     reason: format!("no service {root} on any platform"),
                 }),
                 problems: vec![],
