@@ -457,6 +457,49 @@ pub struct Destination {
     /// `trellis-policy` crate). Absent: one try, no breaker, no ejection, no faults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<trellis_policy::DestinationPolicy>,
+    /// Set when the destination is outside the mesh (an ExternalService): only the listed
+    /// workloads may call it, and the proxy may originate TLS to it ([`External`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<External>,
+}
+
+/// A destination outside the mesh, declared (an ExternalService, or a file's destination).
+///
+/// The outside server cannot check mesh identities, so the calling proxy does: a request or
+/// connection to the destination is refused (`403 egress-forbidden`, or the connection closed)
+/// unless this proxy's own workload identity is listed, and on a port not listed. Its endpoints
+/// are outside addresses WITHOUT a port (`api.pay.example`, resolved when connecting, or fixed
+/// IP addresses) and carry no identity: the proxy connects to the port the application used (or
+/// to the port it originates TLS to).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct External {
+    /// `namespace/name` of the declaration (logs).
+    #[serde(default)]
+    pub name: String,
+    /// SPIFFE ids of the workloads that may call it; `*` = any workload with a mesh identity.
+    /// Empty = none (a proxy without an identity is never allowed: fail safe).
+    #[serde(default)]
+    pub allowed_identities: Vec<String>,
+    /// The declared ports; another port of the host is refused.
+    pub ports: Vec<ExternalPort>,
+    /// Trust anchors (PEM text) an originated TLS connection's server chain must verify to;
+    /// absent = the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
+/// One declared port of an [`External`] destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalPort {
+    /// The port the application calls.
+    pub port: u16,
+    /// Set: the application speaks plaintext on `port` and the proxy originates TLS to this port
+    /// of the endpoint (SNI and certificate check for the destination's host). Absent: bytes go
+    /// as sent (the application's own TLS passes through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub originate_tls_port: Option<u16>,
 }
 
 fn default_http() -> Protocol {

@@ -31,6 +31,8 @@
 //! * [`upstream`]: the upstream clients (pooled plain and per-identity mTLS, and the own pools of
 //!   connection-limited destinations).
 //! * [`connections`]: open connections counted and limited (global, per listener, per source).
+//! * [`external`]: declared destinations outside the mesh (who may call them, their ports, the
+//!   TLS originated to them) and the name a transparent connection was meant for (SNI / Host).
 //! * [`gateway`]: gateway mode's compiled configuration (certificates by SNI, reloaded when their
 //!   files change; host routes; end-user JWTs), served by [`server::gateway`].
 //!
@@ -61,6 +63,7 @@ pub mod connect;
 pub mod connections;
 pub mod controller;
 pub mod detect;
+pub mod external;
 pub mod gateway;
 pub mod health;
 pub mod http;

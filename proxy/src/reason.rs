@@ -39,6 +39,9 @@ pub enum Reason {
     Timeout,
     /// Inbound policy denied the request. 403.
     Forbidden,
+    /// The destination is outside the mesh and its declaration (ExternalService) does not list
+    /// this workload, or not the port called. 403, answered by the caller's own proxy.
+    EgressForbidden,
     /// The inbound policy's JWT authentication refused the request's token (or its absence):
     /// `jwt-<rejection>`, e.g. `jwt-expired`, `jwt-missing`. 401 with `www-authenticate`.
     Jwt(trellis_jwt::Rejection),
@@ -70,6 +73,7 @@ impl Reason {
             Reason::UpstreamFailed => "upstream-failed",
             Reason::Timeout => "timeout",
             Reason::Forbidden => "forbidden",
+            Reason::EgressForbidden => "egress-forbidden",
             Reason::Jwt(rejection) => jwt_str(rejection),
             Reason::NoInbound => "no-inbound",
             Reason::NoIdentity => "no-identity",
@@ -98,7 +102,7 @@ impl Reason {
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::UnknownHost => StatusCode::NOT_FOUND,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Reason::Forbidden => StatusCode::FORBIDDEN,
+            Reason::Forbidden | Reason::EgressForbidden => StatusCode::FORBIDDEN,
             Reason::Jwt(rejection) => rejection.status(),
         }
     }

@@ -69,6 +69,10 @@ pub struct Routes {
     /// deny`, with its last not-found answer); the proxy's own `outbound.egress` is the other
     /// half of the switch ([`Routes::egress_denied`]).
     controller_denies_egress: std::sync::atomic::AtomicBool,
+    /// The ports the mesh's ExternalServices declare (the controller's last not-found answer):
+    /// with the external destinations of the proxy's own file, where a transparent connection to
+    /// an unknown address is read for the name it was meant for ([`Routes::is_external_port`]).
+    controller_external_ports: ArcSwap<Vec<u16>>,
     /// The hook that starts probers, once [`Routes::start_health_checks`] was called (never for
     /// routes only used to compile).
     probing: OnceLock<Probing>,
@@ -91,6 +95,7 @@ impl Routes {
             resolver,
             table_changes: watch::channel(0).0,
             controller_denies_egress: Default::default(),
+            controller_external_ports: ArcSwap::from_pointee(Vec::new()),
             probing: OnceLock::new(),
             verifiers: Verifiers::default(),
             authenticating: OnceLock::new(),
@@ -221,6 +226,40 @@ impl Routes {
         self.controller_denies_egress
             .load(std::sync::atomic::Ordering::Relaxed)
             || self.table.load().base.outbound.egress == crate::config::Egress::Deny
+    }
+
+    /// Record the ports the mesh's ExternalServices declare (from a not-found answer; the
+    /// latest wins).
+    pub fn set_external_ports(&self, ports: &[u32]) {
+        let mut ports: Vec<u16> = ports
+            .iter()
+            .filter_map(|p| u16::try_from(*p).ok())
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        if **self.controller_external_ports.load() != ports {
+            self.controller_external_ports.store(Arc::new(ports));
+        }
+    }
+
+    /// Whether some declared outside destination listens on `port`: the controller's
+    /// ExternalServices, or an `external` destination in the table (the proxy's own file, or
+    /// one the controller sent). Only on these ports is a transparent connection to an unknown
+    /// address held back to read its name. The table's part is a scan of its destinations, paid
+    /// only by connections to addresses the mesh does not know.
+    pub fn is_external_port(&self, port: u16) -> bool {
+        if self
+            .controller_external_ports
+            .load()
+            .binary_search(&port)
+            .is_ok()
+        {
+            return true;
+        }
+        self.table
+            .load()
+            .entries()
+            .any(|d| d.external.as_ref().is_some_and(|e| e.port(port).is_some()))
     }
 
     fn write_lock(&self) -> std::sync::MutexGuard<'_, ()> {

@@ -481,6 +481,9 @@ pub struct DestinationTable {
     pub label: Label,
     /// What this was compiled from (`/config`; the base of the controller's endpoint deltas).
     pub source: Arc<config::Destination>,
+    /// Set for a declared destination outside the mesh: who may call it, its ports, the TLS
+    /// originated to it.
+    pub external: Option<crate::external::ExternalTable>,
     routes: Vec<RouteTable>,
     split: Split,
 }
@@ -526,6 +529,11 @@ impl DestinationTable {
             backends.push((b, bfield, workload));
         }
         let ejection = checked_policy(d, field)?;
+        let external = d
+            .external
+            .as_ref()
+            .map(|e| crate::external::ExternalTable::compile(e, &key, &format!("{field}.external")))
+            .transpose()?;
         let health = match d.policy.as_ref().and_then(|p| p.health_check.as_ref()) {
             Some(h) => Some(crate::health::Checks::compile(h, field)?),
             None => None,
@@ -609,6 +617,7 @@ impl DestinationTable {
             health,
             backends,
             source: Arc::clone(d),
+            external,
             routes,
             split,
         })
@@ -1048,7 +1057,8 @@ impl BackendTable {
                     format!("{:?} is not host:port: {err}", e.address),
                 )
             })?;
-            if authority.port_u16().is_none() {
+            // An outside endpoint takes the port of each call ([`crate::external`]).
+            if authority.port_u16().is_none() && d.external.is_none() {
                 return Err(invalid(
                     efield,
                     &e.address,

@@ -63,6 +63,31 @@ pub async fn forward_outbound<IO>(
             }
         }
     };
+    // Outside the mesh: this proxy must be allowed and the port declared ([`crate::external`]).
+    let outside = match &dest.external {
+        Some(external) => {
+            let own = shared.identity.current();
+            let port = trellis_proxy_api::authority::normalize(destination)
+                .ok()
+                .and_then(|a| a.port)
+                .unwrap_or(0);
+            match external.check(own.as_ref().map(|g| &*g.identity_label), port) {
+                Ok(port) => Some((external, port)),
+                Err(why) => {
+                    tracing::info!(destination, "closing TCP connection: {why}");
+                    count(
+                        &mut rec,
+                        &shared,
+                        dest.label.clone(),
+                        Label::from(""),
+                        "egress-forbidden",
+                    );
+                    return;
+                }
+            }
+        }
+        None => None,
+    };
     let Some(backend) = dest.route_connection() else {
         count(
             &mut rec,
@@ -94,7 +119,21 @@ pub async fn forward_outbound<IO>(
         );
     }
     let in_flight = endpoint.stats.start();
-    let connect = TcpStream::connect(endpoint.authority.as_str());
+    let address = match outside {
+        Some((_, port)) => crate::external::endpoint_authority(&endpoint.authority, port),
+        None => Some(endpoint.authority.clone()),
+    };
+    let Some(address) = address else {
+        count(
+            &mut rec,
+            &shared,
+            dest.label.clone(),
+            backend.name.clone(),
+            "connect-failed",
+        );
+        return;
+    };
+    let connect = TcpStream::connect(address.as_str());
     let mut upstream = match tokio::time::timeout(shared.limits.connect_timeout(), connect).await {
         Ok(Ok(s)) => s,
         _ => {
@@ -114,10 +153,58 @@ pub async fn forward_outbound<IO>(
     };
     let _ = upstream.set_nodelay(true);
     let idle = shared.limits.tcp_idle_timeout();
+    if let Some((
+        external,
+        crate::config::ExternalPort {
+            originate_tls_port: Some(_),
+            ..
+        },
+    )) = outside
+    {
+        // The application speaks plaintext; the proxy speaks TLS to the outside server.
+        let Some((config, server_name)) = external.origin(Alpn::None) else {
+            count(
+                &mut rec,
+                &shared,
+                dest.label.clone(),
+                backend.name.clone(),
+                "tls",
+            );
+            return;
+        };
+        let timeout = shared.limits.tls_handshake_timeout();
+        match crate::tls::originate(&config, server_name, &shared.metrics, upstream, timeout).await
+        {
+            Ok(mut tls) => {
+                count(
+                    &mut rec,
+                    &shared,
+                    dest.label.clone(),
+                    backend.name.clone(),
+                    "",
+                );
+                let ended = copy_with_idle_timeout(&mut client, &mut tls, idle, first_byte).await;
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "TCP connection ended with an error");
+                }
+            }
+            Err(e) => {
+                tracing::info!(destination = %dest.key, endpoint = %address, error = %e, "closing TCP connection: TLS to the outside server failed");
+                count(
+                    &mut rec,
+                    &shared,
+                    dest.label.clone(),
+                    backend.name.clone(),
+                    e.reason(),
+                );
+            }
+        }
+        return;
+    }
     let ended = match endpoint
         .identity
         .as_deref()
-        .filter(|_| shared.identity.is_configured())
+        .filter(|_| shared.identity.is_configured() && outside.is_none())
     {
         Some(expected) => {
             let tls = crate::tls::connect(

@@ -177,15 +177,31 @@ where
 }
 
 /// A hyper connector that speaks mTLS to endpoints of one expected identity (one connection
-/// pool per identity, so pooled connections are keyed by (address, identity)).
+/// pool per identity, so pooled connections are keyed by (address, identity)), or TLS this
+/// proxy originates to a destination outside the mesh ([`MeshConnector::origin`]).
 #[derive(Debug, Clone)]
 pub struct MeshConnector {
     http: crate::connect::PlainConnector,
-    store: Arc<IdentityStore>,
+    peer: Peer,
     metrics: Metrics,
-    expected: Arc<str>,
-    alpn: Alpn,
     timeout: Duration,
+}
+
+/// Who is at the other end of a [`MeshConnector`]'s connections.
+#[derive(Debug, Clone)]
+enum Peer {
+    /// Another proxy, named by its SPIFFE id: mutual TLS with this workload's certificate.
+    Mesh {
+        store: Arc<IdentityStore>,
+        expected: Arc<str>,
+        alpn: Alpn,
+    },
+    /// A server outside the mesh: TLS with its host name checked against the configured roots,
+    /// no client certificate (the outside does not know mesh identities).
+    Origin {
+        config: Arc<rustls::ClientConfig>,
+        server_name: ServerName<'static>,
+    },
 }
 
 impl MeshConnector {
@@ -200,10 +216,32 @@ impl MeshConnector {
     ) -> Self {
         MeshConnector {
             http,
-            store,
+            peer: Peer::Mesh {
+                store,
+                expected: Arc::from(expected),
+                alpn,
+            },
             metrics,
-            expected: Arc::from(expected),
-            alpn,
+            timeout,
+        }
+    }
+
+    /// A connector originating TLS with `config` to servers named `server_name` (outside the
+    /// mesh: see [`crate::external`]).
+    pub fn origin(
+        http: crate::connect::PlainConnector,
+        config: Arc<rustls::ClientConfig>,
+        server_name: ServerName<'static>,
+        metrics: Metrics,
+        timeout: Duration,
+    ) -> Self {
+        MeshConnector {
+            http,
+            peer: Peer::Origin {
+                config,
+                server_name,
+            },
+            metrics,
             timeout,
         }
     }
@@ -221,7 +259,9 @@ impl tower::Service<Uri> for MeshConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let mut this = self.clone();
         Box::pin(async move {
-            if this.store.current().is_none() {
+            if let Peer::Mesh { store, .. } = &this.peer
+                && store.current().is_none()
+            {
                 this.metrics.tls_error("outbound", "no-identity");
                 return Err(TlsError::NoIdentity);
             }
@@ -230,18 +270,66 @@ impl tower::Service<Uri> for MeshConnector {
                 .await
                 .map_err(TlsError::Connect)?
                 .into_parts();
-            let tls = connect(
-                &this.store,
-                &this.metrics,
-                &this.expected,
-                &address,
-                tcp,
-                this.alpn,
-                this.timeout,
-            )
-            .await?;
+            let tls = match &this.peer {
+                Peer::Mesh {
+                    store,
+                    expected,
+                    alpn,
+                } => {
+                    connect(
+                        store,
+                        &this.metrics,
+                        expected,
+                        &address,
+                        tcp,
+                        *alpn,
+                        this.timeout,
+                    )
+                    .await?
+                }
+                Peer::Origin {
+                    config,
+                    server_name,
+                } => {
+                    originate(
+                        config,
+                        server_name.clone(),
+                        &this.metrics,
+                        tcp,
+                        this.timeout,
+                    )
+                    .await?
+                }
+            };
             Ok(MeshStream(TokioIo::new(tls), permit))
         })
+    }
+}
+
+/// Client side of TLS this proxy originates to a server outside the mesh: `config` checks the
+/// server's chain and that it names `server_name` (rustls' WebPKI verifier).
+pub async fn originate(
+    config: &Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+    metrics: &Metrics,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TlsError> {
+    let started = Instant::now();
+    let handshake = tokio_rustls::TlsConnector::from(Arc::clone(config)).connect(server_name, tcp);
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(tls)) => {
+            metrics.tls_handshake("origin", started.elapsed());
+            Ok(tls)
+        }
+        Ok(Err(e)) => {
+            metrics.tls_error("origin", io_reason(&e));
+            Err(TlsError::Handshake(e))
+        }
+        Err(_) => {
+            metrics.tls_error("origin", "timeout");
+            Err(TlsError::Timeout)
+        }
     }
 }
 

@@ -82,6 +82,10 @@ pub struct Clients {
     mesh: [RwLock<HashMap<String, MeshClient>>; 2],
     /// The breaker whose connection limit these clients' connections count against.
     breaker: Option<crate::resilience::Breaker>,
+    /// HTTP/1.1 clients originating TLS to destinations outside the mesh, by server name and
+    /// configuration (one per declared host and CA bundle: [`crate::external::origin_config`]
+    /// makes each configuration once).
+    origin: RwLock<HashMap<(String, usize), MeshClient>>,
 }
 
 impl Clients {
@@ -108,6 +112,7 @@ impl Clients {
             handshake_timeout: limits.tls_handshake_timeout(),
             mesh: Default::default(),
             breaker,
+            origin: RwLock::default(),
         }
     }
 
@@ -123,6 +128,42 @@ impl Clients {
     /// The plaintext client: h2c (prior knowledge) or HTTP/1.1.
     pub fn plain(&self, http2: bool) -> &UpstreamClient {
         if http2 { &self.http2 } else { &self.http1 }
+    }
+
+    /// The HTTP/1.1 client originating TLS with `config` to servers named `server_name`
+    /// (created on first use).
+    pub fn origin(
+        &self,
+        config: Arc<rustls::ClientConfig>,
+        server_name: rustls::pki_types::ServerName<'static>,
+        metrics: &Metrics,
+    ) -> MeshClient {
+        let key = (
+            server_name.to_str().into_owned(),
+            Arc::as_ptr(&config) as usize,
+        );
+        if let Some(c) = self
+            .origin
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return c.clone();
+        }
+        let connector = MeshConnector::origin(
+            self.connector.clone(),
+            config,
+            server_name,
+            metrics.clone(),
+            self.handshake_timeout,
+        );
+        let client: MeshClient = self.builder.clone().build(connector);
+        self.origin
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_insert(client)
+            .clone()
     }
 
     /// The mTLS client towards endpoints named `expected` (created on first use).

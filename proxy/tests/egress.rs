@@ -10,8 +10,16 @@
 //!
 //! With `outbound.egress: deny`: the outside server is never reached (closed at once, counted
 //! `reason="egress-denied"`), the mesh destination is still routed. Reloaded with `allow`: the
-//! same outside server is reached unchanged (passthrough). Needs root, `ip`, `iptables-restore`,
-//! `setpriv` and `curl`; skipped with the reason elsewhere.
+//! same outside server is reached unchanged (passthrough).
+//!
+//! Declared outside hosts (the file's `external` destinations, as the controller sends
+//! ExternalServices): under the same lockdown, a host declared for this workload is reached by
+//! its name (the HTTP Host, or the TLS SNI, read from the intercepted connection), a host
+//! declared for another workload gets `403 egress-forbidden` from the proxy itself, an
+//! undeclared address is still refused, and a declared port with TLS origination carries the
+//! application's plaintext HTTP over TLS checked against the declaration's CA.
+//!
+//! Needs root, `ip`, `iptables-restore`, `setpriv` and `curl`; skipped with the reason elsewhere.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -22,6 +30,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use trellis_intercept::{Family, InterceptRules};
+
+mod common;
+use common::certs::{Ca, identity_yaml, new_ca, valid_leaf};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 const ADMIN_PORT: u16 = 15020;
@@ -135,6 +146,11 @@ impl Pod {
 
     /// `curl` in the pod, one fresh connection: the body, or `None` when no answer came.
     fn curl(&self, url: &str) -> Option<String> {
+        self.curl_with(&[url])
+    }
+
+    /// `curl` in the pod with `args`: its standard output, or `None` when it failed.
+    fn curl_with(&self, args: &[&str]) -> Option<String> {
         let out = Command::new("ip")
             .args([
                 "netns",
@@ -145,7 +161,7 @@ impl Pod {
                 "--max-time",
                 "5",
             ])
-            .arg(url)
+            .args(args)
             .output()
             .ok()?;
         out.status
@@ -319,6 +335,215 @@ async fn egress_lockdown_refuses_destinations_outside_the_mesh() {
     assert!(
         m.contains("destination=\"passthrough\""),
         "passthrough counted: {m}"
+    );
+
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
+
+/// A free port on `ip` (bound and released).
+fn free_port_on(ip: Ipv4Addr) -> SocketAddr {
+    let listener = std::net::TcpListener::bind(SocketAddr::from((ip, 0))).unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// An HTTPS server at `addr` with a certificate for `host` signed by `ca`, answering `name`;
+/// counts the requests it answered.
+async fn tls_server(addr: SocketAddr, ca: &Ca, host: &str, name: &'static str) -> Arc<AtomicUsize> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![host.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca.issuer)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
+                    name.len()
+                );
+                let _ = tls.write_all(reply.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    answered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_outside_hosts_pass_the_lockdown_for_the_workloads_they_allow() {
+    if let Some(reason) = unavailable() {
+        println!(
+            "SKIP declared_outside_hosts_pass_the_lockdown_for_the_workloads_they_allow: {reason}"
+        );
+        return;
+    }
+    let pod = Pod::create().expect("the pod's namespace");
+    let outside_ip = pod.host(1);
+    let api_addr = free_port_on(outside_ip);
+    let api = server(api_addr, "api").await;
+    let ca = new_ca("outside CA");
+    let secure_addr = free_port_on(outside_ip);
+    let secure = tls_server(secure_addr, &ca, "secure.example.test", "secure").await;
+    // The port the application calls in plaintext; nothing listens there: the proxy
+    // originates TLS to `secure_addr`'s port instead.
+    let plain_port = 8080;
+
+    let dir = tempfile::tempdir().unwrap();
+    open_to_all(dir.path());
+    let me = "spiffe://test.local/ns/shop/sa/checkout";
+    let identity = identity_yaml(dir.path(), "checkout", &valid_leaf(&ca, me), &[&ca]);
+    let ca_pem = ca
+        .pem
+        .lines()
+        .map(|l| format!("        {l}\n"))
+        .collect::<String>();
+    let (api_port, secure_port) = (api_addr.port(), secure_addr.port());
+    let config = format!(
+        "admin: {}:{ADMIN_PORT}
+{identity}transparent:
+  outbound: 127.0.0.1:15001
+outbound:
+  egress: deny
+destinations:
+  - authority: api.example.test
+    protocol: detect
+    backends: [{{ name: api, endpoints: [{{ address: \"{outside_ip}\" }}] }}]
+    external: {{ name: shop/api, allowed_identities: [\"{me}\"], ports: [{{ port: {api_port} }}] }}
+  - authority: forbidden.example.test
+    protocol: detect
+    backends: [{{ name: forbidden, endpoints: [{{ address: \"{outside_ip}\" }}] }}]
+    external:
+      name: shop/forbidden
+      allowed_identities: [\"spiffe://test.local/ns/shop/sa/other\"]
+      ports: [{{ port: {api_port} }}]
+  - authority: secure.example.test
+    protocol: detect
+    backends: [{{ name: secure, endpoints: [{{ address: \"{outside_ip}\" }}] }}]
+    external:
+      name: shop/secure
+      allowed_identities: [\"*\"]
+      ports: [{{ port: {plain_port}, originate_tls_port: {secure_port} }}, {{ port: {secure_port} }}]
+      ca_bundle: |
+{ca_pem}",
+        pod.host(2),
+    );
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, config).unwrap();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        open_to_all(&entry.unwrap().path());
+    }
+    let mut proxy = Command::new("ip")
+        .args(["netns", "exec", &pod.netns, "setpriv"])
+        .args(["--reuid=1337", "--regid=1337", "--clear-groups", "--", BIN])
+        .args(["--config", path.to_str().unwrap(), "--threads", "1"])
+        .args(["--log", "info,trellis_proxy::server::transparent=debug"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("proxy.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(dir.path().join("proxy.log")).unwrap_or_default();
+    let admin = SocketAddr::from((pod.host(2), ADMIN_PORT));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(admin).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy never listened: {}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resolve = |host: &str, port: u16| format!("{host}:{port}:{outside_ip}");
+
+    // Declared for this workload: reached by its name (the Host header), whatever the address.
+    let url = format!("http://api.example.test:{api_port}/");
+    let body = pod.curl_with(&["--resolve", &resolve("api.example.test", api_port), &url]);
+    assert_eq!(body.as_deref(), Some("api"), "{}", log());
+    assert_eq!(api.load(Ordering::SeqCst), 1);
+
+    // Declared for another workload: the proxy answers 403 itself, nothing leaves.
+    let url = format!("http://forbidden.example.test:{api_port}/");
+    let answer = pod.curl_with(&[
+        "--resolve",
+        &resolve("forbidden.example.test", api_port),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %header{x-trellis-error}",
+        &url,
+    ]);
+    assert_eq!(answer.as_deref(), Some("403 egress-forbidden"), "{}", log());
+    assert_eq!(api.load(Ordering::SeqCst), 1, "never forwarded");
+
+    // The same server by its address alone: undeclared, refused by the lockdown.
+    assert_eq!(pod.curl(&format!("http://{api_addr}/")), None);
+    assert_eq!(api.load(Ordering::SeqCst), 1, "never forwarded");
+
+    // TLS originated: the application speaks plain HTTP to port 8080, the server gets TLS
+    // (its certificate checked against the declaration's CA bundle for the declared host).
+    let url = format!("http://secure.example.test:{plain_port}/");
+    let body = pod.curl_with(&[
+        "--resolve",
+        &resolve("secure.example.test", plain_port),
+        &url,
+    ]);
+    assert_eq!(body.as_deref(), Some("secure"), "{}", log());
+    assert_eq!(secure.load(Ordering::SeqCst), 1);
+
+    // The application's own TLS passes through, named by its SNI.
+    let ca_file = dir.path().join("outside-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let url = format!("https://secure.example.test:{secure_port}/");
+    let body = pod.curl_with(&[
+        "--cacert",
+        ca_file.to_str().unwrap(),
+        "--resolve",
+        &resolve("secure.example.test", secure_port),
+        &url,
+    ]);
+    assert_eq!(body.as_deref(), Some("secure"), "{}", log());
+    assert_eq!(secure.load(Ordering::SeqCst), 2);
+
+    let m = metrics(admin).await;
+    let refused = "trellis_connections_refused_total{listener=\"outbound-transparent\",reason=\"egress-denied\"}";
+    assert_eq!(sample(&m, refused), 1.0, "{m}");
+    assert!(
+        m.contains("error=\"egress-forbidden\""),
+        "the refusal is counted: {m}"
+    );
+    assert!(
+        log().contains("does not allow spiffe://test.local/ns/shop/sa/checkout"),
+        "the refusal is logged with why: {}",
+        log()
     );
 
     let _ = proxy.kill();

@@ -425,6 +425,7 @@ pub fn apply_update(
             tracing::info!(destination = %key, reason = %nf.reason, "controller: destination does not exist");
             // The mesh-wide egress switch comes with every not-found answer (the latest wins).
             shared.routes.set_egress_denied(nf.egress_denied);
+            shared.routes.set_external_ports(&nf.external_ports);
             shared.routes.remove_destination(key);
             Ok(())
         }
@@ -568,6 +569,23 @@ pub fn destination_from_proto(key: &str, p: v1::DestinationProfile) -> config::D
                     tracing::warn!(destination = key, "destination policy refused: {e}")
                 })
                 .ok()
+        }),
+        external: p.external.map(|e| config::External {
+            name: e.name,
+            allowed_identities: e.allowed_identities,
+            ports: e
+                .ports
+                .into_iter()
+                .filter_map(|p| {
+                    Some(config::ExternalPort {
+                        port: u16::try_from(p.port).ok()?,
+                        originate_tls_port: u16::try_from(p.originate_tls_port)
+                            .ok()
+                            .filter(|port| *port != 0),
+                    })
+                })
+                .collect(),
+            ca_bundle: Some(e.ca_bundle).filter(|pem| !pem.is_empty()),
         }),
     }
 }

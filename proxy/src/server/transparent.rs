@@ -163,6 +163,15 @@ pub(crate) async fn outbound(
         };
         return Box::pin(serve_connection(stream, peer, kind, shared, shutdown)).await;
     }
+    if shared.routes.is_external_port(original.port())
+        && let Some(named) = declared_outside(&stream, original.port(), &shared).await
+    {
+        let kind = ListenerKind::OutboundPort {
+            destination: Arc::from(named.as_str()),
+            protocol: None,
+        };
+        return Box::pin(serve_connection(stream, peer, kind, shared, shutdown)).await;
+    }
     if egress_denied(&shared, original) {
         // Closed at once, never forwarded: opaque TCP has no way to say why, the counter and
         // the log line do.
@@ -173,6 +182,26 @@ pub(crate) async fn outbound(
         return;
     }
     passthrough(stream, original, &shared).await;
+}
+
+/// The declared outside destination (`name:port`) a connection to an unknown address is
+/// meant for: the name its first bytes carry (SNI or Host, peeked, nothing consumed), when the
+/// mesh declares that name as an ExternalService. A mesh service's name is not taken from an
+/// unknown address's bytes: such a connection stays what its address says.
+async fn declared_outside(stream: &TcpStream, port: u16, shared: &Shared) -> Option<String> {
+    let name = crate::external::peek_name(stream, shared.limits.detect_timeout()).await?;
+    let named = format!("{name}:{port}");
+    let key = trellis_proxy_api::authority::normalize(&named).ok()?.key();
+    let external = |shared: &Shared| match shared.routes.table.load().lookup(&key) {
+        Lookup::Found(d) => Some(d.external.is_some()),
+        _ => None,
+    };
+    if external(shared).is_none()
+        && let Some(resolver) = &shared.routes.resolver
+    {
+        resolver.resolve(&key).await;
+    }
+    external(shared)?.then_some(named)
 }
 
 /// Whether the egress lockdown (`outbound.egress: deny`, or the controller's `--egress deny`)

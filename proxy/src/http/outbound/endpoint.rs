@@ -18,7 +18,7 @@ use hyper_util::client::legacy::ResponseFuture;
 use tower::Service;
 
 use super::timeout::Expire;
-use super::{Answer, Chosen, Failure, Outbound, Target, aim};
+use super::{Answer, Chosen, Failure, Outbound, Target, aim, called_port};
 use crate::balance::InFlight;
 use crate::http::Reason;
 use crate::http::body::{IdleTimeout, RequestBody};
@@ -121,8 +121,32 @@ pub(super) fn send(
             ..Failure::before_sending(Reason::NoIdentity, Some(b))
         });
     }
-    let http2 = endpoint.http2 || client_http2;
-    if let Err(e) = aim(&mut req, endpoint.authority.clone(), http2) {
+    // Outside the mesh: the endpoint's host at the port called (or the one TLS is originated
+    // to), and HTTP/1.1 when the proxy originates the TLS (it offers only `http/1.1`).
+    let outside = match &dest.external {
+        Some(external) => {
+            let port = external.port(called_port(req.uri(), req.headers()));
+            let authority =
+                port.and_then(|p| crate::external::endpoint_authority(&endpoint.authority, p));
+            let Some((port, authority)) = port.zip(authority) else {
+                return failed(Failure::before_sending(Reason::EgressForbidden, Some(b)));
+            };
+            let origin = port
+                .originate_tls_port
+                .and_then(|_| external.origin(crate::tls::Alpn::Http1));
+            Some((authority, origin))
+        }
+        None => None,
+    };
+    let http2 = match &outside {
+        Some((_, Some(_))) => false,
+        _ => endpoint.http2 || client_http2,
+    };
+    let authority = match &outside {
+        Some((authority, _)) => authority.clone(),
+        None => endpoint.authority.clone(),
+    };
+    if let Err(e) = aim(&mut req, authority, http2) {
         tracing::warn!(error = %e, "could not build the upstream request");
         return failed(Failure::before_sending(Reason::UpstreamFailed, Some(b)));
     }
@@ -132,11 +156,14 @@ pub(super) fn send(
         .upstreams
         .for_destination(&dest.key, dest.breaker.as_ref());
     let clients = own.as_deref().unwrap_or(shared.upstreams.shared());
-    let sent = match expected {
-        Some(expected) => clients
+    let sent = match (outside, expected) {
+        (Some((_, Some((config, server_name)))), _) => clients
+            .origin(config, server_name, &shared.metrics)
+            .request(req),
+        (_, Some(expected)) => clients
             .mesh(expected, http2, &shared.identity, &shared.metrics)
             .request(req),
-        None => clients.plain(http2).request(req),
+        (_, None) => clients.plain(http2).request(req),
     };
     EndpointFuture(State::Sending(Sending {
         sent,

@@ -236,6 +236,20 @@ pub(super) async fn outbound(
         Ok(d) => d,
         Err(resp) => return outbound_error(shared, resp.0, &resp.1, started),
     };
+    if let Some(external) = &dest.external
+        && let Err(why) = admit_external(shared, external, req.uri(), req.headers())
+    {
+        tracing::info!(destination = %dest.key, external = %external.name, "request refused: {why}");
+        return dest_error(
+            shared,
+            &dest,
+            None,
+            label_empty(),
+            Reason::EgressForbidden,
+            started,
+            None,
+        );
+    }
     let route = dest.match_route(req.method(), req.uri().path(), req.headers());
     let route_label = dest.route_name(route).clone();
     let idle = dest.route_policy(route).idle_timeout;
@@ -374,6 +388,35 @@ fn mesh_identity(
         .identity
         .clone()
         .filter(|_| shared.identity.is_configured())
+}
+
+/// Whether this proxy may send a request to a destination outside the mesh (see
+/// [`crate::external`]): its own identity listed, and the port called declared.
+fn admit_external(
+    shared: &Shared,
+    external: &crate::external::ExternalTable,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<(), String> {
+    let own = shared.identity.current();
+    external
+        .check(
+            own.as_ref().map(|g| &*g.identity_label),
+            called_port(uri, headers),
+        )
+        .map(|_| ())
+}
+
+/// The port a request calls: its authority's, else its `Host`'s, else 80 (plain HTTP to the
+/// proxy).
+pub(super) fn called_port(uri: &Uri, headers: &HeaderMap) -> u16 {
+    uri.authority()
+        .and_then(|a| a.port_u16())
+        .or_else(|| {
+            let host = headers.get(HOST)?.to_str().ok()?;
+            host.parse::<http::uri::Authority>().ok()?.port_u16()
+        })
+        .unwrap_or(80)
 }
 
 /// The destination a request names, asking the controller about unknown ones.
