@@ -906,5 +906,65 @@ mod tests {
         assert!(shared.routes.egress_denied());
         apply_update(&shared, "203.0.113.9:443", denied(false)).unwrap();
         assert!(!shared.routes.egress_denied());
+
+        // So do the ExternalServices' ports (the latest answer wins).
+        assert!(!shared.routes.is_external_port(443));
+        let ports = |external_ports| {
+            update(v1::destination_update::Kind::NotFound(v1::NotFound {
+                egress_denied: false,
+                external_ports,
+                reason: "not in the mesh".into(),
+            }))
+        };
+        apply_update(&shared, "203.0.113.9:443", ports(vec![8443, 443, 443])).unwrap();
+        assert!(shared.routes.is_external_port(443) && shared.routes.is_external_port(8443));
+        assert!(!shared.routes.is_external_port(80));
+        apply_update(&shared, "203.0.113.9:443", ports(vec![80])).unwrap();
+        assert!(shared.routes.is_external_port(80) && !shared.routes.is_external_port(443));
+    }
+
+    #[test]
+    fn an_external_profile_becomes_an_outside_destination() {
+        let shared = shared();
+        let profile = v1::DestinationProfile {
+            authority: "api.pay.example".into(),
+            backends: vec![v1::Backend {
+                name: "payments".into(),
+                weight: 1,
+                endpoints: vec![endpoint("api.pay.example")],
+                workload: None,
+            }],
+            external: Some(v1::ExternalService {
+                name: "shop/payments".into(),
+                allowed_identities: vec!["spiffe://cluster.local/ns/shop/sa/checkout".into()],
+                ports: vec![
+                    v1::ExternalPort {
+                        port: 443,
+                        originate_tls_port: 0,
+                    },
+                    v1::ExternalPort {
+                        port: 80,
+                        originate_tls_port: 443,
+                    },
+                ],
+                ca_bundle: String::new(),
+            }),
+            ..Default::default()
+        };
+        let d = destination_from_proto("api.pay.example", profile.clone());
+        let external = d.external.as_ref().expect("external");
+        assert_eq!(external.ports[0].originate_tls_port, None, "0 = none");
+        assert_eq!(external.ports[1].originate_tls_port, Some(443));
+        assert_eq!(external.ca_bundle, None, "empty = the system's roots");
+        apply_update(
+            &shared,
+            "api.pay.example",
+            update(v1::destination_update::Kind::Profile(profile)),
+        )
+        .unwrap();
+        let entry = entry(&shared, "api.pay.example");
+        let table = entry.external.as_ref().expect("compiled as outside");
+        assert!(table.port(80).is_some() && table.port(22).is_none());
+        assert!(shared.routes.is_external_port(443), "its ports are read");
     }
 }

@@ -11,6 +11,9 @@
 //!   original destination, unless egress is locked down (`outbound.egress:
 //!   deny`): then it is closed at once (`reason="egress-denied"`). The answer is cached per
 //!   `IP:PORT` like any destination (one watch per key, no controller call per connection).
+//!   Before either, on a port an ExternalService declares, the connection's first bytes are
+//!   peeked for the name it was meant for (SNI or Host, [`crate::external::peek_name`]): a
+//!   declared outside name is served as that destination, whatever its address.
 //! - **Inbound**: authorized with the inbound policy of the original port (TrafficTargets of this
 //!   workload for that port, mTLS detection, deny by default), then delivered to the application
 //!   on `127.0.0.1:<original port>`. The policy of a port is watched from the controller on the
