@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use trellis_proxy::config::{Config, Inbound, PortForward, Workload};
+use trellis_proxy::config::{Config, Inbound, PortForward, UdpForward, Workload};
 use trellis_proxy::controller::tls::{Anchors, ControllerTls};
 use trellis_proxy::controller::{Controller, ControllerOptions};
 use trellis_proxy::identity::{self, CertifierOptions, IdentityStore};
@@ -97,6 +97,17 @@ struct Cli {
         value_delimiter = ','
     )]
     ports: Vec<String>,
+    /// Local UDP port LISTEN=AUTHORITY, repeatable (controller mode; in the environment,
+    /// comma-separated): each client address sending to LISTEN is a session carried over mTLS
+    /// to an endpoint of AUTHORITY (its TrafficSplit picks the backend) and delivered there as
+    /// UDP, to the port written in AUTHORITY (UDPRoute; the file's `outbound.udp`).
+    #[arg(
+        long = "udp",
+        value_name = "LISTEN=AUTHORITY",
+        env = "TRELLIS_PROXY_UDP",
+        value_delimiter = ','
+    )]
+    udp: Vec<String>,
     /// Transparent outbound listener (controller mode), e.g. 127.0.0.1:15001: connections the
     /// interception rules redirected, routed by their original destination (a Service's virtual
     /// address, a pod, or forwarded unchanged when the mesh does not know it).
@@ -252,6 +263,13 @@ fn controller_base(cli: &Cli) -> anyhow::Result<Config> {
             protocol: None,
         });
     }
+    for u in &cli.udp {
+        let (listen, destination) = split_pair("--udp", u)?;
+        config.outbound.udp.push(UdpForward {
+            listen,
+            destination,
+        });
+    }
     if let Some(i) = &cli.inbound {
         let (listen, app) = split_pair("--inbound", i)?;
         let app = app
@@ -355,7 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ));
         (proxy, drain)
     };
-    tracing::info!(admin = ?proxy.admin, http = ?proxy.http, ports = ?proxy.ports, inbound = ?proxy.inbound, outbound_transparent = ?proxy.outbound_transparent, inbound_transparent = ?proxy.inbound_transparent, "trellis-proxy started");
+    tracing::info!(admin = ?proxy.admin, http = ?proxy.http, ports = ?proxy.ports, udp = ?proxy.udp, inbound = ?proxy.inbound, outbound_transparent = ?proxy.outbound_transparent, inbound_transparent = ?proxy.inbound_transparent, "trellis-proxy started");
     wait_for_termination().await?;
     tracing::info!(open = proxy.open_connections(), "draining");
     let left = proxy.drain(drain).await;

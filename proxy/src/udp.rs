@@ -202,10 +202,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Held<T> {
 /// prefix): read its header, authorize `caller` for the header's port with the rules covering
 /// `udp`, then forward datagrams to the application's UDP port until the tunnel ends, goes
 /// idle or a policy change no longer allows it.
-pub async fn serve_inbound<IO>(io: IO, caller: Caller, shared: Arc<Shared>)
+pub async fn serve_inbound<IO>(mut io: IO, caller: Caller, shared: Arc<Shared>)
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
+    // A transparent listener's policies are watched per port on demand, and the port a tunnel
+    // is authorized for is the UDP port its header names: ask about it first (as the first TCP
+    // connection to a port does), then hand the header on with the stream.
+    let mut header = bytes::Bytes::new();
+    if caller.transparent {
+        let read = tokio::time::timeout(shared.limits.header_read_timeout(), Header::read(&mut io));
+        let Ok(Ok(h)) = read.await else {
+            tracing::debug!(peer = %caller.peer, "inbound UDP tunnel closed: no valid header");
+            return;
+        };
+        if let Some(resolver) = &shared.routes.resolver {
+            resolver.inbound(h.port).await;
+        }
+        header = bytes::Bytes::copy_from_slice(&h.encode());
+    }
+    let io = crate::detect::PrefixedIo::new(header, io);
     // Subscribed before the first decision: a change between the two is seen by `revoked`'s
     // first check.
     let mut changes = shared.routes.table_changes.subscribe();

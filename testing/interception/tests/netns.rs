@@ -19,6 +19,13 @@
 //! guard (a connection to the outbound listener itself refused), and that the proxy's own
 //! upstream connections are not intercepted again (its transparent listener accepted exactly the
 //! client's connections).
+//!
+//! UDP (UDPRoute) through the same mesh: pod-b also runs a UDP echo on :5353; the client pods'
+//! proxies carry their local UDP port 5300 to `app-b.default:5353` (`--udp`). The tunnel
+//! reaches pod-b's address as TCP, is intercepted there like any inbound connection, and is
+//! authorized by the controller's compilation of a TrafficTarget with a UDPRoute rule (asked for
+//! the UDP port on demand, as a transparent port's policy is): service-a's datagrams are echoed,
+//! service-d's are not.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -41,6 +48,10 @@ const SERVICE_PORT: u16 = 80;
 const APP_PORT: u16 = 8080;
 /// The port of the server outside the mesh.
 const PLAIN_PORT: u16 = 9000;
+/// The UDP port of pod-b's UDP echo (the UDPRoute's port).
+const UDP_APP_PORT: u16 = 5353;
+/// The local UDP port the client pods' proxies carry to `app-b.default:5353`.
+const UDP_LOCAL_PORT: u16 = 5300;
 /// The IPv6 prefix of the pods that also get an IPv6 address (a ULA; held by this test's
 /// namespaces only): the IPv6 rules and `IP6T_SO_ORIGINAL_DST` are exercised too.
 const V6_PREFIX: &str = "fd7e:7472:656c::";
@@ -199,6 +210,7 @@ struct Pod {
     addr: Ipv4Addr,
     _proxy: Process,
     _echo: Option<Process>,
+    _udp_echo: Option<Process>,
 }
 
 struct Mesh {
@@ -301,6 +313,69 @@ spec:
   - { kind: ServiceAccount, name: service-a, namespace: default }
 ";
 
+/// service-a may send UDP to service-b's port 5353 (a rule of its own: UDP only); service-d
+/// is named nowhere.
+const UDP_ACCESS_YAML: &str = "apiVersion: specs.smi-spec.io/v1alpha4
+kind: UDPRoute
+metadata: { name: echo-udp, namespace: default }
+spec:
+  matches:
+    ports: [5353]
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: { name: a-to-b-udp, namespace: default }
+spec:
+  destination: { kind: ServiceAccount, name: service-b, namespace: default }
+  rules:
+  - { kind: UDPRoute, name: echo-udp }
+  sources:
+  - { kind: ServiceAccount, name: service-a, namespace: default }
+";
+
+/// A UDP echo on `0.0.0.0:port` answering `<name> <datagram>` (Python: nothing in the
+/// workspace serves UDP as an application).
+fn udp_echo_script(name: &str, port: u16) -> String {
+    [
+        "import socket".to_string(),
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)".into(),
+        format!("s.bind(('0.0.0.0', {port}))"),
+        format!("print('listening on 0.0.0.0:{port}', flush=True)"),
+        "while True:".into(),
+        "    data, peer = s.recvfrom(65535)".into(),
+        format!("    s.sendto(b'{name} ' + data, peer)"),
+    ]
+    .join("\n")
+}
+
+/// One datagram from a fresh socket in `netns` to `127.0.0.1:port`: the answer, or None when
+/// none came within a second.
+async fn udp_call(netns: &str, port: u16, payload: &str) -> anyhow::Result<Option<String>> {
+    let script = [
+        "import socket".to_string(),
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)".into(),
+        "s.settimeout(1.0)".into(),
+        format!("s.sendto(b'{payload}', ('127.0.0.1', {port}))"),
+        "try:".into(),
+        "    print(s.recvfrom(65535)[0].decode(), end='')".into(),
+        "except socket.timeout:".into(),
+        "    print('<timeout>', end='')".into(),
+    ]
+    .join("\n");
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", netns, "python3", "-c", &script])
+        .output()
+        .await
+        .context("running python3 in the pod")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the UDP client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer = String::from_utf8_lossy(&out.stdout).into_owned();
+    Ok((answer != "<timeout>").then_some(answer))
+}
+
 /// Makes a directory and its files readable by the proxies (UID 1337).
 fn open_to_all(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
@@ -380,6 +455,7 @@ services:
 "
     );
     std::fs::write(policy.join("access.yaml"), ACCESS_YAML)?;
+    std::fs::write(policy.join("udp-access.yaml"), UDP_ACCESS_YAML)?;
 
     // One bootstrap token per workload.
     let tokens = dir.path().join("tokens");
@@ -479,6 +555,33 @@ services:
             }
             None => None,
         };
+        let udp_echo = match app {
+            Some("app-b") => {
+                let mut p = Process::spawn_in(
+                    Some(&netns),
+                    &format!("udp-echo-{name}"),
+                    Path::new("python3"),
+                    &[
+                        "-u".into(),
+                        "-c".into(),
+                        udp_echo_script("app-b", UDP_APP_PORT),
+                    ],
+                    &[],
+                    &log_dir,
+                )?;
+                p.listening_on().await?;
+                Some(p)
+            }
+            _ => None,
+        };
+        // Callers carry a local UDP port to app-b's UDP port.
+        let udp_args: Vec<String> = match app {
+            None => vec![
+                "--udp".into(),
+                format!("127.0.0.1:{UDP_LOCAL_PORT}=app-b.default:{UDP_APP_PORT}"),
+            ],
+            Some(_) => Vec::new(),
+        };
         // The proxy as UID 1337, the UID the rules leave alone: `ip netns exec` must run as
         // root, so the UID changes after it (setpriv), right before the proxy starts.
         let mut proxy_process = Process::spawn_in(
@@ -507,7 +610,10 @@ services:
                 TRUST_DOMAIN.into(),
                 "--threads".into(),
                 "1".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(udp_args)
+            .collect::<Vec<_>>(),
             &[],
             &log_dir,
         )?;
@@ -523,6 +629,7 @@ services:
                 addr,
                 _proxy: proxy_process,
                 _echo: echo_process,
+                _udp_echo: udp_echo,
             },
         ));
     }
@@ -709,6 +816,51 @@ async fn scenarios(mesh: &Mesh) -> anyhow::Result<()> {
     println!(
         "{late}: forwarded unchanged, then routed once its service was created, then unchanged again once deleted"
     );
+
+    // UDP: service-a's datagrams reach app-b's UDP echo through both proxies (mTLS tunnel,
+    // intercepted at pod-b, authorized by the UDPRoute rule); service-d's are dropped.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        if let Some(answer) = udp_call(&mesh.pod("pod-a").netns, UDP_LOCAL_PORT, "ping").await? {
+            break answer;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "pod-a's datagrams never reached app-b's UDP echo"
+        );
+    };
+    anyhow::ensure!(answer == "app-b ping", "UDP answer from pod-a: {answer:?}");
+    for i in 0..5 {
+        let payload = format!("ping-{i}");
+        let answer = udp_call(&mesh.pod("pod-a").netns, UDP_LOCAL_PORT, &payload).await?;
+        anyhow::ensure!(
+            answer.as_deref() == Some(format!("app-b {payload}").as_str()),
+            "UDP from pod-a, datagram {i}: {answer:?}"
+        );
+    }
+    for _ in 0..3 {
+        let answer = udp_call(&mesh.pod("pod-d").netns, UDP_LOCAL_PORT, "ping").await?;
+        anyhow::ensure!(
+            answer.is_none(),
+            "service-d's datagram was answered: {answer:?}"
+        );
+    }
+    let admin_b = SocketAddr::from((mesh.pod("pod-b").addr, ADMIN_PORT));
+    let (_, metrics_b) = get(admin_b, "/metrics").await?;
+    let refused_at_b: f64 = metrics_b
+        .lines()
+        .filter(|l| {
+            l.starts_with("trellis_udp_refused_total{")
+                && l.contains("direction=\"inbound\"")
+                && l.contains("reason=\"forbidden\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    anyhow::ensure!(
+        refused_at_b >= 1.0,
+        "pod-b counts service-d's refused tunnels: {refused_at_b}"
+    );
+    println!("UDP: pod-a 6/6 datagrams echoed by app-b; pod-d 3/3 unanswered (refused at pod-b)");
 
     // A caller without mesh identity (the test process) at a pod: refused by its proxy.
     let pod_b = SocketAddr::from((mesh.pod("pod-b").addr, APP_PORT));
