@@ -139,12 +139,14 @@ pub fn endpoint_authority(
     format!("{}:{to}", endpoint.host()).parse().ok()
 }
 
+/// Originated-TLS configurations by (CA bundle, ALPN).
+type OriginConfigs = HashMap<(Option<String>, Alpn), Arc<ClientConfig>>;
+
 /// The rustls configuration of originated TLS with `ca_bundle` (PEM; None = the system's roots)
 /// and `alpn`, made once per bundle and ALPN (pools and TLS sessions are kept per
 /// configuration, so the same one must come back across table generations).
 pub fn origin_config(ca_bundle: Option<&str>, alpn: Alpn) -> Result<Arc<ClientConfig>, String> {
-    static MADE: LazyLock<Mutex<HashMap<(Option<String>, Alpn), Arc<ClientConfig>>>> =
-        LazyLock::new(Mutex::default);
+    static MADE: LazyLock<Mutex<OriginConfigs>> = LazyLock::new(Mutex::default);
     let key = (ca_bundle.map(str::to_string), alpn);
     let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(config) = made.get(&key) {
