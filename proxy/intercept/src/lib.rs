@@ -46,6 +46,15 @@ pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 /// never redirected inbound, so the kubelet's probes reach it.
 pub const DEFAULT_ADMIN_PORT: u16 = 15020;
 
+/// Default port of the proxy's transparent UDP listener (TPROXY), when UDP is intercepted.
+pub const DEFAULT_UDP_PORT: u16 = 15009;
+/// Default firewall mark of intercepted UDP datagrams (and of the TPROXY rule's match).
+pub const DEFAULT_UDP_MARK: u32 = 0x1337;
+/// Default routing table that sends marked datagrams to the loopback interface.
+pub const DEFAULT_UDP_TABLE: u32 = 133;
+/// Chain that the `mangle` table's `OUTPUT` jumps to for outbound UDP.
+pub const CHAIN_UDP_OUTPUT: &str = "TRELLIS_UDP_OUTPUT";
+
 /// Chain that `PREROUTING` jumps to for inbound TCP.
 pub const CHAIN_INBOUND: &str = "TRELLIS_INBOUND";
 /// Chain that redirects inbound TCP to the proxy's inbound port.
@@ -123,6 +132,20 @@ pub struct InterceptRules {
     /// Outbound destination networks left alone (comma-separated CIDRs, IPv4 or IPv6).
     #[arg(long, value_delimiter = ',', num_args = 0..)]
     pub skip_outbound_cidrs: Vec<IpNet>,
+    /// Outbound UDP destination ports sent to the proxy's transparent UDP listener (the ports
+    /// UDPRoutes name; comma-separated; none by default: UDP is not intercepted). IPv4 only.
+    /// Needs TPROXY, policy routing and the proxy's `CAP_NET_ADMIN` (see [`Self::udp_script`]).
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    pub udp_ports: Vec<u16>,
+    /// Port of the proxy's transparent UDP listener.
+    #[arg(long, default_value_t = DEFAULT_UDP_PORT)]
+    pub udp_port: u16,
+    /// Firewall mark of intercepted UDP datagrams.
+    #[arg(long, default_value_t = DEFAULT_UDP_MARK)]
+    pub udp_mark: u32,
+    /// Routing table delivering marked datagrams locally.
+    #[arg(long, default_value_t = DEFAULT_UDP_TABLE)]
+    pub udp_table: u32,
 }
 
 impl Default for InterceptRules {
@@ -134,6 +157,10 @@ impl Default for InterceptRules {
             skip_inbound_ports: vec![DEFAULT_ADMIN_PORT],
             skip_outbound_ports: Vec::new(),
             skip_outbound_cidrs: Vec::new(),
+            udp_ports: Vec::new(),
+            udp_port: DEFAULT_UDP_PORT,
+            udp_mark: DEFAULT_UDP_MARK,
+            udp_table: DEFAULT_UDP_TABLE,
         }
     }
 }
@@ -157,13 +184,94 @@ impl InterceptRules {
                 format!("--{flag}={}", items.join(","))
             }
         }
-        vec![
+        let mut args = vec![
             format!("--proxy-uid={}", self.proxy_uid),
             format!("--outbound-port={}", self.outbound_port),
             format!("--inbound-port={}", self.inbound_port),
             list("skip-inbound-ports", &self.skip_inbound_ports),
             list("skip-outbound-ports", &self.skip_outbound_ports),
             list("skip-outbound-cidrs", &self.skip_outbound_cidrs),
+        ];
+        // Only when UDP is intercepted: pods without it keep exactly the command line they had.
+        if !self.udp_ports.is_empty() {
+            args.extend([
+                list("udp-ports", &self.udp_ports),
+                format!("--udp-port={}", self.udp_port),
+                format!("--udp-mark={}", self.udp_mark),
+                format!("--udp-table={}", self.udp_table),
+            ]);
+        }
+        args
+    }
+
+    /// The `iptables-restore` input for intercepted UDP (IPv4), replacing the `mangle` table,
+    /// or None when no UDP port is intercepted (the table is then not touched).
+    ///
+    /// `REDIRECT` cannot serve UDP: a datagram socket has no `SO_ORIGINAL_DST`, so the proxy
+    /// would not know where a datagram was going. TPROXY keeps the original destination in the
+    /// packet, but works in `PREROUTING` only, and the pod's own datagrams never pass it: so
+    /// `OUTPUT` marks them, the policy route of [`Self::udp_routing`] delivers marked packets to
+    /// the loopback interface, where they come in again through `PREROUTING` and TPROXY hands
+    /// them to the proxy's transparent socket, which reads their original destination
+    /// (`IP_RECVORIGDSTADDR`) and answers from it (`IP_TRANSPARENT`: the proxy needs
+    /// `CAP_NET_ADMIN`). The proxy's own datagrams (its UID) and loopback ones are never marked.
+    pub fn udp_script(&self) -> Option<String> {
+        if self.udp_ports.is_empty() {
+            return None;
+        }
+        let mut ports = self.udp_ports.clone();
+        ports.sort_unstable();
+        ports.dedup();
+        let ports: Vec<String> = ports.iter().map(ToString::to_string).collect();
+        let mark = format!("{:#x}", self.udp_mark);
+        let mut s = String::new();
+        let mut line = |text: String| {
+            s.push_str(&text);
+            s.push('\n');
+        };
+        line("# trellis-init: transparent interception of this pod's UDP (mangle table, replaced as a whole)".into());
+        line("*mangle".into());
+        for builtin in ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"] {
+            line(format!(":{builtin} ACCEPT [0:0]"));
+        }
+        line(format!(":{CHAIN_UDP_OUTPUT} - [0:0]"));
+        line(format!("-A OUTPUT -p udp -j {CHAIN_UDP_OUTPUT}"));
+        line(format!(
+            "-A {CHAIN_UDP_OUTPUT} -m owner --uid-owner {} -j RETURN",
+            self.proxy_uid
+        ));
+        line(format!("-A {CHAIN_UDP_OUTPUT} -d 127.0.0.0/8 -j RETURN"));
+        // multiport takes at most 15 ports per rule.
+        for chunk in ports.chunks(15) {
+            line(format!(
+                "-A {CHAIN_UDP_OUTPUT} -p udp -m multiport --dports {} -j MARK --set-mark {mark}",
+                chunk.join(",")
+            ));
+        }
+        line(format!(
+            "-A PREROUTING -i lo -p udp -m mark --mark {mark} -j TPROXY --on-ip 127.0.0.1 --on-port {} --tproxy-mark {mark}",
+            self.udp_port
+        ));
+        line("COMMIT".into());
+        Some(s)
+    }
+
+    /// The `ip` commands (arguments after `ip`) that deliver marked UDP datagrams locally, in
+    /// order; empty when no UDP port is intercepted. Re-running them changes nothing (`replace`,
+    /// and the rule is deleted before it is added; that delete may fail the first time).
+    pub fn udp_routing(&self) -> Vec<Vec<String>> {
+        if self.udp_ports.is_empty() {
+            return Vec::new();
+        }
+        let mark = format!("{:#x}", self.udp_mark);
+        let table = self.udp_table.to_string();
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        vec![
+            words(&["-4", "rule", "del", "fwmark", &mark, "lookup", &table]),
+            words(&["-4", "rule", "add", "fwmark", &mark, "lookup", &table]),
+            words(&[
+                "-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table,
+            ]),
         ]
     }
 
@@ -286,6 +394,17 @@ impl InterceptRules {
                     .collect()
             )
         );
+        if !self.udp_ports.is_empty() {
+            let _ = writeln!(
+                s,
+                "outbound UDP to ports {} -> :{} (TPROXY, mark {:#x}, table {}) except uid {}, loopback",
+                ports(&self.udp_ports),
+                self.udp_port,
+                self.udp_mark,
+                self.udp_table,
+                self.proxy_uid
+            );
+        }
         s
     }
 }
@@ -337,7 +456,51 @@ COMMIT
                 "fd00::/8".parse().unwrap(),
                 "169.254.169.254/32".parse().unwrap(),
             ],
+            ..InterceptRules::default()
         }
+    }
+
+    #[test]
+    fn udp_is_intercepted_only_when_ports_are_named_and_its_rules_are_golden() {
+        let none = InterceptRules::default();
+        assert_eq!(none.udp_script(), None);
+        assert!(none.udp_routing().is_empty());
+        assert!(!none.args().iter().any(|a| a.starts_with("--udp")));
+        let udp = InterceptRules {
+            udp_ports: vec![5353, 53, 5353],
+            ..InterceptRules::default()
+        };
+        let expected = "\
+# trellis-init: transparent interception of this pod's UDP (mangle table, replaced as a whole)
+*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:TRELLIS_UDP_OUTPUT - [0:0]
+-A OUTPUT -p udp -j TRELLIS_UDP_OUTPUT
+-A TRELLIS_UDP_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A TRELLIS_UDP_OUTPUT -d 127.0.0.0/8 -j RETURN
+-A TRELLIS_UDP_OUTPUT -p udp -m multiport --dports 53,5353 -j MARK --set-mark 0x1337
+-A PREROUTING -i lo -p udp -m mark --mark 0x1337 -j TPROXY --on-ip 127.0.0.1 --on-port 15009 --tproxy-mark 0x1337
+COMMIT
+";
+        assert_eq!(udp.udp_script().as_deref(), Some(expected));
+        assert_eq!(
+            udp.udp_routing()
+                .iter()
+                .map(|w| w.join(" "))
+                .collect::<Vec<_>>(),
+            [
+                "-4 rule del fwmark 0x1337 lookup 133",
+                "-4 rule add fwmark 0x1337 lookup 133",
+                "-4 route replace local 0.0.0.0/0 dev lo table 133",
+            ]
+        );
+        assert_eq!(InterceptRules::parse_args(udp.args()).unwrap(), udp);
+        // The TCP rules are the same with or without UDP.
+        assert_eq!(udp.restore_script(Family::V4), none.restore_script(Family::V4));
     }
 
     #[test]

@@ -34,6 +34,13 @@ fn main() -> ExitCode {
             text += &format!("# {} input:\n", family.restore_command());
             text += &cli.rules.restore_script(family);
         }
+        if let Some(udp) = cli.rules.udp_script() {
+            text += "# iptables-restore input (UDP):\n";
+            text += &udp;
+            for args in cli.rules.udp_routing() {
+                text += &format!("# ip {}\n", args.join(" "));
+            }
+        }
         // Written, not print!ed: a closed pipe (`| head`) ends the output without a panic.
         return match std::io::stdout().write_all(text.as_bytes()) {
             Ok(()) => ExitCode::SUCCESS,
@@ -71,8 +78,39 @@ fn main() -> ExitCode {
             }
         }
     }
+    if let Some(script) = cli.rules.udp_script() {
+        if let Err(message) = apply_udp(&cli.rules, &script) {
+            eprintln!("trellis-init: {message}");
+            return ExitCode::FAILURE;
+        }
+        println!("trellis-init: UDP rules installed (iptables-restore, ip rule/route):");
+        print!("{script}");
+    }
     print!("trellis-init: summary: {}", cli.rules.summary());
     ExitCode::SUCCESS
+}
+
+/// Installs the UDP interception: the policy route first (so no marked datagram is ever routed
+/// out unchanged), then the mangle table.
+fn apply_udp(rules: &InterceptRules, script: &str) -> Result<(), Failure> {
+    for (i, args) in rules.udp_routing().into_iter().enumerate() {
+        let output = Command::new("ip").args(&args).output().map_err(|error| {
+            Failure::Refused(format!(
+                "running ip {}: {error} (this image needs Debian's `iproute2` package)",
+                args.join(" ")
+            ))
+        })?;
+        // The first command deletes a rule a previous run left: absent is fine.
+        if !output.status.success() && i > 0 {
+            return Err(Failure::Refused(format!(
+                "ip {} failed ({}): {}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+    }
+    restore(Family::V4.restore_command(), script)
 }
 
 #[derive(Debug)]
@@ -94,7 +132,11 @@ impl std::fmt::Display for Failure {
 /// Pipes the family's script into its restore command (no `--noflush`: the nat table is
 /// replaced; see the crate docs).
 fn apply(rules: &InterceptRules, family: Family) -> Result<(), Failure> {
-    let command = family.restore_command();
+    restore(family.restore_command(), &rules.restore_script(family))
+}
+
+/// Pipes `script` into `command` (`iptables-restore` or `ip6tables-restore`).
+fn restore(command: &str, script: &str) -> Result<(), Failure> {
     let mut child = Command::new(command)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -106,7 +148,6 @@ fn apply(rules: &InterceptRules, family: Family) -> Result<(), Failure> {
             )),
             _ => Failure::Refused(format!("running {command}: {error}")),
         })?;
-    let script = rules.restore_script(family);
     let written = child
         .stdin
         .take()
