@@ -266,12 +266,21 @@ pub struct Transparent {
     /// controller's `Inbound.Watch`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inbound_ports: Vec<TransparentPort>,
+    /// Intercepted outbound UDP (e.g. `127.0.0.1:15009`, the port `trellis-init --udp-ports`
+    /// sends it to with TPROXY): each datagram is carried to the destination of its original
+    /// `IP:PORT` as an `outbound.udp` listener would, and answered from that address. Needs
+    /// `CAP_NET_ADMIN`; IPv4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<SocketAddr>,
 }
 
 impl Transparent {
     /// Nothing transparent is configured.
     pub fn is_empty(&self) -> bool {
-        self.outbound.is_none() && self.inbound.is_none() && self.inbound_ports.is_empty()
+        self.outbound.is_none()
+            && self.inbound.is_none()
+            && self.inbound_ports.is_empty()
+            && self.udp.is_none()
     }
 }
 

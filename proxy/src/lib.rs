@@ -161,6 +161,8 @@ pub struct RunningProxy {
     pub inbound_transparent: Option<SocketAddr>,
     /// Outbound UDP listener addresses, in config order.
     pub udp: Vec<SocketAddr>,
+    /// The transparent UDP listener's address.
+    pub udp_transparent: Option<SocketAddr>,
     /// The gateway's HTTPS listener address.
     pub gateway_https: Option<SocketAddr>,
     /// The gateway's HTTP redirect listener address.
@@ -347,6 +349,17 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
             }
         }));
     }
+    let mut udp_transparent = None;
+    if let Some(addr) = config.transparent.udp {
+        let socket = udp::transparent::bind(addr)
+            .with_context(|| format!("binding the transparent UDP listener on {addr}"))?;
+        udp_transparent = Some(socket.local_addr()?);
+        tasks.push(tokio::spawn(udp::transparent::serve(
+            socket,
+            Arc::clone(&shared),
+            shutdown_rx.clone(),
+        )));
+    }
     let mut admin = None;
     if let Some(addr) = config.admin {
         let l = bind(addr, "admin").await?;
@@ -368,6 +381,7 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         outbound_transparent,
         inbound_transparent,
         udp,
+        udp_transparent,
         gateway_https,
         gateway_http,
         connections,

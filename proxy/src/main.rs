@@ -108,6 +108,11 @@ struct Cli {
         value_delimiter = ','
     )]
     udp: Vec<String>,
+    /// Transparent UDP listener (controller mode), e.g. 127.0.0.1:15009: datagrams the
+    /// interception rules sent with TPROXY (`trellis-init --udp-ports`), each carried to the
+    /// destination of its original address. Needs CAP_NET_ADMIN.
+    #[arg(long, value_name = "LISTEN", env = "TRELLIS_PROXY_UDP_TRANSPARENT")]
+    udp_transparent: Option<SocketAddr>,
     /// Transparent outbound listener (controller mode), e.g. 127.0.0.1:15001: connections the
     /// interception rules redirected, routed by their original destination (a Service's virtual
     /// address, a pod, or forwarded unchanged when the mesh does not know it).
@@ -255,6 +260,7 @@ fn controller_base(cli: &Cli) -> anyhow::Result<Config> {
     config.transparent.outbound = cli.outbound_transparent;
     config.outbound.egress = cli.egress;
     config.transparent.inbound = cli.inbound_transparent;
+    config.transparent.udp = cli.udp_transparent;
     for p in &cli.ports {
         let (listen, destination) = split_pair("--port", p)?;
         config.outbound.ports.push(PortForward {
@@ -373,7 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ));
         (proxy, drain)
     };
-    tracing::info!(admin = ?proxy.admin, http = ?proxy.http, ports = ?proxy.ports, udp = ?proxy.udp, inbound = ?proxy.inbound, outbound_transparent = ?proxy.outbound_transparent, inbound_transparent = ?proxy.inbound_transparent, "trellis-proxy started");
+    tracing::info!(admin = ?proxy.admin, http = ?proxy.http, ports = ?proxy.ports, udp = ?proxy.udp, udp_transparent = ?proxy.udp_transparent, inbound = ?proxy.inbound, outbound_transparent = ?proxy.outbound_transparent, inbound_transparent = ?proxy.inbound_transparent, "trellis-proxy started");
     wait_for_termination().await?;
     tracing::info!(open = proxy.open_connections(), "draining");
     let left = proxy.drain(drain).await;

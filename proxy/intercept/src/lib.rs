@@ -270,7 +270,15 @@ impl InterceptRules {
             words(&["-4", "rule", "del", "fwmark", &mark, "lookup", &table]),
             words(&["-4", "rule", "add", "fwmark", &mark, "lookup", &table]),
             words(&[
-                "-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table,
+                "-4",
+                "route",
+                "replace",
+                "local",
+                "0.0.0.0/0",
+                "dev",
+                "lo",
+                "table",
+                &table,
             ]),
         ]
     }
@@ -500,7 +508,10 @@ COMMIT
         );
         assert_eq!(InterceptRules::parse_args(udp.args()).unwrap(), udp);
         // The TCP rules are the same with or without UDP.
-        assert_eq!(udp.restore_script(Family::V4), none.restore_script(Family::V4));
+        assert_eq!(
+            udp.restore_script(Family::V4),
+            none.restore_script(Family::V4)
+        );
     }
 
     #[test]

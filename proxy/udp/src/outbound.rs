@@ -131,6 +131,8 @@ impl Default for OutboundConfig {
 #[derive(Debug)]
 pub struct UdpOutbound<R> {
     ctx: Arc<Context<R>>,
+    /// Datagrams received elsewhere for this forwarder ([`UdpOutbound::injector`]).
+    injected: Option<mpsc::Receiver<(SocketAddr, Bytes)>>,
 }
 
 #[derive(Debug)]
@@ -159,7 +161,19 @@ impl<R: Route> UdpOutbound<R> {
                 config,
                 counters: Arc::new(Counters::default()),
             }),
+            injected: None,
         }
+    }
+
+    /// A sender of datagrams that reached this proxy elsewhere but belong to this forwarder's
+    /// clients: each `(source, datagram)` is served as if the socket had received it (sessions,
+    /// bounds and counters alike). A transparent catch-all socket uses it for the datagrams of
+    /// a destination that came in before this forwarder's own socket was bound for it. At most
+    /// `capacity` wait; `try_send` refuses more.
+    pub fn injector(&mut self, capacity: usize) -> mpsc::Sender<(SocketAddr, Bytes)> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.injected = Some(rx);
+        tx
     }
 
     /// The counters (shared: they keep counting while [`UdpOutbound::run`] runs).
@@ -176,6 +190,7 @@ impl<R: Route> UdpOutbound<R> {
     /// fails for good.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let ctx = self.ctx;
+        let mut injected = self.injected;
         let max = ctx.config.max_datagram;
         let mut sessions: HashMap<SocketAddr, mpsc::Sender<Bytes>> = HashMap::new();
         // Dropping the set (when this returns) aborts the sessions.
@@ -202,49 +217,81 @@ impl<R: Route> UdpOutbound<R> {
                         }
                     }
                 }
+                Some((source, datagram)) = next_injected(&mut injected) => {
+                    admit(&ctx, &mut sessions, &mut tasks, source, datagram);
+                }
                 received = ctx.socket.recv_from(&mut buf) => {
                     let (n, source) = match received {
                         Ok(r) => r,
                         Err(e) if transient(&e) => continue,
                         Err(e) => return Err(e),
                     };
-                    inc(&ctx.counters.received_datagrams);
-                    add(&ctx.counters.received_bytes, n as u64);
-                    if n > max {
-                        inc(&ctx.counters.dropped_oversized);
-                        tracing::debug!(%source, max, "UDP datagram dropped: longer than the maximum");
-                        continue;
-                    }
-                    let datagram = Bytes::copy_from_slice(&buf[..n]);
-                    let datagram = match sessions.get(&source) {
-                        Some(tx) => match tx.try_send(datagram) {
-                            Ok(()) => continue,
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                inc(&ctx.counters.dropped_queue_full);
-                                continue;
-                            }
-                            // The session ended and has not been reaped yet: a new one.
-                            Err(mpsc::error::TrySendError::Closed(d)) => {
-                                sessions.remove(&source);
-                                d
-                            }
-                        },
-                        None => datagram,
-                    };
-                    if sessions.len() >= ctx.config.max_sessions {
-                        inc(&ctx.counters.dropped_session_limit);
-                        tracing::debug!(%source, max = ctx.config.max_sessions, "UDP datagram of a new source dropped: too many sessions");
-                        continue;
-                    }
-                    let (tx, rx) = mpsc::channel(ctx.config.queue);
-                    // Cannot fail: the queue is new and holds at least one.
-                    let _ = tx.try_send(datagram);
-                    sessions.insert(source, tx);
-                    tasks.spawn(session(Arc::clone(&ctx), source, rx));
+                    admit(&ctx, &mut sessions, &mut tasks, source, Bytes::copy_from_slice(&buf[..n]));
                 }
             }
         }
     }
+}
+
+/// The next injected datagram; pending for ever without an injector (or once every sender is
+/// gone).
+async fn next_injected(
+    injected: &mut Option<mpsc::Receiver<(SocketAddr, Bytes)>>,
+) -> Option<(SocketAddr, Bytes)> {
+    match injected {
+        Some(rx) => match rx.recv().await {
+            Some(d) => Some(d),
+            None => {
+                *injected = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// One received datagram of `source`: into its session's queue, or a new session (within the
+/// bounds), or dropped and counted.
+fn admit<R: Route>(
+    ctx: &Arc<Context<R>>,
+    sessions: &mut HashMap<SocketAddr, mpsc::Sender<Bytes>>,
+    tasks: &mut JoinSet<SocketAddr>,
+    source: SocketAddr,
+    datagram: Bytes,
+) {
+    let max = ctx.config.max_datagram;
+    inc(&ctx.counters.received_datagrams);
+    add(&ctx.counters.received_bytes, datagram.len() as u64);
+    if datagram.len() > max {
+        inc(&ctx.counters.dropped_oversized);
+        tracing::debug!(%source, max, "UDP datagram dropped: longer than the maximum");
+        return;
+    }
+    let datagram = match sessions.get(&source) {
+        Some(tx) => match tx.try_send(datagram) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                inc(&ctx.counters.dropped_queue_full);
+                return;
+            }
+            // The session ended and has not been reaped yet: a new one.
+            Err(mpsc::error::TrySendError::Closed(d)) => {
+                sessions.remove(&source);
+                d
+            }
+        },
+        None => datagram,
+    };
+    if sessions.len() >= ctx.config.max_sessions {
+        inc(&ctx.counters.dropped_session_limit);
+        tracing::debug!(%source, max = ctx.config.max_sessions, "UDP datagram of a new source dropped: too many sessions");
+        return;
+    }
+    let (tx, rx) = mpsc::channel(ctx.config.queue);
+    // Cannot fail: the queue is new and holds at least one.
+    let _ = tx.try_send(datagram);
+    sessions.insert(source, tx);
+    tasks.spawn(session(Arc::clone(ctx), source, rx));
 }
 
 /// Errors of `recv_from` that concern one datagram or peer, not the socket (ICMP errors are

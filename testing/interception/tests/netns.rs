@@ -25,7 +25,10 @@
 //! reaches pod-b's address as TCP, is intercepted there like any inbound connection, and is
 //! authorized by the controller's compilation of a TrafficTarget with a UDPRoute rule (asked for
 //! the UDP port on demand, as a transparent port's policy is): service-a's datagrams are echoed,
-//! service-d's are not.
+//! service-d's are not. The callers' UDP to the UDPRoute's port is intercepted as well
+//! (`trellis-init --udp-ports`: TPROXY to `--udp-transparent`, the proxies keeping
+//! `CAP_NET_ADMIN`), so the same holds for datagrams sent to the UDP service's virtual address,
+//! whose answers come back from that address.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -52,6 +55,11 @@ const PLAIN_PORT: u16 = 9000;
 const UDP_APP_PORT: u16 = 5353;
 /// The local UDP port the client pods' proxies carry to `app-b.default:5353`.
 const UDP_LOCAL_PORT: u16 = 5300;
+/// The proxies' transparent UDP listener (the rules' default TPROXY port).
+const UDP_TRANSPARENT_PORT: u16 = 15009;
+/// Last octet of the virtual address of `app-udp`, the UDP service (its datagrams never leave
+/// the calling pod: the rules hand them to its proxy).
+const UDP_VIP_OCTET: u8 = 202;
 /// The IPv6 prefix of the pods that also get an IPv6 address (a ULA; held by this test's
 /// namespaces only): the IPv6 rules and `IP6T_SO_ORIGINAL_DST` are exercised too.
 const V6_PREFIX: &str = "fd7e:7472:656c::";
@@ -71,8 +79,12 @@ const PODS: [(&str, &str, Option<&str>); 4] = [
 /// The init container's rules: `trellis-init` itself, run in the pod's namespace with the
 /// arguments the injector writes (`InterceptRules::args`), the defaults: proxy UID 1337, outbound
 /// 15001, inbound 15006, the admin port 15020 skipped.
-fn install_rules(netns: &str) -> anyhow::Result<()> {
-    let rules = InterceptRules::default();
+fn install_rules(netns: &str, udp_ports: &[u16]) -> anyhow::Result<()> {
+    let rules = InterceptRules {
+        udp_ports: udp_ports.to_vec(),
+        ..InterceptRules::default()
+    };
+    assert_eq!(rules.udp_port, UDP_TRANSPARENT_PORT);
     assert_eq!(
         (rules.proxy_uid, rules.outbound_port, rules.inbound_port),
         (PROXY_UID, OUTBOUND_PORT, INBOUND_PORT),
@@ -223,6 +235,7 @@ struct Mesh {
     vip: Ipv4Addr,
     plain: Ipv4Addr,
     late_vip: Ipv4Addr,
+    udp_vip: Ipv4Addr,
     /// The file platform's file, its content, and the service added to it later.
     services_file: PathBuf,
     services: String,
@@ -348,16 +361,21 @@ fn udp_echo_script(name: &str, port: u16) -> String {
     .join("\n")
 }
 
-/// One datagram from a fresh socket in `netns` to `127.0.0.1:port`: the answer, or None when
-/// none came within a second.
-async fn udp_call(netns: &str, port: u16, payload: &str) -> anyhow::Result<Option<String>> {
+/// One datagram from a fresh socket in `netns` to `to`: the answer and the address it came
+/// from, or None when none came within a second.
+async fn udp_call(
+    netns: &str,
+    to: SocketAddr,
+    payload: &str,
+) -> anyhow::Result<Option<(String, SocketAddr)>> {
     let script = [
         "import socket".to_string(),
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)".into(),
         "s.settimeout(1.0)".into(),
-        format!("s.sendto(b'{payload}', ('127.0.0.1', {port}))"),
+        format!("s.sendto(b'{payload}', ('{}', {}))", to.ip(), to.port()),
         "try:".into(),
-        "    print(s.recvfrom(65535)[0].decode(), end='')".into(),
+        "    data, peer = s.recvfrom(65535)".into(),
+        "    print(peer[0] + ':' + str(peer[1]) + '|' + data.decode(), end='')".into(),
         "except socket.timeout:".into(),
         "    print('<timeout>', end='')".into(),
     ]
@@ -373,7 +391,13 @@ async fn udp_call(netns: &str, port: u16, payload: &str) -> anyhow::Result<Optio
         String::from_utf8_lossy(&out.stderr)
     );
     let answer = String::from_utf8_lossy(&out.stdout).into_owned();
-    Ok((answer != "<timeout>").then_some(answer))
+    if answer == "<timeout>" {
+        return Ok(None);
+    }
+    let (from, data) = answer
+        .split_once('|')
+        .with_context(|| format!("the UDP client printed {answer:?}"))?;
+    Ok(Some((data.to_owned(), from.parse()?)))
 }
 
 /// Makes a directory and its files readable by the proxies (UID 1337).
@@ -393,6 +417,7 @@ async fn start(hosts: Hosts, dir: tempfile::TempDir) -> anyhow::Result<Mesh> {
     let [a, b, c, _] = services_addr.octets();
     let vip = Ipv4Addr::new(a, b, c, VIP_OCTET);
     let late_vip = Ipv4Addr::new(a, b, c, LATE_VIP_OCTET);
+    let udp_vip = Ipv4Addr::new(a, b, c, UDP_VIP_OCTET);
     // The virtual addresses are held by a namespace of this test (nothing else answers for
     // them; nothing listens there either, so a connection forwarded unchanged is refused).
     for address in [vip, late_vip] {
@@ -443,6 +468,10 @@ services:
   - name: app-c
     ports: [{{ port: {SERVICE_PORT} }}]
     endpoints: [{{ address: {pod_c_addr}, port: {APP_PORT}, service_account: service-c }}]
+  - name: app-udp
+    addresses: [{udp_vip}]
+    ports: [{{ port: {UDP_APP_PORT} }}]
+    endpoints: [{{ address: {pod_b_addr}, port: {APP_PORT}, service_account: service-b }}]
 "
     );
     let services_file = dir.path().join("services.yaml");
@@ -534,7 +563,9 @@ services:
     let mut pods = Vec::new();
     for (name, sa, app) in PODS {
         let (netns, addr) = host(name)?;
-        install_rules(&netns)?;
+        // Callers also get their UDP to the UDPRoute's port intercepted.
+        let udp_ports: &[u16] = if app.is_none() { &[UDP_APP_PORT] } else { &[] };
+        install_rules(&netns, udp_ports)?;
         let echo_process = match app {
             Some(service) => {
                 let mut p = Process::spawn_in(
@@ -579,6 +610,17 @@ services:
             None => vec![
                 "--udp".into(),
                 format!("127.0.0.1:{UDP_LOCAL_PORT}=app-b.default:{UDP_APP_PORT}"),
+                "--udp-transparent".into(),
+                format!("127.0.0.1:{UDP_TRANSPARENT_PORT}"),
+            ],
+            Some(_) => Vec::new(),
+        };
+        // Transparent UDP binds original destinations (IP_TRANSPARENT): callers' proxies keep
+        // CAP_NET_ADMIN through the UID change, as a sidecar with UDP interception would get it.
+        let caps: Vec<String> = match app {
+            None => vec![
+                "--inh-caps=+net_admin".into(),
+                "--ambient-caps=+net_admin".into(),
             ],
             Some(_) => Vec::new(),
         };
@@ -592,6 +634,10 @@ services:
                 format!("--reuid={PROXY_UID}"),
                 format!("--regid={PROXY_UID}"),
                 "--clear-groups".into(),
+            ]
+            .into_iter()
+            .chain(caps)
+            .chain([
                 "--".into(),
                 proxy.display().to_string(),
                 "--controller".into(),
@@ -610,8 +656,7 @@ services:
                 TRUST_DOMAIN.into(),
                 "--threads".into(),
                 "1".into(),
-            ]
-            .into_iter()
+            ])
             .chain(udp_args)
             .collect::<Vec<_>>(),
             &[],
@@ -643,6 +688,7 @@ services:
         vip,
         plain,
         late_vip,
+        udp_vip,
         services_file,
         services,
         late_service,
@@ -818,33 +864,60 @@ async fn scenarios(mesh: &Mesh) -> anyhow::Result<()> {
     );
 
     // UDP: service-a's datagrams reach app-b's UDP echo through both proxies (mTLS tunnel,
-    // intercepted at pod-b, authorized by the UDPRoute rule); service-d's are dropped.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let answer = loop {
-        if let Some(answer) = udp_call(&mesh.pod("pod-a").netns, UDP_LOCAL_PORT, "ping").await? {
-            break answer;
+    // intercepted at pod-b, authorized by the UDPRoute rule); service-d's are dropped. First to
+    // the proxy's own UDP listener, then to the UDP service's virtual address, intercepted in
+    // the calling pod too (TPROXY) and answered from that address.
+    let local = SocketAddr::from(([127, 0, 0, 1], UDP_LOCAL_PORT));
+    let vip = SocketAddr::from((mesh.udp_vip, UDP_APP_PORT));
+    let mut sent_to_vip = 0;
+    for to in [local, vip] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (answer, from) = loop {
+            if to == vip {
+                sent_to_vip += 1;
+            }
+            if let Some(answer) = udp_call(&mesh.pod("pod-a").netns, to, "ping").await? {
+                break answer;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "pod-a's datagrams to {to} never reached app-b's UDP echo: {}",
+                mesh.logs()
+            );
+        };
+        anyhow::ensure!(answer == "app-b ping", "UDP answer to {to}: {answer:?}");
+        anyhow::ensure!(from == to, "the answer to {to} came from {from}");
+        for i in 0..5 {
+            let payload = format!("ping-{i}");
+            if to == vip {
+                sent_to_vip += 1;
+            }
+            let answer = udp_call(&mesh.pod("pod-a").netns, to, &payload).await?;
+            anyhow::ensure!(
+                answer.as_ref().map(|a| a.0.as_str()) == Some(format!("app-b {payload}").as_str()),
+                "UDP from pod-a to {to}, datagram {i}: {answer:?}"
+            );
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "pod-a's datagrams never reached app-b's UDP echo"
-        );
-    };
-    anyhow::ensure!(answer == "app-b ping", "UDP answer from pod-a: {answer:?}");
-    for i in 0..5 {
-        let payload = format!("ping-{i}");
-        let answer = udp_call(&mesh.pod("pod-a").netns, UDP_LOCAL_PORT, &payload).await?;
-        anyhow::ensure!(
-            answer.as_deref() == Some(format!("app-b {payload}").as_str()),
-            "UDP from pod-a, datagram {i}: {answer:?}"
-        );
+        for _ in 0..3 {
+            let answer = udp_call(&mesh.pod("pod-d").netns, to, "ping").await?;
+            anyhow::ensure!(
+                answer.is_none(),
+                "service-d's datagram to {to} was answered: {answer:?}"
+            );
+        }
     }
-    for _ in 0..3 {
-        let answer = udp_call(&mesh.pod("pod-d").netns, UDP_LOCAL_PORT, "ping").await?;
-        anyhow::ensure!(
-            answer.is_none(),
-            "service-d's datagram was answered: {answer:?}"
-        );
-    }
+    // Every datagram pod-a sent to the virtual address reached its forwarder, the first ones
+    // (which arrive on the catch-all socket before the forwarder's own socket is bound) too.
+    let admin_a = SocketAddr::from((mesh.pod("pod-a").addr, ADMIN_PORT));
+    let (_, metrics_a) = get(admin_a, "/metrics").await?;
+    let series = format!(
+        "trellis_udp_datagrams_total{{direction=\"outbound\",destination=\"{vip}\",flow=\"received\"}}"
+    );
+    anyhow::ensure!(
+        sample(&metrics_a, &series) == Some(f64::from(sent_to_vip)),
+        "pod-a's forwarder of {vip} received {:?} datagrams, the client sent {sent_to_vip}",
+        sample(&metrics_a, &series)
+    );
     let admin_b = SocketAddr::from((mesh.pod("pod-b").addr, ADMIN_PORT));
     let (_, metrics_b) = get(admin_b, "/metrics").await?;
     let refused_at_b: f64 = metrics_b
@@ -860,7 +933,9 @@ async fn scenarios(mesh: &Mesh) -> anyhow::Result<()> {
         refused_at_b >= 1.0,
         "pod-b counts service-d's refused tunnels: {refused_at_b}"
     );
-    println!("UDP: pod-a 6/6 datagrams echoed by app-b; pod-d 3/3 unanswered (refused at pod-b)");
+    println!(
+        "UDP: pod-a 6/6 datagrams echoed by app-b through its proxy's UDP listener and 6/6 to the service's virtual address {vip} (intercepted, answered from {vip}); pod-d 3/3 unanswered each way (refused at pod-b)"
+    );
 
     // A caller without mesh identity (the test process) at a pod: refused by its proxy.
     let pod_b = SocketAddr::from((mesh.pod("pod-b").addr, APP_PORT));

@@ -10,6 +10,10 @@
 //!   the mTLS handshake, so the caller's identity is proven) is authorized for the UDP port its
 //!   header names by rules that cover `udp`, forwarded to the application on that port of the
 //!   application's address, and closed when a policy change no longer allows it.
+//! * Transparent ([`transparent`]): datagrams the interception rules handed over (TPROXY), each
+//!   served by a forwarder of its original destination.
+
+pub mod transparent;
 
 use std::io;
 use std::net::SocketAddr;
