@@ -19,6 +19,10 @@
 //!   addresses (calls inside the pod, including to its own pod IP), and connections to
 //!   `skip_outbound_ports` or `skip_outbound_cidrs`.
 //!
+//! - UDP, only to the ports `--udp-ports` lists (none by default): TPROXY in the `mangle` table
+//!   and a policy route ([`InterceptRules::udp_script`], [`InterceptRules::udp_routing`]; why
+//!   not `REDIRECT` is said there), to the proxy's transparent UDP listener. IPv4.
+//!
 //! [`app_probe`] is the other half of the pod's contract: the application probes the injector
 //! moved behind the proxy's admin port, as the proxy reads them.
 //!
