@@ -134,7 +134,7 @@ pub async fn forward_outbound<IO>(
         return;
     };
     let connect = TcpStream::connect(address.as_str());
-    let mut upstream = match tokio::time::timeout(shared.limits.connect_timeout(), connect).await {
+    let upstream = match tokio::time::timeout(shared.limits.connect_timeout(), connect).await {
         Ok(Ok(s)) => s,
         _ => {
             in_flight.record_failure(
@@ -153,95 +153,47 @@ pub async fn forward_outbound<IO>(
     };
     let _ = upstream.set_nodelay(true);
     let idle = shared.limits.tcp_idle_timeout();
-    if let Some((
-        external,
-        crate::config::ExternalPort {
-            originate_tls_port: Some(_),
-            ..
-        },
-    )) = outside
-    {
-        // The application speaks plaintext; the proxy speaks TLS to the outside server.
-        let Some((config, server_name)) = external.origin(Alpn::None) else {
-            count(
-                &mut rec,
-                &shared,
-                dest.label.clone(),
-                backend.name.clone(),
-                "tls",
-            );
-            return;
-        };
-        let timeout = shared.limits.tls_handshake_timeout();
-        match crate::tls::originate(&config, server_name, &shared.metrics, upstream, timeout).await
-        {
-            Ok(mut tls) => {
-                count(
-                    &mut rec,
-                    &shared,
-                    dest.label.clone(),
-                    backend.name.clone(),
-                    "",
-                );
-                let ended = copy_with_idle_timeout(&mut client, &mut tls, idle, first_byte).await;
-                if let Err(e) = ended {
-                    tracing::debug!(error = %e, "TCP connection ended with an error");
-                }
-            }
-            Err(e) => {
-                tracing::info!(destination = %dest.key, endpoint = %address, error = %e, "closing TCP connection: TLS to the outside server failed");
-                count(
-                    &mut rec,
-                    &shared,
-                    dest.label.clone(),
-                    backend.name.clone(),
-                    e.reason(),
-                );
-            }
-        }
-        return;
-    }
-    let ended = match endpoint
+    // TLS this proxy originates to an outside server (the application speaks plaintext), mTLS
+    // to a mesh endpoint with an identity, or the bytes as they are.
+    let origin = match outside {
+        Some((
+            external,
+            crate::config::ExternalPort {
+                originate_tls_port: Some(_),
+                ..
+            },
+        )) => Some(external.origin(Alpn::None)),
+        _ => None,
+    };
+    let expected = endpoint
         .identity
         .as_deref()
-        .filter(|_| shared.identity.is_configured() && outside.is_none())
-    {
-        Some(expected) => {
-            let tls = crate::tls::connect(
-                &shared.identity,
-                &shared.metrics,
-                expected,
-                endpoint.authority.as_str(),
-                upstream,
-                Alpn::None,
-                shared.limits.tls_handshake_timeout(),
-            )
-            .await;
-            match tls {
-                Ok(mut tls) => {
-                    count(
-                        &mut rec,
-                        &shared,
-                        dest.label.clone(),
-                        backend.name.clone(),
-                        "",
-                    );
-                    copy_with_idle_timeout(&mut client, &mut tls, idle, first_byte).await
-                }
-                Err(e) => {
-                    tracing::info!(destination = %dest.key, endpoint = %endpoint.authority, error = %e, "closing TCP connection: mTLS to the endpoint failed");
-                    count(
-                        &mut rec,
-                        &shared,
-                        dest.label.clone(),
-                        backend.name.clone(),
-                        e.reason(),
-                    );
-                    return;
-                }
-            }
+        .filter(|_| shared.identity.is_configured() && outside.is_none());
+    let timeout = shared.limits.tls_handshake_timeout();
+    let upstream = match (origin, expected) {
+        (Some(Some((config, server_name))), _) => {
+            crate::tls::originate(&config, server_name, &shared.metrics, upstream, timeout)
+                .await
+                .map(|tls| Upstream::Tls(Box::new(tls)))
         }
-        None => {
+        (Some(None), _) => Err(crate::tls::TlsError::Handshake(std::io::Error::other(
+            "no TLS configuration for the outside server",
+        ))),
+        (None, Some(expected)) => crate::tls::connect(
+            &shared.identity,
+            &shared.metrics,
+            expected,
+            endpoint.authority.as_str(),
+            upstream,
+            Alpn::None,
+            timeout,
+        )
+        .await
+        .map(|tls| Upstream::Tls(Box::new(tls))),
+        (None, None) => Ok(Upstream::Plain(upstream)),
+    };
+    let ended = match upstream {
+        Ok(upstream) => {
             count(
                 &mut rec,
                 &shared,
@@ -249,12 +201,37 @@ pub async fn forward_outbound<IO>(
                 backend.name.clone(),
                 "",
             );
-            copy_with_idle_timeout(&mut client, &mut upstream, idle, first_byte).await
+            match upstream {
+                Upstream::Plain(mut tcp) => {
+                    copy_with_idle_timeout(&mut client, &mut tcp, idle, first_byte).await
+                }
+                Upstream::Tls(mut tls) => {
+                    copy_with_idle_timeout(&mut client, &mut *tls, idle, first_byte).await
+                }
+            }
+        }
+        Err(e) => {
+            tracing::info!(destination = %dest.key, endpoint = %address, error = %e, "closing TCP connection: TLS to the endpoint failed");
+            count(
+                &mut rec,
+                &shared,
+                dest.label.clone(),
+                backend.name.clone(),
+                e.reason(),
+            );
+            return;
         }
     };
     if let Err(e) = ended {
         tracing::debug!(error = %e, "TCP connection ended with an error");
     }
+}
+
+/// An upstream connection as made: plain TCP, or TLS over it (mTLS to a mesh endpoint, or TLS
+/// originated to an outside server).
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// Forward an (authorized) inbound connection to the local application, for as long as the
