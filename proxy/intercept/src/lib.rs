@@ -223,10 +223,10 @@ impl InterceptRules {
         if self.udp_ports.is_empty() {
             return None;
         }
-        let mut ports = self.udp_ports.clone();
-        ports.sort_unstable();
-        ports.dedup();
-        let ports: Vec<String> = ports.iter().map(ToString::to_string).collect();
+        let ports: Vec<String> = sorted(&self.udp_ports)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let mark = format!("{:#x}", self.udp_mark);
         let mut s = String::new();
         let mut line = |text: String| {
@@ -302,12 +302,6 @@ impl InterceptRules {
     /// table with these rules. Port lists are sorted and deduplicated, and only the CIDRs of
     /// `family` appear, so the text depends only on the rules' meaning.
     pub fn restore_script(&self, family: Family) -> String {
-        let sorted = |ports: &[u16]| {
-            let mut ports = ports.to_vec();
-            ports.sort_unstable();
-            ports.dedup();
-            ports
-        };
         let mut cidrs: Vec<IpNet> = self
             .skip_outbound_cidrs
             .iter()
@@ -419,6 +413,14 @@ impl InterceptRules {
         }
         s
     }
+}
+
+/// Ports sorted and deduplicated: the scripts depend only on the rules' meaning.
+fn sorted(ports: &[u16]) -> Vec<u16> {
+    let mut ports = ports.to_vec();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 #[cfg(test)]
