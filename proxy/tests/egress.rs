@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use trellis_intercept::{Family, InterceptRules};
 
 mod common;
-use common::certs::{Ca, identity_yaml, new_ca, valid_leaf};
+use common::certs::{identity_yaml, new_ca, tls_server, valid_leaf};
 
 const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
 const ADMIN_PORT: u16 = 15020;
@@ -345,58 +345,6 @@ async fn egress_lockdown_refuses_destinations_outside_the_mesh() {
 fn free_port_on(ip: Ipv4Addr) -> SocketAddr {
     let listener = std::net::TcpListener::bind(SocketAddr::from((ip, 0))).unwrap();
     listener.local_addr().unwrap()
-}
-
-/// An HTTPS server at `addr` with a certificate for `host` signed by `ca`, answering `name`;
-/// counts the requests it answered.
-async fn tls_server(addr: SocketAddr, ca: &Ca, host: &str, name: &'static str) -> Arc<AtomicUsize> {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![host.to_string()])
-        .unwrap()
-        .signed_by(&key, &ca.issuer)
-        .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let answered = Arc::new(AtomicUsize::new(0));
-    let count = answered.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            let count = count.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let mut buf = [0u8; 4096];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                count.fetch_add(1, Ordering::SeqCst);
-                let reply = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
-                    name.len()
-                );
-                let _ = tls.write_all(reply.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            });
-        }
-    });
-    answered
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
