@@ -32,16 +32,19 @@ use super::{DestinationRx, Input, outbound};
 enum Target {
     /// Follow this service's destination channel.
     Service(ServiceKey),
-    /// A fixed answer (a pod profile, or not found).
-    Fixed(v1::destination_update::Kind),
+    /// A fixed answer (a pod profile, or not found). Boxed: a profile is several times the size
+    /// of a service key.
+    Fixed(Box<v1::destination_update::Kind>),
 }
 
 fn not_found(reason: String) -> Target {
-    Target::Fixed(v1::destination_update::Kind::NotFound(v1::NotFound {
-        egress_denied: false,
-        external_ports: Vec::new(),
-        reason,
-    }))
+    Target::Fixed(Box::new(v1::destination_update::Kind::NotFound(
+        v1::NotFound {
+            egress_denied: false,
+            external_ports: Vec::new(),
+            reason,
+        },
+    )))
 }
 
 fn target(addr: SocketAddr, owner: AddressOwner, trust_domain: &str) -> Target {
@@ -62,11 +65,8 @@ fn target(addr: SocketAddr, owner: AddressOwner, trust_domain: &str) -> Target {
         },
         AddressOwner::Endpoint { service, endpoint } => {
             if endpoint.ports.iter().any(|p| p.port == port) {
-                Target::Fixed(v1::destination_update::Kind::Profile(pod_profile(
-                    addr,
-                    &service,
-                    &endpoint,
-                    trust_domain,
+                Target::Fixed(Box::new(v1::destination_update::Kind::Profile(
+                    pod_profile(addr, &service, &endpoint, trust_domain),
                 )))
             } else {
                 not_found(format!(
@@ -205,7 +205,7 @@ pub(super) async fn follow(
                         if following.take().is_some() || tx.borrow().is_none() {
                             generation += 1;
                         }
-                        send(&tx, generation, "0", kind);
+                        send(&tx, generation, "0", *kind);
                     }
                 },
             },

@@ -31,6 +31,9 @@ use crate::policy::{Origin, PolicyProblem, PolicySet};
 /// `(namespace, name)` of a namespaced resource.
 pub type Named = (String, String);
 
+/// The ExternalServices declaring one `host:port`, each with its declaration of the port.
+pub type Declared = Vec<(Arc<ExternalService>, ExternalPort)>;
+
 /// The merged policy in force, indexed.
 #[derive(Clone, Debug, Default)]
 pub struct PolicyView {
@@ -49,7 +52,7 @@ pub struct PolicyView {
     /// ExternalServices by declared `host:port` (hosts the mesh reads as its own service names
     /// left out), with the declared port; several = conflicting declarations (reported), in
     /// namespace/name order. See `super::external`.
-    pub externals: BTreeMap<(String, u16), Vec<(Arc<ExternalService>, ExternalPort)>>,
+    pub externals: BTreeMap<(String, u16), Declared>,
     /// Every resource in force, sorted by kind, namespace, name.
     pub policies: Vec<Policy>,
     /// Where every resource in force came from.
