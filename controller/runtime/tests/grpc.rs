@@ -414,7 +414,9 @@ metadata: {{ name: payments, namespace: shop }}
 spec:
   hosts: [api.pay.example]
   ports:
-{ports}  sources:
+{ports}  - {{ port: 5432, protocol: tcp }}
+  addresses: [203.0.113.9]
+  sources:
   - {{ kind: ServiceAccount, name: checkout }}
 "
     )
@@ -432,9 +434,9 @@ async fn next_update(
 }
 
 /// An ExternalService in the policy directory of the file platform, through the real gRPC API:
-/// its `host:port` (in any spelling) gets the external profile, an address the mesh does not
-/// know gets "not found" with the declared ports, and an open "not found" watch is sent the new
-/// ports when the ExternalService changes.
+/// its `host:port` (in any spelling) and its fixed address on a port get the external profile,
+/// an address the mesh does not know gets "not found" with the declared ports (not the tcp one),
+/// and an open "not found" watch is sent the new ports when the ExternalService changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_service_is_served_by_host_and_its_ports_come_with_not_found() {
     let dir = tempfile::tempdir().unwrap();
@@ -494,8 +496,8 @@ async fn an_external_service_is_served_by_host_and_its_ports_come_with_not_found
         assert_eq!(profile.authority, "api.pay.example:443");
         assert_eq!(profile.protocol, v1::Protocol::Tcp as i32);
         assert_eq!(
-            profile.backends[0].endpoints[0].address,
-            "api.pay.example:443"
+            profile.backends[0].endpoints[0].address, "203.0.113.9:443",
+            "the fixed address, not DNS"
         );
         assert_eq!(
             profile.external,
@@ -516,6 +518,15 @@ async fn an_external_service_is_served_by_host_and_its_ports_come_with_not_found
         profile.external.unwrap().tls.unwrap().server_name,
         "api.pay.example"
     );
+
+    // A transparent connection to the fixed address on the tcp port: the ExternalService.
+    let mut by_address = watch("203.0.113.9:5432").await;
+    let answer = next_update(&mut by_address, "203.0.113.9:5432").await;
+    let Some(v1::destination_update::Kind::Profile(profile)) = answer.kind else {
+        panic!("expected a profile, got {answer:?}");
+    };
+    assert_eq!(profile.authority, "203.0.113.9:5432");
+    assert_eq!(profile.external.unwrap().name, "shop/payments");
 
     // An address the mesh does not know, and a host nobody declares: not found, with the ports.
     let mut unknown = watch("203.0.113.7:443").await;

@@ -26,6 +26,13 @@
 //!   them and asks again by name. `tcp` ports are left out: opaque bytes carry no name, and
 //!   waiting for one would stall server-first protocols (SMTP, MySQL) for the read timeout.
 //!
+//! - A transparent connection to one of an ExternalService's fixed `addresses` on one of its
+//!   ports (the only way a `tcp` port is recognized without a proxy upstream naming it) that
+//!   discovery does not place in the mesh (the mesh wins again: `super::address` asks here only
+//!   for addresses no service or endpoint holds) gets the profile of the ExternalService's first
+//!   host on that port, with the address as `authority` ([`resolve_address`]). An address:port two
+//!   ExternalServices list is answered like a conflicting `host:port` (reported, deny-all).
+//!
 //! These answers read only the policy, never discovery, so every open external channel is
 //! recomputed on every policy change (a map lookup each; channels send only on a real change).
 
@@ -82,6 +89,65 @@ pub fn external_ports(view: &PolicyView) -> Vec<u32> {
         .map(|((_, port), _)| u32::from(*port))
         .collect();
     ports.into_iter().collect()
+}
+
+/// What an external channel answers for: a name, or a fixed address (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ExternalKey {
+    /// `host:port`, `host` normalized (lower case, no trailing dot).
+    Host(String, u16),
+    /// An address discovery does not place in the mesh.
+    Address(SocketAddr),
+}
+
+impl std::fmt::Display for ExternalKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExternalKey::Host(host, port) => write!(f, "{host}:{port}"),
+            ExternalKey::Address(addr) => addr.fmt(f),
+        }
+    }
+}
+
+/// The answer for `key`.
+pub fn resolve_key(
+    view: &PolicyView,
+    key: &ExternalKey,
+    trust_domain: &str,
+) -> v1::destination_update::Kind {
+    match key {
+        ExternalKey::Host(host, port) => resolve(view, host, *port, trust_domain),
+        ExternalKey::Address(addr) => resolve_address(view, *addr, trust_domain),
+    }
+}
+
+/// The answer for a fixed address (see the module docs).
+pub fn resolve_address(
+    view: &PolicyView,
+    addr: SocketAddr,
+    trust_domain: &str,
+) -> v1::destination_update::Kind {
+    let Some(listed) = view.external_addresses.get(&addr) else {
+        return v1::destination_update::Kind::NotFound(v1::NotFound {
+            reason: format!(
+                "{addr} is no service's or endpoint's address in the mesh and no ExternalService lists it: forwarded unchanged"
+            ),
+            egress_denied: false,
+            external_ports: Vec::new(),
+        });
+    };
+    let (host, port, first) = &listed[0];
+    let mut kind = resolve(view, host, *port, trust_domain);
+    if let v1::destination_update::Kind::Profile(profile) = &mut kind {
+        profile.authority = addr.to_string();
+        let conflict = listed
+            .iter()
+            .any(|(_, _, other)| !std::sync::Arc::ptr_eq(other, first));
+        if conflict && let Some(section) = profile.external.as_mut() {
+            section.allowed_identities.clear();
+        }
+    }
+    kind
 }
 
 /// The answer for `host:port` (`host` normalized: lower case, no trailing dot).
@@ -378,6 +444,30 @@ spec:
         assert!(is_mesh_name("web.shop"));
         assert!(is_mesh_name("web.service.consul"));
         assert!(!is_mesh_name("api.pay.example"));
+    }
+
+    #[test]
+    fn a_fixed_address_on_a_declared_port_is_the_external_service_and_nothing_else_is() {
+        let yaml = PAYMENTS.replace("  sources:", "  addresses: [203.0.113.7]\n  sources:");
+        let view = view(&yaml);
+        let p = profile_of(resolve_address(
+            &view,
+            "203.0.113.7:5432".parse().unwrap(),
+            "cluster.local",
+        ));
+        assert_eq!(p.authority, "203.0.113.7:5432");
+        assert_eq!(p.protocol, v1::Protocol::Tcp as i32);
+        assert_eq!(p.backends[0].endpoints[0].address, "203.0.113.7:5432");
+        assert_eq!(p.external.unwrap().allowed_identities.len(), 2);
+        for addr in ["203.0.113.7:6543", "203.0.113.8:5432"] {
+            assert!(
+                matches!(
+                    resolve_address(&view, addr.parse().unwrap(), "cluster.local"),
+                    v1::destination_update::Kind::NotFound(_)
+                ),
+                "{addr}"
+            );
+        }
     }
 
     #[test]

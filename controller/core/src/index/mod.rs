@@ -202,9 +202,9 @@ enum Input {
     /// The follower of an address ended: nobody held its channel (someone may again since).
     AddressUnwatched(SocketAddr),
     /// A `host:port` outside the mesh (`external`).
-    WatchExternal((String, u16), oneshot::Sender<DestinationRx>),
+    WatchExternal(external::ExternalKey, oneshot::Sender<DestinationRx>),
     /// The last receiver of an external channel went away.
-    ExternalUnwatched((String, u16)),
+    ExternalUnwatched(external::ExternalKey),
 }
 
 /// The ports ExternalServices declare, mesh-wide (`external::external_ports`), with a
@@ -290,7 +290,10 @@ impl Index {
     pub async fn external(&self, host: String, port: u16) -> Option<DestinationRx> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Input::WatchExternal((host, port), reply))
+            .send(Input::WatchExternal(
+                external::ExternalKey::Host(host, port),
+                reply,
+            ))
             .ok()?;
         rx.await.ok()
     }
@@ -344,7 +347,7 @@ struct Writer {
     /// Destinations by address, each fed by its follower task (`address::follow`).
     addresses: HashMap<SocketAddr, watch::Sender<Option<v1::DestinationUpdate>>>,
     /// Destinations outside the mesh by `host:port` (`external`).
-    externals: BTreeMap<(String, u16), watch::Sender<Option<v1::DestinationUpdate>>>,
+    externals: BTreeMap<external::ExternalKey, watch::Sender<Option<v1::DestinationUpdate>>>,
     /// The mesh-wide external ports, sent on change.
     external_ports: watch::Sender<ExternalPorts>,
     /// The version of the last external answer sent (one counter for every external channel:
@@ -660,7 +663,7 @@ impl Writer {
             self.recompute_inbound(&key);
         }
         // External answers read only the policy: all of them (few, one lookup each).
-        let keys: Vec<(String, u16)> = self.externals.keys().cloned().collect();
+        let keys: Vec<external::ExternalKey> = self.externals.keys().cloned().collect();
         for key in keys {
             self.recompute_external(&key);
         }
@@ -676,14 +679,14 @@ impl Writer {
     }
 
     /// Recomputes one external destination and sends it if it changed.
-    fn recompute_external(&mut self, key: &(String, u16)) {
+    fn recompute_external(&mut self, key: &external::ExternalKey) {
         if !self.view_ready {
             return;
         }
         let Some(tx) = self.externals.get(key) else {
             return;
         };
-        let kind = external::resolve(&self.view, &key.0, key.1, &self.options.trust_domain);
+        let kind = external::resolve_key(&self.view, key, &self.options.trust_domain);
         let unchanged = tx.borrow().as_ref().and_then(|u| u.kind.as_ref()) == Some(&kind);
         if !unchanged {
             self.external_version += 1;
@@ -915,7 +918,7 @@ impl Writer {
                 .chain(
                     self.externals
                         .iter()
-                        .map(|((host, port), e)| destination_status(format!("{host}:{port}"), e)),
+                        .map(|(key, e)| destination_status(key.to_string(), e)),
                 )
                 .collect(),
             inbound: self

@@ -16,6 +16,7 @@
 //! linear in the policy, never in the number of destinations, streams or endpoints.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use trellis_discovery::ServiceKey;
@@ -53,6 +54,9 @@ pub struct PolicyView {
     /// left out), with the declared port; several = conflicting declarations (reported), in
     /// namespace/name order. See `super::external`.
     pub externals: BTreeMap<(String, u16), Declared>,
+    /// ExternalServices' fixed addresses on their ports: the host and port each stands for, per
+    /// ExternalService listing it (several ExternalServices = a conflict, reported).
+    pub external_addresses: BTreeMap<SocketAddr, Vec<(String, u16, Arc<ExternalService>)>>,
     /// Every resource in force, sorted by kind, namespace, name.
     pub policies: Vec<Policy>,
     /// Where every resource in force came from.
@@ -235,6 +239,21 @@ impl PolicyView {
                 }
                 Policy::ExternalService(external) => {
                     let external = Arc::new(ExternalService::clone(external));
+                    // The first host the mesh does not claim stands for the fixed addresses.
+                    if let Some(host) = external.hosts.iter().find(|h| !is_mesh_name(h)) {
+                        let ips = external
+                            .addresses
+                            .iter()
+                            .filter_map(|a| a.parse::<IpAddr>().ok());
+                        for ip in ips {
+                            for port in &external.ports {
+                                view.external_addresses
+                                    .entry(SocketAddr::new(ip, port.port))
+                                    .or_default()
+                                    .push((host.clone(), port.port, external.clone()));
+                            }
+                        }
+                    }
                     for (i, host) in external.hosts.iter().enumerate() {
                         if is_mesh_name(host) {
                             view.problems.push(PolicyProblem {
@@ -388,6 +407,29 @@ impl PolicyView {
                     location: origin_of(&view.origins, &external_rid(external)),
                     message: format!(
                         "{host}:{port} is also declared by {}: nobody may call it until one declaration is removed",
+                        others.join(", ")
+                    ),
+                });
+            }
+        }
+        for (addr, listed) in &view.external_addresses {
+            if listed.len() < 2 {
+                continue;
+            }
+            for (_, _, external) in listed {
+                let others: Vec<String> = listed
+                    .iter()
+                    .filter(|(_, _, other)| !Arc::ptr_eq(other, external))
+                    .map(|(_, _, other)| {
+                        let at = origin_of(&view.origins, &external_rid(other));
+                        format!("ExternalService {} (at {at})", external_name(other))
+                    })
+                    .collect();
+                view.problems.push(PolicyProblem {
+                    resource: external_rid(external).to_string(),
+                    location: origin_of(&view.origins, &external_rid(external)),
+                    message: format!(
+                        "spec.addresses: {addr} is also listed by {}: nobody may call it there until one is removed",
                         others.join(", ")
                     ),
                 });
