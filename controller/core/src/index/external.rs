@@ -471,6 +471,50 @@ spec:
     }
 
     #[test]
+    fn a_fixed_address_two_external_services_list_is_reported_and_denies_every_caller() {
+        let with_address = PAYMENTS.replace("  sources:", "  addresses: [203.0.113.7]\n  sources:");
+        let other = "---
+apiVersion: policy.trellis.io/v1alpha1
+kind: ExternalService
+metadata: {name: db, namespace: data}
+spec:
+  hosts: [db.data.example]
+  ports:
+  - {port: 5432, protocol: tcp}
+  addresses: [203.0.113.7]
+  sources:
+  - {kind: ServiceAccount, name: reporting}
+";
+        let view = view(&format!("{with_address}{other}"));
+        let reported: Vec<&str> = view
+            .problems
+            .iter()
+            .filter(|p| {
+                p.message
+                    .starts_with("spec.addresses: 203.0.113.7:5432 is also listed by")
+            })
+            .map(|p| p.resource.as_str())
+            .collect();
+        assert_eq!(
+            reported,
+            ["ExternalService data/db", "ExternalService shop/payments"]
+        );
+        let p = profile_of(resolve_address(
+            &view,
+            "203.0.113.7:5432".parse().unwrap(),
+            "cluster.local",
+        ));
+        assert!(p.external.unwrap().allowed_identities.is_empty());
+        // The address on a port only one of them declares is not in conflict.
+        let p = profile_of(resolve_address(
+            &view,
+            "203.0.113.7:443".parse().unwrap(),
+            "cluster.local",
+        ));
+        assert_eq!(p.external.unwrap().allowed_identities.len(), 2);
+    }
+
+    #[test]
     fn two_declarations_of_one_host_port_are_reported_on_both_and_deny_every_caller() {
         let other = "---
 apiVersion: policy.trellis.io/v1alpha1

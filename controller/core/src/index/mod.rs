@@ -1194,6 +1194,100 @@ spec:
         }
     }
 
+    const PAYMENTS: &str = "---
+apiVersion: policy.trellis.io/v1alpha1
+kind: ExternalService
+metadata: { name: payments, namespace: demo }
+spec:
+  hosts: [api.pay.example]
+  ports: [{ port: 443, protocol: tls }]
+  sources: [{ kind: ServiceAccount, name: web }]
+";
+
+    /// An external channel follows the policy: not found before the ExternalService exists, its
+    /// profile after, and the ports channel moves with it; the state lists the channel and a
+    /// conflicting declaration's problems.
+    #[tokio::test]
+    async fn external_channels_and_ports_follow_the_policy() {
+        let (index, _registry, policy) = mesh(1, 1);
+        let _web = answered(&index, "web").await; // the policy is in force
+        let mut rx = index.external("api.pay.example".into(), 443).await.unwrap();
+        let first = rx.wait_for(Option::is_some).await.unwrap().clone().unwrap();
+        assert!(
+            matches!(first.kind, Some(v1::destination_update::Kind::NotFound(_))),
+            "{first:?}"
+        );
+        let ports = index.external_ports();
+        assert!(ports.borrow().ports.is_empty());
+
+        let yaml = split("web", "web", &[("web-v1", 1), ("web-v2", 1)], None) + TARGET;
+        policy.send_replace(set_of(&format!("{yaml}{PAYMENTS}")));
+        let next = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|u| {
+                matches!(
+                    u.as_ref().and_then(|u| u.kind.as_ref()),
+                    Some(v1::destination_update::Kind::Profile(_))
+                )
+            }),
+        )
+        .await
+        .expect("the profile within 5 s")
+        .unwrap()
+        .clone()
+        .unwrap();
+        assert_ne!(next.version, first.version);
+        let mut ports = index.external_ports();
+        let now = ports
+            .wait_for(|p| !p.ports.is_empty())
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(*now.ports, [443]);
+        assert_eq!(now.generation, 1);
+
+        // A second declaration of the same host:port: both reported, nobody allowed.
+        let other = PAYMENTS.replace("name: payments", "name: payments-copy");
+        policy.send_replace(set_of(&format!("{yaml}{PAYMENTS}{other}")));
+        let denied = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|u| match u.as_ref().and_then(|u| u.kind.as_ref()) {
+                Some(v1::destination_update::Kind::Profile(p)) => {
+                    p.external.as_ref().unwrap().allowed_identities.is_empty()
+                }
+                _ => false,
+            }),
+        )
+        .await;
+        assert!(denied.is_ok(), "the conflict denies every caller");
+        let mut status = index.status();
+        let status = tokio::time::timeout(
+            Duration::from_secs(5),
+            status.wait_for(|s| {
+                s.problems
+                    .iter()
+                    .filter(|p| p.message.contains("is also declared by"))
+                    .count()
+                    == 2
+            }),
+        )
+        .await
+        .expect("both declarations reported within 5 s")
+        .unwrap()
+        .clone();
+        assert!(
+            status
+                .destinations
+                .iter()
+                .any(|d| d.authority == "api.pay.example:443" && d.state == "profile")
+        );
+        assert_eq!(
+            index.external_ports().borrow().generation,
+            1,
+            "the same ports: no new generation"
+        );
+    }
+
     #[tokio::test]
     async fn an_endpoint_change_resolves_only_the_destinations_that_read_the_service() {
         let (index, registry, _policy) = mesh(1, 1);
