@@ -43,7 +43,7 @@ const EXPECTED_ERRORS: &[&str] = &[
     "smi/tests/data/broken/targets.yaml:60: TrafficTarget shop/missing-match: spec.rules[0].matches[1]: HTTPRouteGroup shop/api-routes has no match named \"admin\"",
     "smi/tests/data/broken/targets.yaml:71: TrafficTarget shop/not-a-service-account: destination.kind: must be ServiceAccount (Trellis identities are service accounts), got \"Pod\"",
     "smi/tests/data/broken/unknown.yaml:2: TrafficSplit shop/future: apiVersion: TrafficSplit has no version \"v1alpha9\" (known: v1alpha1, v1alpha2, v1alpha3, v1alpha4)",
-    "smi/tests/data/broken/unknown.yaml:12: ConfigMap shop/not-smi: kind: unknown kind \"ConfigMap\" (known: TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficPolicy)",
+    "smi/tests/data/broken/unknown.yaml:12: ConfigMap shop/not-smi: kind: unknown kind \"ConfigMap\" (known: TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficPolicy, ExternalService)",
     "smi/tests/data/broken/unknown.yaml:30: HTTPRouteGroup shop/api-routes: metadata.name: HTTPRouteGroup shop/api-routes is also defined at smi/tests/data/broken/routes.yaml:2; each resource may be defined once",
     "25 error(s) in 6 file(s)",
 ];
@@ -116,6 +116,7 @@ fn crds_subcommand_writes_every_crd() {
     assert_eq!(
         files,
         [
+            "externalservices.policy.trellis.io.yaml",
             "httproutegroups.specs.smi-spec.io.yaml",
             "tcproutes.specs.smi-spec.io.yaml",
             "trafficpolicies.policy.trellis.io.yaml",

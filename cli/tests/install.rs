@@ -137,6 +137,7 @@ fn the_committed_install_is_complete_typed_and_in_dependency_order() {
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
+            "CustomResourceDefinition",
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
@@ -193,10 +194,10 @@ fn the_uninstall_removes_the_injector_first_and_the_crds_last() {
     // before anything it calls.
     assert_eq!(kinds[0], "APIService");
     assert_eq!(kinds[1], "MutatingWebhookConfiguration");
-    // Five SMI CRDs and TrafficPolicy's.
-    assert_eq!(kinds[kinds.len() - 7], "Namespace");
+    // Five SMI CRDs, TrafficPolicy's and ExternalService's.
+    assert_eq!(kinds[kinds.len() - 8], "Namespace");
     assert!(
-        kinds[kinds.len() - 6..]
+        kinds[kinds.len() - 7..]
             .iter()
             .all(|k| k == "CustomResourceDefinition")
     );
@@ -205,7 +206,7 @@ fn the_uninstall_removes_the_injector_first_and_the_crds_last() {
         "warns about the CRDs"
     );
     let kept = kinds_of(&stdout_of(&["uninstall", "--keep-crds"]));
-    assert_eq!(kept.len(), kinds.len() - 6);
+    assert_eq!(kept.len(), kinds.len() - 7);
     assert!(!kept.contains(&"CustomResourceDefinition".to_owned()));
 }
 

@@ -396,7 +396,7 @@ mod tests {
             errors,
             [
                 "x.yaml:8: TrafficSplit default/a: spec.backends[0].weight: must be a non-negative integer, got -1",
-                "x.yaml:12: Foo default/: kind: unknown kind \"Foo\" (known: TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficPolicy)",
+                "x.yaml:12: Foo default/: kind: unknown kind \"Foo\" (known: TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute, TrafficPolicy, ExternalService)",
             ]
         );
     }

@@ -1,11 +1,12 @@
 //! The normalized policy model: one type per SMI kind, with the latest semantics, that every
 //! version converts into and out of (see [`crate::convert`]), plus Trellis's own
-//! [`TrafficPolicy`]. The controller consumes only these.
+//! [`TrafficPolicy`] and [`ExternalService`]. The controller consumes only these.
 //!
 //! Each type keeps the object's `metadata` so conversion back to any version is exact. Fields a
 //! newer version dropped but an older one had (the v1alpha1/v1alpha2 destination port) are part
 //! of the model, so a port restriction is never lost on the way to the controller.
 
+pub use crate::api::external::{ExternalPort, ExternalProtocol, OriginateTls};
 pub use crate::api::headers::HeaderMatch;
 pub use crate::api::policy::TargetRef;
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -22,6 +23,8 @@ pub enum Policy {
     /// Trellis's TrafficPolicy (`policy.trellis.io`), not an SMI kind. Boxed: its settings are
     /// several times the size of any SMI kind, and sets hold many policies.
     TrafficPolicy(Box<TrafficPolicy>),
+    /// Trellis's ExternalService (`policy.trellis.io`), not an SMI kind.
+    ExternalService(Box<ExternalService>),
 }
 
 /// The kind of a resource: the SMI kinds and Trellis's TrafficPolicy.
@@ -34,6 +37,8 @@ pub enum Kind {
     UdpRoute,
     /// `policy.trellis.io` TrafficPolicy.
     TrafficPolicy,
+    /// `policy.trellis.io` ExternalService.
+    ExternalService,
 }
 
 impl Kind {
@@ -46,6 +51,7 @@ impl Kind {
             Kind::TcpRoute => "TCPRoute",
             Kind::UdpRoute => "UDPRoute",
             Kind::TrafficPolicy => "TrafficPolicy",
+            Kind::ExternalService => "ExternalService",
         }
     }
 
@@ -54,7 +60,7 @@ impl Kind {
         match self {
             Kind::TrafficSplit => crate::api::SPLIT_GROUP,
             Kind::TrafficTarget => crate::api::ACCESS_GROUP,
-            Kind::TrafficPolicy => crate::api::POLICY_GROUP,
+            Kind::TrafficPolicy | Kind::ExternalService => crate::api::POLICY_GROUP,
             _ => crate::api::SPECS_GROUP,
         }
     }
@@ -64,24 +70,25 @@ impl Kind {
         match self {
             Kind::TrafficTarget => &["v1alpha1", "v1alpha2", "v1alpha3"],
             Kind::UdpRoute => &["v1alpha4"],
-            Kind::TrafficPolicy => &["v1alpha1"],
+            Kind::TrafficPolicy | Kind::ExternalService => &["v1alpha1"],
             _ => &["v1alpha1", "v1alpha2", "v1alpha3", "v1alpha4"],
         }
     }
 
-    /// Every kind: the SMI kinds, then TrafficPolicy.
-    pub const ALL: [Kind; 6] = [
+    /// Every kind: the SMI kinds, then TrafficPolicy and ExternalService.
+    pub const ALL: [Kind; 7] = [
         Kind::TrafficSplit,
         Kind::TrafficTarget,
         Kind::HttpRouteGroup,
         Kind::TcpRoute,
         Kind::UdpRoute,
         Kind::TrafficPolicy,
+        Kind::ExternalService,
     ];
 
-    /// Whether this is an SMI kind (TrafficPolicy is Trellis's own).
+    /// Whether this is an SMI kind (TrafficPolicy and ExternalService are Trellis's own).
     pub fn is_smi(self) -> bool {
-        self != Kind::TrafficPolicy
+        !matches!(self, Kind::TrafficPolicy | Kind::ExternalService)
     }
 
     /// The kind called `name` on the wire.
@@ -279,6 +286,22 @@ impl PolicyRoute {
     }
 }
 
+/// ExternalService: a destination outside the mesh, declared once (see
+/// [`crate::api::external`] for what each field means).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExternalService {
+    pub metadata: ObjectMeta,
+    /// Exact DNS names, as written.
+    pub hosts: Vec<String>,
+    pub ports: Vec<ExternalPort>,
+    /// PEM trust anchors for originated TLS; `None` = the system's roots.
+    pub ca_bundle: Option<String>,
+    /// Fixed IP addresses (as written) instead of resolving the host.
+    pub addresses: Vec<String>,
+    /// Who may call it (service accounts; the namespace defaults to the ExternalService's).
+    pub sources: Vec<Identity>,
+}
+
 impl Policy {
     /// The kind of this policy.
     pub fn kind(&self) -> Kind {
@@ -289,6 +312,7 @@ impl Policy {
             Policy::TcpRoute(_) => Kind::TcpRoute,
             Policy::UdpRoute(_) => Kind::UdpRoute,
             Policy::TrafficPolicy(_) => Kind::TrafficPolicy,
+            Policy::ExternalService(_) => Kind::ExternalService,
         }
     }
 
@@ -300,6 +324,7 @@ impl Policy {
             Policy::HttpRouteGroup(p) => &p.metadata,
             Policy::TcpRoute(p) | Policy::UdpRoute(p) => &p.metadata,
             Policy::TrafficPolicy(p) => &p.metadata,
+            Policy::ExternalService(e) => &e.metadata,
         }
     }
 
@@ -365,6 +390,20 @@ impl Policy {
                     line.push_str(&format!(", {} route section(s)", p.routes.len()));
                 }
                 line
+            }
+            Policy::ExternalService(e) => {
+                let ports: Vec<String> = e
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol.as_str()))
+                    .collect();
+                let sources: Vec<&str> = e.sources.iter().map(|s| s.name.as_str()).collect();
+                format!(
+                    "{} ports {} allow {}",
+                    e.hosts.join(", "),
+                    ports.join(", "),
+                    sources.join(", ")
+                )
             }
             Policy::TcpRoute(r) | Policy::UdpRoute(r) if r.ports.is_empty() => "all ports".into(),
             Policy::TcpRoute(r) | Policy::UdpRoute(r) => {

@@ -4,7 +4,9 @@
 //!
 //! Per resource ([`validate_policy`]): names present, at least one backend, ServiceAccount
 //! identities, TrafficTarget v1alpha3 with at least one rule and one source, ports 1-65535,
-//! known HTTP methods, unique match names, and regexes that compile under Trellis's limits.
+//! known HTTP methods, unique match names, and regexes that compile under Trellis's limits; an
+//! ExternalService's hosts, ports, caBundle, addresses and sources
+//! ([`check_dns_name`], [`check_pem_certificates`]).
 //! Across resources ([`validate_references`]): route groups and match names a split, a target or
 //! a TrafficPolicy's route section names must exist in the same namespace. Shape errors (types, missing or unknown fields, bad
 //! weights, unknown rule kinds) are caught earlier, while deserializing.
@@ -13,7 +15,8 @@
 //! onto the document's own version.
 
 use crate::model::{
-    HttpRouteGroup, Kind, Policy, PortRoute, RouteKind, TrafficPolicy, effective_namespace,
+    ExternalProtocol, ExternalService, HttpRouteGroup, Kind, Policy, PortRoute, RouteKind,
+    TrafficPolicy, effective_namespace,
 };
 use crate::path::FieldPath;
 use regex::{Regex, RegexBuilder};
@@ -191,8 +194,190 @@ pub fn validate_policy_with(
         Policy::HttpRouteGroup(group) => check_route_group(&mut issues, group, regexes),
         Policy::TcpRoute(route) | Policy::UdpRoute(route) => check_ports(&mut issues, route),
         Policy::TrafficPolicy(policy) => check_traffic_policy(&mut issues, policy),
+        Policy::ExternalService(external) => check_external_service(&mut issues, external),
     }
     issues
+}
+
+/// An ExternalService on its own: hosts are DNS names, each once; ports each once, with
+/// `originateTls` only on `http` ports; a `caBundle` of PEM certificates, only with
+/// `originateTls`; IP addresses; at least one ServiceAccount source. Two ExternalServices
+/// declaring one `host:port` is a problem of the merged policy (the controller's index).
+fn check_external_service(issues: &mut Vec<Issue>, external: &ExternalService) {
+    let hosts = FieldPath::parse("spec.hosts");
+    if external.hosts.is_empty() {
+        issues.push(Issue::new(hosts.clone(), "must list at least one host"));
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, host) in external.hosts.iter().enumerate() {
+        if let Err(reason) = check_dns_name(host) {
+            issues.push(Issue::new(hosts.index(i), reason));
+        } else if let Some(first) = seen.insert(host, i) {
+            issues.push(Issue::new(
+                hosts.index(i),
+                format!("host {host:?} is listed twice (also spec.hosts[{first}])"),
+            ));
+        }
+    }
+    let ports = FieldPath::parse("spec.ports");
+    if external.ports.is_empty() {
+        issues.push(Issue::new(ports.clone(), "must list at least one port"));
+    }
+    let mut seen: HashMap<u16, usize> = HashMap::new();
+    for (i, port) in external.ports.iter().enumerate() {
+        let field = ports.index(i);
+        if port.port == 0 {
+            issues.push(Issue::new(
+                field.key("port"),
+                "must be a port number 1-65535, got 0",
+            ));
+        } else if let Some(first) = seen.insert(port.port, i) {
+            issues.push(Issue::new(
+                field.key("port"),
+                format!(
+                    "port {} is declared twice (also spec.ports[{first}])",
+                    port.port
+                ),
+            ));
+        }
+        if let Some(tls) = &port.originate_tls {
+            if port.protocol != ExternalProtocol::Http {
+                issues.push(Issue::new(
+                    field.key("originateTls"),
+                    format!(
+                        "only an http port can originate TLS, this one is {} ({})",
+                        port.protocol.as_str(),
+                        match port.protocol {
+                            ExternalProtocol::Tls => "the application's own TLS passes through",
+                            _ => "opaque bytes pass through unchanged",
+                        }
+                    ),
+                ));
+            }
+            if tls.port == 0 {
+                issues.push(Issue::new(
+                    field.key("originateTls").key("port"),
+                    "must be a port number 1-65535, got 0",
+                ));
+            }
+        }
+    }
+    if let Some(bundle) = &external.ca_bundle {
+        let field = FieldPath::parse("spec.caBundle");
+        if !external.ports.iter().any(|p| p.originate_tls.is_some()) {
+            issues.push(Issue::new(
+                field.clone(),
+                "is only used by ports with originateTls, and none has it",
+            ));
+        }
+        if let Err(reason) = check_pem_certificates(bundle) {
+            issues.push(Issue::new(field, reason));
+        }
+    }
+    let mut seen: HashMap<std::net::IpAddr, usize> = HashMap::new();
+    for (i, address) in external.addresses.iter().enumerate() {
+        let field = FieldPath::parse("spec.addresses").index(i);
+        match address.parse::<std::net::IpAddr>() {
+            Err(_) => issues.push(Issue::new(
+                field,
+                format!(
+                    "{address:?} is not an IP address (addresses are fixed IPs; names go in hosts)"
+                ),
+            )),
+            Ok(ip) => {
+                if let Some(first) = seen.insert(ip, i) {
+                    issues.push(Issue::new(
+                        field,
+                        format!("{address} is listed twice (also spec.addresses[{first}])"),
+                    ));
+                }
+            }
+        }
+    }
+    if external.sources.is_empty() {
+        issues.push(Issue::new(
+            FieldPath::parse("spec.sources"),
+            "must list at least one source (the service accounts allowed to call it)",
+        ));
+    }
+    for (i, source) in external.sources.iter().enumerate() {
+        check_identity(
+            issues,
+            &FieldPath::parse("spec.sources").index(i),
+            &source.kind,
+            &source.name,
+        );
+    }
+}
+
+/// Whether `host` is a DNS name an ExternalService can declare: lower-case letters, digits and
+/// hyphens in dot-separated labels of 1-63 characters (no hyphen at either end), at most 253
+/// characters, not an IP address, no wildcard.
+pub fn check_dns_name(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if host.len() > 253 {
+        return Err(format!(
+            "{host:?} is not a DNS name: longer than 253 characters"
+        ));
+    }
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!(
+            "{host:?} is an IP address, not a host name (fixed IPs go in spec.addresses)"
+        ));
+    }
+    if host.starts_with("*.") {
+        return Err(format!(
+            "{host:?}: wildcards are not supported, list each host name"
+        ));
+    }
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "{host:?} must be lower case (DNS names are compared in lower case)"
+        ));
+    }
+    for label in host.split('.') {
+        let valid = !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !valid {
+            return Err(format!(
+                "{host:?} is not a DNS name: label {label:?} must be 1-63 letters, digits or inner hyphens"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `bundle` is one or more PEM `CERTIFICATE` blocks that parse as X.509, and only that.
+pub fn check_pem_certificates(bundle: &str) -> Result<(), String> {
+    let blocks = pem::parse_many(bundle).map_err(|e| format!("is not PEM: {e}"))?;
+    if blocks.is_empty() {
+        return Err(
+            "holds no PEM certificate (expected -----BEGIN CERTIFICATE----- blocks)".into(),
+        );
+    }
+    for (i, block) in blocks.iter().enumerate() {
+        if block.tag() != "CERTIFICATE" {
+            return Err(format!(
+                "PEM block {} is a {:?}, not a CERTIFICATE",
+                i + 1,
+                block.tag()
+            ));
+        }
+        if let Err(e) = x509_parser::parse_x509_certificate(block.contents()) {
+            return Err(format!(
+                "PEM block {} is not an X.509 certificate: {e}",
+                i + 1
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A TrafficPolicy: its target, its settings (`trellis_policy`'s checks, with their field

@@ -16,7 +16,7 @@ fn deploy_dir() -> PathBuf {
     manifest_dir().join("../deploy/crds")
 }
 
-/// The official CRD of an SMI kind; `None` for Trellis's own TrafficPolicy.
+/// The official CRD of an SMI kind; `None` for Trellis's own TrafficPolicy and ExternalService.
 fn official_file(kind: Kind) -> Option<PathBuf> {
     let name = match kind {
         Kind::TrafficSplit => "split.yaml",
@@ -24,7 +24,7 @@ fn official_file(kind: Kind) -> Option<PathBuf> {
         Kind::HttpRouteGroup => "httproutegroup.yaml",
         Kind::TcpRoute => "tcproute.yaml",
         Kind::UdpRoute => "udproute.yaml",
-        Kind::TrafficPolicy => return None,
+        Kind::TrafficPolicy | Kind::ExternalService => return None,
     };
     Some(official_dir().join(name))
 }
@@ -263,6 +263,43 @@ fn the_traffic_policy_crd_is_one_stored_version_with_a_derived_schema_and_no_def
         serde_json::json!({"spec": {"targetRef": {"name": "web"}, "retries": {"attempts": "two"}}}),
         serde_json::json!({"spec": {"targetRef": {"name": "web"}, "loadBalancer": "random"}}),
         serde_json::json!({"spec": {"targetRef": {"name": "web"}, "routes": [{"matches": ["api"]}]}}),
+    ] {
+        assert!(!validator.is_valid(&bad), "{bad}");
+    }
+}
+
+#[test]
+fn the_external_service_crd_is_one_stored_version_whose_schema_checks_the_shape() {
+    let generated = crd::generate()
+        .into_iter()
+        .find(|c| c.kind == Kind::ExternalService)
+        .unwrap();
+    assert_eq!(
+        generated.file_name,
+        "externalservices.policy.trellis.io.yaml"
+    );
+    let crd = as_json(&generated);
+    assert_eq!(crd["spec"]["group"], "policy.trellis.io");
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    assert!(crd["spec"]["conversion"].is_null());
+    let v1 = version(&crd, "v1alpha1");
+    assert_eq!(
+        (&v1["served"], &v1["storage"]),
+        (&Value::Bool(true), &Value::Bool(true))
+    );
+    let validator = jsonschema::validator_for(&v1["schema"]["openAPIV3Schema"]).unwrap();
+    let good = serde_json::json!({"spec": {
+        "hosts": ["api.pay.example"],
+        "ports": [{"port": 443, "protocol": "tls"}, {"port": 80, "protocol": "http", "originateTls": {"port": 443}}],
+        "sources": [{"kind": "ServiceAccount", "name": "checkout"}],
+    }});
+    assert!(validator.is_valid(&good));
+    for bad in [
+        // No sources, no ports, an unknown protocol, a port out of range.
+        serde_json::json!({"spec": {"hosts": ["a.b.c"], "ports": [{"port": 443, "protocol": "tls"}]}}),
+        serde_json::json!({"spec": {"hosts": ["a.b.c"], "sources": []}}),
+        serde_json::json!({"spec": {"hosts": ["a.b.c"], "ports": [{"port": 443, "protocol": "udp"}], "sources": []}}),
+        serde_json::json!({"spec": {"hosts": ["a.b.c"], "ports": [{"port": 70000, "protocol": "tls"}], "sources": []}}),
     ] {
         assert!(!validator.is_valid(&bad), "{bad}");
     }

@@ -94,9 +94,9 @@ fn controller_cluster_rules(names: &Names) -> Vec<Rule> {
             &["get", "list", "watch"],
         ),
         rule(
-            "Policy source: Trellis's TrafficPolicies (read only).",
+            "Policy source: Trellis's TrafficPolicies and ExternalServices (read only).",
             "policy.trellis.io",
-            &["trafficpolicies"],
+            &["trafficpolicies", "externalservices"],
             &["get", "list", "watch"],
         ),
         rule(

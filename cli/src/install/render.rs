@@ -119,8 +119,8 @@ pub fn uninstall(settings: &Settings, keep_crds: bool) -> Vec<Document> {
         let mut crds = crds;
         if let Some(first) = crds.first_mut() {
             first.comment = vec![
-                "Deleting the CRDs deletes every TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute".to_owned(),
-                "and TrafficPolicy of the cluster, in every namespace. `trellis uninstall --keep-crds` leaves them.".to_owned(),
+                "Deleting the CRDs deletes every TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute,".to_owned(),
+                "TrafficPolicy and ExternalService of the cluster, in every namespace. `trellis uninstall --keep-crds` leaves them.".to_owned(),
             ];
         }
         rest.extend(crds);

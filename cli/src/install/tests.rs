@@ -174,7 +174,7 @@ fn rbac_names_exactly_what_the_install_creates() {
                 }
             }
         }
-        // The CRDs whose conversion caBundle the leader writes: all but TrafficPolicy's.
+        // The CRDs whose conversion caBundle the leader writes: all but Trellis's own kinds'.
         let converted: Vec<String> = objects
             .iter()
             .filter_map(|o| match o {
@@ -185,12 +185,11 @@ fn rbac_names_exactly_what_the_install_creates() {
             })
             .collect();
         assert_eq!(converted.len(), 5);
-        assert_eq!(names_of("CustomResourceDefinition").len(), 6);
+        assert_eq!(names_of("CustomResourceDefinition").len(), 7);
         assert_eq!(granted["customresourcedefinitions"], converted);
-        assert!(
-            granted.contains_key("trafficpolicies"),
-            "the policy source reads them"
-        );
+        for kind in ["trafficpolicies", "externalservices"] {
+            assert!(granted.contains_key(kind), "the policy source reads {kind}");
+        }
         assert_eq!(
             granted["mutatingwebhookconfigurations"],
             names_of("MutatingWebhookConfiguration")
@@ -356,15 +355,15 @@ fn the_uninstall_is_the_install_reversed_with_the_crds_last() {
         uninstall[1],
         "MutatingWebhookConfiguration trellis-proxy-injector"
     );
-    // The five SMI CRDs and TrafficPolicy's.
+    // The five SMI CRDs, TrafficPolicy's and ExternalService's.
     assert!(
-        uninstall[..uninstall.len() - 6]
+        uninstall[..uninstall.len() - 7]
             .last()
             .unwrap()
             .starts_with("Namespace ")
     );
     assert!(
-        uninstall[uninstall.len() - 6..]
+        uninstall[uninstall.len() - 7..]
             .iter()
             .all(|d| d.starts_with("CustomResourceDefinition "))
     );
@@ -378,7 +377,7 @@ fn the_uninstall_is_the_install_reversed_with_the_crds_last() {
         kept.iter()
             .all(|d| !matches!(d.object, Object::CustomResourceDefinition(_)))
     );
-    assert_eq!(kept.len(), uninstall.len() - 6);
+    assert_eq!(kept.len(), uninstall.len() - 7);
 }
 
 #[test]

@@ -11,6 +11,16 @@
 //! `Destinations.Watch` takes a name (`web.shop`) or, for connections a proxy intercepted, an
 //! original destination `IP:PORT`, answered by [`Index::address`] (a service's virtual address
 //! gets its profile, a pod IP its endpoint, an unknown address "not found": forwarded unchanged).
+//! A `host:port` whose host is no mesh service name (three labels or more, `api.pay.example:443`)
+//! is a destination outside the mesh, answered by [`Index::external`] (an ExternalService's
+//! profile, or "not found"); one- and two-label names are always mesh services, so a mesh
+//! service is never shadowed by an ExternalService.
+//!
+//! Every `NotFound` carries the mesh-wide switches: `egress_denied` (`--egress deny`) and the
+//! ports ExternalServices declare ([`Index::external_ports`]). When those ports change, a stream
+//! whose answer is "not found" sends it again with the new ports (version
+//! `<answer version>.<ports generation>`), so a proxy watching an unknown address learns of a
+//! newly declared port without asking again.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,13 +29,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
 use tonic::{Request, Response, Status};
 use trellis_discovery::ServiceKey;
 use trellis_proxy_api::authority::normalize;
 use trellis_proxy_api::v1::{self, destinations_server, identity_server, inbound_server};
 
-use trellis_controller_core::index::Index;
+use trellis_controller_core::index::{DestinationRx, ExternalPorts, Index};
 
 /// Issues workload certificates for `Identity.Certify`: checks the proof in the request and
 /// signs its CSR. The controller's CA implements it; the trait keeps the CA (and the Kubernetes
@@ -200,6 +211,7 @@ impl destinations_server::Destinations for ProxyApi {
         let authority = normalize(target)
             .map_err(|e| Status::invalid_argument(format!("target {target:?}: {e}")))?;
         let egress_denied = self.egress_denied;
+        let ports = self.index.external_ports();
         let not_found = |reason: String| {
             let update = v1::DestinationUpdate {
                 version: "0".into(),
@@ -209,11 +221,10 @@ impl destinations_server::Destinations for ProxyApi {
                     external_ports: Vec::new(),
                 })),
             };
-            Response::new(
-                futures::stream::once(async { Ok(update) })
-                    .chain(futures::stream::pending())
-                    .boxed(),
-            )
+            // A channel of its own, held by the stream: the answer never changes, the external
+            // ports it carries may.
+            let (tx, rx) = watch::channel(Some(update));
+            Response::new(updates(rx, ports.clone(), egress_denied, Box::new(tx)))
         };
         let rx = if authority.is_ip {
             // An intercepted connection's original destination: mapped back to the mesh by
@@ -231,37 +242,92 @@ impl destinations_server::Destinations for ProxyApi {
             self.index
                 .address(std::net::SocketAddr::new(ip, port))
                 .await
-        } else {
-            let Some(service) = service_of(&authority.name) else {
-                return Ok(not_found(format!(
-                    "{} names no service (expected name.namespace)",
-                    authority.key()
-                )));
-            };
+        } else if let Some(service) = service_of(&authority.name) {
             self.index.destination(service).await
+        } else if let Some(port) = authority.port {
+            // Not a mesh service name: perhaps a destination outside the mesh.
+            self.index.external(authority.name.clone(), port).await
+        } else {
+            return Ok(not_found(format!(
+                "{} names no service (expected name.namespace, or host:port for a destination outside the mesh)",
+                authority.key()
+            )));
         }
         .ok_or_else(|| Status::unavailable("the controller's index has stopped"))?;
         let guard = Connected::new(&self.counts, false);
-        Ok(Response::new(
-            WatchStream::new(rx)
-                .filter_map(move |update| {
-                    let _connected = &guard;
-                    async move {
-                        update.map(|mut update| {
-                            // The index answers per destination; the mesh-wide switch is said
-                            // here, with every `NotFound`.
-                            if let Some(v1::destination_update::Kind::NotFound(nf)) =
-                                &mut update.kind
-                            {
-                                nf.egress_denied = egress_denied;
-                            }
-                            Ok(update)
-                        })
-                    }
-                })
-                .boxed(),
-        ))
+        Ok(Response::new(updates(
+            rx,
+            ports,
+            egress_denied,
+            Box::new(guard),
+        )))
     }
+}
+
+/// What a destination stream reads: the answer's channel and the mesh-wide external ports.
+struct Updates {
+    rx: DestinationRx,
+    ports: watch::Receiver<ExternalPorts>,
+    /// The ports channel is still open (closed only when the index stops).
+    ports_open: bool,
+    last: Option<v1::DestinationUpdate>,
+    egress_denied: bool,
+    /// Held as long as the stream: the stream counter, or the sender of a fixed answer.
+    _held: Box<dyn Send + Sync>,
+}
+
+/// The answers of `rx` as a stream, each `NotFound` completed with the mesh-wide switches
+/// (the index answers per destination; see the module docs), sent again when the external ports
+/// change. Ends when the index stops.
+fn updates(
+    mut rx: DestinationRx,
+    mut ports: watch::Receiver<ExternalPorts>,
+    egress_denied: bool,
+    held: Box<dyn Send + Sync>,
+) -> BoxStream<'static, Result<v1::DestinationUpdate, Status>> {
+    // The current answer (when there is one yet) is the first one sent.
+    rx.mark_changed();
+    ports.mark_unchanged();
+    let state = Updates {
+        rx,
+        ports,
+        ports_open: true,
+        last: None,
+        egress_denied,
+        _held: held,
+    };
+    futures::stream::unfold(state, |mut state| async move {
+        loop {
+            tokio::select! {
+                changed = state.rx.changed() => {
+                    if changed.is_err() {
+                        return None; // the index stopped
+                    }
+                }
+                changed = state.ports.changed(), if state.ports_open => {
+                    if changed.is_err() {
+                        state.ports_open = false;
+                        continue;
+                    }
+                }
+            }
+            let Some(mut update) = state.rx.borrow_and_update().clone() else {
+                continue; // no complete answer yet
+            };
+            if let Some(v1::destination_update::Kind::NotFound(nf)) = &mut update.kind {
+                let ports = state.ports.borrow().clone();
+                nf.egress_denied = state.egress_denied;
+                nf.external_ports = ports.ports.to_vec();
+                update.version = format!("{}.{}", update.version, ports.generation);
+            }
+            if state.last.as_ref() == Some(&update) {
+                continue; // the ports changed under a profile, which does not carry them
+            }
+            state.last = Some(update.clone());
+            return Some((Ok(update), state));
+        }
+    })
+    .boxed()
 }
 
 #[tonic::async_trait]

@@ -1,10 +1,10 @@
-//! The Kubernetes policy source: the SMI CRDs and Trellis's TrafficPolicy through kube-runtime
-//! watchers.
+//! The Kubernetes policy source: the SMI CRDs and Trellis's TrafficPolicy and ExternalService
+//! through kube-runtime watchers.
 //!
 //! One watcher per kind (TrafficSplit, TrafficTarget, HTTPRouteGroup, TCPRoute, UDPRoute,
-//! TrafficPolicy) at its stored version, as `DynamicObject`s: the API server converts objects
-//! written in any other version through the conversion webhook (`crate::webhook`), so six
-//! watches see everything, and
+//! TrafficPolicy, ExternalService) at its stored version, as `DynamicObject`s: the API server
+//! converts objects written in any other version through the conversion webhook
+//! (`crate::webhook`), so seven watches see everything, and
 //! a dynamic object always decodes, so one bad object cannot stop a watch. Each object goes
 //! through the smi crate (`SmiObject::from_value`, `to_policy`, `validate_policy`) into the
 //! normalized model.
@@ -51,7 +51,7 @@ use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
-use trellis_smi::api::{access, policy, specs, split};
+use trellis_smi::api::{access, external, policy, specs, split};
 use trellis_smi::convert::{SmiObject, wire_field};
 use trellis_smi::model::{Kind, Policy, ResourceId};
 
@@ -158,6 +158,7 @@ pub fn stored_resource(kind: Kind) -> ApiResource {
         Kind::TcpRoute => ApiResource::erase::<specs::tcp_route::v1alpha4::TCPRoute>(&()),
         Kind::UdpRoute => ApiResource::erase::<specs::udp_route::v1alpha4::UDPRoute>(&()),
         Kind::TrafficPolicy => ApiResource::erase::<policy::v1alpha1::TrafficPolicy>(&()),
+        Kind::ExternalService => ApiResource::erase::<external::v1alpha1::ExternalService>(&()),
     }
 }
 

@@ -59,8 +59,12 @@ async fn an_unreachable_api_server_is_a_problem_until_it_answers_again() {
     assert!(watch_problems(&index.status().borrow()).is_empty());
 
     server.begin_outage();
-    // One watch per kind: the five SMI kinds and Trellis's TrafficPolicy.
-    let status = wait_status(&index, "watch failures", |s| watch_problems(s).len() == 6).await;
+    // One watch per kind: the five SMI kinds, Trellis's TrafficPolicy and ExternalService.
+    let kinds = trellis_smi::model::Kind::ALL.len();
+    let status = wait_status(&index, "watch failures", |s| {
+        watch_problems(s).len() == kinds
+    })
+    .await;
     // The last policy stays in force, and the problem says so and since when.
     assert_eq!(status.policies.len(), 1);
     let problems = watch_problems(&status);
@@ -85,7 +89,7 @@ async fn a_missing_crd_is_a_lasting_problem_of_that_kind_only() {
     server.register(split_type()); // only TrafficSplit is installed
     let index = index(&server);
     let status = wait_status(&index, "the missing kinds", |s| {
-        s.policy_ready && watch_problems(s).len() == 5
+        s.policy_ready && watch_problems(s).len() == trellis_smi::model::Kind::ALL.len() - 1
     })
     .await;
     let problems = watch_problems(&status);
@@ -109,5 +113,8 @@ async fn a_missing_crd_is_a_lasting_problem_of_that_kind_only() {
     );
     // The probe keeps failing (404): after a few probes the problems are still there.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(watch_problems(&index.status().borrow()).len(), 5);
+    assert_eq!(
+        watch_problems(&index.status().borrow()).len(),
+        trellis_smi::model::Kind::ALL.len() - 1
+    );
 }

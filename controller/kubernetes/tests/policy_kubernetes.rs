@@ -378,3 +378,70 @@ async fn real_api_server_smoke() {
     let _ = api.delete(&name, &Default::default()).await;
     assert_eq!(found, Ok(true), "the TrafficSplit never appeared in a set");
 }
+
+/// ExternalService objects are watched like the other kinds (the CRD kube-fake serves is the
+/// generated one): a good one is in the set, located at the object; a bad new version (a
+/// caBundle that is no certificate) keeps the last good one and is reported with its field.
+#[tokio::test]
+async fn external_services_are_watched_and_a_bad_one_keeps_the_last_good_version() {
+    let server = smi_api_server().await;
+    let store = server.store();
+    let externals = smi_type(Kind::ExternalService);
+    let external = |host: &str, ca_bundle: Option<&str>| {
+        let mut spec = json!({"hosts": [host],
+                              "ports": [{"port": 80, "protocol": "http", "originateTls": {"port": 443}}],
+                              "sources": [{"kind": "ServiceAccount", "name": "checkout"}]});
+        if let Some(bundle) = ca_bundle {
+            spec["caBundle"] = json!(bundle);
+        }
+        json!({"apiVersion": "policy.trellis.io/v1alpha1", "kind": "ExternalService",
+               "metadata": {"name": "payments", "namespace": "shop"}, "spec": spec})
+    };
+    let hosts = |set: &PolicySet| -> Vec<String> {
+        set.policies
+            .iter()
+            .filter_map(|p| match p {
+                Policy::ExternalService(e) => Some(e.hosts.join(",")),
+                _ => None,
+            })
+            .collect()
+    };
+    store
+        .apply(&externals, external("api.pay.example", None))
+        .unwrap();
+    let mut sets = KubernetesPolicySource::new(kube_client(&server)).watch();
+    let set = wait_for(&mut sets, "the ExternalService", |s| {
+        hosts(s) == ["api.pay.example"]
+    })
+    .await;
+    let id = ResourceId {
+        kind: "ExternalService".into(),
+        namespace: "shop".into(),
+        name: "payments".into(),
+    };
+    assert_eq!(
+        set.origins.get(&id).map(|o| &**o),
+        Some("kubernetes ExternalService shop/payments")
+    );
+
+    store
+        .apply(
+            &externals,
+            external("api2.pay.example", Some("not a certificate")),
+        )
+        .unwrap();
+    let set = wait_for(&mut sets, "a problem", |s| !s.problems.is_empty()).await;
+    assert_eq!(
+        hosts(&set),
+        ["api.pay.example"],
+        "the last good version stays"
+    );
+    assert_eq!(set.problems.len(), 1, "{:?}", set.problems);
+    let problem = &set.problems[0];
+    assert_eq!(problem.resource, "ExternalService shop/payments");
+    assert_eq!(problem.location, "kubernetes ExternalService shop/payments");
+    assert_eq!(
+        problem.message,
+        "spec.caBundle: holds no PEM certificate (expected -----BEGIN CERTIFICATE----- blocks); the previous version stays in force"
+    );
+}

@@ -405,3 +405,159 @@ async fn the_egress_switch_is_said_with_not_found_answers() {
         );
     }
 }
+
+fn payments(ports: &str) -> String {
+    format!(
+        "apiVersion: policy.trellis.io/v1alpha1
+kind: ExternalService
+metadata: {{ name: payments, namespace: shop }}
+spec:
+  hosts: [api.pay.example]
+  ports:
+{ports}  - {{ port: 5432, protocol: tcp }}
+  addresses: [203.0.113.9]
+  sources:
+  - {{ kind: ServiceAccount, name: checkout }}
+"
+    )
+}
+
+async fn next_update(
+    stream: &mut tonic::Streaming<v1::DestinationUpdate>,
+    target: &str,
+) -> v1::DestinationUpdate {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap_or_else(|_| panic!("{target}: no answer in 10 s"))
+        .unwrap()
+        .unwrap()
+}
+
+/// An ExternalService in the policy directory of the file platform, through the real gRPC API:
+/// its `host:port` (in any spelling) and its fixed address on a port get the external profile,
+/// an address the mesh does not know gets "not found" with the declared ports (not the tcp one),
+/// and an open "not found" watch is sent the new ports when the ExternalService changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_service_is_served_by_host_and_its_ports_come_with_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        services(
+            "127.0.0.1:1001".parse().unwrap(),
+            "127.0.0.1:1002".parse().unwrap(),
+        ),
+    )
+    .unwrap();
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    let file = policy.join("payments.yaml");
+    write(
+        &file,
+        &payments(
+            "  - { port: 443, protocol: tls }\n  - { port: 80, protocol: http, originateTls: { port: 443 } }\n",
+        ),
+    );
+    let ctl = start(Options {
+        policy_paths: vec![policy],
+        platforms: vec![Platform::File(mesh)],
+        adapters: Default::default(),
+        webhooks: None,
+        traffic_metrics: None,
+        grpc: "127.0.0.1:0".parse().unwrap(),
+        admin: None,
+        index: IndexOptions::default(),
+    })
+    .await
+    .unwrap();
+    let client = DestinationsClient::connect(format!("http://{}", ctl.grpc))
+        .await
+        .unwrap();
+    let watch = |target: &'static str| {
+        let mut client = client.clone();
+        async move {
+            client
+                .watch(v1::DestinationRequest {
+                    target: target.into(),
+                    source_workload: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+
+    for target in ["api.pay.example:443", "API.Pay.Example.:443"] {
+        let mut stream = watch(target).await;
+        let answer = next_update(&mut stream, target).await;
+        let Some(v1::destination_update::Kind::Profile(profile)) = answer.kind else {
+            panic!("{target}: expected a profile, got {answer:?}");
+        };
+        assert_eq!(profile.authority, "api.pay.example:443");
+        assert_eq!(profile.protocol, v1::Protocol::Tcp as i32);
+        assert_eq!(
+            profile.backends[0].endpoints[0].address, "203.0.113.9:443",
+            "the fixed address, not DNS"
+        );
+        assert_eq!(
+            profile.external,
+            Some(v1::ExternalService {
+                name: "shop/payments".into(),
+                allowed_identities: vec!["spiffe://cluster.local/ns/shop/sa/checkout".into()],
+                tls: None,
+            })
+        );
+    }
+    let mut http = watch("api.pay.example:80").await;
+    let answer = next_update(&mut http, "api.pay.example:80").await;
+    let Some(v1::destination_update::Kind::Profile(profile)) = answer.kind else {
+        panic!("expected a profile, got {answer:?}");
+    };
+    assert_eq!(profile.protocol, v1::Protocol::Http as i32);
+    assert_eq!(
+        profile.external.unwrap().tls.unwrap().server_name,
+        "api.pay.example"
+    );
+
+    // A transparent connection to the fixed address on the tcp port: the ExternalService.
+    let mut by_address = watch("203.0.113.9:5432").await;
+    let answer = next_update(&mut by_address, "203.0.113.9:5432").await;
+    let Some(v1::destination_update::Kind::Profile(profile)) = answer.kind else {
+        panic!("expected a profile, got {answer:?}");
+    };
+    assert_eq!(profile.authority, "203.0.113.9:5432");
+    assert_eq!(profile.external.unwrap().name, "shop/payments");
+
+    // An address the mesh does not know, and a host nobody declares: not found, with the ports.
+    let mut unknown = watch("203.0.113.7:443").await;
+    let mut undeclared = watch("www.other.example:443").await;
+    for (target, stream) in [
+        ("203.0.113.7:443", &mut unknown),
+        ("www.other.example:443", &mut undeclared),
+    ] {
+        let answer = next_update(stream, target).await;
+        let Some(v1::destination_update::Kind::NotFound(nf)) = answer.kind else {
+            panic!("{target}: expected not found, got {answer:?}");
+        };
+        assert_eq!(nf.external_ports, [80, 443], "{target}");
+    }
+
+    // A new port declared: the open "not found" watch is told, without asking again.
+    write(
+        &file,
+        &payments(
+            "  - { port: 443, protocol: tls }\n  - { port: 80, protocol: http, originateTls: { port: 443 } }\n  - { port: 8443, protocol: tls }\n",
+        ),
+    );
+    let answer = next_update(&mut unknown, "203.0.113.7:443 after the change").await;
+    let Some(v1::destination_update::Kind::NotFound(nf)) = answer.kind else {
+        panic!("expected not found, got {answer:?}");
+    };
+    assert_eq!(nf.external_ports, [80, 443, 8443]);
+    let mut new_port = watch("api.pay.example:8443").await;
+    let answer = next_update(&mut new_port, "api.pay.example:8443").await;
+    assert!(
+        matches!(answer.kind, Some(v1::destination_update::Kind::Profile(_))),
+        "{answer:?}"
+    );
+}

@@ -1,11 +1,13 @@
 //! The API types: one Rust type per kind and version, exactly as they appear on the wire: the SMI
-//! kinds, and Trellis's own TrafficPolicy ([`policy`]).
+//! kinds, and Trellis's own TrafficPolicy ([`policy`]) and ExternalService ([`external`]).
 //!
 //! Every CRD-backed version is a `kube::CustomResource`. SMI schemas come from [`crate::crd`], not
 //! from the Rust types (`schema = "disabled"`), so the generated CRDs match the official ones;
-//! TrafficPolicy's schema is derived from its types (Trellis owns that contract).
+//! TrafficPolicy's and ExternalService's schemas are derived from their types (Trellis owns those
+//! contracts).
 
 pub mod access;
+pub mod external;
 pub mod headers;
 pub mod metrics;
 pub mod policy;
@@ -21,5 +23,5 @@ pub const ACCESS_GROUP: &str = "access.smi-spec.io";
 pub const SPECS_GROUP: &str = "specs.smi-spec.io";
 /// API group of TrafficMetrics (an aggregated API, not a CRD).
 pub const METRICS_GROUP: &str = "metrics.smi-spec.io";
-/// API group of Trellis's TrafficPolicy (not part of SMI).
+/// API group of Trellis's TrafficPolicy and ExternalService (not part of SMI).
 pub const POLICY_GROUP: &str = "policy.trellis.io";

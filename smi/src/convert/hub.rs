@@ -38,6 +38,9 @@ impl SmiObject {
             O::TrafficPolicyV1Alpha1(o) => {
                 Policy::TrafficPolicy(Box::new(policy::from_v1alpha1(o)))
             }
+            O::ExternalServiceV1Alpha1(o) => {
+                Policy::ExternalService(Box::new(policy::external_from_v1alpha1(o)))
+            }
         })
     }
 
@@ -77,6 +80,9 @@ impl SmiObject {
             (Policy::UdpRoute(m), "v1alpha4") => O::UdpRouteV1Alpha4(specs::udp_to_v1alpha4(m)),
             (Policy::TrafficPolicy(m), "v1alpha1") => {
                 O::TrafficPolicyV1Alpha1(policy::to_v1alpha1(m))
+            }
+            (Policy::ExternalService(m), "v1alpha1") => {
+                O::ExternalServiceV1Alpha1(policy::external_to_v1alpha1(m))
             }
             (policy, version) => {
                 return Err(ConvertError::NoSuchVersion {

@@ -18,7 +18,8 @@
 //! - HTTPRouteGroup headers in v1alpha1: `specs.smi-spec.io/trellis-headers`, by match name.
 //! - TCPRoute ports in v1alpha1..v1alpha3: `specs.smi-spec.io/trellis-ports`.
 //! - UDPRoute exists only in v1alpha4; asking for another version is an error.
-//! - TrafficPolicy (Trellis's own kind) has one version, v1alpha1: its conversion is the identity.
+//! - TrafficPolicy and ExternalService (Trellis's own kinds) have one version, v1alpha1: their
+//!   conversion is the identity.
 //!
 //! v1alpha1 weights are written in canonical quantity form (`"1000m"` reads back as `"1"`): the
 //! value is the same, which is all Kubernetes itself keeps of a quantity.

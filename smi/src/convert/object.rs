@@ -2,7 +2,7 @@
 //! path of whatever does not fit.
 
 use super::ConvertError;
-use crate::api::{access, policy, specs, split};
+use crate::api::{access, external, policy, specs, split};
 use crate::model::Kind;
 use crate::path::FieldPath;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -101,6 +101,7 @@ smi_objects! {
     TcpRouteV1Alpha4 => specs::tcp_route::v1alpha4::TCPRoute, specs::tcp_route::v1alpha4::TCPRouteSpec, TcpRoute, "v1alpha4", Spec;
     UdpRouteV1Alpha4 => specs::udp_route::v1alpha4::UDPRoute, specs::udp_route::v1alpha4::UDPRouteSpec, UdpRoute, "v1alpha4", Spec;
     TrafficPolicyV1Alpha1 => policy::v1alpha1::TrafficPolicy, policy::v1alpha1::TrafficPolicySpec, TrafficPolicy, "v1alpha1", Spec;
+    ExternalServiceV1Alpha1 => external::v1alpha1::ExternalService, external::v1alpha1::ExternalServiceSpec, ExternalService, "v1alpha1", Spec;
 }
 
 /// Reads `apiVersion` and `kind`, naming what is wrong when they are missing or unknown.

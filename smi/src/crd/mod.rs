@@ -1,6 +1,6 @@
 //! CustomResourceDefinitions for every SMI kind: all versions served, the newest stored, and
 //! conversion by the Trellis controller's webhook (`trellis-controller.trellis-system:443/convert`);
-//! and for Trellis's TrafficPolicy (one version, no conversion).
+//! and for Trellis's TrafficPolicy and ExternalService (one version each, no conversion).
 //!
 //! Names, versions and printer columns come from the `kube::CustomResource` derives of
 //! [`crate::api`]; schemas come from `schemas/*.yaml` beside this file, which are the official
@@ -9,8 +9,9 @@
 //! the schema allows (both header forms, any quantity spelling) and the official text is the
 //! contract that tools like Flagger were written against.
 //!
-//! TrafficPolicy is Trellis's own contract, so its schema is derived from its types
-//! ([`crate::api::policy`], schemars made structural by kube). Defaults are left out of it: the
+//! TrafficPolicy and ExternalService are Trellis's own contracts, so their schemas are derived
+//! from their types ([`crate::api::policy`], [`crate::api::external`], schemars made structural
+//! by kube). Defaults are left out of it: the
 //! API server would otherwise write them into stored objects, and the controller applies the
 //! same defaults when it reads a policy (objects stay as their author wrote them).
 //!
@@ -25,7 +26,7 @@ use kube_core::crd::merge_crds;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::api::{access, policy, specs, split};
+use crate::api::{access, external, policy, specs, split};
 use crate::model::Kind;
 
 /// Namespace of the controller Service the API server sends ConversionReviews to.
@@ -84,7 +85,15 @@ pub fn write_all(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 fn generate_kind(kind: Kind) -> GeneratedCrd {
     let (per_version, schema_text, list_kind) = match kind {
-        Kind::TrafficPolicy => return generate_traffic_policy(),
+        Kind::TrafficPolicy => {
+            return generate_trellis(Kind::TrafficPolicy, policy::v1alpha1::TrafficPolicy::crd());
+        }
+        Kind::ExternalService => {
+            return generate_trellis(
+                Kind::ExternalService,
+                external::v1alpha1::ExternalService::crd(),
+            );
+        }
         Kind::TrafficSplit => (
             vec![
                 split::v1alpha1::TrafficSplit::crd(),
@@ -173,9 +182,9 @@ fn generate_kind(kind: Kind) -> GeneratedCrd {
     }
 }
 
-/// The TrafficPolicy CRD: one version, served and stored, schema derived from the types.
-fn generate_traffic_policy() -> GeneratedCrd {
-    let mut crd = policy::v1alpha1::TrafficPolicy::crd();
+/// The CRD of one of Trellis's own kinds (TrafficPolicy, ExternalService): one version, served
+/// and stored, schema derived from the types.
+fn generate_trellis(kind: Kind, mut crd: CustomResourceDefinition) -> GeneratedCrd {
     for version in &mut crd.spec.versions {
         if let Some(schema) = version
             .schema
@@ -191,7 +200,7 @@ fn generate_traffic_policy() -> GeneratedCrd {
     crd.spec.names.categories = None;
     let file_name = format!("{}.{}.yaml", crd.spec.names.plural, crd.spec.group);
     GeneratedCrd {
-        kind: Kind::TrafficPolicy,
+        kind,
         file_name,
         crd,
     }

@@ -34,9 +34,9 @@ fn stored_type(generated: &GeneratedCrd) -> ResourceType {
     )
 }
 
-/// Every SMI kind (and Trellis's TrafficPolicy: every kind the policy source watches) with its
-/// resource type, in [`Kind::ALL`] order; generated once because CRD
-/// generation parses the checked-in schemas.
+/// Every SMI kind (and Trellis's TrafficPolicy and ExternalService: every kind the policy source
+/// watches) with its resource type, in [`Kind::ALL`] order; generated once because CRD generation
+/// parses the checked-in schemas.
 fn table() -> &'static [(Kind, ResourceType)] {
     static TABLE: OnceLock<Vec<(Kind, ResourceType)>> = OnceLock::new();
     TABLE.get_or_init(|| {

@@ -12,7 +12,9 @@
 //!   Service through kube-proxy) rather than routed to the wrong target port;
 //! - an endpoint's own address (a pod IP) on one of its ports: a profile with that one endpoint
 //!   and its identity (mTLS to the pod's proxy);
-//! - anything else: `NotFound` (the proxy forwards the connection unchanged, never drops it).
+//! - anything else: the index's answer for the address as an ExternalService's fixed address
+//!   (`super::external::resolve_address`): that ExternalService's profile, or `NotFound` (the
+//!   proxy forwards the connection unchanged, never drops it, unless egress is denied).
 //!
 //! The answer keeps following discovery: a service created after the first ask is found,
 //! deleted it is `NotFound` again. Versions are `<target generation>.<inner version>`, so a
@@ -26,32 +28,43 @@ use tokio::sync::{mpsc, oneshot, watch};
 use trellis_discovery::{AddressOwner, Discovery, Endpoint, ServiceKey};
 use trellis_proxy_api::v1;
 
+use super::external::ExternalKey;
 use super::{DestinationRx, Input, outbound};
+
+/// A channel of the index an address follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Followed {
+    /// A service's destination channel.
+    Service(ServiceKey),
+    /// The address's external channel (no service or endpoint holds it).
+    External,
+}
 
 /// What an address is, for the proxy.
 enum Target {
-    /// Follow this service's destination channel.
-    Service(ServiceKey),
-    /// A fixed answer (a pod profile, or not found).
-    Fixed(v1::destination_update::Kind),
+    /// Follow this channel of the index.
+    Follow(Followed),
+    /// A fixed answer (a pod profile, or not found). Boxed: a profile is several times the size
+    /// of a service key.
+    Fixed(Box<v1::destination_update::Kind>),
 }
 
 fn not_found(reason: String) -> Target {
-    Target::Fixed(v1::destination_update::Kind::NotFound(v1::NotFound {
-        egress_denied: false,
-        external_ports: Vec::new(),
-        reason,
-    }))
+    Target::Fixed(Box::new(v1::destination_update::Kind::NotFound(
+        v1::NotFound {
+            egress_denied: false,
+            external_ports: Vec::new(),
+            reason,
+        },
+    )))
 }
 
 fn target(addr: SocketAddr, owner: AddressOwner, trust_domain: &str) -> Target {
     let port = addr.port();
     match owner {
-        AddressOwner::Unknown => not_found(format!(
-            "{addr} is no service's or endpoint's address in the mesh: forwarded unchanged"
-        )),
+        AddressOwner::Unknown => Target::Follow(Followed::External),
         AddressOwner::Service { service, ports } => match ports.first() {
-            Some(first) if first.port == port => Target::Service(service),
+            Some(first) if first.port == port => Target::Follow(Followed::Service(service)),
             _ if ports.iter().any(|p| p.port == port) => not_found(format!(
                 "{addr} is port {port} of service {service}, whose profile follows its first port {}: forwarded unchanged",
                 ports[0].port
@@ -62,11 +75,8 @@ fn target(addr: SocketAddr, owner: AddressOwner, trust_domain: &str) -> Target {
         },
         AddressOwner::Endpoint { service, endpoint } => {
             if endpoint.ports.iter().any(|p| p.port == port) {
-                Target::Fixed(v1::destination_update::Kind::Profile(pod_profile(
-                    addr,
-                    &service,
-                    &endpoint,
-                    trust_domain,
+                Target::Fixed(Box::new(v1::destination_update::Kind::Profile(
+                    pod_profile(addr, &service, &endpoint, trust_domain),
                 )))
             } else {
                 not_found(format!(
@@ -117,16 +127,18 @@ fn pod_profile(
     }
 }
 
-/// Asks the index for `service`'s destination channel.
+/// Asks the index for the channel `followed` names.
 async fn destination(
     index: &mpsc::WeakUnboundedSender<Input>,
-    service: ServiceKey,
+    addr: SocketAddr,
+    followed: Followed,
 ) -> Option<DestinationRx> {
     let (reply, rx) = oneshot::channel();
-    index
-        .upgrade()?
-        .send(Input::WatchDestination(service, reply))
-        .ok()?;
+    let input = match followed {
+        Followed::Service(service) => Input::WatchDestination(service, reply),
+        Followed::External => Input::WatchExternal(ExternalKey::Address(addr), reply),
+    };
+    index.upgrade()?.send(input).ok()?;
     rx.await.ok()
 }
 
@@ -170,7 +182,7 @@ pub(super) async fn follow(
     trust_domain: String,
 ) {
     let mut owners = discovery.watch_address(addr.ip());
-    let mut following: Option<(ServiceKey, DestinationRx)> = None;
+    let mut following: Option<(Followed, DestinationRx)> = None;
     let mut generation = 0u64;
     loop {
         tokio::select! {
@@ -185,12 +197,12 @@ pub(super) async fn follow(
                     tracing::debug!(%addr, error = %e, "address lookup failed; keeping the last answer");
                 }
                 Some(Ok(owner)) => match target(addr, owner, &trust_domain) {
-                    Target::Service(service) => {
-                        if following.as_ref().is_some_and(|(s, _)| *s == service) {
+                    Target::Follow(followed) => {
+                        if following.as_ref().is_some_and(|(f, _)| *f == followed) {
                             continue;
                         }
                         generation += 1;
-                        let Some(mut rx) = destination(&index, service.clone()).await else {
+                        let Some(mut rx) = destination(&index, addr, followed.clone()).await else {
                             return;
                         };
                         let current = rx.borrow_and_update().clone();
@@ -199,13 +211,13 @@ pub(super) async fn follow(
                         {
                             send(&tx, generation, &update.version, kind);
                         }
-                        following = Some((service, rx));
+                        following = Some((followed, rx));
                     }
                     Target::Fixed(kind) => {
                         if following.take().is_some() || tx.borrow().is_none() {
                             generation += 1;
                         }
-                        send(&tx, generation, "0", kind);
+                        send(&tx, generation, "0", *kind);
                     }
                 },
             },

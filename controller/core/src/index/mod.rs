@@ -34,11 +34,19 @@
 //! address gets that service's destination channel, a pod IP its one endpoint, anything else
 //! "not found" (the proxy forwards it unchanged).
 //!
+//! Destinations outside the mesh are asked as `host:port` ([`Index::external`]): an
+//! ExternalService's profile, or "not found" (see the `external` module). They read only the
+//! policy, so every open one is recomputed on a policy change. The ports ExternalServices
+//! declare, which every `NotFound` carries, are a channel of their own
+//! ([`Index::external_ports`]): the gRPC API adds them to each answer and sends a "not found"
+//! again when they change, so a proxy's open watch of an unknown address stays current.
+//!
 //! Nothing is published before every policy source has answered once (a first profile without
 //! the split would send traffic the wrong way), and a destination waits for its root's first
 //! discovery answer, so the first message a proxy gets is complete.
 
 mod address;
+pub mod external;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
@@ -193,6 +201,19 @@ enum Input {
     WatchAddress(SocketAddr, oneshot::Sender<DestinationRx>),
     /// The follower of an address ended: nobody held its channel (someone may again since).
     AddressUnwatched(SocketAddr),
+    /// A `host:port` outside the mesh (`external`).
+    WatchExternal(external::ExternalKey, oneshot::Sender<DestinationRx>),
+    /// The last receiver of an external channel went away.
+    ExternalUnwatched(external::ExternalKey),
+}
+
+/// The ports ExternalServices declare, mesh-wide (`external::external_ports`), with a
+/// generation that grows on every change (part of the version of `NotFound` answers, which
+/// carry them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExternalPorts {
+    pub generation: u64,
+    pub ports: Arc<[u32]>,
 }
 
 /// A handle to the index task. Cheap to clone; the task stops when every handle is dropped.
@@ -200,6 +221,7 @@ enum Input {
 pub struct Index {
     tx: mpsc::UnboundedSender<Input>,
     status: watch::Receiver<Arc<Status>>,
+    external_ports: watch::Receiver<ExternalPorts>,
 }
 
 impl Index {
@@ -211,6 +233,7 @@ impl Index {
     ) -> Index {
         let (tx, rx) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(Arc::new(Status::default()));
+        let (ports_tx, external_ports) = watch::channel(ExternalPorts::default());
         let mut names = Vec::new();
         for (i, source) in sources.iter().enumerate() {
             names.push(source.name());
@@ -225,9 +248,14 @@ impl Index {
                 }
             });
         }
-        let writer = Writer::new(names, discovery, options, tx.downgrade(), status_tx);
+        let mut writer = Writer::new(names, discovery, options, tx.downgrade(), status_tx);
+        writer.external_ports = ports_tx;
         tokio::spawn(writer.run(rx));
-        Index { tx, status }
+        Index {
+            tx,
+            status,
+            external_ports,
+        }
     }
 
     /// The channel of destination `service` (registering interest on first use). `None` only when
@@ -254,6 +282,26 @@ impl Index {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Input::WatchAddress(address, reply)).ok()?;
         rx.await.ok()
+    }
+
+    /// The channel of `host:port` (`host` normalized, not a mesh service name): an
+    /// ExternalService's profile or "not found" (see the `external` module). `None` only when
+    /// the index has stopped.
+    pub async fn external(&self, host: String, port: u16) -> Option<DestinationRx> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::WatchExternal(
+                external::ExternalKey::Host(host, port),
+                reply,
+            ))
+            .ok()?;
+        rx.await.ok()
+    }
+
+    /// The ports ExternalServices declare, mesh-wide, as every `NotFound` answer carries them
+    /// (empty until every policy source has answered).
+    pub fn external_ports(&self) -> watch::Receiver<ExternalPorts> {
+        self.external_ports.clone()
     }
 
     /// The state for people, updated after every change.
@@ -298,6 +346,13 @@ struct Writer {
     watches: HashMap<ServiceKey, JoinHandle<()>>,
     /// Destinations by address, each fed by its follower task (`address::follow`).
     addresses: HashMap<SocketAddr, watch::Sender<Option<v1::DestinationUpdate>>>,
+    /// Destinations outside the mesh by `host:port` (`external`).
+    externals: BTreeMap<external::ExternalKey, watch::Sender<Option<v1::DestinationUpdate>>>,
+    /// The mesh-wide external ports, sent on change.
+    external_ports: watch::Sender<ExternalPorts>,
+    /// The version of the last external answer sent (one counter for every external channel:
+    /// a channel dropped and asked again never repeats a version).
+    external_version: u64,
     work: Work,
 }
 
@@ -328,6 +383,9 @@ impl Writer {
             policy_targets: HashSet::new(),
             watches: HashMap::new(),
             addresses: HashMap::new(),
+            externals: BTreeMap::new(),
+            external_ports: watch::channel(ExternalPorts::default()).0,
+            external_version: 0,
             work: Work::default(),
         }
     }
@@ -484,6 +542,30 @@ impl Writer {
                     self.addresses.remove(&address);
                 }
             }
+            Input::WatchExternal(key, reply) => {
+                let rx = match self.externals.get(&key) {
+                    Some(tx) => tx.subscribe(),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        self.when_unwatched(&tx, Input::ExternalUnwatched(key.clone()));
+                        self.externals.insert(key.clone(), tx);
+                        self.recompute_external(&key);
+                        rx
+                    }
+                };
+                let _ = reply.send(rx);
+            }
+            Input::ExternalUnwatched(key) => {
+                let Some(tx) = self.externals.get(&key) else {
+                    return;
+                };
+                if tx.receiver_count() > 0 {
+                    let tx = tx.clone();
+                    self.when_unwatched(&tx, Input::ExternalUnwatched(key));
+                    return;
+                }
+                self.externals.remove(&key);
+            }
             Input::InboundUnwatched(key) => {
                 let Some(i) = self.inbound.get(&key) else {
                     return;
@@ -579,6 +661,39 @@ impl Writer {
         };
         for key in keys {
             self.recompute_inbound(&key);
+        }
+        // External answers read only the policy: all of them (few, one lookup each).
+        let keys: Vec<external::ExternalKey> = self.externals.keys().cloned().collect();
+        for key in keys {
+            self.recompute_external(&key);
+        }
+        let ports = external::external_ports(&self.view);
+        self.external_ports.send_if_modified(|current| {
+            if *current.ports == *ports {
+                return false;
+            }
+            current.generation += 1;
+            current.ports = ports.into();
+            true
+        });
+    }
+
+    /// Recomputes one external destination and sends it if it changed.
+    fn recompute_external(&mut self, key: &external::ExternalKey) {
+        if !self.view_ready {
+            return;
+        }
+        let Some(tx) = self.externals.get(key) else {
+            return;
+        };
+        let kind = external::resolve_key(&self.view, key, &self.options.trust_domain);
+        let unchanged = tx.borrow().as_ref().and_then(|u| u.kind.as_ref()) == Some(&kind);
+        if !unchanged {
+            self.external_version += 1;
+            tx.send_replace(Some(v1::DestinationUpdate {
+                version: self.external_version.to_string(),
+                kind: Some(kind),
+            }));
         }
     }
 
@@ -797,7 +912,14 @@ impl Writer {
             destinations: self
                 .destinations
                 .iter()
-                .map(|(root, d)| destination_status(root, d))
+                .map(|(root, d)| {
+                    destination_status(format!("{}.{}", root.name, root.namespace), &d.tx)
+                })
+                .chain(
+                    self.externals
+                        .iter()
+                        .map(|(key, e)| destination_status(key.to_string(), e)),
+                )
                 .collect(),
             inbound: self
                 .inbound
@@ -822,10 +944,13 @@ impl Writer {
     }
 }
 
-fn destination_status(root: &ServiceKey, d: &Destination) -> DestinationStatus {
-    let current = d.tx.borrow();
+fn destination_status(
+    authority: String,
+    tx: &watch::Sender<Option<v1::DestinationUpdate>>,
+) -> DestinationStatus {
+    let current = tx.borrow();
     let mut status = DestinationStatus {
-        authority: format!("{}.{}", root.name, root.namespace),
+        authority,
         version: current
             .as_ref()
             .map(|u| u.version.clone())
@@ -833,7 +958,7 @@ fn destination_status(root: &ServiceKey, d: &Destination) -> DestinationStatus {
         state: "pending".into(),
         backends: Vec::new(),
         routes: Vec::new(),
-        subscribers: d.tx.receiver_count(),
+        subscribers: tx.receiver_count(),
     };
     match current.as_ref().and_then(|u| u.kind.as_ref()) {
         Some(v1::destination_update::Kind::Profile(p)) => {
@@ -1067,6 +1192,100 @@ spec:
             }
             last = now;
         }
+    }
+
+    const PAYMENTS: &str = "---
+apiVersion: policy.trellis.io/v1alpha1
+kind: ExternalService
+metadata: { name: payments, namespace: demo }
+spec:
+  hosts: [api.pay.example]
+  ports: [{ port: 443, protocol: tls }]
+  sources: [{ kind: ServiceAccount, name: web }]
+";
+
+    /// An external channel follows the policy: not found before the ExternalService exists, its
+    /// profile after, and the ports channel moves with it; the state lists the channel and a
+    /// conflicting declaration's problems.
+    #[tokio::test]
+    async fn external_channels_and_ports_follow_the_policy() {
+        let (index, _registry, policy) = mesh(1, 1);
+        let _web = answered(&index, "web").await; // the policy is in force
+        let mut rx = index.external("api.pay.example".into(), 443).await.unwrap();
+        let first = rx.wait_for(Option::is_some).await.unwrap().clone().unwrap();
+        assert!(
+            matches!(first.kind, Some(v1::destination_update::Kind::NotFound(_))),
+            "{first:?}"
+        );
+        let ports = index.external_ports();
+        assert!(ports.borrow().ports.is_empty());
+
+        let yaml = split("web", "web", &[("web-v1", 1), ("web-v2", 1)], None) + TARGET;
+        policy.send_replace(set_of(&format!("{yaml}{PAYMENTS}")));
+        let next = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|u| {
+                matches!(
+                    u.as_ref().and_then(|u| u.kind.as_ref()),
+                    Some(v1::destination_update::Kind::Profile(_))
+                )
+            }),
+        )
+        .await
+        .expect("the profile within 5 s")
+        .unwrap()
+        .clone()
+        .unwrap();
+        assert_ne!(next.version, first.version);
+        let mut ports = index.external_ports();
+        let now = ports
+            .wait_for(|p| !p.ports.is_empty())
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(*now.ports, [443]);
+        assert_eq!(now.generation, 1);
+
+        // A second declaration of the same host:port: both reported, nobody allowed.
+        let other = PAYMENTS.replace("name: payments", "name: payments-copy");
+        policy.send_replace(set_of(&format!("{yaml}{PAYMENTS}{other}")));
+        let denied = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|u| match u.as_ref().and_then(|u| u.kind.as_ref()) {
+                Some(v1::destination_update::Kind::Profile(p)) => {
+                    p.external.as_ref().unwrap().allowed_identities.is_empty()
+                }
+                _ => false,
+            }),
+        )
+        .await;
+        assert!(denied.is_ok(), "the conflict denies every caller");
+        let mut status = index.status();
+        let status = tokio::time::timeout(
+            Duration::from_secs(5),
+            status.wait_for(|s| {
+                s.problems
+                    .iter()
+                    .filter(|p| p.message.contains("is also declared by"))
+                    .count()
+                    == 2
+            }),
+        )
+        .await
+        .expect("both declarations reported within 5 s")
+        .unwrap()
+        .clone();
+        assert!(
+            status
+                .destinations
+                .iter()
+                .any(|d| d.authority == "api.pay.example:443" && d.state == "profile")
+        );
+        assert_eq!(
+            index.external_ports().borrow().generation,
+            1,
+            "the same ports: no new generation"
+        );
     }
 
     #[tokio::test]

@@ -16,18 +16,24 @@
 //! linear in the policy, never in the number of destinations, streams or endpoints.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use trellis_discovery::ServiceKey;
 use trellis_smi::model::{
-    AccessPolicy, HttpRouteGroup, Kind, ObjectMeta, Policy, PortRoute, ResourceId, TrafficPolicy,
-    TrafficSplit, effective_namespace,
+    AccessPolicy, ExternalPort, ExternalService, HttpRouteGroup, Kind, ObjectMeta, Policy,
+    PortRoute, ResourceId, TrafficPolicy, TrafficSplit, effective_namespace,
 };
+
+use super::external::{external_name, external_rid, is_mesh_name};
 
 use crate::policy::{Origin, PolicyProblem, PolicySet};
 
 /// `(namespace, name)` of a namespaced resource.
 pub type Named = (String, String);
+
+/// The ExternalServices declaring one `host:port`, each with its declaration of the port.
+pub type Declared = Vec<(Arc<ExternalService>, ExternalPort)>;
 
 /// The merged policy in force, indexed.
 #[derive(Clone, Debug, Default)]
@@ -44,6 +50,13 @@ pub struct PolicyView {
     /// The targets whose TrafficPolicy in force cannot be applied (a route section names a
     /// route group or match that does not exist; reported).
     pub traffic_broken: HashSet<ServiceKey>,
+    /// ExternalServices by declared `host:port` (hosts the mesh reads as its own service names
+    /// left out), with the declared port; several = conflicting declarations (reported), in
+    /// namespace/name order. See `super::external`.
+    pub externals: BTreeMap<(String, u16), Declared>,
+    /// ExternalServices' fixed addresses on their ports: the host and port each stands for, per
+    /// ExternalService listing it (several ExternalServices = a conflict, reported).
+    pub external_addresses: BTreeMap<SocketAddr, Vec<(String, u16, Arc<ExternalService>)>>,
     /// Every resource in force, sorted by kind, namespace, name.
     pub policies: Vec<Policy>,
     /// Where every resource in force came from.
@@ -224,6 +237,42 @@ impl PolicyView {
                         .or_default()
                         .push(TrafficPolicy::clone(traffic));
                 }
+                Policy::ExternalService(external) => {
+                    let external = Arc::new(ExternalService::clone(external));
+                    // The first host the mesh does not claim stands for the fixed addresses.
+                    if let Some(host) = external.hosts.iter().find(|h| !is_mesh_name(h)) {
+                        let ips = external
+                            .addresses
+                            .iter()
+                            .filter_map(|a| a.parse::<IpAddr>().ok());
+                        for ip in ips {
+                            for port in &external.ports {
+                                view.external_addresses
+                                    .entry(SocketAddr::new(ip, port.port))
+                                    .or_default()
+                                    .push((host.clone(), port.port, external.clone()));
+                            }
+                        }
+                    }
+                    for (i, host) in external.hosts.iter().enumerate() {
+                        if is_mesh_name(host) {
+                            view.problems.push(PolicyProblem {
+                                resource: id.to_string(),
+                                location: origin.to_string(),
+                                message: format!(
+                                    "spec.hosts[{i}]: {host} is a mesh service name (name.namespace): the mesh service wins, this host is not served as external"
+                                ),
+                            });
+                            continue;
+                        }
+                        for port in &external.ports {
+                            view.externals
+                                .entry((host.clone(), port.port))
+                                .or_default()
+                                .push((external.clone(), port.clone()));
+                        }
+                    }
+                }
             }
             view.policies.push(policy.clone());
             view.origins.insert(id, origin);
@@ -338,6 +387,54 @@ impl PolicyView {
         }
         traffic_problems.sort_by(|a, b| (&a.resource, &a.message).cmp(&(&b.resource, &b.message)));
         view.problems.extend(traffic_problems);
+        // Conflicting declarations of one host:port, reported on each (`super::external` says
+        // what is answered). By_id iterated in id order, so each list is in namespace/name order.
+        for ((host, port), declared) in &view.externals {
+            if declared.len() < 2 {
+                continue;
+            }
+            for (external, _) in declared {
+                let others: Vec<String> = declared
+                    .iter()
+                    .filter(|(other, _)| !Arc::ptr_eq(other, external))
+                    .map(|(other, _)| {
+                        let at = origin_of(&view.origins, &external_rid(other));
+                        format!("ExternalService {} (at {at})", external_name(other))
+                    })
+                    .collect();
+                view.problems.push(PolicyProblem {
+                    resource: external_rid(external).to_string(),
+                    location: origin_of(&view.origins, &external_rid(external)),
+                    message: format!(
+                        "{host}:{port} is also declared by {}: nobody may call it until one declaration is removed",
+                        others.join(", ")
+                    ),
+                });
+            }
+        }
+        for (addr, listed) in &view.external_addresses {
+            if listed.len() < 2 {
+                continue;
+            }
+            for (_, _, external) in listed {
+                let others: Vec<String> = listed
+                    .iter()
+                    .filter(|(_, _, other)| !Arc::ptr_eq(other, external))
+                    .map(|(_, _, other)| {
+                        let at = origin_of(&view.origins, &external_rid(other));
+                        format!("ExternalService {} (at {at})", external_name(other))
+                    })
+                    .collect();
+                view.problems.push(PolicyProblem {
+                    resource: external_rid(external).to_string(),
+                    location: origin_of(&view.origins, &external_rid(external)),
+                    message: format!(
+                        "spec.addresses: {addr} is also listed by {}: nobody may call it there until one is removed",
+                        others.join(", ")
+                    ),
+                });
+            }
+        }
         view
     }
 

@@ -1,5 +1,6 @@
 //! A watched directory (or files) of SMI YAML as a [`PolicySource`]: local mode and platforms
-//! without Kubernetes.
+//! without Kubernetes (Consul, Cloud Map, files). Every kind `trellis_smi` loads is read here,
+//! Trellis's TrafficPolicy and ExternalService included.
 //!
 //! Watching is [`trellis_file_watch`]: OS change events (inotify) on the directories that hold
 //! the paths, so a change is seen within milliseconds, and a poll every 250 ms as the fallback

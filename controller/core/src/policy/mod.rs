@@ -1,5 +1,5 @@
 //! Policy sources: where the controller's policy comes from (the SMI kinds and Trellis's
-//! TrafficPolicy, all as `trellis_smi::model::Policy`).
+//! TrafficPolicy and ExternalService, all as `trellis_smi::model::Policy`).
 //!
 //! A [`PolicySource`] yields the whole [`PolicySet`] it holds now, then a new whole set after
 //! each change. Sources never drop policy in force because of bad input: a bad new version of a

@@ -1,0 +1,554 @@
+//! Destinations outside the mesh: what `Destinations.Watch("host:port")` answers for a host an
+//! ExternalService declares, and the mesh-wide ports proxies read names on.
+//!
+//! Rules (Trellis's decisions; the ExternalService kind is documented in
+//! `trellis_smi::api::external`):
+//! - A host the mesh reads as one of its own service names (one or two labels after
+//!   [`normalize`], or a name normalization rewrites: `*.svc.<domain>`, `*.consul`) is never
+//!   served as external: the gRPC API asks for the mesh service, so the mesh service wins. Such
+//!   a host is reported at the ExternalService and left out ([`is_mesh_name`]).
+//! - A declared `host:port` is answered with a profile: `authority` = `host:port`, protocol
+//!   HTTP for an `http` port and TCP for `tls`/`tcp` ports, one backend named after the
+//!   ExternalService whose endpoints are `host:targetPort` (the proxy resolves DNS when it
+//!   connects; no identity, the server is no mesh workload) or the spec's fixed `addresses` on
+//!   the target port; `workload` = `{kind: externalservice, name, namespace}` for metric labels;
+//!   `external` = the SPIFFE ids of the sources (as TrafficTarget sources: the namespace
+//!   defaults to the ExternalService's) and, for an `originateTls` port, TLS origination with
+//!   the host as server name and the spec's `caBundle`.
+//! - Two ExternalServices declaring one `host:port`: both are reported, and the answer denies
+//!   every caller (a profile with no allowed identity) until one of them is removed: neither
+//!   team's sources are trusted over the other's, and under `--egress allow` a "not found" would
+//!   let every workload through unchecked, so refusing is the fail-safe answer.
+//! - An undeclared `host:port`: `NotFound` (forwarded unchanged, or refused under
+//!   `--egress deny`).
+//! - [`external_ports`]: the ports of `tls` and `http` ports, mesh-wide, sorted, once each. A
+//!   proxy reads the SNI or Host of a transparent connection to an unknown address on one of
+//!   them and asks again by name. `tcp` ports are left out: opaque bytes carry no name, and
+//!   waiting for one would stall server-first protocols (SMTP, MySQL) for the read timeout.
+//!
+//! - A transparent connection to one of an ExternalService's fixed `addresses` on one of its
+//!   ports (the only way a `tcp` port is recognized without a proxy upstream naming it) that
+//!   discovery does not place in the mesh (the mesh wins again: `super::address` asks here only
+//!   for addresses no service or endpoint holds) gets the profile of the ExternalService's first
+//!   host on that port, with the address as `authority` ([`resolve_address`]). An address:port two
+//!   ExternalServices list is answered like a conflicting `host:port` (reported, deny-all).
+//!
+//! These answers read only the policy, never discovery, so every open external channel is
+//! recomputed on every policy change (a map lookup each; channels send only on a real change).
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+
+use trellis_discovery::WorkloadIdentity;
+use trellis_proxy_api::authority::normalize;
+use trellis_proxy_api::v1;
+use trellis_smi::model::{
+    ExternalPort, ExternalProtocol, ExternalService, Kind, ResourceId, effective_namespace,
+};
+
+use super::policy::PolicyView;
+
+/// The kind name in `WorkloadRef` (metric labels) of an external destination.
+pub const WORKLOAD_KIND: &str = "externalservice";
+
+/// Whether the mesh reads `host` as one of its own service names (see the module docs).
+pub fn is_mesh_name(host: &str) -> bool {
+    match normalize(host) {
+        Ok(authority) => {
+            authority.is_ip || authority.name != host || authority.name.split('.').count() <= 2
+        }
+        // Not a name the mesh can be asked about at all; validation reports it.
+        Err(_) => true,
+    }
+}
+
+/// The id of an ExternalService (how origins are keyed).
+pub(crate) fn external_rid(external: &ExternalService) -> ResourceId {
+    ResourceId::new(Kind::ExternalService.as_str(), &external.metadata)
+}
+
+/// `namespace/name` of an ExternalService.
+pub(crate) fn external_name(external: &ExternalService) -> String {
+    format!(
+        "{}/{}",
+        effective_namespace(&external.metadata),
+        external.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The ports [`v1::NotFound::external_ports`] carries for `view` (see the module docs).
+pub fn external_ports(view: &PolicyView) -> Vec<u32> {
+    let ports: BTreeSet<u32> = view
+        .externals
+        .iter()
+        .filter(|((_, _), declared)| {
+            declared
+                .iter()
+                .any(|(_, port)| port.protocol != ExternalProtocol::Tcp)
+        })
+        .map(|((_, port), _)| u32::from(*port))
+        .collect();
+    ports.into_iter().collect()
+}
+
+/// What an external channel answers for: a name, or a fixed address (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ExternalKey {
+    /// `host:port`, `host` normalized (lower case, no trailing dot).
+    Host(String, u16),
+    /// An address discovery does not place in the mesh.
+    Address(SocketAddr),
+}
+
+impl std::fmt::Display for ExternalKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExternalKey::Host(host, port) => write!(f, "{host}:{port}"),
+            ExternalKey::Address(addr) => addr.fmt(f),
+        }
+    }
+}
+
+/// The answer for `key`.
+pub fn resolve_key(
+    view: &PolicyView,
+    key: &ExternalKey,
+    trust_domain: &str,
+) -> v1::destination_update::Kind {
+    match key {
+        ExternalKey::Host(host, port) => resolve(view, host, *port, trust_domain),
+        ExternalKey::Address(addr) => resolve_address(view, *addr, trust_domain),
+    }
+}
+
+/// The answer for a fixed address (see the module docs).
+pub fn resolve_address(
+    view: &PolicyView,
+    addr: SocketAddr,
+    trust_domain: &str,
+) -> v1::destination_update::Kind {
+    let Some(listed) = view.external_addresses.get(&addr) else {
+        return v1::destination_update::Kind::NotFound(v1::NotFound {
+            reason: format!(
+                "{addr} is no service's or endpoint's address in the mesh and no ExternalService lists it: forwarded unchanged"
+            ),
+            egress_denied: false,
+            external_ports: Vec::new(),
+        });
+    };
+    let (host, port, first) = &listed[0];
+    let mut kind = resolve(view, host, *port, trust_domain);
+    if let v1::destination_update::Kind::Profile(profile) = &mut kind {
+        profile.authority = addr.to_string();
+        let conflict = listed
+            .iter()
+            .any(|(_, _, other)| !std::sync::Arc::ptr_eq(other, first));
+        if conflict && let Some(section) = profile.external.as_mut() {
+            section.allowed_identities.clear();
+        }
+    }
+    kind
+}
+
+/// The answer for `host:port` (`host` normalized: lower case, no trailing dot).
+pub fn resolve(
+    view: &PolicyView,
+    host: &str,
+    port: u16,
+    trust_domain: &str,
+) -> v1::destination_update::Kind {
+    let Some(declared) = view.externals.get(&(host.to_owned(), port)) else {
+        let others: Vec<String> = view
+            .externals
+            .keys()
+            .filter(|(h, _)| h == host)
+            .map(|(_, p)| p.to_string())
+            .collect();
+        let reason = if others.is_empty() {
+            format!("{host}:{port} is no mesh service and no ExternalService declares it")
+        } else {
+            format!(
+                "{host}:{port}: ExternalServices declare {host} on port(s) {} only",
+                others.join(", ")
+            )
+        };
+        return v1::destination_update::Kind::NotFound(v1::NotFound {
+            reason,
+            egress_denied: false,
+            external_ports: Vec::new(),
+        });
+    };
+    let (external, declared_port) = &declared[0];
+    let mut profile = profile(host, declared_port, external, trust_domain);
+    if declared.len() > 1
+        && let Some(section) = profile.external.as_mut()
+    {
+        // Conflicting declarations: nobody may call it until one is removed (module docs).
+        section.allowed_identities.clear();
+    }
+    v1::destination_update::Kind::Profile(profile)
+}
+
+/// The profile of `host` on `port` as `external` declares it.
+fn profile(
+    host: &str,
+    port: &ExternalPort,
+    external: &ExternalService,
+    trust_domain: &str,
+) -> v1::DestinationProfile {
+    let namespace = effective_namespace(&external.metadata);
+    let name = external.metadata.name.clone().unwrap_or_default();
+    let protocol = match port.protocol {
+        ExternalProtocol::Http => v1::Protocol::Http,
+        ExternalProtocol::Tls | ExternalProtocol::Tcp => v1::Protocol::Tcp,
+    } as i32;
+    let target = port.target_port();
+    let addresses: Vec<String> = if external.addresses.is_empty() {
+        vec![format!("{host}:{target}")]
+    } else {
+        // Validation refused anything that is not an IP.
+        external
+            .addresses
+            .iter()
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, target).to_string())
+            .collect()
+    };
+    let endpoints = addresses
+        .into_iter()
+        .map(|address| v1::Endpoint {
+            address,
+            identity: String::new(),
+            labels: Default::default(),
+            weight: 0,
+            protocol,
+        })
+        .collect();
+    let workload = v1::WorkloadRef {
+        kind: WORKLOAD_KIND.into(),
+        name: name.clone(),
+        namespace: namespace.to_owned(),
+    };
+    let allowed: BTreeSet<String> = external
+        .sources
+        .iter()
+        .map(|s| {
+            let source_ns = s.namespace.as_deref().unwrap_or(namespace);
+            WorkloadIdentity::new(source_ns, &s.name).spiffe_id(trust_domain)
+        })
+        .collect();
+    v1::DestinationProfile {
+        authority: format!("{host}:{}", port.port),
+        protocol,
+        balancer: v1::Balancer::Unspecified as i32,
+        backends: vec![v1::Backend {
+            name: name.clone(),
+            weight: 1,
+            endpoints,
+            workload: Some(workload.clone()),
+        }],
+        workload: Some(workload),
+        external: Some(v1::ExternalService {
+            name: external_name(external),
+            allowed_identities: allowed.into_iter().collect(),
+            tls: port.originate_tls.as_ref().map(|_| v1::TlsOrigination {
+                server_name: host.to_owned(),
+                ca_bundle: external.ca_bundle.clone().unwrap_or_default(),
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::policy::tests::view;
+
+    const PAYMENTS: &str = "---
+apiVersion: policy.trellis.io/v1alpha1
+kind: ExternalService
+metadata: {name: payments, namespace: shop}
+spec:
+  hosts: [api.pay.example]
+  ports:
+  - {port: 443, protocol: tls}
+  - {port: 80, protocol: http, originateTls: {port: 8443}}
+  - {port: 5432, protocol: tcp}
+  sources:
+  - {kind: ServiceAccount, name: checkout}
+  - {kind: ServiceAccount, name: billing, namespace: finance}
+";
+
+    fn profile_of(kind: v1::destination_update::Kind) -> v1::DestinationProfile {
+        match kind {
+            v1::destination_update::Kind::Profile(p) => p,
+            other => panic!("expected a profile, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tls_port_is_passed_through_to_the_host_with_the_sources_identities() {
+        let view = view(PAYMENTS);
+        let p = profile_of(resolve(&view, "api.pay.example", 443, "cluster.local"));
+        assert_eq!(p.authority, "api.pay.example:443");
+        assert_eq!(p.protocol, v1::Protocol::Tcp as i32);
+        assert_eq!(p.backends.len(), 1);
+        assert_eq!(p.backends[0].name, "payments");
+        let endpoint = &p.backends[0].endpoints[0];
+        assert_eq!(
+            (endpoint.address.as_str(), endpoint.identity.as_str()),
+            ("api.pay.example:443", "")
+        );
+        let workload = p.workload.unwrap();
+        assert_eq!(
+            (
+                workload.kind.as_str(),
+                workload.name.as_str(),
+                workload.namespace.as_str()
+            ),
+            ("externalservice", "payments", "shop")
+        );
+        let external = p.external.unwrap();
+        assert_eq!(external.name, "shop/payments");
+        assert_eq!(
+            external.allowed_identities,
+            [
+                "spiffe://cluster.local/ns/finance/sa/billing",
+                "spiffe://cluster.local/ns/shop/sa/checkout",
+            ]
+        );
+        assert_eq!(external.tls, None, "passthrough: the application's own TLS");
+    }
+
+    #[test]
+    fn an_http_port_with_origination_goes_to_the_tls_port_with_the_host_as_server_name() {
+        let view = view(PAYMENTS);
+        let p = profile_of(resolve(&view, "api.pay.example", 80, "mesh.example"));
+        assert_eq!(p.protocol, v1::Protocol::Http as i32);
+        assert_eq!(p.backends[0].endpoints[0].address, "api.pay.example:8443");
+        let external = p.external.unwrap();
+        assert_eq!(
+            external.tls,
+            Some(v1::TlsOrigination {
+                server_name: "api.pay.example".into(),
+                ca_bundle: String::new(),
+            })
+        );
+        assert!(
+            external
+                .allowed_identities
+                .contains(&"spiffe://mesh.example/ns/shop/sa/checkout".to_owned()),
+            "identities are in the configured trust domain"
+        );
+    }
+
+    #[test]
+    fn a_source_not_listed_gets_no_identity() {
+        let view = view(PAYMENTS);
+        let p = profile_of(resolve(&view, "api.pay.example", 443, "cluster.local"));
+        let allowed = p.external.unwrap().allowed_identities;
+        assert_eq!(allowed.len(), 2);
+        assert!(!allowed.contains(&"spiffe://cluster.local/ns/shop/sa/web".to_owned()));
+        assert!(
+            !allowed.contains(&"spiffe://cluster.local/ns/shop/sa/billing".to_owned()),
+            "billing is allowed from finance only, not from the ExternalService's namespace"
+        );
+    }
+
+    #[test]
+    fn fixed_addresses_replace_the_host_on_the_target_port() {
+        let yaml = PAYMENTS.replace(
+            "  sources:",
+            "  addresses: [203.0.113.7, \"2001:db8::7\"]\n  sources:",
+        );
+        let view = view(&yaml);
+        let p = profile_of(resolve(&view, "api.pay.example", 80, "cluster.local"));
+        let addresses: Vec<&str> = p.backends[0]
+            .endpoints
+            .iter()
+            .map(|e| e.address.as_str())
+            .collect();
+        assert_eq!(addresses, ["203.0.113.7:8443", "[2001:db8::7]:8443"]);
+    }
+
+    #[test]
+    fn an_undeclared_port_or_host_is_not_found() {
+        let view = view(PAYMENTS);
+        for (host, port, reason) in [
+            (
+                "api.pay.example",
+                8080,
+                "api.pay.example:8080: ExternalServices declare api.pay.example on port(s) 80, 443, 5432 only",
+            ),
+            (
+                "other.pay.example",
+                443,
+                "other.pay.example:443 is no mesh service and no ExternalService declares it",
+            ),
+        ] {
+            match resolve(&view, host, port, "cluster.local") {
+                v1::destination_update::Kind::NotFound(nf) => assert_eq!(nf.reason, reason),
+                other => panic!("{host}:{port}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn external_ports_are_the_named_ports_sorted_once_without_tcp() {
+        let other = "---
+apiVersion: policy.trellis.io/v1alpha1
+kind: ExternalService
+metadata: {name: mail, namespace: ops}
+spec:
+  hosts: [smtp.mail.example]
+  ports:
+  - {port: 443, protocol: tls}
+  - {port: 25, protocol: tcp}
+  sources:
+  - {kind: ServiceAccount, name: notifier}
+";
+        let view = view(&format!("{PAYMENTS}{other}"));
+        assert_eq!(external_ports(&view), [80, 443]);
+        assert_eq!(
+            external_ports(&crate::index::policy::tests::view("")),
+            Vec::<u32>::new()
+        );
+    }
+
+    #[test]
+    fn a_mesh_service_name_wins_and_is_reported() {
+        let yaml = PAYMENTS.replace(
+            "hosts: [api.pay.example]",
+            "hosts: [api.pay.example, web.shop, cart.shop.svc.cluster.local]",
+        );
+        let view = view(&yaml);
+        assert!(
+            view.externals
+                .contains_key(&("api.pay.example".into(), 443))
+        );
+        assert!(!view.externals.keys().any(|(h, _)| h != "api.pay.example"));
+        let problems: Vec<String> = view
+            .problems
+            .iter()
+            .map(|p| format!("{} @ {}: {}", p.resource, p.location, p.message))
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                "ExternalService shop/payments @ test.yaml:2: spec.hosts[1]: web.shop is a mesh service name (name.namespace): the mesh service wins, this host is not served as external",
+                "ExternalService shop/payments @ test.yaml:2: spec.hosts[2]: cart.shop.svc.cluster.local is a mesh service name (name.namespace): the mesh service wins, this host is not served as external",
+            ]
+        );
+        assert!(is_mesh_name("web"));
+        assert!(is_mesh_name("web.shop"));
+        assert!(is_mesh_name("web.service.consul"));
+        assert!(!is_mesh_name("api.pay.example"));
+    }
+
+    #[test]
+    fn a_fixed_address_on_a_declared_port_is_the_external_service_and_nothing_else_is() {
+        let yaml = PAYMENTS.replace("  sources:", "  addresses: [203.0.113.7]\n  sources:");
+        let view = view(&yaml);
+        let p = profile_of(resolve_address(
+            &view,
+            "203.0.113.7:5432".parse().unwrap(),
+            "cluster.local",
+        ));
+        assert_eq!(p.authority, "203.0.113.7:5432");
+        assert_eq!(p.protocol, v1::Protocol::Tcp as i32);
+        assert_eq!(p.backends[0].endpoints[0].address, "203.0.113.7:5432");
+        assert_eq!(p.external.unwrap().allowed_identities.len(), 2);
+        for addr in ["203.0.113.7:6543", "203.0.113.8:5432"] {
+            assert!(
+                matches!(
+                    resolve_address(&view, addr.parse().unwrap(), "cluster.local"),
+                    v1::destination_update::Kind::NotFound(_)
+                ),
+                "{addr}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fixed_address_two_external_services_list_is_reported_and_denies_every_caller() {
+        let with_address = PAYMENTS.replace("  sources:", "  addresses: [203.0.113.7]\n  sources:");
+        let other = "---
+apiVersion: policy.trellis.io/v1alpha1
+kind: ExternalService
+metadata: {name: db, namespace: data}
+spec:
+  hosts: [db.data.example]
+  ports:
+  - {port: 5432, protocol: tcp}
+  addresses: [203.0.113.7]
+  sources:
+  - {kind: ServiceAccount, name: reporting}
+";
+        let view = view(&format!("{with_address}{other}"));
+        let reported: Vec<&str> = view
+            .problems
+            .iter()
+            .filter(|p| {
+                p.message
+                    .starts_with("spec.addresses: 203.0.113.7:5432 is also listed by")
+            })
+            .map(|p| p.resource.as_str())
+            .collect();
+        assert_eq!(
+            reported,
+            ["ExternalService data/db", "ExternalService shop/payments"]
+        );
+        let p = profile_of(resolve_address(
+            &view,
+            "203.0.113.7:5432".parse().unwrap(),
+            "cluster.local",
+        ));
+        assert!(p.external.unwrap().allowed_identities.is_empty());
+        // The address on a port only one of them declares is not in conflict.
+        let p = profile_of(resolve_address(
+            &view,
+            "203.0.113.7:443".parse().unwrap(),
+            "cluster.local",
+        ));
+        assert_eq!(p.external.unwrap().allowed_identities.len(), 2);
+    }
+
+    #[test]
+    fn two_declarations_of_one_host_port_are_reported_on_both_and_deny_every_caller() {
+        let other = "---
+apiVersion: policy.trellis.io/v1alpha1
+kind: ExternalService
+metadata: {name: pay-legacy, namespace: legacy}
+spec:
+  hosts: [api.pay.example]
+  ports:
+  - {port: 443, protocol: tls}
+  sources:
+  - {kind: ServiceAccount, name: old-checkout}
+";
+        let view = view(&format!("{PAYMENTS}{other}"));
+        let mut problems: Vec<String> = view
+            .problems
+            .iter()
+            .map(|p| format!("{} @ {}: {}", p.resource, p.location, p.message))
+            .collect();
+        problems.sort();
+        assert_eq!(
+            problems,
+            [
+                "ExternalService legacy/pay-legacy @ test.yaml:15: api.pay.example:443 is also declared by ExternalService shop/payments (at test.yaml:2): nobody may call it until one declaration is removed",
+                "ExternalService shop/payments @ test.yaml:2: api.pay.example:443 is also declared by ExternalService legacy/pay-legacy (at test.yaml:15): nobody may call it until one declaration is removed",
+            ]
+        );
+        let p = profile_of(resolve(&view, "api.pay.example", 443, "cluster.local"));
+        assert_eq!(
+            p.external.unwrap().allowed_identities,
+            Vec::<String>::new(),
+            "empty = none may"
+        );
+        // The other ports of the first declaration are not in conflict.
+        let p = profile_of(resolve(&view, "api.pay.example", 80, "cluster.local"));
+        assert_eq!(p.external.unwrap().allowed_identities.len(), 2);
+    }
+}
