@@ -244,14 +244,10 @@ impl destinations_server::Destinations for ProxyApi {
                 .await
         } else if let Some(service) = service_of(&authority.name) {
             self.index.destination(service).await
-        } else if let Some(port) = authority.port {
-            // Not a mesh service name: perhaps a destination outside the mesh.
-            self.index.external(authority.name.clone(), port).await
         } else {
-            return Ok(not_found(format!(
-                "{} names no service (expected name.namespace, or host:port for a destination outside the mesh)",
-                authority.key()
-            )));
+            // Not a mesh service name: perhaps a destination outside the mesh (one destination
+            // whatever the port, as for mesh services).
+            self.index.external(authority.name.clone()).await
         }
         .ok_or_else(|| Status::unavailable("the controller's index has stopped"))?;
         let guard = Connected::new(&self.counts, false);

@@ -472,6 +472,8 @@ fn rules(
         skip_inbound_ports,
         skip_outbound_ports,
         skip_outbound_cidrs,
+        // UDP is not intercepted by injection yet (the proxy would need CAP_NET_ADMIN).
+        ..InterceptRules::default()
     })
 }
 

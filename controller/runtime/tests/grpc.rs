@@ -487,37 +487,49 @@ async fn an_external_service_is_served_by_host_and_its_ports_come_with_not_found
         }
     };
 
-    for target in ["api.pay.example:443", "API.Pay.Example.:443"] {
+    // The host is one destination whatever the port asked, as a mesh service is (the proxy
+    // asks by host; any spelling).
+    for target in [
+        "api.pay.example:443",
+        "API.Pay.Example.:443",
+        "api.pay.example",
+        "api.pay.example:80",
+    ] {
         let mut stream = watch(target).await;
         let answer = next_update(&mut stream, target).await;
         let Some(v1::destination_update::Kind::Profile(profile)) = answer.kind else {
             panic!("{target}: expected a profile, got {answer:?}");
         };
-        assert_eq!(profile.authority, "api.pay.example:443");
-        assert_eq!(profile.protocol, v1::Protocol::Tcp as i32);
+        assert_eq!(profile.authority, "api.pay.example");
+        assert_eq!(profile.protocol, v1::Protocol::Detect as i32);
         assert_eq!(
-            profile.backends[0].endpoints[0].address, "203.0.113.9:443",
-            "the fixed address, not DNS"
+            profile.backends[0].endpoints[0].address, "203.0.113.9",
+            "the fixed address, not DNS; the port is the call's"
         );
         assert_eq!(
             profile.external,
             Some(v1::ExternalService {
                 name: "shop/payments".into(),
                 allowed_identities: vec!["spiffe://cluster.local/ns/shop/sa/checkout".into()],
-                tls: None,
-            })
+                ports: vec![
+                    v1::ExternalPort {
+                        port: 80,
+                        originate_tls_port: 443,
+                    },
+                    v1::ExternalPort {
+                        port: 443,
+                        originate_tls_port: 0,
+                    },
+                    v1::ExternalPort {
+                        port: 5432,
+                        originate_tls_port: 0,
+                    },
+                ],
+                ca_bundle: String::new(),
+            }),
+            "{target}"
         );
     }
-    let mut http = watch("api.pay.example:80").await;
-    let answer = next_update(&mut http, "api.pay.example:80").await;
-    let Some(v1::destination_update::Kind::Profile(profile)) = answer.kind else {
-        panic!("expected a profile, got {answer:?}");
-    };
-    assert_eq!(profile.protocol, v1::Protocol::Http as i32);
-    assert_eq!(
-        profile.external.unwrap().tls.unwrap().server_name,
-        "api.pay.example"
-    );
 
     // A transparent connection to the fixed address on the tcp port: the ExternalService.
     let mut by_address = watch("203.0.113.9:5432").await;
@@ -526,6 +538,11 @@ async fn an_external_service_is_served_by_host_and_its_ports_come_with_not_found
         panic!("expected a profile, got {answer:?}");
     };
     assert_eq!(profile.authority, "203.0.113.9:5432");
+    assert_eq!(
+        profile.protocol,
+        v1::Protocol::Tcp as i32,
+        "that port's protocol"
+    );
     assert_eq!(profile.external.unwrap().name, "shop/payments");
 
     // An address the mesh does not know, and a host nobody declares: not found, with the ports.

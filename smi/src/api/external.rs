@@ -4,8 +4,8 @@
 //! is called by (`hosts`), the ports it is called on and how each is carried, optionally the
 //! trust anchors of TLS the caller's proxy originates and fixed addresses, and which workloads
 //! may call it (`sources`, service accounts as in a TrafficTarget). The controller answers a
-//! proxy's `host:port` with a profile whose `external` section the proxy enforces (see
-//! `trellis_controller_core::index::external`).
+//! proxy asking about a declared host with a profile whose `external` section the proxy
+//! enforces (see `trellis_controller_core::index::external`).
 //!
 //! ```yaml
 //! apiVersion: policy.trellis.io/v1alpha1
@@ -28,7 +28,8 @@
 //! - `http`: the application speaks plaintext HTTP; with `originateTls` the proxy connects with
 //!   TLS to the given port (SNI and certificate name = the host), else in plaintext.
 //! - `tcp`: opaque bytes with no name in them: reached through a proxy upstream that names
-//!   `host:port`; a transparent connection carries no name to recognize it by.
+//!   `host:port`, or by a fixed address; a transparent connection carries no name to recognize
+//!   it by.
 //!
 //! Like TrafficPolicy, the CRD's schema is generated from these types (schemars, made
 //! structural by kube); see [`crate::crd`]. What the schema cannot say (DNS names, PEM, ports

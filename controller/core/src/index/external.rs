@@ -7,19 +7,22 @@
 //!   [`normalize`], or a name normalization rewrites: `*.svc.<domain>`, `*.consul`) is never
 //!   served as external: the gRPC API asks for the mesh service, so the mesh service wins. Such
 //!   a host is reported at the ExternalService and left out ([`is_mesh_name`]).
-//! - A declared `host:port` is answered with a profile: `authority` = `host:port`, protocol
-//!   HTTP for an `http` port and TCP for `tls`/`tcp` ports, one backend named after the
-//!   ExternalService whose endpoints are `host:targetPort` (the proxy resolves DNS when it
-//!   connects; no identity, the server is no mesh workload) or the spec's fixed `addresses` on
-//!   the target port; `workload` = `{kind: externalservice, name, namespace}` for metric labels;
-//!   `external` = the SPIFFE ids of the sources (as TrafficTarget sources: the namespace
-//!   defaults to the ExternalService's) and, for an `originateTls` port, TLS origination with
-//!   the host as server name and the spec's `caBundle`.
-//! - Two ExternalServices declaring one `host:port`: both are reported, and the answer denies
-//!   every caller (a profile with no allowed identity) until one of them is removed: neither
-//!   team's sources are trusted over the other's, and under `--egress allow` a "not found" would
-//!   let every workload through unchecked, so refusing is the fail-safe answer.
-//! - An undeclared `host:port`: `NotFound` (forwarded unchanged, or refused under
+//! - A declared host is answered, whatever the port asked (the proxy keys named destinations by
+//!   their host, as it does mesh services), with ONE profile: `authority` = the host, protocol
+//!   HTTP when every declared port is `http`, TCP when none is, else detect (HTTP on the `http`
+//!   ports, the application's own TLS passed through on the `tls` ports); one backend named after
+//!   the ExternalService whose endpoints carry no port: the host (the proxy resolves it when it
+//!   connects) or the spec's fixed `addresses`; no identity, the server is no mesh workload;
+//!   `workload` = `{kind: externalservice, name, namespace}` for metric labels; `external` = the
+//!   SPIFFE ids of the sources (as TrafficTarget sources: the namespace defaults to the
+//!   ExternalService's), every declared port (with the port TLS is originated to for an
+//!   `originateTls` port) and the spec's `caBundle`. The proxy connects to the port called (or
+//!   the origination port) and refuses an undeclared port itself.
+//! - Two ExternalServices declaring one host (on any ports): both are reported, and the answer
+//!   denies every caller (a profile with no allowed identity) until one of them is removed:
+//!   neither team's sources are trusted over the other's, and under `--egress allow` a "not
+//!   found" would let every workload through unchecked, so refusing is the fail-safe answer.
+//! - An undeclared host: `NotFound` (forwarded unchanged, or refused under
 //!   `--egress deny`).
 //! - [`external_ports`]: the ports of `tls` and `http` ports, mesh-wide, sorted, once each. A
 //!   proxy reads the SNI or Host of a transparent connection to an unknown address on one of
@@ -94,8 +97,8 @@ pub fn external_ports(view: &PolicyView) -> Vec<u32> {
 /// What an external channel answers for: a name, or a fixed address (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ExternalKey {
-    /// `host:port`, `host` normalized (lower case, no trailing dot).
-    Host(String, u16),
+    /// A host, normalized (lower case, no trailing dot).
+    Host(String),
     /// An address discovery does not place in the mesh.
     Address(SocketAddr),
 }
@@ -103,7 +106,7 @@ pub enum ExternalKey {
 impl std::fmt::Display for ExternalKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ExternalKey::Host(host, port) => write!(f, "{host}:{port}"),
+            ExternalKey::Host(host) => f.write_str(host),
             ExternalKey::Address(addr) => addr.fmt(f),
         }
     }
@@ -116,7 +119,7 @@ pub fn resolve_key(
     trust_domain: &str,
 ) -> v1::destination_update::Kind {
     match key {
-        ExternalKey::Host(host, port) => resolve(view, host, *port, trust_domain),
+        ExternalKey::Host(host) => resolve(view, host, trust_domain),
         ExternalKey::Address(addr) => resolve_address(view, *addr, trust_domain),
     }
 }
@@ -137,9 +140,23 @@ pub fn resolve_address(
         });
     };
     let (host, port, first) = &listed[0];
-    let mut kind = resolve(view, host, *port, trust_domain);
+    let mut kind = resolve(view, host, trust_domain);
     if let v1::destination_update::Kind::Profile(profile) = &mut kind {
         profile.authority = addr.to_string();
+        // An address is one port of the host: that port's protocol, not the host's mix.
+        let http = view
+            .externals
+            .get(&(host.clone(), *port))
+            .is_some_and(|declared| {
+                declared.iter().any(|(e, p)| {
+                    std::sync::Arc::ptr_eq(e, first) && p.protocol == ExternalProtocol::Http
+                })
+            });
+        profile.protocol = if http {
+            v1::Protocol::Http
+        } else {
+            v1::Protocol::Tcp
+        } as i32;
         let conflict = listed
             .iter()
             .any(|(_, _, other)| !std::sync::Arc::ptr_eq(other, first));
@@ -150,68 +167,69 @@ pub fn resolve_address(
     kind
 }
 
-/// The answer for `host:port` (`host` normalized: lower case, no trailing dot).
-pub fn resolve(
-    view: &PolicyView,
-    host: &str,
-    port: u16,
-    trust_domain: &str,
-) -> v1::destination_update::Kind {
-    let Some(declared) = view.externals.get(&(host.to_owned(), port)) else {
-        let others: Vec<String> = view
-            .externals
-            .keys()
-            .filter(|(h, _)| h == host)
-            .map(|(_, p)| p.to_string())
-            .collect();
-        let reason = if others.is_empty() {
-            format!("{host}:{port} is no mesh service and no ExternalService declares it")
-        } else {
-            format!(
-                "{host}:{port}: ExternalServices declare {host} on port(s) {} only",
-                others.join(", ")
-            )
-        };
+/// The answer for `host` (normalized: lower case, no trailing dot): every port declared for it.
+pub fn resolve(view: &PolicyView, host: &str, trust_domain: &str) -> v1::destination_update::Kind {
+    let declared: Vec<&(std::sync::Arc<ExternalService>, ExternalPort)> = view
+        .externals
+        .iter()
+        .filter(|((h, _), _)| h == host)
+        .flat_map(|(_, declared)| declared.iter())
+        .collect();
+    let Some((first, _)) = declared.first() else {
         return v1::destination_update::Kind::NotFound(v1::NotFound {
-            reason,
+            reason: format!("{host} is no mesh service and no ExternalService declares it"),
             egress_denied: false,
             external_ports: Vec::new(),
         });
     };
-    let (external, declared_port) = &declared[0];
-    let mut profile = profile(host, declared_port, external, trust_domain);
-    if declared.len() > 1
-        && let Some(section) = profile.external.as_mut()
-    {
+    let ports: Vec<&ExternalPort> = declared
+        .iter()
+        .filter(|(e, _)| std::sync::Arc::ptr_eq(e, first))
+        .map(|(_, port)| port)
+        .collect();
+    let mut profile = profile(host, &ports, first, trust_domain);
+    let conflict = declared
+        .iter()
+        .any(|(e, _)| !std::sync::Arc::ptr_eq(e, first));
+    if conflict && let Some(section) = profile.external.as_mut() {
         // Conflicting declarations: nobody may call it until one is removed (module docs).
         section.allowed_identities.clear();
     }
     v1::destination_update::Kind::Profile(profile)
 }
 
-/// The profile of `host` on `port` as `external` declares it.
+/// The profile of `host` as `external` declares it on `ports`.
 fn profile(
     host: &str,
-    port: &ExternalPort,
+    ports: &[&ExternalPort],
     external: &ExternalService,
     trust_domain: &str,
 ) -> v1::DestinationProfile {
     let namespace = effective_namespace(&external.metadata);
     let name = external.metadata.name.clone().unwrap_or_default();
-    let protocol = match port.protocol {
-        ExternalProtocol::Http => v1::Protocol::Http,
-        ExternalProtocol::Tls | ExternalProtocol::Tcp => v1::Protocol::Tcp,
-    } as i32;
-    let target = port.target_port();
-    let addresses: Vec<String> = if external.addresses.is_empty() {
-        vec![format!("{host}:{target}")]
+    let http = ports
+        .iter()
+        .filter(|p| p.protocol == ExternalProtocol::Http)
+        .count();
+    let protocol = if http == ports.len() {
+        v1::Protocol::Http
+    } else if http == 0 {
+        v1::Protocol::Tcp
     } else {
-        // Validation refused anything that is not an IP.
+        v1::Protocol::Detect
+    } as i32;
+    let addresses: Vec<String> = if external.addresses.is_empty() {
+        vec![host.to_owned()]
+    } else {
+        // Validation refused anything that is not an IP. No port: the call's (module docs).
         external
             .addresses
             .iter()
             .filter_map(|a| a.parse::<IpAddr>().ok())
-            .map(|ip| SocketAddr::new(ip, target).to_string())
+            .map(|ip| match ip {
+                IpAddr::V4(v4) => v4.to_string(),
+                IpAddr::V6(v6) => format!("[{v6}]"),
+            })
             .collect()
     };
     let endpoints = addresses
@@ -221,7 +239,7 @@ fn profile(
             identity: String::new(),
             labels: Default::default(),
             weight: 0,
-            protocol,
+            protocol: v1::Protocol::Unspecified as i32,
         })
         .collect();
     let workload = v1::WorkloadRef {
@@ -237,8 +255,19 @@ fn profile(
             WorkloadIdentity::new(source_ns, &s.name).spiffe_id(trust_domain)
         })
         .collect();
+    let mut declared: Vec<v1::ExternalPort> = ports
+        .iter()
+        .map(|p| v1::ExternalPort {
+            port: u32::from(p.port),
+            originate_tls_port: p
+                .originate_tls
+                .as_ref()
+                .map_or(0, |tls| u32::from(tls.port)),
+        })
+        .collect();
+    declared.sort_by_key(|p| p.port);
     v1::DestinationProfile {
-        authority: format!("{host}:{}", port.port),
+        authority: host.to_owned(),
         protocol,
         balancer: v1::Balancer::Unspecified as i32,
         backends: vec![v1::Backend {
@@ -251,10 +280,8 @@ fn profile(
         external: Some(v1::ExternalService {
             name: external_name(external),
             allowed_identities: allowed.into_iter().collect(),
-            tls: port.originate_tls.as_ref().map(|_| v1::TlsOrigination {
-                server_name: host.to_owned(),
-                ca_bundle: external.ca_bundle.clone().unwrap_or_default(),
-            }),
+            ports: declared,
+            ca_bundle: external.ca_bundle.clone().unwrap_or_default(),
         }),
         ..Default::default()
     }
@@ -288,17 +315,22 @@ spec:
     }
 
     #[test]
-    fn a_tls_port_is_passed_through_to_the_host_with_the_sources_identities() {
+    fn a_host_is_one_destination_with_its_ports_and_the_sources_identities() {
         let view = view(PAYMENTS);
-        let p = profile_of(resolve(&view, "api.pay.example", 443, "cluster.local"));
-        assert_eq!(p.authority, "api.pay.example:443");
-        assert_eq!(p.protocol, v1::Protocol::Tcp as i32);
+        let p = profile_of(resolve(&view, "api.pay.example", "cluster.local"));
+        assert_eq!(p.authority, "api.pay.example");
+        assert_eq!(
+            p.protocol,
+            v1::Protocol::Detect as i32,
+            "http and tls ports: HTTP detected, TLS passed through"
+        );
         assert_eq!(p.backends.len(), 1);
         assert_eq!(p.backends[0].name, "payments");
         let endpoint = &p.backends[0].endpoints[0];
         assert_eq!(
             (endpoint.address.as_str(), endpoint.identity.as_str()),
-            ("api.pay.example:443", "")
+            ("api.pay.example", ""),
+            "no port: the proxy connects to the port called"
         );
         let workload = p.workload.unwrap();
         assert_eq!(
@@ -318,35 +350,35 @@ spec:
                 "spiffe://cluster.local/ns/shop/sa/checkout",
             ]
         );
-        assert_eq!(external.tls, None, "passthrough: the application's own TLS");
+        let ports: Vec<(u32, u32)> = external
+            .ports
+            .iter()
+            .map(|p| (p.port, p.originate_tls_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [(80, 8443), (443, 0), (5432, 0)],
+            "TLS originated from 80 to 8443; 443 and 5432 as sent"
+        );
+        assert_eq!(external.ca_bundle, "", "the system's roots");
     }
 
     #[test]
-    fn an_http_port_with_origination_goes_to_the_tls_port_with_the_host_as_server_name() {
+    fn identities_are_in_the_configured_trust_domain() {
         let view = view(PAYMENTS);
-        let p = profile_of(resolve(&view, "api.pay.example", 80, "mesh.example"));
-        assert_eq!(p.protocol, v1::Protocol::Http as i32);
-        assert_eq!(p.backends[0].endpoints[0].address, "api.pay.example:8443");
-        let external = p.external.unwrap();
-        assert_eq!(
-            external.tls,
-            Some(v1::TlsOrigination {
-                server_name: "api.pay.example".into(),
-                ca_bundle: String::new(),
-            })
-        );
+        let p = profile_of(resolve(&view, "api.pay.example", "mesh.example"));
         assert!(
-            external
+            p.external
+                .unwrap()
                 .allowed_identities
-                .contains(&"spiffe://mesh.example/ns/shop/sa/checkout".to_owned()),
-            "identities are in the configured trust domain"
+                .contains(&"spiffe://mesh.example/ns/shop/sa/checkout".to_owned())
         );
     }
 
     #[test]
     fn a_source_not_listed_gets_no_identity() {
         let view = view(PAYMENTS);
-        let p = profile_of(resolve(&view, "api.pay.example", 443, "cluster.local"));
+        let p = profile_of(resolve(&view, "api.pay.example", "cluster.local"));
         let allowed = p.external.unwrap().allowed_identities;
         assert_eq!(allowed.len(), 2);
         assert!(!allowed.contains(&"spiffe://cluster.local/ns/shop/sa/web".to_owned()));
@@ -357,40 +389,30 @@ spec:
     }
 
     #[test]
-    fn fixed_addresses_replace_the_host_on_the_target_port() {
+    fn fixed_addresses_replace_the_host_without_a_port() {
         let yaml = PAYMENTS.replace(
             "  sources:",
             "  addresses: [203.0.113.7, \"2001:db8::7\"]\n  sources:",
         );
         let view = view(&yaml);
-        let p = profile_of(resolve(&view, "api.pay.example", 80, "cluster.local"));
+        let p = profile_of(resolve(&view, "api.pay.example", "cluster.local"));
         let addresses: Vec<&str> = p.backends[0]
             .endpoints
             .iter()
             .map(|e| e.address.as_str())
             .collect();
-        assert_eq!(addresses, ["203.0.113.7:8443", "[2001:db8::7]:8443"]);
+        assert_eq!(addresses, ["203.0.113.7", "[2001:db8::7]"]);
     }
 
     #[test]
-    fn an_undeclared_port_or_host_is_not_found() {
+    fn an_undeclared_host_is_not_found() {
         let view = view(PAYMENTS);
-        for (host, port, reason) in [
-            (
-                "api.pay.example",
-                8080,
-                "api.pay.example:8080: ExternalServices declare api.pay.example on port(s) 80, 443, 5432 only",
+        match resolve(&view, "other.pay.example", "cluster.local") {
+            v1::destination_update::Kind::NotFound(nf) => assert_eq!(
+                nf.reason,
+                "other.pay.example is no mesh service and no ExternalService declares it"
             ),
-            (
-                "other.pay.example",
-                443,
-                "other.pay.example:443 is no mesh service and no ExternalService declares it",
-            ),
-        ] {
-            match resolve(&view, host, port, "cluster.local") {
-                v1::destination_update::Kind::NotFound(nf) => assert_eq!(nf.reason, reason),
-                other => panic!("{host}:{port}: {other:?}"),
-            }
+            other => panic!("{other:?}"),
         }
     }
 
@@ -457,7 +479,10 @@ spec:
         ));
         assert_eq!(p.authority, "203.0.113.7:5432");
         assert_eq!(p.protocol, v1::Protocol::Tcp as i32);
-        assert_eq!(p.backends[0].endpoints[0].address, "203.0.113.7:5432");
+        assert_eq!(
+            p.backends[0].endpoints[0].address, "203.0.113.7",
+            "the port is the call's"
+        );
         assert_eq!(p.external.unwrap().allowed_identities.len(), 2);
         for addr in ["203.0.113.7:6543", "203.0.113.8:5432"] {
             assert!(
@@ -515,7 +540,8 @@ spec:
     }
 
     #[test]
-    fn two_declarations_of_one_host_port_are_reported_on_both_and_deny_every_caller() {
+    fn two_declarations_of_one_host_are_reported_on_both_and_deny_every_caller() {
+        // On another port of the same host: still one destination, so still a conflict.
         let other = "---
 apiVersion: policy.trellis.io/v1alpha1
 kind: ExternalService
@@ -523,7 +549,7 @@ metadata: {name: pay-legacy, namespace: legacy}
 spec:
   hosts: [api.pay.example]
   ports:
-  - {port: 443, protocol: tls}
+  - {port: 8443, protocol: tls}
   sources:
   - {kind: ServiceAccount, name: old-checkout}
 ";
@@ -537,18 +563,15 @@ spec:
         assert_eq!(
             problems,
             [
-                "ExternalService legacy/pay-legacy @ test.yaml:15: api.pay.example:443 is also declared by ExternalService shop/payments (at test.yaml:2): nobody may call it until one declaration is removed",
-                "ExternalService shop/payments @ test.yaml:2: api.pay.example:443 is also declared by ExternalService legacy/pay-legacy (at test.yaml:15): nobody may call it until one declaration is removed",
+                "ExternalService legacy/pay-legacy @ test.yaml:15: api.pay.example is also declared by ExternalService shop/payments (at test.yaml:2): nobody may call it until one declaration is removed",
+                "ExternalService shop/payments @ test.yaml:2: api.pay.example is also declared by ExternalService legacy/pay-legacy (at test.yaml:15): nobody may call it until one declaration is removed",
             ]
         );
-        let p = profile_of(resolve(&view, "api.pay.example", 443, "cluster.local"));
+        let p = profile_of(resolve(&view, "api.pay.example", "cluster.local"));
         assert_eq!(
             p.external.unwrap().allowed_identities,
             Vec::<String>::new(),
             "empty = none may"
         );
-        // The other ports of the first declaration are not in conflict.
-        let p = profile_of(resolve(&view, "api.pay.example", 80, "cluster.local"));
-        assert_eq!(p.external.unwrap().allowed_identities.len(), 2);
     }
 }

@@ -284,14 +284,14 @@ impl Index {
         rx.await.ok()
     }
 
-    /// The channel of `host:port` (`host` normalized, not a mesh service name): an
-    /// ExternalService's profile or "not found" (see the `external` module). `None` only when
-    /// the index has stopped.
-    pub async fn external(&self, host: String, port: u16) -> Option<DestinationRx> {
+    /// The channel of `host` (normalized, not a mesh service name; the port asked does not
+    /// choose another destination): an ExternalService's profile or "not found" (see the
+    /// `external` module). `None` only when the index has stopped.
+    pub async fn external(&self, host: String) -> Option<DestinationRx> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Input::WatchExternal(
-                external::ExternalKey::Host(host, port),
+                external::ExternalKey::Host(host),
                 reply,
             ))
             .ok()?;
@@ -1211,7 +1211,7 @@ spec:
     async fn external_channels_and_ports_follow_the_policy() {
         let (index, _registry, policy) = mesh(1, 1);
         let _web = answered(&index, "web").await; // the policy is in force
-        let mut rx = index.external("api.pay.example".into(), 443).await.unwrap();
+        let mut rx = index.external("api.pay.example".into()).await.unwrap();
         let first = rx.wait_for(Option::is_some).await.unwrap().clone().unwrap();
         assert!(
             matches!(first.kind, Some(v1::destination_update::Kind::NotFound(_))),
@@ -1279,7 +1279,7 @@ spec:
             status
                 .destinations
                 .iter()
-                .any(|d| d.authority == "api.pay.example:443" && d.state == "profile")
+                .any(|d| d.authority == "api.pay.example" && d.state == "profile")
         );
         assert_eq!(
             index.external_ports().borrow().generation,

@@ -387,31 +387,44 @@ impl PolicyView {
         }
         traffic_problems.sort_by(|a, b| (&a.resource, &a.message).cmp(&(&b.resource, &b.message)));
         view.problems.extend(traffic_problems);
-        // Conflicting declarations of one host:port, reported on each (`super::external` says
-        // what is answered). By_id iterated in id order, so each list is in namespace/name order.
-        for ((host, port), declared) in &view.externals {
+        // Conflicting declarations of one host (on any ports: a host is one destination, whose
+        // sources and ports come from one ExternalService), reported on each (`super::external`
+        // says what is answered). By_id iterated in id order, so each list is in namespace/name
+        // order.
+        let mut by_host: BTreeMap<&str, Vec<&Arc<ExternalService>>> = BTreeMap::new();
+        for ((host, _), declared) in &view.externals {
+            let list = by_host.entry(host.as_str()).or_default();
+            for (external, _) in declared {
+                if !list.iter().any(|e| Arc::ptr_eq(e, external)) {
+                    list.push(external);
+                }
+            }
+        }
+        let mut host_problems = Vec::new();
+        for (host, declared) in by_host {
             if declared.len() < 2 {
                 continue;
             }
-            for (external, _) in declared {
+            for external in &declared {
                 let others: Vec<String> = declared
                     .iter()
-                    .filter(|(other, _)| !Arc::ptr_eq(other, external))
-                    .map(|(other, _)| {
+                    .filter(|other| !Arc::ptr_eq(other, external))
+                    .map(|other| {
                         let at = origin_of(&view.origins, &external_rid(other));
                         format!("ExternalService {} (at {at})", external_name(other))
                     })
                     .collect();
-                view.problems.push(PolicyProblem {
+                host_problems.push(PolicyProblem {
                     resource: external_rid(external).to_string(),
                     location: origin_of(&view.origins, &external_rid(external)),
                     message: format!(
-                        "{host}:{port} is also declared by {}: nobody may call it until one declaration is removed",
+                        "{host} is also declared by {}: nobody may call it until one declaration is removed",
                         others.join(", ")
                     ),
                 });
             }
         }
+        view.problems.extend(host_problems);
         for (addr, listed) in &view.external_addresses {
             if listed.len() < 2 {
                 continue;
