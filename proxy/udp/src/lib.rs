@@ -62,7 +62,9 @@
 //! outbound and inbound forwarders in one process over loopback TCP, plaintext; 4 clients x 16 in
 //! flight, 500 ms per phase): 64-byte datagrams 213,985 pps through the tunnel against 424,505 direct
 //! (0.50x), round trip p50 79 us against 63 us; 1,200-byte datagrams 178,368 pps against 407,118
-//! (0.44x), p50 75 us against 39 us. Not yet measured: two proxy processes with mTLS between them.
+//! (0.44x), p50 75 us against 39 us. Two proxy processes with mTLS between them:
+//! `scripts/bench/udp` (figures in `scripts/bench/README.md`, "UDP": 0.30-0.47x of direct, 4.6 to
+//! 8.5 us of CPU per round trip for both proxies together, on a shared machine).
 //!
 //! # Wiring into the proxy
 //!

@@ -7,6 +7,8 @@
 //! routing, no logging and no allocation per request beyond what hyper needs: the benchmark
 //! measures the proxy in front of this server, so the server should cost as little as possible
 //! and the same for every target.
+//!
+//! [`udp`] is the UDP benchmark's (`scripts/bench/udp`) echo application and load generator.
 
 use std::convert::Infallible;
 
@@ -18,6 +20,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+
+pub mod udp;
 
 /// The body every response carries: small, like a health check or a tiny JSON answer.
 pub const DEFAULT_BODY: &[u8] = b"hello from trellis-bench-upstream\n";

@@ -1,6 +1,7 @@
 //! `trellis-bench-upstream`: runs [`trellis_bench_upstream::serve`] on a loopback port for the
 //! proxy benchmark and prints `listening on ADDR` once it accepts connections, so the script
-//! can bind port 0 and read the port back.
+//! can bind port 0 and read the port back. With `--udp`, the UDP benchmark's echo instead
+//! ([`trellis_bench_upstream::udp::echo`]), on a UDP socket bound to the same address.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -22,10 +23,23 @@ struct Args {
     /// Size in bytes of the response body; 0 keeps the built-in short greeting.
     #[arg(long, default_value_t = 0)]
     body_bytes: usize,
+    /// Serve UDP echo on `--listen` (with `--threads` threads) instead of HTTP.
+    #[arg(long)]
+    udp: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.udp {
+        let socket = std::net::UdpSocket::bind(args.listen)
+            .with_context(|| format!("binding UDP {}", args.listen))?;
+        let local = socket.local_addr().context("reading the bound address")?;
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "listening on {local}")?;
+        stdout.flush()?;
+        return trellis_bench_upstream::udp::echo(socket, args.threads)
+            .context("receiving datagrams");
+    }
     let body = if args.body_bytes == 0 {
         Bytes::from_static(trellis_bench_upstream::DEFAULT_BODY)
     } else {
