@@ -68,7 +68,7 @@ mod jwks;
 mod refresh;
 mod verify;
 
-pub use claims::{ClaimMatch, Claims};
+pub use claims::{ClaimLookup, ClaimMatch, Claims};
 pub use config::{
     Algorithm, ClaimHeader, Duration, FromHeader, JwksSource, JwtPolicy, JwtProvider, Problem,
 };
