@@ -9,6 +9,33 @@
 //! (`trellis-jwt`, which pulls an HTTP client for JWKS URLs). `trellis-jwt` re-exports every
 //! one of them and does the verifying.
 //!
+//! In a TrafficPolicy (`trellis-smi`), `jwt` applies to every request to the Service, `claims`
+//! are conditions every request must meet, and a route section's `claims` those of the requests
+//! its matches cover (every section a request matches adds its own, whatever the sections'
+//! order). The Service's instances' proxies enforce them: a refused token gets `401
+//! jwt-<reason>`, unmet claims `403 claims`, and claim conditions are ANDed with the
+//! TrafficTargets' rules, so no other rule can waive them:
+//!
+//! ```yaml
+//! spec:
+//!   targetRef: { name: web }
+//!   jwt:
+//!     required: true                 # no token: 401 jwt-missing (default false)
+//!     providers:
+//!     - issuer: https://auth.example.com/realms/shop
+//!       audiences: [web]
+//!       jwks: { file: /etc/trellis/jwt/shop.json }   # absolute, on the proxies' hosts; or url
+//!       algorithms: [RS256, ES256]   # default [RS256]; none and HS* are refused
+//!       clockSkew: 60s               # default 60s, at most 5m
+//!   claims:                          # every request
+//!   - { claim: aud, values: [web] }
+//!   routes:
+//!   - httpRouteGroup: web-routes
+//!     matches: [admin]
+//!     claims:                        # requests matching `admin`, in addition
+//!     - { claim: realm_access.roles, values: [admin] }
+//! ```
+//!
 //! Parsing already refuses unknown fields, wrong types, unknown algorithm names and malformed
 //! durations (with the path, through the caller's serde error reporting).
 
@@ -152,7 +179,7 @@ impl Default for FromHeader {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClaimHeader {
-    /// The claim, a dotted path for nested ones (`realm_access.roles`; see [`ClaimLookup`]).
+    /// The claim, a dotted path for nested ones (`realm_access.roles`).
     pub claim: String,
     /// The header it is written to. Strings are copied as they are, anything else as its JSON
     /// text (an array of roles becomes `["a","b"]`).
@@ -498,8 +525,7 @@ impl schemars::JsonSchema for Algorithm {
 ///
 /// Comparison is exact text: a string claim as it is; a number or boolean by its JSON text
 /// (`42`, `true`), so `values: ["42"]` matches `"level": 42`; an array element likewise. An
-/// object, `null` or a missing claim never matches. The claims themselves are the verifier's
-/// (`trellis_jwt::Claims`), reached through [`ClaimLookup`].
+/// object, `null` or a missing claim never matches.
 ///
 /// ```yaml
 /// claim: realm_access.roles
@@ -508,6 +534,8 @@ impl schemars::JsonSchema for Algorithm {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+// The claims themselves are the verifier's (`trellis_jwt::Claims`), read through
+// `ClaimLookup` (kept out of the doc comment, which becomes the CRD's description).
 pub struct ClaimMatch {
     /// The claim's name, or a dotted path for a nested one (`realm_access.roles`).
     pub claim: String,

@@ -39,6 +39,9 @@ pub enum Reason {
     Timeout,
     /// Inbound policy denied the request. 403.
     Forbidden,
+    /// The request falls under a claim requirement of the inbound policy (TrafficPolicy
+    /// `claims`) and its verified token's claims do not meet it, or it has no token. 403.
+    Claims,
     /// The inbound policy's JWT authentication refused the request's token (or its absence):
     /// `jwt-<rejection>`, e.g. `jwt-expired`, `jwt-missing`. 401 with `www-authenticate`.
     Jwt(trellis_jwt::Rejection),
@@ -70,6 +73,7 @@ impl Reason {
             Reason::UpstreamFailed => "upstream-failed",
             Reason::Timeout => "timeout",
             Reason::Forbidden => "forbidden",
+            Reason::Claims => "claims",
             Reason::Jwt(rejection) => jwt_str(rejection),
             Reason::NoInbound => "no-inbound",
             Reason::NoIdentity => "no-identity",
@@ -98,7 +102,7 @@ impl Reason {
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::UnknownHost => StatusCode::NOT_FOUND,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Reason::Forbidden => StatusCode::FORBIDDEN,
+            Reason::Forbidden | Reason::Claims => StatusCode::FORBIDDEN,
             Reason::Jwt(rejection) => rejection.status(),
         }
     }

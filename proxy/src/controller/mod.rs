@@ -630,6 +630,19 @@ pub fn policy_from_proto(
             })
             .collect(),
         jwt,
+        claim_requirements: p
+            .claim_requirements
+            .into_iter()
+            .map(|r| config::ClaimRequirement {
+                name: r.name,
+                matches: r.matches.into_iter().map(match_from_proto).collect(),
+                claims: r
+                    .claims
+                    .into_iter()
+                    .map(trellis_proxy_api::jwt::claim_match_from_proto)
+                    .collect(),
+            })
+            .collect(),
     })
 }
 

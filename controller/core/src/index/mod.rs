@@ -682,7 +682,7 @@ impl Writer {
         }
         let (workload, port) = key;
         self.work.inbound_resolved += 1;
-        let (mut policy, problems) = inbound::resolve(
+        let (mut policy, mut problems) = inbound::resolve(
             &self.view,
             &workload.namespace,
             &workload.name,
@@ -697,6 +697,21 @@ impl Writer {
             *port,
             &|key| snapshots.get(key),
         );
+        let end_user = inbound::end_user(
+            &self.view,
+            &workload.namespace,
+            &workload.name,
+            *port,
+            &|key| snapshots.get(key),
+        );
+        if end_user.refuse {
+            // Fail closed: what the port needs cannot be applied (see `inbound::end_user`).
+            policy.authorizations.clear();
+            policy.default_action = v1::DefaultAction::Deny as i32;
+        }
+        policy.jwt = end_user.jwt;
+        policy.claim_requirements = end_user.claim_requirements;
+        problems.extend(end_user.problems);
         let Some(i) = self.inbound.get_mut(key) else {
             return;
         };
