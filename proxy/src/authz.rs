@@ -542,7 +542,10 @@ mod tests {
         };
         let allow_all = Authorization {
             unauthenticated: true,
-            protocols: vec![crate::config::L4Protocol::Tcp, crate::config::L4Protocol::Udp],
+            protocols: vec![
+                crate::config::L4Protocol::Tcp,
+                crate::config::L4Protocol::Udp,
+            ],
             ..Default::default()
         };
         let mut inbound = Inbound {
@@ -592,8 +595,14 @@ mod tests {
         let user = claims(serde_json::json!({"aud": "web", "role": "user"}));
         let other_aud = claims(serde_json::json!({"aud": "other", "role": "admin"}));
         assert_eq!(unmet("/admin/x", Some(&admin)), None);
-        assert_eq!(unmet("/admin/x", Some(&user)).as_deref(), Some("demo/web/admin/.*"));
-        assert_eq!(unmet("/admin/x", None).as_deref(), Some("demo/web/admin/.*"));
+        assert_eq!(
+            unmet("/admin/x", Some(&user)).as_deref(),
+            Some("demo/web/admin/.*")
+        );
+        assert_eq!(
+            unmet("/admin/x", None).as_deref(),
+            Some("demo/web/admin/.*")
+        );
         assert_eq!(unmet("/public", Some(&user)), None, "ungated route");
         assert_eq!(
             unmet("/public", Some(&other_aud)).as_deref(),

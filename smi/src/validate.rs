@@ -275,9 +275,12 @@ fn check_traffic_policy(issues: &mut Vec<Issue>, policy: &TrafficPolicy) {
             issues.push(Issue::new(field.key("claims"), needs_jwt));
         }
         issues.extend(
-            trellis_policy::jwt::validate_claims(&route.claims, &format!("spec.routes[{i}].claims"))
-                .into_iter()
-                .map(problem),
+            trellis_policy::jwt::validate_claims(
+                &route.claims,
+                &format!("spec.routes[{i}].claims"),
+            )
+            .into_iter()
+            .map(problem),
         );
     }
 }

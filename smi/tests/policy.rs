@@ -183,7 +183,10 @@ spec:
     let jwt = policy.jwt.as_ref().expect("jwt loaded");
     assert!(jwt.required);
     assert_eq!(jwt.providers[0].issuer, "https://auth.example.com");
-    assert_eq!(jwt.providers[0].algorithms, [trellis_policy::jwt::Algorithm::ES256]);
+    assert_eq!(
+        jwt.providers[0].algorithms,
+        [trellis_policy::jwt::Algorithm::ES256]
+    );
     assert_eq!(policy.claims.len(), 1);
     assert_eq!(policy.claims[0].claim, "aud");
     assert_eq!(policy.routes[0].claims[0].claim, "realm_access.roles");

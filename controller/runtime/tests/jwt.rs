@@ -86,13 +86,10 @@ async fn get(proxy: SocketAddr, path: &str, token: Option<&str>) -> (u16, String
     let request = format!("GET {path} HTTP/1.0\r\nhost: web.demo\r\n{auth}\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        stream.read_to_string(&mut response),
-    )
-    .await
-    .expect("an answer within 5 s")
-    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
     let head = response.split("\r\n\r\n").next().unwrap_or_default();
     let status = head
         .split(' ')
@@ -199,14 +196,20 @@ async fn a_traffic_policy_turns_on_jwt_and_gates_a_route_on_a_claim_through_a_re
         get(inbound, "/", Some("not.a.token")).await,
         (401, "jwt-malformed".into())
     );
-    assert_eq!(get(inbound, "/public", Some(&user)).await, (200, String::new()));
+    assert_eq!(
+        get(inbound, "/public", Some(&user)).await,
+        (200, String::new())
+    );
     // The gated route: the plaintext rule allows every request, yet the claim holds.
     assert_eq!(
         get(inbound, "/admin/users", Some(&user)).await,
         (403, "claims".into()),
         "a valid token without the claim"
     );
-    assert_eq!(get(inbound, "/admin", Some(&user)).await, (403, "claims".into()));
+    assert_eq!(
+        get(inbound, "/admin", Some(&user)).await,
+        (403, "claims".into())
+    );
     assert_eq!(
         get(inbound, "/admin/users", Some(&admin)).await,
         (200, String::new())

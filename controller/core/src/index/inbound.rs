@@ -280,7 +280,8 @@ pub fn end_user<'s>(
         let Some(policy) = view.traffic.get(target).and_then(|p| p.first()) else {
             continue;
         };
-        let claims = !policy.claims.is_empty() || policy.routes.iter().any(|r| !r.claims.is_empty());
+        let claims =
+            !policy.claims.is_empty() || policy.routes.iter().any(|r| !r.claims.is_empty());
         if policy.jwt.is_none() && !claims {
             continue;
         }
@@ -1148,8 +1149,14 @@ spec:
         );
         // Not on another port, not for another workload; a Service that does not exist
         // concerns nobody.
-        assert_eq!(end_user(&view, "demo", "web", 9090, &lookup), EndUser::default());
-        assert_eq!(end_user(&view, "demo", "client", 8080, &lookup), EndUser::default());
+        assert_eq!(
+            end_user(&view, "demo", "web", 9090, &lookup),
+            EndUser::default()
+        );
+        assert_eq!(
+            end_user(&view, "demo", "client", 8080, &lookup),
+            EndUser::default()
+        );
         let gone = Snapshot::NotFound;
         assert_eq!(
             end_user(&view, "demo", "web", 8080, &|_| Some(&gone)),
@@ -1199,8 +1206,12 @@ spec:
         let problem = &got.problems[0];
         assert_eq!(problem.resource, "TrafficPolicy demo/b");
         assert!(
-            problem.message.contains("TrafficPolicy demo/a (at test.yaml:")
-                && problem.message.contains("workload demo/web serves both on port 8080"),
+            problem
+                .message
+                .contains("TrafficPolicy demo/a (at test.yaml:")
+                && problem
+                    .message
+                    .contains("workload demo/web serves both on port 8080"),
             "{problem:?}"
         );
         // The same jwt on two services (a and c) is one policy for the port: both apply.
@@ -1220,16 +1231,24 @@ spec:
     #[test]
     fn a_policy_with_claims_that_cannot_be_applied_closes_the_port() {
         use crate::index::policy::tests::traffic_policy;
-        // The route section names a match the group does not have: the policy is not applied
-        // (its resilience settings are left out), but leaving its claims out would open /admin.
+        // The route section's group goes (the files source keeps the last good policy; on
+        // Kubernetes the group is simply deleted): the policy is not applied (its resilience
+        // settings are left out), but leaving its claims out would open /metrics.
         let spec = jwt_spec(
             "https://auth",
-            "  routes:\n  - {httpRouteGroup: api, matches: [admin], claims: [{claim: role, values: [admin]}]}\n",
+            "  routes:\n  - {httpRouteGroup: api, matches: [metrics], claims: [{claim: role, values: [admin]}]}\n",
         );
-        let view = view(&format!(
-            "{ROUTES}{}",
-            traffic_policy("auth", "web-svc", None, &spec)
-        ));
+        let mut set = crate::index::policy::tests::located_set(
+            "t.yaml",
+            &format!("{ROUTES}{}", traffic_policy("auth", "web-svc", None, &spec)),
+        );
+        set.policies
+            .retain(|p| !matches!(p, trellis_smi::model::Policy::HttpRouteGroup(_)));
+        let view = PolicyView::build(&[("t".into(), set)]);
+        assert!(
+            view.traffic_broken
+                .contains(&ServiceKey::new("demo", "web-svc"))
+        );
         let snapshot = served_by("web-svc", "web", 8080);
         let got = end_user(&view, "demo", "web", 8080, &|_| Some(&snapshot));
         assert!(got.refuse && got.jwt.is_none(), "{got:?}");
