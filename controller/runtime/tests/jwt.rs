@@ -154,13 +154,15 @@ async fn a_traffic_policy_turns_on_jwt_and_gates_a_route_on_a_claim_through_a_re
     .await
     .unwrap();
 
-    let mut base = trellis_proxy::config::Config::default();
-    base.inbound = Some(trellis_proxy::config::Inbound {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        app: app.addr(),
-        protocol: trellis_proxy::config::Protocol::Http,
-        policy: Default::default(),
-    });
+    let base = trellis_proxy::config::Config {
+        inbound: Some(trellis_proxy::config::Inbound {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            app: app.addr(),
+            protocol: trellis_proxy::config::Protocol::Http,
+            policy: Default::default(),
+        }),
+        ..Default::default()
+    };
     let options = trellis_proxy::controller::ControllerOptions::new(
         format!("http://{}", ctl.grpc),
         "demo/web",

@@ -815,7 +815,10 @@ mod tests {
         )];
         let policy = policy_from_proto(sent.clone()).unwrap();
         assert_eq!(policy.jwt.as_ref(), Some(&jwt));
-        assert_eq!(policy.authorizations[0].claims, [claims.clone()]);
+        assert_eq!(
+            policy.authorizations[0].claims,
+            std::slice::from_ref(&claims)
+        );
         assert_eq!(
             policy.claim_requirements,
             [config::ClaimRequirement {
