@@ -19,6 +19,10 @@
 //!   failure first, as Linkerd and Envoy do;
 //! - rate limits: in the **destination's** proxy (inbound), because a local rate limit protects an
 //!   instance, and only there is the caller's identity proven (`perSource`).
+//!
+//! The [`jwt`] module holds the end-user authentication settings (JWT providers and claim
+//! conditions) that a TrafficPolicy carries as `jwt` and route sections' `claims`; they are
+//! enforced by the destination's proxy too (inbound), which `trellis-jwt` verifies tokens for.
 
 #![forbid(unsafe_code)]
 
@@ -27,6 +31,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod jwt;
 mod validate;
 pub use validate::{Problem, validate_destination, validate_route};
 

@@ -19,6 +19,11 @@
 //! policy's `jwt` ([`RequestInfo::claims`]). Such a rule never matches a request without
 //! verified claims, nor an opaque TCP connection (which has no request, so no token).
 //!
+//! Claim requirements ([`InboundTable::unmet_claims`], from TrafficPolicy `claims`) are not
+//! rules: they are ANDed with whatever the rules decide, checked by the HTTP path after this
+//! authorizer (403 `claims`), so no other rule can let a covered request through without them.
+//! Opaque TCP and UDP, which carry no token, are refused here on a port with any requirement.
+//!
 //! Requests are checked against the policy current when they arrive (so a revoked rule stops
 //! the next request on a kept-alive connection); open opaque TCP connections are re-checked
 //! whenever the policy changes (see `tcp::forward_inbound`).
@@ -141,6 +146,13 @@ fn default_verdict(policy: &InboundTable) -> Verdict {
 
 impl Authorizer for PolicyAuthorizer {
     fn authorize_connection(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
+        // Claim requirements are checked per request, and an opaque connection has no request
+        // to check (nor a token): a port with any refuses it, whatever the rules and the
+        // default action say. Requirements with matches too: HTTP the proxy did not detect
+        // (`detect` falls back to opaque) may still reach a gated route of the application.
+        if !policy.claim_requirements.is_empty() {
+            return Verdict::Deny;
+        }
         let allowed = policy.authorizations.iter().any(|rule| {
             rule.routes.is_empty()
                 && rule.protocols.tcp
@@ -184,6 +196,10 @@ impl Authorizer for PolicyAuthorizer {
     /// A rule covering `udp` (which has no routes and no claims) whose identities, networks and
     /// ports (the tunnel's UDP port) match; else the default action.
     fn authorize_udp(&self, policy: &InboundTable, caller: &Caller) -> Verdict {
+        // A datagram carries no token either (see `authorize_connection`).
+        if !policy.claim_requirements.is_empty() {
+            return Verdict::Deny;
+        }
         let allowed = policy.authorizations.iter().any(|rule| {
             rule.protocols.udp
                 && rule.routes.is_empty()
@@ -500,5 +516,113 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(bad.field, "inbound.policy.authorizations[0].networks[0]");
+    }
+
+    /// The bypass claim requirements close: a rule allowing every request (as a second
+    /// TrafficTarget, or a TCPRoute rule, would give) and a permissive default both leave a
+    /// request to a gated route refused without the claims; opaque TCP and UDP are refused on
+    /// such a port whatever the rules say.
+    #[test]
+    fn claim_requirements_hold_whatever_rule_or_default_allows_the_request() {
+        use crate::config::ClaimRequirement;
+        let requirement = |path: &str, claim: &str, value: &str| ClaimRequirement {
+            name: format!("demo/web{path}"),
+            matches: if path.is_empty() {
+                Vec::new()
+            } else {
+                vec![HttpMatch {
+                    path_regex: Some(path.into()),
+                    ..Default::default()
+                }]
+            },
+            claims: vec![trellis_jwt::ClaimMatch {
+                claim: claim.into(),
+                values: vec![value.into()],
+            }],
+        };
+        let allow_all = Authorization {
+            unauthenticated: true,
+            protocols: vec![
+                crate::config::L4Protocol::Tcp,
+                crate::config::L4Protocol::Udp,
+            ],
+            ..Default::default()
+        };
+        let mut inbound = Inbound {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            app: "127.0.0.1:1".parse().unwrap(),
+            protocol: Default::default(),
+            policy: InboundPolicy {
+                default_action: DefaultAction::Allow,
+                authorizations: vec![allow_all],
+                claim_requirements: vec![
+                    requirement("/admin/.*", "role", "admin"),
+                    requirement("", "aud", "web"),
+                ],
+                ..Default::default()
+            },
+        };
+        // Without `jwt` nothing could be verified: refused at compile time, with the field.
+        let err = InboundTable::compile(&inbound).unwrap_err();
+        assert_eq!(err.field, "inbound.policy.claim_requirements[0].claims");
+        inbound.policy.jwt = Some(
+            serde_json::from_value(serde_json::json!({
+                "providers": [{"issuer": "https://i", "audiences": ["web"], "jwks": {"file": "/k"}}]
+            }))
+            .unwrap(),
+        );
+        let p = InboundTable::compile(&inbound).unwrap();
+        let claims = |json: serde_json::Value| {
+            trellis_jwt::Claims::from_map(json.as_object().unwrap().clone())
+        };
+        let h = HeaderMap::new();
+        let unmet = |path: &str, claims: Option<&trellis_jwt::Claims>| {
+            let info = RequestInfo {
+                method: &Method::GET,
+                path,
+                headers: &h,
+                claims,
+            };
+            assert_eq!(
+                PolicyAuthorizer.authorize_request(&p, &caller(None, 80), info),
+                Verdict::Allow,
+                "the rules allow everything"
+            );
+            p.unmet_claims(&Method::GET, path, &h, claims)
+                .map(|r| r.name.clone())
+        };
+        let admin = claims(serde_json::json!({"aud": "web", "role": "admin"}));
+        let user = claims(serde_json::json!({"aud": "web", "role": "user"}));
+        let other_aud = claims(serde_json::json!({"aud": "other", "role": "admin"}));
+        assert_eq!(unmet("/admin/x", Some(&admin)), None);
+        assert_eq!(
+            unmet("/admin/x", Some(&user)).as_deref(),
+            Some("demo/web/admin/.*")
+        );
+        assert_eq!(
+            unmet("/admin/x", None).as_deref(),
+            Some("demo/web/admin/.*")
+        );
+        assert_eq!(unmet("/public", Some(&user)), None, "ungated route");
+        assert_eq!(
+            unmet("/public", Some(&other_aud)).as_deref(),
+            Some("demo/web"),
+            "every requirement that matches holds, not only the first"
+        );
+        assert_eq!(unmet("/public", None).as_deref(), Some("demo/web"));
+        assert_eq!(
+            PolicyAuthorizer.authorize_connection(&p, &caller(None, 80)),
+            Verdict::Deny,
+            "opaque TCP carries no token"
+        );
+        assert_eq!(
+            PolicyAuthorizer.authorize_udp(&p, &caller(None, 80)),
+            Verdict::Deny,
+            "nor does a UDP tunnel"
+        );
+        // A requirement without conditions is refused, not taken as "nothing required".
+        inbound.policy.claim_requirements[0].claims.clear();
+        let err = InboundTable::compile(&inbound).unwrap_err();
+        assert_eq!(err.field, "inbound.policy.claim_requirements[0].claims");
     }
 }

@@ -335,6 +335,28 @@ pub struct InboundPolicy {
     /// look at. Absent: tokens are not looked at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<trellis_jwt::JwtPolicy>,
+    /// Claims the requests must carry (TrafficPolicy `claims`), checked after authorization and
+    /// ANDed with it: every requirement whose matches a request matches (empty matches = every
+    /// request) must hold, or the request gets 403 `claims`. Unlike a rule's `claims`, which
+    /// any other allow rule can bypass, no rule lets a covered request through without them.
+    /// A policy with any requirement refuses opaque TCP connections and UDP tunnels (no token;
+    /// HTTP inside opaque TCP cannot be matched). Needs `jwt`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claim_requirements: Vec<ClaimRequirement>,
+}
+
+/// Claims a request must carry when it matches `matches` ([`InboundPolicy::claim_requirements`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequirement {
+    /// For logs: the TrafficPolicy target (and route group) it comes from.
+    #[serde(default)]
+    pub name: String,
+    /// The requests it applies to (ORed); empty = every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HttpMatch>,
+    /// Conditions on the verified token's claims (camelCase fields), all of which must hold.
+    pub claims: Vec<trellis_jwt::ClaimMatch>,
 }
 
 /// One local rate limit of the inbound side.

@@ -42,6 +42,9 @@ pub enum Reason {
     /// The destination is outside the mesh and its declaration (ExternalService) does not list
     /// this workload, or not the port called. 403, answered by the caller's own proxy.
     EgressForbidden,
+    /// The request falls under a claim requirement of the inbound policy (TrafficPolicy
+    /// `claims`) and its verified token's claims do not meet it, or it has no token. 403.
+    Claims,
     /// The inbound policy's JWT authentication refused the request's token (or its absence):
     /// `jwt-<rejection>`, e.g. `jwt-expired`, `jwt-missing`. 401 with `www-authenticate`.
     Jwt(trellis_jwt::Rejection),
@@ -74,6 +77,7 @@ impl Reason {
             Reason::Timeout => "timeout",
             Reason::Forbidden => "forbidden",
             Reason::EgressForbidden => "egress-forbidden",
+            Reason::Claims => "claims",
             Reason::Jwt(rejection) => jwt_str(rejection),
             Reason::NoInbound => "no-inbound",
             Reason::NoIdentity => "no-identity",
@@ -102,7 +106,7 @@ impl Reason {
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Reason::UnknownHost => StatusCode::NOT_FOUND,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Reason::Forbidden | Reason::EgressForbidden => StatusCode::FORBIDDEN,
+            Reason::Forbidden | Reason::EgressForbidden | Reason::Claims => StatusCode::FORBIDDEN,
             Reason::Jwt(rejection) => rejection.status(),
         }
     }

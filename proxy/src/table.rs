@@ -812,6 +812,55 @@ fn policy_problem(p: trellis_policy::Problem) -> Invalid {
 /// `inbound.policy.jwt`. The value searched for to find its line is the offending value as
 /// written when it is a string (an issuer, a URL, an algorithm, a duration), else the field's
 /// last name.
+/// The claim requirements of an inbound policy, checked: each has conditions, each condition
+/// is usable, and the policy has the `jwt` that verifies the claims.
+fn compile_claim_requirements(
+    policy: &config::InboundPolicy,
+) -> Result<Vec<ClaimRequirementTable>, Invalid> {
+    let mut out = Vec::with_capacity(policy.claim_requirements.len());
+    for (i, r) in policy.claim_requirements.iter().enumerate() {
+        let field = format!("inbound.policy.claim_requirements[{i}]");
+        if r.claims.is_empty() {
+            return Err(invalid(
+                format!("{field}.claims"),
+                "claims",
+                "a requirement without conditions requires nothing: name at least one claim".into(),
+            ));
+        }
+        for (j, m) in r.claims.iter().enumerate() {
+            if let Some(p) = m.validate().into_iter().next() {
+                let value = if m.claim.trim().is_empty() {
+                    "claims"
+                } else {
+                    m.claim.as_str()
+                };
+                return Err(invalid(
+                    format!("{field}.claims[{j}].{}", p.field),
+                    value,
+                    p.message,
+                ));
+            }
+        }
+        if policy.jwt.is_none() {
+            return Err(invalid(
+                format!("{field}.claims"),
+                "claim_requirements",
+                "claim requirements need the policy's jwt: without it no request has verified claims, and every request they cover would be refused".into(),
+            ));
+        }
+        let mut matches = Vec::with_capacity(r.matches.len());
+        for (j, m) in r.matches.iter().enumerate() {
+            matches.push(Matcher::compile(m, &format!("{field}.matches[{j}]"))?);
+        }
+        out.push(ClaimRequirementTable {
+            name: r.name.clone(),
+            matches,
+            claims: r.claims.clone(),
+        });
+    }
+    Ok(out)
+}
+
 fn jwt_problem(p: trellis_policy::Problem, policy: &JwtPolicy) -> Invalid {
     let written = serde_json::to_value(policy).ok().and_then(|mut value| {
         for step in p.field.split('.') {
@@ -1164,6 +1213,19 @@ pub struct InboundTable {
     rate_limits: Vec<(Vec<Matcher>, RateLimiter)>,
     /// JWT authentication, when the policy has a `jwt` section.
     pub jwt: Option<InboundJwt>,
+    /// Claim requirements ([`config::InboundPolicy::claim_requirements`]), all that match apply.
+    pub claim_requirements: Vec<ClaimRequirementTable>,
+}
+
+/// A compiled claim requirement: the requests it covers and the claims they must carry.
+#[derive(Debug)]
+pub struct ClaimRequirementTable {
+    /// For logs.
+    pub name: String,
+    /// Matches (ORed); empty = every request.
+    pub matches: Vec<Matcher>,
+    /// Conditions, all of which must hold.
+    pub claims: Vec<ClaimMatch>,
 }
 
 /// A compiled allow rule.
@@ -1360,6 +1422,7 @@ impl InboundTable {
                 format!("{e}"),
             )
         })?;
+        let claim_requirements = compile_claim_requirements(&inbound.policy)?;
         let mut rate_limits = Vec::with_capacity(inbound.policy.rate_limits.len());
         for (i, l) in inbound.policy.rate_limits.iter().enumerate() {
             let field = format!("inbound.policy.rate_limits[{i}]");
@@ -1387,6 +1450,24 @@ impl InboundTable {
             authorizations,
             rate_limits,
             jwt,
+            claim_requirements,
+        })
+    }
+
+    /// The first claim requirement `claims` fail for this request (`None`: every requirement
+    /// whose matches the request matches holds, or none does). A request without verified
+    /// claims fails every requirement that covers it.
+    pub fn unmet_claims(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        claims: Option<&trellis_jwt::Claims>,
+    ) -> Option<&ClaimRequirementTable> {
+        self.claim_requirements.iter().find(|r| {
+            let covers =
+                r.matches.is_empty() || r.matches.iter().any(|m| m.matches(method, path, headers));
+            covers && !claims.is_some_and(|claims| r.claims.iter().all(|m| m.matches(claims)))
         })
     }
 

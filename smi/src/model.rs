@@ -263,6 +263,10 @@ pub struct TrafficPolicy {
     pub policy: trellis_policy::DestinationPolicy,
     /// Per-route sections, in order.
     pub routes: Vec<PolicyRoute>,
+    /// End-user JWT authentication of the Service's requests (enforced inbound).
+    pub jwt: Option<trellis_policy::jwt::JwtPolicy>,
+    /// Claim conditions every request to the Service must satisfy.
+    pub claims: Vec<trellis_policy::jwt::ClaimMatch>,
 }
 
 /// One per-route section of a TrafficPolicy.
@@ -274,6 +278,9 @@ pub struct PolicyRoute {
     pub matches: Option<Vec<String>>,
     /// The section's settings.
     pub policy: trellis_policy::RoutePolicy,
+    /// Claim conditions every request matching the section must satisfy (besides the
+    /// service's), whichever section comes first.
+    pub claims: Vec<trellis_policy::jwt::ClaimMatch>,
 }
 
 impl PolicyRoute {

@@ -409,6 +409,40 @@ fn check_traffic_policy(issues: &mut Vec<Issue>, policy: &TrafficPolicy) {
             .into_iter()
             .map(problem),
     );
+    if let Some(jwt) = &policy.jwt {
+        issues.extend(
+            trellis_policy::jwt::validate_jwt(jwt, "spec.jwt")
+                .into_iter()
+                .map(problem),
+        );
+        // The proxies read the file on their own hosts, from their own working directory: a
+        // relative path would mean a different file on each.
+        for (i, provider) in jwt.providers.iter().enumerate() {
+            if let Some(file) = &provider.jwks.file
+                && !file.as_os_str().is_empty()
+                && !file.is_absolute()
+            {
+                issues.push(Issue::new(
+                    FieldPath::parse(&format!("spec.jwt.providers[{i}].jwks.file")),
+                    format!(
+                        "{:?} is relative: write the absolute path of the JWKS file on the proxies' hosts",
+                        file.display().to_string()
+                    ),
+                ));
+            }
+        }
+    }
+    // Claims without `jwt`: no request would have verified claims, so the service (or route)
+    // would refuse every request; said here rather than found in production.
+    let needs_jwt = "a claim condition needs spec.jwt: without it no request has verified claims, and every request it covers would be refused";
+    if !policy.claims.is_empty() && policy.jwt.is_none() {
+        issues.push(Issue::new(FieldPath::parse("spec.claims"), needs_jwt));
+    }
+    issues.extend(
+        trellis_policy::jwt::validate_claims(&policy.claims, "spec.claims")
+            .into_iter()
+            .map(problem),
+    );
     for (i, route) in policy.routes.iter().enumerate() {
         let field = FieldPath::parse("spec.routes").index(i);
         if route.http_route_group.is_empty() {
@@ -421,6 +455,17 @@ fn check_traffic_policy(issues: &mut Vec<Issue>, policy: &TrafficPolicy) {
             trellis_policy::validate_route(&route.policy, &format!("spec.routes[{i}]"))
                 .into_iter()
                 .map(problem),
+        );
+        if !route.claims.is_empty() && policy.jwt.is_none() {
+            issues.push(Issue::new(field.key("claims"), needs_jwt));
+        }
+        issues.extend(
+            trellis_policy::jwt::validate_claims(
+                &route.claims,
+                &format!("spec.routes[{i}].claims"),
+            )
+            .into_iter()
+            .map(problem),
         );
     }
 }

@@ -248,7 +248,12 @@ fn the_traffic_policy_crd_is_one_stored_version_with_a_derived_schema_and_no_def
         "retries": {"attempts": 2, "on": ["gateway-error"]},
         "outlierDetection": {"consecutiveFailures": 5, "failures": "5xx"},
         "loadBalancer": "leastRequest",
-        "routes": [{"httpRouteGroup": "web-routes", "matches": ["api"], "rateLimit": {"requestsPerSecond": 10}}],
+        "routes": [
+            {"httpRouteGroup": "web-routes", "matches": ["api"], "rateLimit": {"requestsPerSecond": 10}},
+            {"httpRouteGroup": "web-routes", "matches": ["admin"], "claims": [{"claim": "role", "values": ["admin"]}]},
+        ],
+        "jwt": {"required": true, "providers": [{"issuer": "https://i", "audiences": ["web"], "jwks": {"file": "/k.json"}, "algorithms": ["ES256"], "clockSkew": "30s"}]},
+        "claims": [{"claim": "aud", "values": ["web"]}],
     }});
     assert!(
         validator.is_valid(&good),
@@ -263,6 +268,8 @@ fn the_traffic_policy_crd_is_one_stored_version_with_a_derived_schema_and_no_def
         serde_json::json!({"spec": {"targetRef": {"name": "web"}, "retries": {"attempts": "two"}}}),
         serde_json::json!({"spec": {"targetRef": {"name": "web"}, "loadBalancer": "random"}}),
         serde_json::json!({"spec": {"targetRef": {"name": "web"}, "routes": [{"matches": ["api"]}]}}),
+        serde_json::json!({"spec": {"targetRef": {"name": "web"}, "claims": [{"claim": "role"}]}}),
+        serde_json::json!({"spec": {"targetRef": {"name": "web"}, "jwt": {"providers": [{"issuer": "https://i", "audiences": ["web"], "jwks": {"file": "/k"}, "algorithms": ["XS1"]}]}}}),
     ] {
         assert!(!validator.is_valid(&bad), "{bad}");
     }

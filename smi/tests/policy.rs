@@ -150,3 +150,106 @@ fn the_broken_policy_examples_are_reported_with_file_and_line() {
         ]
     );
 }
+
+/// `jwt` and `claims` (service and route section) load into the model as written, defaults
+/// left to the proxy (a provider's algorithms and clock skew are filled by parsing).
+#[test]
+fn jwt_and_claims_load_into_the_model() {
+    let yaml = "apiVersion: policy.trellis.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  targetRef: {name: web}
+  jwt:
+    required: true
+    providers:
+    - issuer: https://auth.example.com
+      audiences: [web]
+      jwks: {file: /etc/trellis/jwks.json}
+      algorithms: [ES256]
+  claims:
+  - {claim: aud, values: [web]}
+  routes:
+  - httpRouteGroup: web-routes
+    matches: [api]
+    claims:
+    - {claim: realm_access.roles, values: [admin, operator]}
+";
+    let report = load_str("p.yaml", &format!("{yaml}{GROUP}"));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let Policy::TrafficPolicy(policy) = &report.resources[0].policy else {
+        panic!("not a TrafficPolicy: {:?}", report.resources[0].policy);
+    };
+    let jwt = policy.jwt.as_ref().expect("jwt loaded");
+    assert!(jwt.required);
+    assert_eq!(jwt.providers[0].issuer, "https://auth.example.com");
+    assert_eq!(
+        jwt.providers[0].algorithms,
+        [trellis_policy::jwt::Algorithm::ES256]
+    );
+    assert_eq!(policy.claims.len(), 1);
+    assert_eq!(policy.claims[0].claim, "aud");
+    assert_eq!(policy.routes[0].claims[0].claim, "realm_access.roles");
+    assert_eq!(policy.routes[0].claims[0].values, ["admin", "operator"]);
+    // A route section with claims only still counts as a section; the other settings stay unset.
+    assert!(policy.routes[0].policy.timeouts.is_none());
+}
+
+#[test]
+fn bad_jwt_and_claims_get_located_errors_with_their_paths() {
+    let head = |name: &str| {
+        format!(
+            "apiVersion: policy.trellis.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  targetRef: {{name: web}}\n"
+        )
+    };
+    // The provider's own checks (trellis_policy::jwt), under `spec.jwt.`; a route section's
+    // claims under `spec.routes[0].claims[0].`; each at its line.
+    let bad = head("bad")
+        + "  jwt:
+    providers:
+    - issuer: https://auth.example.com
+      audiences: []
+      jwks: {file: /etc/jwks.json}
+      algorithms: [HS256]
+  routes:
+  - httpRouteGroup: web-routes
+    matches: [api]
+    claims:
+    - {claim: role, values: []}
+";
+    assert_eq!(
+        errors(&bad),
+        [
+            "p.yaml:9: TrafficPolicy shop/bad: spec.jwt.providers[0].audiences: empty: name at least one aud, or a token the issuer made for any other service would be accepted",
+            "p.yaml:11: TrafficPolicy shop/bad: spec.jwt.providers[0].algorithms[0]: HS256 is an HMAC with a shared secret, and the keys come from a JWKS of public keys: allowing it lets anyone sign with a published public key",
+            "p.yaml:16: TrafficPolicy shop/bad: spec.routes[0].claims[0].values: no value: the condition could never hold",
+        ]
+    );
+    // Claims without jwt: nothing would ever verify them, so every covered request would be
+    // refused; said at the list.
+    let no_jwt = head("nojwt") + "  claims:\n  - {claim: role, values: [admin]}\n";
+    assert_eq!(
+        errors(&no_jwt),
+        [
+            "p.yaml:6: TrafficPolicy shop/nojwt: spec.claims: a claim condition needs spec.jwt: without it no request has verified claims, and every request it covers would be refused"
+        ]
+    );
+    // The proxies read a JWKS file on their hosts: a relative path would differ on each.
+    let relative = head("relative")
+        + "  jwt:\n    providers:\n    - issuer: https://i\n      audiences: [web]\n      jwks: {file: keys/jwks.json}\n";
+    assert_eq!(
+        errors(&relative),
+        [
+            "p.yaml:10: TrafficPolicy shop/relative: spec.jwt.providers[0].jwks.file: \"keys/jwks.json\" is relative: write the absolute path of the JWKS file on the proxies' hosts"
+        ]
+    );
+    // A misspelt provider field is refused while parsing, with its path.
+    let typo = head("typo")
+        + "  jwt:\n    providers:\n    - issuer: https://i\n      audience: [web]\n      jwks: {file: /k.json}\n";
+    let found = errors(&typo);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("p.yaml:9: TrafficPolicy shop/typo: spec.jwt.providers[0].audience: unknown field `audience`"),
+        "{found:?}"
+    );
+}

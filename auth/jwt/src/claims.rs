@@ -1,9 +1,9 @@
-//! The claims of a verified token, and [`ClaimMatch`]: the condition on a claim that
-//! authorization rules embed ("allow this route only when `realm_access.roles` contains
-//! `admin`").
+//! The claims of a verified token, and how [`ClaimMatch`] (the condition on a claim that
+//! authorization rules embed: "allow this route only when `realm_access.roles` contains
+//! `admin`"; defined in `trellis-policy`, re-exported here) reads them.
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+pub use trellis_policy::jwt::{ClaimLookup, ClaimMatch};
 
 /// The claim set of a token whose signature, issuer, audience and times were checked. Only
 /// [`crate::Verifier`] makes one from a token.
@@ -71,62 +71,22 @@ fn lookup<'a>(map: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
     None
 }
 
-/// A condition on one claim: it holds when the claim is one of `values`, or (for an array
-/// claim) contains one of them.
-///
-/// Comparison is exact text: a string claim as it is; a number or boolean by its JSON text
-/// (`42`, `true`), so `values: ["42"]` matches `"level": 42`; an array element likewise. An
-/// object, `null` or a missing claim never matches.
-///
-/// ```yaml
-/// claim: realm_access.roles
-/// values: [admin, operator]
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ClaimMatch {
-    /// The claim's name or dotted path (see [`Claims::get`]).
-    pub claim: String,
-    /// Accepted values: any one is enough.
-    pub values: Vec<String>,
-}
-
-impl ClaimMatch {
-    /// Whether `claims` satisfy the condition.
-    pub fn matches(&self, claims: &Claims) -> bool {
-        match claims.get(&self.claim) {
-            Some(Value::Array(items)) => items.iter().any(|item| self.scalar_matches(item)),
-            Some(value) => self.scalar_matches(value),
+/// [`ClaimMatch::matches`] reads verified claims through this: a claim by [`Claims::get`]'s
+/// path; a string as it is, a number or boolean by its JSON text, an array by its elements; an
+/// object or `null` never matches.
+impl ClaimLookup for Claims {
+    fn claim_has(&self, path: &str, accept: &dyn Fn(&str) -> bool) -> bool {
+        let scalar = |value: &Value| match value {
+            Value::String(s) => accept(s),
+            Value::Number(n) => accept(&n.to_string()),
+            Value::Bool(b) => accept(if *b { "true" } else { "false" }),
+            Value::Null | Value::Array(_) | Value::Object(_) => false,
+        };
+        match self.get(path) {
+            Some(Value::Array(items)) => items.iter().any(scalar),
+            Some(value) => scalar(value),
             None => false,
         }
-    }
-
-    fn scalar_matches(&self, value: &Value) -> bool {
-        let text = match value {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
-            Value::Null | Value::Array(_) | Value::Object(_) => return false,
-        };
-        self.values.contains(&text)
-    }
-
-    /// Problems of the condition (paths below it: `claim`, `values`).
-    pub fn validate(&self) -> Vec<crate::Problem> {
-        let mut problems = Vec::new();
-        if self.claim.trim().is_empty() {
-            problems.push(crate::Problem {
-                field: "claim".into(),
-                message: "empty claim name".into(),
-            });
-        }
-        if self.values.is_empty() {
-            problems.push(crate::Problem {
-                field: "values".into(),
-                message: "no value: the condition could never hold".into(),
-            });
-        }
-        problems
     }
 }
 

@@ -2,7 +2,8 @@
 //! check of each request's bearer token against them, for the proxy's inbound path and the
 //! gateway.
 //!
-//! - [`config`]: what an operator writes ([`JwtPolicy`], one [`JwtProvider`] per issuer) and
+//! - [`config`]: what an operator writes ([`JwtPolicy`], one [`JwtProvider`] per issuer; the types
+//!   live in `trellis-policy`, so that the TrafficPolicy kind carries them without this crate) and
 //!   its validation, every problem with its field path;
 //! - [`Verifier`] (module `verify`): finds a request's token, checks it with the `jsonwebtoken`
 //!   crate (no signature code here) and answers the verified [`Claims`] or a [`Rejection`]
@@ -68,7 +69,7 @@ mod jwks;
 mod refresh;
 mod verify;
 
-pub use claims::{ClaimMatch, Claims};
+pub use claims::{ClaimLookup, ClaimMatch, Claims};
 pub use config::{
     Algorithm, ClaimHeader, Duration, FromHeader, JwksSource, JwtPolicy, JwtProvider, Problem,
 };

@@ -246,7 +246,12 @@ impl Verifier {
         let validations = config
             .algorithms
             .iter()
-            .filter_map(|alg| Some((*alg, validation(config, alg.to_jsonwebtoken()?))))
+            .filter_map(|alg| {
+                Some((
+                    *alg,
+                    validation(config, crate::config::to_jsonwebtoken(*alg)?),
+                ))
+            })
             .collect();
         let forward = config
             .forward_claims_as

@@ -65,6 +65,20 @@ pub fn claim_match_to_proto(m: &j::ClaimMatch) -> v1::ClaimMatch {
     }
 }
 
+/// A claim requirement as sent in `InboundPolicy.claim_requirements`: `name` for logs, the
+/// requests it covers (`matches`, empty = every request) and the conditions they must meet.
+pub fn claim_requirement_to_proto(
+    name: String,
+    matches: Vec<v1::HttpMatch>,
+    claims: &[j::ClaimMatch],
+) -> v1::ClaimRequirement {
+    v1::ClaimRequirement {
+        name,
+        matches,
+        claims: claims.iter().map(claim_match_to_proto).collect(),
+    }
+}
+
 // --- from the contract -----------------------------------------------------------------------
 
 /// `InboundPolicy.jwt` as the policy a proxy checks tokens with. Absent settings take the

@@ -648,6 +648,19 @@ pub fn policy_from_proto(
             })
             .collect(),
         jwt,
+        claim_requirements: p
+            .claim_requirements
+            .into_iter()
+            .map(|r| config::ClaimRequirement {
+                name: r.name,
+                matches: r.matches.into_iter().map(match_from_proto).collect(),
+                claims: r
+                    .claims
+                    .into_iter()
+                    .map(trellis_proxy_api::jwt::claim_match_from_proto)
+                    .collect(),
+            })
+            .collect(),
     })
 }
 
@@ -809,9 +822,33 @@ mod tests {
             jwt: Some(trellis_proxy_api::jwt::policy_to_proto(&jwt)),
             ..Default::default()
         };
+        sent.claim_requirements = vec![trellis_proxy_api::jwt::claim_requirement_to_proto(
+            "demo/web/api".into(),
+            vec![v1::HttpMatch {
+                path_regex: "/admin/.*".into(),
+                methods: vec!["GET".into()],
+                headers: Default::default(),
+            }],
+            std::slice::from_ref(&claims),
+        )];
         let policy = policy_from_proto(sent.clone()).unwrap();
         assert_eq!(policy.jwt.as_ref(), Some(&jwt));
-        assert_eq!(policy.authorizations[0].claims, [claims]);
+        assert_eq!(
+            policy.authorizations[0].claims,
+            std::slice::from_ref(&claims)
+        );
+        assert_eq!(
+            policy.claim_requirements,
+            [config::ClaimRequirement {
+                name: "demo/web/api".into(),
+                matches: vec![config::HttpMatch {
+                    path_regex: Some("/admin/.*".into()),
+                    methods: vec!["GET".into()],
+                    headers: Default::default(),
+                }],
+                claims: vec![claims],
+            }]
+        );
         sent.jwt.as_mut().unwrap().providers[0].algorithms = vec!["ES999".into()];
         assert_eq!(
             policy_from_proto(sent).unwrap_err().field,

@@ -373,6 +373,31 @@ async fn inbound(
             "the inbound policy does not allow this request",
         );
     }
+    // Claim requirements, ANDed with authorization (no allow rule can waive them): after it, so
+    // that a caller the policy refuses learns nothing about the claims a route wants.
+    if let Some(unmet) = policy.unmet_claims(
+        req.method(),
+        req.uri().path(),
+        req.headers(),
+        claims.as_ref(),
+    ) {
+        tracing::debug!(peer = %caller.peer, requirement = %unmet.name, path = req.uri().path(), "inbound request refused: claims");
+        shared.metrics.request(
+            &labels(403, Label::from(Reason::Claims.as_str())),
+            elapsed_ms(started),
+        );
+        if is_grpc(req.headers()) {
+            return grpc_refused(
+                Reason::Claims,
+                "7",
+                "trellis-proxy: the request's token lacks the claims this call requires",
+            );
+        }
+        return local(
+            Reason::Claims,
+            "the request's verified token does not carry the claims this route requires",
+        );
+    }
     if let Some(limiter) = policy.rate_limit_for(req.method(), req.uri().path(), req.headers())
         && let Err(wait) = limiter.check(caller.identity.as_deref())
     {

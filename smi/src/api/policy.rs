@@ -2,7 +2,9 @@
 //!
 //! A TrafficPolicy attaches the resilience settings of [`trellis_policy`] to one Service (its
 //! `targetRef`, in the policy's namespace), with optional per-route sections that name matches of
-//! an HTTPRouteGroup in the same namespace. What each setting means, and which proxy enforces it,
+//! an HTTPRouteGroup in the same namespace; and end-user JWT authentication
+//! ([`trellis_policy::jwt`]): the spec's `jwt` (providers, `required`), `claims` every request
+//! must satisfy, and route sections' `claims` for the requests they match. What each setting means, and which proxy enforces it,
 //! is documented once, in `trellis-policy`.
 //!
 //! The spec lists the settings field by field rather than flattening [`DestinationPolicy`]:
@@ -14,6 +16,7 @@
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use trellis_policy::jwt::{ClaimMatch, JwtPolicy};
 use trellis_policy::{
     CircuitBreaker, DestinationPolicy, Fault, HealthCheck, LoadBalancer, Mirror, OutlierDetection,
     RateLimit, Retries, RoutePolicy, Timeouts,
@@ -58,6 +61,12 @@ pub struct RouteSection {
     /// Request mirroring.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Mirror>,
+    /// Conditions on the claims of the request's verified JWT (the spec's `jwt`), all of which
+    /// must hold for a request matching this section's matches, whatever TrafficTarget allows
+    /// it; otherwise the destination's proxy answers 403 `claims`. Checked apart from the
+    /// sections' first-match order: every section a request matches adds its claims.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<ClaimMatch>,
 }
 
 impl RouteSection {
@@ -86,6 +95,7 @@ impl RouteSection {
             fault: policy.fault,
             rate_limit: policy.rate_limit,
             mirror: policy.mirror,
+            claims: Vec::new(),
         }
     }
 }
@@ -106,7 +116,7 @@ pub mod v1alpha1 {
         crates(kube_core = "::kube_core", schemars = "::schemars"),
         derive = "PartialEq",
         shortname = "tp",
-        doc = "Resilience settings (timeouts, retries, circuit breaking, outlier ejection, health checks, faults, rate limits, mirroring) for one Service; every setting is documented in the trellis-policy crate."
+        doc = "Resilience settings (timeouts, retries, circuit breaking, outlier ejection, health checks, faults, rate limits, mirroring) and end-user JWT authentication for one Service; every setting is documented in the trellis-policy crate."
     )]
     #[kube(printcolumn(
         name = "Target",
@@ -148,6 +158,15 @@ pub mod v1alpha1 {
         /// Per-route sections, tried in order.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pub routes: Vec<RouteSection>,
+        /// End-user authentication of the requests to the Service: the JWT providers whose
+        /// tokens its instances' proxies verify (inbound), and whether a token is required
+        /// (401 `jwt-<reason>` otherwise). Needed by any `claims`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub jwt: Option<JwtPolicy>,
+        /// Conditions on the claims of the verified JWT that every request to the Service must
+        /// satisfy (403 `claims` otherwise); route sections may add their own.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub claims: Vec<ClaimMatch>,
     }
 
     impl TrafficPolicySpec {
@@ -184,6 +203,8 @@ pub mod v1alpha1 {
                 health_check: policy.health_check,
                 load_balancer: policy.load_balancer,
                 routes,
+                jwt: None,
+                claims: Vec::new(),
             }
         }
     }

@@ -29,6 +29,23 @@
 //! every TrafficPolicy's target. Route limits come first, with the matches of their route
 //! section, then the Service's own limit, with no matches (the proxy takes the first limit whose
 //! matches a request matches). A policy that is not applied (see `super::policy`) limits nothing.
+//!
+//! End-user authentication ([`end_user`]): a TrafficPolicy's `jwt`, service `claims` and route
+//! sections' `claims` reach the same workloads, on the same ports, as its rate limits:
+//! `InboundPolicy.jwt`, and one `claim_requirements` entry per route section with claims (its
+//! matches) and one for the service's claims (no matches: every request). Requirements are not
+//! authorizations: TrafficTarget rules are ORed, so a claim condition inside one rule would be
+//! waived by any other rule allowing the request (another target, a TCPRoute rule, an
+//! overlapping path); the proxy ANDs every requirement a request matches with whatever the
+//! rules decide, and refuses opaque TCP on such a port. Everything here fails closed
+//! ([`EndUser::refuse`]: the port allows nothing, reported):
+//! - the TrafficPolicy in force for a target is not applied (a route section names a missing
+//!   group or match) and carries `jwt` or `claims`: leaving it out would open its routes;
+//! - two services behind one workload port have different `jwt`s: one port has one JWT policy,
+//!   and merging the providers would let one service's tokens into the other (the problem
+//!   names both policies). Services behind the port without a `jwt` get the one there is;
+//! - discovery has not answered yet for a target with `jwt` or `claims` in the workload's
+//!   namespace: the workload may be behind it (not reported: it lasts until the first answer).
 
 use std::net::IpAddr;
 
@@ -40,7 +57,7 @@ use trellis_smi::model::{AccessPolicy, RouteKind, effective_namespace};
 
 use super::IndexOptions;
 use super::outbound::http_match;
-use super::policy::{PolicyView, target_rid};
+use super::policy::{PolicyView, policy_id, policy_rid, target_rid};
 use crate::policy::PolicyProblem;
 
 /// The explicit switches that let more in than TrafficTargets do (besides mesh-wide
@@ -147,8 +164,9 @@ pub fn resolve(
             .any(|ns| ns == namespace),
         // Filled by the index, which holds the discovery snapshots they need ([`rate_limits`]).
         rate_limits: Vec::new(),
-        // JWT authentication is not mapped from TrafficPolicies yet (issue #14).
+        // Filled by the index with the claim requirements ([`end_user`]), which need discovery.
         jwt: None,
+        claim_requirements: Vec::new(),
     };
     (policy, problems)
 }
@@ -221,6 +239,147 @@ pub fn rate_limits<'s>(
     }
     routes.extend(services);
     routes
+}
+
+/// The end-user authentication of workload `namespace/name` on `port`, from the TrafficPolicies
+/// of the services it serves there (see the module docs).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EndUser {
+    /// `InboundPolicy.jwt`.
+    pub jwt: Option<v1::JwtPolicy>,
+    /// `InboundPolicy.claim_requirements`: route sections' first, in policy order, then the
+    /// services' own (the order only chooses which unmet one a refusal names).
+    pub claim_requirements: Vec<v1::ClaimRequirement>,
+    /// The port must allow nothing: what it would need cannot be applied safely.
+    pub refuse: bool,
+    /// Why it refuses, when it is to be fixed by the operator.
+    pub problems: Vec<PolicyProblem>,
+}
+
+/// [`EndUser`] of workload `namespace/name` on `port`; `snapshot` is discovery's last answer
+/// for a service (`None`: not answered yet).
+pub fn end_user<'s>(
+    view: &PolicyView,
+    namespace: &str,
+    name: &str,
+    port: u16,
+    snapshot: &dyn Fn(&ServiceKey) -> Option<&'s Snapshot>,
+) -> EndUser {
+    let mut targets: Vec<&ServiceKey> = view
+        .traffic_targets()
+        .filter(|t| t.namespace == namespace)
+        .collect();
+    targets.sort();
+    let mut out = EndUser::default();
+    let workload = format!("{namespace}/{name}");
+    // The policy whose `jwt` is in force, for naming it in a conflict.
+    let mut jwt_from: Option<&trellis_smi::model::TrafficPolicy> = None;
+    let (mut routes, mut services) = (Vec::new(), Vec::new());
+    for target in targets {
+        // The one in force, applied or not: a policy that cannot be applied must still close.
+        let Some(policy) = view.traffic.get(target).and_then(|p| p.first()) else {
+            continue;
+        };
+        let claims =
+            !policy.claims.is_empty() || policy.routes.iter().any(|r| !r.claims.is_empty());
+        if policy.jwt.is_none() && !claims {
+            continue;
+        }
+        let set = match snapshot(target) {
+            None => {
+                // Not answered yet: this workload may be behind the target.
+                out.refuse = true;
+                continue;
+            }
+            Some(Snapshot::NotFound) => continue,
+            Some(Snapshot::Endpoints(set)) => set,
+        };
+        let serves = set.endpoints.iter().any(|e| {
+            e.identity.namespace == namespace
+                && e.identity.service_account == name
+                && set.ports.iter().any(|p| e.target_port(p) == Some(port))
+        });
+        if !serves {
+            continue;
+        }
+        let location = view.location(&policy_rid(policy));
+        if view.traffic_broken.contains(target) {
+            out.refuse = true;
+            out.problems.push(PolicyProblem {
+                resource: policy_id(policy),
+                location,
+                message: format!(
+                    "service {target}: the policy is not applied and carries jwt or claims: workload {workload} refuses every request on port {port} until it is fixed"
+                ),
+            });
+            continue;
+        }
+        if let Some(jwt) = &policy.jwt {
+            match jwt_from {
+                None => jwt_from = Some(policy),
+                Some(first) if first.jwt.as_ref() == Some(jwt) => {}
+                Some(first) => {
+                    out.refuse = true;
+                    out.problems.push(PolicyProblem {
+                        resource: policy_id(policy),
+                        location,
+                        message: format!(
+                            "service {target}: its jwt differs from the one of {} (at {}), and workload {workload} serves both on port {port}, which has one JWT policy: it refuses every request until they are the same",
+                            policy_id(first),
+                            view.location(&policy_rid(first)),
+                        ),
+                    });
+                    continue;
+                }
+            }
+        }
+        for route in &policy.routes {
+            if route.claims.is_empty() {
+                continue;
+            }
+            let Some(group) = view
+                .route_groups
+                .get(&(namespace.to_owned(), route.http_route_group.clone()))
+            else {
+                continue; // not reached: a policy naming a missing group is broken (above)
+            };
+            let matches: Vec<v1::HttpMatch> = group
+                .matches
+                .iter()
+                .filter(|m| route.covers(&m.name))
+                .map(http_match)
+                .collect();
+            if matches.is_empty() {
+                continue; // the section covers no request (its group has no match)
+            }
+            routes.push(trellis_proxy_api::jwt::claim_requirement_to_proto(
+                format!("{target}/{}", route.http_route_group),
+                matches,
+                &route.claims,
+            ));
+        }
+        if !policy.claims.is_empty() {
+            services.push(trellis_proxy_api::jwt::claim_requirement_to_proto(
+                target.to_string(),
+                Vec::new(),
+                &policy.claims,
+            ));
+        }
+    }
+    routes.extend(services);
+    out.jwt = jwt_from
+        .and_then(|p| p.jwt.as_ref())
+        .map(trellis_proxy_api::jwt::policy_to_proto);
+    out.claim_requirements = routes;
+    if out.jwt.is_none() && !out.claim_requirements.is_empty() {
+        // Validation refuses claims without jwt; a source that skipped it must not open.
+        out.refuse = true;
+    }
+    if out.refuse {
+        out.jwt = None;
+        out.claim_requirements.clear();
+    }
+    out
 }
 
 fn authorization(
@@ -878,5 +1037,229 @@ spec:
         assert!(rate_limits(&view, "demo", "web", 9090, &lookup).is_empty());
         assert!(rate_limits(&view, "demo", "client", 8080, &lookup).is_empty());
         assert!(rate_limits(&view, "demo", "web", 8080, &|_| None).is_empty());
+    }
+
+    /// Discovery's answer for `demo/{service}` (port 80): one endpoint running as `demo/{sa}`,
+    /// serving it on `port`.
+    fn served_by(service: &str, sa: &str, port: u16) -> Snapshot {
+        use std::sync::Arc;
+        use trellis_discovery::{
+            Endpoint, EndpointPort, EndpointSet, Provenance, Readiness, ServicePort,
+        };
+        Snapshot::Endpoints(EndpointSet {
+            service: ServiceKey::new("demo", service),
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                protocol: None,
+            }],
+            endpoints: vec![Endpoint {
+                address: "10.0.0.1".parse().unwrap(),
+                ports: vec![EndpointPort { name: None, port }],
+                readiness: Readiness::Ready,
+                identity: WorkloadIdentity::new("demo", sa),
+                owner: None,
+                labels: Default::default(),
+                weight: None,
+                zone: None,
+                protocol: None,
+                provenance: Provenance {
+                    source: Arc::from("test"),
+                    confirmed_at: std::time::SystemTime::UNIX_EPOCH,
+                },
+            }],
+        })
+    }
+
+    fn jwt_spec(issuer: &str, extra: &str) -> String {
+        format!(
+            "  jwt:
+    required: true
+    providers:
+    - {{issuer: '{issuer}', audiences: [web], jwks: {{file: /etc/jwks.json}}}}
+{extra}"
+        )
+    }
+
+    #[test]
+    fn jwt_and_claims_reach_the_workloads_behind_the_target_as_requirements_no_rule_can_waive() {
+        use crate::index::policy::tests::traffic_policy;
+        let spec = jwt_spec(
+            "https://auth",
+            "  claims:
+  - {claim: aud, values: [web]}
+  routes:
+  - {httpRouteGroup: api, matches: [metrics], claims: [{claim: role, values: [admin]}]}
+  - {httpRouteGroup: api, timeouts: {request: 1s}}
+",
+        );
+        // Two TrafficTargets: one allows only /metrics, the other the whole port (TCPRoute):
+        // ORed, the second allows /metrics too, whatever claims a rule carried.
+        let yaml = format!(
+            "{ROUTES}{}---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {{name: all, namespace: demo}}
+spec:
+  destination: {{kind: ServiceAccount, name: web, namespace: demo}}
+  sources:
+  - {{kind: ServiceAccount, name: client, namespace: demo}}
+  rules:
+  - {{kind: TCPRoute, name: web-port}}
+{}",
+            target("  - {kind: HTTPRouteGroup, name: api, matches: [metrics]}\n"),
+            traffic_policy("auth", "web-svc", None, &spec)
+        );
+        let view = view(&yaml);
+        let snapshot = served_by("web-svc", "web", 8080);
+        let key = ServiceKey::new("demo", "web-svc");
+        let lookup = |k: &ServiceKey| (*k == key).then_some(&snapshot);
+        let got = end_user(&view, "demo", "web", 8080, &lookup);
+        assert!(!got.refuse && got.problems.is_empty(), "{got:?}");
+        let jwt = got.jwt.as_ref().expect("the policy's jwt");
+        assert!(jwt.required);
+        assert_eq!(jwt.providers[0].issuer, "https://auth");
+        let summary: Vec<(&str, Vec<&str>, Vec<&str>)> = got
+            .claim_requirements
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.matches.iter().map(|m| m.path_regex.as_str()).collect(),
+                    r.claims.iter().map(|c| c.claim.as_str()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("demo/web-svc/api", vec!["/metrics"], vec!["role"]),
+                ("demo/web-svc", vec![], vec!["aud"]),
+            ],
+            "the route section's requirement (its matches), then the service's (every request)"
+        );
+        // The authorizations are the TrafficTargets' alone: the claims are not folded into a
+        // rule that the allow-everything target would bypass.
+        let (p, _) = resolve(&view, "demo", "web", 8080, &options(false));
+        assert_eq!(p.authorizations.len(), 2, "{p:?}");
+        assert!(p.authorizations.iter().all(|a| a.claims.is_empty()));
+        assert!(
+            p.authorizations.iter().any(|a| a.routes.is_empty()),
+            "the TCPRoute target allows every request"
+        );
+        // Not on another port, not for another workload; a Service that does not exist
+        // concerns nobody.
+        assert_eq!(
+            end_user(&view, "demo", "web", 9090, &lookup),
+            EndUser::default()
+        );
+        assert_eq!(
+            end_user(&view, "demo", "client", 8080, &lookup),
+            EndUser::default()
+        );
+        let gone = Snapshot::NotFound;
+        assert_eq!(
+            end_user(&view, "demo", "web", 8080, &|_| Some(&gone)),
+            EndUser::default()
+        );
+        // Before discovery answers, any workload of the namespace may be behind the target:
+        // closed, silently (it lasts until the first answer).
+        let pending = end_user(&view, "demo", "client", 8080, &|_| None);
+        assert!(pending.refuse && pending.jwt.is_none() && pending.claim_requirements.is_empty());
+        assert!(pending.problems.is_empty());
+    }
+
+    #[test]
+    fn two_services_with_different_jwts_on_one_workload_port_close_it_naming_both() {
+        use crate::index::policy::tests::traffic_policy;
+        // svc-c: a's jwt, and a claim on every request.
+        let policy_c = || {
+            traffic_policy(
+                "c",
+                "svc-c",
+                None,
+                &jwt_spec("https://a", "  claims: [{claim: role, values: [x]}]\n"),
+            )
+        };
+        let yaml = format!(
+            "{ROUTES}{}{}{}",
+            traffic_policy("a", "svc-a", None, &jwt_spec("https://a", "")),
+            traffic_policy("b", "svc-b", None, &jwt_spec("https://b", "")),
+            policy_c(),
+        );
+        let view = view(&yaml);
+        let (a, b, c) = (
+            served_by("svc-a", "web", 8080),
+            served_by("svc-b", "web", 8080),
+            served_by("svc-c", "web", 8080),
+        );
+        let lookup = |k: &ServiceKey| match k.name.as_str() {
+            "svc-a" => Some(&a),
+            "svc-b" => Some(&b),
+            "svc-c" => Some(&c),
+            _ => None,
+        };
+        let got = end_user(&view, "demo", "web", 8080, &lookup);
+        assert!(got.refuse, "{got:?}");
+        assert!(got.jwt.is_none() && got.claim_requirements.is_empty());
+        assert_eq!(got.problems.len(), 1, "{:?}", got.problems);
+        let problem = &got.problems[0];
+        assert_eq!(problem.resource, "TrafficPolicy demo/b");
+        assert!(
+            problem
+                .message
+                .contains("TrafficPolicy demo/a (at test.yaml:")
+                && problem
+                    .message
+                    .contains("workload demo/web serves both on port 8080"),
+            "{problem:?}"
+        );
+        // The same jwt on two services (a and c) is one policy for the port: both apply.
+        let no_b = |k: &ServiceKey| if k.name == "svc-b" { None } else { lookup(k) };
+        let view_ac = crate::index::policy::tests::view(&format!(
+            "{ROUTES}{}{}",
+            traffic_policy("a", "svc-a", None, &jwt_spec("https://a", "")),
+            policy_c(),
+        ));
+        let got = end_user(&view_ac, "demo", "web", 8080, &no_b);
+        assert!(!got.refuse, "{got:?}");
+        assert_eq!(got.jwt.unwrap().providers[0].issuer, "https://a");
+        assert_eq!(got.claim_requirements.len(), 1);
+        assert_eq!(got.claim_requirements[0].name, "demo/svc-c");
+    }
+
+    #[test]
+    fn a_policy_with_claims_that_cannot_be_applied_closes_the_port() {
+        use crate::index::policy::tests::traffic_policy;
+        // The route section's group goes (the files source keeps the last good policy; on
+        // Kubernetes the group is simply deleted): the policy is not applied (its resilience
+        // settings are left out), but leaving its claims out would open /metrics.
+        let spec = jwt_spec(
+            "https://auth",
+            "  routes:\n  - {httpRouteGroup: api, matches: [metrics], claims: [{claim: role, values: [admin]}]}\n",
+        );
+        let mut set = crate::index::policy::tests::located_set(
+            "t.yaml",
+            &format!("{ROUTES}{}", traffic_policy("auth", "web-svc", None, &spec)),
+        );
+        set.policies
+            .retain(|p| !matches!(p, trellis_smi::model::Policy::HttpRouteGroup(_)));
+        let view = PolicyView::build(&[("t".into(), set)]);
+        assert!(
+            view.traffic_broken
+                .contains(&ServiceKey::new("demo", "web-svc"))
+        );
+        let snapshot = served_by("web-svc", "web", 8080);
+        let got = end_user(&view, "demo", "web", 8080, &|_| Some(&snapshot));
+        assert!(got.refuse && got.jwt.is_none(), "{got:?}");
+        assert_eq!(got.problems.len(), 1);
+        assert_eq!(got.problems[0].resource, "TrafficPolicy demo/auth");
+        assert!(
+            got.problems[0]
+                .message
+                .contains("workload demo/web refuses every request on port 8080"),
+            "{:?}",
+            got.problems[0]
+        );
     }
 }

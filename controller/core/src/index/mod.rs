@@ -797,7 +797,7 @@ impl Writer {
         }
         let (workload, port) = key;
         self.work.inbound_resolved += 1;
-        let (mut policy, problems) = inbound::resolve(
+        let (mut policy, mut problems) = inbound::resolve(
             &self.view,
             &workload.namespace,
             &workload.name,
@@ -812,6 +812,21 @@ impl Writer {
             *port,
             &|key| snapshots.get(key),
         );
+        let end_user = inbound::end_user(
+            &self.view,
+            &workload.namespace,
+            &workload.name,
+            *port,
+            &|key| snapshots.get(key),
+        );
+        if end_user.refuse {
+            // Fail closed: what the port needs cannot be applied (see `inbound::end_user`).
+            policy.authorizations.clear();
+            policy.default_action = v1::DefaultAction::Deny as i32;
+        }
+        policy.jwt = end_user.jwt;
+        policy.claim_requirements = end_user.claim_requirements;
+        problems.extend(end_user.problems);
         let Some(i) = self.inbound.get_mut(key) else {
             return;
         };
@@ -1560,6 +1575,102 @@ spec:
         )
         .await
         .expect("the problem goes with the service's arrival")
+        .unwrap();
+    }
+
+    /// A TrafficPolicy's jwt and route claims reach the inbound policy of the workload behind its
+    /// target, beside the rules; when the policy stops being applicable (its route group goes)
+    /// the port closes: no rule is left, the default denies, and the problem is located.
+    #[tokio::test]
+    async fn jwt_and_claims_reach_inbound_policies_and_an_unapplicable_one_closes_the_port() {
+        use super::policy::tests::{located_set, traffic_policy};
+        let registry = Registry::default();
+        registry.set("web", &["10.0.0.1"]);
+        let yaml = traffic_policy(
+            "web-auth",
+            "web",
+            None,
+            "  jwt:
+    providers: [{issuer: 'https://auth', audiences: [web], jwks: {file: /k.json}}]
+  routes:
+  - {httpRouteGroup: api, claims: [{claim: role, values: [admin]}]}
+",
+        ) + "---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: api, namespace: demo}
+spec:
+  matches:
+  - {name: admin, pathRegex: '/admin/.*'}
+";
+        let set = located_set("p.yaml", &yaml);
+        let (policy, _) = watch::channel(set.clone());
+        let options = IndexOptions {
+            access: inbound::AccessSwitches {
+                plaintext_namespaces: vec!["demo".into()],
+                ..Default::default()
+            },
+            ..IndexOptions::default()
+        };
+        let index = Index::start(
+            vec![Arc::new(Policies(policy.clone()))],
+            Arc::new(registry.clone()),
+            options,
+        );
+        let mut web = index.inbound(key("web"), 8080).await.unwrap();
+        let gated = |p: &Option<v1::InboundPolicy>| {
+            p.as_ref()
+                .is_some_and(|p| p.jwt.is_some() && !p.claim_requirements.is_empty())
+        };
+        tokio::time::timeout(Duration::from_secs(5), web.wait_for(gated))
+            .await
+            .expect("jwt and claims reach web's inbound policy")
+            .unwrap();
+        {
+            let p = web.borrow();
+            let p = p.as_ref().unwrap();
+            assert_eq!(p.claim_requirements[0].name, "demo/web/api");
+            assert_eq!(p.claim_requirements[0].matches[0].path_regex, "/admin/.*");
+            assert_eq!(
+                p.authorizations.len(),
+                1,
+                "the plaintext switch's rule stays"
+            );
+        }
+
+        // The group goes (the files source would keep its last good version; Kubernetes
+        // deletes it): the policy is not applied, and its claims must not simply vanish.
+        let mut without_group = set;
+        without_group
+            .policies
+            .retain(|p| !matches!(p, trellis_smi::model::Policy::HttpRouteGroup(_)));
+        policy.send_replace(without_group);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            web.wait_for(|p| p.as_ref().is_some_and(|p| p.authorizations.is_empty())),
+        )
+        .await
+        .expect("the port closes")
+        .unwrap();
+        {
+            let p = web.borrow();
+            let p = p.as_ref().unwrap();
+            assert_eq!(p.default_action, v1::DefaultAction::Deny as i32);
+            assert!(p.jwt.is_none() && p.claim_requirements.is_empty());
+        }
+        let mut status = index.status();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            status.wait_for(|s| {
+                s.problems.iter().any(|p| {
+                    p.resource == "TrafficPolicy demo/web-auth"
+                        && p.message
+                            .contains("workload demo/web refuses every request on port 8080")
+                })
+            }),
+        )
+        .await
+        .expect("the closed port is reported at the policy")
         .unwrap();
     }
 
