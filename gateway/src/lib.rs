@@ -313,7 +313,10 @@ impl GatewaySpec {
         for (r, route) in self.routes.iter().enumerate() {
             let host = route.host.trim().to_ascii_lowercase();
             if let Err(e) = check_dns_name(&host) {
-                fail(format!("routes[{r}].host"), format!("{:?}: {e}", route.host));
+                fail(
+                    format!("routes[{r}].host"),
+                    format!("{:?}: {e}", route.host),
+                );
             } else if !covered(&host) {
                 fail(
                     format!("routes[{r}].host"),
@@ -326,7 +329,10 @@ impl GatewaySpec {
             if let Some(prefix) = &route.path_prefix
                 && let Err(e) = check_prefix(prefix)
             {
-                fail(format!("routes[{r}].pathPrefix"), format!("{prefix:?}: {e}"));
+                fail(
+                    format!("routes[{r}].pathPrefix"),
+                    format!("{prefix:?}: {e}"),
+                );
             }
             if let Some(first) = routes.insert((host, route.prefix()), r) {
                 fail(
@@ -433,7 +439,10 @@ pub struct Metadata {
 impl GatewayDocument {
     /// The Gateway's namespace (`default` when the metadata names none).
     pub fn namespace(&self) -> &str {
-        self.metadata.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+        self.metadata
+            .namespace
+            .as_deref()
+            .unwrap_or(DEFAULT_NAMESPACE)
     }
 }
 

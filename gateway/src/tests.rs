@@ -33,7 +33,12 @@ fn a_good_document_reads_with_its_defaults() {
     assert_eq!(doc.namespace(), "shop");
     assert_eq!(doc.spec.https.socket_addr().to_string(), "0.0.0.0:8443");
     assert_eq!(
-        doc.spec.http_redirect.as_ref().unwrap().socket_addr().to_string(),
+        doc.spec
+            .http_redirect
+            .as_ref()
+            .unwrap()
+            .socket_addr()
+            .to_string(),
         "127.0.0.1:8080"
     );
     assert_eq!(
@@ -83,7 +88,10 @@ fn errors_name_the_line_the_resource_and_the_field() {
             "must start with /",
         ),
         (
-            edit("{name: api, namespace: backend", "{name: Api, namespace: backend"),
+            edit(
+                "{name: api, namespace: backend",
+                "{name: Api, namespace: backend",
+            ),
             23,
             "spec.routes[1].service.name",
             "RFC 1123",

@@ -81,6 +81,19 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with_routes(
+        "    - host: shop.example.com
+      destination: web.shop
+    - host: eu.api.example.com
+      destination: api.shop
+",
+    )
+    .await
+}
+
+/// The gateway of [`setup`] with other `routes` (YAML list items); the destinations are
+/// `web.shop` (the v1/v2 split), `web-v1.shop`, `web-v2.shop` and `api.shop`.
+async fn setup_with_routes(routes: &str) -> Setup {
     let ca = new_ca("gateway test CA");
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, pem: &str| {
@@ -105,12 +118,8 @@ async fn setup() -> Setup {
       cert: {}
       key: {}
   routes:
-    - host: shop.example.com
-      destination: web.shop
-    - host: eu.api.example.com
-      destination: api.shop
-destinations:
-{}{}",
+{routes}destinations:
+{}{}{}{}",
         shop.0,
         shop.1,
         api_files.0,
@@ -119,6 +128,8 @@ destinations:
             "web.shop",
             &[("web-v1", 50, &[v1.addr]), ("web-v2", 50, &[v2.addr])]
         ),
+        destination("web-v1.shop", &[("web-v1", 1, &[v1.addr])]),
+        destination("web-v2.shop", &[("web-v2", 1, &[v2.addr])]),
         destination("api.shop", &[("api", 1, &[api.addr])]),
     );
     let running = proxy(&yaml).await;
@@ -503,4 +514,50 @@ destinations:
         seen_sub, "alice",
         "the verified claim replaced the client's x-jwt-sub"
     );
+}
+
+/// Path routes: within a host the longest matching prefix wins, by whole segments; a host whose
+/// prefixes do not match the path gets `404 no-route`, a host without routes `404 unknown-host`.
+#[tokio::test]
+async fn paths_are_routed_by_the_longest_whole_segment_prefix() {
+    let s = setup_with_routes(
+        "    - host: shop.example.com
+      destination: web-v1.shop
+    - host: shop.example.com
+      path_prefix: /api
+      destination: api.shop
+    - host: shop.example.com
+      path_prefix: /api/v2/
+      destination: web-v2.shop
+    - host: eu.api.example.com
+      path_prefix: /only
+      destination: api.shop
+",
+    )
+    .await;
+    let https = s.running.gateway_https.unwrap();
+    for (host, path, expected) in [
+        ("shop.example.com", "/", "web-v1"),
+        ("shop.example.com", "/api", "api"),
+        ("shop.example.com", "/api/orders?id=1", "api"),
+        ("shop.example.com", "/apix", "web-v1"),
+        ("shop.example.com", "/api/v2", "web-v2"),
+        ("shop.example.com", "/api/v2/orders", "web-v2"),
+        ("shop.example.com", "/api/v2x", "api"),
+        ("eu.api.example.com", "/only/a", "api"),
+        ("eu.api.example.com", "/", "no-route"),
+        ("eu.api.example.com", "/onlyx", "no-route"),
+        ("us.api.example.com", "/only", "unknown-host"),
+    ] {
+        let (status, answer, _) = get(&s.ca, https, host, path).await;
+        assert_eq!(answer, expected, "{host}{path}");
+        let expected_status = if ["no-route", "unknown-host"].contains(&expected) {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(status, expected_status, "{host}{path}");
+    }
+    // Counted by the apps themselves, not only by their answers.
+    assert_eq!((s.v1.hits(), s.api.hits(), s.v2.hits()), (2, 4, 2));
 }
