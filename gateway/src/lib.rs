@@ -487,10 +487,11 @@ pub fn read(text: &str) -> Result<GatewayDocument, DocumentError> {
                 Some((head, _)) => head.to_string(),
                 None => message,
             };
-            // ... and starts with the field's path, which is reported on its own too.
-            let message = match message.strip_prefix(&format!("{field}: ")) {
-                Some(rest) => rest.to_string(),
-                None => message,
+            // ... and starts with the path of the map that holds the field (or of the field),
+            // which is reported on its own too.
+            let message = match message.split_once(": ") {
+                Some((path, rest)) if field.starts_with(path) => rest.to_string(),
+                _ => message,
             };
             DocumentError {
                 line,
