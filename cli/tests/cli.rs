@@ -116,6 +116,7 @@ fn crds_subcommand_writes_every_crd() {
     assert_eq!(
         files,
         [
+            "gateways.policy.trellis.io.yaml",
             "httproutegroups.specs.smi-spec.io.yaml",
             "tcproutes.specs.smi-spec.io.yaml",
             "trafficpolicies.policy.trellis.io.yaml",

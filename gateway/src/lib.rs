@@ -444,6 +444,37 @@ impl GatewayDocument {
             .as_deref()
             .unwrap_or(DEFAULT_NAMESPACE)
     }
+
+    /// Every problem of the document, fields from its root (`apiVersion`, `metadata.namespace`,
+    /// `spec.routes[1].host`...); empty: valid.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.api_version != API_VERSION {
+            problems.push(Problem {
+                field: "apiVersion".into(),
+                message: format!("{:?}: expected {API_VERSION}", self.api_version),
+            });
+        }
+        if self.kind != KIND {
+            problems.push(Problem {
+                field: "kind".into(),
+                message: format!("{:?}: expected {KIND}", self.kind),
+            });
+        }
+        if let Some(namespace) = &self.metadata.namespace
+            && let Err(e) = check_label(namespace)
+        {
+            problems.push(Problem {
+                field: "metadata.namespace".into(),
+                message: format!("{namespace:?}: {e}"),
+            });
+        }
+        problems.extend(self.spec.validate().into_iter().map(|p| Problem {
+            field: format!("spec.{}", p.field),
+            message: p.message,
+        }));
+        problems
+    }
 }
 
 /// Why a Gateway document was refused: its line (0 when unknown), the field and what is wrong.
@@ -505,31 +536,13 @@ pub fn read(text: &str) -> Result<GatewayDocument, DocumentError> {
         document.namespace(),
         document.metadata.name
     ));
-    let refuse = |field: &str, message: String| DocumentError {
-        line: line_of(text, field),
-        resource: resource.clone(),
-        field: field.to_string(),
-        message,
-    };
-    if document.api_version != API_VERSION {
-        return Err(refuse(
-            "apiVersion",
-            format!("{:?}: expected {API_VERSION}", document.api_version),
-        ));
-    }
-    if document.kind != KIND {
-        return Err(refuse(
-            "kind",
-            format!("{:?}: expected {KIND}", document.kind),
-        ));
-    }
-    if let Some(namespace) = &document.metadata.namespace
-        && let Err(e) = check_label(namespace)
-    {
-        return Err(refuse("metadata.namespace", format!("{namespace:?}: {e}")));
-    }
-    if let Some(p) = document.spec.validate().into_iter().next() {
-        return Err(refuse(&format!("spec.{}", p.field), p.message));
+    if let Some(p) = document.validate().into_iter().next() {
+        return Err(DocumentError {
+            line: line_of(text, &p.field),
+            resource,
+            field: p.field,
+            message: p.message,
+        });
     }
     Ok(document)
 }

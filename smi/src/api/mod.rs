@@ -6,6 +6,7 @@
 //! TrafficPolicy's schema is derived from its types (Trellis owns that contract).
 
 pub mod access;
+pub mod gateway;
 pub mod headers;
 pub mod metrics;
 pub mod policy;
