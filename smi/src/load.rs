@@ -330,10 +330,13 @@ impl Loader {
     /// A Gateway document: read with [`trellis_gateway`]'s types and checks, each problem
     /// located like a policy's.
     fn load_gateway(&mut self, source: Source, value: Value, mut positions: Positions) {
-        let resource = raw_resource_id(&value, &ConvertError::Invalid {
-            field: FieldPath::root(),
-            message: String::new(),
-        });
+        let resource = raw_resource_id(
+            &value,
+            &ConvertError::Invalid {
+                field: FieldPath::root(),
+                message: String::new(),
+            },
+        );
         let problems: Vec<(String, String)> =
             match serde_path_to_error::deserialize::<_, trellis_gateway::GatewayDocument>(value) {
                 Err(e) => {

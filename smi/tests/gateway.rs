@@ -100,7 +100,10 @@ fn the_crd_schema_the_crd_type_and_the_proxy_s_type_accept_the_same_documents() 
         ("/spec/https/port", Value::from("https")),
         ("/spec/routes/0/service/port", Value::from("eighty")),
         ("/spec/routes/0/host", Value::from(7)),
-        ("/spec/certificates/0/hosts", Value::from("shop.example.com")),
+        (
+            "/spec/certificates/0/hosts",
+            Value::from("shop.example.com"),
+        ),
         ("/spec/routes", Value::from("none")),
     ];
     let mut documents = vec![(good.clone(), true)];
@@ -109,7 +112,11 @@ fn the_crd_schema_the_crd_type_and_the_proxy_s_type_accept_the_same_documents() 
         *doc.pointer_mut(pointer).unwrap() = value;
         documents.push((doc, false));
     }
-    for (missing, key) in [("/spec", "https"), ("/spec", "routes"), ("/spec/routes/0", "service")] {
+    for (missing, key) in [
+        ("/spec", "https"),
+        ("/spec", "routes"),
+        ("/spec/routes/0", "service"),
+    ] {
         let mut doc = good.clone();
         doc.pointer_mut(missing)
             .unwrap()
