@@ -129,7 +129,7 @@ impl GatewayRoutes {
         }
         for prefixes in by_host.values_mut() {
             // Longest first: the first match is the longest.
-            prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         }
         Ok(GatewayRoutes { by_host })
     }
