@@ -261,8 +261,10 @@ impl Gateway {
                 () = watch.changed() => {}
                 () = &mut stop => return,
             }
-            let applied = read_document(&path)
-                .and_then(|config| self.reload(&config).map_err(anyhow::Error::from));
+            let applied = read_document(&path).and_then(|config| {
+                self.reload(&config)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+            });
             match applied {
                 Ok(()) => tracing::info!(path = %path.display(), "gateway reloaded"),
                 Err(e) => tracing::error!(
