@@ -507,3 +507,94 @@ async fn paths_are_routed_by_the_longest_whole_segment_prefix() {
     // Counted by the apps themselves, not only by their answers.
     assert_eq!((s.v1.hits(), s.api.hits(), s.v2.hits()), (2, 4, 2));
 }
+
+/// A Gateway document's certificate list reloads with its routes: a host added to the document
+/// with its own certificate is served (handshake and route) once the file changes, and one
+/// removed is refused in the handshake from then on.
+#[tokio::test]
+async fn a_gateway_document_adds_and_removes_certificates_and_routes_when_it_changes() {
+    let ca = new_ca("gateway test CA");
+    let dir = tempfile::tempdir().unwrap();
+    for (name, host) in [("shop", "shop.example.com"), ("blog", "blog.example.com")] {
+        let (cert, key) = server_cert(&ca, &[host]);
+        std::fs::write(dir.path().join(format!("{name}.crt")), cert).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.key")), key).unwrap();
+    }
+    let (web, blog) = (app("web").await, app("blog").await);
+    let document = |sites: &[(&str, &str)]| {
+        let mut certificates = String::new();
+        let mut routes = String::new();
+        for (name, host) in sites {
+            certificates += &format!(
+                "    - hosts: [{host}]\n      certFile: {name}.crt\n      keyFile: {name}.key\n"
+            );
+            routes += &format!("    - host: {host}\n      service: {{name: {name}, port: 80}}\n");
+        }
+        format!(
+            "apiVersion: policy.trellis.io/v1alpha1\nkind: Gateway\nmetadata: {{name: public, namespace: shop}}\nspec:\n  https: {{port: 1, address: 127.0.0.1}}\n  certificates:\n{certificates}  routes:\n{routes}"
+        )
+    };
+    let path = dir.path().join("gateway.yaml");
+    let replace = |text: String| {
+        let next = path.with_extension("next");
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(next, &path).unwrap();
+    };
+    replace(document(&[("shop", "shop.example.com")]));
+    let mut gateway = trellis_proxy::gateway::read_document(&path).unwrap();
+    // Any free port for the test (the document's port is what a deployment binds).
+    gateway.https = "127.0.0.1:0".parse().unwrap();
+    let mut config = trellis_proxy::config::Config::parse(
+        &format!(
+            "destinations:\n{}{}",
+            destination("shop.shop", &[("web", 1, &[web.addr])]),
+            destination("blog.shop", &[("blog", 1, &[blog.addr])])
+        ),
+        std::path::Path::new("t.yaml"),
+    )
+    .unwrap();
+    config.gateway = Some(gateway);
+    let mut options = trellis_proxy::ProxyOptions::new(config);
+    options.gateway_document = Some(path.clone());
+    let running = trellis_proxy::start(options).await.unwrap();
+    let https = running.gateway_https.unwrap();
+    assert_eq!(get(&ca, https, "shop.example.com", "/").await.1, "web");
+    assert!(
+        connect(&ca, https, "blog.example.com", &[b"http/1.1"])
+            .await
+            .is_err(),
+        "no certificate for blog yet"
+    );
+
+    replace(document(&[
+        ("shop", "shop.example.com"),
+        ("blog", "blog.example.com"),
+    ]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connect(&ca, https, "blog.example.com", &[b"http/1.1"])
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&ca, https, "blog.example.com", "/").await.1, "blog");
+
+    replace(document(&[("blog", "blog.example.com")]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connect(&ca, https, "shop.example.com", &[b"http/1.1"])
+        .await
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed certificate still serves"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&ca, https, "blog.example.com", "/").await.1, "blog");
+    assert_eq!(web.hits(), 1);
+}
