@@ -1,6 +1,7 @@
 //! `trellis install` and `trellis uninstall`: the whole Kubernetes install (Namespace, SMI CRDs,
 //! ServiceAccount, RBAC, CA Secret, controller Deployment, Service, PodDisruptionBudget and the
-//! sidecar injector's MutatingWebhookConfiguration) as typed k8s-openapi objects, printed as
+//! sidecar injector's MutatingWebhookConfiguration; with `--gateway FILE`, ingress gateways
+//! ([`gateway`])) as typed k8s-openapi objects, printed as
 //! YAML or JSON for `kubectl apply -f -` / `kubectl delete -f -`, or applied (server-side apply)
 //! and deleted through kube-rs with `--apply`.
 //!
