@@ -1,6 +1,7 @@
 //! `trellis install` and `trellis uninstall`: the whole Kubernetes install (Namespace, SMI CRDs,
 //! ServiceAccount, RBAC, CA Secret, controller Deployment, Service, PodDisruptionBudget and the
-//! sidecar injector's MutatingWebhookConfiguration) as typed k8s-openapi objects, printed as
+//! sidecar injector's MutatingWebhookConfiguration; with `--gateway FILE`, ingress gateways
+//! ([`gateway`])) as typed k8s-openapi objects, printed as
 //! YAML or JSON for `kubectl apply -f -` / `kubectl delete -f -`, or applied (server-side apply)
 //! and deleted through kube-rs with `--apply`.
 //!
@@ -15,6 +16,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 pub mod document;
+pub mod gateway;
 pub mod rbac;
 pub mod render;
 pub mod settings;
@@ -76,6 +78,16 @@ pub struct Args {
     pub trust_domain: String,
     #[command(flatten)]
     pub ca: CaFlags,
+    /// An ingress gateway from a Gateway document (policy.trellis.io/v1alpha1, repeatable):
+    /// rendered in the Gateway's namespace as a ServiceAccount (its mesh identity), a ConfigMap
+    /// holding the document, a Deployment running `trellis-proxy --gateway` against this
+    /// controller, its certificates' Secrets mounted, and a LoadBalancer Service.
+    #[arg(long = "gateway", value_name = "FILE", conflicts_with = "rbac_only")]
+    pub gateways: Vec<std::path::PathBuf>,
+    /// The trust anchors (PEM) the gateways check the controller's certificate against, when
+    /// the install carries no CA (--existing-ca-secret); otherwise the install's own anchors.
+    #[arg(long, value_name = "FILE", requires = "gateways")]
+    pub gateway_controller_ca: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Yaml)]
     pub output: Format,

@@ -1,5 +1,5 @@
 //! `trellis validate <path>...`: load policy YAML files and directories (the SMI kinds and
-//! Trellis's TrafficPolicy, through `trellis_smi::load`) and report.
+//! Trellis's TrafficPolicy and Gateway, through `trellis_smi::load`) and report.
 //!
 //! Errors go to stderr, one per line (`file:line: Kind ns/name: field: message`), and the exit
 //! status is 1. Without errors, one summary line per resource goes to stdout, status 0.
@@ -10,7 +10,7 @@ use trellis_smi::load::load_paths;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// SMI or TrafficPolicy YAML files or directories (searched recursively for *.yaml and *.yml).
+    /// SMI, TrafficPolicy or Gateway YAML files or directories (searched recursively for *.yaml and *.yml).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
 }
@@ -38,6 +38,22 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             resource.policy.summary()
         );
     }
-    println!("{} resource(s) valid", report.resources.len());
+    for gateway in &report.gateways {
+        let document = &gateway.document;
+        println!(
+            "{}: Gateway {}/{} ({}): https :{}, {} certificate(s), {} route(s)",
+            gateway.source,
+            document.namespace(),
+            document.metadata.name,
+            document.api_version,
+            document.spec.https.port,
+            document.spec.certificates.len(),
+            document.spec.routes.len()
+        );
+    }
+    println!(
+        "{} resource(s) valid",
+        report.resources.len() + report.gateways.len()
+    );
     Ok(ExitCode::SUCCESS)
 }

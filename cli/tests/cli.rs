@@ -117,6 +117,7 @@ fn crds_subcommand_writes_every_crd() {
         files,
         [
             "externalservices.policy.trellis.io.yaml",
+            "gateways.policy.trellis.io.yaml",
             "httproutegroups.specs.smi-spec.io.yaml",
             "tcproutes.specs.smi-spec.io.yaml",
             "trafficpolicies.policy.trellis.io.yaml",
@@ -124,5 +125,58 @@ fn crds_subcommand_writes_every_crd() {
             "traffictargets.access.smi-spec.io.yaml",
             "udproutes.specs.smi-spec.io.yaml",
         ]
+    );
+}
+
+/// Gateway documents (policy.trellis.io/v1alpha1) are checked by `trellis validate` like the
+/// policy kinds: listed when good, each problem with its file, line, Gateway and field.
+#[test]
+fn gateway_documents_are_validated_with_located_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("gateway.yaml");
+    let text = "apiVersion: policy.trellis.io/v1alpha1
+kind: Gateway
+metadata: {name: public, namespace: shop}
+spec:
+  https: {port: 8443}
+  certificates:
+    - hosts: [shop.example.com]
+      secretName: shop-tls
+  routes:
+    - host: shop.example.com
+      pathPrefix: /api
+      service: {name: api, port: 8080}
+";
+    std::fs::write(&good, text).unwrap();
+    let output = trellis(&["validate", good.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            format!(
+                "{}:1: Gateway shop/public (policy.trellis.io/v1alpha1): https :8443, 1 certificate(s), 1 route(s)",
+                good.display()
+            ),
+            "1 resource(s) valid".to_owned(),
+        ]
+    );
+    std::fs::write(
+        &good,
+        text.replace(
+            "host: shop.example.com\n      pathPrefix",
+            "host: www.example.com\n      pathPrefix",
+        ),
+    )
+    .unwrap();
+    let output = trellis(&["validate", good.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.starts_with(&format!(
+            "{}:10: Gateway shop/public: spec.routes[0].host: \"www.example.com\" is served by no certificate",
+            good.display()
+        )),
+        "{stderr}"
     );
 }

@@ -110,8 +110,9 @@ pub struct Gateway {
     /// A client naming no listed host (or no host at all) is refused in the handshake
     /// (`unrecognized_name`).
     pub certificates: Vec<GatewayCertificate>,
-    /// Which mesh destination serves each host. A request for a host with no route gets
-    /// `404 unknown-host`.
+    /// Which mesh destination serves each host and path prefix (the longest matching prefix of
+    /// the host wins). A request for a host with no route gets `404 unknown-host`, one whose
+    /// path no prefix of its host matches `404 no-route`.
     pub routes: Vec<GatewayRoute>,
     /// End-user authentication of every request through the gateway (the inbound policy's
     /// `jwt`, same fields): checked before routing; a refused token gets 401
@@ -138,6 +139,10 @@ pub struct GatewayCertificate {
 pub struct GatewayRoute {
     /// The host clients name (`Host` / `:authority`, without the port), exact.
     pub host: String,
+    /// The path prefix, by whole segments (`/api` matches `/api` and `/api/x`, not `/apix`);
+    /// absent: `/`, every path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
     /// The destination's authority (a configured destination or one the controller knows).
     pub destination: String,
 }

@@ -125,6 +125,10 @@ pub struct ProxyOptions {
     pub app_probes: Arc<app_probe::AppProbes>,
     /// Distributed tracing (`--trace-collector`); None = off.
     pub trace: Option<trace::TraceOptions>,
+    /// The Gateway document `config.gateway` was compiled from (`--gateway FILE`): watched,
+    /// with the certificate files it names, and re-applied when it changes. None: the
+    /// certificate files alone are watched.
+    pub gateway_document: Option<std::path::PathBuf>,
 }
 
 impl ProxyOptions {
@@ -138,6 +142,7 @@ impl ProxyOptions {
             identity: Arc::new(IdentityStore::new()),
             app_probes: Arc::default(),
             trace: None,
+            gateway_document: None,
         }
     }
 }
@@ -183,6 +188,7 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         identity,
         app_probes,
         trace,
+        gateway_document,
     } = options;
     if let Some(files) = &config.identity {
         let credentials = identity::load_static(files).context("loading the static identity")?;
@@ -312,11 +318,21 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         let gateway = Arc::new(gateway::Gateway::load(g).context("setting up the gateway")?);
         let watched = Arc::clone(&gateway);
         let mut stop = shutdown_rx.clone();
+        let document = gateway_document.clone();
         tokio::spawn(async move {
             let stopped = async move { shutdown::stopped(&mut stop).await };
-            watched
-                .watch_certificates(GATEWAY_CERTIFICATE_POLL, stopped)
-                .await
+            match document {
+                Some(path) => {
+                    watched
+                        .watch_document(path, GATEWAY_CERTIFICATE_POLL, stopped)
+                        .await
+                }
+                None => {
+                    watched
+                        .watch_certificates(GATEWAY_CERTIFICATE_POLL, stopped)
+                        .await
+                }
+            }
         });
         let l = bind(g.https, "gateway HTTPS").await?;
         let https = l.local_addr()?;

@@ -1,7 +1,8 @@
 //! trellis-proxy binary: `trellis-proxy --config FILE` (static YAML, reloaded on change/SIGHUP)
 //! or `trellis-proxy --controller http://ADDR --workload NS/NAME ...` (live from the controller;
 //! `--controller https://HOST:PORT --controller-ca ANCHORS.pem` over TLS; `--outbound-transparent`
-//! and `--inbound-transparent` for connections redirected by the pod's interception rules).
+//! and `--inbound-transparent` for connections redirected by the pod's interception rules);
+//! either with `--gateway FILE` for gateway mode from a Gateway resource document.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +31,14 @@ struct Cli {
     /// Static YAML configuration (reloaded on change and on SIGHUP).
     #[arg(long, env = "TRELLIS_PROXY_CONFIG", conflicts_with = "controller")]
     config: Option<PathBuf>,
+    /// Gateway mode from a Gateway resource document (policy.trellis.io/v1alpha1, kind
+    /// Gateway): public listeners, certificates by SNI, host and path routes into the mesh.
+    /// Works with --controller (identity and destinations from the controller) and with
+    /// --config (whose file then has no `gateway:` section). Routes and certificates are
+    /// reloaded when the file changes; a bad version is logged and not applied; listener
+    /// ports and `jwt` take effect on restart.
+    #[arg(long, env = "TRELLIS_PROXY_GATEWAY", value_name = "FILE")]
+    gateway: Option<PathBuf>,
     /// Controller gRPC URL (live configuration): http://127.0.0.1:8090 on one host, or
     /// https://HOST:PORT with --controller-ca across a network.
     #[arg(long, env = "TRELLIS_PROXY_CONTROLLER", requires = "workload")]
@@ -317,6 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (proxy, drain) = if let Some(url) = cli.controller.clone() {
         let mut base = controller_base(&cli)?;
         apply_limit_flags(&cli, &mut base);
+        base.gateway = gateway_document(&cli)?;
         let workload = cli.workload.clone().unwrap_or_default();
         let mut controller_options = ControllerOptions::new(url, workload);
         controller_options.tls = match (&cli.controller_ca, &cli.controller_ca_pem) {
@@ -334,6 +344,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let mut options = ProxyOptions::new(config);
         options.app_probes = app_probes(&cli)?;
         options.trace = trace_options(&cli);
+        options.gateway_document = cli.gateway.clone();
         options.resolver = Some(controller.clone() as Arc<dyn trellis_proxy::state::Resolve>);
         let certifier = match &cli.identity_token_file {
             Some(token_file) => {
@@ -367,10 +378,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .context("either --config FILE or --controller URL --workload NS/NAME is required")?;
         let mut config = Config::load(&path)?;
         apply_limit_flags(&cli, &mut config);
+        if let Some(gateway) = gateway_document(&cli)? {
+            if config.gateway.is_some() {
+                bail!(
+                    "{}: has a `gateway:` section and --gateway names a Gateway document: use one",
+                    path.display()
+                );
+            }
+            config.gateway = Some(gateway);
+        }
         let drain = config.limits.drain_timeout();
         let mut options = ProxyOptions::new(config);
         options.app_probes = app_probes(&cli)?;
         options.trace = trace_options(&cli);
+        options.gateway_document = cli.gateway.clone();
         let proxy = trellis_proxy::start(options).await?;
         tokio::spawn(reload::watch_file(
             proxy.shared.clone(),
@@ -379,12 +400,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ));
         (proxy, drain)
     };
-    tracing::info!(admin = ?proxy.admin, http = ?proxy.http, ports = ?proxy.ports, udp = ?proxy.udp, udp_transparent = ?proxy.udp_transparent, inbound = ?proxy.inbound, outbound_transparent = ?proxy.outbound_transparent, inbound_transparent = ?proxy.inbound_transparent, "trellis-proxy started");
+    tracing::info!(admin = ?proxy.admin, http = ?proxy.http, gateway_https = ?proxy.gateway_https, gateway_http = ?proxy.gateway_http, ports = ?proxy.ports, udp = ?proxy.udp, udp_transparent = ?proxy.udp_transparent, inbound = ?proxy.inbound, outbound_transparent = ?proxy.outbound_transparent, inbound_transparent = ?proxy.inbound_transparent, "trellis-proxy started");
     wait_for_termination().await?;
     tracing::info!(open = proxy.open_connections(), "draining");
     let left = proxy.drain(drain).await;
     tracing::info!(left, "stopped");
     Ok(())
+}
+
+/// `--gateway FILE`, read and compiled (none given: no gateway from a document).
+fn gateway_document(cli: &Cli) -> anyhow::Result<Option<trellis_proxy::config::Gateway>> {
+    cli.gateway
+        .as_deref()
+        .map(trellis_proxy::gateway::read_document)
+        .transpose()
 }
 
 /// `--app-probes`, parsed (none given: no app probes).

@@ -21,6 +21,9 @@ pub enum Reason {
     UnknownDestination,
     /// The gateway has no route for the request's host. 404.
     UnknownHost,
+    /// The gateway routes the request's host, but no path prefix of that host matches its
+    /// path. 404.
+    NoRoute,
     /// The destination has no backend with weight > 0. 503.
     NoBackends,
     /// The chosen backend has no endpoints. 503.
@@ -67,6 +70,7 @@ impl Reason {
             Reason::InvalidAuthority => "invalid-authority",
             Reason::UnknownDestination => "unknown-destination",
             Reason::UnknownHost => "unknown-host",
+            Reason::NoRoute => "no-route",
             Reason::NoBackends => "no-backends",
             Reason::NoEndpoints => "no-endpoints",
             Reason::ConnectFailed => "connect-failed",
@@ -104,7 +108,7 @@ impl Reason {
             | Reason::Overloaded
             | Reason::FaultInjected => StatusCode::SERVICE_UNAVAILABLE,
             Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Reason::UnknownHost => StatusCode::NOT_FOUND,
+            Reason::UnknownHost | Reason::NoRoute => StatusCode::NOT_FOUND,
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::Forbidden | Reason::EgressForbidden | Reason::Claims => StatusCode::FORBIDDEN,
             Reason::Jwt(rejection) => rejection.status(),

@@ -19,7 +19,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Try to load and apply the file now. Returns whether the new config is in force.
 pub fn reload_now(shared: &Shared, path: &Path) -> bool {
-    let config = match Config::load(path) {
+    let mut config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "config reload rejected; keeping the running configuration");
@@ -33,6 +33,14 @@ pub fn reload_now(shared: &Shared, path: &Path) -> bool {
         return false;
     }
     let running = Arc::clone(&shared.routes.table.load().base);
+    // The gateway is set up at start (from this file's `gateway:` or from `--gateway FILE`,
+    // which reloads itself): the running one stays what `/config` shows.
+    if config.gateway.is_some() && config.gateway != running.gateway {
+        tracing::warn!(
+            "the file's gateway section changed; it takes effect on restart (a Gateway document given with --gateway reloads itself)"
+        );
+    }
+    config.gateway = running.gateway.clone();
     if config.admin != running.admin
         || config.outbound != running.outbound
         || listeners_differ(&config, &running)

@@ -384,3 +384,144 @@ async fn not_found_deltas_and_inbound_policy_come_from_the_controller() {
         "only the destinations this proxy used are held"
     );
 }
+
+/// `trellis-proxy --controller URL --workload NS/NAME --gateway FILE` as a process: the Gateway
+/// document's routes reach services the controller resolves (`name.namespace:port`, asked on
+/// demand); the file rewritten under traffic with a new path route is applied without a failed
+/// request; a bad rewrite is logged with the file, line and field and not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_process_reads_its_gateway_document_resolves_through_the_controller_and_reloads()
+{
+    use common::gateway::{get, server_cert};
+    const BIN: &str = env!("CARGO_BIN_EXE_trellis-proxy");
+    let state = Arc::new(State::default());
+    let (web, api) = (app("web").await, app("api").await);
+    state.set("web.shop", "1", profile(&[("web", 1, &[web.addr])]));
+    state.set("api.backend", "1", profile(&[("api", 1, &[api.addr])]));
+    let (_controller, controller) =
+        ControllerProcess::start(Arc::clone(&state), "127.0.0.1:0".parse().unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Arc::new(common::certs::new_ca("public"));
+    let (cert, key) = server_cert(&ca, &["shop.example.com"]);
+    std::fs::write(dir.path().join("shop.crt"), cert).unwrap();
+    std::fs::write(dir.path().join("shop.key"), key).unwrap();
+    let (admin, https) = (free_port(), free_port());
+    let document = |routes: &str| {
+        format!(
+            "apiVersion: policy.trellis.io/v1alpha1
+kind: Gateway
+metadata: {{name: public, namespace: shop}}
+spec:
+  https: {{port: {https}, address: 127.0.0.1}}
+  certificates:
+    - hosts: [shop.example.com]
+      certFile: shop.crt
+      keyFile: shop.key
+  routes:
+    - host: shop.example.com
+      service: {{name: web, port: 8080}}
+{routes}"
+        )
+    };
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, document("")).unwrap();
+    // Each version replaces the file whole (as a ConfigMap update does), so the proxy never
+    // reads half a version.
+    let replace = |path: &std::path::Path, text: &str| {
+        let next = path.with_extension("next");
+        std::fs::write(&next, text)?;
+        std::fs::rename(next, path)
+    };
+    let log = dir.path().join("proxy.log");
+    let mut child = std::process::Command::new(BIN)
+        .args(["--controller", &format!("http://{controller}")])
+        .args(["--workload", "shop/gateway", "--threads", "1"])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .args(["--gateway", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let https: SocketAddr = format!("127.0.0.1:{https}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(https).await.is_err() {
+        assert!(Instant::now() < deadline, "the gateway did not listen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get(&ca, https, "shop.example.com", "/").await.1,
+        "web",
+        "resolved through the controller"
+    );
+    // No route for /api yet: the host's `/` route serves it.
+    assert_eq!(get(&ca, https, "shop.example.com", "/api/x").await.1, "web");
+
+    // Traffic all along: every request must succeed, through both rewrites.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (stop, ca) = (Arc::clone(&stop), Arc::clone(&ca));
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let (status, app, _) = get(&ca, https, "shop.example.com", "/").await;
+                assert_eq!((status, app.as_str()), (StatusCode::OK, "web"));
+                sent += 1;
+            }
+            sent
+        })
+    };
+
+    replace(
+        &path,
+        &document(
+            "    - host: shop.example.com
+      pathPrefix: /api
+      service: {name: api, namespace: backend, port: 9090}
+",
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&ca, https, "shop.example.com", "/api/x").await.1 != "api" {
+        assert!(Instant::now() < deadline, "the new route was not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A bad version (a path prefix without its slash, line 14): refused, the last good routes
+    // keep serving.
+    replace(
+        &path,
+        &document(
+            "    - host: shop.example.com
+      pathPrefix: api
+      service: {name: api, namespace: backend, port: 9090}
+",
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refusal = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if let Some(line) = text.lines().find(|l| l.contains("gateway reload rejected")) {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no refusal logged: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        refusal.contains("gateway.yaml:14: Gateway shop/public: spec.routes[1].pathPrefix"),
+        "{refusal}"
+    );
+    assert_eq!(get(&ca, https, "shop.example.com", "/api/x").await.1, "api");
+    assert_eq!(get(&ca, https, "shop.example.com", "/").await.1, "web");
+
+    stop.store(true, Ordering::SeqCst);
+    let sent = traffic
+        .await
+        .expect("no request failed during the rewrites");
+    assert!(sent > 0);
+    assert!(api.hits() >= 2 && web.hits() >= sent);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

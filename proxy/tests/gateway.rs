@@ -10,66 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::certs::{Ca, new_ca};
+use common::gateway::{connect, get, server_cert};
 use common::{app, destination, full, proxy, read};
 use http::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{CertificateParams, KeyPair};
-use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-
-/// A server certificate for DNS `names`, signed by `ca`: (cert PEM, key PEM).
-fn server_cert(ca: &Ca, names: &[&str]) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-    let now = SystemTime::now();
-    params.not_before = (now - Duration::from_secs(60)).into();
-    params.not_after = (now + Duration::from_secs(3600)).into();
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-/// A TLS client trusting `ca`, offering `alpn`.
-fn client(ca: &Ca, alpn: &[&[u8]]) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(ca.der.clone())).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(trellis_proxy::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    TlsConnector::from(Arc::new(config))
-}
-
-async fn connect(
-    ca: &Ca,
-    addr: SocketAddr,
-    sni: &str,
-    alpn: &[&[u8]],
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
-    client(ca, alpn)
-        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
-        .await
-}
-
-/// GET `path` over HTTP/1.1 on a TLS connection with SNI `sni`: status, `x-app` (or
-/// `x-trellis-error`) and body.
-async fn get(ca: &Ca, addr: SocketAddr, sni: &str, path: &str) -> (StatusCode, String, String) {
-    let tls = connect(ca, addr, sni, &[b"http/1.1"]).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = Request::get(path)
-        .header("host", sni)
-        .body(full(""))
-        .unwrap();
-    read(sender.send_request(req).await.unwrap()).await
-}
 
 struct Setup {
     ca: Ca,
@@ -81,6 +27,19 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with_routes(
+        "    - host: shop.example.com
+      destination: web.shop
+    - host: eu.api.example.com
+      destination: api.shop
+",
+    )
+    .await
+}
+
+/// The gateway of [`setup`] with other `routes` (YAML list items); the destinations are
+/// `web.shop` (the v1/v2 split), `web-v1.shop`, `web-v2.shop` and `api.shop`.
+async fn setup_with_routes(routes: &str) -> Setup {
     let ca = new_ca("gateway test CA");
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, pem: &str| {
@@ -105,12 +64,8 @@ async fn setup() -> Setup {
       cert: {}
       key: {}
   routes:
-    - host: shop.example.com
-      destination: web.shop
-    - host: eu.api.example.com
-      destination: api.shop
-destinations:
-{}{}",
+{routes}destinations:
+{}{}{}{}",
         shop.0,
         shop.1,
         api_files.0,
@@ -119,6 +74,8 @@ destinations:
             "web.shop",
             &[("web-v1", 50, &[v1.addr]), ("web-v2", 50, &[v2.addr])]
         ),
+        destination("web-v1.shop", &[("web-v1", 1, &[v1.addr])]),
+        destination("web-v2.shop", &[("web-v2", 1, &[v2.addr])]),
         destination("api.shop", &[("api", 1, &[api.addr])]),
     );
     let running = proxy(&yaml).await;
@@ -503,4 +460,141 @@ destinations:
         seen_sub, "alice",
         "the verified claim replaced the client's x-jwt-sub"
     );
+}
+
+/// Path routes: within a host the longest matching prefix wins, by whole segments; a host whose
+/// prefixes do not match the path gets `404 no-route`, a host without routes `404 unknown-host`.
+#[tokio::test]
+async fn paths_are_routed_by_the_longest_whole_segment_prefix() {
+    let s = setup_with_routes(
+        "    - host: shop.example.com
+      destination: web-v1.shop
+    - host: shop.example.com
+      path_prefix: /api
+      destination: api.shop
+    - host: shop.example.com
+      path_prefix: /api/v2/
+      destination: web-v2.shop
+    - host: eu.api.example.com
+      path_prefix: /only
+      destination: api.shop
+",
+    )
+    .await;
+    let https = s.running.gateway_https.unwrap();
+    for (host, path, expected) in [
+        ("shop.example.com", "/", "web-v1"),
+        ("shop.example.com", "/api", "api"),
+        ("shop.example.com", "/api/orders?id=1", "api"),
+        ("shop.example.com", "/apix", "web-v1"),
+        ("shop.example.com", "/api/v2", "web-v2"),
+        ("shop.example.com", "/api/v2/orders", "web-v2"),
+        ("shop.example.com", "/api/v2x", "api"),
+        ("eu.api.example.com", "/only/a", "api"),
+        ("eu.api.example.com", "/", "no-route"),
+        ("eu.api.example.com", "/onlyx", "no-route"),
+        ("us.api.example.com", "/only", "unknown-host"),
+    ] {
+        let (status, answer, _) = get(&s.ca, https, host, path).await;
+        assert_eq!(answer, expected, "{host}{path}");
+        let expected_status = if ["no-route", "unknown-host"].contains(&expected) {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(status, expected_status, "{host}{path}");
+    }
+    // Counted by the apps themselves, not only by their answers.
+    assert_eq!((s.v1.hits(), s.api.hits(), s.v2.hits()), (2, 4, 2));
+}
+
+/// A Gateway document's certificate list reloads with its routes: a host added to the document
+/// with its own certificate is served (handshake and route) once the file changes, and one
+/// removed is refused in the handshake from then on.
+#[tokio::test]
+async fn a_gateway_document_adds_and_removes_certificates_and_routes_when_it_changes() {
+    let ca = new_ca("gateway test CA");
+    let dir = tempfile::tempdir().unwrap();
+    for (name, host) in [("shop", "shop.example.com"), ("blog", "blog.example.com")] {
+        let (cert, key) = server_cert(&ca, &[host]);
+        std::fs::write(dir.path().join(format!("{name}.crt")), cert).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.key")), key).unwrap();
+    }
+    let (web, blog) = (app("web").await, app("blog").await);
+    let document = |sites: &[(&str, &str)]| {
+        let mut certificates = String::new();
+        let mut routes = String::new();
+        for (name, host) in sites {
+            certificates += &format!(
+                "    - hosts: [{host}]\n      certFile: {name}.crt\n      keyFile: {name}.key\n"
+            );
+            routes += &format!("    - host: {host}\n      service: {{name: {name}, port: 80}}\n");
+        }
+        format!(
+            "apiVersion: policy.trellis.io/v1alpha1\nkind: Gateway\nmetadata: {{name: public, namespace: shop}}\nspec:\n  https: {{port: 1, address: 127.0.0.1}}\n  certificates:\n{certificates}  routes:\n{routes}"
+        )
+    };
+    let path = dir.path().join("gateway.yaml");
+    let replace = |text: String| {
+        let next = path.with_extension("next");
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(next, &path).unwrap();
+    };
+    replace(document(&[("shop", "shop.example.com")]));
+    let mut gateway = trellis_proxy::gateway::read_document(&path).unwrap();
+    // Any free port for the test (the document's port is what a deployment binds).
+    gateway.https = "127.0.0.1:0".parse().unwrap();
+    let mut config = trellis_proxy::config::Config::parse(
+        &format!(
+            "destinations:\n{}{}",
+            destination("shop.shop", &[("web", 1, &[web.addr])]),
+            destination("blog.shop", &[("blog", 1, &[blog.addr])])
+        ),
+        std::path::Path::new("t.yaml"),
+    )
+    .unwrap();
+    config.gateway = Some(gateway);
+    let mut options = trellis_proxy::ProxyOptions::new(config);
+    options.gateway_document = Some(path.clone());
+    let running = trellis_proxy::start(options).await.unwrap();
+    let https = running.gateway_https.unwrap();
+    assert_eq!(get(&ca, https, "shop.example.com", "/").await.1, "web");
+    assert!(
+        connect(&ca, https, "blog.example.com", &[b"http/1.1"])
+            .await
+            .is_err(),
+        "no certificate for blog yet"
+    );
+
+    replace(document(&[
+        ("shop", "shop.example.com"),
+        ("blog", "blog.example.com"),
+    ]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connect(&ca, https, "blog.example.com", &[b"http/1.1"])
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&ca, https, "blog.example.com", "/").await.1, "blog");
+
+    replace(document(&[("blog", "blog.example.com")]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while connect(&ca, https, "shop.example.com", &[b"http/1.1"])
+        .await
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed certificate still serves"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&ca, https, "blog.example.com", "/").await.1, "blog");
+    assert_eq!(web.hits(), 1);
 }

@@ -121,3 +121,51 @@ fn bad_config_files_fail_with_file_and_line() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NAMESPACE/NAME"));
 }
+
+/// `--gateway FILE` at start: a bad document stops the start with its file, line and field; a
+/// `--config` file with its own `gateway:` section as well is refused (one source).
+#[test]
+fn a_bad_gateway_document_or_two_gateways_fail_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &gateway,
+        "apiVersion: policy.trellis.io/v1alpha1\nkind: Gateway\nmetadata: {name: public}\nspec:\n  https: {port: 8443}\n  certificates: []\n  routes:\n    - host: shop.example.com\n      service: {name: web, prot: 80}\n",
+    )
+    .unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(&config, "outbound:\n  http: 127.0.0.1:0\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap()])
+        .args(["--gateway", gateway.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gateway.yaml:9: spec.routes[0].service.prot: unknown field `prot`"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &gateway,
+        "apiVersion: policy.trellis.io/v1alpha1\nkind: Gateway\nmetadata: {name: public}\nspec:\n  https: {port: 8443}\n  certificates: []\n  routes: []\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        "gateway:\n  https: 127.0.0.1:0\n  certificates: []\n  routes: []\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap()])
+        .args(["--gateway", gateway.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("has a `gateway:` section and --gateway"),
+        "{err}"
+    );
+}

@@ -78,10 +78,20 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
+/// A Gateway document that read and passed its checks ([`trellis_gateway`]). Not a policy:
+/// nothing in the controller consumes it; kept so `trellis validate` can list it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadedGateway {
+    pub source: Source,
+    pub document: trellis_gateway::GatewayDocument,
+}
+
 /// What a load found: the good resources and every error.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LoadReport {
     pub resources: Vec<LoadedResource>,
+    /// The Gateway documents that passed their checks.
+    pub gateways: Vec<LoadedGateway>,
     /// Sorted by file, then line.
     pub errors: Vec<LoadError>,
 }
@@ -189,6 +199,7 @@ fn document_start_lines(text: &str) -> Option<Vec<u32>> {
 #[derive(Default)]
 struct Loader {
     pending: Vec<Pending>,
+    gateways: Vec<LoadedGateway>,
     /// Policies that converted but failed their own checks: still indexed as route targets, so
     /// one broken route group does not also break everything that names it.
     broken_routes: Vec<Policy>,
@@ -265,6 +276,9 @@ impl Loader {
             file: file.to_owned(),
             line,
         };
+        if is_gateway(&value) {
+            return self.load_gateway(source, value, positions);
+        }
         let mut error =
             |field: FieldPath, message: String, resource: Option<ResourceId>| LoadError {
                 file: file.to_owned(),
@@ -313,6 +327,48 @@ impl Loader {
         });
     }
 
+    /// A Gateway document: read with [`trellis_gateway`]'s types and checks, each problem
+    /// located like a policy's.
+    fn load_gateway(&mut self, source: Source, value: Value, mut positions: Positions) {
+        let resource = raw_resource_id(
+            &value,
+            &ConvertError::Invalid {
+                field: FieldPath::root(),
+                message: String::new(),
+            },
+        );
+        let problems: Vec<(String, String)> =
+            match serde_path_to_error::deserialize::<_, trellis_gateway::GatewayDocument>(value) {
+                Err(e) => {
+                    let field = e.path().to_string();
+                    let message = e.into_inner().to_string();
+                    vec![(if field == "." { String::new() } else { field }, message)]
+                }
+                Ok(document) => {
+                    let problems: Vec<(String, String)> = document
+                        .validate()
+                        .into_iter()
+                        .map(|p| (p.field, p.message))
+                        .collect();
+                    if problems.is_empty() {
+                        self.gateways.push(LoadedGateway { source, document });
+                        return;
+                    }
+                    problems
+                }
+            };
+        for (field, message) in problems {
+            let field = FieldPath::parse(&field);
+            self.errors.push(LoadError {
+                file: source.file.clone(),
+                line: Some(positions.line_of(&field)),
+                resource: resource.clone(),
+                field: (!field.is_root()).then_some(field),
+                message,
+            });
+        }
+    }
+
     fn finish(mut self) -> LoadReport {
         let routes = RouteIndex::new(
             self.pending
@@ -347,9 +403,16 @@ impl Loader {
             .sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
         LoadReport {
             resources,
+            gateways: self.gateways,
             errors: self.errors,
         }
     }
+}
+
+/// Whether `value` is a Gateway document (`policy.trellis.io/v1alpha1`, kind `Gateway`).
+fn is_gateway(value: &Value) -> bool {
+    value.get("apiVersion").and_then(Value::as_str) == Some(trellis_gateway::API_VERSION)
+        && value.get("kind").and_then(Value::as_str) == Some(trellis_gateway::KIND)
 }
 
 /// Names the resource of a document that did not parse, from whatever it says about itself.

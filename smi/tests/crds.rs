@@ -61,6 +61,15 @@ fn checked_in_crds_are_fresh() {
         );
         expected_files.push(generated.file_name);
     }
+    let (gateway_file, gateway_text) = crd::gateway_manifest();
+    let path = deploy_dir().join(&gateway_file);
+    assert!(
+        std::fs::read_to_string(&path).unwrap_or_default() == gateway_text,
+        "{} is stale or missing: regenerate with `{}` (from the workspace root) and commit it",
+        path.display(),
+        crd::REGENERATE
+    );
+    expected_files.push(gateway_file);
     let mut present: Vec<String> = std::fs::read_dir(deploy_dir())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

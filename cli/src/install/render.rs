@@ -93,6 +93,14 @@ pub fn install(settings: &Settings) -> Vec<Document> {
     documents.extend(workload::disruption_budget(settings));
     documents.push(webhook::injector(settings));
     documents.extend(webhook::api_service(settings));
+    // Gateways last: they need the controller to get their identity and destinations.
+    for gateway in &settings.gateways {
+        documents.extend(super::gateway::documents(
+            settings,
+            gateway,
+            &settings.gateway_anchors,
+        ));
+    }
     documents
 }
 
@@ -138,7 +146,7 @@ fn order(object: &Object) -> u8 {
         Object::ClusterRoleBinding(_) => 4,
         Object::Role(_) => 5,
         Object::RoleBinding(_) => 6,
-        Object::Secret(_) => 7,
+        Object::Secret(_) | Object::ConfigMap(_) => 7,
         Object::Service(_) => 8,
         Object::Deployment(_) => 9,
         Object::PodDisruptionBudget(_) => 10,

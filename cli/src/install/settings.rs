@@ -136,6 +136,10 @@ pub struct Settings {
     pub prometheus: Option<String>,
     pub trust_domain: String,
     pub ca: Ca,
+    /// `--gateway`: the ingress gateways to render.
+    pub gateways: Vec<super::gateway::GatewayInstall>,
+    /// The anchors (PEM) gateways trust the controller with (empty without gateways).
+    pub gateway_anchors: String,
 }
 
 impl Settings {
@@ -163,6 +167,20 @@ impl Settings {
             }
         }
         let ca = ca_from_flags(&args.ca)?;
+        let gateways = args
+            .gateways
+            .iter()
+            .map(|file| super::gateway::GatewayInstall::read(file))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let gateway_anchors = match (&args.gateway_controller_ca, &ca) {
+            (Some(file), _) => std::fs::read_to_string(file)
+                .with_context(|| format!("--gateway-controller-ca {}", file.display()))?,
+            (None, Ca::Material { anchors, .. }) => anchors.clone(),
+            (None, Ca::Existing) if !gateways.is_empty() => anyhow::bail!(
+                "--gateway with --existing-ca-secret: give the mesh's trust anchors with --gateway-controller-ca FILE (the gateway checks the controller's certificate against them)"
+            ),
+            (None, Ca::Existing) => String::new(),
+        };
         Ok(Self {
             names,
             controller_image,
@@ -174,6 +192,8 @@ impl Settings {
             prometheus: args.prometheus.clone(),
             trust_domain: args.trust_domain.clone(),
             ca,
+            gateways,
+            gateway_anchors,
         })
     }
 
@@ -191,6 +211,8 @@ impl Settings {
             prometheus: Some(UNINSTALL_PROMETHEUS.to_owned()),
             trust_domain: "cluster.local".to_owned(),
             ca: Ca::Existing,
+            gateways: Vec::new(),
+            gateway_anchors: String::new(),
         })
     }
 }

@@ -6,7 +6,7 @@
 use super::document::{self, Format, Object};
 use super::settings::{CaFlags, Settings};
 use super::webhook::FailurePolicy;
-use super::{Args, render, workload};
+use super::{Args, gateway, render, workload};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 fn args(namespace: &str, webhook_url: Option<&str>) -> Args {
@@ -25,6 +25,8 @@ fn args(namespace: &str, webhook_url: Option<&str>) -> Args {
             generate_ca: true,
             ..Default::default()
         },
+        gateways: Vec::new(),
+        gateway_controller_ca: None,
         output: Format::Yaml,
         apply: false,
         dry_run: false,
@@ -430,4 +432,195 @@ fn prometheus_adds_the_traffic_metrics_api_and_only_then() {
     with.webhook_url = None;
     with.prometheus = Some("prometheus:9090".into());
     assert!(Settings::from_args(&with).is_err());
+}
+
+/// `--gateway FILE`: the gateway's objects in its namespace, consistent with each other and with
+/// what the proxy reads: the document in the ConfigMap at the path `--gateway` names, every
+/// certificate's Secret mounted where the document's certificates are read, the listeners'
+/// ports on the container and the LoadBalancer Service; every object valid for the API server
+/// (the fake's validation, the real server's rules).
+#[test]
+fn a_gateway_renders_its_identity_document_deployment_and_load_balancer() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    let text = "apiVersion: policy.trellis.io/v1alpha1
+kind: Gateway
+metadata: {name: public, namespace: shop}
+spec:
+  https: {port: 8443}
+  httpRedirect: {port: 8080}
+  certificates:
+    - hosts: [shop.example.com]
+      secretName: shop-tls
+    - hosts: [\"*.api.example.com\"]
+      secretName: api-tls
+  routes:
+    - host: shop.example.com
+      pathPrefix: /api
+      service: {name: api, port: 8080}
+";
+    std::fs::write(&file, text).unwrap();
+    let mut with_gateway = args("trellis-system", None);
+    with_gateway.gateways = vec![file.clone()];
+    let settings = Settings::from_args(&with_gateway).unwrap();
+    let objects = objects(&settings);
+    let in_shop: Vec<&Object> = objects
+        .iter()
+        .filter(|o| o.namespace() == Some("shop"))
+        .collect();
+    let kinds: Vec<&str> = in_shop.iter().map(|o| o.kind()).collect();
+    assert_eq!(
+        kinds,
+        ["ServiceAccount", "ConfigMap", "Deployment", "Service"]
+    );
+    let find = |kind: &str| *in_shop.iter().find(|o| o.kind() == kind).unwrap();
+    let Object::ServiceAccount(ServiceAccount { metadata, .. }) = find("ServiceAccount") else {
+        unreachable!()
+    };
+    assert_eq!(metadata.name.as_deref(), Some("public"));
+    let Object::ConfigMap(ConfigMap { data, .. }) = find("ConfigMap") else {
+        unreachable!()
+    };
+    assert_eq!(data.as_ref().unwrap()[gateway::CONFIG_KEY], text);
+    let Object::Deployment(deployment) = find("Deployment") else {
+        unreachable!()
+    };
+    let pod = deployment.spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("public"));
+    let container = &pod.containers[0];
+    let args = container.args.as_ref().unwrap();
+    for expected in [
+        "--controller=https://trellis-controller.trellis-system.svc:8090".to_owned(),
+        "--workload=shop/public".to_owned(),
+        format!("--gateway={}/{}", gateway::CONFIG_DIR, gateway::CONFIG_KEY),
+    ] {
+        assert!(args.contains(&expected), "{expected} in {args:?}");
+    }
+    let anchors = match &settings.ca {
+        super::settings::Ca::Material { anchors, .. } => anchors.clone(),
+        super::settings::Ca::Existing => unreachable!(),
+    };
+    assert_eq!(
+        container.env.as_ref().unwrap()[0].value.as_deref(),
+        Some(anchors.as_str())
+    );
+    // Where each certificate is read is under a mount of its Secret.
+    let mounts = container.volume_mounts.as_ref().unwrap();
+    let volumes = pod.volumes.as_ref().unwrap();
+    let document = trellis_gateway::read(text).unwrap();
+    for certificate in &document.spec.certificates {
+        let (cert, key) = certificate.files().unwrap();
+        let mount = mounts
+            .iter()
+            .find(|m| cert.starts_with(&format!("{}/", m.mount_path)))
+            .unwrap_or_else(|| panic!("{cert} is mounted"));
+        assert!(key.starts_with(&mount.mount_path));
+        let volume = volumes.iter().find(|v| v.name == mount.name).unwrap();
+        assert_eq!(
+            volume.secret.as_ref().unwrap().secret_name.as_deref(),
+            certificate.secret_name.as_deref()
+        );
+    }
+    let config_mount = mounts
+        .iter()
+        .find(|m| m.mount_path == gateway::CONFIG_DIR)
+        .unwrap();
+    let config_volume = volumes
+        .iter()
+        .find(|v| v.name == config_mount.name)
+        .unwrap();
+    assert_eq!(
+        config_volume.config_map.as_ref().unwrap().name,
+        "public-gateway"
+    );
+    let container_ports: Vec<i32> = container
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| p.container_port)
+        .collect();
+    assert_eq!(container_ports, [8443, 8080, gateway::ADMIN_PORT]);
+    let Object::Service(Service { spec, .. }) = find("Service") else {
+        unreachable!()
+    };
+    let spec = spec.as_ref().unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    let ports: Vec<(i32, String)> = spec
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let target = match p.target_port.as_ref().unwrap() {
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s.clone(),
+                other => panic!("{other:?}"),
+            };
+            (p.port, target)
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [(8443, "https".to_owned()), (8080, "http".to_owned())]
+    );
+    // What the API server accepts.
+    let types = trellis_kube_fake::builtin();
+    for object in &in_shop {
+        let resource = types.iter().find(|t| t.kind == object.kind()).unwrap();
+        let mut value = object.to_json();
+        trellis_kube_fake::validation::apply_defaults(resource, &mut value);
+        let errors = trellis_kube_fake::validation::errors(resource, &value, None);
+        assert!(errors.is_empty(), "{}: {errors:?}", object.kind());
+    }
+}
+
+/// A certificate given as files cannot be mounted: refused with the file, line and field; so
+/// is a gateway with no anchors to trust the controller with.
+#[test]
+fn gateway_documents_the_install_cannot_serve_are_refused_before_anything_is_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gw.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: policy.trellis.io/v1alpha1
+kind: Gateway
+metadata: {name: public, namespace: shop}
+spec:
+  https: {port: 8443}
+  certificates:
+    - hosts: [shop.example.com]
+      certFile: /tls/shop.crt
+      keyFile: /tls/shop.key
+  routes: []
+",
+    )
+    .unwrap();
+    let mut with_gateway = args("trellis-system", None);
+    with_gateway.gateways = vec![file.clone()];
+    let err = format!("{:#}", Settings::from_args(&with_gateway).unwrap_err());
+    assert!(
+        err.contains(
+            "gw.yaml:7: spec.certificates[0]: on Kubernetes a certificate names its Secret"
+        ),
+        "{err}"
+    );
+    std::fs::write(
+        &file,
+        "apiVersion: policy.trellis.io/v1alpha1
+kind: Gateway
+metadata: {name: public, namespace: shop}
+spec:
+  https: {port: 8443}
+  certificates: []
+  routes: []
+",
+    )
+    .unwrap();
+    with_gateway.ca = CaFlags {
+        existing_ca_secret: true,
+        ..Default::default()
+    };
+    let err = format!("{:#}", Settings::from_args(&with_gateway).unwrap_err());
+    assert!(err.contains("--gateway-controller-ca"), "{err}");
 }

@@ -73,19 +73,30 @@ pub async fn handle(
                 .authority()
                 .map(|a| a.as_str())
                 .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()));
-            match host.and_then(|h| gateway.destination(h)).cloned() {
-                Some(dest) => match refused_at_gateway(&shared, gateway, &mut req, started) {
-                    Some(refused) => refused,
-                    None => {
-                        outbound::outbound(&shared, Some(&dest), req, started, hop.as_mut()).await
+            let routed = match host {
+                Some(h) => gateway.route(h, req.uri().path()),
+                None => crate::gateway::Routed::UnknownHost,
+            };
+            match routed {
+                crate::gateway::Routed::To(dest) => {
+                    match refused_at_gateway(&shared, gateway, &mut req, started) {
+                        Some(refused) => refused,
+                        None => {
+                            outbound::outbound(&shared, Some(&dest), req, started, hop.as_mut())
+                                .await
+                        }
                     }
-                },
-                None => outbound_error(
+                }
+                crate::gateway::Routed::UnknownHost => outbound_error(
                     &shared,
                     Reason::UnknownHost,
                     host.unwrap_or("no host"),
                     started,
                 ),
+                crate::gateway::Routed::NoRoute => {
+                    let detail = format!("no route for path {}", req.uri().path());
+                    outbound_error(&shared, Reason::NoRoute, &detail, started)
+                }
             }
         }
         Side::Inbound { caller } => inbound(&shared, caller, req, started).await,

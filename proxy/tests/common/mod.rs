@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod gateway;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod external;
+pub mod gateway;
 pub mod headers;
 pub mod metrics;
 pub mod policy;
