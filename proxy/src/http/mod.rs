@@ -280,6 +280,10 @@ fn dest_error(
             dest.key
         ),
         Reason::Timeout => format!("{} did not answer in time", dest.key),
+        Reason::EgressForbidden => format!(
+            "{} is outside the mesh and its ExternalService does not allow this workload on this port",
+            dest.key
+        ),
         Reason::Overloaded => format!(
             "destination {} is at its circuit breaker's limits",
             dest.key

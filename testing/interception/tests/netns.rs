@@ -51,6 +51,12 @@ const SERVICE_PORT: u16 = 80;
 const APP_PORT: u16 = 8080;
 /// The port of the server outside the mesh.
 const PLAIN_PORT: u16 = 9000;
+/// The port of the server outside the mesh that an ExternalService declares (on `plain`).
+const DECLARED_PORT: u16 = 9100;
+/// Last octet of an address nobody holds: a declared host resolved to it by the client is
+/// still reached, by its name.
+const UNHELD_OCTET: u8 = 203;
+
 /// The UDP port of pod-b's UDP echo (the UDPRoute's port).
 const UDP_APP_PORT: u16 = 5353;
 /// The local UDP port the client pods' proxies carry to `app-b.default:5353`.
@@ -130,6 +136,11 @@ struct Answer {
 
 /// `curl` in `netns` (as root: an application, redirected like any), one connection per URL.
 async fn curl(netns: &str, urls: &[String]) -> anyhow::Result<Vec<Answer>> {
+    curl_with(netns, &[], urls).await
+}
+
+/// [`curl`] with `extra` arguments before the URLs (e.g. `--resolve`).
+async fn curl_with(netns: &str, extra: &[String], urls: &[String]) -> anyhow::Result<Vec<Answer>> {
     const MARK: &str = "\n@@";
     let mut args: Vec<String> = [
         "netns",
@@ -148,6 +159,7 @@ async fn curl(netns: &str, urls: &[String]) -> anyhow::Result<Vec<Answer>> {
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
+    args.extend(extra.iter().cloned());
     args.extend(urls.iter().cloned());
     let out = tokio::process::Command::new("ip")
         .args(&args)
@@ -232,6 +244,7 @@ struct Mesh {
     controller: Process,
     pods: Vec<(String, Pod)>,
     _plain: Process,
+    _declared: Process,
     vip: Ipv4Addr,
     plain: Ipv4Addr,
     late_vip: Ipv4Addr,
@@ -485,6 +498,22 @@ services:
     );
     std::fs::write(policy.join("access.yaml"), ACCESS_YAML)?;
     std::fs::write(policy.join("udp-access.yaml"), UDP_ACCESS_YAML)?;
+    // A server outside the mesh declared for service-a only, by name, at a fixed address.
+    std::fs::write(
+        policy.join("external.yaml"),
+        format!(
+            "apiVersion: policy.trellis.io/v1alpha1
+kind: ExternalService
+metadata: {{ name: declared, namespace: default }}
+spec:
+  hosts: [declared.example.test]
+  ports: [{{ port: {DECLARED_PORT}, protocol: http }}]
+  addresses: [{plain}]
+  sources:
+  - {{ kind: ServiceAccount, name: service-a }}
+"
+        ),
+    )?;
 
     // One bootstrap token per workload.
     let tokens = dir.path().join("tokens");
@@ -559,6 +588,20 @@ services:
         &log_dir,
     )?;
     plain_server.listening_on().await?;
+    let mut declared_server = Process::spawn_in(
+        Some(&plain_ns),
+        "declared",
+        &echo,
+        &[
+            "--service".into(),
+            "declared".into(),
+            "--listen".into(),
+            format!("0.0.0.0:{DECLARED_PORT}"),
+        ],
+        &[],
+        &log_dir,
+    )?;
+    declared_server.listening_on().await?;
 
     let mut pods = Vec::new();
     for (name, sa, app) in PODS {
@@ -685,6 +728,7 @@ services:
         controller,
         pods,
         _plain: plain_server,
+        _declared: declared_server,
         vip,
         plain,
         late_vip,
@@ -823,6 +867,57 @@ async fn scenarios(mesh: &Mesh) -> anyhow::Result<()> {
         "unknown IPv6 address {plain6}: {r:#?}"
     );
     println!("unknown address {plain6}: 3/3 reached unchanged (IPv6)");
+
+    // Declared outside the mesh (an ExternalService for service-a): reached by its name (the
+    // Host read from the intercepted connection), although the client resolved it to an
+    // address nobody holds; refused with 403 by service-d's own proxy.
+    let [a, b, c, _] = mesh.plain.octets();
+    let unheld = Ipv4Addr::new(a, b, c, UNHELD_OCTET);
+    let declared = format!("http://declared.example.test:{DECLARED_PORT}/declared");
+    let resolve = vec![
+        "--resolve".to_owned(),
+        format!("declared.example.test:{DECLARED_PORT}:{unheld}"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = curl_with(
+            &mesh.pod("pod-a").netns,
+            &resolve,
+            std::slice::from_ref(&declared),
+        )
+        .await?;
+        calls += 1;
+        if all_from(&r, "declared") {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the declared host was never reached from pod-a: {r:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = curl_with(
+        &mesh.pod("pod-a").netns,
+        &resolve,
+        &vec![declared.clone(); 3],
+    )
+    .await?;
+    calls += 3;
+    anyhow::ensure!(all_from(&r, "declared"), "declared host from pod-a: {r:#?}");
+    let r = curl_with(
+        &mesh.pod("pod-d").netns,
+        &resolve,
+        &vec![declared.clone(); 3],
+    )
+    .await?;
+    anyhow::ensure!(
+        r.iter().all(|a| a.status == 403 && a.service.is_none()),
+        "service-d is not a source of the ExternalService: {r:#?}"
+    );
+    println!(
+        "ExternalService declared.example.test:{DECLARED_PORT} (resolved by the client to {unheld}, held by nobody): pod-a 3/3 reached by name, pod-d 3/3 403 ({})",
+        r[0].body.trim()
+    );
 
     // A pod's own address: that pod, mutual TLS to its identity.
     let pod_c = format!("http://{}:{APP_PORT}/direct", mesh.pod("pod-c").addr);
