@@ -152,6 +152,12 @@ mod tests {
                 "trafficpolicies",
                 "TrafficPolicy",
             ),
+            (
+                "policy.trellis.io",
+                "v1alpha1",
+                "externalservices",
+                "ExternalService",
+            ),
         ]
         .map(|(g, v, p, k)| (g.into(), v.into(), p.into(), k.into(), true));
         assert_eq!(types, expected);
