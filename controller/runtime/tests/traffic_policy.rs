@@ -283,12 +283,21 @@ async fn the_same_yaml_as_crd_objects_gives_the_same_answers() {
             ..file_inbound
         }
     );
-    let state = from_kubernetes.index.status().borrow().clone();
+    // The status is published on its own channel, after the answers: wait for it to show the
+    // policy (on a busy machine it can lag the answers read above).
+    let mut status = from_kubernetes.index.status();
+    let state = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        status.wait_for(|state| {
+            state
+                .policies
+                .iter()
+                .any(|p| p.kind == "TrafficPolicy" && p.name == "web")
+        }),
+    )
+    .await
+    .expect("the status lists the TrafficPolicy within 10 s")
+    .unwrap()
+    .clone();
     assert!(state.problems.is_empty(), "{:?}", state.problems);
-    assert!(
-        state
-            .policies
-            .iter()
-            .any(|p| p.kind == "TrafficPolicy" && p.name == "web")
-    );
 }
