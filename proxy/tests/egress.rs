@@ -222,6 +222,33 @@ destinations:
     )
 }
 
+/// The proxy binary in the pod as UID 1337 (the UID the rules leave alone) with `config`,
+/// logging to `dir/proxy.log`; returns once its admin port (on the pod's address) listens.
+async fn start_proxy(pod: &Pod, config: &Path, dir: &Path) -> std::process::Child {
+    let mut proxy = Command::new("ip")
+        .args(["netns", "exec", &pod.netns, "setpriv"])
+        .args(["--reuid=1337", "--regid=1337", "--clear-groups", "--", BIN])
+        .args(["--config", config.to_str().unwrap(), "--threads", "1"])
+        .args(["--log", "info,trellis_proxy::server::transparent=debug"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let admin = SocketAddr::from((pod.host(2), ADMIN_PORT));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(admin).await.is_err() {
+        if Instant::now() > deadline {
+            let _ = proxy.kill();
+            panic!(
+                "the proxy never listened: {}",
+                std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy
+}
+
 /// The proxy's metrics, read from the test process through the veth.
 async fn metrics(admin: SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
@@ -270,26 +297,9 @@ async fn egress_lockdown_refuses_destinations_outside_the_mesh() {
     let path = dir.path().join("proxy.yaml");
     std::fs::write(&path, config(&pod, "deny", mesh_addr)).unwrap();
     open_to_all(&path);
-    let mut proxy = Command::new("ip")
-        .args(["netns", "exec", &pod.netns, "setpriv"])
-        .args(["--reuid=1337", "--regid=1337", "--clear-groups", "--", BIN])
-        .args(["--config", path.to_str().unwrap(), "--threads", "1"])
-        .args(["--log", "info,trellis_proxy::server::transparent=debug"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("proxy.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut proxy = start_proxy(&pod, &path, dir.path()).await;
     let log = || std::fs::read_to_string(dir.path().join("proxy.log")).unwrap_or_default();
     let admin = SocketAddr::from((pod.host(2), ADMIN_PORT));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(admin).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy never listened: {}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     let outside_url = format!("http://{outside_addr}/");
     let mesh_url = format!("http://{}:{MESH_PORT}/", pod.host(200));
@@ -410,26 +420,9 @@ destinations:
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         open_to_all(&entry.unwrap().path());
     }
-    let mut proxy = Command::new("ip")
-        .args(["netns", "exec", &pod.netns, "setpriv"])
-        .args(["--reuid=1337", "--regid=1337", "--clear-groups", "--", BIN])
-        .args(["--config", path.to_str().unwrap(), "--threads", "1"])
-        .args(["--log", "info,trellis_proxy::server::transparent=debug"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("proxy.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut proxy = start_proxy(&pod, &path, dir.path()).await;
     let log = || std::fs::read_to_string(dir.path().join("proxy.log")).unwrap_or_default();
     let admin = SocketAddr::from((pod.host(2), ADMIN_PORT));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(admin).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy never listened: {}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let resolve = |host: &str, port: u16| format!("{host}:{port}:{outside_ip}");
 
     // Declared for this workload: reached by its name (the Host header), whatever the address.
