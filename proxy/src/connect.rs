@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -72,12 +72,6 @@ impl PlainStream {
     /// The socket and the permit (for a TLS layer on top, which must keep the permit).
     pub fn into_parts(self) -> (TcpStream, Option<ConnectionPermit>) {
         (self.io.into_inner(), self.permit)
-    }
-}
-
-impl Connection for PlainStream {
-    fn connected(&self) -> Connected {
-        self.io.connected()
     }
 }
 

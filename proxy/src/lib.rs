@@ -71,6 +71,7 @@ pub mod identity;
 pub mod load;
 pub mod metrics;
 pub mod observe;
+pub mod pool;
 pub mod probe;
 pub mod reason;
 pub mod reload;

@@ -19,7 +19,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use rustls::CertificateError;
 use rustls::pki_types::ServerName;
@@ -341,17 +340,6 @@ pub struct MeshStream(
     #[allow(dead_code)]
     Option<crate::resilience::breaker::ConnectionPermit>,
 );
-
-impl Connection for MeshStream {
-    fn connected(&self) -> Connected {
-        let (_, session) = self.0.inner().get_ref();
-        if session.alpn_protocol() == Some(ALPN_H2) {
-            Connected::new().negotiated_h2()
-        } else {
-            Connected::new()
-        }
-    }
-}
 
 impl hyper::rt::Read for MeshStream {
     fn poll_read(

@@ -7,14 +7,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::RequestBody;
 use crate::config::Limits;
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::tls::{Alpn, MeshConnector};
 
 /// The proxy's upstream clients: the shared ones, and those of connection-limited destinations.
@@ -63,10 +61,13 @@ impl Upstreams {
 }
 
 /// An upstream client: pooled connections, bodies streamed from the downstream request.
-pub type UpstreamClient = Client<crate::connect::PlainConnector, RequestBody>;
+pub type UpstreamClient = Pool<crate::connect::PlainConnector>;
 
 /// An upstream client speaking mTLS to one expected identity.
-pub type MeshClient = Client<MeshConnector, RequestBody>;
+pub type MeshClient = Pool<MeshConnector>;
+
+/// How long a pooled connection may stay idle before it is closed.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The upstream clients: HTTP/1.1 and h2c (prior knowledge) in plaintext, and mTLS clients per
 /// expected peer identity (so pooled connections are keyed by (address, identity)).
@@ -75,7 +76,6 @@ pub struct Clients {
     http1: UpstreamClient,
     http2: UpstreamClient,
     connector: crate::connect::PlainConnector,
-    builder: hyper_util::client::legacy::Builder,
     handshake_timeout: Duration,
     /// mTLS clients by expected identity: [HTTP/1.1, HTTP/2]. Read on every mTLS request, written
     /// once per identity.
@@ -97,18 +97,12 @@ impl Clients {
         http.set_connect_timeout(Some(limits.connect_timeout()));
         http.enforce_http(true);
         let connector = crate::connect::PlainConnector::new(http, breaker.clone());
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90));
-        let http1 = builder.clone().build(connector.clone());
-        let http2 = builder.clone().http2_only(true).build(connector.clone());
+        let http1 = Pool::new(connector.clone(), false, POOL_IDLE_TIMEOUT);
+        let http2 = Pool::new(connector.clone(), true, POOL_IDLE_TIMEOUT);
         Clients {
             http1,
             http2,
             connector,
-            builder,
             handshake_timeout: limits.tls_handshake_timeout(),
             mesh: Default::default(),
             breaker,
@@ -157,7 +151,7 @@ impl Clients {
             metrics.clone(),
             self.handshake_timeout,
         );
-        let client: MeshClient = self.builder.clone().build(connector);
+        let client: MeshClient = Pool::new(connector, false, POOL_IDLE_TIMEOUT);
         self.origin
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -186,11 +180,7 @@ impl Clients {
             if http2 { Alpn::H2 } else { Alpn::Http1 },
             self.handshake_timeout,
         );
-        let mut builder = self.builder.clone();
-        if http2 {
-            builder.http2_only(true);
-        }
-        let client: MeshClient = builder.build(connector);
+        let client: MeshClient = Pool::new(connector, http2, POOL_IDLE_TIMEOUT);
         map.write()
             .unwrap_or_else(|p| p.into_inner())
             .entry(expected.to_string())

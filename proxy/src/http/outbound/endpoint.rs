@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use http::Request;
-use hyper_util::client::legacy::ResponseFuture;
 use tower::Service;
 
 use super::timeout::Expire;
@@ -22,6 +21,7 @@ use super::{Answer, Chosen, Failure, Outbound, Target, aim, called_port};
 use crate::balance::InFlight;
 use crate::http::Reason;
 use crate::http::body::{IdleTimeout, RequestBody};
+use crate::pool::{ResponseFuture, UpstreamError};
 use crate::resilience::breaker::Overloaded;
 use crate::resilience::retry::Outcome;
 use crate::state::Shared;
@@ -199,7 +199,7 @@ impl Sending {
     /// How the try ended: the answer, or the failure classified.
     fn finish(
         self,
-        result: Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>,
+        result: Result<http::Response<hyper::body::Incoming>, UpstreamError>,
     ) -> Result<Answer, Failure> {
         let Sending {
             in_flight,

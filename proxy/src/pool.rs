@@ -1,0 +1,607 @@
+//! Upstream connection pools on hyper's `client::conn`: the connections to each endpoint address,
+//! HTTP/1.1 or HTTP/2, each driven by its own task, and a request sent on the first one that is
+//! free.
+//!
+//! Why not hyper-util's pooled (legacy) client, which this replaced: per request it hashed the
+//! pool key under a mutex, raced a connect against waiting for an idle connection, and spawned a
+//! task to hand each HTTP/1 connection back to the pool once its response ended; profiles of the
+//! closed-loop benchmark put that at about 6% of the proxy's CPU (`scripts/bench/README.md`).
+//! Here an HTTP/1 connection never leaves its endpoint's list: a request takes the first one
+//! whose dispatcher says it is idle ([`http1::SendRequest::is_ready`], an atomic load) and
+//! queues itself on it in the same step, under the lock, so two requests cannot take the same
+//! connection. An HTTP/2 connection carries every request to its endpoint while it is open.
+//!
+//! Kept from the client it replaced: a request that a pooled connection refused without sending
+//! a byte (the server had just closed it) is sent once more on a new connection; HTTP/1 requests
+//! go out in origin form with a `Host` (from the URI when the caller sent none); idle
+//! connections are closed after the idle timeout; connections are made by the same connectors
+//! (plaintext with the breaker's connection limit, or TLS), so their timeouts and permits hold.
+
+use std::collections::HashMap;
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderValue, Method, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::RequestBody;
+
+/// Why a connection was not made (the connector's own error, kept for the cause chain).
+pub type ConnectError = Box<dyn StdError + Send + Sync>;
+
+/// The answer to a request sent through a [`Pool`].
+pub struct ResponseFuture(
+    Pin<Box<dyn Future<Output = Result<Response<Incoming>, UpstreamError>> + Send>>,
+);
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Incoming>, UpstreamError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResponseFuture")
+    }
+}
+
+/// Why an upstream request got no response.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// No connection: the connector failed (TCP, the breaker's limit, TLS) or hyper's handshake
+    /// on the new connection did.
+    Connect(ConnectError),
+    /// The request was sent (or its connection broke) and no response head came back.
+    Request(hyper::Error),
+    /// The request has no authority to connect to (a bug of the caller's).
+    NoAuthority,
+}
+
+impl UpstreamError {
+    /// Whether no connection could be made (nothing of the request reached the endpoint).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_))
+    }
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => write!(f, "connecting to the endpoint: {e}"),
+            UpstreamError::Request(e) => write!(f, "sending the request: {e}"),
+            UpstreamError::NoAuthority => f.write_str("the upstream request names no authority"),
+        }
+    }
+}
+
+impl StdError for UpstreamError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            UpstreamError::Connect(e) => Some(&**e),
+            UpstreamError::Request(e) => Some(e),
+            UpstreamError::NoAuthority => None,
+        }
+    }
+}
+
+/// What makes connections for a pool: a tower service from the endpoint's URI to a stream.
+pub trait Connect: Clone + Send + Sync + 'static {
+    /// The connection.
+    type Stream: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static;
+    /// Opens a connection to `uri`'s authority.
+    fn connect(
+        &self,
+        uri: Uri,
+    ) -> Pin<Box<dyn Future<Output = Result<Self::Stream, ConnectError>> + Send>>;
+}
+
+impl<S> Connect for S
+where
+    S: tower::Service<Uri> + Clone + Send + Sync + 'static,
+    S::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S::Error: Into<ConnectError>,
+    S::Future: Send + 'static,
+{
+    type Stream = S::Response;
+    fn connect(
+        &self,
+        uri: Uri,
+    ) -> Pin<Box<dyn Future<Output = Result<Self::Stream, ConnectError>> + Send>> {
+        // The connectors used here are always ready (hyper's `HttpConnector` and the ones on top
+        // of it), so `call` without `poll_ready` is what their own docs allow.
+        let call = self.clone().call(uri);
+        Box::pin(async move { call.await.map_err(Into::into) })
+    }
+}
+
+/// Pooled connections to endpoints, all of one protocol and made by one connector (one pool per
+/// (protocol, peer identity) in [`crate::upstream::Clients`]). Cheap to clone.
+pub struct Pool<C> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for Pool<C> {
+    fn clone(&self) -> Self {
+        Pool {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<C> fmt::Debug for Pool<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let endpoints = self.inner.endpoints.lock().map(|m| m.len()).unwrap_or(0);
+        f.debug_struct("Pool")
+            .field("http2", &self.inner.http2)
+            .field("endpoints", &endpoints)
+            .finish()
+    }
+}
+
+struct Inner<C> {
+    connector: C,
+    http2: bool,
+    idle_timeout: Duration,
+    /// Every open connection, by endpoint address.
+    endpoints: Mutex<HashMap<Authority, Vec<Pooled>>>,
+    /// Whether the task closing idle connections runs (started with the first connection).
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+/// A connection's request side, and when it last took a request.
+struct Pooled {
+    sender: Sender,
+    last_used: Instant,
+}
+
+enum Sender {
+    Http1(http1::SendRequest<RequestBody>),
+    Http2(http2::SendRequest<RequestBody>),
+}
+
+/// A request queued on a connection, or given back untouched when the connection was not free.
+type Sent = Pin<
+    Box<
+        dyn Future<
+                Output = Result<
+                    Response<Incoming>,
+                    hyper::client::conn::TrySendError<Request<RequestBody>>,
+                >,
+            > + Send,
+    >,
+>;
+
+impl Sender {
+    fn is_ready(&self) -> bool {
+        match self {
+            Sender::Http1(s) => s.is_ready(),
+            Sender::Http2(s) => s.is_ready(),
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::Http1(s) => s.is_closed(),
+            Sender::Http2(s) => s.is_closed(),
+        }
+    }
+
+    /// Queues `req` now (the returned future only waits for the answer).
+    fn try_send(&mut self, req: Request<RequestBody>) -> Sent {
+        match self {
+            Sender::Http1(s) => Box::pin(s.try_send_request(req)),
+            Sender::Http2(s) => Box::pin(s.try_send_request(req)),
+        }
+    }
+}
+
+impl<C: Connect> Pool<C> {
+    /// A pool making connections with `connector`, speaking HTTP/2 (prior knowledge, or as
+    /// negotiated by the connector's TLS) when `http2`, else HTTP/1.1; idle connections are
+    /// closed after `idle_timeout`.
+    pub fn new(connector: C, http2: bool, idle_timeout: Duration) -> Self {
+        Pool {
+            inner: Arc::new(Inner {
+                connector,
+                http2,
+                idle_timeout,
+                endpoints: Mutex::default(),
+                sweeping: Default::default(),
+            }),
+        }
+    }
+
+    /// Sends `req` (absolute URI: its authority is the endpoint) on a free pooled connection, or
+    /// a new one.
+    pub fn request(&self, mut req: Request<RequestBody>) -> ResponseFuture {
+        let Some(endpoint) = req.uri().authority().cloned() else {
+            return ResponseFuture(Box::pin(std::future::ready(Err(
+                UpstreamError::NoAuthority,
+            ))));
+        };
+        let uri = req.uri().clone();
+        if !self.inner.http2 {
+            to_origin_form(&mut req, &endpoint);
+        }
+        let pooled = self.inner.send_pooled(&endpoint, req);
+        let inner = Arc::clone(&self.inner);
+        ResponseFuture(Box::pin(async move {
+            let req = match pooled {
+                Ok(sent) => match sent.await {
+                    Ok(resp) => return Ok(resp),
+                    // Refused before a byte was written (the server had closed the connection
+                    // meanwhile): the request is intact, so a new connection may carry it.
+                    Err(mut e) => match e.take_message() {
+                        Some(req) => req,
+                        None => return Err(UpstreamError::Request(e.into_error())),
+                    },
+                },
+                Err(req) => req,
+            };
+            inner.send_new(endpoint, uri, req).await
+        }))
+    }
+
+    /// Open connections, by endpoint (for tests and debugging).
+    pub fn connections(&self) -> usize {
+        let map = self
+            .inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.values().map(Vec::len).sum()
+    }
+}
+
+impl<C: Connect> Inner<C> {
+    /// Queues `req` on a free connection to `endpoint`, dropping closed ones found on the way;
+    /// gives the request back when none is free.
+    fn send_pooled(
+        &self,
+        endpoint: &Authority,
+        req: Request<RequestBody>,
+    ) -> Result<Sent, Request<RequestBody>> {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(conns) = map.get_mut(endpoint) else {
+            return Err(req);
+        };
+        // Newest first: the most recently made connections are the warmest and, for HTTP/1, the
+        // idle ones the closed loop hands back.
+        let mut i = conns.len();
+        while i > 0 {
+            i -= 1;
+            if conns[i].sender.is_ready() {
+                let conn = &mut conns[i];
+                conn.last_used = Instant::now();
+                return Ok(conn.sender.try_send(req));
+            }
+            if conns[i].sender.is_closed() {
+                conns.swap_remove(i);
+            }
+        }
+        Err(req)
+    }
+
+    /// Makes a connection to `endpoint`, pools it and sends `req` on it.
+    async fn send_new(
+        self: Arc<Self>,
+        endpoint: Authority,
+        uri: Uri,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let io = self
+            .connector
+            .connect(uri)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let mut sender = if self.http2 {
+            let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            sender
+                .ready()
+                .await
+                .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+            Sender::Http2(sender)
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+            tokio::spawn(async move {
+                // With upgrades: a 101 answer hands the connection to `hyper::upgrade::on`.
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+                }
+            });
+            Sender::Http1(sender)
+        };
+        // Queued before the connection is shared, so no other request can take it first (a new
+        // HTTP/1 sender takes one request before its connection task has run).
+        let sent = sender.try_send(req);
+        self.add(endpoint, sender);
+        sent.await
+            .map_err(|e| UpstreamError::Request(e.into_error()))
+    }
+
+    fn add(self: &Arc<Self>, endpoint: Authority, sender: Sender) {
+        let pooled = Pooled {
+            sender,
+            last_used: Instant::now(),
+        };
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(endpoint)
+            .or_default()
+            .push(pooled);
+        if !self
+            .sweeping
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tokio::spawn(sweep(Arc::downgrade(self), self.idle_timeout));
+        }
+    }
+
+    /// Drops closed connections and those idle for longer than the idle timeout (dropping an
+    /// HTTP/1 connection's sender closes it; an HTTP/2 connection closes once its last stream
+    /// ends).
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, conns| {
+            conns.retain(|c| {
+                !c.sender.is_closed()
+                    && !(c.sender.is_ready()
+                        && now.duration_since(c.last_used) >= self.idle_timeout)
+            });
+            !conns.is_empty()
+        });
+    }
+}
+
+/// Closes idle connections every half idle timeout, while the pool exists.
+async fn sweep<C: Connect>(pool: Weak<Inner<C>>, idle_timeout: Duration) {
+    let mut every = tokio::time::interval(idle_timeout / 2);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        match pool.upgrade() {
+            Some(inner) => inner.sweep(),
+            None => return,
+        }
+    }
+}
+
+/// HTTP/1 requests name only the path on the request line (the authority-form for `CONNECT`),
+/// with the authority in `Host`: added from the URI when the caller sent none.
+fn to_origin_form(req: &mut Request<RequestBody>, endpoint: &Authority) {
+    if !req.headers().contains_key(http::header::HOST)
+        && let Ok(host) = HeaderValue::from_str(endpoint.as_str())
+    {
+        req.headers_mut().insert(http::header::HOST, host);
+    }
+    let uri = if req.method() == Method::CONNECT {
+        Uri::from(endpoint.clone())
+    } else {
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Uri::from(path)
+    };
+    *req.uri_mut() = uri;
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against real hyper servers on loopback, counting the connections they accept.
+
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::connect::PlainConnector;
+
+    /// A server answering `hello`, the request line's URI and `Host` (HTTP/1.1, or h2c when
+    /// `http2`). Counts accepted connections.
+    async fn server(http2: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let host = req
+                            .headers()
+                            .get(http::header::HOST)
+                            .map(|h| h.to_str().unwrap().to_string())
+                            .unwrap_or_default();
+                        let body = format!("hello {} {host}", req.uri());
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    });
+                    if http2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await;
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool(http2: bool, idle: Duration) -> Pool<PlainConnector> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(true);
+        Pool::new(PlainConnector::new(http, None), http2, idle)
+    }
+
+    fn get(addr: SocketAddr, http2: bool) -> Request<RequestBody> {
+        let mut req = Request::get(format!("http://{addr}/path?q=1"))
+            .body(RequestBody::empty())
+            .unwrap();
+        if http2 {
+            *req.version_mut() = http::Version::HTTP_2;
+        }
+        req
+    }
+
+    async fn text(resp: Response<Incoming>) -> String {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn http1_requests_reuse_an_idle_connection_and_go_out_in_origin_form() {
+        let (addr, accepted) = server(false).await;
+        let pool = pool(false, Duration::from_secs(90));
+        for _ in 0..5 {
+            let resp = pool.request(get(addr, false)).await.unwrap();
+            // Origin form on the request line, Host from the URI (the caller sent none).
+            assert_eq!(text(resp).await, format!("hello /path?q=1 {addr}"));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_http1_requests_each_get_a_connection_of_their_own() {
+        let (addr, accepted) = server(false).await;
+        let pool = pool(false, Duration::from_secs(90));
+        let sent: Vec<_> = (0..4).map(|_| pool.request(get(addr, false))).collect();
+        let resps = futures::future::join_all(sent).await;
+        for resp in resps {
+            assert!(text(resp.unwrap()).await.starts_with("hello /path"));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        // All four are free again: four more requests in sequence make no new connection.
+        for _ in 0..4 {
+            text(pool.request(get(addr, false)).await.unwrap()).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_while_idle_is_not_used_again() {
+        // A raw server that answers one request as keep-alive, then closes the connection while
+        // it is idle in the pool (as apps with a short keep-alive timeout do): the next request
+        // must go out on a new connection, not fail on the closed one.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = tcp.read(&mut buf).await.unwrap();
+                        assert!(n > 0, "client closed before a request");
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                });
+            }
+        });
+        let pool = pool(false, Duration::from_secs(90));
+        for _ in 0..5 {
+            let resp = pool.request(get(addr, false)).await.unwrap();
+            assert_eq!(text(resp).await, "hello");
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+        // Closed ones leave the pool when a request or the sweep passes them: only the last.
+        assert_eq!(pool.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn http2_requests_share_one_connection() {
+        let (addr, accepted) = server(true).await;
+        let pool = pool(true, Duration::from_secs(90));
+        let resp = pool.request(get(addr, true)).await.unwrap();
+        // HTTP/2 keeps the absolute URI (`:scheme` and `:authority`).
+        assert!(
+            text(resp)
+                .await
+                .starts_with(&format!("hello http://{addr}/path?q=1"))
+        );
+        let sent: Vec<_> = (0..10).map(|_| pool.request(get(addr, true))).collect();
+        for resp in futures::future::join_all(sent).await {
+            assert!(text(resp.unwrap()).await.starts_with("hello"));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let unused = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = unused.local_addr().unwrap();
+        drop(unused);
+        let err = pool(false, Duration::from_secs(90))
+            .request(get(addr, false))
+            .await
+            .unwrap_err();
+        assert!(err.is_connect(), "{err}");
+        assert!(
+            err.source().is_some(),
+            "the connector's error is kept as the cause"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let (addr, accepted) = server(false).await;
+        let pool = pool(false, Duration::from_millis(200));
+        text(pool.request(get(addr, false)).await.unwrap()).await;
+        assert_eq!(pool.connections(), 1);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(pool.connections(), 0, "swept after the idle timeout");
+        text(pool.request(get(addr, false)).await.unwrap()).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+}
