@@ -75,6 +75,12 @@ impl PlainStream {
     }
 }
 
+impl crate::pool::Negotiated for PlainStream {
+    fn negotiated_h2(&self) -> bool {
+        false
+    }
+}
+
 impl hyper::rt::Read for PlainStream {
     fn poll_read(
         self: Pin<&mut Self>,

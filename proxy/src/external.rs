@@ -25,7 +25,7 @@ use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 
 use crate::config::{self, Invalid};
-use crate::tls::{ALPN_H2, ALPN_HTTP1, Alpn};
+use crate::tls::Alpn;
 
 /// A compiled declaration of an outside destination.
 #[derive(Debug)]
@@ -161,11 +161,7 @@ pub fn origin_config(ca_bundle: Option<&str>, alpn: Alpn) -> Result<Arc<ClientCo
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = match alpn {
-        Alpn::H2 => vec![ALPN_H2.to_vec()],
-        Alpn::Http1 => vec![ALPN_HTTP1.to_vec()],
-        Alpn::None => Vec::new(),
-    };
+    config.alpn_protocols = alpn.protocols();
     let config = Arc::new(config);
     made.insert(key, Arc::clone(&config));
     Ok(config)

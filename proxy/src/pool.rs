@@ -97,10 +97,16 @@ impl StdError for UpstreamError {
     }
 }
 
+/// A connection that may have agreed on its protocol (TLS ALPN).
+pub trait Negotiated {
+    /// Whether the server chose HTTP/2 (`h2` in ALPN).
+    fn negotiated_h2(&self) -> bool;
+}
+
 /// What makes connections for a pool: a tower service from the endpoint's URI to a stream.
 pub trait Connect: Clone + Send + Sync + 'static {
     /// The connection.
-    type Stream: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static;
+    type Stream: hyper::rt::Read + hyper::rt::Write + Negotiated + Unpin + Send + 'static;
     /// Opens a connection to `uri`'s authority.
     fn connect(
         &self,
@@ -111,7 +117,7 @@ pub trait Connect: Clone + Send + Sync + 'static {
 impl<S> Connect for S
 where
     S: tower::Service<Uri> + Clone + Send + Sync + 'static,
-    S::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S::Response: hyper::rt::Read + hyper::rt::Write + Negotiated + Unpin + Send + 'static,
     S::Error: Into<ConnectError>,
     S::Future: Send + 'static,
 {
@@ -145,7 +151,7 @@ impl<C> fmt::Debug for Pool<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let endpoints = self.inner.endpoints.lock().map(|m| m.len()).unwrap_or(0);
         f.debug_struct("Pool")
-            .field("http2", &self.inner.http2)
+            .field("protocol", &self.inner.protocol)
             .field("endpoints", &endpoints)
             .finish()
     }
@@ -153,12 +159,24 @@ impl<C> fmt::Debug for Pool<C> {
 
 struct Inner<C> {
     connector: C,
-    http2: bool,
+    protocol: Protocol,
     idle_timeout: Duration,
     /// Every open connection, by endpoint address.
     endpoints: Mutex<HashMap<Authority, Vec<Pooled>>>,
     /// Whether the task closing idle connections runs (started with the first connection).
     sweeping: std::sync::atomic::AtomicBool,
+}
+
+/// What a pool's connections speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 (prior knowledge in plaintext, or the only protocol offered in ALPN).
+    Http2,
+    /// What the server chose in ALPN (HTTP/2 when it chose `h2`, else HTTP/1.1), for TLS this
+    /// proxy originates to servers outside the mesh: their HTTP/2 requests name `https`.
+    Negotiated,
 }
 
 /// A connection's request side, and when it last took a request.
@@ -199,24 +217,37 @@ impl Sender {
         }
     }
 
-    /// Queues `req` now (the returned future only waits for the answer).
-    fn try_send(&mut self, req: Request<RequestBody>) -> Sent {
+    /// Queues `req` now (the returned future only waits for the answer), in the form this
+    /// connection's protocol wants.
+    fn try_send(
+        &mut self,
+        mut req: Request<RequestBody>,
+        endpoint: &Authority,
+        protocol: Protocol,
+    ) -> Sent {
         match self {
-            Sender::Http1(s) => Box::pin(s.try_send_request(req)),
-            Sender::Http2(s) => Box::pin(s.try_send_request(req)),
+            Sender::Http1(s) => {
+                to_origin_form(&mut req, endpoint);
+                Box::pin(s.try_send_request(req))
+            }
+            Sender::Http2(s) => {
+                if protocol == Protocol::Negotiated {
+                    to_https_h2(&mut req, endpoint);
+                }
+                Box::pin(s.try_send_request(req))
+            }
         }
     }
 }
 
 impl<C: Connect> Pool<C> {
-    /// A pool making connections with `connector`, speaking HTTP/2 (prior knowledge, or as
-    /// negotiated by the connector's TLS) when `http2`, else HTTP/1.1; idle connections are
+    /// A pool making connections with `connector` that speak `protocol`; idle connections are
     /// closed after `idle_timeout`.
-    pub fn new(connector: C, http2: bool, idle_timeout: Duration) -> Self {
+    pub fn new(connector: C, protocol: Protocol, idle_timeout: Duration) -> Self {
         Pool {
             inner: Arc::new(Inner {
                 connector,
-                http2,
+                protocol,
                 idle_timeout,
                 endpoints: Mutex::default(),
                 sweeping: Default::default(),
@@ -226,16 +257,13 @@ impl<C: Connect> Pool<C> {
 
     /// Sends `req` (absolute URI: its authority is the endpoint) on a free pooled connection, or
     /// a new one.
-    pub fn request(&self, mut req: Request<RequestBody>) -> ResponseFuture {
+    pub fn request(&self, req: Request<RequestBody>) -> ResponseFuture {
         let Some(endpoint) = req.uri().authority().cloned() else {
             return ResponseFuture(Box::pin(std::future::ready(Err(
                 UpstreamError::NoAuthority,
             ))));
         };
         let uri = req.uri().clone();
-        if !self.inner.http2 {
-            to_origin_form(&mut req, &endpoint);
-        }
         let pooled = self.inner.send_pooled(&endpoint, req);
         let inner = Arc::clone(&self.inner);
         ResponseFuture(Box::pin(async move {
@@ -289,7 +317,7 @@ impl<C: Connect> Inner<C> {
             if conns[i].sender.is_ready() {
                 let conn = &mut conns[i];
                 conn.last_used = Instant::now();
-                return Ok(conn.sender.try_send(req));
+                return Ok(conn.sender.try_send(req, endpoint, self.protocol));
             }
             if conns[i].sender.is_closed() {
                 conns.swap_remove(i);
@@ -310,7 +338,12 @@ impl<C: Connect> Inner<C> {
             .connect(uri)
             .await
             .map_err(UpstreamError::Connect)?;
-        let mut sender = if self.http2 {
+        let http2 = match self.protocol {
+            Protocol::Http1 => false,
+            Protocol::Http2 => true,
+            Protocol::Negotiated => io.negotiated_h2(),
+        };
+        let mut sender = if http2 {
             let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)
@@ -341,7 +374,7 @@ impl<C: Connect> Inner<C> {
         };
         // Queued before the connection is shared, so no other request can take it first (a new
         // HTTP/1 sender takes one request before its connection task has run).
-        let sent = sender.try_send(req);
+        let sent = sender.try_send(req, &endpoint, self.protocol);
         self.add(endpoint, sender);
         sent.await
             .map_err(|e| UpstreamError::Request(e.into_error()))
@@ -397,9 +430,32 @@ async fn sweep<C: Connect>(pool: Weak<Inner<C>>, idle_timeout: Duration) {
     }
 }
 
+/// HTTP/2 over TLS this proxy originated: `:scheme` `https` and `:authority` the endpoint (no
+/// `host` beside it, which would name the service the app called: strict servers refuse two
+/// different authorities, RFC 9113 8.3.1). The request may come back from an HTTP/1 connection
+/// that refused it unsent, in origin form.
+fn to_https_h2(req: &mut Request<RequestBody>, endpoint: &Authority) {
+    req.headers_mut().remove(http::header::HOST);
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if let Ok(uri) = Uri::builder()
+        .scheme(http::uri::Scheme::HTTPS)
+        .authority(endpoint.clone())
+        .path_and_query(path)
+        .build()
+    {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = http::Version::HTTP_2;
+}
+
 /// HTTP/1 requests name only the path on the request line (the authority-form for `CONNECT`),
 /// with the authority in `Host`: added from the URI when the caller sent none.
 fn to_origin_form(req: &mut Request<RequestBody>, endpoint: &Authority) {
+    *req.version_mut() = http::Version::HTTP_11;
     if !req.headers().contains_key(http::header::HOST)
         && let Ok(host) = HeaderValue::from_str(endpoint.as_str())
     {
@@ -474,7 +530,12 @@ mod tests {
     fn pool(http2: bool, idle: Duration) -> Pool<PlainConnector> {
         let mut http = HttpConnector::new();
         http.enforce_http(true);
-        Pool::new(PlainConnector::new(http, None), http2, idle)
+        let protocol = if http2 {
+            Protocol::Http2
+        } else {
+            Protocol::Http1
+        };
+        Pool::new(PlainConnector::new(http, None), protocol, idle)
     }
 
     fn get(addr: SocketAddr, http2: bool) -> Request<RequestBody> {

@@ -341,6 +341,13 @@ pub struct MeshStream(
     Option<crate::resilience::breaker::ConnectionPermit>,
 );
 
+impl crate::pool::Negotiated for MeshStream {
+    fn negotiated_h2(&self) -> bool {
+        let (_, session) = self.0.inner().get_ref();
+        session.alpn_protocol() == Some(ALPN_H2)
+    }
+}
+
 impl hyper::rt::Read for MeshStream {
     fn poll_read(
         self: Pin<&mut Self>,

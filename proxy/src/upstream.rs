@@ -12,7 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use crate::config::Limits;
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
-use crate::pool::Pool;
+use crate::pool::{Pool, Protocol};
 use crate::tls::{Alpn, MeshConnector};
 
 /// The proxy's upstream clients: the shared ones, and those of connection-limited destinations.
@@ -82,7 +82,8 @@ pub struct Clients {
     mesh: [RwLock<HashMap<String, MeshClient>>; 2],
     /// The breaker whose connection limit these clients' connections count against.
     breaker: Option<crate::resilience::Breaker>,
-    /// HTTP/1.1 clients originating TLS to destinations outside the mesh, by server name and
+    /// Clients originating TLS to destinations outside the mesh (HTTP/2 or HTTP/1.1, as each
+    /// server chooses in ALPN), by server name and
     /// configuration (one per declared host and CA bundle: [`crate::external::origin_config`]
     /// makes each configuration once).
     origin: RwLock<HashMap<(String, usize), MeshClient>>,
@@ -97,8 +98,8 @@ impl Clients {
         http.set_connect_timeout(Some(limits.connect_timeout()));
         http.enforce_http(true);
         let connector = crate::connect::PlainConnector::new(http, breaker.clone());
-        let http1 = Pool::new(connector.clone(), false, POOL_IDLE_TIMEOUT);
-        let http2 = Pool::new(connector.clone(), true, POOL_IDLE_TIMEOUT);
+        let http1 = Pool::new(connector.clone(), Protocol::Http1, POOL_IDLE_TIMEOUT);
+        let http2 = Pool::new(connector.clone(), Protocol::Http2, POOL_IDLE_TIMEOUT);
         Clients {
             http1,
             http2,
@@ -124,7 +125,7 @@ impl Clients {
         if http2 { &self.http2 } else { &self.http1 }
     }
 
-    /// The HTTP/1.1 client originating TLS with `config` to servers named `server_name`
+    /// The client originating TLS with `config` to servers named `server_name`
     /// (created on first use).
     pub fn origin(
         &self,
@@ -151,7 +152,7 @@ impl Clients {
             metrics.clone(),
             self.handshake_timeout,
         );
-        let client: MeshClient = Pool::new(connector, false, POOL_IDLE_TIMEOUT);
+        let client: MeshClient = Pool::new(connector, Protocol::Negotiated, POOL_IDLE_TIMEOUT);
         self.origin
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -180,7 +181,12 @@ impl Clients {
             if http2 { Alpn::H2 } else { Alpn::Http1 },
             self.handshake_timeout,
         );
-        let client: MeshClient = Pool::new(connector, http2, POOL_IDLE_TIMEOUT);
+        let protocol = if http2 {
+            Protocol::Http2
+        } else {
+            Protocol::Http1
+        };
+        let client: MeshClient = Pool::new(connector, protocol, POOL_IDLE_TIMEOUT);
         map.write()
             .unwrap_or_else(|p| p.into_inner())
             .entry(expected.to_string())

@@ -1,7 +1,8 @@
 //! Declared outside destinations through a real proxy on loopback (no interception needed):
 //! reached by name through the outbound HTTP listener and a per-upstream TCP port, the caller's
 //! own identity checked against the declaration, ports checked, and TLS originated to an HTTPS
-//! server whose certificate is checked against the declaration's CA bundle.
+//! server whose certificate is checked against the declaration's CA bundle (HTTP/1.1, or HTTP/2
+//! when the server chooses `h2`: gRPC to the outside).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -10,7 +11,7 @@ use http::StatusCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 mod common;
-use common::certs::{identity_yaml, new_ca, tls_server, valid_leaf};
+use common::certs::{h2_tls_server, identity_yaml, new_ca, tls_server, valid_leaf};
 use common::*;
 
 const ME: &str = "spiffe://test.local/ns/shop/sa/checkout";
@@ -115,4 +116,68 @@ destinations:
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.ends_with("secure"), "{answer}");
     assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn originated_tls_speaks_http2_when_the_outside_server_chooses_it() {
+    // An outside gRPC-style server that speaks only HTTP/2 over TLS: the proxy offers `h2` and
+    // `http/1.1`, the server chooses `h2`, and the request goes out as HTTP/2 whatever the
+    // application spoke to its proxy, trailers included.
+    use http_body_util::BodyExt as _;
+    let ca = new_ca("outside CA");
+    let server: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    h2_tls_server(server, &ca, "grpc.example.test").await;
+    let dir = tempfile::tempdir().unwrap();
+    let identity = identity_yaml(dir.path(), "checkout", &valid_leaf(&ca, ME), &[&ca]);
+    let http = free_port();
+    let yaml = format!(
+        "{identity}outbound:
+  http: 127.0.0.1:{http}
+destinations:
+  - authority: grpc.example.test
+    protocol: detect
+    backends: [{{ name: grpc, endpoints: [{{ address: 127.0.0.1 }}] }}]
+    external:
+      name: shop/grpc
+      allowed_identities: [\"{ME}\"]
+      ports: [{{ port: 80, originate_tls_port: {tls_port} }}]
+      ca_bundle: |
+{ca}",
+        tls_port = server.port(),
+        ca = indented(&ca.pem, 8),
+    );
+    let _proxy = proxy(&yaml).await;
+    let outbound: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+
+    // An HTTP/1.1 application: HTTP/2 upstream, `:scheme` https, `:authority` the endpoint and
+    // no `host` field beside it.
+    let mut client = H1::connect(outbound).await;
+    for _ in 0..2 {
+        let (status, _, body) = client.get("grpc.example.test", "/pkg.Svc/Call").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            body,
+            format!(
+                "HTTP/2.0 https://127.0.0.1:{}/pkg.Svc/Call host=-",
+                server.port()
+            )
+        );
+    }
+
+    // An h2c application (a gRPC client): the trailers come back.
+    let mut h2 = h2(outbound).await;
+    let req = http::Request::post("http://grpc.example.test/pkg.Svc/Call")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full("x"))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers relayed");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert!(
+        String::from_utf8_lossy(&collected.to_bytes()).starts_with("HTTP/2.0 https://"),
+        "HTTP/2 upstream"
+    );
 }

@@ -240,6 +240,21 @@ pub enum Alpn {
     Http1,
     /// Nothing (opaque TCP).
     None,
+    /// `h2`, then `http/1.1`: the server chooses (TLS this proxy originates to servers outside
+    /// the mesh, whose HTTP/2 support is not known in advance).
+    Any,
+}
+
+impl Alpn {
+    /// The protocol names offered, in order of preference.
+    pub fn protocols(self) -> Vec<Vec<u8>> {
+        match self {
+            Alpn::H2 => vec![ALPN_H2.to_vec()],
+            Alpn::Http1 => vec![ALPN_HTTP1.to_vec()],
+            Alpn::None => Vec::new(),
+            Alpn::Any => vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()],
+        }
+    }
 }
 
 impl TlsGeneration {
@@ -256,7 +271,7 @@ impl TlsGeneration {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(SpiffeClientVerifier { inner }))
             .with_single_cert(credentials.chain.clone(), credentials.key())?;
-        server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+        server.alpn_protocols = Alpn::Any.protocols();
         let anchors: Arc<[TrustAnchor<'static>]> = trust_anchors(&credentials.anchors)?.into();
         Ok(TlsGeneration {
             identity_label: crate::metrics::Label::from(credentials.id.to_string().as_str()),
@@ -291,11 +306,7 @@ impl TlsGeneration {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(self.credentials.chain.clone(), self.credentials.key())?;
-        config.alpn_protocols = match alpn {
-            Alpn::H2 => vec![ALPN_H2.to_vec()],
-            Alpn::Http1 => vec![ALPN_HTTP1.to_vec()],
-            Alpn::None => Vec::new(),
-        };
+        config.alpn_protocols = alpn.protocols();
         let config = Arc::new(config);
         clients.insert((expected.to_string(), alpn), Arc::clone(&config));
         Ok(config)

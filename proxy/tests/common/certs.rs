@@ -1,7 +1,7 @@
 //! Test certificates: a CA, SPIFFE leaves signed by it, and the PEM files plus the `identity:`
 //! line of a proxy's static config that name them. Shared by the tests that run proxies under
-//! mTLS (mtls.rs, observe.rs, tracing.rs); and an HTTPS server outside the mesh ([`tls_server`],
-//! egress.rs and external.rs).
+//! mTLS (mtls.rs, observe.rs, tracing.rs); and HTTPS servers outside the mesh ([`tls_server`],
+//! [`h2_tls_server`]: egress.rs and external.rs).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -101,20 +101,14 @@ pub fn identity_yaml(
     )
 }
 
-/// An HTTPS server at `addr` with a certificate for `host` signed by `ca`, answering `name`;
-/// counts the requests it answered.
-pub async fn tls_server(
-    addr: SocketAddr,
-    ca: &Ca,
-    host: &str,
-    name: &'static str,
-) -> Arc<AtomicUsize> {
+/// A server TLS configuration with a certificate for `host` signed by `ca`, offering `alpn`.
+fn server_config(ca: &Ca, host: &str, alpn: &[&[u8]]) -> rustls::ServerConfig {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec![host.to_string()])
         .unwrap()
         .signed_by(&key, &ca.issuer)
         .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
@@ -125,6 +119,19 @@ pub async fn tls_server(
         rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
     )
     .unwrap();
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    config
+}
+
+/// An HTTPS server at `addr` with a certificate for `host` signed by `ca`, answering `name`
+/// over HTTP/1.1 (it offers no ALPN); counts the requests it answered.
+pub async fn tls_server(
+    addr: SocketAddr,
+    ca: &Ca,
+    host: &str,
+    name: &'static str,
+) -> Arc<AtomicUsize> {
+    let config = server_config(ca, host, &[]);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let answered = Arc::new(AtomicUsize::new(0));
@@ -156,4 +163,43 @@ pub async fn tls_server(
         }
     });
     answered
+}
+
+/// An HTTPS server at `addr` for `host` (signed by `ca`) that speaks only HTTP/2 (ALPN `h2`):
+/// answers each request with its version, URI and `host` field (`-` when absent) and a
+/// `grpc-status: 0` trailer, as a gRPC server outside the mesh would.
+pub async fn h2_tls_server(addr: SocketAddr, ca: &Ca, host: &str) {
+    use http_body_util::{BodyExt as _, Full};
+    let config = server_config(ca, host, &[b"h2"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .map_or("-".to_string(), |h| h.to_str().unwrap().to_string());
+                        let text = format!("{:?} {} host={host}", req.version(), req.uri());
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let body = Full::new(bytes::Bytes::from(text))
+                            .map_err(|never| match never {})
+                            .with_trailers(async move { Some(Ok(trailers)) });
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+            });
+        }
+    });
 }

@@ -122,7 +122,9 @@ pub(super) fn send(
         });
     }
     // Outside the mesh: the endpoint's host at the port called (or the one TLS is originated
-    // to), and HTTP/1.1 when the proxy originates the TLS (it offers only `http/1.1`).
+    // to). When the proxy originates the TLS it offers `h2` and `http/1.1` and the server
+    // chooses: the request is aimed as HTTP/1.1 here and reshaped for HTTP/2 by the pool when
+    // the connection negotiated it.
     let outside = match &dest.external {
         Some(external) => {
             let port = external.port(called_port(req.uri(), req.headers()));
@@ -133,7 +135,7 @@ pub(super) fn send(
             };
             let origin = port
                 .originate_tls_port
-                .and_then(|_| external.origin(crate::tls::Alpn::Http1));
+                .and_then(|_| external.origin(crate::tls::Alpn::Any));
             Some((authority, origin))
         }
         None => None,
