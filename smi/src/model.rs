@@ -198,6 +198,14 @@ pub struct Identity {
     pub namespace: Option<String>,
 }
 
+impl Identity {
+    /// An ExternalService's "every workload of the mesh": name and namespace both `*` (any
+    /// caller with a mesh identity). TrafficTargets have no wildcard: there `*` names nobody.
+    pub fn is_anyone(&self) -> bool {
+        self.name == "*" && self.namespace.as_deref() == Some("*")
+    }
+}
+
 /// A rule of a TrafficTarget: a route resource and, optionally, which of its matches.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct AccessRule {

@@ -301,12 +301,27 @@ fn check_external_service(issues: &mut Vec<Issue>, external: &ExternalService) {
         ));
     }
     for (i, source) in external.sources.iter().enumerate() {
-        check_identity(
-            issues,
-            &FieldPath::parse("spec.sources").index(i),
-            &source.kind,
-            &source.name,
-        );
+        let field = FieldPath::parse("spec.sources").index(i);
+        check_identity(issues, &field, &source.kind, &source.name);
+        // Only "every workload of the mesh" can be a wildcard: the proxy admits exact identities
+        // or anyone, so a namespace's every service account (or one name in every namespace)
+        // could only be refused at call time, which would look like a bug; refused here instead.
+        let wild_name = source.name == "*";
+        let wild_namespace = source.namespace.as_deref() == Some("*");
+        if wild_name != wild_namespace {
+            let (key, what) = if wild_name {
+                ("namespace", "name \"*\" needs namespace \"*\" too")
+            } else {
+                ("name", "namespace \"*\" needs name \"*\" too")
+            };
+            issues.push(Issue::new(
+                field.key(key),
+                format!(
+                    "{what}: a wildcard source means every workload of the mesh; list one \
+                     namespace's service accounts by name"
+                ),
+            ));
+        }
     }
 }
 

@@ -70,7 +70,7 @@ fn a_good_external_service_loads_into_the_model() {
 
 #[test]
 fn each_rule_is_a_located_error() {
-    let cases: [(String, &str); 12] = [
+    let cases: [(String, &str); 14] = [
         (
             format!("  hosts: []\n  ports: [{{port: 443, protocol: tls}}]\n{SOURCES}"),
             "e.yaml:5: ExternalService shop/payments: spec.hosts: must list at least one host",
@@ -116,6 +116,14 @@ fn each_rule_is_a_located_error() {
             "e.yaml:8: ExternalService shop/payments: spec.sources[0].kind: must be ServiceAccount (Trellis identities are service accounts), got \"User\"",
         ),
         (
+            "  hosts: [a.b.example]\n  ports: [{port: 443, protocol: tls}]\n  sources:\n  - {kind: ServiceAccount, name: \"*\"}\n".to_owned(),
+            "e.yaml:8: ExternalService shop/payments: spec.sources[0].namespace: name \"*\" needs namespace \"*\" too: a wildcard source means every workload of the mesh; list one namespace's service accounts by name",
+        ),
+        (
+            "  hosts: [a.b.example]\n  ports: [{port: 443, protocol: tls}]\n  sources:\n  - {kind: ServiceAccount, name: checkout, namespace: \"*\"}\n".to_owned(),
+            "e.yaml:8: ExternalService shop/payments: spec.sources[0].name: namespace \"*\" needs name \"*\" too: a wildcard source means every workload of the mesh; list one namespace's service accounts by name",
+        ),
+        (
             format!("  hosts: [a.b.example]\n  ports: [{{port: 443, protocol: tls}}]\n  addresses: [pay.example]\n{SOURCES}"),
             "e.yaml:7: ExternalService shop/payments: spec.addresses[0]: \"pay.example\" is not an IP address (addresses are fixed IPs; names go in hosts)",
         ),
@@ -124,6 +132,17 @@ fn each_rule_is_a_located_error() {
         let got = errors(&spec);
         assert_eq!(got, [expected], "{spec}");
     }
+}
+
+#[test]
+fn every_workload_of_the_mesh_is_the_one_wildcard_source() {
+    let spec = "  hosts: [a.b.example]\n  ports: [{port: 443, protocol: tls}]\n  sources:\n  - {kind: ServiceAccount, name: \"*\", namespace: \"*\"}\n";
+    let report = load_str("e.yaml", &document(spec));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let Policy::ExternalService(external) = &report.resources[0].policy else {
+        panic!("an ExternalService");
+    };
+    assert!(external.sources[0].is_anyone());
 }
 
 #[test]

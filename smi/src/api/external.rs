@@ -20,6 +20,8 @@
 //!   addresses: [203.0.113.7]                     # optional: fixed endpoints instead of DNS
 //!   sources:
 //!   - {kind: ServiceAccount, name: checkout, namespace: shop}
+//!   # or every workload of the mesh (any caller with a mesh identity):
+//!   # - {kind: ServiceAccount, name: "*", namespace: "*"}
 //! ```
 //!
 //! Port protocols:
@@ -89,15 +91,18 @@ impl ExternalPort {
     }
 }
 
-/// A workload allowed to call the ExternalService (as a TrafficTarget source).
+/// A workload allowed to call the ExternalService (as a TrafficTarget source), or every workload
+/// of the mesh: `{kind: ServiceAccount, name: "*", namespace: "*"}` (any caller with a mesh
+/// identity, never one without; [`crate::model::Identity::is_anyone`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExternalSource {
     /// `ServiceAccount`.
     pub kind: String,
-    /// The service account's name.
+    /// The service account's name (`*` with namespace `*`: every workload of the mesh).
     pub name: String,
-    /// The service account's namespace (absent: the ExternalService's).
+    /// The service account's namespace (absent: the ExternalService's; `*` with name `*`:
+    /// every workload of the mesh).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
 }
@@ -141,7 +146,8 @@ pub mod v1alpha1 {
         /// Fixed IP addresses to connect to instead of resolving the host.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pub addresses: Vec<String>,
-        /// The service accounts allowed to call it (at least one).
+        /// The service accounts allowed to call it (at least one; `{kind: ServiceAccount, name:
+        /// "*", namespace: "*"}` admits every workload of the mesh).
         pub sources: Vec<ExternalSource>,
     }
 }

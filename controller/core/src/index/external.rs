@@ -251,6 +251,10 @@ fn profile(
         .sources
         .iter()
         .map(|s| {
+            if s.is_anyone() {
+                // The proxy's spelling of "any caller with a mesh identity".
+                return "*".to_string();
+            }
             let source_ns = s.namespace.as_deref().unwrap_or(namespace);
             WorkloadIdentity::new(source_ns, &s.name).spiffe_id(trust_domain)
         })
@@ -312,6 +316,21 @@ spec:
             v1::destination_update::Kind::Profile(p) => p,
             other => panic!("expected a profile, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_wildcard_source_admits_every_workload_of_the_mesh() {
+        let yaml = PAYMENTS.replace(
+            "  - {kind: ServiceAccount, name: checkout}\n",
+            "  - {kind: ServiceAccount, name: \"*\", namespace: \"*\"}\n",
+        );
+        let view = view(&yaml);
+        let p = profile_of(resolve(&view, "api.pay.example", "cluster.local"));
+        assert_eq!(
+            p.external.unwrap().allowed_identities,
+            ["*", "spiffe://cluster.local/ns/finance/sa/billing"],
+            "the proxy's spelling of any caller with a mesh identity"
+        );
     }
 
     #[test]
