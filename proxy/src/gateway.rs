@@ -58,6 +58,9 @@ pub enum GatewayError {
     },
 }
 
+/// The `source` label of the gateway's reloads in `trellis_config_updates_total`.
+const GATEWAY_SOURCE: &str = "gateway";
+
 /// The compiled gateway.
 #[derive(Debug)]
 pub struct Gateway {
@@ -239,13 +242,15 @@ impl Gateway {
     /// Watch the Gateway document at `path` and the certificate files it names until `stop`
     /// resolves: a change to any of them re-reads the document and applies it ([`reload`]:
     /// routes and certificates). A version that does not read, compile or load is logged with
-    /// its file, line and field, and the last good one keeps serving.
+    /// its file, line and field, and the last good one keeps serving. Each outcome is counted
+    /// in `trellis_config_updates_total{source="gateway"}`.
     ///
     /// [`reload`]: Gateway::reload
     pub async fn watch_document(
         &self,
         path: PathBuf,
         poll: Duration,
+        metrics: &crate::metrics::Metrics,
         stop: impl std::future::Future<Output = ()>,
     ) {
         let options = trellis_file_watch::Options::poll(poll);
@@ -265,6 +270,7 @@ impl Gateway {
                 self.reload(&config)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
             });
+            metrics.update(GATEWAY_SOURCE, applied.is_ok());
             match applied {
                 Ok(()) => tracing::info!(path = %path.display(), "gateway reloaded"),
                 Err(e) => tracing::error!(
@@ -281,10 +287,12 @@ impl Gateway {
     }
 
     /// Reload the certificates whenever their files change, until `stop` resolves; a set that
-    /// does not load is logged and the last good one keeps serving.
+    /// does not load is logged and the last good one keeps serving (both counted as for
+    /// [`Gateway::watch_document`]).
     pub async fn watch_certificates(
         &self,
         poll: Duration,
+        metrics: &crate::metrics::Metrics,
         stop: impl std::future::Future<Output = ()>,
     ) {
         let mut watch = trellis_file_watch::FileWatch::new(
@@ -297,7 +305,9 @@ impl Gateway {
                 () = watch.changed() => {}
                 () = &mut stop => return,
             }
-            match ByServerName::load(&self.sources.load()) {
+            let loaded = ByServerName::load(&self.sources.load());
+            metrics.update(GATEWAY_SOURCE, loaded.is_ok());
+            match loaded {
                 Ok(set) => {
                     self.certificates.store(Arc::new(set));
                     tracing::info!("gateway certificates reloaded");

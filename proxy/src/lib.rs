@@ -320,17 +320,18 @@ pub async fn start(options: ProxyOptions) -> anyhow::Result<RunningProxy> {
         let watched = Arc::clone(&gateway);
         let mut stop = shutdown_rx.clone();
         let document = gateway_document.clone();
+        let metrics = shared.metrics.clone();
         tokio::spawn(async move {
             let stopped = async move { shutdown::stopped(&mut stop).await };
             match document {
                 Some(path) => {
                     watched
-                        .watch_document(path, GATEWAY_CERTIFICATE_POLL, stopped)
+                        .watch_document(path, GATEWAY_CERTIFICATE_POLL, &metrics, stopped)
                         .await
                 }
                 None => {
                     watched
-                        .watch_certificates(GATEWAY_CERTIFICATE_POLL, stopped)
+                        .watch_certificates(GATEWAY_CERTIFICATE_POLL, &metrics, stopped)
                         .await
                 }
             }

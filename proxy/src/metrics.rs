@@ -6,7 +6,7 @@
 //! | `trellis_request_total` | counter | [`RequestLabels`] |
 //! | `trellis_request_duration_ms` | histogram (ms: [`LATENCY_BUCKETS_MS`]) | [`RequestLabels`] |
 //! | `trellis_tcp_connections_total` | counter | [`TcpLabels`] |
-//! | `trellis_config_updates_total` | counter | `source` (`file`, `controller`), `result` (`applied`, `rejected`) |
+//! | `trellis_config_updates_total` | counter | `source` (`file`, `controller`, `gateway`: the Gateway document and its certificates reloaded), `result` (`applied`, `rejected`) |
 //! | `trellis_tls_handshakes_total` | counter | `direction` (`inbound`, `outbound`, `gateway`): completed (m)TLS handshakes |
 //! | `trellis_tls_handshake_duration_ms` | histogram | `direction` |
 //! | `trellis_tls_handshake_errors_total` | counter | `direction`, `reason` (`timeout`, `expired`, `unknown-issuer`, `identity-mismatch`, `bad-certificate`, `no-client-certificate`, `no-identity`, `protocol`, `eof`, `io`, ...) |

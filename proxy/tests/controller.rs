@@ -515,6 +515,21 @@ spec:
     );
     assert_eq!(get(&ca, https, "shop.example.com", "/api/x").await.1, "api");
     assert_eq!(get(&ca, https, "shop.example.com", "/").await.1, "web");
+    // Both outcomes counted, so an alert can catch a gateway that stopped taking its document.
+    let (_, _, metrics) = H1::connect(format!("127.0.0.1:{admin}").parse().unwrap())
+        .await
+        .get("admin", "/metrics")
+        .await;
+    for result in ["applied", "rejected"] {
+        let series =
+            format!("trellis_config_updates_total{{source=\"gateway\",result=\"{result}\"}} ");
+        let count: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series}in:\n{metrics}"));
+        assert!(count >= 1, "{series}{count}");
+    }
 
     stop.store(true, Ordering::SeqCst);
     let sent = traffic
