@@ -11,8 +11,10 @@
 //! queues itself on it in the same step, under the lock, so two requests cannot take the same
 //! connection. An HTTP/2 connection carries every request to its endpoint while it is open.
 //!
-//! Kept from the client it replaced: a request that a pooled connection refused without sending
-//! a byte (the server had just closed it) is sent once more on a new connection; HTTP/1 requests
+//! Kept from the client it replaced: a request that must open a connection also takes a pooled
+//! one that frees up first (which is what lets requests queued under a circuit breaker's
+//! `maxConnections` proceed: see `Freed`); a request that a pooled connection refused without
+//! sending a byte (the server had just closed it) is sent once more on a new connection; HTTP/1 requests
 //! go out in origin form with a `Host` (from the URI when the caller sent none); idle
 //! connections are closed after the idle timeout; connections are made by the same connectors
 //! (plaintext with the breaker's connection limit, or TLS), so their timeouts and permits hold.
@@ -165,6 +167,61 @@ struct Inner<C> {
     endpoints: Mutex<HashMap<Authority, Vec<Pooled>>>,
     /// Whether the task closing idle connections runs (started with the first connection).
     sweeping: std::sync::atomic::AtomicBool,
+    /// Requests waiting for a new connection, told when a pooled one may have become free.
+    freed: Arc<Freed>,
+}
+
+/// Wakes requests waiting for a connection when one of the pool's connections may have become
+/// free. A request that must open a connection waits for it OR for a pooled connection to
+/// free up, whichever comes first: under a circuit breaker's `maxConnections` the connect
+/// waits for a connection to close, which a pooled idle connection never does, so without
+/// this a queued request would wait until the idle timeout.
+#[derive(Default)]
+struct Freed {
+    /// How many requests wait (the connection tasks only notify when someone does).
+    waiting: std::sync::atomic::AtomicUsize,
+    notify: tokio::sync::Notify,
+}
+
+impl Freed {
+    /// After a connection task ran: its connection may be idle now (an HTTP/1 connection becomes
+    /// free while its task reads the end of a response).
+    fn ran(&self) {
+        if self.waiting.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+/// Counts a waiting request for as long as it lives.
+struct Waiting<'a>(&'a Freed);
+
+impl<'a> Waiting<'a> {
+    fn new(freed: &'a Freed) -> Self {
+        freed
+            .waiting
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Waiting(freed)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Runs a connection's task, telling waiting requests after each time it ran.
+async fn drive<F: Future>(conn: F, freed: Arc<Freed>) -> F::Output {
+    let mut conn = std::pin::pin!(conn);
+    std::future::poll_fn(|cx| {
+        let polled = conn.as_mut().poll(cx);
+        freed.ran();
+        polled
+    })
+    .await
 }
 
 /// What a pool's connections speak.
@@ -251,6 +308,7 @@ impl<C: Connect> Pool<C> {
                 idle_timeout,
                 endpoints: Mutex::default(),
                 sweeping: Default::default(),
+                freed: Arc::default(),
             }),
         }
     }
@@ -326,18 +384,39 @@ impl<C: Connect> Inner<C> {
         Err(req)
     }
 
-    /// Makes a connection to `endpoint`, pools it and sends `req` on it.
+    /// Makes a connection to `endpoint`, pools it and sends `req` on it; or sends `req` on a
+    /// pooled connection that frees up before the new one is made (see [`Freed`]).
     async fn send_new(
         self: Arc<Self>,
         endpoint: Authority,
         uri: Uri,
-        req: Request<RequestBody>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let io = self
-            .connector
-            .connect(uri)
-            .await
-            .map_err(UpstreamError::Connect)?;
+        let connect = self.connector.connect(uri);
+        let mut connect = std::pin::pin!(connect);
+        let waiting = Waiting::new(&self.freed);
+        let io = loop {
+            // Registered before looking, so a connection freed in between is not missed.
+            let freed = self.freed.notify.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            match self.send_pooled(&endpoint, req) {
+                Ok(sent) => match sent.await {
+                    Ok(resp) => return Ok(resp),
+                    Err(mut e) => match e.take_message() {
+                        // Refused unsent (that connection closed): wait on.
+                        Some(back) => req = back,
+                        None => return Err(UpstreamError::Request(e.into_error())),
+                    },
+                },
+                Err(back) => req = back,
+            }
+            tokio::select! {
+                io = &mut connect => break io.map_err(UpstreamError::Connect)?,
+                () = &mut freed => {}
+            }
+        };
+        drop(waiting);
         let http2 = match self.protocol {
             Protocol::Http1 => false,
             Protocol::Http2 => true,
@@ -349,8 +428,9 @@ impl<C: Connect> Inner<C> {
                 .handshake(io)
                 .await
                 .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+            let freed = Arc::clone(&self.freed);
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                if let Err(e) = drive(conn, freed).await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
             });
@@ -364,9 +444,10 @@ impl<C: Connect> Inner<C> {
                 .handshake(io)
                 .await
                 .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+            let freed = Arc::clone(&self.freed);
             tokio::spawn(async move {
                 // With upgrades: a 101 answer hands the connection to `hyper::upgrade::on`.
-                if let Err(e) = conn.with_upgrades().await {
+                if let Err(e) = drive(conn.with_upgrades(), freed).await {
                     tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
                 }
             });
@@ -491,8 +572,8 @@ mod tests {
     use crate::connect::PlainConnector;
 
     /// A server answering `hello`, the request line's URI and `Host` (HTTP/1.1, or h2c when
-    /// `http2`). Counts accepted connections.
-    async fn server(http2: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// `http2`) after `delay`. Counts accepted connections.
+    async fn server(http2: bool, delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -503,15 +584,17 @@ mod tests {
                 count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let io = hyper_util::rt::TokioIo::new(tcp);
-                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        let host = req
-                            .headers()
-                            .get(http::header::HOST)
-                            .map(|h| h.to_str().unwrap().to_string())
-                            .unwrap_or_default();
-                        let body = format!("hello {} {host}", req.uri());
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                    });
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                            tokio::time::sleep(delay).await;
+                            let host = req
+                                .headers()
+                                .get(http::header::HOST)
+                                .map(|h| h.to_str().unwrap().to_string())
+                                .unwrap_or_default();
+                            let body = format!("hello {} {host}", req.uri());
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                        });
                     if http2 {
                         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                             .serve_connection(io, svc)
@@ -555,7 +638,7 @@ mod tests {
 
     #[tokio::test]
     async fn http1_requests_reuse_an_idle_connection_and_go_out_in_origin_form() {
-        let (addr, accepted) = server(false).await;
+        let (addr, accepted) = server(false, Duration::ZERO).await;
         let pool = pool(false, Duration::from_secs(90));
         for _ in 0..5 {
             let resp = pool.request(get(addr, false)).await.unwrap();
@@ -568,7 +651,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_http1_requests_each_get_a_connection_of_their_own() {
-        let (addr, accepted) = server(false).await;
+        let (addr, accepted) = server(false, Duration::ZERO).await;
         let pool = pool(false, Duration::from_secs(90));
         let sent: Vec<_> = (0..4).map(|_| pool.request(get(addr, false))).collect();
         let resps = futures::future::join_all(sent).await;
@@ -625,7 +708,7 @@ mod tests {
 
     #[tokio::test]
     async fn http2_requests_share_one_connection() {
-        let (addr, accepted) = server(true).await;
+        let (addr, accepted) = server(true, Duration::ZERO).await;
         let pool = pool(true, Duration::from_secs(90));
         let resp = pool.request(get(addr, true)).await.unwrap();
         // HTTP/2 keeps the absolute URI (`:scheme` and `:authority`).
@@ -638,6 +721,38 @@ mod tests {
         for resp in futures::future::join_all(sent).await {
             assert!(text(resp.unwrap()).await.starts_with("hello"));
         }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn under_a_connection_limit_queued_requests_take_the_connection_when_it_frees_up() {
+        // maxConnections 1: the first request's connection is the only one; the others wait for
+        // a connection (the breaker's pending queue) and must get that one when it is free, not
+        // wait for it to close (it never does while pooled).
+        let (addr, accepted) = server(false, Duration::from_millis(20)).await;
+        let breaker = crate::resilience::Breaker::compile(
+            &trellis_policy::CircuitBreaker {
+                max_connections: Some(1),
+                max_pending_requests: Some(10),
+                ..Default::default()
+            },
+            Arc::default(),
+        );
+        let mut http = HttpConnector::new();
+        http.enforce_http(true);
+        let pool = Pool::new(
+            PlainConnector::new(http, Some(breaker)),
+            Protocol::Http1,
+            Duration::from_secs(90),
+        );
+        let sent: Vec<_> = (0..4).map(|_| pool.request(get(addr, false))).collect();
+        let all = tokio::time::timeout(Duration::from_secs(5), async {
+            for resp in futures::future::join_all(sent).await {
+                assert!(text(resp.unwrap()).await.starts_with("hello"));
+            }
+        });
+        all.await
+            .expect("the queued requests got the freed connection");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
@@ -659,7 +774,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_are_closed_after_the_idle_timeout() {
-        let (addr, accepted) = server(false).await;
+        let (addr, accepted) = server(false, Duration::ZERO).await;
         let pool = pool(false, Duration::from_millis(200));
         text(pool.request(get(addr, false)).await.unwrap()).await;
         assert_eq!(pool.connections(), 1);
