@@ -33,6 +33,12 @@ impl PlainConnector {
 /// Why a connection was not made.
 pub type ConnectError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A connection that may have agreed on its protocol (TLS ALPN), for the upstream pools.
+pub trait Negotiated {
+    /// Whether the server chose HTTP/2 (`h2` in ALPN).
+    fn negotiated_h2(&self) -> bool;
+}
+
 impl tower::Service<Uri> for PlainConnector {
     type Response = PlainStream;
     type Error = ConnectError;
@@ -75,7 +81,7 @@ impl PlainStream {
     }
 }
 
-impl crate::pool::Negotiated for PlainStream {
+impl Negotiated for PlainStream {
     fn negotiated_h2(&self) -> bool {
         false
     }

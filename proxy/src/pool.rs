@@ -35,8 +35,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::RequestBody;
 
-/// Why a connection was not made (the connector's own error, kept for the cause chain).
-pub type ConnectError = Box<dyn StdError + Send + Sync>;
+pub use crate::connect::{ConnectError, Negotiated};
 
 /// The answer to a request sent through a [`Pool`].
 pub struct ResponseFuture(
@@ -97,12 +96,6 @@ impl StdError for UpstreamError {
             UpstreamError::NoAuthority => None,
         }
     }
-}
-
-/// A connection that may have agreed on its protocol (TLS ALPN).
-pub trait Negotiated {
-    /// Whether the server chose HTTP/2 (`h2` in ALPN).
-    fn negotiated_h2(&self) -> bool;
 }
 
 /// What makes connections for a pool: a tower service from the endpoint's URI to a stream.

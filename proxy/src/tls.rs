@@ -341,7 +341,7 @@ pub struct MeshStream(
     Option<crate::resilience::breaker::ConnectionPermit>,
 );
 
-impl crate::pool::Negotiated for MeshStream {
+impl crate::connect::Negotiated for MeshStream {
     fn negotiated_h2(&self) -> bool {
         let (_, session) = self.0.inner().get_ref();
         session.alpn_protocol() == Some(ALPN_H2)
