@@ -98,6 +98,10 @@ impl StdError for UpstreamError {
     }
 }
 
+/// A connection being made.
+type Connecting<C> =
+    Pin<Box<dyn Future<Output = Result<<C as Connect>::Stream, ConnectError>> + Send>>;
+
 /// What makes connections for a pool: a tower service from the endpoint's URI to a stream.
 pub trait Connect: Clone + Send + Sync + 'static {
     /// The connection.
@@ -385,8 +389,9 @@ impl<C: Connect> Inner<C> {
         uri: Uri,
         mut req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let connect = self.connector.connect(uri);
-        let mut connect = std::pin::pin!(connect);
+        let mut connect = Some(self.connector.connect(uri.clone()));
+        // Whether the connect has been polled (it may have begun connecting or handshaking).
+        let mut started = false;
         let waiting = Waiting::new(&self.freed);
         let io = loop {
             // Registered before looking, so a connection freed in between is not missed.
@@ -394,34 +399,62 @@ impl<C: Connect> Inner<C> {
             let mut freed = std::pin::pin!(freed);
             freed.as_mut().enable();
             match self.send_pooled(&endpoint, req) {
-                Ok(sent) => match sent.await {
-                    Ok(resp) => return Ok(resp),
-                    Err(mut e) => match e.take_message() {
-                        // Refused unsent (that connection closed): wait on.
-                        Some(back) => req = back,
-                        None => return Err(UpstreamError::Request(e.into_error())),
-                    },
-                },
+                Ok(sent) => {
+                    // A connect already under way goes on without this request and its
+                    // connection joins the pool (as hyper-util's client did): abandoned, a TLS
+                    // handshake would count as an error on the server's side.
+                    if let Some(pending) = connect.take().filter(|_| started) {
+                        Arc::clone(&self).pool_in_background(endpoint.clone(), pending);
+                    }
+                    match sent.await {
+                        Ok(resp) => return Ok(resp),
+                        Err(mut e) => match e.take_message() {
+                            // Refused unsent (that connection closed): connect again.
+                            Some(back) => {
+                                req = back;
+                                // (polled at once below, so `started` stays true)
+                                connect = Some(self.connector.connect(uri.clone()));
+                            }
+                            None => return Err(UpstreamError::Request(e.into_error())),
+                        },
+                    }
+                }
                 Err(back) => req = back,
             }
+            let Some(pending) = connect.as_mut() else {
+                unreachable!("a connect is set whenever the loop goes on")
+            };
+            started = true;
             tokio::select! {
-                io = &mut connect => break io.map_err(UpstreamError::Connect)?,
+                io = pending => break io.map_err(UpstreamError::Connect)?,
                 () = &mut freed => {}
             }
         };
         drop(waiting);
+        let mut sender = self.establish(io).await?;
+        // Queued before the connection is shared, so no other request can take it first (a new
+        // HTTP/1 sender takes one request before its connection task has run).
+        let sent = sender.try_send(req, &endpoint, self.protocol);
+        self.add(endpoint, sender);
+        sent.await
+            .map_err(|e| UpstreamError::Request(e.into_error()))
+    }
+
+    /// Starts HTTP/1.1 or HTTP/2 on a new connection (as the pool's protocol or the connection's
+    /// ALPN says) and spawns the task that drives it.
+    async fn establish(&self, io: C::Stream) -> Result<Sender, UpstreamError> {
         let http2 = match self.protocol {
             Protocol::Http1 => false,
             Protocol::Http2 => true,
             Protocol::Negotiated => io.negotiated_h2(),
         };
-        let mut sender = if http2 {
+        let freed = Arc::clone(&self.freed);
+        if http2 {
             let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)
                 .await
                 .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
-            let freed = Arc::clone(&self.freed);
             tokio::spawn(async move {
                 if let Err(e) = drive(conn, freed).await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
@@ -431,27 +464,36 @@ impl<C: Connect> Inner<C> {
                 .ready()
                 .await
                 .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
-            Sender::Http2(sender)
+            Ok(Sender::Http2(sender))
         } else {
             let (sender, conn) = http1::Builder::new()
                 .handshake(io)
                 .await
                 .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
-            let freed = Arc::clone(&self.freed);
             tokio::spawn(async move {
                 // With upgrades: a 101 answer hands the connection to `hyper::upgrade::on`.
                 if let Err(e) = drive(conn.with_upgrades(), freed).await {
                     tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
                 }
             });
-            Sender::Http1(sender)
-        };
-        // Queued before the connection is shared, so no other request can take it first (a new
-        // HTTP/1 sender takes one request before its connection task has run).
-        let sent = sender.try_send(req, &endpoint, self.protocol);
-        self.add(endpoint, sender);
-        sent.await
-            .map_err(|e| UpstreamError::Request(e.into_error()))
+            Ok(Sender::Http1(sender))
+        }
+    }
+
+    /// Lets a connect the request no longer needs finish, and pools its connection.
+    fn pool_in_background(self: Arc<Self>, endpoint: Authority, connect: Connecting<C>) {
+        tokio::spawn(async move {
+            let io = match connect.await {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::debug!(endpoint = %endpoint, error = %e, "a connection made for the pool failed");
+                    return;
+                }
+            };
+            if let Ok(sender) = self.establish(io).await {
+                self.add(endpoint, sender);
+            }
+        });
     }
 
     fn add(self: &Arc<Self>, endpoint: Authority, sender: Sender) {
