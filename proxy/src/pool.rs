@@ -13,11 +13,13 @@
 //!
 //! Kept from the client it replaced: a request that must open a connection also takes a pooled
 //! one that frees up first (which is what lets requests queued under a circuit breaker's
-//! `maxConnections` proceed: see `Freed`); a request that a pooled connection refused without
-//! sending a byte (the server had just closed it) is sent once more on a new connection; HTTP/1 requests
-//! go out in origin form with a `Host` (from the URI when the caller sent none); idle
-//! connections are closed after the idle timeout; connections are made by the same connectors
-//! (plaintext with the breaker's connection limit, or TLS), so their timeouts and permits hold.
+//! `maxConnections` proceed: see `Freed`), and the connect it no longer needs finishes in the
+//! background and joins the pool (abandoned, a TLS handshake would be an error at the server); a
+//! request that a pooled connection refused without sending a byte (the server had just closed
+//! it) is sent once more on a new connection; HTTP/1 requests go out in origin form with a
+//! `Host` (from the URI when the caller sent none); idle connections are closed after the idle
+//! timeout; connections are made by the same connectors (plaintext with the breaker's connection
+//! limit, or TLS), so their timeouts and permits hold.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -338,7 +340,7 @@ impl<C: Connect> Pool<C> {
         }))
     }
 
-    /// Open connections, by endpoint (for tests and debugging).
+    /// Connections in the pool, all endpoints together (for tests and debugging).
     pub fn connections(&self) -> usize {
         let map = self
             .inner
